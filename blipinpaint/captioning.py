@@ -1,0 +1,92 @@
+"""BLIP captions of the visible background, and the caption features the scorer learns from.
+
+The captioner only ever receives the masked image (hidden pixels replaced by gray), so a
+caption cannot leak what the inpainter is asked to reconstruct.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from transformers import BlipForConditionalGeneration
+
+from blipinpaint.masks import masked_pixels
+from blipinpaint.models import CaptionerModel
+
+FEATURE_LAYER = -2  # the paper feeds the decoder's second-to-last layer to the scorer
+
+
+def encode_images(model: BlipForConditionalGeneration, pixel_values: torch.Tensor) -> torch.Tensor:
+    return model.vision_model(pixel_values=pixel_values).last_hidden_state
+
+
+def generate_captions(
+    model: BlipForConditionalGeneration, image_embeds: torch.Tensor, **generate_kwargs
+) -> torch.Tensor:
+    """Token ids ([DEC] caption... [SEP] [PAD]...) from precomputed image embeddings.
+
+    Same decoding as `BlipForConditionalGeneration.generate`, but reusing the vision
+    pass that the feature computation needs as well (the ViT is most of BLIP's cost).
+    """
+    text_config = model.config.text_config
+    start = torch.full((image_embeds.shape[0], 1), text_config.bos_token_id, device=image_embeds.device)
+    return model.text_decoder.generate(
+        input_ids=start,
+        eos_token_id=text_config.sep_token_id,
+        pad_token_id=text_config.pad_token_id,
+        encoder_hidden_states=image_embeds,
+        encoder_attention_mask=torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device),
+        **generate_kwargs,
+    )
+
+
+def caption_token_mask(model: BlipForConditionalGeneration, input_ids: torch.Tensor) -> torch.Tensor:
+    """1 over the caption's tokens (its words and closing [SEP]), 0 on [DEC] and padding."""
+    text_config = model.config.text_config
+    return (input_ids != text_config.pad_token_id) & (input_ids != text_config.bos_token_id)
+
+
+def caption_features(
+    model: BlipForConditionalGeneration, image_embeds: torch.Tensor, input_ids: torch.Tensor
+) -> torch.Tensor:
+    """Teacher-force a caption through the text decoder; mean-pool its second-to-last layer.
+
+    Differentiable in the decoder's parameters: the fine-tuning phase backpropagates the
+    scorer's loss through exactly this function.
+    """
+    tokens = caption_token_mask(model, input_ids)
+    out = model.text_decoder(
+        input_ids=input_ids,
+        attention_mask=(input_ids != model.config.text_config.pad_token_id).long(),
+        encoder_hidden_states=image_embeds,
+        output_hidden_states=True,
+        return_dict=True,
+    )
+    hidden = out.hidden_states[FEATURE_LAYER]
+    weights = tokens.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+
+
+class Captioner:
+    """Stage: `image`, `mask` -> `caption` (str) and `caption_features` (B, D) float32."""
+
+    def __init__(self, captioner: CaptionerModel, max_new_tokens: int = 30, num_beams: int = 1):
+        self.bundle = captioner
+        self.model = captioner.model
+        self.device = self.model.device
+        self.generate_kwargs = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False)
+
+    @torch.inference_mode()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        visible = masked_pixels(batch["image"], batch["mask"])
+        pixels = self.bundle.image_processor(images=list(visible), return_tensors="pt").pixel_values
+        pixels = pixels.to(self.device, self.model.dtype)
+        image_embeds = encode_images(self.model, pixels)
+        ids = generate_captions(self.model, image_embeds, **self.generate_kwargs)
+        features = caption_features(self.model, image_embeds, ids)
+        captions = self.bundle.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        return {
+            **batch,
+            "caption": np.array([c.strip() for c in captions], dtype=object),
+            "caption_features": features.float().cpu().numpy(),
+        }

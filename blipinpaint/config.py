@@ -1,0 +1,144 @@
+"""Job configuration: dataclass defaults, then a YAML file, then dotted overrides.
+
+OmegaConf merges the three against the dataclass schema, so an unknown key or a value
+of the wrong type is an error naming the key. `validate` then checks what types cannot
+(choices, ranges, fp16 without CUDA, a missing source) before any work starts.
+The defaults are the embedded default run: the `tiny` preset on the shipped samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from blipinpaint.masks import MASK_MODES
+from blipinpaint.models.presets import PRESET_NAMES, ModelRef
+
+DTYPE_NAMES = ("fp32", "fp16", "bf16")
+
+
+class ConfigError(ValueError):
+    """A bad configuration, reported before any work starts."""
+
+
+def sample_images_dir() -> Path:
+    """The real photographs (free licences) that ship with the package."""
+    return Path(str(resources.files("blipinpaint") / "samples"))
+
+
+@dataclass
+class DataConfig:
+    source: str | None = None  # folder, manifest or URI; None: the shipped sample images
+    limit: int | None = None  # use at most this many inputs
+    image_size: int | None = None  # None: the preset's native resolution
+    min_side: int = 32  # shorter sides below this are an error, not an upscale
+    max_aspect_ratio: float = 4.0  # wider images are an error, not a sliver crop
+
+
+@dataclass
+class ModelsConfig:
+    preset: str = "tiny"  # tiny | paper | fullsize
+    device: str = "cpu"  # cpu | cuda; decided per worker, never probed on the driver
+    dtype: str = "fp32"  # fp32 | fp16 | bf16; half precision needs cuda
+    # Point a role elsewhere (a local folder, or a hub id with its revision).
+    captioner: ModelRef = field(default_factory=ModelRef)
+    inpainter: ModelRef = field(default_factory=ModelRef)
+    clip: ModelRef = field(default_factory=ModelRef)
+
+
+@dataclass
+class MaskConfig:
+    kind: str = "box"  # box (the paper's) | thin | medium | thick | mixed
+
+
+@dataclass
+class CaptionConfig:
+    max_new_tokens: int = 30
+    num_beams: int = 1
+
+
+@dataclass
+class InpaintConfig:
+    num_inference_steps: int | None = None  # None: the preset's (50 for paper)
+    guidance_scale: float = 7.5
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/default"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    masks: MaskConfig = field(default_factory=MaskConfig)
+    caption: CaptionConfig = field(default_factory=CaptionConfig)
+    inpaint: InpaintConfig = field(default_factory=InpaintConfig)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- YAML file <- `dotted.key=value` overrides, validated."""
+    layers = [OmegaConf.structured(Config)]
+    try:
+        if path is not None:
+            if not Path(path).is_file():
+                raise ConfigError(f"config file {str(path)!r} does not exist")
+            layers.append(OmegaConf.load(path))
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"overrides must look like dotted.key=value, got {bad}")
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.to_object(OmegaConf.merge(*layers))
+    except OmegaConfBaseException as err:
+        where = f" in {path}" if path else ""
+        raise ConfigError(f"invalid config{where}: {err.msg if hasattr(err, 'msg') else err}") from None
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    problems = []
+    if cfg.models.preset not in PRESET_NAMES:
+        problems.append(f"models.preset={cfg.models.preset!r} is not one of {list(PRESET_NAMES)}")
+    if cfg.models.device.split(":")[0] not in ("cpu", "cuda"):
+        problems.append(f"models.device={cfg.models.device!r} must be 'cpu' or 'cuda'")
+    if cfg.models.dtype not in DTYPE_NAMES:
+        problems.append(f"models.dtype={cfg.models.dtype!r} is not one of {list(DTYPE_NAMES)}")
+    elif cfg.models.dtype != "fp32" and not cfg.models.device.startswith("cuda"):
+        problems.append(f"models.dtype={cfg.models.dtype} needs models.device=cuda (half precision is GPU-only)")
+    if cfg.masks.kind not in MASK_MODES:
+        problems.append(f"masks.kind={cfg.masks.kind!r} is not one of {list(MASK_MODES)}")
+    if cfg.data.limit is not None and cfg.data.limit < 1:
+        problems.append(f"data.limit={cfg.data.limit} must be at least 1")
+    if cfg.data.image_size is not None and (cfg.data.image_size < 64 or cfg.data.image_size % 8):
+        problems.append(f"data.image_size={cfg.data.image_size} must be a multiple of 8, at least 64")
+    if cfg.inpaint.num_inference_steps is not None and cfg.inpaint.num_inference_steps < 1:
+        problems.append(f"inpaint.num_inference_steps={cfg.inpaint.num_inference_steps} must be at least 1")
+    if cfg.inpaint.guidance_scale < 1:
+        problems.append(f"inpaint.guidance_scale={cfg.inpaint.guidance_scale} must be at least 1 (1 = no guidance)")
+    if cfg.caption.max_new_tokens < 1 or cfg.caption.num_beams < 1:
+        problems.append("caption.max_new_tokens and caption.num_beams must be at least 1")
+    source = cfg.data.source
+    if source is not None and "://" not in source and not Path(source).exists():
+        problems.append(f"data.source={source!r} does not exist")
+    if problems:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def parse_args(argv: list[str] | None = None, description: str | None = None) -> Config:
+    """The command line every job shares: `--config FILE` and `dotted.key=value` overrides."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", help="YAML config; without it the embedded default (tiny preset, samples)")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. data.limit=8")
+    args = parser.parse_args(argv)
+    try:
+        return load_config(args.config, args.overrides)
+    except ConfigError as err:
+        parser.exit(2, f"{parser.prog}: {err}\n")
