@@ -94,7 +94,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         cfg = OmegaConf.to_object(OmegaConf.merge(*layers))
     except OmegaConfBaseException as err:
         where = f" in {path}" if path else ""
-        raise ConfigError(f"invalid config{where}: {err.msg if hasattr(err, 'msg') else err}") from None
+        key = f"{err.full_key}: " if getattr(err, "full_key", None) else ""
+        first_line = str(getattr(err, "msg", err)).splitlines()[0]
+        raise ConfigError(f"invalid config{where}: {key}{first_line}") from None
     validate(cfg)
     return cfg
 

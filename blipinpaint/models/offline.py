@@ -151,22 +151,21 @@ def build(spec: OfflineSpec, directory: Path) -> None:
     InceptionFeatures(spec.inception).save_pretrained(directory / "fid")
 
 
-def _blip_tokenizer(directory: Path) -> BertTokenizer:
+def blip_tokenizer(directory: Path) -> BertTokenizer:
     directory.mkdir(parents=True, exist_ok=True)
     tokens = write_wordpiece_vocab(directory).read_text().splitlines()
     # BLIP's decoder starts from [DEC]: the real checkpoint's tokenizer has it as bos.
     return BertTokenizer(vocab={tok: i for i, tok in enumerate(tokens)}, bos_token="[DEC]", model_max_length=512)
 
 
-def _clip_tokenizer(directory: Path) -> CLIPTokenizer:
+def clip_tokenizer(directory: Path) -> CLIPTokenizer:
     directory.mkdir(parents=True, exist_ok=True)
     write_clip_bpe(directory)
     # CLIP reads 77 tokens; the saved tokenizer carries the limit, as real checkpoints do.
     return CLIPTokenizer.from_pretrained(str(directory), model_max_length=77)
 
 
-def _build_captioner(spec: OfflineSpec, out: Path) -> None:
-    tokenizer = _blip_tokenizer(out)
+def make_captioner(spec: OfflineSpec, tokenizer: BertTokenizer) -> BlipForConditionalGeneration:
     ids = tokenizer.convert_tokens_to_ids
     text = dict(
         spec.blip_text,
@@ -178,16 +177,10 @@ def _build_captioner(spec: OfflineSpec, out: Path) -> None:
     # BLIP's vision default init (std 1e-10) would make random captions ignore the image.
     vision = dict(spec.blip_vision, image_size=spec.blip_image_size, initializer_range=0.02)
     torch.manual_seed(SEED)
-    model = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision))
-    model.generation_config.max_new_tokens = 20
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    size = spec.blip_image_size
-    BlipImageProcessorPil(size={"height": size, "width": size}).save_pretrained(out)
+    return BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision))
 
 
-def _build_inpainter(spec: OfflineSpec, out: Path) -> None:
-    tokenizer = _clip_tokenizer(out / "tokenizer")
+def make_inpainter(spec: OfflineSpec, tokenizer: CLIPTokenizer) -> StableDiffusionInpaintPipeline:
     torch.manual_seed(SEED)
     unet = UNet2DConditionModel(in_channels=9, out_channels=4, **spec.unet)
     torch.manual_seed(SEED)
@@ -201,15 +194,13 @@ def _build_inpainter(spec: OfflineSpec, out: Path) -> None:
     # SD 1.5's own scheduler settings.
     scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
-    pipe = StableDiffusionInpaintPipeline(
+    return StableDiffusionInpaintPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
-    pipe.save_pretrained(out, safe_serialization=True)
 
 
-def _build_clip(spec: OfflineSpec, out: Path) -> None:
-    tokenizer = _clip_tokenizer(out)
+def make_clip(spec: OfflineSpec, tokenizer: CLIPTokenizer) -> CLIPModel:
     config = CLIPConfig(
         text_config=dict(spec.clip_text, vocab_size=spec.text_vocab_size or len(tokenizer),
                          max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
@@ -218,7 +209,26 @@ def _build_clip(spec: OfflineSpec, out: Path) -> None:
         projection_dim=spec.clip_projection_dim,
     )
     torch.manual_seed(SEED)
-    CLIPModel(config).save_pretrained(out, safe_serialization=True)
+    return CLIPModel(config)
+
+
+def _build_captioner(spec: OfflineSpec, out: Path) -> None:
+    tokenizer = blip_tokenizer(out)
+    model = make_captioner(spec, tokenizer)
+    model.generation_config.max_new_tokens = 20
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    size = spec.blip_image_size
+    BlipImageProcessorPil(size={"height": size, "width": size}).save_pretrained(out)
+
+
+def _build_inpainter(spec: OfflineSpec, out: Path) -> None:
+    make_inpainter(spec, clip_tokenizer(out / "tokenizer")).save_pretrained(out, safe_serialization=True)
+
+
+def _build_clip(spec: OfflineSpec, out: Path) -> None:
+    tokenizer = clip_tokenizer(out)
+    make_clip(spec, tokenizer).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     size = spec.clip_image_size
     CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(out)

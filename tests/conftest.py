@@ -1,0 +1,58 @@
+"""Shared fixtures: the tiny preset built once per session, offline, into a temp cache."""
+
+from __future__ import annotations
+
+import os
+
+# Before any Hugging Face import: a test that reaches for the hub fails instead of waiting.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from blipinpaint import stages  # noqa: E402
+from blipinpaint.config import load_config, sample_images_dir  # noqa: E402
+from blipinpaint.sources import list_folder, read_files  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory):
+    """Every test session builds its own offline models: nothing depends on ~/.cache."""
+    root = tmp_path_factory.mktemp("model-cache")
+    previous = os.environ.get("BLIPINPAINT_CACHE")
+    os.environ["BLIPINPAINT_CACHE"] = str(root)
+    yield root
+    if previous is None:
+        os.environ.pop("BLIPINPAINT_CACHE", None)
+    else:
+        os.environ["BLIPINPAINT_CACHE"] = previous
+
+
+@pytest.fixture(scope="session")
+def cfg(tmp_path_factory, model_cache):
+    return load_config(overrides=[f"run_dir={tmp_path_factory.mktemp('run')}"])
+
+
+@pytest.fixture(scope="session")
+def captioner(cfg):
+    return stages.build_captioner(cfg)
+
+
+@pytest.fixture(scope="session")
+def inpainter(cfg):
+    return stages.build_inpainter(cfg)
+
+
+@pytest.fixture(scope="session")
+def metrics(cfg):
+    return stages.build_metrics(cfg)
+
+
+@pytest.fixture(scope="session")
+def sample_batch(cfg) -> dict[str, np.ndarray]:
+    """The shipped photographs, decoded and masked: the input of the model stages."""
+    batch = stages.build_decoder(cfg)(read_files(list_folder(sample_images_dir(), limit=4)))
+    assert not any(batch["error"]), batch["error"]
+    return stages.build_masker(cfg)(batch)

@@ -1,0 +1,48 @@
+"""Test helpers: image files of every awkward kind, built in memory."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+from PIL import Image
+
+
+def take(batch: dict[str, np.ndarray], index) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v)[index] for k, v in batch.items()}
+
+
+def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def photo(width: int = 96, height: int = 80, seed: int = 0) -> Image.Image:
+    """A smooth RGB gradient with noise: compresses like a photograph, not like a flat fill."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    arr = np.stack([x * 255 / width, y * 255 / height, (x + y) * 127 / (width + height)], axis=-1)
+    arr = arr + rng.normal(0, 8, arr.shape)
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+def png_with_size(width: int, height: int) -> bytes:
+    """A valid PNG whose header claims `width`x`height` (pixel data for 1x1 only).
+
+    Pillow reads the size from the header, so this is a decompression bomb that costs
+    nothing to build.
+    """
+    data = encode(Image.new("L", (1, 1)), "PNG")
+    ihdr_at = data.index(b"IHDR")
+    fields = struct.pack(">II", width, height) + data[ihdr_at + 12:ihdr_at + 17]
+    chunk = b"IHDR" + fields
+    return data[:ihdr_at] + chunk + struct.pack(">I", zlib.crc32(chunk)) + data[ihdr_at + 21:]
+
+
+def with_exif_orientation(img: Image.Image, orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encode(img, "JPEG", exif=exif.tobytes(), quality=95)

@@ -1,0 +1,87 @@
+import numpy as np
+import torch
+from helpers import take
+
+from blipinpaint.captioning import caption_features, caption_token_mask, encode_images, generate_captions
+from blipinpaint.masks import masked_pixels
+
+
+def test_captions_and_features_shapes(captioner, sample_batch):
+    out = captioner(sample_batch)
+    n = len(sample_batch["id"])
+    hidden = captioner.model.config.text_config.hidden_size
+    assert out["caption"].shape == (n,) and all(isinstance(c, str) and c for c in out["caption"])
+    assert out["caption_features"].shape == (n, hidden) and out["caption_features"].dtype == np.float32
+    assert np.isfinite(out["caption_features"]).all()
+    # The image steers the caption: different photographs, different captions.
+    assert len(set(out["caption"])) == n
+
+
+def test_captions_are_deterministic_and_batch_independent(captioner, sample_batch):
+    first, second = captioner(sample_batch), captioner(sample_batch)
+    assert list(first["caption"]) == list(second["caption"])
+    assert np.array_equal(first["caption_features"], second["caption_features"])
+    alone = captioner(take(sample_batch, [2]))
+    assert alone["caption"][0] == first["caption"][2]
+    assert np.allclose(alone["caption_features"][0], first["caption_features"][2], atol=1e-5)
+
+
+def test_caption_never_sees_the_hidden_pixels(captioner, sample_batch):
+    rng = np.random.default_rng(0)
+    hole = sample_batch["mask"].astype(bool)
+    changed_inside = dict(sample_batch, image=sample_batch["image"].copy())
+    changed_inside["image"][hole] = rng.integers(0, 256, changed_inside["image"][hole].shape, dtype=np.uint8)
+    base, inside = captioner(sample_batch), captioner(changed_inside)
+    assert list(inside["caption"]) == list(base["caption"])
+    assert np.array_equal(inside["caption_features"], base["caption_features"])
+    # Control: the same change outside the hole does reach the captioner.
+    changed_outside = dict(sample_batch, image=sample_batch["image"].copy())
+    changed_outside["image"][~hole] = rng.integers(0, 256, changed_outside["image"][~hole].shape, dtype=np.uint8)
+    assert not np.allclose(captioner(changed_outside)["caption_features"], base["caption_features"])
+
+
+def _pixels(captioner, batch):
+    visible = masked_pixels(batch["image"], batch["mask"])
+    return captioner.bundle.image_processor(images=list(visible), return_tensors="pt").pixel_values
+
+
+@torch.inference_mode()
+def test_generation_matches_blips_own_generate(captioner, sample_batch):
+    model, pixels = captioner.model, _pixels(captioner, sample_batch)
+    ours = generate_captions(model, encode_images(model, pixels), max_new_tokens=12)
+    theirs = model.generate(pixel_values=pixels, max_new_tokens=12)
+    assert torch.equal(ours, theirs)
+
+
+@torch.inference_mode()
+def test_features_pool_the_second_to_last_decoder_layer(captioner, sample_batch):
+    """Independent of `hidden_states` indexing: hook the layer's output directly."""
+    model, pixels = captioner.model, _pixels(captioner, sample_batch)
+    embeds = encode_images(model, pixels)
+    ids = generate_captions(model, embeds, max_new_tokens=12)
+    seen = {}
+    layers = model.text_decoder.bert.encoder.layer
+    def keep(module, args, output):
+        seen["h"] = output[0] if isinstance(output, tuple) else output
+
+    handle = layers[len(layers) - 2].register_forward_hook(keep)
+    try:
+        feats = caption_features(model, embeds, ids)
+    finally:
+        handle.remove()
+    tokens = caption_token_mask(model, ids)
+    assert not tokens[:, 0].any()  # [DEC] is not a caption token
+    expected = torch.stack([seen["h"][i][tokens[i]].mean(dim=0) for i in range(len(ids))])
+    assert torch.allclose(feats, expected, atol=1e-6)
+
+
+def test_features_are_differentiable_in_the_decoder(captioner, sample_batch):
+    model, pixels = captioner.model, _pixels(captioner, take(sample_batch, [0]))
+    with torch.no_grad():
+        embeds = encode_images(model, pixels)
+        ids = generate_captions(model, embeds, max_new_tokens=8)
+    feats = caption_features(model, embeds, ids)
+    feats.sum().backward()
+    grads = [p.grad for p in model.text_decoder.parameters() if p.grad is not None]
+    model.zero_grad(set_to_none=True)
+    assert grads and any(g.abs().sum() > 0 for g in grads)

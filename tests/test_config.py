@@ -1,0 +1,64 @@
+import pytest
+
+from blipinpaint.config import ConfigError, load_config, parse_args, to_yaml
+
+
+def test_defaults_are_the_embedded_tiny_run():
+    cfg = load_config()
+    assert cfg.models.preset == "tiny" and cfg.models.device == "cpu" and cfg.models.dtype == "fp32"
+    assert cfg.data.source is None  # the shipped sample images
+    assert cfg.masks.kind == "box"
+
+
+def test_file_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("seed: 5\ndata:\n  limit: 10\nmasks:\n  kind: thin\n")
+    cfg = load_config(path, ["data.limit=3", "inpaint.guidance_scale=5"])
+    assert (cfg.seed, cfg.data.limit, cfg.masks.kind, cfg.inpaint.guidance_scale) == (5, 3, "thin", 5.0)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(overrides=["data.limit=2", "models.captioner.name_or_path=/tmp"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(to_yaml(cfg))
+    assert load_config(path) == cfg
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.limt=3"], "limt"),
+    (["data.limit=many"], "data.limit"),
+    (["models.dtype=fp16"], "fp16 needs models.device=cuda"),
+    (["models.preset=huge"], "models.preset='huge'"),
+    (["masks.kind=blob"], "masks.kind='blob'"),
+    (["data.source=/no/such/folder"], "/no/such/folder"),
+    (["data.limit=0"], "data.limit=0"),
+    (["data.image_size=100"], "data.image_size=100"),
+    (["inpaint.guidance_scale=0.5"], "inpaint.guidance_scale"),
+    (["models.device=tpu"], "models.device='tpu'"),
+    (["seed"], "dotted.key=value"),
+])
+def test_bad_config_names_the_problem(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        load_config(overrides=overrides)
+
+
+def test_every_problem_is_reported_at_once():
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=["masks.kind=blob", "data.limit=0"])
+    assert "masks.kind" in str(err.value) and "data.limit" in str(err.value)
+
+
+def test_unknown_key_in_file_names_the_key(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("modles:\n  preset: tiny\n")
+    with pytest.raises(ConfigError, match="modles"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_command_line_exits_with_the_message(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(["models.dtype=fp16"])
+    assert exit_.value.code == 2
+    assert "fp16 needs models.device=cuda" in capsys.readouterr().err

@@ -1,0 +1,53 @@
+import numpy as np
+import pytest
+from helpers import take
+
+from blipinpaint.inpainting import Inpainter
+
+
+@pytest.fixture(scope="module")
+def captioned(captioner, sample_batch):
+    return captioner(take(sample_batch, [0, 1, 2]))
+
+
+@pytest.fixture(scope="module")
+def inpainted(inpainter, captioned):
+    return inpainter(captioned)
+
+
+def test_outputs_are_images_that_keep_the_known_pixels(captioned, inpainted):
+    hole = captioned["mask"].astype(bool)
+    for column in ("inpainted", "inpainted_baseline"):
+        out = inpainted[column]
+        assert out.shape == captioned["image"].shape and out.dtype == np.uint8
+        assert np.array_equal(out[~hole], captioned["image"][~hole])
+        assert not np.array_equal(out[hole], captioned["image"][hole])
+    assert inpainted["noise_seed"].dtype == np.int64 and len(set(inpainted["noise_seed"])) == 3
+
+
+def test_same_seed_same_pixels_and_batch_does_not_matter(inpainter, captioned, inpainted):
+    again = inpainter(captioned)
+    assert np.array_equal(again["inpainted"], inpainted["inpainted"])
+    alone = inpainter(take(captioned, [1]))
+    diff = np.abs(alone["inpainted"][0].astype(int) - inpainted["inpainted"][1].astype(int))
+    assert diff.max() <= 1  # float reductions may round differently at another batch size
+
+
+def test_seed_changes_the_noise(inpainter, captioned, inpainted):
+    other = Inpainter(inpainter.pipe, inpainter.steps, inpainter.guidance_scale, seed=inpainter.seed + 1)
+    assert not np.array_equal(other(captioned)["inpainted"], inpainted["inpainted"])
+
+
+def test_caption_changes_the_guided_output_only(inpainter, captioned, inpainted):
+    recaptioned = dict(captioned, caption=np.array(["snow"] * 3, dtype=object))
+    out = inpainter(recaptioned)
+    assert not np.array_equal(out["inpainted"], inpainted["inpainted"])
+    assert np.array_equal(out["inpainted_baseline"], inpainted["inpainted_baseline"])
+
+
+def test_baseline_without_guidance_equals_guidance_on_an_empty_prompt(inpainter, captioned, inpainted):
+    """Why the baseline skips classifier-free guidance: with no text it changes nothing."""
+    seeds = [int(s) for s in inpainted["noise_seed"]]
+    guided_empty = inpainter._run(captioned["image"], captioned["mask"], [""] * 3, seeds, guidance_scale=7.5)
+    diff = np.abs(guided_empty.astype(int) - inpainted["inpainted_baseline"].astype(int))
+    assert diff.max() <= 1
