@@ -105,11 +105,15 @@ def load_inpaint_pipeline(ref: ModelRef, device: torch.device, dtype: torch.dtyp
 def load_fid_features(ref: ModelRef, device: torch.device) -> torch.nn.Module:
     """An uint8-image -> feature network with `num_features`, as torchmetrics' FID expects."""
     if ref.name_or_path == FID_INCEPTION_V3:
+        from torchmetrics.image.fid import NoTrainInceptionV3
+
         try:
-            from torchmetrics.image.fid import NoTrainInceptionV3
-        except ImportError as err:  # pragma: no cover - depends on the optional extra
-            raise RuntimeError("the standard FID Inception needs the `fid` extra (torch-fidelity)") from err
-        return NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"]).to(device).eval()
+            net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"])
+        except ImportError as err:
+            raise RuntimeError(
+                "the standard FID Inception needs torch-fidelity: pip install 'blipinpaint[fid]'"
+            ) from err
+        return net.to(device).eval()
     if not Path(ref.name_or_path).is_dir():
         raise ValueError(f"FID feature network {ref.name_or_path!r} is not a local folder")
     return InceptionFeatures.from_pretrained(ref.name_or_path).to(device)

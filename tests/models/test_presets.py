@@ -1,3 +1,4 @@
+import importlib.util
 import re
 
 import pytest
@@ -103,3 +104,10 @@ def test_device_and_dtype_are_explicit():
 def test_unknown_preset_is_an_error():
     with pytest.raises(ValueError, match="unknown model preset 'huge'"):
         get_preset("huge")
+
+
+def test_standard_fid_inception_says_what_it_needs():
+    if importlib.util.find_spec("torch_fidelity") is not None:
+        pytest.skip("torch-fidelity is installed here: the network would load (and download) instead")
+    with pytest.raises(RuntimeError, match=r"pip install 'blipinpaint\[fid\]'"):
+        load_fid_features(PAPER.fid, CPU)
