@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from blipinpaint.masks import MASK_MODES
 from blipinpaint.models.presets import PRESET_NAMES, ModelRef
+from blipinpaint.sources import SOURCE_KINDS
 
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
 
@@ -33,7 +34,9 @@ def sample_images_dir() -> Path:
 
 @dataclass
 class DataConfig:
-    source: str | None = None  # folder, manifest or URI; None: the shipped sample images
+    source: str | None = None  # path or s3:// URI; None: the shipped sample images
+    kind: str = "auto"  # auto | folder | coco | visualgenome | manifest
+    image_root: str | None = None  # where the files named by coco/visualgenome/manifest lie
     limit: int | None = None  # use at most this many inputs
     image_size: int | None = None  # None: the preset's native resolution
     min_side: int = 32  # shorter sides below this are an error, not an upscale
@@ -69,14 +72,46 @@ class InpaintConfig:
 
 
 @dataclass
+class StageConfig:
+    """Resources of one actor-pool stage: a fixed `size`, or `min_size`..`max_size` (autoscaling)."""
+
+    batch_size: int = 4
+    num_cpus: float = 0.5  # fractions let several small actors share a core
+    num_gpus: float = 0.0  # fractions let BLIP and CLIP share one GPU
+    size: int | None = 1
+    min_size: int | None = None
+    max_size: int | None = None
+
+
+@dataclass
+class ReadConfig:
+    """The CPU work before the models: read, decode, validate, resize, mask (Ray tasks)."""
+
+    batch_size: int = 8
+    num_cpus: float = 0.5
+
+
+@dataclass
+class GenerateConfig:
+    read: ReadConfig = field(default_factory=ReadConfig)
+    captioner: StageConfig = field(default_factory=StageConfig)
+    inpainter: StageConfig = field(default_factory=StageConfig)
+    metrics: StageConfig = field(default_factory=StageConfig)
+    rows_per_file: int = 64  # rows gathered into one Parquet file (and one commit)
+    batch_retries: int = 2  # a batch that keeps failing becomes error rows after this many retries
+
+
+@dataclass
 class Config:
     run_dir: str = "runs/default"
+    ray_address: str | None = None  # None: $RAY_ADDRESS (set by `ray job submit`), else a local Ray
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
     masks: MaskConfig = field(default_factory=MaskConfig)
     caption: CaptionConfig = field(default_factory=CaptionConfig)
     inpaint: InpaintConfig = field(default_factory=InpaintConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -126,8 +161,32 @@ def validate(cfg: Config) -> None:
     source = cfg.data.source
     if source is not None and "://" not in source and not Path(source).exists():
         problems.append(f"data.source={source!r} does not exist")
+    if cfg.data.kind not in SOURCE_KINDS:
+        problems.append(f"data.kind={cfg.data.kind!r} is not one of {list(SOURCE_KINDS)}")
+    for name in ("captioner", "inpainter", "metrics"):
+        problems += _stage_problems(f"generate.{name}", getattr(cfg.generate, name))
+    if cfg.generate.read.batch_size < 1 or cfg.generate.read.num_cpus <= 0:
+        problems.append("generate.read.batch_size must be at least 1 and generate.read.num_cpus above 0")
+    if cfg.generate.rows_per_file < 1 or cfg.generate.batch_retries < 0:
+        problems.append("generate.rows_per_file must be at least 1 and generate.batch_retries at least 0")
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def _stage_problems(key: str, stage: StageConfig) -> list[str]:
+    problems = []
+    if stage.batch_size < 1:
+        problems.append(f"{key}.batch_size={stage.batch_size} must be at least 1")
+    if stage.num_cpus < 0 or stage.num_gpus < 0:
+        problems.append(f"{key}: num_cpus and num_gpus cannot be negative")
+    autoscaling = stage.min_size is not None or stage.max_size is not None
+    if autoscaling:
+        if stage.min_size is None or stage.max_size is None or not 0 < stage.min_size <= stage.max_size:
+            problems.append(f"{key}: an autoscaling pool needs 1 <= min_size <= max_size, "
+                            f"got min_size={stage.min_size}, max_size={stage.max_size}")
+    elif stage.size is None or stage.size < 1:
+        problems.append(f"{key}.size={stage.size} must be at least 1 (or set min_size and max_size)")
+    return problems
 
 
 def to_yaml(cfg: Config) -> str:

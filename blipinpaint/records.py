@@ -1,7 +1,8 @@
 """The rows the generate step writes: samples (one per usable input) and errors.
 
 Images leave the pipeline as lossless PNG bytes, so later jobs (training, FID) read
-exactly the pixels that were scored.
+exactly the pixels that were scored. `encode_rows` gives one Arrow table per batch with
+every column (sample columns null on error rows); the writer splits it in two.
 """
 
 from __future__ import annotations
@@ -9,41 +10,70 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from blipinpaint.batches import Batch
 from blipinpaint.io import encode_png
 
 METRICS = ("ssim", "psnr", "ssim_hole", "psnr_hole", "clip_score")
 METRIC_COLUMNS = tuple(m + s for s in ("", "_baseline") for m in METRICS)
 IMAGE_COLUMNS = {"image": "image_png", "mask": "mask_png", "inpainted": "inpainted_png",
                  "inpainted_baseline": "inpainted_baseline_png"}
+MODEL_ROLES = ("captioner", "inpainter", "clip")
 
+SAMPLE_SCHEMA = pa.schema(
+    [("id", pa.string()), ("source", pa.string()), ("caption", pa.string()),
+     ("caption_features", pa.list_(pa.float32())), ("mask_kind", pa.string()), ("mask_area", pa.float32()),
+     ("noise_seed", pa.int64()), ("width", pa.int32()), ("height", pa.int32())]
+    + [(m, pa.float32()) for m in METRIC_COLUMNS]
+    + [(c, pa.binary()) for c in IMAGE_COLUMNS.values()]
+    + [(f"{role}_model", pa.string()) for role in MODEL_ROLES]
+)
 ERROR_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("error", pa.string())])
 
 
-class SampleEncoder:
-    """Stage: finished batch -> sample rows (arrays to PNG, features as float32 lists)."""
-
-    def __init__(self, models: dict[str, str]):
-        self.models = models  # role -> checkpoint id or folder, recorded on every row
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = len(batch["id"])
-        out = {
-            "id": batch["id"], "source": batch["source"], "caption": batch["caption"],
-            "caption_features": list(np.asarray(batch["caption_features"], dtype=np.float32)),
-            "mask_kind": batch["mask_kind"], "mask_area": batch["mask_area"], "noise_seed": batch["noise_seed"],
-            "width": batch["width"], "height": batch["height"],
-        }
-        out.update({m: batch[m] for m in METRIC_COLUMNS})
-        for column, png_column in IMAGE_COLUMNS.items():
-            images = batch[column] * 255 if column == "mask" else batch[column]
-            out[png_column] = np.array([encode_png(img.astype(np.uint8)) for img in images], dtype=object)
-        for role, ref in self.models.items():
-            out[f"{role}_model"] = np.array([ref] * n, dtype=object)
-        return out
+def _column(values: list, ok: np.ndarray, type_: pa.DataType) -> pa.Array:
+    """Values for the good rows, null elsewhere."""
+    it = iter(values)
+    return pa.array([next(it) if good else None for good in ok], type=type_)
 
 
-def error_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The error table's columns for rows whose `error` is set."""
-    bad = np.array([bool(e) for e in batch["error"]], dtype=bool)
-    return {"id": np.asarray(batch["id"])[bad], "source": np.asarray(batch["source"])[bad],
-            "error": np.asarray(batch["error"])[bad]}
+def encode_rows(batch: Batch, models: dict[str, str]) -> pa.Table:
+    """Stage: a finished batch -> one Arrow table: sample columns, `error`, `seconds_*`.
+
+    `models` maps each role to the checkpoint it ran (recorded on every sample).
+    """
+    ok = np.array([not e for e in batch["error"]], dtype=bool)
+    n_ok = int(ok.sum())
+    columns: dict[str, pa.Array] = {
+        "id": pa.array([str(i) for i in batch["id"]], pa.string()),
+        "source": pa.array([str(s) for s in batch["source"]], pa.string()),
+    }
+    for field in SAMPLE_SCHEMA:
+        name = field.name
+        if name in columns:
+            continue
+        if not n_ok:  # an all-error batch skipped every model stage: no such columns
+            values = []
+        elif name == "caption_features":
+            values = [row.astype(np.float32).tolist() for row in np.asarray(batch[name])[ok]]
+        elif name in IMAGE_COLUMNS.values():
+            source = next(k for k, v in IMAGE_COLUMNS.items() if v == name)
+            scale = 255 if source == "mask" else 1  # masks travel as {0, 1}, stored as black/white
+            values = [encode_png((img * scale).astype(np.uint8)) for img in np.asarray(batch[source])[ok]]
+        elif name.endswith("_model"):
+            values = [models[name[: -len("_model")]]] * n_ok
+        else:
+            values = np.asarray(batch[name])[ok].tolist()
+        columns[name] = _column(values, ok, field.type)
+    columns["error"] = pa.array([str(e) for e in batch["error"]], pa.string())
+    for key in batch:
+        if key.startswith("seconds_"):
+            columns[key] = pa.array(np.asarray(batch[key], dtype=np.float64))
+    return pa.table(columns)
+
+
+def split_rows(table: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """A table from `encode_rows` -> (samples, errors) in their written schemas."""
+    failed = np.array([bool(e) for e in table.column("error").to_pylist()], dtype=bool)
+    samples = table.filter(pa.array(~failed)).select(SAMPLE_SCHEMA.names).cast(SAMPLE_SCHEMA)
+    errors = table.filter(pa.array(failed)).select(ERROR_SCHEMA.names).cast(ERROR_SCHEMA)
+    return samples, errors

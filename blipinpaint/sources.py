@@ -1,37 +1,205 @@
-"""Input listings: which images a run uses, each with a stable id derived from the source."""
+"""Input listings: which images a run uses, each with a stable id derived from the source.
+
+Kinds of source (`data.kind`, detected when `auto`):
+- `folder`: every image file below a folder; the id is the path relative to it.
+- `coco`: an MSCOCO annotations JSON (its `images` list); the id is `file_name`.
+- `visualgenome`: VisualGenome's `image_data.json`; the id is `image_id`, the file is
+  `<image root>/<last two parts of its url>` (`VG_100K/1.jpg`), as the download unpacks.
+- `manifest`: a Parquet file with `id` and `path` columns.
+
+Local paths and URIs (`s3://...`) both go through pyarrow's filesystems. Paths from an
+annotations file or manifest must stay inside the image root: one that escapes it (`..`,
+or an absolute path elsewhere) becomes an error row, never a read.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+import functools
+import json
+import posixpath
+from pathlib import PurePosixPath
 
 import numpy as np
+import pyarrow.parquet as pq
+from pyarrow import fs as pafs
+
+from blipinpaint.seeds import sample_seed
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp"})
+SOURCE_KINDS = ("auto", "folder", "coco", "visualgenome", "manifest")
+_LOCAL = pafs.LocalFileSystem()
 
 
-def list_folder(root: str | Path, limit: int | None = None) -> list[dict[str, str]]:
-    """Image files under `root`, sorted; the id is the path relative to `root`."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder {str(root)!r} does not exist")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-    items = [{"id": p.relative_to(root).as_posix(), "source": str(p)} for p in files]
-    return items[:limit] if limit is not None else items
+class SourceError(ValueError):
+    """The source as a whole cannot be listed (missing, unreadable, wrong format)."""
 
 
-def read_files(items: list[dict[str, str]]) -> dict[str, np.ndarray]:
-    """A batch of `id`, `source`, `bytes`, `error` (a file that cannot be read is an error row)."""
-    data, errors = [], []
-    for item in items:
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem and the path within it, for a local path or a URI."""
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    return _LOCAL, posixpath.abspath(uri)
+
+
+def _join(base: str, path: str) -> str:
+    """`base` + `path` as a URI or local path, keeping the scheme of `base`."""
+    if "://" in base:
+        scheme, rest = base.split("://", 1)
+        return f"{scheme}://{posixpath.normpath(posixpath.join(rest, path))}"
+    return posixpath.normpath(posixpath.join(posixpath.abspath(base), path))
+
+
+def contained(root: str, path: str) -> str | None:
+    """`path` resolved against `root`, or None when it points outside `root`."""
+    root = _join(root, ".")
+    full = path if ("://" in path or path.startswith("/")) else _join(root, path)
+    full = _join(full, ".")  # normalise `..` in absolute paths too
+    return full if full == root or full.startswith(root.rstrip("/") + "/") else None
+
+
+def detect_kind(source: str) -> str:
+    fs, path = filesystem(source)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise SourceError(f"data.source {source!r} does not exist")
+    if info.type == pafs.FileType.Directory:
+        return "folder"
+    if path.endswith(".parquet"):
+        return "manifest"
+    if path.endswith(".json"):
+        head = _read_json(source)
+        if isinstance(head, dict) and "images" in head:
+            return "coco"
+        if isinstance(head, list) and (not head or "image_id" in head[0]):
+            return "visualgenome"
+    raise SourceError(
+        f"cannot tell what data.source {source!r} is: expected a folder, a COCO annotations .json, "
+        "VisualGenome's image_data.json or a Parquet manifest; set data.kind"
+    )
+
+
+def _read_json(source: str):
+    fs, path = filesystem(source)
+    try:
+        with fs.open_input_stream(path) as f:
+            return json.loads(f.read())
+    except (OSError, ValueError) as err:
+        raise SourceError(f"cannot read {source!r} as JSON: {err}") from None
+
+
+def _item(sample_id: str, source: str = "", error: str = "") -> dict[str, str]:
+    return {"id": sample_id, "source": source, "error": error}
+
+
+def list_folder(root: str) -> list[dict[str, str]]:
+    fs, path = filesystem(root)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    except (OSError, FileNotFoundError) as err:
+        raise SourceError(f"cannot list image folder {root!r}: {err}") from None
+    items = []
+    for info in infos:
+        if info.type == pafs.FileType.File and PurePosixPath(info.path).suffix.lower() in IMAGE_EXTENSIONS:
+            relative = posixpath.relpath(info.path, path)
+            items.append(_item(relative, _join(root, relative)))
+    return items
+
+
+def _from_pairs(pairs, root: str, what: str) -> list[dict[str, str]]:
+    """(id, path) pairs -> items; duplicate ids and escaping paths become error rows."""
+    items, seen = [], {}
+    for sample_id, path in pairs:
+        sample_id = str(sample_id)
+        count = seen.get(sample_id, 0)
+        seen[sample_id] = count + 1
+        if count:
+            # The duplicate keeps its own row (suffixed id), so every input is accounted for.
+            items.append(_item(f"{sample_id}#{count + 1}", str(path), f"duplicate id: {sample_id!r} repeats in {what}"))
+            continue
+        resolved = contained(root, str(path))
+        if resolved is None:
+            items.append(_item(sample_id, str(path), f"bad path: {path!r} is outside the image root {root!r}"))
+        else:
+            items.append(_item(sample_id, resolved))
+    return items
+
+
+def list_coco(annotations: str, root: str) -> list[dict[str, str]]:
+    data = _read_json(annotations)
+    try:
+        pairs = [(img["file_name"], img["file_name"]) for img in data["images"]]
+    except (KeyError, TypeError) as err:
+        raise SourceError(f"{annotations!r} is not COCO annotations: missing {err}") from None
+    return _from_pairs(pairs, root, annotations)
+
+
+def list_visualgenome(image_data: str, root: str) -> list[dict[str, str]]:
+    data = _read_json(image_data)
+    try:
+        pairs = [(img["image_id"], "/".join(str(img["url"]).rstrip("/").split("/")[-2:])) for img in data]
+    except (KeyError, TypeError) as err:
+        raise SourceError(f"{image_data!r} is not VisualGenome image data: missing {err}") from None
+    return _from_pairs(pairs, root, image_data)
+
+
+def list_manifest(manifest: str, root: str) -> list[dict[str, str]]:
+    fs, path = filesystem(manifest)
+    try:
+        table = pq.read_table(path, filesystem=fs, columns=["id", "path"])
+    except (OSError, KeyError, ValueError) as err:
+        raise SourceError(f"cannot read manifest {manifest!r} (needs columns id, path): {err}") from None
+    return _from_pairs(zip(table.column("id").to_pylist(), table.column("path").to_pylist()), root, manifest)
+
+
+def list_inputs(source: str, kind: str = "auto", image_root: str | None = None,
+                limit: int | None = None, seed: int = 0) -> list[dict[str, str]]:
+    """Every input of a run, sorted by id; `limit` keeps a seeded, stable random subset."""
+    kind = detect_kind(source) if kind == "auto" else kind
+    if kind == "folder":
+        items = list_folder(source)
+    elif kind in ("coco", "visualgenome"):
+        if not image_root:
+            raise SourceError(f"data.image_root must be set: {kind} annotations name files, not their folder")
+        items = (list_coco if kind == "coco" else list_visualgenome)(source, image_root)
+    elif kind == "manifest":
+        items = list_manifest(source, image_root or posixpath.dirname(_join(source, ".")))
+    else:
+        raise SourceError(f"data.kind={kind!r} is not one of {list(SOURCE_KINDS)}")
+    if limit is not None and limit < len(items):
+        # A hash order, not the first N: a stable sample that is not biased by naming.
+        items = sorted(items, key=lambda it: sample_seed(seed, it["id"], "subset"))[:limit]
+    return sorted(items, key=lambda it: it["id"])
+
+
+def items_to_batch(items: list[dict[str, str]]) -> dict[str, np.ndarray]:
+    return {key: np.array([it[key] for it in items], dtype=object) for key in ("id", "source", "error")}
+
+
+@functools.lru_cache(maxsize=16)
+def _remote_filesystem(scheme_and_bucket: str) -> pafs.FileSystem:
+    return pafs.FileSystem.from_uri(scheme_and_bucket)[0]  # one client per bucket and process
+
+
+def _open(source: str) -> tuple[pafs.FileSystem, str]:
+    if "://" not in source:
+        return _LOCAL, source
+    scheme, path = source.split("://", 1)
+    if scheme == "file":
+        return _LOCAL, path
+    return _remote_filesystem(f"{scheme}://{path.split('/', 1)[0]}"), path  # s3: "bucket/key"
+
+
+def read_files(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Stage: `source` -> `bytes`; a file that cannot be read is an error row."""
+    errors = np.array(batch["error"], dtype=object)
+    data = np.full(len(errors), b"", dtype=object)
+    for i, source in enumerate(batch["source"]):
+        if errors[i]:
+            continue
+        fs, path = _open(source)
         try:
-            data.append(Path(item["source"]).read_bytes())
-            errors.append("")
-        except OSError as err:
-            data.append(b"")
-            errors.append(f"read failed: {err.strerror or err}")
-    return {
-        "id": np.array([i["id"] for i in items], dtype=object),
-        "source": np.array([i["source"] for i in items], dtype=object),
-        "bytes": np.array(data, dtype=object),
-        "error": np.array(errors, dtype=object),
-    }
+            with fs.open_input_stream(path) as f:
+                data[i] = f.read()
+        except OSError as err:  # FileNotFoundError included
+            errors[i] = f"read failed: {err}"
+    return {**batch, "bytes": data, "error": errors}

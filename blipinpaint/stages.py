@@ -25,6 +25,8 @@ from blipinpaint.models import (
     torch_dtype,
     with_overrides,
 )
+from blipinpaint.models.offline import BUILD_VERSION, SPECS
+from blipinpaint.models.presets import PAPER
 
 # Denoising steps when the config leaves them unset: the paper's 50 on real models; few
 # on the tiny ones, whose outputs are noise either way and only need to run the code.
@@ -72,3 +74,17 @@ def build_inpainter(cfg: Config) -> Inpainter:
 def build_metrics(cfg: Config) -> InpaintMetrics:
     device, dtype = _device_dtype(cfg)
     return InpaintMetrics(load_clip(resolve_preset(cfg).clip, device, dtype))
+
+
+def model_ids(cfg: Config) -> dict[str, str]:
+    """The checkpoint each role runs, as recorded on every sample (no build, no download)."""
+    ids = {}
+    for role in ("captioner", "inpainter", "clip"):
+        ref = getattr(cfg.models, role)
+        if not ref.name_or_path:
+            if cfg.models.preset in SPECS:
+                ids[role] = f"offline:{cfg.models.preset}-v{BUILD_VERSION}/{role}"
+                continue
+            ref = getattr(PAPER, role)
+        ids[role] = ref.name_or_path + (f"@{ref.revision}" if ref.revision else "")
+    return ids

@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 
 from blipinpaint import stages  # noqa: E402
 from blipinpaint.config import load_config, sample_images_dir  # noqa: E402
-from blipinpaint.sources import list_folder, read_files  # noqa: E402
+from blipinpaint.sources import items_to_batch, list_folder, read_files  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -53,6 +53,19 @@ def metrics(cfg):
 @pytest.fixture(scope="session")
 def sample_batch(cfg) -> dict[str, np.ndarray]:
     """The shipped photographs, decoded and masked: the input of the model stages."""
-    batch = stages.build_decoder(cfg)(read_files(list_folder(sample_images_dir(), limit=4)))
+    items = list_folder(str(sample_images_dir()))[:4]
+    batch = stages.build_decoder(cfg)(read_files(items_to_batch(items)))
     assert not any(batch["error"]), batch["error"]
     return stages.build_masker(cfg)(batch)
+
+
+@pytest.fixture(scope="session")
+def local_ray(model_cache):
+    """One local Ray for the session, on 127.0.0.1, started the way the jobs start it."""
+    import ray
+
+    from rayjobs.common import connect
+
+    connect()
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,61 @@
+"""Batch plumbing shared by the runners: failed rows leave the stream where they fail.
+
+A row that cannot be used (unreadable, undecodable, or in a batch a model stage keeps
+failing on) is handed to an error sink at that point and dropped from the batch, so the
+model stages only ever see good rows, every batch downstream has the same columns, and
+every input is written exactly once: as a sample at the end, or as an error where it failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+Batch = dict[str, np.ndarray]
+ErrorSink = Callable[[Batch], None]
+log = logging.getLogger(__name__)
+
+
+def take(batch: Batch, index) -> Batch:
+    return {k: np.asarray(v)[index] for k, v in batch.items()}
+
+
+def split_errors(batch: Batch, on_errors: ErrorSink) -> Batch:
+    """Hand the rows whose `error` is set to `on_errors`; return the others."""
+    failed = np.array([bool(e) for e in batch["error"]], dtype=bool)
+    if failed.any():
+        on_errors(take(batch, failed))
+    return take(batch, ~failed) if failed.any() else batch
+
+
+class Guarded:
+    """Run `stage` on a batch, retrying a failure; a batch that keeps failing becomes errors.
+
+    Adds `seconds_<name>`: the stage's wall time per row of the batch, which the writer
+    sums into per-stage throughput.
+    """
+
+    def __init__(self, name: str, stage: Callable[[Batch], Batch], on_errors: ErrorSink, retries: int = 2):
+        self.name, self.stage, self.on_errors, self.retries = name, stage, on_errors, retries
+
+    def __call__(self, batch: Batch) -> Batch:
+        n = len(batch["id"])
+        if not n:
+            return batch
+        start = time.perf_counter()
+        for attempt in range(self.retries + 1):
+            try:
+                out = self.stage(batch)
+                break
+            except Exception as err:  # noqa: BLE001 - one failing batch must not end the job
+                log.warning("%s failed on a batch of %d (attempt %d of %d): %r",
+                            self.name, n, attempt + 1, self.retries + 1, err)
+                last = err
+        else:
+            reason = f"stage failed: {self.name} raised {type(last).__name__}: {last}"
+            return split_errors({**batch, "error": np.full(n, reason, dtype=object)}, self.on_errors)
+        out[f"seconds_{self.name}"] = np.full(len(out["id"]), (time.perf_counter() - start) / n, dtype=np.float64)
+        return out

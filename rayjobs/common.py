@@ -1,0 +1,48 @@
+"""What every Ray job shares: connecting to Ray, and stage resources from the config."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+from ray.data import ActorPoolStrategy
+
+from blipinpaint.config import StageConfig
+
+log = logging.getLogger(__name__)
+
+# Passed to workers of a local Ray, so they build and find models where the driver does.
+FORWARDED_ENV = ("BLIPINPAINT_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DS_ACCELERATOR")
+
+
+def connect(address: str | None = None) -> None:
+    """Join the Ray cluster of `address` / $RAY_ADDRESS, or start a local one on loopback.
+
+    `ray job submit` sets $RAY_ADDRESS for the job's driver. A local Ray binds to
+    127.0.0.1 only (never the machine's external interface) and keeps Ray's token
+    authentication on.
+    """
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+        return
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # makes a local Ray use 127.0.0.1
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    ray.init(include_dashboard=False, runtime_env={"env_vars": env} if env else None)
+    log.info("started a local Ray: %s", ray.cluster_resources())
+
+
+def pool(stage: StageConfig) -> ActorPoolStrategy:
+    """A fixed pool of `size` actors, or an autoscaling one from `min_size` to `max_size`."""
+    if stage.min_size is not None:
+        return ActorPoolStrategy(min_size=stage.min_size, max_size=stage.max_size)
+    return ActorPoolStrategy(size=stage.size)
+
+
+def actor_resources(stage: StageConfig) -> dict:
+    """`map_batches` arguments for an actor-pool stage (declared, never probed from CUDA)."""
+    return dict(compute=pool(stage), batch_size=stage.batch_size, num_cpus=stage.num_cpus,
+                num_gpus=stage.num_gpus or None)

@@ -1,0 +1,253 @@
+"""Generate scorer training data: masked images -> BLIP captions -> SD inpainting -> metrics.
+
+On a cluster (see README, "Running on a cluster"):
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . \\
+        -- python -m rayjobs.generate --config configs/paper-coco.yaml
+
+Locally (starts a Ray on 127.0.0.1 when no address is given):
+
+    python -m rayjobs.generate [--config CONFIG.yaml] [dotted.key=value ...]
+
+Ray Data streams the inputs through: read + decode + validate + mask (CPU tasks) ->
+Captioner actors -> Inpainter actors -> metrics actors -> PNG encoding (CPU tasks) ->
+an exactly-once Parquet writer. Memory stays bounded: nothing is materialised or
+collected on the driver. Killed at any point and run again with the same command, the
+job skips what was committed, finishes or undoes what was in flight, and does the rest.
+
+Outputs under `run_dir/generate/`: `samples/*.parquet`, `errors/*.parquet`, `stats.json`,
+`config.yaml` and `_SUCCESS` once every input is accounted for.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+from omegaconf import OmegaConf
+from pyarrow import fs as pafs
+from ray.data import DataContext, Datasink
+from ray.data.block import BlockAccessor
+
+from blipinpaint import stages
+from blipinpaint.batches import Guarded, split_errors
+from blipinpaint.config import Config, ConfigError, parse_args, sample_images_dir, to_yaml
+from blipinpaint.records import METRIC_COLUMNS, encode_rows
+from blipinpaint.sources import SourceError, filesystem, list_inputs, read_files
+from blipinpaint.writer import CommitLog
+from rayjobs.common import actor_resources, connect
+
+log = logging.getLogger("blipinpaint.generate")
+
+MODEL_STAGES = {"captioner": stages.build_captioner, "inpainter": stages.build_inpainter,
+                "metrics": stages.build_metrics}
+# Sections whose change makes earlier rows incomparable with new ones.
+FINGERPRINT_KEYS = ("seed", "models", "masks", "caption", "inpaint", "data.image_size", "data.min_side",
+                    "data.max_aspect_ratio")
+
+
+class ErrorWriter:
+    """Commits rows that failed, where they failed (a part of errors only, exactly once)."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+
+    def __call__(self, rows) -> None:
+        CommitLog(self.out_dir).commit(encode_rows(rows, models={}))
+
+
+def _out_dir(cfg: Config) -> str:
+    return f"{cfg.run_dir.rstrip('/')}/generate"
+
+
+class ModelStage:
+    """One actor of a model pool: loads its model once (on this worker), then runs batches."""
+
+    def __init__(self, name: str, cfg: Config):
+        self.run = Guarded(name, MODEL_STAGES[name](cfg), ErrorWriter(_out_dir(cfg)), cfg.generate.batch_retries)
+
+    def __call__(self, batch):
+        return self.run(batch)
+
+
+def prepare(batch, cfg: Config):
+    """CPU task: read the file, decode, validate, resize, mask; unusable inputs leave here."""
+    decode, mask, errors = stages.build_decoder(cfg), stages.build_masker(cfg), ErrorWriter(_out_dir(cfg))
+    return Guarded("prepare", lambda b: mask(split_errors(decode(read_files(b)), errors)), errors,
+                   cfg.generate.batch_retries)(batch)
+
+
+class CommitSink(Datasink):
+    """Each write call becomes one committed part (see `blipinpaint.writer`)."""
+
+    def __init__(self, out_dir: str, rows_per_file: int):
+        self.out_dir, self.rows_per_file = out_dir, rows_per_file
+
+    @property
+    def min_rows_per_write(self) -> int:
+        return self.rows_per_file
+
+    def write(self, blocks, ctx) -> None:
+        tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
+        table = pa.concat_tables(tables) if tables else None
+        if table is not None and table.num_rows:
+            CommitLog(self.out_dir).commit(table)
+
+
+def build_dataset(cfg: Config, pending: list[dict]) -> ray.data.Dataset:
+    g = cfg.generate
+    blocks = max(1, math.ceil(len(pending) / g.read.batch_size))
+    ds = ray.data.from_items(pending, override_num_blocks=blocks)
+    ds = ds.map_batches(prepare, fn_kwargs={"cfg": cfg}, batch_size=g.read.batch_size, num_cpus=g.read.num_cpus)
+    for name in MODEL_STAGES:
+        ds = ds.map_batches(ModelStage, fn_constructor_kwargs={"name": name, "cfg": cfg},
+                            **actor_resources(getattr(g, name)))
+    return ds.map_batches(encode_rows, fn_kwargs={"models": stages.model_ids(cfg)},
+                          batch_size=g.read.batch_size, num_cpus=g.read.num_cpus)
+
+
+def _fingerprint(cfg: Config) -> dict:
+    conf = OmegaConf.to_container(OmegaConf.structured(cfg))
+    out = {}
+    for key in FINGERPRINT_KEYS:
+        value = conf
+        for part in key.split("."):
+            value = value[part]
+        out[key] = value
+    return out
+
+
+def check_fingerprint(out_dir: str, cfg: Config) -> None:
+    """Refuse to mix rows made under different settings in one run folder."""
+    fs, root = filesystem(out_dir)
+    path = f"{root}/fingerprint.json"
+    current = _fingerprint(cfg)
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        with fs.open_input_stream(path) as f:
+            previous = json.loads(f.read())
+        changed = sorted(k for k in current if previous.get(k) != current[k])
+        if changed:
+            raise ConfigError(
+                f"{out_dir} holds rows generated with other settings ({', '.join(changed)} differ); "
+                "use another run_dir, or restore those settings to resume"
+            )
+        return
+    fs.create_dir(root, recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(json.dumps(current, indent=2).encode())
+
+
+def _write_text(out_dir: str, name: str, text: str) -> None:
+    fs, root = filesystem(out_dir)
+    fs.create_dir(root, recursive=True)
+    with fs.open_output_stream(f"{root}/{name}") as f:
+        f.write(text.encode())
+
+
+def summarize(out_dir: str, items: list[dict], commit_log: CommitLog, this_run: dict) -> dict:
+    """Account for every listed input and write `stats.json` (and `_SUCCESS` when complete)."""
+    markers = commit_log.markers()
+    seen = Counter(i for m in markers for i in (*m["samples"], *m["errors"]))
+    listed = {it["id"] for it in items}
+    sample_ids = {i for m in markers for i in m["samples"]} & listed
+    reasons = Counter(k for m in markers for i, k in zip(m["errors"], m["error_kinds"]) if i in listed)
+    seconds = Counter()
+    rows = sum(len(m["samples"]) + len(m["errors"]) for m in markers)
+    for m in markers:
+        seconds.update(m["seconds"])
+    stats = {
+        "inputs": len(listed), "ok": len(sample_ids), "errors": sum(reasons.values()),
+        "errors_by_reason": dict(sorted(reasons.items())),
+        "missing": len(listed - set(seen)), "duplicates": sum(c - 1 for c in seen.values() if c > 1),
+        "this_run": this_run,
+        # Busy time per stage over all committed rows: rows per second of one worker.
+        "stages": {s: {"busy_s": round(t, 3), "rows_per_s_per_worker": round(rows / t, 3) if t else None}
+                   for s, t in seconds.items()},
+        "means": {},
+    }
+    if sample_ids:
+        fs, root = filesystem(out_dir)
+        table = pq.read_table(f"{root}/samples", filesystem=fs, columns=["id", *METRIC_COLUMNS])
+        table = table.filter(pc.is_in(table.column("id"), value_set=pa.array(sorted(sample_ids))))
+        for m in METRIC_COLUMNS:
+            values = table.column(m).to_numpy(zero_copy_only=False)
+            finite = values[np.isfinite(values)]  # a perfect hole has infinite PSNR
+            stats["means"][m] = float(finite.mean()) if finite.size else None
+    _write_text(out_dir, "stats.json", json.dumps(stats, indent=2))
+    if stats["missing"] == 0 and stats["duplicates"] == 0:
+        _write_text(out_dir, "_SUCCESS", "")
+    return stats
+
+
+def run(cfg: Config) -> dict:
+    started = time.perf_counter()
+    out_dir = _out_dir(cfg)
+    try:  # listing first: a bad source fails before anything is written
+        items = list_inputs(cfg.data.source or str(sample_images_dir()), cfg.data.kind, cfg.data.image_root,
+                            cfg.data.limit, cfg.seed)
+    except SourceError as err:
+        raise ConfigError(str(err)) from None
+    check_fingerprint(out_dir, cfg)
+    _write_text(out_dir, "config.yaml", to_yaml(cfg))
+    commit_log = CommitLog(out_dir)
+    recovered = commit_log.recover()
+    done = commit_log.committed_ids()
+    pending = [it for it in items if it["id"] not in done]
+    log.info("%d inputs: %d already committed, %d to do", len(items), len(items) - len(pending), len(pending))
+
+    pipeline_s = 0.0
+    if pending:
+        connect(cfg.ray_address)
+        DataContext.get_current().enable_progress_bars = True
+        t0 = time.perf_counter()
+        ds = build_dataset(cfg, pending)
+        ds.write_datasink(CommitSink(out_dir, cfg.generate.rows_per_file))
+        pipeline_s = time.perf_counter() - t0
+        _write_text(out_dir, "ray_stats.txt", ds.stats())
+    this_run = {
+        "processed": len(pending), "skipped_committed": len(items) - len(pending), **recovered,
+        "pipeline_s": round(pipeline_s, 2), "wall_s": round(time.perf_counter() - started, 2),
+        "images_per_s": round(len(pending) / pipeline_s, 3) if pipeline_s else None,
+    }
+    stats = summarize(out_dir, items, commit_log, this_run)
+    if stats["missing"] or stats["duplicates"]:
+        raise RuntimeError(f"{out_dir}: {stats['missing']} inputs missing, {stats['duplicates']} duplicated; "
+                           "run the same command again to finish")
+    return stats
+
+
+def print_summary(stats: dict, out_dir: str) -> None:
+    run_ = stats["this_run"]
+    print(f"\n{stats['inputs']} inputs: {stats['ok']} samples, {stats['errors']} errors "
+          f"{stats['errors_by_reason'] or ''}; this run processed {run_['processed']} "
+          f"(skipped {run_['skipped_committed']} already committed) in {run_['wall_s']} s")
+    if stats["means"]:
+        print(f"{'metric':<12}{'guided':>10}{'baseline':>10}")
+        for m in ("ssim", "psnr", "ssim_hole", "psnr_hole", "clip_score"):
+            print(f"{m:<12}{stats['means'][m]:>10.3f}{stats['means'][m + '_baseline']:>10.3f}")
+    print(f"outputs in {out_dir}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    cfg = parse_args(argv, description=__doc__.split("\n")[0])
+    try:
+        stats = run(cfg)
+    except ConfigError as err:
+        print(f"generate: {err}", file=sys.stderr)
+        return 2
+    print_summary(stats, f"{cfg.run_dir}/generate")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""The generate job on a local Ray (127.0.0.1) with the tiny models."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+from helpers import encode, photo
+
+from blipinpaint.config import load_config, sample_images_dir
+from blipinpaint.records import ERROR_SCHEMA, METRIC_COLUMNS, SAMPLE_SCHEMA
+from rayjobs import generate
+
+BAD = {"notes.jpg": "not an image", "empty.png": "empty file", "sub/cut.jpg": "corrupt image",
+       "dot.png": "too small"}
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """Five shipped photographs and four unusable files."""
+    root = tmp_path_factory.mktemp("images")
+    for name in ("astronaut.jpg", "chelsea.jpg", "coffee.jpg", "coins.png", "rocket.jpg"):
+        shutil.copy(sample_images_dir() / name, root / name)
+    (root / "sub").mkdir()
+    (root / "notes.jpg").write_text("not a picture")
+    (root / "empty.png").write_bytes(b"")
+    jpeg = encode(photo(), "JPEG")
+    (root / "sub" / "cut.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (root / "dot.png").write_bytes(encode(photo(1, 1), "PNG"))
+    return root
+
+
+def _cfg(run_dir, source, *extra):
+    return load_config(overrides=[f"run_dir={run_dir}", f"data.source={source}", "generate.rows_per_file=3",
+                                  "generate.read.batch_size=3", *extra])
+
+
+def _tables(run_dir):
+    out = run_dir / "generate"
+    return pq.read_table(out / "samples").sort_by("id"), pq.read_table(out / "errors").sort_by("id")
+
+
+@pytest.fixture(scope="module")
+def first_run(local_ray, source, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("gen")
+    # An autoscaling captioner pool (min/max) next to fixed ones.
+    cfg = _cfg(run_dir, source, "generate.captioner.min_size=1", "generate.captioner.max_size=2",
+               "generate.captioner.size=null", "masks.kind=mixed")
+    return run_dir, cfg, generate.run(cfg)
+
+
+def test_every_input_once_in_samples_or_errors(first_run):
+    run_dir, _, stats = first_run
+    samples, errors = _tables(run_dir)
+    assert samples.schema.names == SAMPLE_SCHEMA.names and errors.schema == ERROR_SCHEMA
+    assert samples.column("id").to_pylist() == ["astronaut.jpg", "chelsea.jpg", "coffee.jpg", "coins.png",
+                                               "rocket.jpg"]
+    reasons = {i: e.split(":")[0] for i, e in zip(errors.column("id").to_pylist(), errors.column("error").to_pylist())}
+    assert reasons == BAD
+    assert (stats["inputs"], stats["ok"], stats["errors"], stats["missing"], stats["duplicates"]) == (9, 5, 4, 0, 0)
+    assert stats["errors_by_reason"] == {"corrupt image": 1, "empty file": 1, "not an image": 1, "too small": 1}
+    assert set(stats["stages"]) == {"prepare", "captioner", "inpainter", "metrics"}
+    assert all(s["rows_per_s_per_worker"] > 0 for s in stats["stages"].values())
+    assert (run_dir / "generate" / "_SUCCESS").exists() and (run_dir / "generate" / "config.yaml").exists()
+    assert len(list((run_dir / "generate" / "samples").glob("*.parquet"))) >= 2  # several committed parts
+    for m in METRIC_COLUMNS:
+        assert samples.column(m).null_count == 0
+
+
+def test_rerun_skips_committed_work(first_run):
+    run_dir, cfg, _ = first_run
+    before = sorted(p.name for p in (run_dir / "generate" / "samples").iterdir())
+    stats = generate.run(cfg)
+    assert stats["this_run"]["processed"] == 0 and stats["this_run"]["skipped_committed"] == 9
+    assert sorted(p.name for p in (run_dir / "generate" / "samples").iterdir()) == before
+
+
+def test_same_config_same_rows(first_run, source, tmp_path):
+    run_dir, cfg, _ = first_run
+    generate.run(_cfg(tmp_path, source, "masks.kind=mixed"))  # fixed pools this time
+    (a, _), (b, _) = _tables(run_dir), _tables(tmp_path)
+    for column in ("id", "caption", "caption_features", "mask_kind", "mask_png", "noise_seed", *METRIC_COLUMNS):
+        assert a.column(column).to_pylist() == b.column(column).to_pylist(), column
+
+
+def test_changed_settings_do_not_mix_into_a_run(first_run, source):
+    run_dir, _, _ = first_run
+    with pytest.raises(generate.ConfigError, match="seed"):
+        generate.run(_cfg(run_dir, source, "seed=1", "masks.kind=mixed"))
+
+
+def test_killed_driver_then_rerun_gives_every_input_once(local_ray, source, tmp_path):
+    run_dir = tmp_path / "killed"
+    args = [f"run_dir={run_dir}", f"data.source={source}", "generate.rows_per_file=1", "generate.read.batch_size=1",
+            "generate.inpainter.batch_size=1", f"ray_address={local_ray.get_runtime_context().gcs_address}"]
+    driver = subprocess.Popen([sys.executable, "-m", "rayjobs.generate", *args], start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    commits = run_dir / "generate" / "_commits"
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list(commits.glob("*.json")) if commits.exists() else []) < 3:
+        assert driver.poll() is None, "the job ended before it could be killed"
+        time.sleep(0.2)
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and anything it started, mid-run
+    driver.wait()
+    committed = len(list(commits.glob("*.json")))
+    assert 3 <= committed < 9
+
+    stats = generate.run(load_config(overrides=args[:-1]))
+    assert stats["this_run"]["skipped_committed"] >= 3 and stats["this_run"]["processed"] <= 9 - 3
+    samples, errors = _tables(run_dir)
+    ids = samples.column("id").to_pylist() + errors.column("id").to_pylist()
+    assert sorted(ids) == sorted(set(ids)) and len(ids) == 9
+    assert not list((run_dir / "generate" / "_staging" / "samples").glob("*"))

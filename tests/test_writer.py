@@ -1,0 +1,75 @@
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from blipinpaint.records import ERROR_SCHEMA, SAMPLE_SCHEMA, encode_rows
+from blipinpaint.writer import CommitLog
+
+
+def _rows(ids, errors):
+    n = len(ids)
+    batch = {
+        "id": np.array(ids, dtype=object), "source": np.array([f"/x/{i}" for i in ids], dtype=object),
+        "error": np.array(errors, dtype=object), "caption": np.array(["a cat"] * n, dtype=object),
+        "caption_features": np.ones((n, 4), np.float32), "mask_kind": np.array(["box"] * n, dtype=object),
+        "mask_area": np.full(n, 0.25, np.float32), "noise_seed": np.arange(n, dtype=np.int64),
+        "width": np.full(n, 80, np.int32), "height": np.full(n, 60, np.int32),
+        "image": np.zeros((n, 8, 8, 3), np.uint8), "mask": np.ones((n, 8, 8), np.uint8),
+        "inpainted": np.zeros((n, 8, 8, 3), np.uint8), "inpainted_baseline": np.zeros((n, 8, 8, 3), np.uint8),
+        "seconds_captioner": np.full(n, 0.5),
+    }
+    for m in SAMPLE_SCHEMA.names:
+        if m.startswith(("ssim", "psnr", "clip")):
+            batch[m] = np.full(n, 1.0, np.float32)
+    return encode_rows(batch, {"captioner": "c", "inpainter": "i", "clip": "k"})
+
+
+def _read(path):
+    return sorted(pq.read_table(path).column("id").to_pylist()) if path.exists() and any(path.iterdir()) else []
+
+
+def test_commit_splits_samples_and_errors(tmp_path):
+    log = CommitLog(str(tmp_path))
+    marker = log.commit(_rows(["a", "b", "c"], ["", "not an image: x", ""]))
+    assert _read(tmp_path / "samples") == ["a", "c"] and _read(tmp_path / "errors") == ["b"]
+    assert pq.read_schema(next((tmp_path / "samples").iterdir())).names == SAMPLE_SCHEMA.names
+    assert pq.read_schema(next((tmp_path / "errors").iterdir())).names == ERROR_SCHEMA.names
+    assert marker["seconds"] == {"captioner": pytest.approx(1.5)}
+    assert log.committed_ids() == {"a", "b", "c"}
+
+
+def test_writing_the_same_rows_again_replaces_them(tmp_path):
+    log = CommitLog(str(tmp_path))
+    log.commit(_rows(["a", "b"], ["", ""]))
+    log.commit(_rows(["b", "a"], ["", ""]))  # a retried write task
+    assert _read(tmp_path / "samples") == ["a", "b"] and len(log.markers()) == 1
+
+
+def test_recover_undoes_parts_that_never_committed(tmp_path):
+    log = CommitLog(str(tmp_path))
+    log.commit(_rows(["a"], [""]))
+    marker = log.commit(_rows(["b"], [""]))
+    # Crash after the staged file was written, before the marker: move the file back, drop the marker.
+    (tmp_path / "samples" / f"{marker['name']}.parquet").rename(
+        tmp_path / "_staging" / "samples" / f"{marker['name']}.parquet")
+    (tmp_path / "_commits" / f"{marker['name']}.json").rename(tmp_path / "_commits" / f".{marker['name']}.json.tmp")
+    assert log.recover() == {"committed_parts": 1, "orphans_removed": 2}
+    assert _read(tmp_path / "samples") == ["a"] and log.committed_ids() == {"a"}
+    assert not list((tmp_path / "_staging" / "samples").iterdir())
+
+
+def test_recover_finishes_parts_that_committed(tmp_path):
+    log = CommitLog(str(tmp_path))
+    marker = log.commit(_rows(["a", "b"], ["", "corrupt image: x"]))
+    # Crash after the marker, before the files moved into place.
+    for folder in ("samples", "errors"):
+        (tmp_path / folder / f"{marker['name']}.parquet").rename(
+            tmp_path / "_staging" / folder / f"{marker['name']}.parquet")
+    assert _read(tmp_path / "samples") == []  # readers never see staged data
+    log.recover()
+    assert _read(tmp_path / "samples") == ["a"] and _read(tmp_path / "errors") == ["b"]
+
+
+def test_all_error_batches_write_no_sample_file(tmp_path):
+    CommitLog(str(tmp_path)).commit(_rows(["a", "b"], ["empty file: 0 bytes", "not an image: x"]))
+    assert not (tmp_path / "samples").exists() and _read(tmp_path / "errors") == ["a", "b"]
