@@ -6,6 +6,7 @@ import logging
 import os
 
 import ray
+from ray._private import ray_constants
 from ray.data import ActorPoolStrategy
 
 from blipinpaint.config import StageConfig
@@ -29,7 +30,11 @@ def connect(address: str | None = None) -> None:
     if address:
         ray.init(address=address)
         return
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # makes a local Ray use 127.0.0.1
+    # Ray binds a new local cluster to the machine's external interface unless this flag is
+    # off. Ray reads it once, at import, so the flag is also switched in this process; the
+    # GCS, raylet and workers that ray.init starts read the variable.
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     ray.init(include_dashboard=False, runtime_env={"env_vars": env} if env else None)
     log.info("started a local Ray: %s", ray.cluster_resources())

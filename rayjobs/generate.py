@@ -227,8 +227,9 @@ def run(cfg: Config) -> dict:
 
 def print_summary(stats: dict, out_dir: str) -> None:
     run_ = stats["this_run"]
-    print(f"\n{stats['inputs']} inputs: {stats['ok']} samples, {stats['errors']} errors "
-          f"{stats['errors_by_reason'] or ''}; this run processed {run_['processed']} "
+    reasons = f" {stats['errors_by_reason']}" if stats["errors_by_reason"] else ""
+    print(f"\n{stats['inputs']} inputs: {stats['ok']} samples, {stats['errors']} errors{reasons}; "
+          f"this run processed {run_['processed']} "
           f"(skipped {run_['skipped_committed']} already committed) in {run_['wall_s']} s")
     if stats["means"]:
         print(f"{'metric':<12}{'guided':>10}{'baseline':>10}")

@@ -36,6 +36,11 @@ def test_resolved_config_round_trips(tmp_path):
     (["inpaint.guidance_scale=0.5"], "inpaint.guidance_scale"),
     (["models.device=tpu"], "models.device='tpu'"),
     (["seed"], "dotted.key=value"),
+    (["data.kind=zip"], "data.kind='zip'"),
+    (["generate.inpainter.min_size=3", "generate.inpainter.max_size=2"], "generate.inpainter: an autoscaling pool"),
+    (["generate.captioner.min_size=1"], "generate.captioner: an autoscaling pool"),
+    (["generate.metrics.size=0"], "generate.metrics.size=0"),
+    (["generate.inpainter.num_gpus=-1"], "generate.inpainter: num_cpus and num_gpus"),
 ])
 def test_bad_config_names_the_problem(overrides, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):

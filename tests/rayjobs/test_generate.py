@@ -48,8 +48,7 @@ def _tables(run_dir):
 def first_run(local_ray, source, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("gen")
     # An autoscaling captioner pool (min/max) next to fixed ones.
-    cfg = _cfg(run_dir, source, "generate.captioner.min_size=1", "generate.captioner.max_size=2",
-               "generate.captioner.size=null", "masks.kind=mixed")
+    cfg = _cfg(run_dir, source, "generate.captioner.min_size=1", "generate.captioner.max_size=2", "masks.kind=mixed")
     return run_dir, cfg, generate.run(cfg)
 
 

@@ -13,7 +13,7 @@ def test_main_job_on_the_embedded_default(local_ray, tmp_path, capsys):
     samples = pq.read_table(tmp_path / "generate" / "samples")
     assert samples.num_rows == 6 and len(set(samples.column("caption").to_pylist())) > 1
     out = capsys.readouterr().out
-    assert "6 inputs: 6 samples, 0 errors" in out and "clip_score" in out
+    assert "6 inputs: 6 samples, 0 errors;" in out and "clip_score" in out
 
 
 def test_bad_config_fails_before_any_work(tmp_path, capsys):
