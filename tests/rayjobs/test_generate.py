@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from helpers import encode, photo
@@ -79,9 +80,14 @@ def test_rerun_skips_committed_work(first_run):
 
 
 def test_same_config_same_rows(first_run, source, tmp_path):
+    """A second run, fed the same files through a Parquet manifest, gives identical rows."""
     run_dir, cfg, _ = first_run
-    generate.run(_cfg(tmp_path, source, "masks.kind=mixed"))  # fixed pools this time
-    (a, _), (b, _) = _tables(run_dir), _tables(tmp_path)
+    names = sorted(p.relative_to(source).as_posix() for p in source.rglob("*") if p.is_file())
+    manifest = tmp_path / "manifest.parquet"
+    pq.write_table(pa.table({"id": names, "path": names}), manifest)
+    generate.run(_cfg(tmp_path / "run", manifest, f"data.image_root={source}", "masks.kind=mixed"))  # fixed pools
+    run_dir_b = tmp_path / "run"
+    (a, _), (b, _) = _tables(run_dir), _tables(run_dir_b)
     for column in ("id", "caption", "caption_features", "mask_kind", "mask_png", "noise_seed", *METRIC_COLUMNS):
         assert a.column(column).to_pylist() == b.column(column).to_pylist(), column
 
