@@ -47,15 +47,17 @@ def caption_token_mask(model: BlipForConditionalGeneration, input_ids: torch.Ten
 
 
 def caption_features(
-    model: BlipForConditionalGeneration, image_embeds: torch.Tensor, input_ids: torch.Tensor
+    model: BlipForConditionalGeneration, image_embeds: torch.Tensor, input_ids: torch.Tensor,
+    decoder: torch.nn.Module | None = None,
 ) -> torch.Tensor:
     """Teacher-force a caption through the text decoder; mean-pool its second-to-last layer.
 
     Differentiable in the decoder's parameters: the fine-tuning phase backpropagates the
-    scorer's loss through exactly this function.
+    scorer's loss through exactly this function, passing the decoder as wrapped for
+    training (`decoder`, e.g. a DeepSpeed engine) instead of `model.text_decoder`.
     """
     tokens = caption_token_mask(model, input_ids)
-    out = model.text_decoder(
+    out = (decoder or model.text_decoder)(
         input_ids=input_ids,
         attention_mask=(input_ids != model.config.text_config.pad_token_id).long(),
         encoder_hidden_states=image_embeds,
@@ -65,6 +67,15 @@ def caption_features(
     hidden = out.hidden_states[FEATURE_LAYER]
     weights = tokens.unsqueeze(-1).to(hidden.dtype)
     return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+
+
+def caption_ids(model: BlipForConditionalGeneration, tokenizer, captions: list[str]) -> torch.Tensor:
+    """Captions as the decoder produced them: [DEC] tokens... [SEP], padded with [PAD]."""
+    text_config = model.config.text_config
+    rows = [[text_config.bos_token_id, *tokenizer(c, add_special_tokens=False).input_ids, text_config.sep_token_id]
+            for c in captions]
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [text_config.pad_token_id] * (width - len(r)) for r in rows], dtype=torch.long)
 
 
 class Captioner:

@@ -102,6 +102,39 @@ class GenerateConfig:
 
 
 @dataclass
+class TrainConfig:
+    """Ray Train + DeepSpeed settings shared by the two training jobs."""
+
+    num_workers: int = 2
+    use_gpu: bool = False  # one GPU per worker; the CPU path uses gloo
+    cpus_per_worker: float = 0.5  # leaves CPU for the Ray Data tasks that feed the workers
+    zero_stage: int = 2  # DeepSpeed ZeRO stage: 2 (default) or 3
+    offload_optimizer: bool = False  # ZeRO optimizer state in CPU memory
+    max_failures: int = 2  # worker failures survived per run, each resuming from its last checkpoint
+    val_fraction: float = 0.2  # held-out split, chosen by a hash of (seed, id)
+    inject_failure_at_step: int | None = None  # fault-injection tests: a worker dies at this step, once
+
+
+@dataclass
+class ScorerConfig:
+    hidden: list[int] = field(default_factory=lambda: [512, 256])
+    lr: float = 1e-4  # the paper's Adam settings
+    epochs: int = 50
+    batch_size: int = 64
+
+
+@dataclass
+class FinetuneConfig:
+    lr: float = 1e-6  # the paper's: small, so BLIP changes slowly
+    epochs: int = 3
+    batch_size: int = 8
+    lambda_ssim: float = 0.5  # λ1
+    lambda_psnr: float = 0.2  # λ2
+    lambda_clip: float = 4.0  # λ3
+    kl_weight: float = 0.0  # > 0 adds KL to the original decoder (keeps captions fluent)
+
+
+@dataclass
 class Config:
     run_dir: str = "runs/default"
     ray_address: str | None = None  # None: $RAY_ADDRESS (set by `ray job submit`), else a local Ray
@@ -112,6 +145,9 @@ class Config:
     caption: CaptionConfig = field(default_factory=CaptionConfig)
     inpaint: InpaintConfig = field(default_factory=InpaintConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scorer: ScorerConfig = field(default_factory=ScorerConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -169,6 +205,20 @@ def validate(cfg: Config) -> None:
         problems.append("generate.read.batch_size must be at least 1 and generate.read.num_cpus above 0")
     if cfg.generate.rows_per_file < 1 or cfg.generate.batch_retries < 0:
         problems.append("generate.rows_per_file must be at least 1 and generate.batch_retries at least 0")
+    t = cfg.train
+    if t.zero_stage not in (2, 3):
+        problems.append(f"train.zero_stage={t.zero_stage} must be 2 or 3")
+    if t.num_workers < 1 or not 0 < t.val_fraction < 1:
+        problems.append("train.num_workers must be at least 1 and train.val_fraction between 0 and 1")
+    if t.use_gpu and not cfg.models.device.startswith("cuda"):
+        problems.append("train.use_gpu=true needs models.device=cuda")
+    for key, value in (("scorer.lr", cfg.scorer.lr), ("finetune.lr", cfg.finetune.lr)):
+        if value <= 0:
+            problems.append(f"{key}={value} must be positive")
+    for key, value in (("scorer.epochs", cfg.scorer.epochs), ("scorer.batch_size", cfg.scorer.batch_size),
+                       ("finetune.epochs", cfg.finetune.epochs), ("finetune.batch_size", cfg.finetune.batch_size)):
+        if value < 1:
+            problems.append(f"{key}={value} must be at least 1")
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
 

@@ -19,3 +19,8 @@ def sample_seed(seed: int, sample_id: str, purpose: str) -> int:
 
 def sample_rng(seed: int, sample_id: str, purpose: str) -> np.random.Generator:
     return np.random.default_rng(sample_seed(seed, sample_id, purpose))
+
+
+def heldout(seed: int, sample_id: str, fraction: float) -> bool:
+    """Whether a sample is in the held-out split: a stable hash, not row order."""
+    return sample_seed(seed, sample_id, "split") < fraction * 2**63

@@ -42,6 +42,7 @@ from blipinpaint import stages
 from blipinpaint.batches import Guarded, split_errors
 from blipinpaint.config import Config, ConfigError, parse_args, sample_images_dir, to_yaml
 from blipinpaint.records import METRIC_COLUMNS, encode_rows
+from blipinpaint.report import write_text
 from blipinpaint.sources import SourceError, filesystem, list_inputs, read_files
 from blipinpaint.writer import CommitLog
 from rayjobs.common import actor_resources, connect
@@ -146,13 +147,6 @@ def check_fingerprint(out_dir: str, cfg: Config) -> None:
         f.write(json.dumps(current, indent=2).encode())
 
 
-def _write_text(out_dir: str, name: str, text: str) -> None:
-    fs, root = filesystem(out_dir)
-    fs.create_dir(root, recursive=True)
-    with fs.open_output_stream(f"{root}/{name}") as f:
-        f.write(text.encode())
-
-
 def summarize(out_dir: str, items: list[dict], commit_log: CommitLog, this_run: dict) -> dict:
     """Account for every listed input and write `stats.json` (and `_SUCCESS` when complete)."""
     markers = commit_log.markers()
@@ -182,9 +176,9 @@ def summarize(out_dir: str, items: list[dict], commit_log: CommitLog, this_run: 
             values = table.column(m).to_numpy(zero_copy_only=False)
             finite = values[np.isfinite(values)]  # a perfect hole has infinite PSNR
             stats["means"][m] = float(finite.mean()) if finite.size else None
-    _write_text(out_dir, "stats.json", json.dumps(stats, indent=2))
+    write_text(f"{out_dir}/stats.json", json.dumps(stats, indent=2))
     if stats["missing"] == 0 and stats["duplicates"] == 0:
-        _write_text(out_dir, "_SUCCESS", "")
+        write_text(f"{out_dir}/_SUCCESS", "")
     return stats
 
 
@@ -197,7 +191,7 @@ def run(cfg: Config) -> dict:
     except SourceError as err:
         raise ConfigError(str(err)) from None
     check_fingerprint(out_dir, cfg)
-    _write_text(out_dir, "config.yaml", to_yaml(cfg))
+    write_text(f"{out_dir}/config.yaml", to_yaml(cfg))
     commit_log = CommitLog(out_dir)
     recovered = commit_log.recover()
     done = commit_log.committed_ids()
@@ -212,7 +206,7 @@ def run(cfg: Config) -> dict:
         ds = build_dataset(cfg, pending)
         ds.write_datasink(CommitSink(out_dir, cfg.generate.rows_per_file))
         pipeline_s = time.perf_counter() - t0
-        _write_text(out_dir, "ray_stats.txt", ds.stats())
+        write_text(f"{out_dir}/ray_stats.txt", ds.stats())
     this_run = {
         "processed": len(pending), "skipped_committed": len(items) - len(pending), **recovered,
         "pipeline_s": round(pipeline_s, 2), "wall_s": round(time.perf_counter() - started, 2),

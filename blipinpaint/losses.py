@@ -1,0 +1,38 @@
+"""The paper's fine-tuning loss, on the scorer's predictions in metric units.
+
+    L_BLIP = λ1·(1 − SSIM) − λ2·PSNR − λ3·CLIP,   λ1 = 0.5, λ2 = 0.2, λ3 = 4
+
+Lower is better: high predicted SSIM, PSNR and CLIP score all reduce it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class LossWeights:
+    ssim: float = 0.5  # λ1
+    psnr: float = 0.2  # λ2
+    clip: float = 4.0  # λ3
+
+
+def blip_loss(ssim: torch.Tensor, psnr: torch.Tensor, clip: torch.Tensor, weights: LossWeights) -> torch.Tensor:
+    """Mean over the batch of λ1·(1 − SSIM) − λ2·PSNR − λ3·CLIP."""
+    return (weights.ssim * (1 - ssim) - weights.psnr * psnr - weights.clip * clip).mean()
+
+
+def caption_kl(logits: torch.Tensor, reference_logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """KL(reference ‖ fine-tuned) of next-token distributions over the caption's tokens.
+
+    Keeps the fine-tuned decoder's language close to the original's, so captions stay
+    fluent while the scorer pulls them towards better inpaintings.
+    """
+    log_p = F.log_softmax(logits.float(), dim=-1)
+    log_q = F.log_softmax(reference_logits.float(), dim=-1)
+    per_token = (log_q.exp() * (log_q - log_p)).sum(dim=-1)
+    weights = tokens.to(per_token.dtype)
+    return (per_token * weights).sum() / weights.sum().clamp(min=1)

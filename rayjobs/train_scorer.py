@@ -1,0 +1,162 @@
+"""Train the scoring network: cached caption features -> SSIM, PSNR, CLIP score.
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . \\
+        -- python -m rayjobs.train_scorer --config configs/paper-coco.yaml
+
+    python -m rayjobs.train_scorer [--config CONFIG.yaml] [dotted.key=value ...]
+
+Reads `run_dir/generate/samples` (BLIP is not loaded: the generate job cached its
+features, so an epoch is a scan of a small table). Ray Train runs `train.num_workers`
+DeepSpeed ZeRO workers; targets are standardised with the training split's statistics.
+Outputs in `run_dir/scorer/`: the model (safetensors + config.json, with the
+standardisation), `metrics.jsonl`, `report.json` (MAE and R² per metric against a
+predict-the-mean baseline on the held-out split), `loss.png`, `scatter.png`, `config.yaml`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import numpy as np
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+
+from blipinpaint.config import Config, ConfigError, parse_args, to_yaml
+from blipinpaint.report import plot_curves, plot_scatter, read_jsonl, write_jsonl, write_text
+from blipinpaint.scorer import TARGETS, ScoreNet, ScoreNetConfig, regression_report
+from blipinpaint.sources import filesystem
+from rayjobs import training
+from rayjobs.common import connect
+
+log = logging.getLogger("blipinpaint.train_scorer")
+COLUMNS = ["id", "caption_features", *TARGETS]
+
+
+def _xy(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.as_tensor(np.stack(batch["caption_features"]), dtype=torch.float32, device=device)
+    y = torch.as_tensor(np.stack([batch[t] for t in TARGETS], axis=1), dtype=torch.float32, device=device)
+    return x, y
+
+
+def train_loop(config: dict) -> None:
+    import deepspeed  # imported on the worker: it picks the accelerator of that machine
+
+    cfg: Config = config["cfg"]
+    ctx = ray.train.get_context()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.seed)
+    model = ScoreNet(config["net"]).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.scorer.lr)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, dist_init_required=False,
+                                      config=training.deepspeed_config(cfg, cfg.scorer.batch_size))
+    state = training.restore(engine)
+    start = state["epoch"] + 1 if state else 0
+    log_uri = config["log_uri"]
+    if ctx.get_world_rank() == 0:  # a resumed run redoes the epochs after its checkpoint
+        write_jsonl(log_uri, [r for r in read_jsonl(log_uri) if r["epoch"] < start])
+
+    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    for epoch in range(start, cfg.scorer.epochs):
+        engine.train()
+        total = torch.zeros(2, dtype=torch.float64)  # sum of batch losses x rows, rows
+        for batch in train_shard.iter_batches(batch_size=cfg.scorer.batch_size, batch_format="numpy"):
+            x, y = _xy(batch, device)
+            loss = torch.nn.functional.mse_loss(engine(x), model.standardize(y))
+            engine.backward(loss)
+            engine.step()
+            total += torch.tensor([loss.item() * len(x), len(x)], dtype=torch.float64)
+            training.maybe_fail(cfg, engine.global_steps, resumed=state is not None)
+        engine.eval()
+        # Held-out: squared error of the model and of predicting 0 (the standardised train mean).
+        val = torch.zeros(3, dtype=torch.float64)
+        with torch.no_grad():
+            for batch in val_shard.iter_batches(batch_size=1024, batch_format="numpy"):
+                x, y = _xy(batch, device)
+                target = model.standardize(y)
+                val += torch.tensor([((engine(x) - target) ** 2).mean(1).sum().item(),
+                                     (target ** 2).mean(1).sum().item(), len(x)], dtype=torch.float64)
+        dist.all_reduce(total)
+        dist.all_reduce(val)
+        metrics = {"epoch": epoch, "step": engine.global_steps,
+                   "train_loss": (total[0] / total[1].clamp(min=1)).item(),
+                   "val_loss": (val[0] / val[2].clamp(min=1)).item(),
+                   "val_loss_mean_baseline": (val[1] / val[2].clamp(min=1)).item()}
+        if ctx.get_world_rank() == 0:
+            write_jsonl(log_uri, [*read_jsonl(log_uri), metrics])
+        training.save_and_report(engine, metrics, {"epoch": epoch})
+    if ctx.get_world_rank() == 0:
+        model.save_pretrained(config["model_dir"])
+
+
+def _stats(ds: ray.data.Dataset) -> tuple[list[float], list[float]]:
+    """Mean and spread of each target over the training split (streamed, not collected)."""
+    mean = ds.mean(list(TARGETS))
+    std = ds.std(list(TARGETS))
+    return [float(mean[f"mean({t})"]) for t in TARGETS], [max(float(std[f"std({t})"]), 1e-6) for t in TARGETS]
+
+
+def evaluate(model_dir: str, val: ray.data.Dataset, out_dir: str, limit: int = 20_000) -> dict:
+    """MAE and R² on the held-out split (up to `limit` rows), and the scatter plot."""
+    model = ScoreNet.from_pretrained(model_dir)
+    preds, trues = [], []
+    for batch in val.limit(limit).iter_batches(batch_size=4096, batch_format="numpy"):
+        x, y = _xy(batch, torch.device("cpu"))
+        with torch.no_grad():
+            preds.append(model.destandardize(model(x)))
+        trues.append(y)
+    if not preds:
+        return {}
+    pred, true = torch.cat(preds), torch.cat(trues)
+    report = regression_report(pred, true, model.mean)
+    plot_scatter(pred.numpy(), true.numpy(), TARGETS, f"{out_dir}/scatter.png")
+    return report
+
+
+def run(cfg: Config) -> dict:
+    out_dir = f"{cfg.run_dir.rstrip('/')}/scorer"
+    samples = f"{cfg.run_dir.rstrip('/')}/generate/samples"
+    fs, root = filesystem(samples)
+    if fs.get_file_info(root).type.name != "Directory":
+        raise ConfigError(f"no generated samples in {samples}: run rayjobs.generate first")
+    connect(cfg.ray_address)
+    ds = ray.data.read_parquet(samples, columns=COLUMNS)
+    train, val = training.split(ds, cfg)
+    mean, std = _stats(train)
+    in_features = len(ds.take(1)[0]["caption_features"])
+    net = ScoreNetConfig(in_features=in_features, hidden=tuple(cfg.scorer.hidden), mean=tuple(mean), std=tuple(std))
+    write_text(f"{out_dir}/config.yaml", to_yaml(cfg))
+    trainer = training.make_trainer(
+        train_loop, {"cfg": cfg, "net": net, "log_uri": f"{out_dir}/metrics.jsonl", "model_dir": f"{out_dir}/model"},
+        cfg, name="train_scorer", storage=f"{out_dir}/ray_train", datasets={"train": train, "val": val},
+    )
+    trainer.fit()
+    records = read_jsonl(f"{out_dir}/metrics.jsonl")
+    plot_curves(records, "epoch", {"train_loss": "train", "val_loss": "held-out",
+                                   "val_loss_mean_baseline": "held-out, predict the mean"},
+                "scorer loss (MSE, standardised targets)", f"{out_dir}/loss.png")
+    report = {"epochs": len(records), "final": records[-1] if records else {},
+              "heldout": evaluate(f"{out_dir}/model", val, out_dir)}
+    write_text(f"{out_dir}/report.json", json.dumps(report, indent=2))
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    cfg = parse_args(argv, description=__doc__.split("\n")[0])
+    try:
+        report = run(cfg)
+    except ConfigError as err:
+        print(f"train_scorer: {err}", file=sys.stderr)
+        return 2
+    for name, r in report["heldout"].items():
+        print(f"{name:<11} MAE {r['mae']:.4f} (mean baseline {r['mae_mean_baseline']:.4f})  "
+              f"R² {r['r2']:.3f} (baseline {r['r2_mean_baseline']:.3f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

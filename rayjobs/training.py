@@ -1,0 +1,81 @@
+"""Ray Train + DeepSpeed plumbing shared by the training jobs.
+
+Every rank saves its DeepSpeed checkpoint shard and reports it; a restarted worker group
+(after a failure, or a rerun of the same command after the driver died) resumes from the
+latest reported checkpoint, because the run's name and storage are fixed by `run_dir`.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import ray
+import ray.train
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from blipinpaint.config import Config
+from blipinpaint.seeds import heldout
+
+
+def deepspeed_config(cfg: Config, batch_size: int) -> dict:
+    zero = {"stage": cfg.train.zero_stage}
+    if cfg.train.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": batch_size,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": zero,
+        # A plain torch Adam: DeepSpeed's fused/CPU Adam would compile C++ on first use.
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": cfg.models.dtype == "bf16" and cfg.train.use_gpu},
+        "fp16": {"enabled": cfg.models.dtype == "fp16" and cfg.train.use_gpu},
+        "steps_per_print": 10**9,
+    }
+
+
+def make_trainer(loop, loop_config: dict, cfg: Config, name: str, storage: str, datasets: dict) -> TorchTrainer:
+    t = cfg.train
+    return TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                     resources_per_worker={"CPU": t.cpus_per_worker}),
+        run_config=RunConfig(name=name, storage_path=os.path.abspath(storage) if "://" not in storage else storage,
+                             failure_config=FailureConfig(max_failures=t.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        datasets=datasets,
+    )
+
+
+def split(ds: ray.data.Dataset, cfg: Config) -> tuple[ray.data.Dataset, ray.data.Dataset]:
+    """(train, held-out) by a hash of each id: the same split in every job and rerun."""
+    fraction, seed = cfg.train.val_fraction, cfg.seed
+    return (ds.filter(lambda row: not heldout(seed, row["id"], fraction)),
+            ds.filter(lambda row: heldout(seed, row["id"], fraction)))
+
+
+def restore(engine) -> dict | None:
+    """Load the latest reported checkpoint into `engine`; its client state, or None."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        _, client_state = engine.load_checkpoint(directory)
+    return client_state
+
+
+def save_and_report(engine, metrics: dict, client_state: dict) -> None:
+    """Every rank writes its checkpoint shard and reports it with the same metrics."""
+    with tempfile.TemporaryDirectory() as directory:
+        engine.save_checkpoint(directory, tag="checkpoint", client_state=client_state)
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory))
+
+
+def maybe_fail(cfg: Config, step: int, resumed: bool) -> None:
+    """Fault injection for tests: rank 0's process dies at the configured step, first attempt only."""
+    if (cfg.train.inject_failure_at_step == step and not resumed
+            and ray.train.get_context().get_world_rank() == 0):
+        os._exit(1)

@@ -1,0 +1,48 @@
+"""The scorer job on 2 CPU workers (gloo) with DeepSpeed ZeRO."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from blipinpaint.config import load_config
+from blipinpaint.scorer import ScoreNet
+from rayjobs import train_scorer
+
+
+def write_samples(run_dir, n=400, dim=16, seed=0):
+    """Caption features with a learnable, noisy relation to the three targets."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, dim)).astype(np.float32)
+    w = rng.normal(size=(dim, 3))
+    z = x @ w / np.sqrt(dim) + 0.3 * rng.normal(size=(n, 3))
+    out = run_dir / "generate" / "samples"
+    out.mkdir(parents=True)
+    pq.write_table(pa.table({
+        "id": [f"img{i:04d}" for i in range(n)], "caption_features": list(x),
+        "ssim": (1 / (1 + np.exp(-z[:, 0]))).astype(np.float32),
+        "psnr": (20 + 5 * z[:, 1]).astype(np.float32),
+        "clip_score": (10 + 3 * z[:, 2]).astype(np.float32),
+    }), out / "part-0.parquet")
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_scorer_learns_a_learnable_signal(local_ray, tmp_path, zero_stage):
+    write_samples(tmp_path)
+    cfg = load_config(overrides=[f"run_dir={tmp_path}", f"train.zero_stage={zero_stage}", "scorer.epochs=6",
+                                 "scorer.lr=1e-2", "scorer.batch_size=32", "scorer.hidden=[32]"])
+    report = train_scorer.run(cfg)
+    out = tmp_path / "scorer"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == list(range(6))
+    assert records[-1]["val_loss"] < 0.5 * records[-1]["val_loss_mean_baseline"]
+    assert records[-1]["train_loss"] < records[0]["train_loss"]
+    for name, r in report["heldout"].items():
+        assert r["mae"] < r["mae_mean_baseline"] and r["r2"] > 0.3, name
+    model = ScoreNet.from_pretrained(out / "model")
+    assert model.config.in_features == 16 and model.mean[1] == pytest.approx(20, abs=1.5)
+    for png in ("loss.png", "scatter.png"):
+        assert Image.open(out / png).size[0] > 100
