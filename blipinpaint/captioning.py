@@ -46,15 +46,16 @@ def caption_token_mask(model: BlipForConditionalGeneration, input_ids: torch.Ten
     return (input_ids != text_config.pad_token_id) & (input_ids != text_config.bos_token_id)
 
 
-def caption_features(
+def decode_caption(
     model: BlipForConditionalGeneration, image_embeds: torch.Tensor, input_ids: torch.Tensor,
     decoder: torch.nn.Module | None = None,
-) -> torch.Tensor:
-    """Teacher-force a caption through the text decoder; mean-pool its second-to-last layer.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-force a caption through the text decoder: (caption features, next-token logits).
 
-    Differentiable in the decoder's parameters: the fine-tuning phase backpropagates the
-    scorer's loss through exactly this function, passing the decoder as wrapped for
-    training (`decoder`, e.g. a DeepSpeed engine) instead of `model.text_decoder`.
+    The features mean-pool the second-to-last layer's hidden states over the caption's
+    tokens. Differentiable in the decoder's parameters: fine-tuning backpropagates the
+    scorer's loss through here, passing the decoder as wrapped for training (`decoder`,
+    e.g. a DeepSpeed engine) instead of `model.text_decoder`.
     """
     tokens = caption_token_mask(model, input_ids)
     out = (decoder or model.text_decoder)(
@@ -66,7 +67,15 @@ def caption_features(
     )
     hidden = out.hidden_states[FEATURE_LAYER]
     weights = tokens.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1), out.logits
+
+
+def caption_features(
+    model: BlipForConditionalGeneration, image_embeds: torch.Tensor, input_ids: torch.Tensor,
+    decoder: torch.nn.Module | None = None,
+) -> torch.Tensor:
+    """The scorer's input for a caption: see `decode_caption`."""
+    return decode_caption(model, image_embeds, input_ids, decoder)[0]
 
 
 def caption_ids(model: BlipForConditionalGeneration, tokenizer, captions: list[str]) -> torch.Tensor:

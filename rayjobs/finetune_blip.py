@@ -1,0 +1,179 @@
+"""Fine-tune BLIP's text decoder through the frozen scoring network.
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . \\
+        -- python -m rayjobs.finetune_blip --config configs/paper-coco.yaml
+
+    python -m rayjobs.finetune_blip [--config CONFIG.yaml] [dotted.key=value ...]
+
+For each training image (masked, as in generation) the caption BLIP gave it is
+teacher-forced through the text decoder; the second-to-last layer's states over its
+tokens feed the frozen scorer, and L_BLIP = λ1·(1 − SSIM) − λ2·PSNR − λ3·CLIP on the
+scorer's predictions (in metric units) is minimised. Only the text decoder trains; the
+vision encoder and the scorer stay bit-identical. Ray Train runs DeepSpeed ZeRO workers.
+
+Outputs: `run_dir/blip/` (a Hugging Face folder, safetensors, that
+`BlipForConditionalGeneration.from_pretrained` loads and that generate/evaluate accept as
+`models.captioner.name_or_path`) and `run_dir/finetune/` (`metrics.jsonl`, `loss.png`,
+`report.json`, `config.yaml`).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import sys
+
+import numpy as np
+import ray
+import ray.train
+import torch
+
+from blipinpaint.captioning import caption_ids, caption_token_mask, decode_caption, encode_images
+from blipinpaint.config import Config, ConfigError, parse_args, to_yaml
+from blipinpaint.io import decode_png
+from blipinpaint.losses import LossWeights, blip_loss, caption_kl
+from blipinpaint.masks import masked_pixels
+from blipinpaint.models import load_captioner
+from blipinpaint.report import plot_curves, read_jsonl, write_jsonl, write_text
+from blipinpaint.scorer import ScoreNet
+from blipinpaint.sources import filesystem
+from blipinpaint.stages import resolve_preset
+from rayjobs import training
+from rayjobs.common import connect
+
+log = logging.getLogger("blipinpaint.finetune_blip")
+COLUMNS = ["id", "caption", "image_png", "mask_png"]
+
+
+def checksum(module: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _pixels(batch: dict, image_processor, device, dtype) -> torch.Tensor:
+    images = np.stack([decode_png(b) for b in batch["image_png"]])
+    masks = np.stack([decode_png(b) > 127 for b in batch["mask_png"]])
+    visible = masked_pixels(images, masks)  # the captioner never sees the hole
+    return image_processor(images=list(visible), return_tensors="pt").pixel_values.to(device, dtype)
+
+
+def finetune_loop(config: dict) -> None:
+    import deepspeed
+
+    cfg: Config = config["cfg"]
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.seed)
+    bundle = load_captioner(config["captioner"], device)
+    model = bundle.model
+    model.requires_grad_(False)
+    model.text_decoder.requires_grad_(True)
+    scorer = ScoreNet.from_pretrained(config["scorer_dir"]).to(device).requires_grad_(False)
+    scorer_before = checksum(scorer)
+    reference = copy.deepcopy(model.text_decoder).requires_grad_(False) if cfg.finetune.kl_weight > 0 else None
+    weights = LossWeights(cfg.finetune.lambda_ssim, cfg.finetune.lambda_psnr, cfg.finetune.lambda_clip)
+    optimizer = torch.optim.Adam(model.text_decoder.parameters(), lr=cfg.finetune.lr)
+    engine, *_ = deepspeed.initialize(model=model.text_decoder, optimizer=optimizer, dist_init_required=False,
+                                      config=training.deepspeed_config(cfg, cfg.finetune.batch_size))
+    state = training.restore(engine)
+    start = state["epoch"] + 1 if state else 0
+    log_uri = config["log_uri"]
+    if rank == 0:
+        write_jsonl(log_uri, [r for r in read_jsonl(log_uri) if r["epoch"] < start])
+
+    shard = ray.train.get_dataset_shard("train")
+    for epoch in range(start, cfg.finetune.epochs):
+        engine.train()
+        records = []
+        for batch in shard.iter_batches(batch_size=cfg.finetune.batch_size, batch_format="numpy"):
+            pixels = _pixels(batch, bundle.image_processor, device, model.dtype)
+            with torch.no_grad():
+                embeds = encode_images(model, pixels)
+            ids = caption_ids(model, bundle.tokenizer, [str(c) for c in batch["caption"]]).to(device)
+            features, logits = decode_caption(model, embeds, ids, decoder=engine)
+            ssim, psnr, clip = scorer.destandardize(scorer(features.float())).unbind(dim=1)
+            loss = blip_loss(ssim, psnr, clip, weights)
+            record = {"epoch": epoch, "loss_blip": loss.item(), "pred_ssim": ssim.mean().item(),
+                      "pred_psnr": psnr.mean().item(), "pred_clip": clip.mean().item()}
+            if reference is not None:
+                with torch.no_grad():
+                    pad = model.config.text_config.pad_token_id
+                    ref_logits = reference(input_ids=ids, attention_mask=(ids != pad).long(),
+                                           encoder_hidden_states=embeds, return_dict=True).logits
+                kl = caption_kl(logits, ref_logits, caption_token_mask(model, ids))
+                loss = loss + cfg.finetune.kl_weight * kl
+                record["kl"] = kl.item()
+            engine.backward(loss)
+            engine.step()
+            records.append({**record, "step": engine.global_steps, "loss": loss.item()})
+            training.maybe_fail(cfg, engine.global_steps, resumed=state is not None)
+        if rank == 0:
+            write_jsonl(log_uri, [*read_jsonl(log_uri), *records])
+        mean_loss = float(np.mean([r["loss"] for r in records])) if records else float("nan")
+        training.save_and_report(engine, {"epoch": epoch, "step": engine.global_steps, "loss": mean_loss},
+                                 {"epoch": epoch})
+
+    # Full decoder weights (ZeRO-3 partitions them across ranks), saved by rank 0.
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+        decoder_state = {k: v.detach().cpu().clone() for k, v in engine.module.state_dict().items()}
+    if rank == 0:
+        original = load_captioner(config["captioner"], torch.device("cpu"))
+        original.model.text_decoder.load_state_dict(decoder_state)
+        original.model.save_pretrained(config["blip_dir"])
+        original.tokenizer.save_pretrained(config["blip_dir"])
+        original.image_processor.save_pretrained(config["blip_dir"])
+        write_text(config["check_uri"], json.dumps({"scorer_before": scorer_before, "scorer_after": checksum(scorer),
+                                                    "steps": engine.global_steps}))
+
+
+def run(cfg: Config) -> dict:
+    root = cfg.run_dir.rstrip("/")
+    out_dir, scorer_dir, samples = f"{root}/finetune", f"{root}/scorer/model", f"{root}/generate/samples"
+    fs, _ = filesystem(root)
+    for path, step in ((samples, "rayjobs.generate"), (scorer_dir, "rayjobs.train_scorer")):
+        if fs.get_file_info(filesystem(path)[1]).type.name != "Directory":
+            raise ConfigError(f"{path} is missing: run {step} first")
+    connect(cfg.ray_address)
+    train, _ = training.split(ray.data.read_parquet(samples, columns=COLUMNS), cfg)
+    write_text(f"{out_dir}/config.yaml", to_yaml(cfg))
+    trainer = training.make_trainer(
+        finetune_loop,
+        {"cfg": cfg, "captioner": resolve_preset(cfg).captioner, "scorer_dir": scorer_dir,
+         "log_uri": f"{out_dir}/metrics.jsonl", "blip_dir": f"{root}/blip", "check_uri": f"{out_dir}/check.json"},
+        cfg, name="finetune_blip", storage=f"{out_dir}/ray_train", datasets={"train": train},
+    )
+    trainer.fit()
+    records = read_jsonl(f"{out_dir}/metrics.jsonl")
+    series = {"loss": "L_BLIP (+ KL)" if cfg.finetune.kl_weight > 0 else "L_BLIP"}
+    plot_curves(records, "step", series, "BLIP fine-tuning loss (per step, rank 0)", f"{out_dir}/loss.png")
+    check_fs, check_path = filesystem(f"{out_dir}/check.json")
+    with check_fs.open_input_stream(check_path) as f:
+        check = json.loads(f.read())
+    report = {"steps": check["steps"], "scorer_unchanged": check["scorer_before"] == check["scorer_after"],
+              "first_loss": records[0]["loss"] if records else None,
+              "last_loss": records[-1]["loss"] if records else None, "blip_dir": f"{root}/blip"}
+    write_text(f"{out_dir}/report.json", json.dumps(report, indent=2))
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    cfg = parse_args(argv, description=__doc__.split("\n")[0])
+    try:
+        report = run(cfg)
+    except ConfigError as err:
+        print(f"finetune_blip: {err}", file=sys.stderr)
+        return 2
+    print(f"fine-tuned BLIP in {report['blip_dir']} after {report['steps']} steps "
+          f"(loss {report['first_loss']:.4f} -> {report['last_loss']:.4f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""BLIP fine-tuning through the frozen scorer, on the tiny models with 2 CPU workers."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import BlipForConditionalGeneration
+
+from blipinpaint import stages
+from blipinpaint.config import load_config
+from blipinpaint.models import ModelRef
+from rayjobs import finetune_blip, generate, train_scorer
+
+BASE = ["scorer.epochs=2", "scorer.hidden=[16]", "finetune.batch_size=2", "finetune.lr=1e-3"]
+
+
+@pytest.fixture(scope="module")
+def scored_run(local_ray, tmp_path_factory):
+    """Generated samples of the shipped photographs and a scorer trained on them."""
+    run_dir = tmp_path_factory.mktemp("ft")
+    cfg = load_config(overrides=[f"run_dir={run_dir}", *BASE])
+    generate.run(cfg)
+    train_scorer.run(cfg)
+    return run_dir
+
+
+def _finetune(run_dir, *extra):
+    cfg = load_config(overrides=[f"run_dir={run_dir}", *BASE, *extra])
+    return cfg, finetune_blip.run(cfg)
+
+
+def test_only_the_text_decoder_changes(scored_run):
+    cfg, report = _finetune(scored_run, "finetune.epochs=2")
+    original = load_file(f"{stages.resolve_preset(cfg).captioner.name_or_path}/model.safetensors")
+    tuned = load_file(scored_run / "blip" / "model.safetensors")
+    assert original.keys() == tuned.keys()
+    changed = {k for k in original if not torch.equal(original[k], tuned[k])}
+    assert changed and all(k.startswith("text_decoder.") for k in changed)
+    assert all(torch.equal(original[k], tuned[k]) for k in original if k.startswith("vision_model."))
+    assert report["scorer_unchanged"] and report["steps"] >= 2
+    records = [json.loads(line) for line in (scored_run / "finetune" / "metrics.jsonl").read_text().splitlines()]
+    assert {r["epoch"] for r in records} == {0, 1} and all("loss_blip" in r for r in records)
+    assert (scored_run / "finetune" / "loss.png").stat().st_size > 1000
+
+
+def test_the_fine_tuned_folder_reloads_and_captions(scored_run, sample_batch):
+    folder = scored_run / "blip"
+    if not (folder / "model.safetensors").exists():
+        _finetune(scored_run, "finetune.epochs=1")
+    BlipForConditionalGeneration.from_pretrained(folder, use_safetensors=True)
+    cfg = load_config(overrides=[f"models.captioner.name_or_path={folder}"])
+    assert stages.resolve_preset(cfg).captioner == ModelRef(str(folder))
+    out = stages.build_captioner(cfg)(sample_batch)
+    assert all(isinstance(c, str) and c for c in out["caption"])
+
+
+def test_zero3_and_a_kl_term_run(scored_run, tmp_path):
+    # A copy of the run folder, so this run writes its own blip/ and finetune/.
+    import shutil
+    run_dir = tmp_path / "run"
+    shutil.copytree(scored_run / "generate", run_dir / "generate")
+    shutil.copytree(scored_run / "scorer" / "model", run_dir / "scorer" / "model")
+    _, report = _finetune(run_dir, "train.zero_stage=3", "finetune.epochs=1", "finetune.kl_weight=0.1")
+    assert report["scorer_unchanged"] and (run_dir / "blip" / "model.safetensors").exists()
+    records = [json.loads(line) for line in (run_dir / "finetune" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["kl"] >= 0 for r in records)
