@@ -81,7 +81,7 @@ def train_loop(config: dict) -> None:
                                      (target ** 2).mean(1).sum().item(), len(x)], dtype=torch.float64)
         dist.all_reduce(total)
         dist.all_reduce(val)
-        metrics = {"epoch": epoch, "step": engine.global_steps,
+        metrics = {"epoch": epoch, "step": engine.global_steps, "resumed_at_epoch": start if state else None,
                    "train_loss": (total[0] / total[1].clamp(min=1)).item(),
                    "val_loss": (val[0] / val[2].clamp(min=1)).item(),
                    "val_loss_mean_baseline": (val[1] / val[2].clamp(min=1)).item()}

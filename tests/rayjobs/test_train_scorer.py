@@ -46,3 +46,18 @@ def test_scorer_learns_a_learnable_signal(local_ray, tmp_path, zero_stage):
     assert model.config.in_features == 16 and model.mean[1] == pytest.approx(20, abs=1.5)
     for png in ("loss.png", "scatter.png"):
         assert Image.open(out / png).size[0] > 100
+
+
+def test_a_killed_worker_resumes_from_its_checkpoint(local_ray, tmp_path):
+    """Rank 0's process dies in epoch 1; the run resumes from epoch 0's checkpoint and ends
+    with the optimizer steps of an uninterrupted run (a restart from scratch would die again)."""
+    write_samples(tmp_path)
+    cfg = load_config(overrides=[f"run_dir={tmp_path}", "scorer.epochs=3", "scorer.batch_size=32",
+                                 "scorer.hidden=[16]", "train.inject_failure_at_step=8"])
+    train_scorer.run(cfg)
+    records = [json.loads(line) for line in (tmp_path / "scorer" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1, 2]  # the redone epoch is logged once
+    assert [r["resumed_at_epoch"] for r in records] == [None, 1, 1]  # the restarted workers loaded epoch 0
+    steps_per_epoch = records[0]["step"]
+    assert steps_per_epoch < 8 <= 2 * steps_per_epoch  # ~320 training rows / 2 workers / batch 32: dies in epoch 1
+    assert records[-1]["step"] == 3 * steps_per_epoch
