@@ -170,9 +170,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"finetune_blip: {err}", file=sys.stderr)
         return 2
-    print(f"fine-tuned BLIP in {report['blip_dir']} after {report['steps']} steps "
-          f"(loss {report['first_loss']:.4f} -> {report['last_loss']:.4f})")
+    print_report(report)
     return 0
+
+
+def print_report(report: dict) -> None:
+    losses = (f" (loss {report['first_loss']:.4f} -> {report['last_loss']:.4f})"
+              if report["first_loss"] is not None else "")
+    print(f"\nfine-tuned BLIP in {report['blip_dir']} after {report['steps']} steps{losses}")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,11 @@
     python -m rayjobs.pipeline [--config CONFIG.yaml] [dotted.key=value ...]
 
 With no `--config` the embedded default runs: the `tiny` preset on the sample images that
-ship with blipinpaint, on a local Ray bound to 127.0.0.1. Steps so far:
-1. `rayjobs.generate`: captions, inpaintings and metrics as Parquet (`run_dir/generate/`).
+ship with blipinpaint, on a local Ray bound to 127.0.0.1. Steps:
+1. `rayjobs.generate`: captions, inpaintings and metrics as Parquet (`run_dir/generate/`);
+   a rerun only does the inputs not yet committed.
+2. `rayjobs.train_scorer`: the scoring network (`run_dir/scorer/`); skipped when trained.
+3. `rayjobs.finetune_blip`: BLIP fine-tuned through it (`run_dir/blip/`); skipped when done.
 """
 
 from __future__ import annotations
@@ -15,19 +18,40 @@ from __future__ import annotations
 import logging
 import sys
 
-from blipinpaint.config import ConfigError, parse_args
-from rayjobs import generate
+from blipinpaint.config import Config, ConfigError, parse_args
+from blipinpaint.sources import filesystem
+from rayjobs import finetune_blip, generate, train_scorer
+
+log = logging.getLogger("blipinpaint.pipeline")
+
+
+def _exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.get_file_info(path).type.name == "File"
+
+
+def run(cfg: Config) -> None:
+    root = cfg.run_dir.rstrip("/")
+    stats = generate.run(cfg)
+    generate.print_summary(stats, f"{root}/generate")
+    if _exists(f"{root}/scorer/model/model.safetensors"):
+        log.info("scorer already trained in %s/scorer: skipped", root)
+    else:
+        train_scorer.print_report(train_scorer.run(cfg))
+    if _exists(f"{root}/blip/model.safetensors"):
+        log.info("BLIP already fine-tuned in %s/blip: skipped", root)
+    else:
+        finetune_blip.print_report(finetune_blip.run(cfg))
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = parse_args(argv, description=__doc__.split("\n")[0])
     try:
-        stats = generate.run(cfg)
+        run(cfg)
     except ConfigError as err:
         print(f"pipeline: {err}", file=sys.stderr)
         return 2
-    generate.print_summary(stats, f"{cfg.run_dir}/generate")
     return 0
 
 

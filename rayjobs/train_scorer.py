@@ -83,8 +83,9 @@ def train_loop(config: dict) -> None:
         dist.all_reduce(val)
         metrics = {"epoch": epoch, "step": engine.global_steps, "resumed_at_epoch": start if state else None,
                    "train_loss": (total[0] / total[1].clamp(min=1)).item(),
-                   "val_loss": (val[0] / val[2].clamp(min=1)).item(),
-                   "val_loss_mean_baseline": (val[1] / val[2].clamp(min=1)).item()}
+                   # None without held-out rows (a handful of inputs may hash none there)
+                   "val_loss": (val[0] / val[2]).item() if val[2] else None,
+                   "val_loss_mean_baseline": (val[1] / val[2]).item() if val[2] else None}
         if ctx.get_world_rank() == 0:
             write_jsonl(log_uri, [*read_jsonl(log_uri), metrics])
         training.save_and_report(engine, metrics, {"epoch": epoch})
@@ -152,10 +153,21 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"train_scorer: {err}", file=sys.stderr)
         return 2
-    for name, r in report["heldout"].items():
-        print(f"{name:<11} MAE {r['mae']:.4f} (mean baseline {r['mae_mean_baseline']:.4f})  "
-              f"R² {r['r2']:.3f} (baseline {r['r2_mean_baseline']:.3f})")
+    print_report(report)
     return 0
+
+
+def print_report(report: dict) -> None:
+    final = report["final"]
+    if final.get("val_loss") is None:
+        print(f"\nscorer: {report['epochs']} epochs, train loss {final.get('train_loss', float('nan')):.4f}; "
+              "no held-out rows (too few inputs)")
+    else:
+        print(f"\nscorer: {report['epochs']} epochs, held-out loss {final['val_loss']:.4f} "
+              f"(predict-the-mean {final['val_loss_mean_baseline']:.4f})")
+    for name, r in report["heldout"].items():
+        print(f"  {name:<11} MAE {r['mae']:.4f} (mean baseline {r['mae_mean_baseline']:.4f})  "
+              f"R² {r['r2']:.3f} (baseline {r['r2_mean_baseline']:.3f})")
 
 
 if __name__ == "__main__":
