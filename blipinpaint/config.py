@@ -168,8 +168,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         key = f"{err.full_key}: " if getattr(err, "full_key", None) else ""
         first_line = str(getattr(err, "msg", err)).splitlines()[0]
         raise ConfigError(f"invalid config{where}: {key}{first_line}") from None
+    _absolute_paths(cfg)
     validate(cfg)
     return cfg
+
+
+def _absolute_paths(cfg: Config) -> None:
+    """Local paths made absolute: Ray workers run in other working directories."""
+
+    def absolute(path: str | None) -> str | None:
+        return path if not path or "://" in path else str(Path(path).expanduser().absolute())
+
+    cfg.run_dir = absolute(cfg.run_dir)
+    cfg.data.source = absolute(cfg.data.source)
+    cfg.data.image_root = absolute(cfg.data.image_root)
+    for ref in (cfg.models.captioner, cfg.models.inpainter, cfg.models.clip):
+        if ref.name_or_path and Path(ref.name_or_path).expanduser().exists():
+            ref.name_or_path = absolute(ref.name_or_path)
 
 
 def validate(cfg: Config) -> None:

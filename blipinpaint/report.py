@@ -45,15 +45,18 @@ def _save(fig, uri: str) -> None:
 def plot_curves(records: list[dict], x: str, series: dict[str, str], title: str, uri: str) -> None:
     """One line per `series` key (column -> label) against `x`."""
     fig, ax = plt.subplots(figsize=(6, 4))
+    plotted = False
     for column, label in series.items():
         points = [(r[x], r[column]) for r in records if r.get(column) is not None]
         if points:
             xs, ys = zip(*points)
             ax.plot(xs, ys, marker="o" if len(points) < 30 else None, label=label)
+            plotted = True
     ax.set_xlabel(x)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if plotted:
+        ax.legend()
     _save(fig, uri)
 
 

@@ -67,3 +67,13 @@ def test_command_line_exits_with_the_message(capsys):
         parse_args(["models.dtype=fp16"])
     assert exit_.value.code == 2
     assert "fp16 needs models.device=cuda" in capsys.readouterr().err
+
+
+def test_local_paths_become_absolute(tmp_path, monkeypatch):
+    """Ray workers run elsewhere: a relative run_dir must mean the same folder for them."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "imgs").mkdir()
+    cfg = load_config(overrides=["run_dir=runs/x", "data.source=imgs", "models.captioner.name_or_path=imgs"])
+    assert cfg.run_dir == str(tmp_path / "runs" / "x") and cfg.data.source == str(tmp_path / "imgs")
+    assert cfg.models.captioner.name_or_path == str(tmp_path / "imgs")
+    assert load_config(overrides=["run_dir=s3://bucket/run"]).run_dir == "s3://bucket/run"

@@ -6,9 +6,13 @@ from transformers import BlipForConditionalGeneration
 from rayjobs import pipeline
 
 
-def test_main_job_runs_every_step_and_reuses_them(local_ray, tmp_path, capsys):
-    """The README's main command (fewer epochs): generate -> train_scorer -> finetune_blip."""
-    args = [f"run_dir={tmp_path}", "scorer.epochs=2", "finetune.epochs=1"]
+def test_main_job_runs_every_step_and_reuses_them(local_ray, tmp_path, capsys, monkeypatch):
+    """The README's main command (fewer epochs): generate -> train_scorer -> finetune_blip.
+
+    With a relative run_dir, as the default is: workers must write where the driver reads."""
+    monkeypatch.chdir(tmp_path)
+    args = ["run_dir=run", "scorer.epochs=2", "finetune.epochs=1"]
+    tmp_path = tmp_path / "run"
     assert pipeline.main(args) == 0
     stats = json.loads((tmp_path / "generate" / "stats.json").read_text())
     assert (stats["inputs"], stats["ok"], stats["errors"]) == (6, 6, 0)
