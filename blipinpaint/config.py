@@ -113,6 +113,7 @@ class TrainConfig:
     max_failures: int = 2  # worker failures survived per run, each resuming from its last checkpoint
     val_fraction: float = 0.2  # held-out split, chosen by a hash of (seed, id)
     inject_failure_at_step: int | None = None  # fault-injection tests: a worker dies at this step, once
+    tensorboard: bool = False  # also write metrics as TensorBoard events (`<job>/tensorboard/`)
 
 
 @dataclass

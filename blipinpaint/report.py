@@ -71,3 +71,16 @@ def plot_scatter(pred: np.ndarray, true: np.ndarray, names: tuple[str, ...], uri
         ax.set_ylabel(f"predicted {name}")
     fig.suptitle("scorer on the held-out split")
     _save(fig, uri)
+
+
+def write_tensorboard(records: list[dict], x: str, logdir: str) -> None:
+    """The numeric fields of `records` as TensorBoard scalars (tensorboardX, which Ray Train ships)."""
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError as err:
+        raise RuntimeError("train.tensorboard=true needs tensorboardX: pip install tensorboardX") from err
+    with SummaryWriter(logdir) as writer:
+        for r in records:
+            for key, value in r.items():
+                if key != x and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    writer.add_scalar(key, value, global_step=int(r[x]))

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+from collections.abc import Callable
 
 import ray
 from ray._private import ray_constants
 from ray.data import ActorPoolStrategy
 
-from blipinpaint.config import StageConfig
+from blipinpaint.config import Config, ConfigError, StageConfig, parse_args
 
 log = logging.getLogger(__name__)
 
@@ -51,3 +53,17 @@ def actor_resources(stage: StageConfig) -> dict:
     """`map_batches` arguments for an actor-pool stage (declared, never probed from CUDA)."""
     return dict(compute=pool(stage), batch_size=stage.batch_size, num_cpus=stage.num_cpus,
                 num_gpus=stage.num_gpus or None)
+
+
+def job_main(name: str, doc: str, run: Callable[[Config], object], report: Callable[[object], None],
+             argv: list[str] | None = None) -> int:
+    """A job's command line: parse the config, run, print the report; a bad config exits 2."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    cfg = parse_args(argv, description=doc.split("\n")[0])
+    try:
+        result = run(cfg)
+    except ConfigError as err:
+        print(f"{name}: {err}", file=sys.stderr)
+        return 2
+    report(result)
+    return 0

@@ -31,17 +31,17 @@ import ray.train
 import torch
 
 from blipinpaint.captioning import caption_ids, caption_token_mask, decode_caption, encode_images
-from blipinpaint.config import Config, ConfigError, parse_args, to_yaml
+from blipinpaint.config import Config, ConfigError, to_yaml
 from blipinpaint.io import decode_png
 from blipinpaint.losses import LossWeights, blip_loss, caption_kl
 from blipinpaint.masks import masked_pixels
 from blipinpaint.models import load_captioner
-from blipinpaint.report import plot_curves, read_jsonl, write_jsonl, write_text
+from blipinpaint.report import plot_curves, read_jsonl, write_jsonl, write_tensorboard, write_text
 from blipinpaint.scorer import ScoreNet
 from blipinpaint.sources import filesystem
 from blipinpaint.stages import resolve_preset
 from rayjobs import training
-from rayjobs.common import connect
+from rayjobs.common import connect, job_main
 
 log = logging.getLogger("blipinpaint.finetune_blip")
 COLUMNS = ["id", "caption", "image_png", "mask_png"]
@@ -152,6 +152,8 @@ def run(cfg: Config) -> dict:
     records = read_jsonl(f"{out_dir}/metrics.jsonl")
     series = {"loss": "L_BLIP (+ KL)" if cfg.finetune.kl_weight > 0 else "L_BLIP"}
     plot_curves(records, "step", series, "BLIP fine-tuning loss (per step, rank 0)", f"{out_dir}/loss.png")
+    if cfg.train.tensorboard:
+        write_tensorboard(records, "step", f"{out_dir}/tensorboard")
     check_fs, check_path = filesystem(f"{out_dir}/check.json")
     with check_fs.open_input_stream(check_path) as f:
         check = json.loads(f.read())
@@ -163,15 +165,7 @@ def run(cfg: Config) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    cfg = parse_args(argv, description=__doc__.split("\n")[0])
-    try:
-        report = run(cfg)
-    except ConfigError as err:
-        print(f"finetune_blip: {err}", file=sys.stderr)
-        return 2
-    print_report(report)
-    return 0
+    return job_main("finetune_blip", __doc__, run, print_report, argv)
 
 
 def print_report(report: dict) -> None:

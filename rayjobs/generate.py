@@ -40,12 +40,12 @@ from ray.data.block import BlockAccessor
 
 from blipinpaint import stages
 from blipinpaint.batches import Guarded, split_errors
-from blipinpaint.config import Config, ConfigError, parse_args, sample_images_dir, to_yaml
+from blipinpaint.config import Config, ConfigError, sample_images_dir, to_yaml
 from blipinpaint.records import METRIC_COLUMNS, encode_rows
 from blipinpaint.report import write_text
 from blipinpaint.sources import SourceError, filesystem, list_inputs, read_files
 from blipinpaint.writer import CommitLog
-from rayjobs.common import actor_resources, connect
+from rayjobs.common import actor_resources, connect, job_main
 
 log = logging.getLogger("blipinpaint.generate")
 
@@ -159,7 +159,7 @@ def summarize(out_dir: str, items: list[dict], commit_log: CommitLog, this_run: 
     for m in markers:
         seconds.update(m["seconds"])
     stats = {
-        "inputs": len(listed), "ok": len(sample_ids), "errors": sum(reasons.values()),
+        "out_dir": out_dir, "inputs": len(listed), "ok": len(sample_ids), "errors": sum(reasons.values()),
         "errors_by_reason": dict(sorted(reasons.items())),
         "missing": len(listed - set(seen)), "duplicates": sum(c - 1 for c in seen.values() if c > 1),
         "this_run": this_run,
@@ -219,7 +219,7 @@ def run(cfg: Config) -> dict:
     return stats
 
 
-def print_summary(stats: dict, out_dir: str) -> None:
+def print_summary(stats: dict) -> None:
     run_ = stats["this_run"]
     reasons = f" {stats['errors_by_reason']}" if stats["errors_by_reason"] else ""
     print(f"\n{stats['inputs']} inputs: {stats['ok']} samples, {stats['errors']} errors{reasons}; "
@@ -229,19 +229,11 @@ def print_summary(stats: dict, out_dir: str) -> None:
         print(f"{'metric':<12}{'guided':>10}{'baseline':>10}")
         for m in ("ssim", "psnr", "ssim_hole", "psnr_hole", "clip_score"):
             print(f"{m:<12}{stats['means'][m]:>10.3f}{stats['means'][m + '_baseline']:>10.3f}")
-    print(f"outputs in {out_dir}")
+    print(f"outputs in {stats['out_dir']}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    cfg = parse_args(argv, description=__doc__.split("\n")[0])
-    try:
-        stats = run(cfg)
-    except ConfigError as err:
-        print(f"generate: {err}", file=sys.stderr)
-        return 2
-    print_summary(stats, f"{cfg.run_dir}/generate")
-    return 0
+    return job_main("generate", __doc__, run, print_summary, argv)
 
 
 if __name__ == "__main__":

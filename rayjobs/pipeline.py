@@ -18,9 +18,10 @@ from __future__ import annotations
 import logging
 import sys
 
-from blipinpaint.config import Config, ConfigError, parse_args
+from blipinpaint.config import Config
 from blipinpaint.sources import filesystem
 from rayjobs import finetune_blip, generate, train_scorer
+from rayjobs.common import job_main
 
 log = logging.getLogger("blipinpaint.pipeline")
 
@@ -33,7 +34,7 @@ def _exists(uri: str) -> bool:
 def run(cfg: Config) -> None:
     root = cfg.run_dir.rstrip("/")
     stats = generate.run(cfg)
-    generate.print_summary(stats, f"{root}/generate")
+    generate.print_summary(stats)
     if _exists(f"{root}/scorer/model/model.safetensors"):
         log.info("scorer already trained in %s/scorer: skipped", root)
     else:
@@ -45,14 +46,7 @@ def run(cfg: Config) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    cfg = parse_args(argv, description=__doc__.split("\n")[0])
-    try:
-        run(cfg)
-    except ConfigError as err:
-        print(f"pipeline: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return job_main("pipeline", __doc__, run, lambda _: None, argv)
 
 
 if __name__ == "__main__":

@@ -25,12 +25,12 @@ import ray.train
 import torch
 import torch.distributed as dist
 
-from blipinpaint.config import Config, ConfigError, parse_args, to_yaml
-from blipinpaint.report import plot_curves, plot_scatter, read_jsonl, write_jsonl, write_text
+from blipinpaint.config import Config, ConfigError, to_yaml
+from blipinpaint.report import plot_curves, plot_scatter, read_jsonl, write_jsonl, write_tensorboard, write_text
 from blipinpaint.scorer import TARGETS, ScoreNet, ScoreNetConfig, regression_report
 from blipinpaint.sources import filesystem
 from rayjobs import training
-from rayjobs.common import connect
+from rayjobs.common import connect, job_main
 
 log = logging.getLogger("blipinpaint.train_scorer")
 COLUMNS = ["id", "caption_features", *TARGETS]
@@ -139,6 +139,8 @@ def run(cfg: Config) -> dict:
     plot_curves(records, "epoch", {"train_loss": "train", "val_loss": "held-out",
                                    "val_loss_mean_baseline": "held-out, predict the mean"},
                 "scorer loss (MSE, standardised targets)", f"{out_dir}/loss.png")
+    if cfg.train.tensorboard:
+        write_tensorboard(records, "epoch", f"{out_dir}/tensorboard")
     report = {"epochs": len(records), "final": records[-1] if records else {},
               "heldout": evaluate(f"{out_dir}/model", val, out_dir)}
     write_text(f"{out_dir}/report.json", json.dumps(report, indent=2))
@@ -146,15 +148,7 @@ def run(cfg: Config) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    cfg = parse_args(argv, description=__doc__.split("\n")[0])
-    try:
-        report = run(cfg)
-    except ConfigError as err:
-        print(f"train_scorer: {err}", file=sys.stderr)
-        return 2
-    print_report(report)
-    return 0
+    return job_main("train_scorer", __doc__, run, print_report, argv)
 
 
 def print_report(report: dict) -> None:

@@ -1,6 +1,11 @@
 """The scorer job on 2 CPU workers (gloo) with DeepSpeed ZeRO."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -33,6 +38,7 @@ def write_samples(run_dir, n=400, dim=16, seed=0):
 def test_scorer_learns_a_learnable_signal(local_ray, tmp_path, zero_stage):
     write_samples(tmp_path)
     cfg = load_config(overrides=[f"run_dir={tmp_path}", f"train.zero_stage={zero_stage}", "scorer.epochs=6",
+                                 "train.tensorboard=true",
                                  "scorer.lr=1e-2", "scorer.batch_size=32", "scorer.hidden=[32]"])
     report = train_scorer.run(cfg)
     out = tmp_path / "scorer"
@@ -46,6 +52,7 @@ def test_scorer_learns_a_learnable_signal(local_ray, tmp_path, zero_stage):
     assert model.config.in_features == 16 and model.mean[1] == pytest.approx(20, abs=1.5)
     for png in ("loss.png", "scatter.png"):
         assert Image.open(out / png).size[0] > 100
+    assert list((out / "tensorboard").glob("events.out.tfevents*"))
 
 
 def test_a_killed_worker_resumes_from_its_checkpoint(local_ray, tmp_path):
@@ -61,3 +68,27 @@ def test_a_killed_worker_resumes_from_its_checkpoint(local_ray, tmp_path):
     steps_per_epoch = records[0]["step"]
     assert steps_per_epoch < 8 <= 2 * steps_per_epoch  # ~320 training rows / 2 workers / batch 32: dies in epoch 1
     assert records[-1]["step"] == 3 * steps_per_epoch
+
+
+def test_rerun_after_the_driver_died_continues(local_ray, tmp_path):
+    """Kill the job's driver mid-training; the same command continues from the last checkpoint."""
+    write_samples(tmp_path)
+    args = [f"run_dir={tmp_path}", "scorer.epochs=6", "scorer.batch_size=32", "scorer.hidden=[16]"]
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "rayjobs.train_scorer", *args,
+         f"ray_address={local_ray.get_runtime_context().gcs_address}"],
+        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    log = tmp_path / "scorer" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 2):
+        assert driver.poll() is None, "training ended before it could be killed"
+        time.sleep(0.2)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    done = len(log.read_text().splitlines())
+    assert 2 <= done < 6
+
+    train_scorer.run(load_config(overrides=args))
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["epoch"] for r in records] == list(range(6))
+    assert records[-1]["resumed_at_epoch"] is not None and records[-1]["resumed_at_epoch"] >= 1

@@ -1,0 +1,67 @@
+"""cluster.yaml: valid for Ray's launcher (offline), pinned, and closed by default."""
+
+import re
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    return yaml.safe_load((ROOT / "cluster.yaml").read_text())
+
+
+def test_ray_accepts_the_config(cluster):
+    validate_config(prepare_config(cluster))
+
+
+def _start_commands(cluster):
+    return cluster["head_start_ray_commands"] + cluster["worker_start_ray_commands"]
+
+
+def test_token_auth_on_every_node_and_dashboard_on_localhost(cluster):
+    starts = [c for c in _start_commands(cluster) if "ray start" in c]
+    assert len(starts) == 2 and all("RAY_AUTH_MODE=token" in c for c in starts)
+    head = next(c for c in starts if "--head" in c)
+    assert "--dashboard-host=127.0.0.1" in head and "--num-cpus=0" in head
+    assert "0.0.0.0" not in yaml.safe_dump(cluster)
+    assert cluster["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}
+
+
+def test_only_ssh_is_open_and_only_to_one_address(cluster):
+    rules = cluster["provider"]["security_group"]["IpPermissions"]
+    assert [(r["FromPort"], r["ToPort"]) for r in rules] == [(22, 22)]
+    assert all(ip["CidrIp"].endswith("/32") for r in rules for ip in r["IpRanges"])
+
+
+def test_installs_are_pinned_and_ray_is_the_tested_release(cluster):
+    install = " ".join(c for c in cluster["setup_commands"] if "pip install" in c)
+    packages = re.findall(r'"([A-Za-z0-9_.\-\[\],]+)(==|>=|~=|<)?([^"]*)"', install)
+    assert packages and all(op == "==" for _, op, _ in packages), packages
+    assert f"ray[data,train,default]=={ray.__version__}" in install
+
+
+def test_workers_scale_from_zero(cluster):
+    for name, node in cluster["available_node_types"].items():
+        assert node["min_workers"] == 0, name
+    assert cluster["idle_timeout_minutes"] > 0
+    inference = cluster["available_node_types"]["gpu_inference"]["node_config"]
+    assert inference["InstanceMarketOptions"]["MarketType"] == "spot"
+
+
+def test_no_token_is_committed():
+    tracked = [p for p in ROOT.rglob("auth_token*") if ".venv" not in p.parts]
+    assert not tracked
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load_and_validate(path):
+    from blipinpaint.config import load_config
+
+    cfg = load_config(path)
+    assert cfg.run_dir.startswith("s3://") and cfg.models.preset == "paper" and cfg.models.dtype == "fp16"
