@@ -79,8 +79,13 @@ def finetune_loop(config: dict) -> None:
     reference = copy.deepcopy(model.text_decoder).requires_grad_(False) if cfg.finetune.kl_weight > 0 else None
     weights = LossWeights(cfg.finetune.lambda_ssim, cfg.finetune.lambda_psnr, cfg.finetune.lambda_clip)
     optimizer = torch.optim.Adam(model.text_decoder.parameters(), lr=cfg.finetune.lr)
+    ds_config = training.deepspeed_config(cfg, cfg.finetune.batch_size)
     engine, *_ = deepspeed.initialize(model=model.text_decoder, optimizer=optimizer, dist_init_required=False,
-                                      config=training.deepspeed_config(cfg, cfg.finetune.batch_size))
+                                      config=ds_config)
+    # DeepSpeed casts the decoder for half-precision training; the frozen encoder follows it.
+    half = torch.float16 if ds_config["fp16"]["enabled"] else torch.bfloat16 if ds_config["bf16"]["enabled"] else None
+    if half is not None:
+        model.vision_model.to(half)
     state = training.restore(engine)
     start = state["epoch"] + 1 if state else 0
     log_uri = config["log_uri"]
@@ -92,7 +97,7 @@ def finetune_loop(config: dict) -> None:
         engine.train()
         records = []
         for batch in shard.iter_batches(batch_size=cfg.finetune.batch_size, batch_format="numpy"):
-            pixels = _pixels(batch, bundle.image_processor, device, model.dtype)
+            pixels = _pixels(batch, bundle.image_processor, device, model.vision_model.dtype)
             with torch.no_grad():
                 embeds = encode_images(model, pixels)
             ids = caption_ids(model, bundle.tokenizer, [str(c) for c in batch["caption"]]).to(device)
