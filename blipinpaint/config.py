@@ -122,6 +122,9 @@ class ScorerConfig:
     lr: float = 1e-4  # the paper's Adam settings
     epochs: int = 50
     batch_size: int = 64
+    # Epochs are short (a pass over cached features): a checkpoint every epoch would cost more
+    # than the epoch. A failure redoes at most this many epochs.
+    checkpoint_every: int = 10
 
 
 @dataclass
@@ -232,6 +235,7 @@ def validate(cfg: Config) -> None:
         if value <= 0:
             problems.append(f"{key}={value} must be positive")
     for key, value in (("scorer.epochs", cfg.scorer.epochs), ("scorer.batch_size", cfg.scorer.batch_size),
+                       ("scorer.checkpoint_every", cfg.scorer.checkpoint_every),
                        ("finetune.epochs", cfg.finetune.epochs), ("finetune.batch_size", cfg.finetune.batch_size)):
         if value < 1:
             problems.append(f"{key}={value} must be at least 1")

@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from blipinpaint.config import Config, ConfigError, to_yaml
 from blipinpaint.report import plot_curves, plot_scatter, read_jsonl, write_jsonl, write_tensorboard, write_text
+from blipinpaint.seeds import sample_seed
 from blipinpaint.scorer import TARGETS, ScoreNet, ScoreNetConfig, regression_report
 from blipinpaint.sources import filesystem
 from rayjobs import training
@@ -40,6 +41,15 @@ def _xy(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.as_tensor(np.stack(batch["caption_features"]), dtype=torch.float32, device=device)
     y = torch.as_tensor(np.stack([batch[t] for t in TARGETS], axis=1), dtype=torch.float32, device=device)
     return x, y
+
+
+def _load(shard, in_features: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = [torch.zeros(0, in_features, device=device)], [torch.zeros(0, len(TARGETS), device=device)]
+    for batch in shard.iter_batches(batch_size=4096, batch_format="numpy"):
+        x, y = _xy(batch, device)
+        xs.append(x)
+        ys.append(y)
+    return torch.cat(xs), torch.cat(ys)
 
 
 def train_loop(config: dict) -> None:
@@ -59,26 +69,30 @@ def train_loop(config: dict) -> None:
     if ctx.get_world_rank() == 0:  # a resumed run redoes the epochs after its checkpoint
         write_jsonl(log_uri, [r for r in read_jsonl(log_uri) if r["epoch"] < start])
 
-    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    # This rank's rows, read once: an epoch is then a pass over tensors in memory rather
+    # than a new Ray Data execution (the scorer's inputs are small: one vector per sample).
+    x_train, y_train = _load(ray.train.get_dataset_shard("train"), config["net"].in_features, device)
+    x_val, y_val = _load(ray.train.get_dataset_shard("val"), config["net"].in_features, device)
+    y_train, y_val = model.standardize(y_train), model.standardize(y_val)
     for epoch in range(start, cfg.scorer.epochs):
         engine.train()
         total = torch.zeros(2, dtype=torch.float64)  # sum of batch losses x rows, rows
-        for batch in train_shard.iter_batches(batch_size=cfg.scorer.batch_size, batch_format="numpy"):
-            x, y = _xy(batch, device)
-            loss = torch.nn.functional.mse_loss(engine(x), model.standardize(y))
+        # Shuffled per epoch from (seed, rank, epoch): a resumed run sees the same order.
+        order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(
+            sample_seed(cfg.seed, f"{ctx.get_world_rank()}/{epoch}", "scorer-order")))
+        for index in order.split(cfg.scorer.batch_size):
+            x, y = x_train[index], y_train[index]
+            loss = torch.nn.functional.mse_loss(engine(x), y)
             engine.backward(loss)
             engine.step()
             total += torch.tensor([loss.item() * len(x), len(x)], dtype=torch.float64)
             training.maybe_fail(cfg, engine.global_steps, resumed=state is not None)
         engine.eval()
         # Held-out: squared error of the model and of predicting 0 (the standardised train mean).
-        val = torch.zeros(3, dtype=torch.float64)
+        # Every rank runs the forward, even on no rows: ZeRO-3 gathers parameters collectively.
         with torch.no_grad():
-            for batch in val_shard.iter_batches(batch_size=1024, batch_format="numpy"):
-                x, y = _xy(batch, device)
-                target = model.standardize(y)
-                val += torch.tensor([((engine(x) - target) ** 2).mean(1).sum().item(),
-                                     (target ** 2).mean(1).sum().item(), len(x)], dtype=torch.float64)
+            val = torch.tensor([((engine(x_val) - y_val) ** 2).mean(1).sum().item(),
+                                (y_val ** 2).mean(1).sum().item(), len(x_val)], dtype=torch.float64)
         dist.all_reduce(total)
         dist.all_reduce(val)
         metrics = {"epoch": epoch, "step": engine.global_steps, "resumed_at_epoch": start if state else None,
@@ -88,7 +102,9 @@ def train_loop(config: dict) -> None:
                    "val_loss_mean_baseline": (val[1] / val[2]).item() if val[2] else None}
         if ctx.get_world_rank() == 0:
             write_jsonl(log_uri, [*read_jsonl(log_uri), metrics])
-        training.save_and_report(engine, metrics, {"epoch": epoch})
+        # Ray Train takes one report per controller poll (2 s): report with checkpoints only.
+        if (epoch + 1) % cfg.scorer.checkpoint_every == 0 or epoch + 1 == cfg.scorer.epochs:
+            training.save_and_report(engine, metrics, {"epoch": epoch})
     if ctx.get_world_rank() == 0:
         model.save_pretrained(config["model_dir"])
 

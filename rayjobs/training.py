@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 
 import ray
 import ray.train
@@ -17,6 +18,8 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from blipinpaint.config import Config
 from blipinpaint.seeds import heldout
+
+CONTROLLER_POLL_S = 2.0  # Ray Train's default RAY_TRAIN_HEALTH_CHECK_INTERVAL_S
 
 
 def deepspeed_config(cfg: Config, batch_size: int) -> dict:
@@ -75,7 +78,13 @@ def save_and_report(engine, metrics: dict, client_state: dict) -> None:
 
 
 def maybe_fail(cfg: Config, step: int, resumed: bool) -> None:
-    """Fault injection for tests: rank 0's process dies at the configured step, first attempt only."""
+    """Fault injection for tests: rank 0's process dies at the configured step, first attempt only.
+
+    It first waits out one Ray Train controller poll: a checkpoint is registered when the
+    controller collects its report, and a death milliseconds after a report (which only
+    fast tests produce) would lose it and restart from scratch.
+    """
     if (cfg.train.inject_failure_at_step == step and not resumed
             and ray.train.get_context().get_world_rank() == 0):
+        time.sleep(2 * CONTROLLER_POLL_S)
         os._exit(1)

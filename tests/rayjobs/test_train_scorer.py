@@ -60,7 +60,8 @@ def test_a_killed_worker_resumes_from_its_checkpoint(local_ray, tmp_path):
     with the optimizer steps of an uninterrupted run (a restart from scratch would die again)."""
     write_samples(tmp_path)
     cfg = load_config(overrides=[f"run_dir={tmp_path}", "scorer.epochs=3", "scorer.batch_size=32",
-                                 "scorer.hidden=[16]", "train.inject_failure_at_step=8"])
+                                 "scorer.hidden=[16]", "train.inject_failure_at_step=8",
+                                 "scorer.checkpoint_every=1"])
     train_scorer.run(cfg)
     records = [json.loads(line) for line in (tmp_path / "scorer" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [0, 1, 2]  # the redone epoch is logged once
@@ -73,7 +74,8 @@ def test_a_killed_worker_resumes_from_its_checkpoint(local_ray, tmp_path):
 def test_rerun_after_the_driver_died_continues(local_ray, tmp_path):
     """Kill the job's driver mid-training; the same command continues from the last checkpoint."""
     write_samples(tmp_path)
-    args = [f"run_dir={tmp_path}", "scorer.epochs=6", "scorer.batch_size=32", "scorer.hidden=[16]"]
+    args = [f"run_dir={tmp_path}", "scorer.epochs=6", "scorer.batch_size=32", "scorer.hidden=[16]",
+            "scorer.checkpoint_every=1"]
     driver = subprocess.Popen(
         [sys.executable, "-m", "rayjobs.train_scorer", *args,
          f"ray_address={local_ray.get_runtime_context().gcs_address}"],
