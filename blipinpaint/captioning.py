@@ -88,9 +88,15 @@ def caption_ids(model: BlipForConditionalGeneration, tokenizer, captions: list[s
 
 
 class Captioner:
-    """Stage: `image`, `mask` -> `caption` (str) and `caption_features` (B, D) float32."""
+    """Stage: `image`, `mask` -> `caption` (str) and `caption_features` (B, D) float32.
 
-    def __init__(self, captioner: CaptionerModel, max_new_tokens: int = 30, num_beams: int = 1):
+    `output` renames both columns (`<output>`, `<output>_features`), e.g. to caption with a
+    fine-tuned BLIP next to the original's caption.
+    """
+
+    def __init__(self, captioner: CaptionerModel, max_new_tokens: int = 30, num_beams: int = 1,
+                 output: str = "caption"):
+        self.output = output
         self.bundle = captioner
         self.model = captioner.model
         self.device = self.model.device
@@ -107,6 +113,6 @@ class Captioner:
         captions = self.bundle.tokenizer.batch_decode(ids, skip_special_tokens=True)
         return {
             **batch,
-            "caption": np.array([c.strip() for c in captions], dtype=object),
-            "caption_features": features.float().cpu().numpy(),
+            self.output: np.array([c.strip() for c in captions], dtype=object),
+            f"{self.output}_features": features.float().cpu().numpy(),
         }

@@ -41,6 +41,7 @@ class DataConfig:
     image_size: int | None = None  # None: the preset's native resolution
     min_side: int = 32  # shorter sides below this are an error, not an upscale
     max_aspect_ratio: float = 4.0  # wider images are an error, not a sliver crop
+    name: str | None = None  # the dataset's name in reports; None: from the source's file or folder name
 
 
 @dataclass
@@ -52,6 +53,7 @@ class ModelsConfig:
     captioner: ModelRef = field(default_factory=ModelRef)
     inpainter: ModelRef = field(default_factory=ModelRef)
     clip: ModelRef = field(default_factory=ModelRef)
+    fid: ModelRef = field(default_factory=ModelRef)  # the FID feature network
 
 
 @dataclass
@@ -111,7 +113,8 @@ class TrainConfig:
     zero_stage: int = 2  # DeepSpeed ZeRO stage: 2 (default) or 3
     offload_optimizer: bool = False  # ZeRO optimizer state in CPU memory
     max_failures: int = 2  # worker failures survived per run, each resuming from its last checkpoint
-    val_fraction: float = 0.2  # held-out split, chosen by a hash of (seed, id)
+    # Held-out split (the evaluation set), chosen by a hash of (seed, id); None: see `heldout_fraction`.
+    val_fraction: float | None = None
     inject_failure_at_step: int | None = None  # fault-injection tests: a worker dies at this step, once
     tensorboard: bool = False  # also write metrics as TensorBoard events (`<job>/tensorboard/`)
 
@@ -139,6 +142,15 @@ class FinetuneConfig:
 
 
 @dataclass
+class EvaluateConfig:
+    limit: int | None = None  # evaluate at most this many held-out samples (chosen by a hash, not order)
+    fid: StageConfig = field(default_factory=lambda: StageConfig(batch_size=32))  # FID feature workers
+    mask_buckets: list[float] = field(default_factory=lambda: [0.1, 0.3])  # mask-area edges between buckets
+    grid_rows: int = 6  # samples in the qualitative grid
+    other_runs: list[str] = field(default_factory=list)  # run_dirs whose evaluations join this table
+
+
+@dataclass
 class Config:
     run_dir: str = "runs/default"
     ray_address: str | None = None  # None: $RAY_ADDRESS (set by `ray job submit`), else a local Ray
@@ -152,6 +164,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     scorer: ScorerConfig = field(default_factory=ScorerConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -186,7 +199,8 @@ def _absolute_paths(cfg: Config) -> None:
     cfg.run_dir = absolute(cfg.run_dir)
     cfg.data.source = absolute(cfg.data.source)
     cfg.data.image_root = absolute(cfg.data.image_root)
-    for ref in (cfg.models.captioner, cfg.models.inpainter, cfg.models.clip):
+    cfg.evaluate.other_runs = [absolute(r) for r in cfg.evaluate.other_runs]
+    for ref in (cfg.models.captioner, cfg.models.inpainter, cfg.models.clip, cfg.models.fid):
         if ref.name_or_path and Path(ref.name_or_path).expanduser().exists():
             ref.name_or_path = absolute(ref.name_or_path)
 
@@ -227,8 +241,10 @@ def validate(cfg: Config) -> None:
     t = cfg.train
     if t.zero_stage not in (2, 3):
         problems.append(f"train.zero_stage={t.zero_stage} must be 2 or 3")
-    if t.num_workers < 1 or not 0 < t.val_fraction < 1:
-        problems.append("train.num_workers must be at least 1 and train.val_fraction between 0 and 1")
+    if t.num_workers < 1:
+        problems.append(f"train.num_workers={t.num_workers} must be at least 1")
+    if t.val_fraction is not None and not 0 < t.val_fraction < 1:
+        problems.append(f"train.val_fraction={t.val_fraction} must be between 0 and 1")
     if t.use_gpu and not cfg.models.device.startswith("cuda"):
         problems.append("train.use_gpu=true needs models.device=cuda")
     for key, value in (("scorer.lr", cfg.scorer.lr), ("finetune.lr", cfg.finetune.lr)):
@@ -239,6 +255,14 @@ def validate(cfg: Config) -> None:
                        ("finetune.epochs", cfg.finetune.epochs), ("finetune.batch_size", cfg.finetune.batch_size)):
         if value < 1:
             problems.append(f"{key}={value} must be at least 1")
+    e = cfg.evaluate
+    problems += _stage_problems("evaluate.fid", e.fid)
+    if e.limit is not None and e.limit < 2:
+        problems.append(f"evaluate.limit={e.limit} must be at least 2 (FID needs two images per set)")
+    if list(e.mask_buckets) != sorted(set(e.mask_buckets)) or not all(0 < b < 1 for b in e.mask_buckets):
+        problems.append(f"evaluate.mask_buckets={list(e.mask_buckets)} must be increasing fractions between 0 and 1")
+    if e.grid_rows < 1:
+        problems.append(f"evaluate.grid_rows={e.grid_rows} must be at least 1")
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
 
@@ -257,6 +281,23 @@ def _stage_problems(key: str, stage: StageConfig) -> list[str]:
     elif stage.size is None or stage.size < 1:
         problems.append(f"{key}.size={stage.size} must be at least 1 (or set min_size and max_size)")
     return problems
+
+
+def heldout_fraction(cfg: Config) -> float:
+    """The held-out share: `train.val_fraction`, else 0.2; on the 6 shipped samples, half,
+    so the embedded default keeps images back for its evaluation."""
+    if cfg.train.val_fraction is not None:
+        return cfg.train.val_fraction
+    return 0.5 if cfg.data.source is None else 0.2
+
+
+def dataset_name(cfg: Config) -> str:
+    """`data.name`, else the source's file or folder name (without extension)."""
+    if cfg.data.name:
+        return cfg.data.name
+    if cfg.data.source is None:
+        return "samples"
+    return Path(cfg.data.source.rstrip("/")).stem or cfg.data.source
 
 
 def to_yaml(cfg: Config) -> str:

@@ -13,20 +13,28 @@ def composite(generated: np.ndarray, original: np.ndarray, masks: np.ndarray) ->
     return np.where(masks[..., None].astype(bool), generated, original)
 
 
-class Inpainter:
-    """Stage: `image`, `mask`, `caption`, `id` -> `inpainted`, `inpainted_baseline` (uint8), `noise_seed`.
+# The generate step's two variants: output column -> the caption column that prompts it
+# (None: the baseline, no text).
+GENERATE_PROMPTS = {"inpainted": "caption", "inpainted_baseline": None}
 
-    Both variants of a sample start from the same noise (its own seed), so their
-    difference is the caption's effect alone. The baseline's prompt is empty and its
-    classifier-free guidance is off: with an empty prompt the guided and unguided noise
+
+class Inpainter:
+    """Stage: `image`, `mask`, captions, `id` -> one uint8 inpainting per `prompts` entry, `noise_seed`.
+
+    `prompts` maps each output column to the caption column that prompts it, or to None
+    for the baseline. Every variant of a sample starts from the same noise (its own seed),
+    so their difference is the caption's effect alone. The baseline's prompt is empty and
+    its classifier-free guidance is off: with an empty prompt the guided and unguided noise
     predictions are the same, so guidance would double the UNet work for no change.
     """
 
-    def __init__(self, pipe, num_inference_steps: int, guidance_scale: float, seed: int):
+    def __init__(self, pipe, num_inference_steps: int, guidance_scale: float, seed: int,
+                 prompts: dict[str, str | None] | None = None):
         self.pipe = pipe
         self.steps = num_inference_steps
         self.guidance_scale = guidance_scale
         self.seed = seed
+        self.prompts = prompts or GENERATE_PROMPTS
 
     def _run(self, images: np.ndarray, masks: np.ndarray, prompts: list[str], seeds: list[int],
              guidance_scale: float) -> np.ndarray:
@@ -49,7 +57,10 @@ class Inpainter:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images, masks = batch["image"], batch["mask"]
         seeds = [sample_seed(self.seed, str(i), "noise") for i in batch["id"]]
-        guided = self._run(images, masks, [str(c) for c in batch["caption"]], seeds, self.guidance_scale)
-        baseline = self._run(images, masks, [""] * len(seeds), seeds, guidance_scale=1.0)
-        return {**batch, "inpainted": guided, "inpainted_baseline": baseline,
-                "noise_seed": np.array(seeds, dtype=np.int64)}
+        out = {**batch, "noise_seed": np.array(seeds, dtype=np.int64)}
+        for column, caption in self.prompts.items():
+            if caption is None:
+                out[column] = self._run(images, masks, [""] * len(seeds), seeds, guidance_scale=1.0)
+            else:
+                out[column] = self._run(images, masks, [str(c) for c in batch[caption]], seeds, self.guidance_scale)
+        return out

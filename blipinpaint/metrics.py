@@ -15,7 +15,9 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 
 from blipinpaint.models import ClipModel
 
-VARIANTS = {"": "inpainted", "_baseline": "inpainted_baseline"}  # column suffix -> image column
+# The generate step's variants: metric column suffix -> (image column, caption column).
+# Both are scored against the same caption, BLIP's, so their CLIP scores compare.
+GENERATE_VARIANTS = {"": ("inpainted", "caption"), "_baseline": ("inpainted_baseline", "caption")}
 
 
 def to_unit_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -71,26 +73,28 @@ class ClipScorer:
 
 
 class InpaintMetrics:
-    """Stage: ground truth `image`, `mask`, both inpaintings, `caption` -> metric columns.
+    """Stage: ground truth `image`, `mask`, inpaintings and captions -> metric columns.
 
-    Columns: ssim, psnr, ssim_hole, psnr_hole, clip_score, each also with `_baseline`.
-    Both variants are scored against the same caption, so their CLIP scores compare.
+    Per `variants` entry (suffix -> (image column, caption column)): ssim, psnr,
+    ssim_hole, psnr_hole and clip_score (image against that caption), each with the suffix.
     """
 
-    def __init__(self, clip: ClipModel):
+    def __init__(self, clip: ClipModel, variants: dict[str, tuple[str, str]] | None = None):
         self.clip = ClipScorer(clip)
         self.device = self.clip.device
+        self.variants = variants or GENERATE_VARIANTS
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         target = to_unit_tensor(batch["image"], self.device)
         masks = torch.from_numpy(batch["mask"].astype(bool)).to(self.device)
-        text = self.clip.text_embeddings([str(c) for c in batch["caption"]])
+        captions = {c for _, c in self.variants.values()}
+        texts = {c: self.clip.text_embeddings([str(t) for t in batch[c]]) for c in captions}
         out = dict(batch)
-        for suffix, column in VARIANTS.items():
+        for suffix, (column, caption) in self.variants.items():
             preds = to_unit_tensor(batch[column], self.device)
             for name, values in ssim_psnr(preds, target, masks).items():
                 out[name + suffix] = values.float().cpu().numpy()
-            clip = self.clip.score(self.clip.image_embeddings(batch[column]), text)
+            clip = self.clip.score(self.clip.image_embeddings(batch[column]), texts[caption])
             out["clip_score" + suffix] = clip.cpu().numpy()
         return out

@@ -15,17 +15,29 @@ from blipinpaint.io import encode_png
 
 METRICS = ("ssim", "psnr", "ssim_hole", "psnr_hole", "clip_score")
 METRIC_COLUMNS = tuple(m + s for s in ("", "_baseline") for m in METRICS)
-IMAGE_COLUMNS = {"image": "image_png", "mask": "mask_png", "inpainted": "inpainted_png",
-                 "inpainted_baseline": "inpainted_baseline_png"}
 MODEL_ROLES = ("captioner", "inpainter", "clip")
+
+
+def _png(*names: str) -> list[tuple[str, pa.DataType]]:
+    """`<name>_png` binary columns: the image `<name>` (uint8 array, masks in {0, 1}) as PNG."""
+    return [(f"{n}_png", pa.binary()) for n in names]
+
 
 SAMPLE_SCHEMA = pa.schema(
     [("id", pa.string()), ("source", pa.string()), ("caption", pa.string()),
      ("caption_features", pa.list_(pa.float32())), ("mask_kind", pa.string()), ("mask_area", pa.float32()),
      ("noise_seed", pa.int64()), ("width", pa.int32()), ("height", pa.int32())]
     + [(m, pa.float32()) for m in METRIC_COLUMNS]
-    + [(c, pa.binary()) for c in IMAGE_COLUMNS.values()]
+    + _png("image", "mask", "inpainted", "inpainted_baseline")
     + [(f"{role}_model", pa.string()) for role in MODEL_ROLES]
+)
+# The evaluate step's rows: a held-out sample with the fine-tuned BLIP's caption, its
+# inpainting (same noise seed) and metrics, next to the generate step's two variants.
+EVAL_SCHEMA = pa.schema(
+    [("id", pa.string()), ("source", pa.string()), ("caption", pa.string()), ("caption_finetuned", pa.string()),
+     ("mask_area", pa.float32()), ("noise_seed", pa.int64())]
+    + [(m + s, pa.float32()) for s in ("", "_baseline", "_finetuned") for m in METRICS]
+    + _png("image", "mask", "inpainted", "inpainted_baseline", "inpainted_finetuned")
 )
 ERROR_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("error", pa.string())])
 
@@ -36,10 +48,11 @@ def _column(values: list, ok: np.ndarray, type_: pa.DataType) -> pa.Array:
     return pa.array([next(it) if good else None for good in ok], type=type_)
 
 
-def encode_rows(batch: Batch, models: dict[str, str]) -> pa.Table:
-    """Stage: a finished batch -> one Arrow table: sample columns, `error`, `seconds_*`.
+def encode_rows(batch: Batch, models: dict[str, str], schema: pa.Schema = SAMPLE_SCHEMA) -> pa.Table:
+    """Stage: a finished batch -> one Arrow table: `schema`'s columns, `error`, `seconds_*`.
 
-    `models` maps each role to the checkpoint it ran (recorded on every sample).
+    `models` maps each role to the checkpoint it ran (recorded on every sample). A PNG
+    column already in the batch (read from earlier output) is kept as it is.
     """
     ok = np.array([not e for e in batch["error"]], dtype=bool)
     n_ok = int(ok.sum())
@@ -47,7 +60,7 @@ def encode_rows(batch: Batch, models: dict[str, str]) -> pa.Table:
         "id": pa.array([str(i) for i in batch["id"]], pa.string()),
         "source": pa.array([str(s) for s in batch["source"]], pa.string()),
     }
-    for field in SAMPLE_SCHEMA:
+    for field in schema:
         name = field.name
         if name in columns:
             continue
@@ -55,8 +68,10 @@ def encode_rows(batch: Batch, models: dict[str, str]) -> pa.Table:
             values = []
         elif name == "caption_features":
             values = [row.astype(np.float32).tolist() for row in np.asarray(batch[name])[ok]]
-        elif name in IMAGE_COLUMNS.values():
-            source = next(k for k, v in IMAGE_COLUMNS.items() if v == name)
+        elif name.endswith("_png") and name in batch:
+            values = [bytes(b) for b in np.asarray(batch[name])[ok]]
+        elif name.endswith("_png"):
+            source = name[: -len("_png")]
             scale = 255 if source == "mask" else 1  # masks travel as {0, 1}, stored as black/white
             values = [encode_png((img * scale).astype(np.uint8)) for img in np.asarray(batch[source])[ok]]
         elif name.endswith("_model"):
@@ -71,9 +86,9 @@ def encode_rows(batch: Batch, models: dict[str, str]) -> pa.Table:
     return pa.table(columns)
 
 
-def split_rows(table: pa.Table) -> tuple[pa.Table, pa.Table]:
+def split_rows(table: pa.Table, schema: pa.Schema = SAMPLE_SCHEMA) -> tuple[pa.Table, pa.Table]:
     """A table from `encode_rows` -> (samples, errors) in their written schemas."""
     failed = np.array([bool(e) for e in table.column("error").to_pylist()], dtype=bool)
-    samples = table.filter(pa.array(~failed)).select(SAMPLE_SCHEMA.names).cast(SAMPLE_SCHEMA)
+    samples = table.filter(pa.array(~failed)).select(schema.names).cast(schema)
     errors = table.filter(pa.array(failed)).select(ERROR_SCHEMA.names).cast(ERROR_SCHEMA)
     return samples, errors

@@ -1,8 +1,8 @@
-"""Logs and plots: `metrics.jsonl` records and the PNG figures a person looks at."""
+"""The PNG figures a person looks at: training curves, scatter plots, bar charts, image grids."""
 
 from __future__ import annotations
 
-import json
+import textwrap
 
 import matplotlib
 
@@ -10,28 +10,7 @@ matplotlib.use("Agg")  # files only; no display on workers or CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from blipinpaint.sources import filesystem  # noqa: E402
-
-
-def read_jsonl(uri: str) -> list[dict]:
-    fs, path = filesystem(uri)
-    if fs.get_file_info(path).type.name != "File":
-        return []
-    with fs.open_input_stream(path) as f:
-        return [json.loads(line) for line in f.read().decode().splitlines() if line.strip()]
-
-
-def write_text(uri: str, text: str) -> None:
-    """Write a whole file, local or in an object store, creating its folder."""
-    fs, path = filesystem(uri)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as f:
-        f.write(text.encode())
-
-
-def write_jsonl(uri: str, records: list[dict]) -> None:
-    """Rewrite the whole log: works the same on local disks and object stores (no appends)."""
-    write_text(uri, "".join(json.dumps(r) + "\n" for r in records))
+from blipinpaint.storage import filesystem  # noqa: E402
 
 
 def _save(fig, uri: str) -> None:
@@ -84,3 +63,49 @@ def write_tensorboard(records: list[dict], x: str, logdir: str) -> None:
             for key, value in r.items():
                 if key != x and isinstance(value, (int, float)) and not isinstance(value, bool):
                     writer.add_scalar(key, value, global_step=int(r[x]))
+
+
+def plot_grouped_bars(panels: dict[str, dict[str, dict[str, tuple]]], title: str, uri: str) -> None:
+    """Bar charts, one panel each: {panel: {group: {series: (value, error or None)}}}.
+
+    Bars of one group stand side by side, one colour per series; a missing value (None)
+    leaves its slot empty rather than drawing a zero.
+    """
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
+    for ax, (panel, groups) in zip(axes[0], panels.items()):
+        series = list(dict.fromkeys(s for g in groups.values() for s in g))
+        width = 0.8 / max(len(series), 1)
+        for j, name in enumerate(series):
+            xs, ys, errs = [], [], []
+            for i, values in enumerate(groups.values()):
+                value, error = values.get(name, (None, None))
+                if value is not None:
+                    xs.append(i + (j - (len(series) - 1) / 2) * width)
+                    ys.append(value)
+                    errs.append(error or 0.0)
+            has_errors = any(e for e in errs)
+            ax.bar(xs, ys, width, yerr=errs if has_errors else None, capsize=3, label=name)
+        ax.set_xticks(range(len(groups)), list(groups))
+        ax.set_title(panel)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title)
+    _save(fig, uri)
+
+
+def plot_image_grid(rows: list[dict], titles: list[str], uri: str) -> None:
+    """A row per sample: its `images` side by side under `titles`, each with its caption."""
+    cols = len(titles)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(2.6 * cols, 2.9 * len(rows)), squeeze=False)
+    for r, row in enumerate(rows):
+        for c, (image, caption) in enumerate(zip(row["images"], row["captions"])):
+            ax = axes[r][c]
+            ax.imshow(image)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(titles[c], fontsize=9)
+            if caption:
+                ax.set_xlabel(textwrap.fill(caption, 30), fontsize=7)
+        axes[r][0].set_ylabel(textwrap.shorten(row["id"], 24), fontsize=7)
+    _save(fig, uri)

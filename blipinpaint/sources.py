@@ -14,7 +14,6 @@ or an absolute path elsewhere) becomes an error row, never a read.
 
 from __future__ import annotations
 
-import functools
 import json
 import posixpath
 from pathlib import PurePosixPath
@@ -24,21 +23,14 @@ import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
 from blipinpaint.seeds import sample_seed
+from blipinpaint.storage import filesystem
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp"})
 SOURCE_KINDS = ("auto", "folder", "coco", "visualgenome", "manifest")
-_LOCAL = pafs.LocalFileSystem()
 
 
 class SourceError(ValueError):
     """The source as a whole cannot be listed (missing, unreadable, wrong format)."""
-
-
-def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """A pyarrow filesystem and the path within it, for a local path or a URI."""
-    if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
-    return _LOCAL, posixpath.abspath(uri)
 
 
 def _join(base: str, path: str) -> str:
@@ -175,20 +167,6 @@ def items_to_batch(items: list[dict[str, str]]) -> dict[str, np.ndarray]:
     return {key: np.array([it[key] for it in items], dtype=object) for key in ("id", "source", "error")}
 
 
-@functools.lru_cache(maxsize=16)
-def _remote_filesystem(scheme_and_bucket: str) -> pafs.FileSystem:
-    return pafs.FileSystem.from_uri(scheme_and_bucket)[0]  # one client per bucket and process
-
-
-def _open(source: str) -> tuple[pafs.FileSystem, str]:
-    if "://" not in source:
-        return _LOCAL, source
-    scheme, path = source.split("://", 1)
-    if scheme == "file":
-        return _LOCAL, path
-    return _remote_filesystem(f"{scheme}://{path.split('/', 1)[0]}"), path  # s3: "bucket/key"
-
-
 def read_files(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Stage: `source` -> `bytes`; a file that cannot be read is an error row."""
     errors = np.array(batch["error"], dtype=object)
@@ -196,7 +174,7 @@ def read_files(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     for i, source in enumerate(batch["source"]):
         if errors[i]:
             continue
-        fs, path = _open(source)
+        fs, path = filesystem(source)
         try:
             with fs.open_input_stream(path) as f:
                 data[i] = f.read()

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 from blipinpaint.captioning import Captioner
 from blipinpaint.config import Config
+from blipinpaint.fid import FidAccumulator
 from blipinpaint.inpainting import Inpainter
 from blipinpaint.io import ImageDecoder
 from blipinpaint.masks import MaskGenerator
 from blipinpaint.metrics import InpaintMetrics
 from blipinpaint.models import (
+    ModelRef,
     Preset,
     get_preset,
     load_captioner,
     load_clip,
+    load_fid_features,
     load_inpaint_pipeline,
     native_image_size,
     torch_device,
@@ -35,7 +38,7 @@ DEFAULT_STEPS = {"tiny": 4, "paper": 50, "fullsize": 50}
 
 def resolve_preset(cfg: Config) -> Preset:
     m = cfg.models
-    return with_overrides(get_preset(m.preset), captioner=m.captioner, inpainter=m.inpainter, clip=m.clip)
+    return with_overrides(get_preset(m.preset), captioner=m.captioner, inpainter=m.inpainter, clip=m.clip, fid=m.fid)
 
 
 def image_size(cfg: Config) -> int:
@@ -59,27 +62,34 @@ def build_masker(cfg: Config) -> MaskGenerator:
     return MaskGenerator(cfg.masks.kind, image_size(cfg), cfg.seed)
 
 
-def build_captioner(cfg: Config) -> Captioner:
+def build_captioner(cfg: Config, ref: ModelRef | None = None, output: str = "caption") -> Captioner:
+    """BLIP from the preset, or from `ref` (e.g. the fine-tuned folder), writing `output`."""
     device, dtype = _device_dtype(cfg)
-    model = load_captioner(resolve_preset(cfg).captioner, device, dtype)
-    return Captioner(model, cfg.caption.max_new_tokens, cfg.caption.num_beams)
+    model = load_captioner(ref or resolve_preset(cfg).captioner, device, dtype)
+    return Captioner(model, cfg.caption.max_new_tokens, cfg.caption.num_beams, output)
 
 
-def build_inpainter(cfg: Config) -> Inpainter:
+def build_inpainter(cfg: Config, prompts: dict[str, str | None] | None = None) -> Inpainter:
     device, dtype = _device_dtype(cfg)
     pipe = load_inpaint_pipeline(resolve_preset(cfg).inpainter, device, dtype)
-    return Inpainter(pipe, inference_steps(cfg), cfg.inpaint.guidance_scale, cfg.seed)
+    return Inpainter(pipe, inference_steps(cfg), cfg.inpaint.guidance_scale, cfg.seed, prompts)
 
 
-def build_metrics(cfg: Config) -> InpaintMetrics:
+def build_metrics(cfg: Config, variants: dict[str, tuple[str, str]] | None = None) -> InpaintMetrics:
     device, dtype = _device_dtype(cfg)
-    return InpaintMetrics(load_clip(resolve_preset(cfg).clip, device, dtype))
+    return InpaintMetrics(load_clip(resolve_preset(cfg).clip, device, dtype), variants)
+
+
+def build_fid(cfg: Config, sets: dict[str, str]) -> FidAccumulator:
+    """FID statistics of the PNG columns `sets` (the feature network runs in fp32)."""
+    device = torch_device(cfg.models.device)
+    return FidAccumulator(load_fid_features(resolve_preset(cfg).fid, device), device, sets)
 
 
 def model_ids(cfg: Config) -> dict[str, str]:
     """The checkpoint each role runs, as recorded on every sample (no build, no download)."""
     ids = {}
-    for role in ("captioner", "inpainter", "clip"):
+    for role in ("captioner", "inpainter", "clip", "fid"):
         ref = getattr(cfg.models, role)
         if not ref.name_or_path:
             if cfg.models.preset in SPECS:

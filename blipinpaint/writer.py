@@ -24,8 +24,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
-from blipinpaint.records import split_rows
-from blipinpaint.sources import filesystem
+from blipinpaint.records import SAMPLE_SCHEMA, split_rows
+from blipinpaint.storage import filesystem
 
 DATA_DIRS = ("samples", "errors")
 
@@ -36,8 +36,8 @@ def part_name(ids: list[str]) -> str:
 
 
 class CommitLog:
-    def __init__(self, out_dir: str):
-        self.out_dir = out_dir
+    def __init__(self, out_dir: str, schema: pa.Schema = SAMPLE_SCHEMA):
+        self.out_dir, self.schema = out_dir, schema
         self.fs, self.root = filesystem(out_dir)
 
     def _path(self, *parts: str) -> str:
@@ -51,7 +51,7 @@ class CommitLog:
         """Write one part (the rows of `table`, samples and errors) exactly once."""
         ids = table.column("id").to_pylist()
         name = part_name(ids)
-        samples, errors = split_rows(table)
+        samples, errors = split_rows(table, self.schema)
         marker = {
             "name": name,
             "samples": samples.column("id").to_pylist(),
@@ -108,6 +108,10 @@ class CommitLog:
                     self.fs.delete_file(info.path)
                     removed += 1
         return {"committed_parts": len(markers), "orphans_removed": removed}
+
+    def committed_samples(self) -> dict[str, list[str]]:
+        """Part name -> the sample ids committed in it (from the markers: no data is read)."""
+        return {m["name"]: m["samples"] for m in self.markers() if m["samples"]}
 
     def committed_ids(self) -> set[str]:
         return {i for m in self.markers() for i in (*m["samples"], *m["errors"])}

@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import sys
+import tempfile
 
 import numpy as np
 import ray
@@ -36,10 +37,10 @@ from blipinpaint.io import decode_png
 from blipinpaint.losses import LossWeights, blip_loss, caption_kl
 from blipinpaint.masks import masked_pixels
 from blipinpaint.models import load_captioner
-from blipinpaint.report import plot_curves, read_jsonl, write_jsonl, write_tensorboard, write_text
+from blipinpaint.report import plot_curves, write_tensorboard
 from blipinpaint.scorer import ScoreNet
-from blipinpaint.sources import filesystem
 from blipinpaint.stages import resolve_preset
+from blipinpaint.storage import kind, local_dir, read_jsonl, read_text, upload_dir, write_jsonl, write_text
 from rayjobs import training
 from rayjobs.common import connect, job_main
 
@@ -74,7 +75,7 @@ def finetune_loop(config: dict) -> None:
     model = bundle.model
     model.requires_grad_(False)
     model.text_decoder.requires_grad_(True)
-    scorer = ScoreNet.from_pretrained(config["scorer_dir"]).to(device).requires_grad_(False)
+    scorer = ScoreNet.from_pretrained(local_dir(config["scorer_dir"])).to(device).requires_grad_(False)
     scorer_before = checksum(scorer)
     reference = copy.deepcopy(model.text_decoder).requires_grad_(False) if cfg.finetune.kl_weight > 0 else None
     weights = LossWeights(cfg.finetune.lambda_ssim, cfg.finetune.lambda_psnr, cfg.finetune.lambda_clip)
@@ -130,19 +131,20 @@ def finetune_loop(config: dict) -> None:
     if rank == 0:
         original = load_captioner(config["captioner"], torch.device("cpu"))
         original.model.text_decoder.load_state_dict(decoder_state)
-        original.model.save_pretrained(config["blip_dir"])
-        original.tokenizer.save_pretrained(config["blip_dir"])
-        original.image_processor.save_pretrained(config["blip_dir"])
+        with tempfile.TemporaryDirectory() as folder:  # from_pretrained-able, then to run_dir (maybe a bucket)
+            for part in (original.model, original.tokenizer, original.image_processor):
+                part.save_pretrained(folder)
+            upload_dir(folder, config["blip_dir"])
         write_text(config["check_uri"], json.dumps({"scorer_before": scorer_before, "scorer_after": checksum(scorer),
+                                                    "decoder": checksum(original.model.text_decoder),
                                                     "steps": engine.global_steps}))
 
 
 def run(cfg: Config) -> dict:
     root = cfg.run_dir.rstrip("/")
     out_dir, scorer_dir, samples = f"{root}/finetune", f"{root}/scorer/model", f"{root}/generate/samples"
-    fs, _ = filesystem(root)
     for path, step in ((samples, "rayjobs.generate"), (scorer_dir, "rayjobs.train_scorer")):
-        if fs.get_file_info(filesystem(path)[1]).type.name != "Directory":
+        if kind(path) != "Directory":
             raise ConfigError(f"{path} is missing: run {step} first")
     connect(cfg.ray_address)
     train, _ = training.split(ray.data.read_parquet(samples, columns=COLUMNS), cfg)
@@ -159,9 +161,7 @@ def run(cfg: Config) -> dict:
     plot_curves(records, "step", series, "BLIP fine-tuning loss (per step, rank 0)", f"{out_dir}/loss.png")
     if cfg.train.tensorboard:
         write_tensorboard(records, "step", f"{out_dir}/tensorboard")
-    check_fs, check_path = filesystem(f"{out_dir}/check.json")
-    with check_fs.open_input_stream(check_path) as f:
-        check = json.loads(f.read())
+    check = json.loads(read_text(f"{out_dir}/check.json"))
     report = {"steps": check["steps"], "scorer_unchanged": check["scorer_before"] == check["scorer_after"],
               "first_loss": records[0]["loss"] if records else None,
               "last_loss": records[-1]["loss"] if records else None, "blip_dir": f"{root}/blip"}

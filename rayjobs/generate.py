@@ -21,6 +21,7 @@ Outputs under `run_dir/generate/`: `samples/*.parquet`, `errors/*.parquet`, `sta
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -35,49 +36,30 @@ import pyarrow.parquet as pq
 import ray
 from omegaconf import OmegaConf
 from pyarrow import fs as pafs
-from ray.data import DataContext, Datasink
-from ray.data.block import BlockAccessor
+from ray.data import DataContext
 
 from blipinpaint import stages
 from blipinpaint.batches import Guarded, split_errors
 from blipinpaint.config import Config, ConfigError, sample_images_dir, to_yaml
-from blipinpaint.records import METRIC_COLUMNS, encode_rows
-from blipinpaint.report import write_text
-from blipinpaint.sources import SourceError, filesystem, list_inputs, read_files
+from blipinpaint.records import METRIC_COLUMNS, SAMPLE_SCHEMA, encode_rows
+from blipinpaint.sources import SourceError, list_inputs, read_files
+from blipinpaint.storage import filesystem, write_text
 from blipinpaint.writer import CommitLog
 from rayjobs.common import actor_resources, connect, job_main
+from rayjobs.stream import CommitSink, ErrorWriter, ModelStage
 
 log = logging.getLogger("blipinpaint.generate")
 
 MODEL_STAGES = {"captioner": stages.build_captioner, "inpainter": stages.build_inpainter,
                 "metrics": stages.build_metrics}
 # Sections whose change makes earlier rows incomparable with new ones.
-FINGERPRINT_KEYS = ("seed", "models", "masks", "caption", "inpaint", "data.image_size", "data.min_side",
+FINGERPRINT_KEYS = ("seed", "models.preset", "models.device", "models.dtype", "models.captioner", "models.inpainter",
+                    "models.clip", "masks", "caption", "inpaint", "data.image_size", "data.min_side",
                     "data.max_aspect_ratio")
-
-
-class ErrorWriter:
-    """Commits rows that failed, where they failed (a part of errors only, exactly once)."""
-
-    def __init__(self, out_dir: str):
-        self.out_dir = out_dir
-
-    def __call__(self, rows) -> None:
-        CommitLog(self.out_dir).commit(encode_rows(rows, models={}))
 
 
 def _out_dir(cfg: Config) -> str:
     return f"{cfg.run_dir.rstrip('/')}/generate"
-
-
-class ModelStage:
-    """One actor of a model pool: loads its model once (on this worker), then runs batches."""
-
-    def __init__(self, name: str, cfg: Config):
-        self.run = Guarded(name, MODEL_STAGES[name](cfg), ErrorWriter(_out_dir(cfg)), cfg.generate.batch_retries)
-
-    def __call__(self, batch):
-        return self.run(batch)
 
 
 def prepare(batch, cfg: Config):
@@ -87,36 +69,22 @@ def prepare(batch, cfg: Config):
                    cfg.generate.batch_retries)(batch)
 
 
-class CommitSink(Datasink):
-    """Each write call becomes one committed part (see `blipinpaint.writer`)."""
-
-    def __init__(self, out_dir: str, rows_per_file: int):
-        self.out_dir, self.rows_per_file = out_dir, rows_per_file
-
-    @property
-    def min_rows_per_write(self) -> int:
-        return self.rows_per_file
-
-    def write(self, blocks, ctx) -> None:
-        tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
-        table = pa.concat_tables(tables) if tables else None
-        if table is not None and table.num_rows:
-            CommitLog(self.out_dir).commit(table)
-
-
 def build_dataset(cfg: Config, pending: list[dict]) -> ray.data.Dataset:
     g = cfg.generate
     blocks = max(1, math.ceil(len(pending) / g.read.batch_size))
     ds = ray.data.from_items(pending, override_num_blocks=blocks)
     ds = ds.map_batches(prepare, fn_kwargs={"cfg": cfg}, batch_size=g.read.batch_size, num_cpus=g.read.num_cpus)
     for name in MODEL_STAGES:
-        ds = ds.map_batches(ModelStage, fn_constructor_kwargs={"name": name, "cfg": cfg},
+        build = functools.partial(MODEL_STAGES[name], cfg)
+        ds = ds.map_batches(ModelStage, fn_constructor_kwargs={"name": name, "build": build, "out_dir": _out_dir(cfg),
+                                                               "retries": g.batch_retries},
                             **actor_resources(getattr(g, name)))
     return ds.map_batches(encode_rows, fn_kwargs={"models": stages.model_ids(cfg)},
                           batch_size=g.read.batch_size, num_cpus=g.read.num_cpus)
 
 
-def _fingerprint(cfg: Config) -> dict:
+def fingerprint(cfg: Config) -> dict:
+    """The settings a sample's row depends on."""
     conf = OmegaConf.to_container(OmegaConf.structured(cfg))
     out = {}
     for key in FINGERPRINT_KEYS:
@@ -127,11 +95,10 @@ def _fingerprint(cfg: Config) -> dict:
     return out
 
 
-def check_fingerprint(out_dir: str, cfg: Config) -> None:
-    """Refuse to mix rows made under different settings in one run folder."""
+def check_fingerprint(out_dir: str, current: dict) -> None:
+    """Refuse to mix rows made under different settings (`current`) in one output folder."""
     fs, root = filesystem(out_dir)
     path = f"{root}/fingerprint.json"
-    current = _fingerprint(cfg)
     if fs.get_file_info(path).type == pafs.FileType.File:
         with fs.open_input_stream(path) as f:
             previous = json.loads(f.read())
@@ -190,7 +157,7 @@ def run(cfg: Config) -> dict:
                             cfg.data.limit, cfg.seed)
     except SourceError as err:
         raise ConfigError(str(err)) from None
-    check_fingerprint(out_dir, cfg)
+    check_fingerprint(out_dir, fingerprint(cfg))
     write_text(f"{out_dir}/config.yaml", to_yaml(cfg))
     commit_log = CommitLog(out_dir)
     recovered = commit_log.recover()
@@ -204,7 +171,7 @@ def run(cfg: Config) -> dict:
         DataContext.get_current().enable_progress_bars = True
         t0 = time.perf_counter()
         ds = build_dataset(cfg, pending)
-        ds.write_datasink(CommitSink(out_dir, cfg.generate.rows_per_file))
+        ds.write_datasink(CommitSink(out_dir, cfg.generate.rows_per_file, SAMPLE_SCHEMA))
         pipeline_s = time.perf_counter() - t0
         write_text(f"{out_dir}/ray_stats.txt", ds.stats())
     this_run = {

@@ -11,6 +11,8 @@ ship with blipinpaint, on a local Ray bound to 127.0.0.1. Steps:
    a rerun only does the inputs not yet committed.
 2. `rayjobs.train_scorer`: the scoring network (`run_dir/scorer/`); skipped when trained.
 3. `rayjobs.finetune_blip`: BLIP fine-tuned through it (`run_dir/blip/`); skipped when done.
+4. `rayjobs.evaluate`: FID and CLIP score of the three variants, the Table 1 report
+   (`run_dir/eval/`); skipped when its report exists (run `rayjobs.evaluate` to redo it).
 """
 
 from __future__ import annotations
@@ -19,30 +21,29 @@ import logging
 import sys
 
 from blipinpaint.config import Config
-from blipinpaint.sources import filesystem
-from rayjobs import finetune_blip, generate, train_scorer
+from blipinpaint.storage import kind
+from rayjobs import evaluate, finetune_blip, generate, train_scorer
 from rayjobs.common import job_main
 
 log = logging.getLogger("blipinpaint.pipeline")
-
-
-def _exists(uri: str) -> bool:
-    fs, path = filesystem(uri)
-    return fs.get_file_info(path).type.name == "File"
 
 
 def run(cfg: Config) -> None:
     root = cfg.run_dir.rstrip("/")
     stats = generate.run(cfg)
     generate.print_summary(stats)
-    if _exists(f"{root}/scorer/model/model.safetensors"):
+    if kind(f"{root}/scorer/model/model.safetensors") == "File":
         log.info("scorer already trained in %s/scorer: skipped", root)
     else:
         train_scorer.print_report(train_scorer.run(cfg))
-    if _exists(f"{root}/blip/model.safetensors"):
+    if kind(f"{root}/blip/model.safetensors") == "File":
         log.info("BLIP already fine-tuned in %s/blip: skipped", root)
     else:
         finetune_blip.print_report(finetune_blip.run(cfg))
+    if kind(f"{root}/eval/report.json") == "File":
+        log.info("already evaluated in %s/eval: skipped", root)
+    else:
+        evaluate.print_report(evaluate.run(cfg))
 
 
 def main(argv: list[str] | None = None) -> int:

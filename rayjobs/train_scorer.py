@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import tempfile
 
 import numpy as np
 import ray
@@ -26,10 +27,10 @@ import torch
 import torch.distributed as dist
 
 from blipinpaint.config import Config, ConfigError, to_yaml
-from blipinpaint.report import plot_curves, plot_scatter, read_jsonl, write_jsonl, write_tensorboard, write_text
-from blipinpaint.seeds import sample_seed
+from blipinpaint.report import plot_curves, plot_scatter, write_tensorboard
 from blipinpaint.scorer import TARGETS, ScoreNet, ScoreNetConfig, regression_report
-from blipinpaint.sources import filesystem
+from blipinpaint.seeds import sample_seed
+from blipinpaint.storage import kind, local_dir, read_jsonl, upload_dir, write_jsonl, write_text
 from rayjobs import training
 from rayjobs.common import connect, job_main
 
@@ -106,7 +107,9 @@ def train_loop(config: dict) -> None:
         if (epoch + 1) % cfg.scorer.checkpoint_every == 0 or epoch + 1 == cfg.scorer.epochs:
             training.save_and_report(engine, metrics, {"epoch": epoch})
     if ctx.get_world_rank() == 0:
-        model.save_pretrained(config["model_dir"])
+        with tempfile.TemporaryDirectory() as folder:
+            model.save_pretrained(folder)
+            upload_dir(folder, config["model_dir"])
 
 
 def _stats(ds: ray.data.Dataset) -> tuple[list[float], list[float]]:
@@ -118,7 +121,7 @@ def _stats(ds: ray.data.Dataset) -> tuple[list[float], list[float]]:
 
 def evaluate(model_dir: str, val: ray.data.Dataset, out_dir: str, limit: int = 20_000) -> dict:
     """MAE and R² on the held-out split (up to `limit` rows), and the scatter plot."""
-    model = ScoreNet.from_pretrained(model_dir)
+    model = ScoreNet.from_pretrained(local_dir(model_dir))
     preds, trues = [], []
     for batch in val.limit(limit).iter_batches(batch_size=4096, batch_format="numpy"):
         x, y = _xy(batch, torch.device("cpu"))
@@ -136,8 +139,7 @@ def evaluate(model_dir: str, val: ray.data.Dataset, out_dir: str, limit: int = 2
 def run(cfg: Config) -> dict:
     out_dir = f"{cfg.run_dir.rstrip('/')}/scorer"
     samples = f"{cfg.run_dir.rstrip('/')}/generate/samples"
-    fs, root = filesystem(samples)
-    if fs.get_file_info(root).type.name != "Directory":
+    if kind(samples) != "Directory":
         raise ConfigError(f"no generated samples in {samples}: run rayjobs.generate first")
     connect(cfg.ray_address)
     ds = ray.data.read_parquet(samples, columns=COLUMNS)

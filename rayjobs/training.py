@@ -16,7 +16,7 @@ import ray.train
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from blipinpaint.config import Config
+from blipinpaint.config import Config, heldout_fraction
 from blipinpaint.seeds import heldout
 
 CONTROLLER_POLL_S = 2.0  # Ray Train's default RAY_TRAIN_HEALTH_CHECK_INTERVAL_S
@@ -55,7 +55,7 @@ def make_trainer(loop, loop_config: dict, cfg: Config, name: str, storage: str, 
 
 def split(ds: ray.data.Dataset, cfg: Config) -> tuple[ray.data.Dataset, ray.data.Dataset]:
     """(train, held-out) by a hash of each id: the same split in every job and rerun."""
-    fraction, seed = cfg.train.val_fraction, cfg.seed
+    fraction, seed = heldout_fraction(cfg), cfg.seed
     return (ds.filter(lambda row: not heldout(seed, row["id"], fraction)),
             ds.filter(lambda row: heldout(seed, row["id"], fraction)))
 

@@ -2,7 +2,13 @@ import numpy as np
 import torch
 from helpers import take
 
-from blipinpaint.captioning import caption_features, caption_token_mask, encode_images, generate_captions
+from blipinpaint.captioning import (
+    Captioner,
+    caption_features,
+    caption_token_mask,
+    encode_images,
+    generate_captions,
+)
 from blipinpaint.masks import masked_pixels
 
 
@@ -85,3 +91,10 @@ def test_features_are_differentiable_in_the_decoder(captioner, sample_batch):
     grads = [p.grad for p in model.text_decoder.parameters() if p.grad is not None]
     model.zero_grad(set_to_none=True)
     assert grads and any(g.abs().sum() > 0 for g in grads)
+
+
+def test_output_renames_the_caption_columns(captioner, sample_batch):
+    renamed = Captioner(captioner.bundle, output="caption_finetuned")(sample_batch)
+    original = captioner(sample_batch)
+    assert list(renamed["caption_finetuned"]) == list(original["caption"]) and "caption" not in renamed
+    assert np.allclose(renamed["caption_finetuned_features"], original["caption_features"])

@@ -1,6 +1,6 @@
 import pytest
 
-from blipinpaint.config import ConfigError, load_config, parse_args, to_yaml
+from blipinpaint.config import ConfigError, dataset_name, heldout_fraction, load_config, parse_args, to_yaml
 
 
 def test_defaults_are_the_embedded_tiny_run():
@@ -41,6 +41,10 @@ def test_resolved_config_round_trips(tmp_path):
     (["generate.captioner.min_size=1"], "generate.captioner: an autoscaling pool"),
     (["generate.metrics.size=0"], "generate.metrics.size=0"),
     (["generate.inpainter.num_gpus=-1"], "generate.inpainter: num_cpus and num_gpus"),
+    (["train.val_fraction=1.5"], "train.val_fraction=1.5"),
+    (["evaluate.limit=1"], "evaluate.limit=1 must be at least 2"),
+    (["evaluate.mask_buckets=[0.3,0.1]"], "mask_buckets=\\[0.3, 0.1\\] must be increasing"),
+    (["evaluate.fid.size=0"], "evaluate.fid.size=0"),
 ])
 def test_bad_config_names_the_problem(overrides, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
@@ -77,3 +81,13 @@ def test_local_paths_become_absolute(tmp_path, monkeypatch):
     assert cfg.run_dir == str(tmp_path / "runs" / "x") and cfg.data.source == str(tmp_path / "imgs")
     assert cfg.models.captioner.name_or_path == str(tmp_path / "imgs")
     assert load_config(overrides=["run_dir=s3://bucket/run"]).run_dir == "s3://bucket/run"
+
+
+def test_held_out_share_and_dataset_name(tmp_path):
+    """The 6 shipped samples hold out half (the embedded default needs an evaluation set)."""
+    default = load_config()
+    assert heldout_fraction(default) == 0.5 and dataset_name(default) == "samples"
+    other = load_config(overrides=[f"data.source={tmp_path}"])
+    assert heldout_fraction(other) == 0.2 and dataset_name(other) == tmp_path.name
+    named = load_config(overrides=[f"data.source={tmp_path}", "train.val_fraction=0.1", "data.name=MSCOCO"])
+    assert heldout_fraction(named) == 0.1 and dataset_name(named) == "MSCOCO"

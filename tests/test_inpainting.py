@@ -51,3 +51,13 @@ def test_baseline_without_guidance_equals_guidance_on_an_empty_prompt(inpainter,
     guided_empty = inpainter._run(captioned["image"], captioned["mask"], [""] * 3, seeds, guidance_scale=7.5)
     diff = np.abs(guided_empty.astype(int) - inpainted["inpainted_baseline"].astype(int))
     assert diff.max() <= 1
+
+
+def test_a_variant_prompted_by_another_caption_column_matches_the_same_caption(inpainter, captioned, inpainted):
+    """The evaluate step's fine-tuned variant: same noise, its own caption column."""
+    finetuned = Inpainter(inpainter.pipe, inpainter.steps, inpainter.guidance_scale, inpainter.seed,
+                          prompts={"inpainted_finetuned": "caption_finetuned"})
+    batch = dict(captioned, caption_finetuned=captioned["caption"])
+    out = finetuned(batch)
+    assert set(out) - set(batch) == {"inpainted_finetuned", "noise_seed"}
+    assert np.array_equal(out["inpainted_finetuned"], inpainted["inpainted"])

@@ -5,7 +5,7 @@ from helpers import photo
 from skimage.metrics import structural_similarity
 from torchmetrics.multimodal import CLIPScore
 
-from blipinpaint.metrics import ClipScorer, ssim_psnr, to_unit_tensor
+from blipinpaint.metrics import ClipScorer, InpaintMetrics, ssim_psnr, to_unit_tensor
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +114,17 @@ def test_metrics_stage_scores_both_variants_against_one_caption(metrics, sample_
     assert np.allclose(out["ssim"], 1.0) and np.isinf(out["psnr"]).all()  # guided == ground truth here
     assert np.all(out["ssim_baseline"] < 1.0)
     assert np.all(out["clip_score"] >= 0)
+
+
+def test_each_variant_is_scored_against_its_own_caption(metrics, sample_batch):
+    """The evaluate step's variants: CLIP score against the caption column that guided each."""
+    batch = dict(sample_batch, caption=np.array(["a photo"] * 4, dtype=object),
+                 caption_finetuned=np.array(["a cat", "a rocket", "a cup", "coins"], dtype=object),
+                 inpainted_finetuned=sample_batch["image"][::-1].copy())
+    stage = InpaintMetrics(metrics.clip.clip, variants={"_finetuned": ("inpainted_finetuned", "caption_finetuned")})
+    out = stage(batch)
+    scorer = metrics.clip
+    expected = scorer.score(scorer.image_embeddings(batch["inpainted_finetuned"]),
+                            scorer.text_embeddings(list(batch["caption_finetuned"])))
+    assert np.allclose(out["clip_score_finetuned"], expected.numpy(), atol=1e-4)
+    assert "clip_score" not in out and out["ssim_finetuned"].shape == (4,)

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import encode, photo
 
-from blipinpaint.config import load_config, sample_images_dir
+from blipinpaint.config import ConfigError, load_config, sample_images_dir
 from blipinpaint.records import ERROR_SCHEMA, METRIC_COLUMNS, SAMPLE_SCHEMA
 from rayjobs import generate
 
@@ -120,3 +120,13 @@ def test_killed_driver_then_rerun_gives_every_input_once(local_ray, source, tmp_
     ids = samples.column("id").to_pylist() + errors.column("id").to_pylist()
     assert sorted(ids) == sorted(set(ids)) and len(ids) == 9
     assert not list((run_dir / "generate" / "_staging" / "samples").glob("*"))
+
+
+def test_a_run_folder_refuses_rows_made_with_other_settings(tmp_path):
+    cfg = load_config(overrides=[f"run_dir={tmp_path}"])
+    generate.check_fingerprint(str(tmp_path), generate.fingerprint(cfg))
+    same = load_config(overrides=[f"run_dir={tmp_path}", "models.fid.name_or_path=/elsewhere", "evaluate.limit=4"])
+    generate.check_fingerprint(str(tmp_path), generate.fingerprint(same))  # FID and evaluation: rows unaffected
+    other = load_config(overrides=[f"run_dir={tmp_path}", "seed=1", "masks.kind=thin"])
+    with pytest.raises(ConfigError, match=r"masks, seed differ"):
+        generate.check_fingerprint(str(tmp_path), generate.fingerprint(other))

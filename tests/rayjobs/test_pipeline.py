@@ -1,31 +1,95 @@
 import json
 
 import pyarrow.parquet as pq
+import pytest
+from PIL import Image
 from transformers import BlipForConditionalGeneration
 
-from rayjobs import pipeline
+from blipinpaint import stages
+from blipinpaint.config import load_config
+from blipinpaint.evaluation import FID_SETS, REAL, VARIANTS, bucket_of
+from blipinpaint.fid import fid_table
+from blipinpaint.seeds import heldout
+from rayjobs import evaluate, pipeline
+
+ARGS = ["run_dir=run", "scorer.epochs=2", "finetune.epochs=1", "evaluate.fid.size=2"]
 
 
-def test_main_job_runs_every_step_and_reuses_them(local_ray, tmp_path, capsys, monkeypatch):
-    """The README's main command (fewer epochs): generate -> train_scorer -> finetune_blip.
+@pytest.fixture(scope="module")
+def main_run(local_ray, tmp_path_factory):
+    """The README's main command (fewer epochs, two FID workers), run once for this module.
 
     With a relative run_dir, as the default is: workers must write where the driver reads."""
-    monkeypatch.chdir(tmp_path)
-    args = ["run_dir=run", "scorer.epochs=2", "finetune.epochs=1"]
-    tmp_path = tmp_path / "run"
-    assert pipeline.main(args) == 0
-    stats = json.loads((tmp_path / "generate" / "stats.json").read_text())
-    assert (stats["inputs"], stats["ok"], stats["errors"]) == (6, 6, 0)
-    samples = pq.read_table(tmp_path / "generate" / "samples")
-    assert samples.num_rows == 6 and len(set(samples.column("caption").to_pylist())) > 1
-    assert (tmp_path / "scorer" / "model" / "model.safetensors").exists()
-    BlipForConditionalGeneration.from_pretrained(tmp_path / "blip", use_safetensors=True)
-    out = capsys.readouterr().out
-    assert "6 inputs: 6 samples, 0 errors;" in out and "scorer: 2 epochs" in out and "fine-tuned BLIP" in out
+    folder = tmp_path_factory.mktemp("pipeline")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(folder)
+        code = pipeline.main(ARGS)
+    return code, folder
 
-    assert pipeline.main(args) == 0  # everything is reused: nothing trains twice
+
+def test_main_job_runs_every_step_and_reuses_them(main_run, capsys, monkeypatch):
+    """generate -> train_scorer -> finetune_blip -> evaluate; a rerun does nothing twice."""
+    code, folder = main_run
+    assert code == 0
+    monkeypatch.chdir(folder)
+    args, run = ARGS, folder / "run"
+    stats = json.loads((run / "generate" / "stats.json").read_text())
+    assert (stats["inputs"], stats["ok"], stats["errors"]) == (6, 6, 0)
+    samples = pq.read_table(run / "generate" / "samples")
+    assert samples.num_rows == 6 and len(set(samples.column("caption").to_pylist())) > 1
+    assert (run / "scorer" / "model" / "model.safetensors").exists()
+    BlipForConditionalGeneration.from_pretrained(run / "blip", use_safetensors=True)
+    assert json.loads((run / "scorer" / "report.json").read_text())["epochs"] == 2
+    assert json.loads((run / "finetune" / "report.json").read_text())["scorer_unchanged"]
+
+    # The evaluation set is exactly the held-out split, never a training row.
+    evaluated = pq.read_table(run / "eval" / "samples")
+    expected = sorted(i for i in samples.column("id").to_pylist() if heldout(0, i, 0.5))
+    assert sorted(evaluated.column("id").to_pylist()) == expected and len(expected) == 2
+    generated = {r["id"]: r for r in samples.to_pylist()}
+    for row in evaluated.to_pylist():  # the third variant starts from the same noise as the other two
+        assert row["noise_seed"] == generated[row["id"]]["noise_seed"]
+        if row["caption_finetuned"] == row["caption"]:
+            assert row["inpainted_finetuned_png"] == row["inpainted_png"]
+    report = json.loads((run / "eval" / "report.json").read_text())
+    for name in VARIANTS:
+        entry = report["variants"][name]
+        assert entry["samples"] == 2 and entry["fid"] >= 0 and entry["clip_score"]["mean"] >= 0
+    table = (run / "eval" / "report.md").read_text().split("## Table 1")[1].split("##")[0]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "CLIP" not in line]
+    assert len(rows) == 3 and all(cell.strip() and cell.strip() != "n/a" for r in rows for cell in r.split("|")[1:-1])
+    for png in ("metrics.png", "mask_buckets.png", "grid.png"):
+        with Image.open(run / "eval" / png) as image:
+            assert image.format == "PNG" and image.size[0] > 300
+
+    assert pipeline.main(args) == 0  # everything is reused: nothing trains or evaluates twice
     out = capsys.readouterr().out
     assert "skipped 6 already committed" in out and "scorer:" not in out and "fine-tuned" not in out
+    assert "evaluation of" not in out
+
+    # Run alone, evaluate redoes only the report from the committed rows.
+    assert evaluate.main(args) == 0
+    assert "this run evaluated 0" in capsys.readouterr().out
+
+
+def test_distributed_fid_equals_one_pass(main_run, monkeypatch):
+    """Two FID actors on shards of the job's own rows, merged: the numbers of one local pass.
+
+    The features are recomputed here at another batch size (float32 convolutions round
+    differently), so this compares to 1e-4; merging itself is exact (tests/test_fid.py)."""
+    _, folder = main_run
+    monkeypatch.chdir(folder)
+    cfg = load_config(overrides=ARGS)
+    ids = evaluate.evaluation_ids(cfg)
+    distributed = evaluate.compute_fid(cfg, ids)
+
+    rows = pq.read_table(folder / "run" / "eval" / "samples").to_pydict()
+    one = stages.build_fid(cfg, FID_SETS)
+    one.update({k: rows[k] for k in FID_SETS.values()}, bucket_of(rows["mask_area"], cfg.evaluate.mask_buckets))
+    single = fid_table(one.stats, real=REAL)
+    assert distributed.keys() == single.keys() == VARIANTS.keys()
+    for name in VARIANTS:
+        assert distributed[name]["all"] == pytest.approx(single[name]["all"], rel=1e-4)
 
 
 def test_bad_config_fails_before_any_work(tmp_path, capsys):

@@ -1,0 +1,149 @@
+"""The paper's evaluation as data: variants, mask-area buckets, summaries, the Table 1 report.
+
+Three inpaintings of each held-out sample, from the same noise: the baseline (no text),
+guided by the original BLIP's caption, and guided by the fine-tuned BLIP's caption. Each
+is scored by FID against the ground-truth images, CLIP score against the caption that
+guided it (the baseline, which had none, against the original BLIP's caption), and
+SSIM/PSNR against the ground truth; overall and per mask-area bucket.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from blipinpaint.io import decode_png
+from blipinpaint.masks import masked_pixels
+from blipinpaint.records import METRICS
+
+
+@dataclass(frozen=True)
+class Variant:
+    label: str  # as in the report's table
+    short: str  # in plot legends
+    suffix: str  # of its metric columns
+    image: str  # its PNG column
+    caption: str | None  # the caption column that guided it
+
+
+VARIANTS = {
+    "baseline": Variant("Stable Diffusion, no text (baseline)", "baseline (no text)", "_baseline",
+                        "inpainted_baseline_png", None),
+    "blip": Variant("+ BLIP caption", "BLIP caption", "", "inpainted_png", "caption"),
+    "finetuned": Variant("+ fine-tuned BLIP caption", "fine-tuned BLIP caption", "_finetuned",
+                         "inpainted_finetuned_png", "caption_finetuned"),
+}
+REAL = "ground_truth"
+FID_SETS = {REAL: "image_png", **{name: v.image for name, v in VARIANTS.items()}}
+ALL = "all"
+
+
+def bucket_names(edges: list[float]) -> list[str]:
+    """Mask-area buckets from their edges: [0.1, 0.3] -> `<10%`, `10-30%`, `>=30%`."""
+    pct = [f"{round(100 * e)}%" for e in edges]
+    if not pct:
+        return [ALL]
+    return [f"<{pct[0]}", *(f"{a[:-1]}-{b}" for a, b in zip(pct, pct[1:])), f">={pct[-1]}"]
+
+
+def bucket_of(areas: np.ndarray, edges: list[float]) -> list[str]:
+    names = bucket_names(edges)
+    return [names[i] for i in np.searchsorted(np.asarray(edges), np.asarray(areas, dtype=np.float64), side="right")]
+
+
+def spread(values: np.ndarray) -> dict:
+    """Mean and standard deviation of the finite values (a perfect hole has infinite PSNR)."""
+    values = np.asarray(values, dtype=np.float64)
+    finite = values[np.isfinite(values)]
+    return {"mean": float(finite.mean()) if finite.size else None,
+            "std": float(finite.std(ddof=1)) if finite.size > 1 else None,
+            "infinite": int((~np.isfinite(values)).sum())}
+
+
+def summarize(columns: dict[str, np.ndarray], fid: dict[str, dict], edges: list[float]) -> dict:
+    """Per variant, overall and per mask bucket: sample count, FID, and every metric's spread.
+
+    `columns` holds the evaluated rows' metric columns and `mask_area`; `fid` is
+    `blipinpaint.fid.fid_table`'s output keyed by variant.
+    """
+    buckets = np.array(bucket_of(columns["mask_area"], edges), dtype=object)
+
+    def block(rows: np.ndarray, group: str) -> dict:
+        out = {}
+        for name, v in VARIANTS.items():
+            entry = {"samples": int(rows.sum()), "fid": fid.get(name, {}).get(group)}
+            entry.update({m: spread(np.asarray(columns[m + v.suffix])[rows]) for m in METRICS})
+            out[name] = entry
+        return out
+
+    everything = np.ones(len(buckets), dtype=bool)
+    return {
+        "variants": block(everything, ALL),
+        "mask_buckets": {b: block(buckets == b, b) for b in bucket_names(edges) if (buckets == b).any()},
+    }
+
+
+def fmt(value, digits: int = 2) -> str:
+    """Fixed decimals, or significant digits for small values (a tiny model's FID is ~1e-4)."""
+    if value is None:
+        return "n/a"
+    return f"{value:.{digits}f}" if value == 0 or abs(value) >= 10 ** -digits * 10 else f"{value:.{digits + 1}g}"
+
+
+def _mean_std(stats: dict, digits: int = 2) -> str:
+    if stats["mean"] is None:
+        return "n/a"
+    return fmt(stats["mean"], digits) + ("" if stats["std"] is None else f" ± {fmt(stats['std'], digits)}")
+
+
+def table1(datasets: dict[str, dict]) -> str:
+    """The paper's Table 1: a row per variant, CLIP score ↑, FID ↓ and samples per dataset."""
+    names = list(datasets)
+    lines = ["| | " + " | ".join(f"{n}: CLIP score ↑ | {n}: FID ↓ | {n}: n" for n in names) + " |",
+             "|---|" + "---:|---:|---:|" * len(names)]
+    for key, v in VARIANTS.items():
+        cells = []
+        for n in names:
+            entry = datasets[n]["variants"][key]
+            cells += [_mean_std(entry["clip_score"]), fmt(entry["fid"]), str(entry["samples"])]
+        lines.append(f"| {v.label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def metrics_table(summary: dict) -> str:
+    """Mean ± std of every metric per variant (the numbers behind the paper's Figures 2-3)."""
+    lines = ["| | " + " | ".join(METRICS) + " |", "|---|" + "---:|" * len(METRICS)]
+    for key, v in VARIANTS.items():
+        entry = summary["variants"][key]
+        lines.append(f"| {v.label} | " + " | ".join(_mean_std(entry[m], 3) for m in METRICS) + " |")
+    return "\n".join(lines)
+
+
+def bucket_table(summary: dict) -> str:
+    lines = ["| mask area | samples | " + " | ".join(f"{k}: CLIP ↑ | {k}: FID ↓ | {k}: PSNR ↑" for k in VARIANTS)
+             + " |", "|---|---:|" + "---:|---:|---:|" * len(VARIANTS)]
+    for bucket, block in summary["mask_buckets"].items():
+        cells = [bucket, str(block["baseline"]["samples"])]
+        for key in VARIANTS:
+            cells += [_mean_std(block[key]["clip_score"]), fmt(block[key]["fid"]),
+                      fmt(block[key]["psnr"]["mean"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def grid_rows(rows: dict[str, np.ndarray]) -> list[dict]:
+    """Decoded images and captions of the example rows: ground truth, masked, three variants."""
+    out = []
+    for i in range(len(rows["id"])):
+        image, mask = decode_png(rows["image_png"][i]), decode_png(rows["mask_png"][i]) > 127
+        out.append({
+            "id": str(rows["id"][i]),
+            "images": [image, masked_pixels(image[None], mask[None])[0],
+                       *(decode_png(rows[v.image][i]) for v in VARIANTS.values())],
+            "captions": ["", "", "", str(rows["caption"][i]), str(rows["caption_finetuned"][i])],
+        })
+    return out
+
+
+GRID_TITLES = ["ground truth", "masked", *(v.short for v in VARIANTS.values())]

@@ -1,0 +1,328 @@
+"""Evaluate: FID and CLIP score of baseline, BLIP-guided and fine-tuned-BLIP-guided inpainting.
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . \\
+        -- python -m rayjobs.evaluate --config configs/paper-coco.yaml
+
+    python -m rayjobs.evaluate [--config CONFIG.yaml] [dotted.key=value ...]
+
+The evaluation set is the held-out split of `run_dir/generate/samples` (a hash of
+(seed, id): never seen by the scorer or the fine-tuning), capped at `evaluate.limit`.
+The generate step already inpainted those samples without text and with the original
+BLIP's caption; this job adds the third variant from the same noise seed:
+1. Ray Data streams the held-out rows through the fine-tuned BLIP (`run_dir/blip`),
+   the inpainter and the metrics actors into `run_dir/eval/samples/` (exactly once;
+   a rerun does only what is missing).
+2. FID: `evaluate.fid.size` actors each fold the Inception features of their shard into
+   mergeable statistics (count, sum, sum of outer products) per image set and mask
+   bucket; the driver merges them and takes the Fréchet distance once per pair.
+3. The report in `run_dir/eval/`: `report.json`, `report.md` (Table 1 of the paper,
+   per-metric and per-mask-bucket tables), `metrics.png`, `mask_buckets.png`, `grid.png`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+import time
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+from ray.data import DataContext
+
+from blipinpaint import stages
+from blipinpaint.batches import Guarded
+from blipinpaint.config import Config, ConfigError, dataset_name, heldout_fraction, to_yaml
+from blipinpaint.evaluation import (
+    FID_SETS,
+    GRID_TITLES,
+    REAL,
+    VARIANTS,
+    bucket_of,
+    bucket_table,
+    fmt,
+    grid_rows,
+    metrics_table,
+    summarize,
+    table1,
+)
+from blipinpaint.fid import FeatureStats, fid_table, merge_all
+from blipinpaint.io import decode_png
+from blipinpaint.models import ModelRef
+from blipinpaint.records import EVAL_SCHEMA, METRICS, SAMPLE_SCHEMA, encode_rows
+from blipinpaint.report import plot_grouped_bars, plot_image_grid
+from blipinpaint.seeds import heldout, sample_seed
+from blipinpaint.storage import filesystem, kind, local_dir, read_text, write_text
+from blipinpaint.writer import CommitLog
+from rayjobs.common import actor_resources, connect, job_main
+from rayjobs.generate import check_fingerprint, fingerprint
+from rayjobs.stream import CommitSink, ErrorWriter, ModelStage
+
+log = logging.getLogger("blipinpaint.evaluate")
+
+# What the generate step's held-out rows bring along.
+INPUT_COLUMNS = ["id", "source", "caption", "mask_area", "noise_seed",
+                 *(m + s for s in ("", "_baseline") for m in METRICS),
+                 "image_png", "mask_png", "inpainted_png", "inpainted_baseline_png"]
+METRIC_LABELS = {"ssim": "SSIM ↑", "psnr": "PSNR (dB) ↑", "clip_score": "CLIP score ↑"}
+FINETUNED = {"caption": "caption_finetuned", "image": "inpainted_finetuned"}
+
+
+def _paths(cfg: Config) -> dict[str, str]:
+    root = cfg.run_dir.rstrip("/")
+    return {"samples": f"{root}/generate/samples", "blip": f"{root}/blip", "out": f"{root}/eval",
+            "check": f"{root}/finetune/check.json"}
+
+
+def evaluation_ids(cfg: Config) -> list[str]:
+    """The held-out ids (the split every job uses), at most `evaluate.limit` of them by a hash."""
+    parts = CommitLog(f"{cfg.run_dir.rstrip('/')}/generate").committed_samples()
+    fraction = heldout_fraction(cfg)
+    chosen = [i for ids in parts.values() for i in ids if heldout(cfg.seed, i, fraction)]
+    if cfg.evaluate.limit is not None:
+        chosen = sorted(chosen, key=lambda i: sample_seed(cfg.seed, i, "evaluate"))[: cfg.evaluate.limit]
+    return sorted(chosen)
+
+
+def row_reads(out_dir: str, ids: list[str], schema) -> list[dict]:
+    """Read tasks for the committed rows of `ids` under `out_dir`: one per Parquet part.
+
+    The commit markers say which part holds which id, so nothing is listed or scanned
+    to find them (and no file-listing task competes with the model actors for CPU).
+    """
+    wanted = set(ids)
+    reads = []
+    for name, ids_here in CommitLog(out_dir, schema).committed_samples().items():
+        chosen = sorted(wanted.intersection(ids_here))
+        if chosen:
+            reads.append({"path": f"{out_dir}/samples/{name}.parquet", "ids": chosen})
+    return reads
+
+
+def read_rows(batch: dict, columns: list[str]) -> dict:
+    """CPU task: the rows of `ids` from each `path` (a Parquet part), as one batch."""
+    tables = []
+    for path, ids in zip(batch["path"], batch["ids"]):
+        fs, local = filesystem(str(path))
+        tables.append(pq.read_table(local, filesystem=fs, columns=columns, filters=[("id", "in", list(ids))]))
+    table = pa.concat_tables(tables)
+    return {c: table.column(c).to_numpy(zero_copy_only=False) for c in columns}
+
+
+def prepare(batch: dict, out_dir: str, retries: int) -> dict:
+    """CPU task: read the held-out rows; the ground truth and mask as arrays again.
+
+    A row whose PNGs cannot be decoded becomes an error row; a part that cannot be read
+    (storage, not data) fails the task, which Ray retries.
+    """
+    def decode(rows):
+        return {**rows, "image": np.stack([decode_png(x) for x in rows["image_png"]]),
+                "mask": np.stack([(decode_png(x) > 127).astype(np.uint8) for x in rows["mask_png"]])}
+    rows = read_rows(batch, INPUT_COLUMNS)
+    rows["error"] = np.full(len(rows["id"]), "", dtype=object)
+    return Guarded("prepare", decode, ErrorWriter(out_dir), retries)(rows)
+
+
+def _finetuned_captioner(cfg: Config, blip_uri: str):
+    return stages.build_captioner(cfg, ModelRef(local_dir(blip_uri)), output=FINETUNED["caption"])
+
+
+def build_dataset(cfg: Config, pending: list[str]) -> ray.data.Dataset:
+    g, paths = cfg.generate, _paths(cfg)
+    builders = {
+        "captioner": functools.partial(_finetuned_captioner, cfg, paths["blip"]),
+        "inpainter": functools.partial(stages.build_inpainter, cfg, {FINETUNED["image"]: FINETUNED["caption"]}),
+        "metrics": functools.partial(stages.build_metrics, cfg,
+                                     {"_finetuned": (FINETUNED["image"], FINETUNED["caption"])}),
+    }
+    reads = row_reads(f"{cfg.run_dir.rstrip('/')}/generate", pending, SAMPLE_SCHEMA)
+    ds = ray.data.from_items(reads, override_num_blocks=len(reads))
+    ds = ds.map_batches(prepare, fn_kwargs={"out_dir": paths["out"], "retries": g.batch_retries},
+                        batch_size=1, num_cpus=g.read.num_cpus)
+    for name, build in builders.items():
+        ds = ds.map_batches(ModelStage, fn_constructor_kwargs={"name": name, "build": build, "out_dir": paths["out"],
+                                                               "retries": g.batch_retries},
+                            **actor_resources(getattr(g, name)))
+    return ds.map_batches(encode_rows, fn_kwargs={"models": {}, "schema": EVAL_SCHEMA},
+                          batch_size=g.read.batch_size, num_cpus=g.read.num_cpus)
+
+
+@ray.remote
+class FidWorker:
+    """Folds the FID features of its shard into statistics per (image set, mask bucket)."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.fid = stages.build_fid(cfg, FID_SETS)
+
+    def run(self, shard) -> dict[tuple[str, str], FeatureStats]:
+        for batch in shard.iter_batches(batch_size=self.cfg.evaluate.fid.batch_size, batch_format="numpy"):
+            self.fid.update(batch, bucket_of(batch["mask_area"], list(self.cfg.evaluate.mask_buckets)))
+        return self.fid.stats
+
+
+def compute_fid(cfg: Config, ids: list[str]) -> dict[str, dict]:
+    """FID of each variant against the ground truth, overall and per mask bucket."""
+    stage = cfg.evaluate.fid
+    n = stage.size if stage.size is not None else stage.max_size
+    reads = row_reads(_paths(cfg)["out"], ids, EVAL_SCHEMA)
+    ds = ray.data.from_items(reads, override_num_blocks=len(reads))
+    ds = ds.map_batches(read_rows, fn_kwargs={"columns": ["id", "mask_area", *FID_SETS.values()]},
+                        batch_size=1, num_cpus=cfg.generate.read.num_cpus)
+    shards = ds.streaming_split(n)
+    workers = [FidWorker.options(num_cpus=stage.num_cpus, num_gpus=stage.num_gpus or None).remote(cfg)
+               for _ in range(n)]
+    pending = [w.run.remote(s) for w, s in zip(workers, shards)]
+    merged: dict = {}
+    while pending:  # merge as workers finish: one worker's statistics in memory at a time
+        done, pending = ray.wait(pending)
+        merged = merge_all([merged, ray.get(done[0])])
+    return fid_table(merged, real=REAL)
+
+
+def _read_eval_rows(out_dir: str, ids: list[str], columns: list[str]) -> dict[str, np.ndarray]:
+    """The evaluated rows of `ids` (only the parts that hold them), sorted by id."""
+    reads = row_reads(out_dir, ids, EVAL_SCHEMA)
+    rows = read_rows({"path": [r["path"] for r in reads], "ids": [r["ids"] for r in reads]}, ["id", *columns])
+    order = np.argsort(rows["id"])
+    return {c: v[order] for c, v in rows.items()}
+
+
+def write_report(cfg: Config, summary: dict, ids: list[str], out_dir: str) -> str:
+    """`report.md` with its tables and figures (also those of `evaluate.other_runs`)."""
+    name = dataset_name(cfg)
+    datasets = {name: summary}
+    for other in cfg.evaluate.other_runs:
+        path = f"{other.rstrip('/')}/eval/report.json"
+        if kind(path) != "File":  # e.g. that run is still going: this report is still useful
+            log.warning("evaluate.other_runs: %s does not exist yet; left out of Table 1", path)
+            continue
+        report = json.loads(read_text(path))
+        datasets[report["dataset"]] = report
+    v, buckets = summary["variants"], summary["mask_buckets"]
+
+    def bars(block: dict, metric: str) -> dict:
+        return {x.short: (block[k][metric]["mean"], block[k][metric]["std"]) for k, x in VARIANTS.items()}
+
+    panels = {label: {"": bars(v, m)} for m, label in METRIC_LABELS.items()}
+    plot_grouped_bars(panels, f"{name}: mean ± std over {v['blip']['samples']} held-out samples",
+                      f"{out_dir}/metrics.png")
+    panels = {"CLIP score ↑": {b: bars(blk, "clip_score") for b, blk in buckets.items()},
+              "FID ↓": {b: {x.short: (blk[k]["fid"], None) for k, x in VARIANTS.items()} for b, blk in buckets.items()},
+              "PSNR (dB) ↑": {b: bars(blk, "psnr") for b, blk in buckets.items()}}
+    plot_grouped_bars(panels, f"{name}: by mask area (share of the image hidden)", f"{out_dir}/mask_buckets.png")
+    examples = sorted(ids, key=lambda i: sample_seed(cfg.seed, i, "grid"))[: cfg.evaluate.grid_rows]
+    rows = _read_eval_rows(out_dir, examples, ["caption", "caption_finetuned", "image_png", "mask_png",
+                                               *(x.image for x in VARIANTS.values())])
+    plot_image_grid(grid_rows(rows), GRID_TITLES, f"{out_dir}/grid.png")
+    fid_name = stages.model_ids(cfg).get("fid", "")
+    markdown = f"""# Evaluation: {name}
+
+{v['blip']['samples']} held-out samples of `{cfg.run_dir}` (never seen by the scorer or the
+fine-tuning), models preset `{cfg.models.preset}`{f', FID features `{fid_name}`' if fid_name else ''}.
+Each sample is inpainted three times from the same noise: without text (the paper's
+baseline), with the original BLIP's caption, and with the fine-tuned BLIP's caption.
+CLIP score is taken against the caption that guided the image (the baseline against
+BLIP's); FID against the ground-truth images.
+
+## Table 1
+
+{table1(datasets)}
+
+## SSIM, PSNR and CLIP score (paper, Figures 2-3)
+
+{metrics_table(summary)}
+
+![metrics](metrics.png)
+
+## By mask area
+
+{bucket_table(summary)}
+
+![mask buckets](mask_buckets.png)
+
+## Examples (paper, Figure 4)
+
+![examples](grid.png)
+"""
+    write_text(f"{out_dir}/report.md", markdown)
+    return markdown
+
+
+def run(cfg: Config) -> dict:
+    started = time.perf_counter()
+    paths = _paths(cfg)
+    for path, step in ((paths["samples"], "rayjobs.generate"), (f"{paths['blip']}/model.safetensors",
+                                                                "rayjobs.finetune_blip")):
+        if kind(path) == "NotFound":
+            raise ConfigError(f"{path} is missing: run {step} first")
+    ids = evaluation_ids(cfg)
+    if len(ids) < 2:
+        raise ConfigError(f"only {len(ids)} held-out samples in {paths['samples']}: FID needs at least 2 "
+                          f"(more inputs, or a larger train.val_fraction)")
+    out_dir = paths["out"]
+    # Rows made with another fine-tuned BLIP (or other generate settings) must not mix.
+    decoder = json.loads(read_text(paths["check"])).get("decoder") if kind(paths["check"]) == "File" else None
+    check_fingerprint(out_dir, {**fingerprint(cfg), "finetuned_decoder": decoder})
+    write_text(f"{out_dir}/config.yaml", to_yaml(cfg))
+    commit_log = CommitLog(out_dir, EVAL_SCHEMA)
+    recovered = commit_log.recover()
+    done = commit_log.committed_ids()
+    pending = [i for i in ids if i not in done]
+    log.info("%d held-out samples to evaluate: %d already done, %d to do", len(ids), len(ids) - len(pending),
+             len(pending))
+    connect(cfg.ray_address)
+    DataContext.get_current().enable_progress_bars = True
+    if pending:
+        build_dataset(cfg, pending).write_datasink(CommitSink(out_dir, cfg.generate.rows_per_file, EVAL_SCHEMA))
+
+    markers = commit_log.markers()
+    seen = Counter(i for m in markers for i in (*m["samples"], *m["errors"]))
+    sample_ids = sorted({i for m in markers for i in m["samples"]} & set(ids))
+    errors = Counter(k for m in markers for i, k in zip(m["errors"], m["error_kinds"]) if i in set(ids))
+    missing = [i for i in ids if i not in seen]
+    if missing:
+        raise RuntimeError(f"{out_dir}: {len(missing)} samples not evaluated; run the same command again to finish")
+    if len(sample_ids) < 2:
+        raise RuntimeError(f"{out_dir}: only {len(sample_ids)} samples evaluated ({dict(errors)}); see eval/errors")
+    fid = compute_fid(cfg, sample_ids)
+    columns = _read_eval_rows(out_dir, sample_ids, ["mask_area", *(m + v.suffix for v in VARIANTS.values()
+                                                                   for m in METRICS)])
+    summary = summarize(columns, fid, list(cfg.evaluate.mask_buckets))
+    report = {
+        "dataset": dataset_name(cfg), "run_dir": cfg.run_dir, "out_dir": out_dir,
+        "evaluation_set": {"heldout_fraction": heldout_fraction(cfg), "limit": cfg.evaluate.limit,
+                           "selected": len(ids), "samples": len(sample_ids), "errors": sum(errors.values()),
+                           "errors_by_reason": dict(errors), "this_run": {"evaluated": len(pending), **recovered}},
+        "models": {**stages.model_ids(cfg), "captioner_finetuned": paths["blip"]},
+        "mask_bucket_edges": list(cfg.evaluate.mask_buckets),
+        **summary,
+        "wall_s": round(time.perf_counter() - started, 2),
+    }
+    write_text(f"{out_dir}/report.json", json.dumps(report, indent=2))
+    write_report(cfg, summary, sample_ids, out_dir)
+    return report
+
+
+def print_report(report: dict) -> None:
+    s = report["evaluation_set"]
+    print(f"\nevaluation of {report['dataset']}: {s['samples']} held-out samples ({s['errors']} errors), "
+          f"this run evaluated {s['this_run']['evaluated']}")
+    print(f"{'':<40}{'CLIP score':>12}{'FID':>10}{'SSIM':>8}{'PSNR':>8}")
+    for key, v in VARIANTS.items():
+        e = report["variants"][key]
+        print(f"{v.label:<40}{fmt(e['clip_score']['mean']):>12}{fmt(e['fid']):>10}{fmt(e['ssim']['mean'], 3):>8}"
+              f"{fmt(e['psnr']['mean']):>8}")
+    print(f"report: {report['out_dir']}/report.md")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return job_main("evaluate", __doc__, run, print_report, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+import numpy as np
+import pytest
+
+from blipinpaint.evaluation import VARIANTS, bucket_names, bucket_of, bucket_table, metrics_table, summarize, table1
+from blipinpaint.records import METRICS
+
+
+def test_mask_buckets_from_edges():
+    assert bucket_names([0.1, 0.3]) == ["<10%", "10-30%", ">=30%"]
+    assert bucket_of(np.array([0.05, 0.1, 0.2, 0.3, 0.9]), [0.1, 0.3]) == \
+        ["<10%", "10-30%", "10-30%", ">=30%", ">=30%"]
+    assert bucket_of(np.array([0.5]), []) == ["all"]
+
+
+def columns(n: int = 6) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    out = {"mask_area": np.array([0.05, 0.05, 0.2, 0.2, 0.2, 0.5][:n], dtype=np.float32)}
+    for v in VARIANTS.values():
+        for m in METRICS:
+            out[m + v.suffix] = rng.uniform(0, 30, n).astype(np.float32)
+    return out
+
+
+def fid(value: float) -> dict:
+    return {k: {"all": value, "<10%": value, "10-30%": value, ">=30%": None} for k in VARIANTS}
+
+
+def test_summary_overall_and_per_bucket():
+    cols = columns()
+    cols["psnr"][0] = np.inf  # a perfect hole: counted, left out of the mean
+    summary = summarize(cols, fid(3.0), [0.1, 0.3])
+    blip = summary["variants"]["blip"]
+    assert blip["samples"] == 6 and blip["fid"] == 3.0
+    assert blip["psnr"]["infinite"] == 1 and blip["psnr"]["mean"] == pytest.approx(cols["psnr"][1:].mean())
+    assert blip["clip_score"]["std"] == pytest.approx(cols["clip_score"].std(ddof=1), rel=1e-5)
+    buckets = summary["mask_buckets"]
+    assert {b: blk["baseline"]["samples"] for b, blk in buckets.items()} == {"<10%": 2, "10-30%": 3, ">=30%": 1}
+    mid = buckets["10-30%"]["finetuned"]["ssim"]["mean"]
+    assert mid == pytest.approx(cols["ssim_finetuned"][2:5].mean())
+    assert buckets[">=30%"]["blip"]["fid"] is None  # one image: no covariance
+    assert buckets[">=30%"]["blip"]["clip_score"]["std"] is None
+
+
+def test_table1_has_a_row_per_variant_and_columns_per_dataset():
+    summaries = {"MSCOCO": summarize(columns(), fid(46.7), [0.1, 0.3]),
+                 "VisualGenome": summarize(columns(), fid(0.000249), [0.1, 0.3])}
+    table = table1(summaries).splitlines()
+    assert table[0].count("CLIP score ↑") == 2 and "VisualGenome: FID ↓" in table[0]
+    rows = table[2:]
+    assert [r.split("|")[1].strip() for r in rows] == [v.label for v in VARIANTS.values()]
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")[1:]]
+        assert len(cells) == 6 and "n/a" not in cells and all(cells)
+        assert cells[1] == "46.70" and cells[4] == "0.000249" and cells[2] == cells[5] == "6"
+    assert "n/a" not in metrics_table(summaries["MSCOCO"])
+    assert bucket_table(summaries["MSCOCO"]).count("n/a") == 3  # the one-image bucket's FIDs

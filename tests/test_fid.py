@@ -1,0 +1,87 @@
+import numpy as np
+import pytest
+import torch
+from torchmetrics.image.fid import FrechetInceptionDistance
+
+from blipinpaint.fid import FeatureStats, FidAccumulator, fid_table, frechet_distance, merge_all
+from blipinpaint.io import encode_png
+from blipinpaint.models.inception import InceptionConfig, InceptionFeatures
+
+
+def stats_of(features: torch.Tensor) -> FeatureStats:
+    s = FeatureStats.empty(features.shape[1])
+    s.update(features)
+    return s
+
+
+def images(n: int, seed: int, shift: int = 0) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 200, size=(n, 3, 32, 32))
+    return torch.from_numpy(np.clip(base + shift, 0, 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    return InceptionFeatures(InceptionConfig(width=8, num_features=16, input_size=32)).eval()
+
+
+def test_merged_shards_equal_torchmetrics_single_pass(net):
+    real, fake = images(40, 1), images(40, 2, shift=40)
+    reference = FrechetInceptionDistance(feature=net)
+    reference.update(real, real=True)
+    reference.update(fake, real=False)
+    expected = float(reference.compute())
+
+    with torch.no_grad():
+        fr, ff = net(real), net(fake)
+    # Three uneven shards per side, merged in another order than they were made.
+    real_parts = [stats_of(fr[:7]), stats_of(fr[7:30]), stats_of(fr[30:])]
+    fake_parts = [stats_of(ff[:19]), stats_of(ff[19:20]), stats_of(ff[20:])]
+    merged_real = real_parts[2].merge(real_parts[0]).merge(real_parts[1])
+    merged_fake = fake_parts[1].merge(fake_parts[2]).merge(fake_parts[0])
+    assert merged_real.count == 40
+    assert frechet_distance(merged_real, merged_fake) == pytest.approx(expected, rel=1e-6)
+    assert frechet_distance(stats_of(fr), stats_of(ff)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_fid_of_a_set_with_itself_is_zero_and_grows_with_a_shift():
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.normal(size=(500, 8)))
+    assert frechet_distance(stats_of(x), stats_of(x)) == pytest.approx(0, abs=1e-8)
+    distances = [frechet_distance(stats_of(x), stats_of(x + shift)) for shift in (0.1, 0.5, 2.0)]
+    assert distances == sorted(distances) and distances[0] > 0
+    # A pure mean shift by s in every one of 8 dimensions: FID = 8 s².
+    assert distances[2] == pytest.approx(8 * 2.0**2, rel=1e-6)
+
+
+def test_covariance_needs_two_vectors():
+    with pytest.raises(ValueError, match="at least 2"):
+        stats_of(torch.ones(1, 4)).mean_cov()
+
+
+def test_accumulators_per_group_merge_into_the_table(net):
+    """Two workers, rows in two groups: per-group FIDs, and `all` from the merged groups."""
+    gt, fake = images(12, 3), images(12, 4, shift=60)
+    png = lambda t: np.array([encode_png(i.permute(1, 2, 0).numpy()) for i in t], dtype=object)  # noqa: E731
+    batch = {"gt_png": png(gt), "fake_png": png(fake)}
+    groups = ["small"] * 5 + ["large"] * 7
+    workers = [FidAccumulator(net, torch.device("cpu"), {"real": "gt_png", "fake": "fake_png"}) for _ in range(2)]
+    workers[0].update({k: v[:6] for k, v in batch.items()}, groups[:6])
+    workers[1].update({k: v[6:] for k, v in batch.items()}, groups[6:])
+    table = fid_table(merge_all([w.stats for w in workers]), real="real")
+
+    with torch.no_grad():
+        fg, ff = net(gt), net(fake)
+    assert table["fake"]["all"] == pytest.approx(frechet_distance(stats_of(fg), stats_of(ff)), rel=1e-6)
+    assert table["fake"]["small"] == pytest.approx(frechet_distance(stats_of(fg[:5]), stats_of(ff[:5])), rel=1e-6)
+    assert set(table) == {"fake"}
+
+
+def test_a_group_with_one_image_has_no_fid(net):
+    gt = images(3, 5)
+    png = np.array([encode_png(i.permute(1, 2, 0).numpy()) for i in gt], dtype=object)
+    acc = FidAccumulator(net, torch.device("cpu"), {"real": "a", "fake": "b"})
+    acc.update({"a": png, "b": png}, ["one", "two", "two"])
+    table = fid_table(acc.stats, real="real")
+    assert table["fake"]["one"] is None and table["fake"]["two"] is not None
