@@ -116,7 +116,10 @@ def _stats(ds: ray.data.Dataset) -> tuple[list[float], list[float]]:
     """Mean and spread of each target over the training split (streamed, not collected)."""
     mean = ds.mean(list(TARGETS))
     std = ds.std(list(TARGETS))
-    return [float(mean[f"mean({t})"]) for t in TARGETS], [max(float(std[f"std({t})"]), 1e-6) for t in TARGETS]
+    # A target constant over the training split (CLIP score clamped to 0 on every row, as
+    # random models give) is centred but not scaled: dividing by ~0 would blow up held-out rows.
+    spreads = [float(std[f"std({t})"] or 0.0) for t in TARGETS]
+    return [float(mean[f"mean({t})"]) for t in TARGETS], [s if s > 1e-6 else 1.0 for s in spreads]
 
 
 def evaluate(model_dir: str, val: ray.data.Dataset, out_dir: str, limit: int = 20_000) -> dict:

@@ -96,3 +96,11 @@ def test_rerun_after_the_driver_died_continues(local_ray, tmp_path):
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["epoch"] for r in records] == list(range(6))
     assert records[-1]["resumed_at_epoch"] is not None and records[-1]["resumed_at_epoch"] >= 1
+
+
+def test_a_constant_target_is_centred_not_divided_by_zero(local_ray):
+    """Random CLIP models score every training row 0 (the clamp): that target keeps scale 1."""
+    rows = [{"ssim": 0.5, "psnr": 20.0, "clip_score": 0.0}, {"ssim": 0.7, "psnr": 22.0, "clip_score": 0.0}]
+    mean, std = train_scorer._stats(local_ray.data.from_items(rows))
+    assert mean == pytest.approx([0.6, 21.0, 0.0])
+    assert std == pytest.approx([0.1414, 1.4142, 1.0], rel=1e-3)
