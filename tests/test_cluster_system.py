@@ -71,9 +71,18 @@ class Head:
         return self
 
     def submit(self, *job_args: str, timeout: int = 420) -> subprocess.CompletedProcess:
-        """`ray job submit --working-dir .` as the README gives it, waiting for the end."""
-        return self.ray("job", "submit", "--address", self.address, "--working-dir", ".",
-                        "--", "python", "-m", *job_args, timeout=timeout)
+        """`ray job submit --working-dir .` as the README gives it, waiting for the end.
+
+        Right after `ray start` the head's job agent may not have registered yet: the job API
+        then refuses before creating a job ("No available agent ... try again later", after
+        waiting 10 s), so submitting again is safe, and what a user would do.
+        """
+        for _ in range(6):
+            result = self.ray("job", "submit", "--address", self.address, "--working-dir", ".",
+                              "--", "python", "-m", *job_args, timeout=timeout)
+            if "No available agent to submit job" not in result.stderr + result.stdout:
+                return result
+        return result
 
     def listening(self) -> set[str]:
         """Addresses that this head's processes listen on."""
