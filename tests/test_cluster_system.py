@@ -64,25 +64,22 @@ class Head:
                               cwd=ROOT, capture_output=True, text=True, **kwargs)
 
     def __enter__(self) -> Head:
+        # Every port of its own: the test session's local Ray holds Ray's defaults (52365 for
+        # the agent, 10001 for the client server...), and an agent that cannot bind never
+        # registers, so the job API would answer "No available agent".
+        ports = [f"--{name}-port={free_port()}" for name in
+                 ("dashboard-agent-listen", "dashboard-agent-grpc", "metrics-export", "runtime-env-agent",
+                  "ray-client-server", "node-manager", "object-manager")]
         started = self.ray("start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-                           f"--port={self.port}", f"--dashboard-port={self.dashboard_port}",
+                           f"--port={self.port}", f"--dashboard-port={self.dashboard_port}", *ports,
                            f"--temp-dir={self.temp_dir}", *self.args, timeout=180)
         assert started.returncode == 0, started.stdout + started.stderr
         return self
 
     def submit(self, *job_args: str, timeout: int = 420) -> subprocess.CompletedProcess:
-        """`ray job submit --working-dir .` as the README gives it, waiting for the end.
-
-        Right after `ray start` the head's job agent may not have registered yet: the job API
-        then refuses before creating a job ("No available agent ... try again later", after
-        waiting 10 s), so submitting again is safe, and what a user would do.
-        """
-        for _ in range(6):
-            result = self.ray("job", "submit", "--address", self.address, "--working-dir", ".",
-                              "--", "python", "-m", *job_args, timeout=timeout)
-            if "No available agent to submit job" not in result.stderr + result.stdout:
-                return result
-        return result
+        """`ray job submit --working-dir .` as the README gives it, waiting for the end."""
+        return self.ray("job", "submit", "--address", self.address, "--working-dir", ".",
+                        "--", "python", "-m", *job_args, timeout=timeout)
 
     def listening(self) -> set[str]:
         """Addresses that this head's processes listen on."""
@@ -118,9 +115,19 @@ class Head:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
-def succeeded(result: subprocess.CompletedProcess) -> str:
+    def log_tails(self, lines: int = 15) -> str:
+        """The last lines of this head's Ray logs: why a submit failed lies there, not in the CLI's output."""
+        logs = Path(self.temp_dir) / "session_latest" / "logs"
+        out = []
+        for name in ("dashboard.log", "dashboard_agent.log", "raylet.out", "gcs_server.out"):
+            if (logs / name).exists():
+                out += [f"--- {name}", *(logs / name).read_text(errors="replace").splitlines()[-lines:]]
+        return "\n".join(out)
+
+
+def succeeded(result: subprocess.CompletedProcess, head: Head) -> str:
     out = result.stdout + result.stderr
-    assert result.returncode == 0, out[-4000:]
+    assert result.returncode == 0, out[-3000:] + "\n" + head.log_tails()
     return out
 
 
@@ -128,7 +135,7 @@ def test_submit_generate_to_a_local_head(model_cache, tmp_path):
     """README, "Running a job": `ray start --head` on 127.0.0.1, then `ray job submit --working-dir .`."""
     run_dir = tmp_path / "run"
     with Head() as head:
-        out = succeeded(head.submit("rayjobs.generate", f"run_dir={run_dir}"))
+        out = succeeded(head.submit("rayjobs.generate", f"run_dir={run_dir}"), head)
         assert "6 inputs: 6 samples, 0 errors" in out and "succeeded" in out
         # Closed by default: loopback only, and the job API refuses a client without the token.
         assert head.listening() <= LOOPBACK, head.listening()
