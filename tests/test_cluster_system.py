@@ -49,18 +49,17 @@ def own_processes(marker: str) -> list[int]:
 class Head:
     """One `ray start --head` of a test: loopback only, token auth on, its own temp dir."""
 
-    def __init__(self, env_extra: dict | None = None, args: tuple = ()):
+    def __init__(self, start_env: dict | None = None, args: tuple = ()):
         # A short path: Ray's Unix sockets live below it (108-byte limit).
         self.temp_dir = tempfile.mkdtemp(prefix="bi-ray-", dir="/tmp")
         self.port, self.dashboard_port = free_port(), free_port()
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
         # As a user with the venv active; the job driver and workers inherit it.
-        self.env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-                    **(env_extra or {})}
-        self.args = args
+        self.env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+        self.start_env, self.args = start_env or {}, args
 
-    def ray(self, *args: str, **kwargs) -> subprocess.CompletedProcess:
-        return subprocess.run([str(BIN / "ray"), *args], env={**self.env, "RAY_AUTH_MODE": "token"},
+    def ray(self, *args: str, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "ray"), *args], env={**self.env, "RAY_AUTH_MODE": "token", **(env or {})},
                               cwd=ROOT, capture_output=True, text=True, **kwargs)
 
     def __enter__(self) -> Head:
@@ -72,7 +71,7 @@ class Head:
                   "ray-client-server", "node-manager", "object-manager")]
         started = self.ray("start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
                            f"--port={self.port}", f"--dashboard-port={self.dashboard_port}", *ports,
-                           f"--temp-dir={self.temp_dir}", *self.args, timeout=180)
+                           f"--temp-dir={self.temp_dir}", *self.args, env=self.start_env, timeout=180)
         assert started.returncode == 0, started.stdout + started.stderr
         return self
 
@@ -101,6 +100,15 @@ class Head:
         except urllib.error.HTTPError as err:
             return err.code
 
+    def log_tails(self, lines: int = 15) -> str:
+        """The last lines of this head's Ray logs: why a submit failed lies there, not in the CLI's output."""
+        logs = Path(self.temp_dir) / "session_latest" / "logs"
+        out = []
+        for name in ("dashboard.log", "dashboard_agent.log", "raylet.out", "gcs_server.out"):
+            if (logs / name).exists():
+                out += [f"--- {name}", *(logs / name).read_text(errors="replace").splitlines()[-lines:]]
+        return "\n".join(out)
+
     def __exit__(self, *exc) -> None:
         for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
             for pid in own_processes(self.temp_dir):
@@ -113,16 +121,6 @@ class Head:
                 time.sleep(0.2)
         assert not own_processes(self.temp_dir)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
-
-
-    def log_tails(self, lines: int = 15) -> str:
-        """The last lines of this head's Ray logs: why a submit failed lies there, not in the CLI's output."""
-        logs = Path(self.temp_dir) / "session_latest" / "logs"
-        out = []
-        for name in ("dashboard.log", "dashboard_agent.log", "raylet.out", "gcs_server.out"):
-            if (logs / name).exists():
-                out += [f"--- {name}", *(logs / name).read_text(errors="replace").splitlines()[-lines:]]
-        return "\n".join(out)
 
 
 def succeeded(result: subprocess.CompletedProcess, head: Head) -> str:
@@ -145,3 +143,66 @@ def test_submit_generate_to_a_local_head(model_cache, tmp_path):
     assert (stats["ok"], stats["missing"], stats["duplicates"]) == (6, 0, 0)
     assert (run_dir / "generate" / "_SUCCESS").exists()
 
+
+
+# Ray's fake multi-node provider starts "cloud" nodes as extra raylets on this machine. Through
+# autoscaler v2 it matches them by node id (v1 matches by IP, and every node here is 127.0.0.1).
+# Its defaults file is not in the Ray wheel, so it is loaded as an external provider module.
+FAKE_HEAD_ID = "f" * 51 + "00000"
+FAKE_START_ENV = {"RAY_FAKE_CLUSTER": "1", "RAY_enable_autoscaler_v2": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+                  "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_ID, "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_ID}
+
+
+def fake_cluster_config(gcs_address: str) -> dict:
+    """cluster.yaml's shape in small: a head that runs no work, GPU workers from 0 to 2."""
+    return {
+        "cluster_name": "blipinpaint-fake", "max_workers": 2, "upscaling_speed": 1.0, "idle_timeout_minutes": 1,
+        "provider": {"type": "external",
+                     "module": "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider",
+                     "gcs_address": gcs_address, "head_node_id": FAKE_HEAD_ID, "launch_multiple": True},
+        "auth": {"ssh_user": "ubuntu"},
+        "head_node_type": "ray.head.default",
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
+            # Logical GPUs: Ray schedules by them; the machine has no CUDA device behind them.
+            "gpu_worker": {"resources": {"CPU": 2, "GPU": 1}, "node_config": {}, "min_workers": 0, "max_workers": 2},
+        },
+        # Required by the config preparation; nothing to install on a node of this machine.
+        **{key: [] for key in ("setup_commands", "head_setup_commands", "worker_setup_commands",
+                               "initialization_commands", "head_start_ray_commands", "worker_start_ray_commands",
+                               "cluster_synced_files", "rsync_exclude", "rsync_filter")},
+        "file_mounts": {}, "file_mounts_sync_continuously": False,
+    }
+
+
+def state(head: Head, kind: str) -> list[dict]:
+    listed = head.ray("list", kind, "--format", "json", "--detail", f"--address=127.0.0.1:{head.port}", timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    return json.loads(listed.stdout)
+
+
+def test_gpu_pools_scale_a_cluster_up_from_zero(model_cache, tmp_path):
+    """A fake autoscaling cluster: GPU-requesting pools start GPU workers, the job completes."""
+    config = tmp_path / "autoscaling.json"
+    head = Head(start_env=FAKE_START_ENV)
+    config.write_text(json.dumps(fake_cluster_config(f"127.0.0.1:{head.port}")))
+    head.args = (f"--autoscaling-config={config}", "--num-cpus=0", "--num-gpus=0")
+    run_dir = tmp_path / "run"
+    with head:
+        before = [n for n in state(head, "nodes") if n["state"] == "ALIVE"]
+        assert [n["is_head_node"] for n in before] == [True], before
+        # As on a real cluster, the pools ask for GPUs (one inpainter per GPU; BLIP and CLIP
+        # half each). The nodes have no CUDA device, so this config computes on CPU in fp32.
+        out = succeeded(head.submit(
+            "rayjobs.generate", f"run_dir={run_dir}", "data.limit=4", "models.device=cpu", "models.dtype=fp32",
+            "generate.inpainter.num_gpus=1", "generate.captioner.num_gpus=0.5", "generate.metrics.num_gpus=0.5",
+            timeout=540), head)
+        assert "4 inputs: 4 samples, 0 errors" in out and "succeeded" in out
+        workers = {n["node_id"]: n for n in state(head, "nodes") if n["state"] == "ALIVE" and not n["is_head_node"]}
+        assert len(workers) == 2, workers  # 2 GPUs asked for: two 1-GPU workers
+        assert all(n["resources_total"]["GPU"] == 1 for n in workers.values())
+        model_actors = [a for a in state(head, "actors") if "MapWorker" in a["class_name"]]
+        assert len(model_actors) >= 3 and all(a["node_id"] in workers for a in model_actors), model_actors
+        assert head.listening() <= LOOPBACK, head.listening()
+    stats = json.loads((run_dir / "generate" / "stats.json").read_text())
+    assert (stats["ok"], stats["missing"], stats["duplicates"]) == (4, 0, 0)

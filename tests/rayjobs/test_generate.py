@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -88,8 +89,14 @@ def test_same_config_same_rows(first_run, source, tmp_path):
     generate.run(_cfg(tmp_path / "run", manifest, f"data.image_root={source}", "masks.kind=mixed"))  # fixed pools
     run_dir_b = tmp_path / "run"
     (a, _), (b, _) = _tables(run_dir), _tables(run_dir_b)
-    for column in ("id", "caption", "caption_features", "mask_kind", "mask_png", "noise_seed", *METRIC_COLUMNS):
+    for column in ("id", "caption", "mask_kind", "mask_png", "noise_seed"):
         assert a.column(column).to_pylist() == b.column(column).to_pylist(), column
+    # Model outputs to float precision: how rows meet in a batch differs from run to run, and
+    # batched CPU kernels are not bitwise invariant to the batch's size.
+    for column in ("caption_features", *METRIC_COLUMNS):
+        np.testing.assert_allclose(np.array(a.column(column).to_pylist(), dtype=np.float64),
+                                   np.array(b.column(column).to_pylist(), dtype=np.float64), rtol=1e-4, atol=1e-5,
+                                   err_msg=column)
 
 
 def test_changed_settings_do_not_mix_into_a_run(first_run, source):
