@@ -1,11 +1,16 @@
 """Generate scorer training data: masked images -> BLIP captions -> SD inpainting -> metrics.
 
-On a cluster (see README, "Running on a cluster"):
+On a GPU cluster (README, "Running on a cluster"; `~/.ray/auth_token` made first):
 
-    ray job submit --address http://127.0.0.1:8265 --working-dir . \\
+    ray up cluster.yaml && ray dashboard cluster.yaml &    # job API tunnelled to 127.0.0.1:8265
+    RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . \\
+        --runtime-env-json '{"env_vars": {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}}' \\
         -- python -m rayjobs.generate --config configs/paper-coco.yaml
+    RAY_AUTH_MODE=token ray job logs --address http://127.0.0.1:8265 --follow <submission id>
+    RAY_AUTH_MODE=token ray job stop --address http://127.0.0.1:8265 <submission id>
+    ray down cluster.yaml                                  # when every job is done
 
-Locally (starts a Ray on 127.0.0.1 when no address is given):
+Locally (a Ray on 127.0.0.1 when no address is given):
 
     python -m rayjobs.generate [--config CONFIG.yaml] [dotted.key=value ...]
 

@@ -1,7 +1,16 @@
 """The main job: every step of the method in order, each reusing what `run_dir` already holds.
 
-    ray job submit --address http://127.0.0.1:8265 --working-dir . \\
+On a GPU cluster (README, "Running on a cluster"; `~/.ray/auth_token` made first):
+
+    ray up cluster.yaml && ray dashboard cluster.yaml &    # job API tunnelled to 127.0.0.1:8265
+    RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . \\
+        --runtime-env-json '{"env_vars": {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}}' \\
         -- python -m rayjobs.pipeline --config configs/paper-coco.yaml
+    RAY_AUTH_MODE=token ray job logs --address http://127.0.0.1:8265 --follow <submission id>
+    RAY_AUTH_MODE=token ray job stop --address http://127.0.0.1:8265 <submission id>
+    ray down cluster.yaml                                  # when every job is done
+
+Locally (a Ray on 127.0.0.1 when no address is given):
 
     python -m rayjobs.pipeline [--config CONFIG.yaml] [dotted.key=value ...]
 
