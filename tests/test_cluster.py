@@ -65,3 +65,18 @@ def test_shipped_configs_load_and_validate(path):
 
     cfg = load_config(path)
     assert cfg.run_dir.startswith("s3://") and cfg.models.preset == "paper" and cfg.models.dtype == "fp16"
+
+
+@pytest.mark.parametrize("job", ["pipeline", "generate", "train_scorer", "finetune_blip", "evaluate"])
+def test_each_job_documents_the_readme_cluster_commands(job):
+    """A job's docstring gives the README's submit (runtime env included), logs, stop and down."""
+    import importlib
+
+    doc = importlib.import_module(f"rayjobs.{job}").__doc__
+    readme = (ROOT / "README.md").read_text()
+    runtime_env = re.search(r"--runtime-env-json '[^']+'", readme).group(0)
+    for line in ("ray up cluster.yaml", "ray dashboard cluster.yaml",
+                 "RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir .", runtime_env,
+                 f"-- python -m rayjobs.{job} --config configs/paper-coco.yaml", "ray job logs", "ray job stop",
+                 "ray down cluster.yaml"):
+        assert line in doc, (job, line)
