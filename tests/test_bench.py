@@ -1,0 +1,38 @@
+"""The GPU benchmark's code, run here on CPU with the tiny models: it must stay runnable
+in one command on the day a GPU is lent (its figures are not asserted, only its logic)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from blipinpaint import stages
+from blipinpaint.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+spec = importlib.util.spec_from_file_location("gpu_inpaint", ROOT / "bench" / "gpu_inpaint.py")
+gpu_inpaint = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(gpu_inpaint)
+
+
+@pytest.fixture(scope="module")
+def bench_cfg(model_cache):
+    return load_config(overrides=["inpaint.num_inference_steps=2"])
+
+
+def test_unet_flops_count_guidance_and_steps(bench_cfg):
+    pipe = stages.build_inpainter(bench_cfg).pipe
+    size = stages.image_size(bench_cfg)
+    one = gpu_inpaint.unet_tflop_per_image(pipe, size, steps=1, guided=False)
+    assert one > 0
+    assert gpu_inpaint.unet_tflop_per_image(pipe, size, steps=1, guided=True) == pytest.approx(2 * one)
+    assert gpu_inpaint.unet_tflop_per_image(pipe, size, steps=5, guided=False) == pytest.approx(5 * one)
+
+
+def test_bare_loop_and_ray_pool_inpaint_every_image(bench_cfg, local_ray):
+    batch = gpu_inpaint.masked_images(bench_cfg, 4)
+    assert batch["image"].shape[0] == 4 and not any(batch["error"])
+    pipe = stages.build_inpainter(bench_cfg).pipe
+    assert gpu_inpaint.bare_loop(pipe, batch, 2, 2, 7.5, gpu_inpaint.torch.device("cpu")) > 0
+    assert gpu_inpaint.ray_pool(bench_cfg, batch, 2, use_gpu=False) > 0
