@@ -127,6 +127,8 @@ def ray_pool(cfg, batch, b: int, use_gpu: bool) -> float:
         GuidedInpaint, fn_constructor_kwargs={"cfg": cfg}, batch_size=b, num_gpus=1 if use_gpu else None,
         num_cpus=1, compute=ray.data.ActorPoolStrategy(size=1))
     done = np.sort(np.concatenate([r["done"] for r in ds.iter_batches(batch_size=None, batch_format="numpy")]))
+    if len(done) != len(rows):
+        raise RuntimeError(f"the Ray pool returned {len(done)} of {len(rows)} images")
     first = done[b - 1]  # the first batch's rows include the actor's start and model load
     return (len(done) - b) / (done[-1] - first)
 

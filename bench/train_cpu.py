@@ -32,12 +32,12 @@ from blipinpaint.scorer import TARGETS, ScoreNet, ScoreNetConfig  # noqa: E402
 from blipinpaint.sources import items_to_batch, list_folder, read_files  # noqa: E402
 
 
-def samples(cfg, n: int) -> dict[str, np.ndarray]:
+def samples(cfg, captioner, n: int) -> dict[str, np.ndarray]:
     """`n` masked images with captions: the shipped photographs repeated, each with its own mask."""
     items = list_folder(str(sample_images_dir()))
     items = [{**items[i % len(items)], "id": f"s{i:05d}"} for i in range(n)]
     batch = stages.build_masker(cfg)(stages.build_decoder(cfg)(read_files(items_to_batch(items))))
-    return stages.build_captioner(cfg)(batch)
+    return captioner(batch)
 
 
 def blip_features(captioner, images: np.ndarray, masks: np.ndarray, captions: list[str]) -> torch.Tensor:
@@ -66,8 +66,8 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="config overrides (dotted.key=value)")
     args = parser.parse_args()
     cfg = load_config(overrides=args.overrides)
-    batch = samples(cfg, args.samples)
-    captioner = stages.build_captioner(cfg)
+    captioner = stages.build_captioner(cfg)  # loaded once: captions the samples, then the naive epochs
+    batch = samples(cfg, captioner, args.samples)
     y_all = torch.randn(args.samples, len(TARGETS))  # the targets do not change the cost of a step
     size = cfg.scorer.batch_size
     chunks = [slice(i, i + size) for i in range(0, args.samples, size)]

@@ -30,7 +30,7 @@ def test_unet_flops_count_guidance_and_steps(bench_cfg):
     assert gpu_inpaint.unet_tflop_per_image(pipe, size, steps=5, guided=False) == pytest.approx(5 * one)
 
 
-def test_bare_loop_and_ray_pool_inpaint_every_image(bench_cfg, local_ray):
+def test_bare_loop_and_ray_pool_run_and_the_pool_returns_every_image(bench_cfg, local_ray):
     batch = gpu_inpaint.masked_images(bench_cfg, 4)
     assert batch["image"].shape[0] == 4 and not any(batch["error"])
     pipe = stages.build_inpainter(bench_cfg).pipe
