@@ -31,11 +31,20 @@ def split_errors(batch: Batch, on_errors: ErrorSink) -> Batch:
     return take(batch, ~failed) if failed.any() else batch
 
 
+def count_once(batch: Batch, column: str, n: int) -> Batch:
+    """Add `n` to `column` once per batch (on its first row), so the writer's per-column sum counts batches."""
+    values = np.zeros(len(batch["id"]), dtype=np.int64)
+    if len(values):
+        values[0] = n
+    batch[column] = np.asarray(batch.get(column, 0), dtype=np.int64) + values
+    return batch
+
+
 class Guarded:
     """Run `stage` on a batch, retrying a failure; a batch that keeps failing becomes errors.
 
     Adds `seconds_<name>`: the stage's wall time per row of the batch, which the writer
-    sums into per-stage throughput.
+    sums into per-stage throughput, and `retries_<name>`: the failed attempts.
     """
 
     def __init__(self, name: str, stage: Callable[[Batch], Batch], on_errors: ErrorSink, retries: int = 2):
@@ -56,6 +65,8 @@ class Guarded:
                 last = err
         else:
             reason = f"stage failed: {self.name} raised {type(last).__name__}: {last}"
-            return split_errors({**batch, "error": np.full(n, reason, dtype=object)}, self.on_errors)
+            failed = count_once({**batch, "error": np.full(n, reason, dtype=object)}, f"retries_{self.name}",
+                                self.retries)
+            return split_errors(failed, self.on_errors)
         out[f"seconds_{self.name}"] = np.full(len(out["id"]), (time.perf_counter() - start) / n, dtype=np.float64)
-        return out
+        return count_once(out, f"retries_{self.name}", attempt)

@@ -94,6 +94,16 @@ class ReadConfig:
 
 
 @dataclass
+class FaultConfig:
+    """Fault injection for the reliability tests: `stage` fails on every batch holding input `id`."""
+
+    stage: str | None = None  # captioner | inpainter | metrics
+    id: str | None = None
+    exit: bool = False  # the worker process dies (a crash), instead of the stage raising
+    times: int | None = None  # with `exit`: die on the first `times` starts of that batch only (None: every start)
+
+
+@dataclass
 class GenerateConfig:
     read: ReadConfig = field(default_factory=ReadConfig)
     captioner: StageConfig = field(default_factory=StageConfig)
@@ -101,6 +111,7 @@ class GenerateConfig:
     metrics: StageConfig = field(default_factory=StageConfig)
     rows_per_file: int = 64  # rows gathered into one Parquet file (and one commit)
     batch_retries: int = 2  # a batch that keeps failing becomes error rows after this many retries
+    inject_failure: FaultConfig = field(default_factory=FaultConfig)  # tests only
 
 
 @dataclass
@@ -238,6 +249,9 @@ def validate(cfg: Config) -> None:
         problems.append("generate.read.batch_size must be at least 1 and generate.read.num_cpus above 0")
     if cfg.generate.rows_per_file < 1 or cfg.generate.batch_retries < 0:
         problems.append("generate.rows_per_file must be at least 1 and generate.batch_retries at least 0")
+    fault = cfg.generate.inject_failure
+    if fault.stage is not None and fault.stage not in ("captioner", "inpainter", "metrics"):
+        problems.append(f"generate.inject_failure.stage={fault.stage!r} is not a model stage")
     t = cfg.train
     if t.zero_stage not in (2, 3):
         problems.append(f"train.zero_stage={t.zero_stage} must be 2 or 3")

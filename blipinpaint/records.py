@@ -49,7 +49,7 @@ def _column(values: list, ok: np.ndarray, type_: pa.DataType) -> pa.Array:
 
 
 def encode_rows(batch: Batch, models: dict[str, str], schema: pa.Schema = SAMPLE_SCHEMA) -> pa.Table:
-    """Stage: a finished batch -> one Arrow table: `schema`'s columns, `error`, `seconds_*`.
+    """Stage: a finished batch -> one Arrow table: `schema`'s columns, `error`, `seconds_*`, `retries_*`.
 
     `models` maps each role to the checkpoint it ran (recorded on every sample). A PNG
     column already in the batch (read from earlier output) is kept as it is.
@@ -83,6 +83,8 @@ def encode_rows(batch: Batch, models: dict[str, str], schema: pa.Schema = SAMPLE
     for key in batch:
         if key.startswith("seconds_"):
             columns[key] = pa.array(np.asarray(batch[key], dtype=np.float64))
+        elif key.startswith("retries_"):
+            columns[key] = pa.array(np.asarray(batch[key], dtype=np.int64))
     return pa.table(columns)
 
 

@@ -3,7 +3,7 @@
 Layout under the output folder (local or s3://):
 
     samples/<name>.parquet   errors/<name>.parquet   the data; only committed files appear here
-    _commits/<name>.json     the commit marker: the ids in <name> and per-stage timings
+    _commits/<name>.json     the commit marker: the ids in <name>, per-stage timings and retries
     _staging/...             files being written; never read as data
 
 A part is committed when its marker exists. The marker is written after the staged files
@@ -59,6 +59,8 @@ class CommitLog:
             "error_kinds": [e.split(":", 1)[0] for e in errors.column("error").to_pylist()],
             "seconds": {c[len("seconds_"):]: float(pc.sum(table.column(c)).as_py() or 0.0)
                         for c in table.column_names if c.startswith("seconds_")},
+            "retries": {c[len("retries_"):]: int(pc.sum(table.column(c)).as_py() or 0)
+                        for c in table.column_names if c.startswith("retries_")},
         }
         staged = []
         for folder, part in zip(DATA_DIRS, (samples, errors)):

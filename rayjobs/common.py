@@ -12,6 +12,7 @@ from ray._private import ray_constants
 from ray.data import ActorPoolStrategy
 
 from blipinpaint.config import Config, ConfigError, StageConfig, parse_args
+from rayjobs.stream import StageStartError
 
 log = logging.getLogger(__name__)
 
@@ -65,5 +66,8 @@ def job_main(name: str, doc: str, run: Callable[[Config], object], report: Calla
     except ConfigError as err:
         print(f"{name}: {err}", file=sys.stderr)
         return 2
+    except StageStartError as err:
+        print(f"{name}: {err}", file=sys.stderr)
+        return 1
     report(result)
     return 0

@@ -69,7 +69,7 @@ from blipinpaint.storage import filesystem, kind, local_dir, read_text, write_te
 from blipinpaint.writer import CommitLog
 from rayjobs.common import actor_resources, connect, job_main
 from rayjobs.generate import check_fingerprint, fingerprint
-from rayjobs.stream import CommitSink, ErrorWriter, ModelStage
+from rayjobs.stream import Attempts, CommitSink, ErrorWriter, ModelStage, stage_start_errors
 
 log = logging.getLogger("blipinpaint.evaluate")
 
@@ -287,7 +287,9 @@ def run(cfg: Config) -> dict:
     connect(cfg.ray_address)
     DataContext.get_current().enable_progress_bars = True
     if pending:
-        build_dataset(cfg, pending).write_datasink(CommitSink(out_dir, cfg.generate.rows_per_file, EVAL_SCHEMA))
+        Attempts.reset(out_dir)
+        with stage_start_errors():
+            build_dataset(cfg, pending).write_datasink(CommitSink(out_dir, cfg.generate.rows_per_file, EVAL_SCHEMA))
 
     markers = commit_log.markers()
     seen = Counter(i for m in markers for i in (*m["samples"], *m["errors"]))

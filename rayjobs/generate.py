@@ -51,7 +51,7 @@ from blipinpaint.sources import SourceError, list_inputs, read_files
 from blipinpaint.storage import filesystem, write_text
 from blipinpaint.writer import CommitLog
 from rayjobs.common import actor_resources, connect, job_main
-from rayjobs.stream import CommitSink, ErrorWriter, ModelStage
+from rayjobs.stream import Attempts, CommitSink, ErrorWriter, ModelStage, stage_start_errors
 
 log = logging.getLogger("blipinpaint.generate")
 
@@ -82,7 +82,8 @@ def build_dataset(cfg: Config, pending: list[dict]) -> ray.data.Dataset:
     for name in MODEL_STAGES:
         build = functools.partial(MODEL_STAGES[name], cfg)
         ds = ds.map_batches(ModelStage, fn_constructor_kwargs={"name": name, "build": build, "out_dir": _out_dir(cfg),
-                                                               "retries": g.batch_retries},
+                                                               "retries": g.batch_retries,
+                                                               "fault": g.inject_failure},
                             **actor_resources(getattr(g, name)))
     return ds.map_batches(encode_rows, fn_kwargs={"models": stages.model_ids(cfg)},
                           batch_size=g.read.batch_size, num_cpus=g.read.num_cpus)
@@ -126,17 +127,21 @@ def summarize(out_dir: str, items: list[dict], commit_log: CommitLog, this_run: 
     listed = {it["id"] for it in items}
     sample_ids = {i for m in markers for i in m["samples"]} & listed
     reasons = Counter(k for m in markers for i, k in zip(m["errors"], m["error_kinds"]) if i in listed)
-    seconds = Counter()
+    seconds, retries = Counter(), Counter()
     rows = sum(len(m["samples"]) + len(m["errors"]) for m in markers)
     for m in markers:
         seconds.update(m["seconds"])
+        retries.update(m["retries"])
     stats = {
         "out_dir": out_dir, "inputs": len(listed), "ok": len(sample_ids), "errors": sum(reasons.values()),
         "errors_by_reason": dict(sorted(reasons.items())),
         "missing": len(listed - set(seen)), "duplicates": sum(c - 1 for c in seen.values() if c > 1),
         "this_run": this_run,
+        # Failed attempts (a stage raising, or its worker dying) on batches that were committed.
+        "retries": sum(retries.values()),
         # Busy time per stage over all committed rows: rows per second of one worker.
-        "stages": {s: {"busy_s": round(t, 3), "rows_per_s_per_worker": round(rows / t, 3) if t else None}
+        "stages": {s: {"busy_s": round(t, 3), "rows_per_s_per_worker": round(rows / t, 3) if t else None,
+                       "retries": retries[s]}
                    for s, t in seconds.items()},
         "means": {},
     }
@@ -175,8 +180,10 @@ def run(cfg: Config) -> dict:
         connect(cfg.ray_address)
         DataContext.get_current().enable_progress_bars = True
         t0 = time.perf_counter()
+        Attempts.reset(out_dir)
         ds = build_dataset(cfg, pending)
-        ds.write_datasink(CommitSink(out_dir, cfg.generate.rows_per_file, SAMPLE_SCHEMA))
+        with stage_start_errors():
+            ds.write_datasink(CommitSink(out_dir, cfg.generate.rows_per_file, SAMPLE_SCHEMA))
         pipeline_s = time.perf_counter() - t0
         write_text(f"{out_dir}/ray_stats.txt", ds.stats())
     this_run = {

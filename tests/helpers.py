@@ -46,3 +46,40 @@ def with_exif_orientation(img: Image.Image, orientation: int) -> bytes:
     exif = Image.Exif()
     exif[0x0112] = orientation
     return encode(img, "JPEG", exif=exif.tobytes(), quality=95)
+
+
+def account(out_dir, inputs) -> dict:
+    """What an output folder holds, read from its Parquet files and markers (not the job's own stats).
+
+    `committed`: rows in `samples/` and `errors/`; `lost`: inputs in neither; `duplicated`:
+    rows beyond one per id; `orphans`: files no marker accounts for (staged, half-written,
+    or data without a marker).
+    """
+    import json
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+
+    out = Path(out_dir)
+    markers = {p.stem for p in (out / "_commits").glob("*.json")} if (out / "_commits").exists() else set()
+    ids, orphans = [], []
+    for folder in ("samples", "errors"):
+        for path in sorted((out / folder).glob("*")) if (out / folder).exists() else []:
+            if path.suffix != ".parquet" or path.stem not in markers:
+                orphans.append(path)
+                continue
+            ids += pq.read_table(path, columns=["id"]).column("id").to_pylist()
+    for folder in ("_staging", "_attempts"):
+        orphans += [p for p in (out / folder).rglob("*") if p.is_file()] if (out / folder).exists() else []
+    orphans += list((out / "_commits").glob(".*.tmp")) if (out / "_commits").exists() else []
+    inputs = set(inputs)
+    stats = json.loads((out / "stats.json").read_text()) if (out / "stats.json").exists() else {}
+    return {"inputs": len(inputs), "committed": len(ids), "lost": len(inputs - set(ids)),
+            "duplicated": len(ids) - len(set(ids)), "orphans": len(orphans), "retries": stats.get("retries"),
+            "ids": ids}
+
+
+def print_figures(case: str, figures: dict, wall_s: float, **extra) -> None:
+    """One line per fault case; RELIABILITY.md's table is made of these (`pytest -s | grep FIGURES`)."""
+    shown = {k: v for k, v in figures.items() if k != "ids"} | extra | {"wall_s": round(wall_s, 1)}
+    print(f"\nFIGURES {case}: " + " ".join(f"{k}={v}" for k, v in shown.items()))

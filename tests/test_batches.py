@@ -31,6 +31,7 @@ def test_a_failing_batch_is_retried_then_becomes_error_rows():
     out = Guarded("captioner", flaky, sunk.append, retries=2)(clean)
     assert len(calls) == 2 and out["id"].tolist() == ["a", "c"] and not sunk
     assert out["seconds_captioner"].shape == (2,) and (out["seconds_captioner"] >= 0).all()
+    assert out["retries_captioner"].tolist() == [1, 0]  # once per batch, so the writer's sum counts retries
 
     def broken(batch):
         calls.append(1)
@@ -42,6 +43,7 @@ def test_a_failing_batch_is_retried_then_becomes_error_rows():
     assert len(out["id"]) == 0
     assert sunk[0]["id"].tolist() == ["a", "c"]
     assert set(sunk[0]["error"]) == {"stage failed: inpainter raised ValueError: bad weights"}
+    assert sunk[0]["retries_inpainter"].sum() == 2
 
 
 def test_empty_batches_pass_through():

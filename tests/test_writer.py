@@ -16,7 +16,7 @@ def _rows(ids, errors):
         "width": np.full(n, 80, np.int32), "height": np.full(n, 60, np.int32),
         "image": np.zeros((n, 8, 8, 3), np.uint8), "mask": np.ones((n, 8, 8), np.uint8),
         "inpainted": np.zeros((n, 8, 8, 3), np.uint8), "inpainted_baseline": np.zeros((n, 8, 8, 3), np.uint8),
-        "seconds_captioner": np.full(n, 0.5),
+        "seconds_captioner": np.full(n, 0.5), "retries_captioner": np.eye(1, n, dtype=np.int64)[0],
     }
     for m in SAMPLE_SCHEMA.names:
         if m.startswith(("ssim", "psnr", "clip")):
@@ -34,7 +34,7 @@ def test_commit_splits_samples_and_errors(tmp_path):
     assert _read(tmp_path / "samples") == ["a", "c"] and _read(tmp_path / "errors") == ["b"]
     assert pq.read_schema(next((tmp_path / "samples").iterdir())).names == SAMPLE_SCHEMA.names
     assert pq.read_schema(next((tmp_path / "errors").iterdir())).names == ERROR_SCHEMA.names
-    assert marker["seconds"] == {"captioner": pytest.approx(1.5)}
+    assert marker["seconds"] == {"captioner": pytest.approx(1.5)} and marker["retries"] == {"captioner": 1}
     assert log.committed_ids() == {"a", "b", "c"}
 
 

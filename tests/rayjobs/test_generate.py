@@ -1,11 +1,6 @@
 """The generate job on a local Ray (127.0.0.1) with the tiny models."""
 
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pyarrow as pa
@@ -103,30 +98,6 @@ def test_changed_settings_do_not_mix_into_a_run(first_run, source):
     run_dir, _, _ = first_run
     with pytest.raises(generate.ConfigError, match="seed"):
         generate.run(_cfg(run_dir, source, "seed=1", "masks.kind=mixed"))
-
-
-def test_killed_driver_then_rerun_gives_every_input_once(local_ray, source, tmp_path):
-    run_dir = tmp_path / "killed"
-    args = [f"run_dir={run_dir}", f"data.source={source}", "generate.rows_per_file=1", "generate.read.batch_size=1",
-            "generate.inpainter.batch_size=1", f"ray_address={local_ray.get_runtime_context().gcs_address}"]
-    driver = subprocess.Popen([sys.executable, "-m", "rayjobs.generate", *args], start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
-    commits = run_dir / "generate" / "_commits"
-    deadline = time.time() + 240
-    while time.time() < deadline and len(list(commits.glob("*.json")) if commits.exists() else []) < 3:
-        assert driver.poll() is None, "the job ended before it could be killed"
-        time.sleep(0.2)
-    os.killpg(driver.pid, signal.SIGKILL)  # the driver and anything it started, mid-run
-    driver.wait()
-    committed = len(list(commits.glob("*.json")))
-    assert 3 <= committed < 9
-
-    stats = generate.run(load_config(overrides=args[:-1]))
-    assert stats["this_run"]["skipped_committed"] >= 3 and stats["this_run"]["processed"] <= 9 - 3
-    samples, errors = _tables(run_dir)
-    ids = samples.column("id").to_pylist() + errors.column("id").to_pylist()
-    assert sorted(ids) == sorted(set(ids)) and len(ids) == 9
-    assert not list((run_dir / "generate" / "_staging" / "samples").glob("*"))
 
 
 def test_a_run_folder_refuses_rows_made_with_other_settings(tmp_path):

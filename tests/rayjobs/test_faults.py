@@ -1,0 +1,203 @@
+"""Fault injection: the generate job under crashed workers, failing stages, a killed driver,
+interrupted writes and a model that cannot load. Each case prints its figures (`FIGURES ...`),
+which RELIABILITY.md reports."""
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from helpers import account, encode, photo, print_figures
+
+from blipinpaint.config import load_config, sample_images_dir
+from blipinpaint.writer import CommitLog
+from rayjobs import generate
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """Eight usable photographs: the six shipped ones and two made here."""
+    root = tmp_path_factory.mktemp("photos")
+    for path in sample_images_dir().iterdir():
+        if path.suffix in (".jpg", ".png"):
+            shutil.copy(path, root / path.name)
+    for seed in (1, 2):
+        (root / f"made-{seed}.png").write_bytes(encode(photo(120, 90, seed=seed), "PNG"))
+    return root
+
+
+def _ids(source):
+    return sorted(p.name for p in source.iterdir())
+
+
+def _args(run_dir, source, *extra):
+    # Small batches: several batches in flight, so a fault lands mid-run with work on both sides.
+    return [f"run_dir={run_dir}", f"data.source={source}", "generate.rows_per_file=2", "generate.read.batch_size=2",
+            "generate.captioner.batch_size=2", "generate.inpainter.batch_size=1", "generate.metrics.batch_size=2",
+            *extra]
+
+
+def _run(case, source, run_dir, *extra):
+    started = time.perf_counter()
+    stats = generate.run(load_config(overrides=_args(run_dir, source, *extra)))
+    figures = account(run_dir / "generate", _ids(source))
+    print_figures(case, figures, time.perf_counter() - started)
+    return stats, figures
+
+
+def _errors(run_dir):
+    table = pq.read_table(run_dir / "generate" / "errors")
+    return dict(zip(table.column("id").to_pylist(), table.column("error").to_pylist()))
+
+
+def test_an_inpainter_process_that_dies_mid_run_loses_nothing(local_ray, source, tmp_path):
+    """The inpainter's process exits while it holds a batch; Ray restarts it and retries the batch."""
+    victim = _ids(source)[4]
+    stats, figures = _run("inpainter process exits mid-run", source, tmp_path,
+                          "generate.inject_failure.stage=inpainter", f"generate.inject_failure.id={victim}",
+                          "generate.inject_failure.exit=true", "generate.inject_failure.times=1")
+    assert (figures["committed"], figures["lost"], figures["duplicated"], figures["orphans"]) == (8, 0, 0, 0)
+    assert stats["ok"] == 8 and stats["stages"]["inpainter"]["retries"] == 1  # one death, on one batch
+
+
+def test_a_stage_raising_on_one_batch_makes_that_batch_error_rows(local_ray, source, tmp_path):
+    victim = _ids(source)[2]
+    stats, figures = _run("captioner raises on one batch", source, tmp_path,
+                          "generate.inject_failure.stage=captioner", f"generate.inject_failure.id={victim}")
+    errors = _errors(tmp_path)
+    assert victim in errors and 1 <= len(errors) <= 2  # the batch of two (or one) that held it
+    assert set(errors.values()) == {f"stage failed: captioner raised RuntimeError: injected failure on {victim!r}"}
+    assert stats["stages"]["captioner"]["retries"] == 2  # the configured generate.batch_retries, no more
+    assert (figures["committed"], figures["lost"], figures["duplicated"], figures["orphans"]) == (8, 0, 0, 0)
+    assert stats["ok"] == 8 - len(errors)
+
+
+def test_a_batch_that_kills_its_worker_every_time_becomes_error_rows(local_ray, source, tmp_path):
+    """A poison batch (its worker dies on it, every time) ends after the bounded retries: no hang.
+
+    A separate driver with a deadline, so a hang fails the test instead of stalling the suite."""
+    victim = _ids(source)[5]
+    args = _args(tmp_path, source, "generate.inject_failure.stage=inpainter", f"generate.inject_failure.id={victim}",
+                 "generate.inject_failure.exit=true", f"ray_address={local_ray.get_runtime_context().gcs_address}")
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "rayjobs.generate", *args], capture_output=True, text=True,
+                          timeout=300, env=os.environ.copy())
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = account(tmp_path / "generate", _ids(source))
+    print_figures("inpainter process dies on every try of one batch", figures, time.perf_counter() - started)
+    assert _errors(tmp_path) == {victim: "stage failed: inpainter worker died on this batch 3 times"}
+    assert (figures["committed"], figures["lost"], figures["duplicated"], figures["orphans"]) == (8, 0, 0, 0)
+    assert figures["retries"] == 3
+
+
+def test_a_killed_driver_then_the_same_command_gives_every_input_once(local_ray, source, tmp_path):
+    args = _args(tmp_path, source, "generate.rows_per_file=1", "generate.read.batch_size=1")
+    driver = subprocess.Popen([sys.executable, "-m", "rayjobs.generate", *args,
+                               f"ray_address={local_ray.get_runtime_context().gcs_address}"],
+                              start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env=os.environ.copy())
+    started = time.perf_counter()
+    commits = tmp_path / "generate" / "_commits"
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list(commits.glob("*.json")) if commits.exists() else []) < 3:
+        assert driver.poll() is None, "the job ended before it could be killed"
+        time.sleep(0.2)
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and anything it started, mid-run
+    driver.wait()
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "generate" / "samples").glob("*.parquet")}
+    assert 3 <= len(list(commits.glob("*.json"))) < 8
+
+    stats = generate.run(load_config(overrides=args))
+    figures = account(tmp_path / "generate", _ids(source))
+    print_figures("driver killed, same command again", figures, time.perf_counter() - started,
+                  committed_before_kill=len(before), redone=stats["this_run"]["processed"])
+    assert stats["this_run"]["skipped_committed"] >= 3 and stats["this_run"]["processed"] <= 8 - 3
+    assert (figures["committed"], figures["lost"], figures["duplicated"], figures["orphans"]) == (8, 0, 0, 0)
+    after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "generate" / "samples").glob("*.parquet")}
+    assert all(after[name] == mtime for name, mtime in before.items())  # finished work is not redone
+
+
+WRITER = textwrap.dedent("""
+    import os
+    import sys
+    import numpy as np
+    import pyarrow as pa
+    from blipinpaint import writer
+    from blipinpaint.writer import CommitLog
+
+    schema = pa.schema([("id", pa.string()), ("source", pa.string()), ("mask_png", pa.binary())])
+    out, round_ = sys.argv[1], int(sys.argv[2])
+    rng = np.random.default_rng(round_)
+    if round_ == 0:  # die in the third part's write, its staged file half written (as a kill can leave it)
+        real, calls = writer.pq.write_table, []
+
+        def half_then_die(table, where, filesystem):
+            real(table, where, filesystem=filesystem)
+            calls.append(where)
+            if len(calls) == 3:
+                os.truncate(where, os.path.getsize(where) // 2)
+                os._exit(1)
+
+        writer.pq.write_table = half_then_die
+    print("ready", flush=True)
+    for part in range(1000):
+        ids = [f"r{round_}-p{part}-{i}" for i in range(50)]
+        # Incompressible bytes: each part is 1 MB, so the write takes long enough to be interrupted.
+        blobs = [rng.bytes(20_000) for _ in ids]
+        CommitLog(out, schema).commit(pa.table({"id": ids, "source": ids, "error": [""] * len(ids), "mask_png": blobs}))
+""")
+
+
+def test_an_interrupted_parquet_write_is_never_read_as_data(tmp_path):
+    """A writer that dies with a half-written file, then killed at random points again and again:
+    readers of `samples/` only ever see whole committed parts, and `recover()` finishes or undoes
+    the part it was writing."""
+    schema = pa.schema([("id", pa.string()), ("source", pa.string()), ("mask_png", pa.binary())])
+    out = tmp_path / "out"
+    rng, started, rounds, orphans = random.Random(0), time.perf_counter(), 8, 0
+    for round_ in range(rounds):
+        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(out), str(round_)], stdout=subprocess.PIPE)
+        assert writer.stdout.readline() == b"ready\n"
+        time.sleep(rng.random() * 0.3)  # somewhere in the first parts: in a write, or between two
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+        log = CommitLog(str(out), schema)
+        committed = log.committed_ids()
+        # What a reader sees before any recovery: whole parts, each one committed.
+        table = pq.read_table(out / "samples", columns=["id"]) if (out / "samples").exists() else None
+        seen = table.column("id").to_pylist() if table is not None else []
+        assert set(seen) <= committed and len(seen) == len(set(seen))
+        orphans += log.recover()["orphans_removed"]
+        seen = pq.read_table(out / "samples", columns=["id"]).column("id").to_pylist()
+        assert sorted(seen) == sorted(committed)  # after recovery: every committed row, once
+    figures = account(out, committed)
+    print_figures("Parquet writer killed at random points", figures, time.perf_counter() - started,
+                  kills=rounds, orphans_removed_by_recover=orphans)
+    assert (figures["lost"], figures["duplicated"], figures["orphans"]) == (0, 0, 0)
+    assert orphans >= 1  # the half-written file, at least
+
+
+def test_a_model_that_cannot_load_fails_the_job_fast_with_the_reason(local_ray, source, tmp_path):
+    empty = tmp_path / "no-model-here"
+    empty.mkdir()
+    args = _args(tmp_path, source, f"models.inpainter.name_or_path={empty}",
+                 f"ray_address={local_ray.get_runtime_context().gcs_address}")
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "rayjobs.generate", *args], capture_output=True, text=True,
+                          timeout=300, env=os.environ.copy())
+    wall = time.perf_counter() - started
+    figures = account(tmp_path / "generate", _ids(source))
+    print_figures("inpainter model path is an empty folder", figures, wall, exit_code=done.returncode)
+    assert done.returncode == 1
+    said = [line for line in done.stderr.splitlines() if line.startswith("generate: ")]
+    assert len(said) == 1 and said[0].startswith("generate: the inpainter stage cannot start: OSError:"), said
+    assert str(empty) in said[0]
+    assert not (tmp_path / "generate" / "_SUCCESS").exists()
+    assert wall < 120  # one failed start, not restarts until a timeout
