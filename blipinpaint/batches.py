@@ -19,6 +19,10 @@ ErrorSink = Callable[[Batch], None]
 log = logging.getLogger(__name__)
 
 
+class JobError(RuntimeError):
+    """A failure no retry can mend and no error row can record: it ends the job."""
+
+
 def take(batch: Batch, index) -> Batch:
     return {k: np.asarray(v)[index] for k, v in batch.items()}
 
@@ -59,6 +63,8 @@ class Guarded:
             try:
                 out = self.stage(batch)
                 break
+            except JobError:
+                raise
             except Exception as err:  # noqa: BLE001 - one failing batch must not end the job
                 log.warning("%s failed on a batch of %d (attempt %d of %d): %r",
                             self.name, n, attempt + 1, self.retries + 1, err)

@@ -5,29 +5,45 @@ Layout under the output folder (local or s3://):
     samples/<name>.parquet   errors/<name>.parquet   the data; only committed files appear here
     _commits/<name>.json     the commit marker: the ids in <name>, per-stage timings and retries
     _staging/...             files being written; never read as data
+    _owner.json              the run that writes here now (see `take_over`)
 
 A part is committed when its marker exists. The marker is written after the staged files
 and before they are moved, so `recover()` can always finish or undo a part interrupted at
-any point: it moves the staged files of committed parts into place (roll forward) and
-deletes staged files with no marker (roll back). The part name is a hash of its ids, so a
-retried write of the same rows replaces, never duplicates.
+any point: it moves the staged files its marker names into place (roll forward) and
+deletes staged files no marker names (roll back). The part name is a hash of its ids, so a
+retried write of the same rows replaces, never duplicates; each attempt stages under its
+own file name, so two attempts never write into one file.
+
+One run writes to a folder at a time. A driver that dies leaves tasks in flight that still
+commit for a while; a new run therefore takes the folder over (`take_over`), and a writer
+of an earlier run checks the owner before its commit point and gives up (`Superseded`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import posixpath
+import time
+import uuid
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
+from blipinpaint.batches import JobError
 from blipinpaint.records import SAMPLE_SCHEMA, split_rows
 from blipinpaint.storage import filesystem
 
 DATA_DIRS = ("samples", "errors")
+OWNER = "_owner.json"
+log = logging.getLogger(__name__)
+
+
+class Superseded(JobError):
+    """Another run has taken over the output folder: this writer must not commit."""
 
 
 def part_name(ids: list[str]) -> str:
@@ -36,8 +52,11 @@ def part_name(ids: list[str]) -> str:
 
 
 class CommitLog:
-    def __init__(self, out_dir: str, schema: pa.Schema = SAMPLE_SCHEMA):
-        self.out_dir, self.schema = out_dir, schema
+    """The parts of one output folder. With `owner` (a run's token) a commit first checks
+    that this run still owns the folder."""
+
+    def __init__(self, out_dir: str, schema: pa.Schema = SAMPLE_SCHEMA, owner: str | None = None):
+        self.out_dir, self.schema, self.owner = out_dir, schema, owner
         self.fs, self.root = filesystem(out_dir)
 
     def _path(self, *parts: str) -> str:
@@ -46,6 +65,41 @@ class CommitLog:
     def _write_bytes(self, path: str, data: bytes) -> None:
         with self.fs.open_output_stream(path) as f:
             f.write(data)
+
+    def _read_owner(self) -> dict | None:
+        path = self._path(OWNER)
+        if self.fs.get_file_info(path).type != pafs.FileType.File:
+            return None
+        with self.fs.open_input_stream(path) as f:
+            return json.loads(f.read())
+
+    def take_over(self, grace_s: float = 5.0) -> str:
+        """Make a new run the folder's only writer; return its token.
+
+        When the previous run did not finish (its driver died), its tasks in flight may be
+        between their owner check and their commit point: wait `grace_s` for those commits
+        to land before the caller recovers and lists what is committed.
+        """
+        previous = self._read_owner()
+        token = uuid.uuid4().hex
+        self.fs.create_dir(self.root, recursive=True)
+        self._write_bytes(self._path(OWNER), json.dumps({"token": token, "finished": False}).encode())
+        if previous is not None and not previous.get("finished"):
+            log.info("%s: the previous run did not finish; waiting %.0f s for its last commits", self.out_dir, grace_s)
+            time.sleep(grace_s)
+        self.owner = token
+        return token
+
+    def release(self) -> None:
+        """Mark the owner's run finished: the next run need not wait for stragglers."""
+        self._write_bytes(self._path(OWNER), json.dumps({"token": self.owner, "finished": True}).encode())
+
+    def _check_owner(self) -> None:
+        if self.owner is None:
+            return
+        current = self._read_owner()
+        if current is None or current["token"] != self.owner:
+            raise Superseded(f"{self.out_dir} is now written by another run; this run's writes stop here")
 
     def commit(self, table: pa.Table) -> dict:
         """Write one part (the rows of `table`, samples and errors) exactly once."""
@@ -62,26 +116,28 @@ class CommitLog:
             "retries": {c[len("retries_"):]: int(pc.sum(table.column(c)).as_py() or 0)
                         for c in table.column_names if c.startswith("retries_")},
         }
-        staged = []
+        attempt = uuid.uuid4().hex[:12]
+        marker["staged"] = {}
         for folder, part in zip(DATA_DIRS, (samples, errors)):
             if part.num_rows:
+                staged = f"{name}.{attempt}.parquet"
                 self.fs.create_dir(self._path("_staging", folder), recursive=True)
-                pq.write_table(part, self._path("_staging", folder, f"{name}.parquet"), filesystem=self.fs)
-                staged.append(folder)
-        marker["files"] = staged
+                pq.write_table(part, self._path("_staging", folder, staged), filesystem=self.fs)
+                marker["staged"][folder] = staged
+        self._check_owner()  # staged files of a superseded writer stay orphans, for `recover()`
         self.fs.create_dir(self._path("_commits"), recursive=True)
-        tmp = self._path("_commits", f".{name}.json.tmp")
+        tmp = self._path("_commits", f".{name}.{attempt}.json.tmp")
         self._write_bytes(tmp, json.dumps(marker).encode())
         self.fs.move(tmp, self._path("_commits", f"{name}.json"))  # the commit point
-        self._publish(name, staged)
+        self._publish(marker)
         return marker
 
-    def _publish(self, name: str, folders: list[str]) -> None:
-        for folder in folders:
-            staged = self._path("_staging", folder, f"{name}.parquet")
-            if self.fs.get_file_info(staged).type == pafs.FileType.File:
+    def _publish(self, marker: dict) -> None:
+        for folder, staged in marker["staged"].items():
+            source = self._path("_staging", folder, staged)
+            if self.fs.get_file_info(source).type == pafs.FileType.File:
                 self.fs.create_dir(self._path(folder), recursive=True)
-                self.fs.move(staged, self._path(folder, f"{name}.parquet"))
+                self.fs.move(source, self._path(folder, f"{marker['name']}.parquet"))
 
     def markers(self) -> list[dict]:
         selector = pafs.FileSelector(self._path("_commits"), allow_not_found=True)
@@ -96,15 +152,14 @@ class CommitLog:
     def recover(self) -> dict[str, int]:
         """Finish committed parts, undo uncommitted ones; return what was done."""
         markers = self.markers()
-        committed = {m["name"] for m in markers}
         for marker in markers:
-            self._publish(marker["name"], marker["files"])
+            self._publish(marker)
+        named = {(folder, staged) for m in markers for folder, staged in m["staged"].items()}
         removed = 0
         for folder in (*DATA_DIRS, "_commits"):
             base = self._path("_staging", folder) if folder in DATA_DIRS else self._path("_commits")
             for info in self.fs.get_file_info(pafs.FileSelector(base, allow_not_found=True)):
-                stem = info.base_name.split(".")[0] if folder in DATA_DIRS else None
-                orphan_data = folder in DATA_DIRS and stem not in committed
+                orphan_data = folder in DATA_DIRS and (folder, info.base_name) not in named
                 orphan_marker = folder == "_commits" and info.base_name.endswith(".tmp")
                 if info.type == pafs.FileType.File and (orphan_data or orphan_marker):
                     self.fs.delete_file(info.path)

@@ -11,8 +11,8 @@ import ray
 from ray._private import ray_constants
 from ray.data import ActorPoolStrategy
 
+from blipinpaint.batches import JobError
 from blipinpaint.config import Config, ConfigError, StageConfig, parse_args
-from rayjobs.stream import StageStartError
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def job_main(name: str, doc: str, run: Callable[[Config], object], report: Calla
     except ConfigError as err:
         print(f"{name}: {err}", file=sys.stderr)
         return 2
-    except StageStartError as err:
+    except JobError as err:
         print(f"{name}: {err}", file=sys.stderr)
         return 1
     report(result)

@@ -69,7 +69,7 @@ from blipinpaint.storage import filesystem, kind, local_dir, read_text, write_te
 from blipinpaint.writer import CommitLog
 from rayjobs.common import actor_resources, connect, job_main
 from rayjobs.generate import check_fingerprint, fingerprint
-from rayjobs.stream import Attempts, CommitSink, ErrorWriter, ModelStage, stage_start_errors
+from rayjobs.stream import CommitSink, ErrorWriter, ModelStage, attempt_ledger, job_errors
 
 log = logging.getLogger("blipinpaint.evaluate")
 
@@ -122,7 +122,7 @@ def read_rows(batch: dict, columns: list[str]) -> dict:
     return {c: table.column(c).to_numpy(zero_copy_only=False) for c in columns}
 
 
-def prepare(batch: dict, out_dir: str, retries: int) -> dict:
+def prepare(batch: dict, errors: ErrorWriter, retries: int) -> dict:
     """CPU task: read the held-out rows; the ground truth and mask as arrays again.
 
     A row whose PNGs cannot be decoded becomes an error row; a part that cannot be read
@@ -133,15 +133,16 @@ def prepare(batch: dict, out_dir: str, retries: int) -> dict:
                 "mask": np.stack([(decode_png(x) > 127).astype(np.uint8) for x in rows["mask_png"]])}
     rows = read_rows(batch, INPUT_COLUMNS)
     rows["error"] = np.full(len(rows["id"]), "", dtype=object)
-    return Guarded("prepare", decode, ErrorWriter(out_dir), retries)(rows)
+    return Guarded("prepare", decode, errors, retries)(rows)
 
 
 def _finetuned_captioner(cfg: Config, blip_uri: str):
     return stages.build_captioner(cfg, ModelRef(local_dir(blip_uri)), output=FINETUNED["caption"])
 
 
-def build_dataset(cfg: Config, pending: list[str]) -> ray.data.Dataset:
+def build_dataset(cfg: Config, pending: list[str], owner: str | None = None) -> ray.data.Dataset:
     g, paths = cfg.generate, _paths(cfg)
+    errors, ledger = ErrorWriter(paths["out"], owner), attempt_ledger()
     builders = {
         "captioner": functools.partial(_finetuned_captioner, cfg, paths["blip"]),
         "inpainter": functools.partial(stages.build_inpainter, cfg, {FINETUNED["image"]: FINETUNED["caption"]}),
@@ -150,11 +151,11 @@ def build_dataset(cfg: Config, pending: list[str]) -> ray.data.Dataset:
     }
     reads = row_reads(f"{cfg.run_dir.rstrip('/')}/generate", pending, SAMPLE_SCHEMA)
     ds = ray.data.from_items(reads, override_num_blocks=len(reads))
-    ds = ds.map_batches(prepare, fn_kwargs={"out_dir": paths["out"], "retries": g.batch_retries},
+    ds = ds.map_batches(prepare, fn_kwargs={"errors": errors, "retries": g.batch_retries},
                         batch_size=1, num_cpus=g.read.num_cpus)
     for name, build in builders.items():
-        ds = ds.map_batches(ModelStage, fn_constructor_kwargs={"name": name, "build": build, "out_dir": paths["out"],
-                                                               "retries": g.batch_retries},
+        ds = ds.map_batches(ModelStage, fn_constructor_kwargs={"name": name, "build": build, "errors": errors,
+                                                               "retries": g.batch_retries, "ledger": ledger},
                             **actor_resources(getattr(g, name)))
     return ds.map_batches(encode_rows, fn_kwargs={"models": {}, "schema": EVAL_SCHEMA},
                           batch_size=g.read.batch_size, num_cpus=g.read.num_cpus)
@@ -279,6 +280,7 @@ def run(cfg: Config) -> dict:
     check_fingerprint(out_dir, {**fingerprint(cfg), "finetuned_decoder": decoder})
     write_text(f"{out_dir}/config.yaml", to_yaml(cfg))
     commit_log = CommitLog(out_dir, EVAL_SCHEMA)
+    owner = commit_log.take_over()  # before recovering: a killed run's stragglers stop committing
     recovered = commit_log.recover()
     done = commit_log.committed_ids()
     pending = [i for i in ids if i not in done]
@@ -287,9 +289,10 @@ def run(cfg: Config) -> dict:
     connect(cfg.ray_address)
     DataContext.get_current().enable_progress_bars = True
     if pending:
-        Attempts.reset(out_dir)
-        with stage_start_errors():
-            build_dataset(cfg, pending).write_datasink(CommitSink(out_dir, cfg.generate.rows_per_file, EVAL_SCHEMA))
+        with job_errors():
+            build_dataset(cfg, pending, owner).write_datasink(
+                CommitSink(out_dir, cfg.generate.rows_per_file, EVAL_SCHEMA, owner))
+    commit_log.release()
 
     markers = commit_log.markers()
     seen = Counter(i for m in markers for i in (*m["samples"], *m["errors"]))

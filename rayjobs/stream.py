@@ -3,101 +3,94 @@ an exactly-once Parquet sink.
 
 Rows that fail leave the stream where they fail, committed at once as error rows; the
 rest reach `CommitSink`, where each write becomes one committed part (see
-`blipinpaint.writer`). A rerun skips every id already committed.
+`blipinpaint.writer`). A rerun skips every id already committed. Every writer carries the
+run's owner token, so tasks left in flight by a killed driver cannot commit into the run
+that resumed it.
 
 Two kinds of failure are bounded here. A stage that raises on a batch is retried in place
 (`Guarded`). A batch on which the worker process itself dies (a segfault, the OOM killer,
-a lost spot node) is retried by Ray on a restarted actor, without limit; `Attempts` counts
-those starts in the output folder, so after `retries` deaths the batch becomes error rows
-instead of killing actors forever.
+a lost spot node) is retried by Ray on a restarted actor, without limit; `AttemptLedger`
+counts those starts, so after `retries` deaths the batch becomes error rows instead of
+killing actors forever.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import posixpath
 import re
 from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
-from pyarrow import fs as pafs
+import ray
 from ray.data import Datasink
 from ray.data.block import BlockAccessor
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from blipinpaint.batches import Batch, Guarded, count_once, split_errors
+from blipinpaint.batches import Batch, Guarded, JobError, count_once, split_errors
 from blipinpaint.config import FaultConfig
 from blipinpaint.records import encode_rows
-from blipinpaint.storage import filesystem
-from blipinpaint.writer import CommitLog, part_name
+from blipinpaint.writer import CommitLog, Superseded, part_name
 
 
-class StageStartError(RuntimeError):
+class StageStartError(JobError):
     """A model stage could not start (its model did not load): no batch can run, so the job stops."""
 
 
+JOB_ERRORS = (StageStartError, Superseded)  # what ends a job with one line and exit code 1
+
+
 @contextlib.contextmanager
-def stage_start_errors():
-    """Raise a stage's start failure, which reaches the driver inside Ray's actor-death error, as one line."""
+def job_errors():
+    """Re-raise a `JOB_ERRORS` error that reaches the driver wrapped in Ray's errors as itself, in one line."""
     try:
         yield
-    except StageStartError:
+    except JOB_ERRORS:
         raise
     except Exception as err:
-        found = re.search(r"StageStartError: (.+)", str(err))
-        if found is None:
-            raise
-        raise StageStartError(found.group(1).strip()) from None
+        for error in JOB_ERRORS:
+            found = re.search(rf"{error.__name__}: (.+)", str(err))
+            if found is not None:
+                raise error(found.group(1).strip()) from None
+        raise
 
 
 class ErrorWriter:
     """Commits rows that failed, where they failed (a part of errors only, exactly once)."""
 
-    def __init__(self, out_dir: str):
-        self.out_dir = out_dir
+    def __init__(self, out_dir: str, owner: str | None = None):
+        self.out_dir, self.owner = out_dir, owner
 
     def __call__(self, rows: Batch) -> None:
-        CommitLog(self.out_dir).commit(encode_rows(rows, models={}))
+        CommitLog(self.out_dir, owner=self.owner).commit(encode_rows(rows, models={}))
 
 
-class Attempts:
-    """How many times each batch was started in a stage, kept in `<out_dir>/_attempts/`.
+@ray.remote(num_cpus=0)
+class AttemptLedger:
+    """How many times each batch was started in each stage during this run.
 
-    A start is recorded before the stage runs and removed when it returns, so a count
-    that survives is the number of times a worker died on that batch.
+    A start is recorded before the stage runs and cleared when it returns, so a count that
+    survives is the number of times a worker died on that batch. One small actor per run,
+    on the driver's node: a round trip costs about a millisecond, where a file in a bucket
+    would cost a few requests per batch.
     """
 
-    def __init__(self, out_dir: str, stage: str):
-        self.fs, root = filesystem(out_dir)
-        self.dir, self.stage = posixpath.join(root, "_attempts"), stage
+    def __init__(self):
+        self.started: dict[str, int] = {}
 
-    def _path(self, ids) -> str:
-        return posixpath.join(self.dir, f"{self.stage}-{part_name(list(ids))}.json")
+    def start(self, key: str) -> int:
+        self.started[key] = self.started.get(key, 0) + 1
+        return self.started[key]
 
-    def start(self, ids) -> int:
-        """Record a start of the batch `ids`; return how many starts it has had, this one included."""
-        path = self._path(ids)
-        started = 0
-        if self.fs.get_file_info(path).type == pafs.FileType.File:
-            with self.fs.open_input_stream(path) as f:
-                started = json.loads(f.read())["started"]
-        self.fs.create_dir(self.dir, recursive=True)
-        with self.fs.open_output_stream(path) as f:
-            f.write(json.dumps({"started": started + 1}).encode())
-        return started + 1
+    def done(self, key: str) -> None:
+        self.started.pop(key, None)
 
-    def done(self, ids) -> None:
-        path = self._path(ids)
-        if self.fs.get_file_info(path).type == pafs.FileType.File:
-            self.fs.delete_file(path)
 
-    @staticmethod
-    def reset(out_dir: str) -> None:
-        """Forget earlier runs' counts: a driver killed mid-batch is not the batch's fault."""
-        fs, root = filesystem(out_dir)
-        fs.delete_dir_contents(posixpath.join(root, "_attempts"), missing_dir_ok=True)
+def attempt_ledger():
+    """A ledger for this run, pinned to the driver's node (which lives as long as the run)."""
+    here = ray.get_runtime_context().get_node_id()
+    return AttemptLedger.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote()
 
 
 def raising(name: str, stage: Callable[[Batch], Batch], fault: FaultConfig | None) -> Callable[[Batch], Batch]:
@@ -116,21 +109,21 @@ def raising(name: str, stage: Callable[[Batch], Batch], fault: FaultConfig | Non
 class ModelStage:
     """One actor of a model pool: builds its stage once (on this worker), then runs batches."""
 
-    def __init__(self, name: str, build: Callable[[], Callable[[Batch], Batch]], out_dir: str, retries: int,
-                 fault: FaultConfig | None = None):
+    def __init__(self, name: str, build: Callable[[], Callable[[Batch], Batch]], errors: ErrorWriter, retries: int,
+                 ledger, fault: FaultConfig | None = None):
         try:
             stage = build()
         except Exception as err:  # noqa: BLE001 - whatever the loader raised, say which stage and why
             raise StageStartError(f"the {name} stage cannot start: {type(err).__name__}: {err}") from err
-        self.name, self.retries, self.errors = name, retries, ErrorWriter(out_dir)
-        self.attempts, self.fault = Attempts(out_dir, name), fault
-        self.run = Guarded(name, raising(name, stage, fault), self.errors, retries)
+        self.name, self.retries, self.errors, self.ledger, self.fault = name, retries, errors, ledger, fault
+        self.run = Guarded(name, raising(name, stage, fault), errors, retries)
 
     def __call__(self, batch: Batch) -> Batch:
         ids = batch["id"]
         if not len(ids):
             return batch
-        started = self.attempts.start(ids)
+        key = f"{self.name}-{part_name(list(ids))}"
+        started = ray.get(self.ledger.start.remote(key))
         if started > self.retries + 1:
             reason = f"stage failed: {self.name} worker died on this batch {started - 1} times"
             failed = {**batch, "error": np.full(len(ids), reason, dtype=object)}
@@ -140,7 +133,7 @@ class ModelStage:
             out = self.run(batch)
             if started > 1:  # the restarts of workers that died on this batch
                 count_once(out, f"retries_{self.name}", started - 1)
-        self.attempts.done(ids)
+        self.ledger.done.remote(key)
         return out
 
     def _maybe_die(self, ids, started: int) -> None:
@@ -154,15 +147,16 @@ class ModelStage:
 class CommitSink(Datasink):
     """Each write call becomes one committed part of `out_dir`, in `schema`."""
 
-    def __init__(self, out_dir: str, rows_per_file: int, schema: pa.Schema):
-        self.out_dir, self.rows_per_file, self.schema = out_dir, rows_per_file, schema
+    def __init__(self, out_dir: str, rows_per_file: int, schema: pa.Schema, owner: str | None = None):
+        self.out_dir, self.rows_per_file, self.schema, self.owner = out_dir, rows_per_file, schema, owner
 
     @property
     def min_rows_per_write(self) -> int:
         return self.rows_per_file
 
     def write(self, blocks, ctx) -> None:
-        tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
-        table = pa.concat_tables(tables) if tables else None
-        if table is not None and table.num_rows:
-            CommitLog(self.out_dir, self.schema).commit(table)
+        # Empty blocks (every row of a batch failed) carry fewer columns: nothing to write.
+        tables = [t for t in (BlockAccessor.for_block(b).to_arrow() for b in blocks) if t.num_rows]
+        if tables:
+            table = pa.concat_tables(tables, promote_options="default")
+            CommitLog(self.out_dir, self.schema, self.owner).commit(table)

@@ -69,8 +69,7 @@ def account(out_dir, inputs) -> dict:
                 orphans.append(path)
                 continue
             ids += pq.read_table(path, columns=["id"]).column("id").to_pylist()
-    for folder in ("_staging", "_attempts"):
-        orphans += [p for p in (out / folder).rglob("*") if p.is_file()] if (out / folder).exists() else []
+    orphans += [p for p in (out / "_staging").rglob("*") if p.is_file()] if (out / "_staging").exists() else []
     orphans += list((out / "_commits").glob(".*.tmp")) if (out / "_commits").exists() else []
     inputs = set(inputs)
     stats = json.loads((out / "stats.json").read_text()) if (out / "stats.json").exists() else {}

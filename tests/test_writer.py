@@ -1,9 +1,11 @@
+import time
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 from blipinpaint.records import ERROR_SCHEMA, SAMPLE_SCHEMA, encode_rows
-from blipinpaint.writer import CommitLog
+from blipinpaint.writer import CommitLog, Superseded
 
 
 def _rows(ids, errors):
@@ -51,7 +53,7 @@ def test_recover_undoes_parts_that_never_committed(tmp_path):
     marker = log.commit(_rows(["b"], [""]))
     # Crash after the staged file was written, before the marker: move the file back, drop the marker.
     (tmp_path / "samples" / f"{marker['name']}.parquet").rename(
-        tmp_path / "_staging" / "samples" / f"{marker['name']}.parquet")
+        tmp_path / "_staging" / "samples" / marker["staged"]["samples"])
     (tmp_path / "_commits" / f"{marker['name']}.json").rename(tmp_path / "_commits" / f".{marker['name']}.json.tmp")
     assert log.recover() == {"committed_parts": 1, "orphans_removed": 2}
     assert _read(tmp_path / "samples") == ["a"] and log.committed_ids() == {"a"}
@@ -64,7 +66,7 @@ def test_recover_finishes_parts_that_committed(tmp_path):
     # Crash after the marker, before the files moved into place.
     for folder in ("samples", "errors"):
         (tmp_path / folder / f"{marker['name']}.parquet").rename(
-            tmp_path / "_staging" / folder / f"{marker['name']}.parquet")
+            tmp_path / "_staging" / folder / marker["staged"][folder])
     assert _read(tmp_path / "samples") == []  # readers never see staged data
     log.recover()
     assert _read(tmp_path / "samples") == ["a"] and _read(tmp_path / "errors") == ["b"]
@@ -73,3 +75,33 @@ def test_recover_finishes_parts_that_committed(tmp_path):
 def test_all_error_batches_write_no_sample_file(tmp_path):
     CommitLog(str(tmp_path)).commit(_rows(["a", "b"], ["empty file: 0 bytes", "not an image: x"]))
     assert not (tmp_path / "samples").exists() and _read(tmp_path / "errors") == ["a", "b"]
+
+
+def test_a_writer_of_a_run_that_was_taken_over_cannot_commit(tmp_path):
+    """A killed driver's tasks still in flight must not commit into the run that resumed it."""
+    old = CommitLog(str(tmp_path))
+    old.take_over(grace_s=0)
+    old.commit(_rows(["a"], [""]))
+    new = CommitLog(str(tmp_path))
+    new.take_over(grace_s=0)
+    with pytest.raises(Superseded, match="another run"):
+        old.commit(_rows(["b"], [""]))  # b is still pending for the new run: it must not land twice
+    assert new.committed_ids() == {"a"} and _read(tmp_path / "samples") == ["a"]
+    assert len(list((tmp_path / "_staging" / "samples").iterdir())) == 1  # the straggler's staged file...
+    assert new.recover()["orphans_removed"] == 1  # ...is undone by the next recovery, never read as data
+    new.commit(_rows(["b"], [""]))
+    assert _read(tmp_path / "samples") == ["a", "b"]
+
+
+def test_taking_over_waits_only_after_an_unfinished_run(tmp_path):
+    first = CommitLog(str(tmp_path))
+    first.take_over(grace_s=0)
+    started = time.perf_counter()
+    CommitLog(str(tmp_path)).take_over(grace_s=0.5)  # the first run never said it finished
+    assert time.perf_counter() - started >= 0.5
+    second = CommitLog(str(tmp_path))
+    second.take_over(grace_s=0)
+    second.release()
+    started = time.perf_counter()
+    CommitLog(str(tmp_path)).take_over(grace_s=5)
+    assert time.perf_counter() - started < 1

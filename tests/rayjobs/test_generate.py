@@ -62,7 +62,9 @@ def test_every_input_once_in_samples_or_errors(first_run):
     assert set(stats["stages"]) == {"prepare", "captioner", "inpainter", "metrics"}
     assert all(s["rows_per_s_per_worker"] > 0 for s in stats["stages"].values())
     assert (run_dir / "generate" / "_SUCCESS").exists() and (run_dir / "generate" / "config.yaml").exists()
-    assert len(list((run_dir / "generate" / "samples").glob("*.parquet"))) >= 2  # several committed parts
+    # Several committed parts: errors are committed where they fail, apart from the samples.
+    parts = [p for d in ("samples", "errors") for p in (run_dir / "generate" / d).glob("*.parquet")]
+    assert len(parts) >= 2
     for m in METRIC_COLUMNS:
         assert samples.column(m).null_count == 0
 
