@@ -41,6 +41,7 @@ class DataConfig:
     image_size: int | None = None  # None: the preset's native resolution
     min_side: int = 32  # shorter sides below this are an error, not an upscale
     max_aspect_ratio: float = 4.0  # wider images are an error, not a sliver crop
+    max_file_mb: float = 50.0  # larger files are an error row, never read into a worker's memory
     name: str | None = None  # the dataset's name in reports; None: from the source's file or folder name
 
 
@@ -230,6 +231,8 @@ def validate(cfg: Config) -> None:
         problems.append(f"masks.kind={cfg.masks.kind!r} is not one of {list(MASK_MODES)}")
     if cfg.data.limit is not None and cfg.data.limit < 1:
         problems.append(f"data.limit={cfg.data.limit} must be at least 1")
+    if cfg.data.max_file_mb <= 0:
+        problems.append(f"data.max_file_mb={cfg.data.max_file_mb} must be above 0")
     if cfg.data.image_size is not None and (cfg.data.image_size < 64 or cfg.data.image_size % 8):
         problems.append(f"data.image_size={cfg.data.image_size} must be a multiple of 8, at least 64")
     if cfg.inpaint.num_inference_steps is not None and cfg.inpaint.num_inference_steps < 1:

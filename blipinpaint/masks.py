@@ -103,4 +103,4 @@ class MaskGenerator:
             kinds[i] = MASK_KINDS[rng.integers(len(MASK_KINDS))] if self.mode == "mixed" else self.mode
             masks[i] = make_mask(kinds[i], self.size, rng)
         return {**batch, "mask": masks, "mask_kind": kinds,
-                "mask_area": masks.reshape(n, -1).mean(axis=1).astype(np.float32)}
+                "mask_area": masks.reshape(n, self.size * self.size).mean(axis=1).astype(np.float32)}

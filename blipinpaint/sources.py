@@ -9,12 +9,19 @@ Kinds of source (`data.kind`, detected when `auto`):
 
 Local paths and URIs (`s3://...`) both go through pyarrow's filesystems. Paths from an
 annotations file or manifest must stay inside the image root: one that escapes it (`..`,
-or an absolute path elsewhere) becomes an error row, never a read.
+an absolute path or URI elsewhere) becomes an error row, never a read. The check is on
+the path's text: links inside the root are followed, since whoever can place a link there
+already controls the files.
+
+A local file name that is not valid UTF-8 keeps its undecodable bytes spelled out in its
+id (`caf\\xe9.png`) and is read through its raw bytes (`raw_path`): ids and Parquet
+strings are UTF-8 text.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 from pathlib import PurePosixPath
 
@@ -23,7 +30,7 @@ import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
 from blipinpaint.seeds import sample_seed
-from blipinpaint.storage import filesystem
+from blipinpaint.storage import filesystem, is_remote
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp"})
 SOURCE_KINDS = ("auto", "folder", "coco", "visualgenome", "manifest")
@@ -79,41 +86,85 @@ def _read_json(source: str):
         raise SourceError(f"cannot read {source!r} as JSON: {err}") from None
 
 
-def _item(sample_id: str, source: str = "", error: str = "") -> dict[str, str]:
-    return {"id": sample_id, "source": source, "error": error}
+def _item(sample_id: str, source: str = "", error: str = "", raw_path: bytes = b"") -> dict:
+    return {"id": sample_id, "source": source, "error": error, "raw_path": raw_path}
 
 
-def list_folder(root: str) -> list[dict[str, str]]:
-    fs, path = filesystem(root)
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-    except (OSError, FileNotFoundError) as err:
-        raise SourceError(f"cannot list image folder {root!r}: {err}") from None
-    items = []
-    for info in infos:
-        if info.type == pafs.FileType.File and PurePosixPath(info.path).suffix.lower() in IMAGE_EXTENSIONS:
-            relative = posixpath.relpath(info.path, path)
-            items.append(_item(relative, _join(root, relative)))
-    return items
+def _text(name: str) -> str:
+    """A local file name as UTF-8 text: bytes that are not UTF-8 spelled out as `\\xNN`."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def _from_pairs(pairs, root: str, what: str) -> list[dict[str, str]]:
-    """(id, path) pairs -> items; duplicate ids and escaping paths become error rows."""
-    items, seen = [], {}
-    for sample_id, path in pairs:
-        sample_id = str(sample_id)
-        count = seen.get(sample_id, 0)
-        seen[sample_id] = count + 1
-        if count:
-            # The duplicate keeps its own row (suffixed id), so every input is accounted for.
-            items.append(_item(f"{sample_id}#{count + 1}", str(path), f"duplicate id: {sample_id!r} repeats in {what}"))
+def _walk_local(path: str) -> list[str]:
+    """Relative paths of the files below a local folder; linked folders once each (no cycles)."""
+    def fail(err: OSError):
+        raise SourceError(f"cannot list image folder {path!r}: {err}")
+
+    seen, found = set(), []
+    for folder, subfolders, files in os.walk(path, onerror=fail, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders.clear()
             continue
-        resolved = contained(root, str(path))
-        if resolved is None:
-            items.append(_item(sample_id, str(path), f"bad path: {path!r} is outside the image root {root!r}"))
+        seen.add(real)
+        found += [os.path.relpath(os.path.join(folder, f), path) for f in files]
+    return found
+
+
+def list_folder(root: str) -> list[dict]:
+    fs, path = filesystem(root)
+    if not is_remote(root):
+        if not os.path.isdir(path):
+            raise SourceError(f"cannot list image folder {root!r}: not a folder")
+        # os.walk, not pyarrow: pyarrow cannot list a name that is not UTF-8 at all.
+        relatives = _walk_local(path)
+    else:
+        try:
+            infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        except OSError as err:
+            raise SourceError(f"cannot list image folder {root!r}: {err}") from None
+        relatives = [posixpath.relpath(i.path, path) for i in infos if i.type == pafs.FileType.File]
+    items = []
+    for relative in relatives:
+        if PurePosixPath(relative).suffix.lower() in IMAGE_EXTENSIONS:
+            text = _text(relative)
+            raw = os.fsencode(os.path.join(path, relative)) if text != relative else b""
+            items.append(_item(text, _join(root, text), raw_path=raw))
+    return _unique(items, root)
+
+
+def _unique(items: list[dict], what: str) -> list[dict]:
+    """A repeated id becomes an error row of its own, under a suffixed id no other input has,
+    so every input is accounted for exactly once."""
+    taken = {it["id"] for it in items}
+    seen, out = set(), []
+    for it in items:
+        sample_id = it["id"]
+        if sample_id not in seen:
+            seen.add(sample_id)
+            out.append(it)
+            continue
+        n = 2
+        while f"{sample_id}#{n}" in taken:
+            n += 1
+        taken.add(f"{sample_id}#{n}")
+        out.append(_item(f"{sample_id}#{n}", it["source"], f"duplicate id: {sample_id!r} repeats in {what}"))
+    return out
+
+
+def _from_pairs(pairs, root: str, what: str) -> list[dict]:
+    """(id, path) pairs -> items; duplicate ids and paths outside `root` become error rows."""
+    items = []
+    for sample_id, path in pairs:
+        sample_id, path = str(sample_id), str(path)
+        resolved = contained(root, path)
+        if "\x00" in path:
+            items.append(_item(sample_id, path, f"bad path: {path!r} holds a NUL character"))
+        elif resolved is None:
+            items.append(_item(sample_id, path, f"bad path: {path!r} is outside the image root {root!r}"))
         else:
             items.append(_item(sample_id, resolved))
-    return items
+    return _unique(items, what)
 
 
 def list_coco(annotations: str, root: str) -> list[dict[str, str]]:
@@ -163,21 +214,34 @@ def list_inputs(source: str, kind: str = "auto", image_root: str | None = None,
     return sorted(items, key=lambda it: it["id"])
 
 
-def items_to_batch(items: list[dict[str, str]]) -> dict[str, np.ndarray]:
-    return {key: np.array([it[key] for it in items], dtype=object) for key in ("id", "source", "error")}
+def items_to_batch(items: list[dict]) -> dict[str, np.ndarray]:
+    return {key: np.array([it[key] for it in items], dtype=object) for key in ("id", "source", "error", "raw_path")}
 
 
-def read_files(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Stage: `source` -> `bytes`; a file that cannot be read is an error row."""
+def read_files(batch: dict[str, np.ndarray], max_mb: float | None = None) -> dict[str, np.ndarray]:
+    """Stage: `source` -> `bytes`; a file that cannot be read, or is over `max_mb`, is an error row.
+
+    At most `max_mb` MB and one byte are read: a huge file never fills a worker's memory.
+    """
     errors = np.array(batch["error"], dtype=object)
     data = np.full(len(errors), b"", dtype=object)
-    for i, source in enumerate(batch["source"]):
+    raw_paths = batch.get("raw_path", [b""] * len(errors))
+    limit = int(max_mb * 2**20) if max_mb is not None else -1
+    for i, (source, raw) in enumerate(zip(batch["source"], raw_paths)):
         if errors[i]:
             continue
-        fs, path = filesystem(source)
         try:
-            with fs.open_input_stream(path) as f:
-                data[i] = f.read()
-        except OSError as err:  # FileNotFoundError included
+            if raw:
+                with open(raw, "rb") as f:
+                    data[i] = f.read(limit + 1 if limit >= 0 else -1)
+            else:
+                fs, path = filesystem(source)
+                with fs.open_input_stream(path) as f:
+                    data[i] = f.read(limit + 1) if limit >= 0 else f.read()
+        except (OSError, ValueError) as err:  # missing, unreadable, or a path the filesystem refuses
             errors[i] = f"read failed: {err}"
+            continue
+        if 0 <= limit < len(data[i]):
+            data[i] = b""
+            errors[i] = f"too large: more than data.max_file_mb={max_mb:g} MB"
     return {**batch, "bytes": data, "error": errors}

@@ -51,7 +51,7 @@ from blipinpaint.sources import SourceError, list_inputs, read_files
 from blipinpaint.storage import filesystem, write_text
 from blipinpaint.writer import CommitLog
 from rayjobs.common import actor_resources, connect, job_main
-from rayjobs.stream import Attempts, CommitSink, ErrorWriter, ModelStage, stage_start_errors
+from rayjobs.stream import CommitSink, ErrorWriter, ModelStage, attempt_ledger, job_errors
 
 log = logging.getLogger("blipinpaint.generate")
 
@@ -60,29 +60,32 @@ MODEL_STAGES = {"captioner": stages.build_captioner, "inpainter": stages.build_i
 # Sections whose change makes earlier rows incomparable with new ones.
 FINGERPRINT_KEYS = ("seed", "models.preset", "models.device", "models.dtype", "models.captioner", "models.inpainter",
                     "models.clip", "masks", "caption", "inpaint", "data.image_size", "data.min_side",
-                    "data.max_aspect_ratio")
+                    "data.max_aspect_ratio", "data.max_file_mb")
 
 
 def _out_dir(cfg: Config) -> str:
     return f"{cfg.run_dir.rstrip('/')}/generate"
 
 
-def prepare(batch, cfg: Config):
+def prepare(batch, cfg: Config, errors: ErrorWriter):
     """CPU task: read the file, decode, validate, resize, mask; unusable inputs leave here."""
-    decode, mask, errors = stages.build_decoder(cfg), stages.build_masker(cfg), ErrorWriter(_out_dir(cfg))
-    return Guarded("prepare", lambda b: mask(split_errors(decode(read_files(b)), errors)), errors,
+    decode, mask = stages.build_decoder(cfg), stages.build_masker(cfg)
+    read = functools.partial(read_files, max_mb=cfg.data.max_file_mb)
+    return Guarded("prepare", lambda b: mask(split_errors(decode(read(b)), errors)), errors,
                    cfg.generate.batch_retries)(batch)
 
 
-def build_dataset(cfg: Config, pending: list[dict]) -> ray.data.Dataset:
-    g = cfg.generate
+def build_dataset(cfg: Config, pending: list[dict], owner: str | None = None) -> ray.data.Dataset:
+    """The stream from `pending` inputs to encoded rows; every write carries the run's `owner` token."""
+    g, errors, ledger = cfg.generate, ErrorWriter(_out_dir(cfg), owner), attempt_ledger()
     blocks = max(1, math.ceil(len(pending) / g.read.batch_size))
     ds = ray.data.from_items(pending, override_num_blocks=blocks)
-    ds = ds.map_batches(prepare, fn_kwargs={"cfg": cfg}, batch_size=g.read.batch_size, num_cpus=g.read.num_cpus)
+    ds = ds.map_batches(prepare, fn_kwargs={"cfg": cfg, "errors": errors}, batch_size=g.read.batch_size,
+                        num_cpus=g.read.num_cpus)
     for name in MODEL_STAGES:
         build = functools.partial(MODEL_STAGES[name], cfg)
-        ds = ds.map_batches(ModelStage, fn_constructor_kwargs={"name": name, "build": build, "out_dir": _out_dir(cfg),
-                                                               "retries": g.batch_retries,
+        ds = ds.map_batches(ModelStage, fn_constructor_kwargs={"name": name, "build": build, "errors": errors,
+                                                               "retries": g.batch_retries, "ledger": ledger,
                                                                "fault": g.inject_failure},
                             **actor_resources(getattr(g, name)))
     return ds.map_batches(encode_rows, fn_kwargs={"models": stages.model_ids(cfg)},
@@ -170,6 +173,7 @@ def run(cfg: Config) -> dict:
     check_fingerprint(out_dir, fingerprint(cfg))
     write_text(f"{out_dir}/config.yaml", to_yaml(cfg))
     commit_log = CommitLog(out_dir)
+    owner = commit_log.take_over()  # before recovering: a killed run's stragglers stop committing
     recovered = commit_log.recover()
     done = commit_log.committed_ids()
     pending = [it for it in items if it["id"] not in done]
@@ -180,10 +184,9 @@ def run(cfg: Config) -> dict:
         connect(cfg.ray_address)
         DataContext.get_current().enable_progress_bars = True
         t0 = time.perf_counter()
-        Attempts.reset(out_dir)
-        ds = build_dataset(cfg, pending)
-        with stage_start_errors():
-            ds.write_datasink(CommitSink(out_dir, cfg.generate.rows_per_file, SAMPLE_SCHEMA))
+        ds = build_dataset(cfg, pending, owner)
+        with job_errors():
+            ds.write_datasink(CommitSink(out_dir, cfg.generate.rows_per_file, SAMPLE_SCHEMA, owner))
         pipeline_s = time.perf_counter() - t0
         write_text(f"{out_dir}/ray_stats.txt", ds.stats())
     this_run = {
@@ -192,6 +195,7 @@ def run(cfg: Config) -> dict:
         "images_per_s": round(len(pending) / pipeline_s, 3) if pipeline_s else None,
     }
     stats = summarize(out_dir, items, commit_log, this_run)
+    commit_log.release()
     if stats["missing"] or stats["duplicates"]:
         raise RuntimeError(f"{out_dir}: {stats['missing']} inputs missing, {stats['duplicates']} duplicated; "
                            "run the same command again to finish")

@@ -58,6 +58,11 @@ def test_mask_area_is_the_hidden_fraction():
     assert np.allclose(out["mask_area"], out["mask"].reshape(6, -1).mean(axis=1))
 
 
+def test_a_batch_whose_rows_all_failed_upstream_is_masked_as_empty():
+    out = MaskGenerator("box", 64, seed=0)({"id": IDS[:0]})
+    assert out["mask"].shape == (0, 64, 64) and out["mask_area"].shape == (0,)
+
+
 def test_masked_pixels_hides_only_the_hole():
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
