@@ -13,6 +13,11 @@ import time
 
 import ray
 import ray.train
+import torch
+from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+from deepspeed.runtime.fp16.loss_scaler import LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
+from deepspeed.utils.tensor_fragment import fragment_address
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -60,8 +65,26 @@ def split(ds: ray.data.Dataset, cfg: Config) -> tuple[ray.data.Dataset, ray.data
             ds.filter(lambda row: heldout(seed, row["id"], fraction)))
 
 
+class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+    """DeepSpeed's torch checkpoint engine, loading with `torch.load(weights_only=True)`.
+
+    DeepSpeed unpickles its checkpoints without restriction, so a checkpoint altered in a
+    shared `run_dir` could run code in every worker that resumes from it. Its files hold
+    tensors, containers and these DeepSpeed types, nothing else.
+    """
+
+    SAFE_GLOBALS = [LossScaler, ZeroStageEnum, fragment_address]
+
+    def load(self, path: str, map_location=None):
+        with torch.serialization.safe_globals(self.SAFE_GLOBALS):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+
 def restore(engine) -> dict | None:
     """Load the latest reported checkpoint into `engine`; its client state, or None."""
+    safe = WeightsOnlyCheckpointEngine()
+    safe.zipfile_serialization = engine.checkpoint_engine.zipfile_serialization  # saving stays as configured
+    engine.checkpoint_engine = safe
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return None
