@@ -112,6 +112,7 @@ class GenerateConfig:
     metrics: StageConfig = field(default_factory=StageConfig)
     rows_per_file: int = 64  # rows gathered into one Parquet file (and one commit)
     batch_retries: int = 2  # a batch that keeps failing becomes error rows after this many retries
+    retry_failed: bool = False  # try `stage failed` error rows of earlier runs again (e.g. after preemptions)
     inject_failure: FaultConfig = field(default_factory=FaultConfig)  # tests only
 
 

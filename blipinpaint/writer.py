@@ -27,6 +27,7 @@ import logging
 import posixpath
 import time
 import uuid
+from collections.abc import Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -149,22 +150,53 @@ class CommitLog:
                 markers.append(json.loads(f.read()))
         return markers
 
+    def _files(self, folder: str) -> set[str]:
+        """Names of the files in a folder of the output: one listing, not a request per file."""
+        selector = pafs.FileSelector(self._path(folder), allow_not_found=True)
+        return {i.base_name for i in self.fs.get_file_info(selector) if i.type == pafs.FileType.File}
+
     def recover(self) -> dict[str, int]:
-        """Finish committed parts, undo uncommitted ones; return what was done."""
-        markers = self.markers()
+        """Finish committed parts, undo uncommitted ones; return what was done.
+
+        A marker whose data is gone both staged and published (an `uncommit` cut short, or
+        files deleted by hand) is dropped: its ids are pending again, never silently lost.
+        """
+        staged = {folder: self._files(f"_staging/{folder}") for folder in DATA_DIRS}
+        published = {folder: self._files(folder) for folder in DATA_DIRS}
+        kept, dropped = [], []
+        for marker in self.markers():
+            files = marker["staged"].items()
+            if any(name not in staged[f] and f"{marker['name']}.parquet" not in published[f] for f, name in files):
+                dropped.append(marker)
+                continue
+            kept.append(marker)
+            for folder, name in files:
+                if name in staged[folder]:
+                    self.fs.create_dir(self._path(folder), recursive=True)
+                    self.fs.move(self._path("_staging", folder, name), self._path(folder, f"{marker['name']}.parquet"))
+                    staged[folder].discard(name)
+        self._remove(dropped)
+        named = {(folder, name) for m in kept for folder, name in m["staged"].items()}
+        removed = [self._path("_staging", f, name) for f in DATA_DIRS for name in staged[f] if (f, name) not in named]
+        removed += [self._path("_commits", name) for name in self._files("_commits") if name.endswith(".tmp")]
+        for path in removed:
+            self.fs.delete_file(path)
+        return {"committed_parts": len(kept), "orphans_removed": len(removed), "parts_dropped": len(dropped)}
+
+    def _remove(self, markers: list[dict]) -> None:
+        """Delete parts: data first, the marker last (a cut-short removal is finished by `recover`)."""
         for marker in markers:
-            self._publish(marker)
-        named = {(folder, staged) for m in markers for folder, staged in m["staged"].items()}
-        removed = 0
-        for folder in (*DATA_DIRS, "_commits"):
-            base = self._path("_staging", folder) if folder in DATA_DIRS else self._path("_commits")
-            for info in self.fs.get_file_info(pafs.FileSelector(base, allow_not_found=True)):
-                orphan_data = folder in DATA_DIRS and (folder, info.base_name) not in named
-                orphan_marker = folder == "_commits" and info.base_name.endswith(".tmp")
-                if info.type == pafs.FileType.File and (orphan_data or orphan_marker):
-                    self.fs.delete_file(info.path)
-                    removed += 1
-        return {"committed_parts": len(markers), "orphans_removed": removed}
+            for folder, name in marker["staged"].items():
+                for path in (self._path(folder, f"{marker['name']}.parquet"), self._path("_staging", folder, name)):
+                    if self.fs.get_file_info(path).type == pafs.FileType.File:
+                        self.fs.delete_file(path)
+            self.fs.delete_file(self._path("_commits", f"{marker['name']}.json"))
+
+    def uncommit(self, matches: Callable[[dict], bool]) -> list[str]:
+        """Remove the committed parts whose marker `matches`; return their ids (pending again)."""
+        parts = [m for m in self.markers() if matches(m)]
+        self._remove(parts)
+        return [i for m in parts for i in (*m["samples"], *m["errors"])]
 
     def committed_samples(self) -> dict[str, list[str]]:
         """Part name -> the sample ids committed in it (from the markers: no data is read)."""

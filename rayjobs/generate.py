@@ -68,11 +68,15 @@ def _out_dir(cfg: Config) -> str:
 
 
 def prepare(batch, cfg: Config, errors: ErrorWriter):
-    """CPU task: read the file, decode, validate, resize, mask; unusable inputs leave here."""
+    """CPU task: read the file, decode, validate, resize, mask; unusable inputs leave here.
+
+    Unusable rows are committed after the guarded part, never inside it: a retried batch
+    must not commit them twice.
+    """
     decode, mask = stages.build_decoder(cfg), stages.build_masker(cfg)
     read = functools.partial(read_files, max_mb=cfg.data.max_file_mb)
-    return Guarded("prepare", lambda b: mask(split_errors(decode(read(b)), errors)), errors,
-                   cfg.generate.batch_retries)(batch)
+    out = Guarded("prepare", lambda b: mask(decode(read(b))), errors, cfg.generate.batch_retries)(batch)
+    return split_errors(out, errors)
 
 
 def build_dataset(cfg: Config, pending: list[dict], owner: str | None = None) -> ray.data.Dataset:
@@ -90,6 +94,12 @@ def build_dataset(cfg: Config, pending: list[dict], owner: str | None = None) ->
                             **actor_resources(getattr(g, name)))
     return ds.map_batches(encode_rows, fn_kwargs={"models": stages.model_ids(cfg)},
                           batch_size=g.read.batch_size, num_cpus=g.read.num_cpus)
+
+
+def stage_failure(marker: dict) -> bool:
+    """A part holding only rows of a batch a model stage failed on (raised, or its worker died)."""
+    kinds = marker["error_kinds"]
+    return not marker["samples"] and bool(kinds) and all(kind == "stage failed" for kind in kinds)
 
 
 def fingerprint(cfg: Config) -> dict:
@@ -175,6 +185,9 @@ def run(cfg: Config) -> dict:
     commit_log = CommitLog(out_dir)
     owner = commit_log.take_over()  # before recovering: a killed run's stragglers stop committing
     recovered = commit_log.recover()
+    # A batch that failed in a model stage often failed for its machine (preempted, out of
+    # memory), not for its images: on request, its rows are tried again.
+    retried = commit_log.uncommit(stage_failure) if cfg.generate.retry_failed else []
     done = commit_log.committed_ids()
     pending = [it for it in items if it["id"] not in done]
     log.info("%d inputs: %d already committed, %d to do", len(items), len(items) - len(pending), len(pending))
@@ -190,7 +203,8 @@ def run(cfg: Config) -> dict:
         pipeline_s = time.perf_counter() - t0
         write_text(f"{out_dir}/ray_stats.txt", ds.stats())
     this_run = {
-        "processed": len(pending), "skipped_committed": len(items) - len(pending), **recovered,
+        "processed": len(pending), "skipped_committed": len(items) - len(pending), "retried_failed": len(retried),
+        **recovered,
         "pipeline_s": round(pipeline_s, 2), "wall_s": round(time.perf_counter() - started, 2),
         "images_per_s": round(len(pending) / pipeline_s, 3) if pipeline_s else None,
     }

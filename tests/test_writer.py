@@ -55,7 +55,7 @@ def test_recover_undoes_parts_that_never_committed(tmp_path):
     (tmp_path / "samples" / f"{marker['name']}.parquet").rename(
         tmp_path / "_staging" / "samples" / marker["staged"]["samples"])
     (tmp_path / "_commits" / f"{marker['name']}.json").rename(tmp_path / "_commits" / f".{marker['name']}.json.tmp")
-    assert log.recover() == {"committed_parts": 1, "orphans_removed": 2}
+    assert log.recover() == {"committed_parts": 1, "orphans_removed": 2, "parts_dropped": 0}
     assert _read(tmp_path / "samples") == ["a"] and log.committed_ids() == {"a"}
     assert not list((tmp_path / "_staging" / "samples").iterdir())
 
@@ -105,3 +105,17 @@ def test_taking_over_waits_only_after_an_unfinished_run(tmp_path):
     started = time.perf_counter()
     CommitLog(str(tmp_path)).take_over(grace_s=5)
     assert time.perf_counter() - started < 1
+
+
+def test_uncommitted_parts_become_pending_and_a_cut_short_removal_is_finished(tmp_path):
+    log = CommitLog(str(tmp_path))
+    log.commit(_rows(["a", "b"], ["", ""]))
+    failed = log.commit(_rows(["c"], ["stage failed: inpainter worker died on this batch 3 times"]))
+    assert log.uncommit(lambda m: m["error_kinds"] == ["stage failed"]) == ["c"]
+    assert log.committed_ids() == {"a", "b"} and _read(tmp_path / "errors") == []
+    # Removal cut short after the data went, before the marker: recovery drops the marker.
+    again = log.commit(_rows(["c"], ["stage failed: again"]))
+    assert again["name"] == failed["name"]
+    (tmp_path / "errors" / f"{again['name']}.parquet").unlink()
+    assert log.recover()["parts_dropped"] == 1 and log.committed_ids() == {"a", "b"}
+    assert _read(tmp_path / "samples") == ["a", "b"]

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import account, encode, photo, png_with_size, with_exif_orientation
+from helpers import account, encode, photo, png_with_size, print_figures, with_exif_orientation
 from PIL import Image
 
 from blipinpaint.config import load_config
@@ -91,6 +91,8 @@ def test_every_bad_input_gets_its_outcome(folder_run):
     assert sorted(outcomes) == sorted(expected)  # every input once, nothing else
     assert {name: o if o == "sample" else o.split(":")[0] for name, o in outcomes.items()} == expected
     figures = account(run_dir / "generate", expected)
+    print_figures("bad-input matrix, folder", figures, stats["this_run"]["wall_s"], samples=stats["ok"],
+                  errors=stats["errors"])
     assert (figures["lost"], figures["duplicated"], figures["orphans"]) == (0, 0, 0)
     assert stats["missing"] == 0 and (run_dir / "generate" / "_SUCCESS").exists()
 
@@ -132,6 +134,10 @@ def test_manifest_duplicates_missing_files_and_escaping_paths(local_ray, tmp_pat
     }), manifest)
     stats = _run(tmp_path / "run", manifest)
     outcomes = _outcomes(tmp_path / "run")
+    figures = account(tmp_path / "run" / "generate", outcomes)
+    print_figures("bad-input matrix, manifest", figures, stats["this_run"]["wall_s"], samples=stats["ok"],
+                  errors=stats["errors"])
+    assert (figures["committed"], figures["lost"], figures["duplicated"], figures["orphans"]) == (7, 0, 0, 0)
     for name in sorted(outcomes):
         print(f"\nINPUT manifest {name}: {outcomes[name]}")
     kinds = {i: o.split(":")[0] for i, o in outcomes.items()}

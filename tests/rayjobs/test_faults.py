@@ -78,6 +78,13 @@ def test_a_stage_raising_on_one_batch_makes_that_batch_error_rows(local_ray, sou
     assert (figures["committed"], figures["lost"], figures["duplicated"], figures["orphans"]) == (8, 0, 0, 0)
     assert stats["ok"] == 8 - len(errors)
 
+    # What a user does once the cause is gone: the same command, asking for failed batches again.
+    stats, figures = _run("the same command with generate.retry_failed=true", source, tmp_path,
+                          "generate.retry_failed=true")
+    assert stats["this_run"]["retried_failed"] == len(errors) == stats["this_run"]["processed"]
+    assert stats["ok"] == 8 and stats["errors"] == 0 and not list((tmp_path / "generate" / "errors").iterdir())
+    assert (figures["committed"], figures["lost"], figures["duplicated"], figures["orphans"]) == (8, 0, 0, 0)
+
 
 def test_a_batch_that_kills_its_worker_every_time_becomes_error_rows(local_ray, source, tmp_path):
     """A poison batch (its worker dies on it, every time) ends after the bounded retries: no hang.

@@ -110,3 +110,27 @@ def test_a_run_folder_refuses_rows_made_with_other_settings(tmp_path):
     other = load_config(overrides=[f"run_dir={tmp_path}", "seed=1", "masks.kind=thin"])
     with pytest.raises(ConfigError, match=r"masks, seed differ"):
         generate.check_fingerprint(str(tmp_path), generate.fingerprint(other))
+
+
+def test_a_failing_prepare_commits_each_bad_row_once(tmp_path, monkeypatch):
+    """A decode error found before the batch failed must not be committed again with the batch."""
+    def broken_masker(cfg):
+        def mask(batch):
+            raise RuntimeError("mask bug")
+        return mask
+
+    monkeypatch.setattr(generate.stages, "build_masker", broken_masker)
+    good, empty = tmp_path / "good.png", tmp_path / "empty.png"
+    good.write_bytes(encode(photo(), "PNG"))
+    empty.write_bytes(b"")
+    sunk = []
+    batch = {"id": np.array(["empty.png", "good.png"], dtype=object), "error": np.array(["", ""], dtype=object),
+             "source": np.array([str(empty), str(good)], dtype=object), "raw_path": np.array([b"", b""], dtype=object)}
+    out = generate.prepare(batch, load_config(overrides=[f"run_dir={tmp_path}", "generate.batch_retries=1"]),
+                           sunk.append)
+    assert len(out["id"]) == 0
+    committed = [i for rows in sunk for i in rows["id"]]
+    assert sorted(committed) == ["empty.png", "good.png"]  # each once
+    assert {r: e for rows in sunk for r, e in zip(rows["id"], rows["error"])} == {
+        "empty.png": "stage failed: prepare raised RuntimeError: mask bug",
+        "good.png": "stage failed: prepare raised RuntimeError: mask bug"}
