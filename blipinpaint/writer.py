@@ -160,15 +160,21 @@ class CommitLog:
 
         A marker whose data is gone both staged and published (an `uncommit` cut short, or
         files deleted by hand) is dropped: its ids are pending again, never silently lost.
+        So is a part sharing an id with a part kept before it (parts with samples first):
+        only a writer that outlived the owner check can cause that, and the ids of the
+        dropped part that are nowhere else are redone.
         """
         staged = {folder: self._files(f"_staging/{folder}") for folder in DATA_DIRS}
         published = {folder: self._files(folder) for folder in DATA_DIRS}
-        kept, dropped = [], []
-        for marker in self.markers():
+        kept, dropped, seen = [], [], set()
+        for marker in sorted(self.markers(), key=lambda m: (not m["samples"], m["name"])):
             files = marker["staged"].items()
-            if any(name not in staged[f] and f"{marker['name']}.parquet" not in published[f] for f, name in files):
+            ids = {*marker["samples"], *marker["errors"]}
+            if ids & seen or any(name not in staged[f] and f"{marker['name']}.parquet" not in published[f]
+                                 for f, name in files):
                 dropped.append(marker)
                 continue
+            seen |= ids
             kept.append(marker)
             for folder, name in files:
                 if name in staged[folder]:

@@ -72,8 +72,8 @@ class AttemptLedger:
 
     A start is recorded before the stage runs and cleared when it returns, so a count that
     survives is the number of times a worker died on that batch. One small actor per run,
-    on the driver's node: a round trip costs about a millisecond, where a file in a bucket
-    would cost a few requests per batch.
+    on the driver's node: an actor call per batch, where a file in a bucket would cost a
+    few object-store requests per batch.
     """
 
     def __init__(self):

@@ -119,3 +119,14 @@ def test_uncommitted_parts_become_pending_and_a_cut_short_removal_is_finished(tm
     (tmp_path / "errors" / f"{again['name']}.parquet").unlink()
     assert log.recover()["parts_dropped"] == 1 and log.committed_ids() == {"a", "b"}
     assert _read(tmp_path / "samples") == ["a", "b"]
+
+
+def test_recover_keeps_one_part_per_id_and_frees_the_rest(tmp_path):
+    """Two parts holding one id (a straggler that outlived the owner check): the part with
+    samples stays, the other goes, and its ids found nowhere else are pending again."""
+    log = CommitLog(str(tmp_path))
+    log.commit(_rows(["a", "b"], ["", ""]))
+    log.commit(_rows(["b", "c"], ["stage failed: x", "stage failed: x"]))
+    assert log.recover()["parts_dropped"] == 1
+    assert log.committed_ids() == {"a", "b"}  # c is to be redone
+    assert _read(tmp_path / "samples") == ["a", "b"] and _read(tmp_path / "errors") == []
