@@ -43,11 +43,10 @@ JOB_ERRORS = (StageStartError, Superseded)  # what ends a job with one line and 
 
 @contextlib.contextmanager
 def job_errors():
-    """Re-raise a `JOB_ERRORS` error that reaches the driver wrapped in Ray's errors as itself, in one line."""
+    """Re-raise a `JOB_ERRORS` error that reaches the driver wrapped in Ray's errors (whose
+    text is a remote traceback, even where the type matches) as itself, in one line."""
     try:
         yield
-    except JOB_ERRORS:
-        raise
     except Exception as err:
         for error in JOB_ERRORS:
             found = re.search(rf"{error.__name__}: (.+)", str(err))

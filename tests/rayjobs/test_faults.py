@@ -134,6 +134,32 @@ def test_a_killed_driver_then_the_same_command_gives_every_input_once(local_ray,
     assert all(after[name] == mtime for name, mtime in before.items())  # finished work is not rewritten
 
 
+def test_a_job_whose_folder_is_taken_over_stops_with_the_reason(local_ray, source, tmp_path):
+    """Another run takes the output folder over mid-run (a second submission, or the rerun
+    after a driver it thinks dead): the first job commits nothing more and says why."""
+    args = _args(tmp_path, source, "generate.rows_per_file=1", "generate.read.batch_size=1",
+                 f"ray_address={local_ray.get_runtime_context().gcs_address}")
+    job = subprocess.Popen([sys.executable, "-m", "rayjobs.generate", *args], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    started, out = time.perf_counter(), tmp_path / "generate"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (list((out / "_commits").glob("*.json")) if (out / "_commits").exists()
+                                          else []):
+        assert job.poll() is None, "the job ended before the take-over"
+        time.sleep(0.1)
+    CommitLog(str(out)).take_over(grace_s=0)
+    taken_over = CommitLog(str(out)).committed_ids()
+    _, stderr = job.communicate(timeout=240)
+    figures = account(out, _ids(source))
+    print_figures("output folder taken over mid-run", figures, time.perf_counter() - started,
+                  committed_at_take_over=len(taken_over), exit_code=job.returncode)
+    assert job.returncode == 1
+    said = [line for line in stderr.splitlines() if line.startswith("generate: ")]
+    assert said == [f"generate: {out} is now written by another run; this run's writes stop here"], stderr[-2000:]
+    assert CommitLog(str(out)).committed_ids() == taken_over  # nothing committed after the take-over
+    assert figures["duplicated"] == 0 and not (out / "_SUCCESS").exists()
+
+
 WRITER = textwrap.dedent("""
     import os
     import sys
