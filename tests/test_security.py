@@ -69,8 +69,13 @@ def test_remote_code_in_a_checkpoint_is_never_run(tmp_path):
     assert marker.exists()
 
 
-def _python_files():
-    return [p for p in REPO.rglob("*.py") if ".venv" not in p.parts and "tests" not in p.parts]
+def _project_files(suffixes: tuple[str, ...]) -> list[Path]:
+    """The project's own files (tracked, or new and not ignored), tests excluded: never a
+    run's outputs or the virtual environment."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            capture_output=True, text=True, check=True).stdout
+    return [REPO / line for line in listed.splitlines()
+            if not line.startswith("tests/") and Path(line).suffix in suffixes and (REPO / line).is_file()]
 
 
 def unsafe_calls(source: str) -> list[str]:
@@ -91,17 +96,24 @@ def unsafe_calls(source: str) -> list[str]:
 
 
 def test_no_code_asks_for_remote_code_or_unsafe_unpickling():
-    offenders = {str(p.relative_to(REPO)): unsafe_calls(p.read_text()) for p in _python_files()}
+    offenders = {str(p.relative_to(REPO)): unsafe_calls(p.read_text()) for p in _project_files((".py",))}
     assert not {path: calls for path, calls in offenders.items() if calls}
     bad = "m = X.from_pretrained(p, trust_remote_code=flag)\nsd = torch.load(f)\nsd = torch.load(f, weights_only=True)"
     assert unsafe_calls(bad) == ["1: trust_remote_code", "2: torch.load without weights_only=True"]
 
 
-def _tracked_files() -> list[Path]:
-    listed = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
-    return [REPO / line for line in listed.splitlines()
-            if not line.startswith("tests/") and Path(line).suffix in ("", ".py", ".yaml", ".yml", ".sh", ".md",
-                                                                            ".toml", ".json")]
+def _settings_text(path: Path) -> str:
+    """What of a file can configure Ray: all of a script or config; of a Markdown page, its
+    code blocks (the commands users copy), other lines blanked so line numbers hold."""
+    text = path.read_text(errors="replace")
+    if path.suffix != ".md":
+        return text
+    lines, inside = [], False
+    for line in text.splitlines():
+        fence = line.lstrip().startswith("```")
+        lines.append(line if inside and not fence else "")
+        inside ^= fence
+    return "\n".join(lines)
 
 
 LOOPBACK = ("127.0.0.1", "localhost")
@@ -114,29 +126,35 @@ EXPOSURES = [
 ]
 
 
+def exposures(path: Path) -> list[str]:
+    """`line: match (why)` for each setting in `path` that exposes Ray or switches auth off."""
+    text, found = _settings_text(path), []
+    for pattern, why in EXPOSURES:
+        for match in pattern.finditer(text):
+            value = match.group(1) if pattern.groups else match.group(0)
+            if value.strip("'\"") not in (*LOOPBACK, "token"):
+                found.append(f"{text.count(chr(10), 0, match.start()) + 1}: {match.group(0)!r} ({why})")
+    return found
+
+
 def test_no_config_in_the_repo_exposes_ray_or_disables_token_auth():
-    offenders = []
-    for path in _tracked_files():
-        text = path.read_text(errors="replace")
-        for pattern, why in EXPOSURES:
-            for found in pattern.finditer(text):
-                value = found.group(1) if pattern.groups else found.group(0)
-                if value.strip("'\"") in (*LOOPBACK, "token"):
-                    continue
-                line = text.count("\n", 0, found.start()) + 1
-                offenders.append(f"{path.relative_to(REPO)}:{line}: {found.group(0)!r} ({why})")
-    assert not offenders
+    files = _project_files(("", ".py", ".yaml", ".yml", ".sh", ".md", ".toml", ".json"))
+    assert not {str(p.relative_to(REPO)): e for p in files if (e := exposures(p))}
     # The scan sees what it must: the settings are there to be checked.
     cluster = (REPO / "cluster.yaml").read_text()
     assert "--dashboard-host=127.0.0.1" in cluster and "RAY_AUTH_MODE=token" in cluster
+    assert "--dashboard-host=127.0.0.1" in _settings_text(REPO / "README.md")
 
 
-def test_the_scan_catches_an_exposed_dashboard_and_disabled_auth():
-    bad = "ray start --head --dashboard-host=0.0.0.0\nexport RAY_AUTH_MODE=disabled\n"
-    found = [why for pattern, why in EXPOSURES for _ in pattern.finditer(bad)
-             if (_.group(1) if pattern.groups else _.group(0)) not in (*LOOPBACK, "token")]
-    assert set(found) == {"the dashboard bound beyond localhost", "a listener on every interface",
-                          "token authentication switched off"}
+def test_the_scan_catches_an_exposed_dashboard_and_disabled_auth(tmp_path):
+    script = tmp_path / "start.sh"
+    script.write_text("ray start --head --dashboard-host=0.0.0.0\nexport RAY_AUTH_MODE=disabled\n")
+    assert exposures(script) == ["1: 'dashboard-host=0.0.0.0' (the dashboard bound beyond localhost)",
+                                 "1: '0.0.0.0' (a listener on every interface)",
+                                 "2: 'RAY_AUTH_MODE=disabled' (token authentication switched off)"]
+    page = tmp_path / "page.md"  # prose may name what it forbids; its commands may not do it
+    page.write_text("Never bind 0.0.0.0.\n\n```bash\nray start --head --dashboard-host=0.0.0.0\n```\n")
+    assert [e.split(":")[0] for e in exposures(page)] == ["4", "4"]
 
 
 ESCAPES = ["../secret.png", "a/../../secret.png", "/etc/passwd", "file:///etc/passwd", "s3://other-bucket/x.png",
