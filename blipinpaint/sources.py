@@ -218,6 +218,14 @@ def items_to_batch(items: list[dict]) -> dict[str, np.ndarray]:
     return {key: np.array([it[key] for it in items], dtype=object) for key in ("id", "source", "error", "raw_path")}
 
 
+def _open(source: str, raw_path: bytes):
+    """A readable file: through its raw bytes (a local name that is not UTF-8), else pyarrow."""
+    if raw_path:
+        return open(raw_path, "rb")
+    fs, path = filesystem(source)
+    return fs.open_input_stream(path)
+
+
 def read_files(batch: dict[str, np.ndarray], max_mb: float | None = None) -> dict[str, np.ndarray]:
     """Stage: `source` -> `bytes`; a file that cannot be read, or is over `max_mb`, is an error row.
 
@@ -231,13 +239,8 @@ def read_files(batch: dict[str, np.ndarray], max_mb: float | None = None) -> dic
         if errors[i]:
             continue
         try:
-            if raw:
-                with open(raw, "rb") as f:
-                    data[i] = f.read(limit + 1 if limit >= 0 else -1)
-            else:
-                fs, path = filesystem(source)
-                with fs.open_input_stream(path) as f:
-                    data[i] = f.read(limit + 1) if limit >= 0 else f.read()
+            with _open(source, raw) as f:
+                data[i] = f.read(limit + 1) if limit >= 0 else f.read()
         except (OSError, ValueError) as err:  # missing, unreadable, or a path the filesystem refuses
             errors[i] = f"read failed: {err}"
             continue

@@ -68,11 +68,11 @@ class CommitLog:
             f.write(data)
 
     def _read_owner(self) -> dict | None:
-        path = self._path(OWNER)
-        if self.fs.get_file_info(path).type != pafs.FileType.File:
+        try:  # one request: every commit reads this
+            with self.fs.open_input_stream(self._path(OWNER)) as f:
+                return json.loads(f.read())
+        except FileNotFoundError:
             return None
-        with self.fs.open_input_stream(path) as f:
-            return json.loads(f.read())
 
     def take_over(self, grace_s: float = 5.0) -> str:
         """Make a new run the folder's only writer; return its token.

@@ -47,7 +47,7 @@ def _pickled_copy(folder: Path, to: Path, marker: Path) -> Path:
 def test_pickle_checkpoints_are_refused_unread(role, load, tmp_path):
     marker = tmp_path / "pickle-ran"
     folder = _pickled_copy(Path(getattr(get_preset("tiny"), role).name_or_path), tmp_path / role, marker)
-    with pytest.raises((OSError, ValueError), match="safetensors|\\.safetensors"):
+    with pytest.raises((OSError, ValueError), match="safetensors"):
         load(ModelRef(str(folder)), CPU)
     assert not marker.exists()
 
