@@ -45,7 +45,8 @@ def count_once(batch: Batch, column: str, n: int) -> Batch:
 
 
 class Guarded:
-    """Run `stage` on a batch, retrying a failure; a batch that keeps failing becomes errors.
+    """Run `stage` on a batch, retrying a failure; a batch that keeps failing becomes errors,
+    and so does each row the stage itself marked failed (its `error` set).
 
     Adds `seconds_<name>`: the stage's wall time per row of the batch, which the writer
     sums into per-stage throughput, and `retries_<name>`: the failed attempts.
@@ -75,4 +76,5 @@ class Guarded:
                                 self.retries)
             return split_errors(failed, self.on_errors)
         out[f"seconds_{self.name}"] = np.full(len(out["id"]), (time.perf_counter() - start) / n, dtype=np.float64)
-        return count_once(out, f"retries_{self.name}", attempt)
+        # A stage may fail single rows (an inpainting that came out NaN): they leave here.
+        return split_errors(count_once(out, f"retries_{self.name}", attempt), self.on_errors)

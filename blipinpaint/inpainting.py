@@ -37,7 +37,8 @@ class Inpainter:
         self.prompts = prompts or GENERATE_PROMPTS
 
     def _run(self, images: np.ndarray, masks: np.ndarray, prompts: list[str], seeds: list[int],
-             guidance_scale: float) -> np.ndarray:
+             guidance_scale: float) -> tuple[np.ndarray, np.ndarray]:
+        """The composited uint8 inpaintings, and which rows came out NaN or infinite."""
         height, width = images.shape[1:3]
         # CPU generators: the same seed gives the same noise whatever device runs the UNet.
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
@@ -51,16 +52,24 @@ class Inpainter:
             generator=generators,
             output_type="np",
         ).images
-        generated = np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
-        return composite(generated, images, masks)
+        # Half precision can overflow in the UNet or the VAE; rint/clip/astype would turn the
+        # NaN into a black or noisy image that nothing downstream could tell from a real one.
+        broken = ~np.isfinite(out).all(axis=(1, 2, 3))
+        generated = np.clip(np.rint(np.nan_to_num(out) * 255.0), 0, 255).astype(np.uint8)
+        return composite(generated, images, masks), broken
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images, masks = batch["image"], batch["mask"]
         seeds = [sample_seed(self.seed, str(i), "noise") for i in batch["id"]]
         out = {**batch, "noise_seed": np.array(seeds, dtype=np.int64)}
+        errors = np.array(batch.get("error", [""] * len(seeds)), dtype=object)
         for column, caption in self.prompts.items():
             if caption is None:
-                out[column] = self._run(images, masks, [""] * len(seeds), seeds, guidance_scale=1.0)
+                out[column], broken = self._run(images, masks, [""] * len(seeds), seeds, guidance_scale=1.0)
             else:
-                out[column] = self._run(images, masks, [str(c) for c in batch[caption]], seeds, self.guidance_scale)
+                prompts = [str(c) for c in batch[caption]]
+                out[column], broken = self._run(images, masks, prompts, seeds, self.guidance_scale)
+            for i in np.flatnonzero(broken & (errors == "")):
+                errors[i] = f"inpainting failed: the {column} image has NaN or infinite values"
+        out["error"] = errors  # such rows leave the stream as error rows (see `batches.Guarded`)
         return out

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 from helpers import take
 
+from blipinpaint.batches import Guarded
 from blipinpaint.inpainting import Inpainter
 
 
@@ -48,7 +49,7 @@ def test_caption_changes_the_guided_output_only(inpainter, captioned, inpainted)
 def test_baseline_without_guidance_equals_guidance_on_an_empty_prompt(inpainter, captioned, inpainted):
     """Why the baseline skips classifier-free guidance: with no text it changes nothing."""
     seeds = [int(s) for s in inpainted["noise_seed"]]
-    guided_empty = inpainter._run(captioned["image"], captioned["mask"], [""] * 3, seeds, guidance_scale=7.5)
+    guided_empty, _ = inpainter._run(captioned["image"], captioned["mask"], [""] * 3, seeds, guidance_scale=7.5)
     diff = np.abs(guided_empty.astype(int) - inpainted["inpainted_baseline"].astype(int))
     assert diff.max() <= 1
 
@@ -59,5 +60,26 @@ def test_a_variant_prompted_by_another_caption_column_matches_the_same_caption(i
                           prompts={"inpainted_finetuned": "caption_finetuned"})
     batch = dict(captioned, caption_finetuned=captioned["caption"])
     out = finetuned(batch)
-    assert set(out) - set(batch) == {"inpainted_finetuned", "noise_seed"}
+    assert set(out) - set(batch) == {"inpainted_finetuned", "noise_seed"} and not any(out["error"])
     assert np.array_equal(out["inpainted_finetuned"], inpainted["inpainted"])
+
+
+class NanOnRow:
+    """The tiny pipeline with one row's output NaN, as an fp16 overflow in the UNet or VAE gives."""
+
+    def __init__(self, pipe, row: int):
+        self.pipe, self.row = pipe, row
+
+    def __call__(self, **kwargs):
+        out = self.pipe(**kwargs)
+        out.images[self.row] = np.nan
+        return out
+
+
+def test_a_nan_inpainting_becomes_an_error_row_not_a_black_image(inpainter, captioned):
+    broken = Inpainter(NanOnRow(inpainter.pipe, 1), inpainter.steps, inpainter.guidance_scale, inpainter.seed)
+    sunk = []
+    out = Guarded("inpainter", broken, sunk.append)(captioned)
+    assert out["id"].tolist() == [captioned["id"][0], captioned["id"][2]]  # the others go on
+    assert len(sunk) == 1 and sunk[0]["id"].tolist() == [captioned["id"][1]]
+    assert sunk[0]["error"][0] == "inpainting failed: the inpainted image has NaN or infinite values"
