@@ -1,4 +1,5 @@
-"""Scorer epochs on cached caption features against recomputing BLIP features every epoch.
+"""Scorer epochs on cached caption features against recomputing BLIP features every epoch,
+and the scorer's epoch in fp32 against bf16.
 
     .venv/bin/python bench/train_cpu.py [--samples 256] [--epochs 3] [models.preset=tiny ...]
 
@@ -58,10 +59,31 @@ def epoch(net: ScoreNet, optimizer, batches) -> None:
         optimizer.step()
 
 
+def precision_epochs(samples: int, features: int, cfg, epochs: int) -> dict[str, float]:
+    """Seconds per scorer epoch in fp32 and in bf16 (module and inputs cast, as DeepSpeed's bf16
+    engine does), on random features: the MLP's cost does not depend on where they came from."""
+    torch.manual_seed(0)
+    x_all, y_all = torch.randn(samples, features), torch.randn(samples, len(TARGETS))
+    chunks = [slice(i, i + cfg.scorer.batch_size) for i in range(0, samples, cfg.scorer.batch_size)]
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        net = ScoreNet(ScoreNetConfig(features, tuple(cfg.scorer.hidden))).to(dtype)
+        optimizer = torch.optim.Adam(net.parameters(), lr=cfg.scorer.lr)
+        x = x_all.to(dtype)
+        epoch(net, optimizer, ((x[c], y_all[c].to(dtype)) for c in chunks[:10]))  # warm-up
+        start = time.perf_counter()
+        for _ in range(epochs):
+            epoch(net, optimizer, ((x[c], y_all[c].to(dtype)) for c in chunks))
+        out[name] = (time.perf_counter() - start) / epochs
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--precision-samples", type=int, default=20_000,
+                        help="768-d feature rows for the scorer's fp32-vs-bf16 epochs")
     parser.add_argument("--out", default="bench/results/train_cpu.json")
     parser.add_argument("overrides", nargs="*", help="config overrides (dotted.key=value)")
     args = parser.parse_args()
@@ -89,6 +111,7 @@ def main() -> None:
     cached_s = train(lambda: ((x_all[c], y_all[c]) for c in chunks))
     naive_s = train(lambda: ((blip_features(captioner, batch["image"][c], batch["mask"][c], list(batch["caption"][c])),
                               y_all[c]) for c in chunks))
+    precision = precision_epochs(args.precision_samples, 768, cfg, args.epochs)
     result = {
         "command": " ".join(["bench/train_cpu.py", f"--samples {args.samples}", f"--epochs {args.epochs}",
                              *args.overrides]),
@@ -98,10 +121,15 @@ def main() -> None:
         "feature_dim": x_all.shape[1], "batch_size": size,
         "cache_features_once_s": round(cache_s, 3), "epoch_cached_s": round(cached_s, 4),
         "epoch_recomputed_s": round(naive_s, 4), "speedup": round(naive_s / cached_s, 1),
+        "scorer_precision": {"samples": args.precision_samples, "feature_dim": 768,
+                             "epoch_fp32_s": round(precision["fp32"], 4), "epoch_bf16_s": round(precision["bf16"], 4),
+                             "bf16_speedup": round(precision["fp32"] / precision["bf16"], 2)},
     }
     print(f"{args.samples} samples ({cfg.models.preset} BLIP, features {x_all.shape[1]}-d): "
           f"epoch on cached features {cached_s * 1e3:.1f} ms, recomputing BLIP {naive_s * 1e3:.1f} ms "
           f"-> {naive_s / cached_s:.1f}x; the one caching pass {cache_s:.2f} s")
+    print(f"scorer epoch on {args.precision_samples} 768-d features: fp32 {precision['fp32'] * 1e3:.0f} ms, "
+          f"bf16 {precision['bf16'] * 1e3:.0f} ms -> bf16 runs {precision['fp32'] / precision['bf16']:.2f}x fp32")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
 
