@@ -49,12 +49,15 @@ class DataConfig:
 class ModelsConfig:
     preset: str = "tiny"  # tiny | paper | fullsize
     device: str = "cpu"  # cpu | cuda; decided per worker, never probed on the driver
-    dtype: str = "fp32"  # fp32 | fp16 | bf16; half precision needs cuda
+    dtype: str = "fp32"  # fp32 | fp16 (CUDA only) | bf16 (CPU or CUDA)
     # Point a role elsewhere (a local folder, or a hub id with its revision).
     captioner: ModelRef = field(default_factory=ModelRef)
     inpainter: ModelRef = field(default_factory=ModelRef)
     clip: ModelRef = field(default_factory=ModelRef)
     fid: ModelRef = field(default_factory=ModelRef)  # the FID feature network
+    # Where hub checkpoints are kept as verified safetensors for the workers (rayjobs.models);
+    # None: `<run_dir>/models`. Entries are immutable (repo and commit), so runs may share one.
+    store: str | None = None
 
 
 @dataclass
@@ -213,6 +216,7 @@ def _absolute_paths(cfg: Config) -> None:
     cfg.data.source = absolute(cfg.data.source)
     cfg.data.image_root = absolute(cfg.data.image_root)
     cfg.evaluate.other_runs = [absolute(r) for r in cfg.evaluate.other_runs]
+    cfg.models.store = absolute(cfg.models.store)
     for ref in (cfg.models.captioner, cfg.models.inpainter, cfg.models.clip, cfg.models.fid):
         if ref.name_or_path and Path(ref.name_or_path).expanduser().exists():
             ref.name_or_path = absolute(ref.name_or_path)
@@ -226,8 +230,9 @@ def validate(cfg: Config) -> None:
         problems.append(f"models.device={cfg.models.device!r} must be 'cpu' or 'cuda'")
     if cfg.models.dtype not in DTYPE_NAMES:
         problems.append(f"models.dtype={cfg.models.dtype!r} is not one of {list(DTYPE_NAMES)}")
-    elif cfg.models.dtype != "fp32" and not cfg.models.device.startswith("cuda"):
-        problems.append(f"models.dtype={cfg.models.dtype} needs models.device=cuda (half precision is GPU-only)")
+    elif cfg.models.dtype == "fp16" and not cfg.models.device.startswith("cuda"):
+        # fp16 kernels and DeepSpeed's fp16 training exist on CUDA only; bf16 runs on CPUs too.
+        problems.append("models.dtype=fp16 needs models.device=cuda (on CPU use bf16 or fp32)")
     if cfg.masks.kind not in MASK_MODES:
         problems.append(f"masks.kind={cfg.masks.kind!r} is not one of {list(MASK_MODES)}")
     if cfg.data.limit is not None and cfg.data.limit < 1:
@@ -299,6 +304,11 @@ def _stage_problems(key: str, stage: StageConfig) -> list[str]:
     elif stage.size is None or stage.size < 1:
         problems.append(f"{key}.size={stage.size} must be at least 1 (or set min_size and max_size)")
     return problems
+
+
+def model_store(cfg: Config) -> str:
+    """`models.store`, else `<run_dir>/models`."""
+    return cfg.models.store or f"{cfg.run_dir.rstrip('/')}/models"
 
 
 def heldout_fraction(cfg: Config) -> float:

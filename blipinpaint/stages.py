@@ -8,8 +8,10 @@ them in-process.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from blipinpaint.captioning import Captioner
-from blipinpaint.config import Config
+from blipinpaint.config import Config, model_store
 from blipinpaint.fid import FidAccumulator
 from blipinpaint.inpainting import Inpainter
 from blipinpaint.io import ImageDecoder
@@ -24,6 +26,7 @@ from blipinpaint.models import (
     load_fid_features,
     load_inpaint_pipeline,
     native_image_size,
+    store,
     torch_device,
     torch_dtype,
     with_overrides,
@@ -31,14 +34,36 @@ from blipinpaint.models import (
 from blipinpaint.models.offline import BUILD_VERSION, SPECS
 from blipinpaint.models.presets import PAPER
 
+ROLES = ("captioner", "inpainter", "clip", "fid")
+
 # Denoising steps when the config leaves them unset: the paper's 50 on real models; few
 # on the tiny ones, whose outputs are noise either way and only need to run the code.
 DEFAULT_STEPS = {"tiny": 4, "paper": 50, "fullsize": 50}
 
 
-def resolve_preset(cfg: Config) -> Preset:
+def stored_refs(cfg: Config) -> dict[str, ModelRef]:
+    """The roles whose checkpoint goes through the model store (hub ids, the FID Inception),
+    known without building or downloading anything."""
+    refs = {}
+    for role in ROLES:
+        ref = getattr(cfg.models, role)
+        if not ref.name_or_path and cfg.models.preset == "paper":
+            ref = getattr(PAPER, role)
+        if store.needs_store(ref):
+            refs[role] = ref
+    return refs
+
+
+def configured_preset(cfg: Config) -> Preset:
+    """The checkpoint of each role as configured (hub ids included)."""
     m = cfg.models
     return with_overrides(get_preset(m.preset), captioner=m.captioner, inpainter=m.inpainter, clip=m.clip, fid=m.fid)
+
+
+def resolve_preset(cfg: Config) -> Preset:
+    """The folder each role loads from: hub checkpoints from the model store, never the hub."""
+    preset, root = configured_preset(cfg), model_store(cfg)
+    return replace(preset, **{role: store.in_store(getattr(preset, role), root) for role in ROLES})
 
 
 def image_size(cfg: Config) -> int:
@@ -89,7 +114,7 @@ def build_fid(cfg: Config, sets: dict[str, str]) -> FidAccumulator:
 def model_ids(cfg: Config) -> dict[str, str]:
     """The checkpoint each role runs, as recorded on every sample (no build, no download)."""
     ids = {}
-    for role in ("captioner", "inpainter", "clip", "fid"):
+    for role in ROLES:
         ref = getattr(cfg.models, role)
         if not ref.name_or_path:
             if cfg.models.preset in SPECS:

@@ -67,6 +67,7 @@ from blipinpaint.report import plot_grouped_bars, plot_image_grid
 from blipinpaint.seeds import heldout, sample_seed
 from blipinpaint.storage import filesystem, kind, local_dir, read_text, write_text
 from blipinpaint.writer import CommitLog
+from rayjobs import models
 from rayjobs.common import actor_resources, connect, job_main
 from rayjobs.generate import check_fingerprint, fingerprint
 from rayjobs.stream import CommitSink, ErrorWriter, ModelStage, attempt_ledger, job_errors
@@ -202,6 +203,16 @@ def _read_eval_rows(out_dir: str, ids: list[str], columns: list[str]) -> dict[st
     return {c: v[order] for c, v in rows.items()}
 
 
+def fid_protocol(cfg: Config) -> str:
+    """How the FID features were taken, for the report: numbers compare only under one protocol."""
+    if "fid" in stages.stored_refs(cfg):
+        return ("standard FID: Inception v3 pool3 (2048-d) with the TensorFlow FID weights, images resized to "
+                "299x299 with TensorFlow 1.x's bilinear resize and no antialiasing (as torch-fidelity and "
+                "the original FID; torchmetrics' default antialiasing is off), from the decoded uint8 PNG pixels")
+    return (f"features of `{stages.model_ids(cfg)['fid']}` (not the standard Inception): "
+            "these FID values do not compare with published ones")
+
+
 def write_report(cfg: Config, summary: dict, ids: list[str], out_dir: str) -> str:
     """`report.md` with its tables and figures (also those of `evaluate.other_runs`)."""
     name = dataset_name(cfg)
@@ -237,7 +248,7 @@ fine-tuning), models preset `{cfg.models.preset}`{f', FID features `{fid_name}`'
 Each sample is inpainted three times from the same noise: without text (the paper's
 baseline), with the original BLIP's caption, and with the fine-tuned BLIP's caption.
 CLIP score is taken against the caption that guided the image (the baseline against
-BLIP's); FID against the ground-truth images.
+BLIP's); FID against the ground-truth images. FID protocol: {fid_protocol(cfg)}.
 
 ## Table 1
 
@@ -279,6 +290,7 @@ def run(cfg: Config) -> dict:
     decoder = json.loads(read_text(paths["check"])).get("decoder") if kind(paths["check"]) == "File" else None
     check_fingerprint(out_dir, {**fingerprint(cfg), "finetuned_decoder": decoder})
     write_text(f"{out_dir}/config.yaml", to_yaml(cfg))
+    models.run(cfg)  # the inpainter, CLIP and FID networks from the model store, never the hub
     commit_log = CommitLog(out_dir, EVAL_SCHEMA)
     owner = commit_log.take_over()  # before recovering: a killed run's stragglers stop committing
     recovered = commit_log.recover()
@@ -313,6 +325,7 @@ def run(cfg: Config) -> dict:
                            "selected": len(ids), "samples": len(sample_ids), "errors": sum(errors.values()),
                            "errors_by_reason": dict(errors), "this_run": {"evaluated": len(pending), **recovered}},
         "models": {**stages.model_ids(cfg), "captioner_finetuned": paths["blip"]},
+        "fid_protocol": fid_protocol(cfg),
         "mask_bucket_edges": list(cfg.evaluate.mask_buckets),
         **summary,
         "wall_s": round(time.perf_counter() - started, 2),

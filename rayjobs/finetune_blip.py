@@ -50,7 +50,7 @@ from blipinpaint.report import plot_curves, write_tensorboard
 from blipinpaint.scorer import ScoreNet
 from blipinpaint.stages import resolve_preset
 from blipinpaint.storage import kind, local_dir, read_jsonl, read_text, upload_dir, write_jsonl, write_text
-from rayjobs import training
+from rayjobs import models, training
 from rayjobs.common import connect, job_main
 
 log = logging.getLogger("blipinpaint.finetune_blip")
@@ -74,6 +74,7 @@ def _pixels(batch: dict, image_processor, device, dtype) -> torch.Tensor:
 
 def finetune_loop(config: dict) -> None:
     import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 
     cfg: Config = config["cfg"]
     ctx = ray.train.get_context()
@@ -86,16 +87,26 @@ def finetune_loop(config: dict) -> None:
     model.text_decoder.requires_grad_(True)
     scorer = ScoreNet.from_pretrained(local_dir(config["scorer_dir"])).to(device).requires_grad_(False)
     scorer_before = checksum(scorer)
+    # Copied before DeepSpeed partitions (ZeRO-3) and casts the decoder; cast with it below.
     reference = copy.deepcopy(model.text_decoder).requires_grad_(False) if cfg.finetune.kl_weight > 0 else None
+    initial = {name: p.detach().clone() for name, p in model.text_decoder.named_parameters()}
     weights = LossWeights(cfg.finetune.lambda_ssim, cfg.finetune.lambda_psnr, cfg.finetune.lambda_clip)
     optimizer = torch.optim.Adam(model.text_decoder.parameters(), lr=cfg.finetune.lr)
-    ds_config = training.deepspeed_config(cfg, cfg.finetune.batch_size)
     engine, *_ = deepspeed.initialize(model=model.text_decoder, optimizer=optimizer, dist_init_required=False,
-                                      config=ds_config)
-    # DeepSpeed casts the decoder for half-precision training; the frozen encoder follows it.
-    half = torch.float16 if ds_config["fp16"]["enabled"] else torch.bfloat16 if ds_config["bf16"]["enabled"] else None
+                                      config=training.deepspeed_config(cfg, cfg.finetune.batch_size))
+    half = training.half_dtype(cfg)
     if half is not None:
+        # DeepSpeed cast the decoder to `half`; the frozen encoder and the KL reference follow,
+        # or their outputs would meet the decoder's weights in another dtype.
         model.vision_model.to(half)
+        if reference is not None:
+            reference.to(half)
+        # DeepSpeed copied its fp32 master weights from the decoder after casting it, so they
+        # start rounded to `half`: put the original fp32 values back, or every weight would
+        # move by up to half an ulp of bf16 (~1e-3 relative), far more than lr 1e-6 moves it.
+        for name, param in engine.module.named_parameters():
+            safe_set_full_fp32_param(param, initial[name])
+    del initial
     state = training.restore(engine)
     start = state["epoch"] + 1 if state else 0
     log_uri = config["log_uri"]
@@ -114,7 +125,8 @@ def finetune_loop(config: dict) -> None:
             features, logits = decode_caption(model, embeds, ids, decoder=engine)
             ssim, psnr, clip = scorer.destandardize(scorer(features.float())).unbind(dim=1)
             loss = blip_loss(ssim, psnr, clip, weights)
-            record = {"epoch": epoch, "loss_blip": loss.item(), "pred_ssim": ssim.mean().item(),
+            record = {"epoch": epoch, "resumed_at_epoch": start if state else None, "loss_blip": loss.item(),
+                      "pred_ssim": ssim.mean().item(),
                       "pred_psnr": psnr.mean().item(), "pred_clip": clip.mean().item()}
             if reference is not None:
                 with torch.no_grad():
@@ -134,12 +146,16 @@ def finetune_loop(config: dict) -> None:
         training.save_and_report(engine, {"epoch": epoch, "step": engine.global_steps, "loss": mean_loss},
                                  {"epoch": epoch})
 
-    # Full decoder weights (ZeRO-3 partitions them across ranks), saved by rank 0.
-    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
-        decoder_state = {k: v.detach().cpu().clone() for k, v in engine.module.state_dict().items()}
+    # The fp32 master weights, gathered from every rank's partition (a collective: every rank
+    # calls it). Saving the half-precision copy would drop each update below half an ulp.
+    decoder_state = {name: safe_get_full_fp32_param(param).detach().cpu().clone()
+                     for name, param in engine.module.named_parameters()}
     if rank == 0:
         original = load_captioner(config["captioner"], torch.device("cpu"))
-        original.model.text_decoder.load_state_dict(decoder_state)
+        parameters = dict(original.model.text_decoder.named_parameters())
+        with torch.no_grad():
+            for name, value in decoder_state.items():
+                parameters[name].copy_(value)
         with tempfile.TemporaryDirectory() as folder:  # from_pretrained-able, then to run_dir (maybe a bucket)
             for part in (original.model, original.tokenizer, original.image_processor):
                 part.save_pretrained(folder)
@@ -155,6 +171,7 @@ def run(cfg: Config) -> dict:
     for path, step in ((samples, "rayjobs.generate"), (scorer_dir, "rayjobs.train_scorer")):
         if kind(path) != "Directory":
             raise ConfigError(f"{path} is missing: run {step} first")
+    models.run(cfg)  # the captioner from the model store, never the hub
     connect(cfg.ray_address)
     train, _ = training.split(ray.data.read_parquet(samples, columns=COLUMNS), cfg)
     write_text(f"{out_dir}/config.yaml", to_yaml(cfg))

@@ -50,6 +50,7 @@ from blipinpaint.records import METRIC_COLUMNS, SAMPLE_SCHEMA, encode_rows
 from blipinpaint.sources import SourceError, list_inputs, read_files
 from blipinpaint.storage import filesystem, write_text
 from blipinpaint.writer import CommitLog
+from rayjobs import models
 from rayjobs.common import actor_resources, connect, job_main
 from rayjobs.stream import CommitSink, ErrorWriter, ModelStage, attempt_ledger, job_errors
 
@@ -182,6 +183,7 @@ def run(cfg: Config) -> dict:
         raise ConfigError(str(err)) from None
     check_fingerprint(out_dir, fingerprint(cfg))
     write_text(f"{out_dir}/config.yaml", to_yaml(cfg))
+    models.run(cfg)  # hub checkpoints into the model store before any actor loads one
     commit_log = CommitLog(out_dir)
     owner = commit_log.take_over()  # before recovering: a killed run's stragglers stop committing
     recovered = commit_log.recover()

@@ -16,6 +16,8 @@ Locally (a Ray on 127.0.0.1 when no address is given):
 
 With no `--config` the embedded default runs: the `tiny` preset on the sample images that
 ship with blipinpaint, on a local Ray bound to 127.0.0.1. Steps:
+0. `rayjobs.models`: pinned hub checkpoints into the model store as verified safetensors
+   (`run_dir/models/` by default); nothing to do for the offline presets.
 1. `rayjobs.generate`: captions, inpaintings and metrics as Parquet (`run_dir/generate/`);
    a rerun only does the inputs not yet committed.
 2. `rayjobs.train_scorer`: the scoring network (`run_dir/scorer/`); skipped when trained.
@@ -31,7 +33,7 @@ import sys
 
 from blipinpaint.config import Config
 from blipinpaint.storage import kind
-from rayjobs import evaluate, finetune_blip, generate, train_scorer
+from rayjobs import evaluate, finetune_blip, generate, models, train_scorer
 from rayjobs.common import job_main
 
 log = logging.getLogger("blipinpaint.pipeline")
@@ -39,6 +41,7 @@ log = logging.getLogger("blipinpaint.pipeline")
 
 def run(cfg: Config) -> None:
     root = cfg.run_dir.rstrip("/")
+    models.print_report(models.run(cfg))
     stats = generate.run(cfg)
     generate.print_summary(stats)
     if kind(f"{root}/scorer/model/model.safetensors") == "File":

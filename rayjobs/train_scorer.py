@@ -71,8 +71,11 @@ def train_loop(config: dict) -> None:
     torch.manual_seed(cfg.seed)
     model = ScoreNet(config["net"]).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.scorer.lr)
+    # The MLP trains in fp32 whatever `models.dtype` says: bf16 would save seconds per run
+    # (BENCHMARKS.md, "Scorer precision") and cost the exactness of the cached fp32 features
+    # and of the standardised targets.
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, dist_init_required=False,
-                                      config=training.deepspeed_config(cfg, cfg.scorer.batch_size))
+                                      config=training.deepspeed_config(cfg, cfg.scorer.batch_size, dtype="fp32"))
     state = training.restore(engine)
     start = state["epoch"] + 1 if state else 0
     log_uri = config["log_uri"]

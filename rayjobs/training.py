@@ -15,7 +15,7 @@ import ray
 import ray.train
 import torch
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-from deepspeed.runtime.fp16.loss_scaler import LossScaler
+from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -27,7 +27,9 @@ from blipinpaint.seeds import heldout
 CONTROLLER_POLL_S = 2.0  # Ray Train's default RAY_TRAIN_HEALTH_CHECK_INTERVAL_S
 
 
-def deepspeed_config(cfg: Config, batch_size: int) -> dict:
+def deepspeed_config(cfg: Config, batch_size: int, dtype: str | None = None) -> dict:
+    """DeepSpeed settings; the engine trains in `dtype` (default `models.dtype`), on GPU or CPU alike."""
+    dtype = dtype or cfg.models.dtype
     zero = {"stage": cfg.train.zero_stage}
     if cfg.train.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
@@ -37,10 +39,16 @@ def deepspeed_config(cfg: Config, batch_size: int) -> dict:
         "zero_optimization": zero,
         # A plain torch Adam: DeepSpeed's fused/CPU Adam would compile C++ on first use.
         "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": cfg.models.dtype == "bf16" and cfg.train.use_gpu},
-        "fp16": {"enabled": cfg.models.dtype == "fp16" and cfg.train.use_gpu},
+        # The engine casts the module to this dtype and keeps fp32 master weights in the optimizer.
+        "bf16": {"enabled": dtype == "bf16"},
+        "fp16": {"enabled": dtype == "fp16"},
         "steps_per_print": 10**9,
     }
+
+
+def half_dtype(cfg: Config) -> torch.dtype | None:
+    """The half precision DeepSpeed trains in for `models.dtype`, or None for fp32."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.models.dtype)
 
 
 def make_trainer(loop, loop_config: dict, cfg: Config, name: str, storage: str, datasets: dict) -> TorchTrainer:
@@ -70,10 +78,11 @@ class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
 
     DeepSpeed unpickles its checkpoints without restriction, so a checkpoint altered in a
     shared `run_dir` could run code in every worker that resumes from it. Its files hold
-    tensors, containers and these DeepSpeed types, nothing else.
+    tensors, containers and these DeepSpeed types, nothing else (fp16 training keeps its
+    live `DynamicLossScaler` in the optimizer state; bf16 and fp32 a static `LossScaler`).
     """
 
-    SAFE_GLOBALS = [LossScaler, ZeroStageEnum, fragment_address]
+    SAFE_GLOBALS = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
     def load(self, path: str, map_location=None):
         with torch.serialization.safe_globals(self.SAFE_GLOBALS):

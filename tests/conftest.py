@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
-# Before any Hugging Face import: a test that reaches for the hub fails instead of waiting.
+# Before any Hugging Face import: a test that reaches for the hub fails instead of waiting,
+# and the only hub cache is this session's own (empty until `paper_hub` lays it out), never
+# the user's ~/.cache/huggingface.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+HUB_CACHE = Path(tempfile.mkdtemp(prefix="blipinpaint-hub-"))
+atexit.register(shutil.rmtree, HUB_CACHE, ignore_errors=True)
+os.environ["HF_HUB_CACHE"] = str(HUB_CACHE)
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 # Every Ray this session starts, or a job it launches starts, stays on 127.0.0.1.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
@@ -30,6 +39,15 @@ def model_cache(tmp_path_factory):
         os.environ.pop("BLIPINPAINT_CACHE", None)
     else:
         os.environ["BLIPINPAINT_CACHE"] = previous
+
+
+@pytest.fixture(scope="session")
+def paper_hub() -> Path:
+    """The hub cache holding the `paper` preset's repos at their pinned commits (tiny weights)."""
+    from hub_rehearsal import build_hub_cache
+
+    build_hub_cache(HUB_CACHE)
+    return HUB_CACHE
 
 
 @pytest.fixture(scope="session")

@@ -91,3 +91,10 @@ def test_held_out_share_and_dataset_name(tmp_path):
     assert heldout_fraction(other) == 0.2 and dataset_name(other) == tmp_path.name
     named = load_config(overrides=[f"data.source={tmp_path}", "train.val_fraction=0.1", "data.name=MSCOCO"])
     assert heldout_fraction(named) == 0.1 and dataset_name(named) == "MSCOCO"
+
+
+def test_bf16_runs_on_cpu_and_fp16_needs_cuda():
+    assert load_config(overrides=["models.dtype=bf16"]).models.dtype == "bf16"  # the CPU's half precision
+    assert load_config(overrides=["models.dtype=fp16", "models.device=cuda"]).models.dtype == "fp16"
+    with pytest.raises(ConfigError, match="on CPU use bf16 or fp32"):
+        load_config(overrides=["models.dtype=fp16"])

@@ -1,16 +1,23 @@
-"""Load each role's model from a `ModelRef`: a local folder or a pinned hub id.
+"""Load each role's model from a `ModelRef`: a local folder, or a folder URI (the model store).
 
 Every load goes through `from_pretrained` with `use_safetensors=True` (a pickle checkpoint
-is refused) and never with `trust_remote_code`. Models load on the CPU in fp32 unless the
+is refused) and never with `trust_remote_code`. Hub checkpoints are never loaded from the
+hub here: the model store (`blipinpaint.models.store`) fetched, verified and converted them
+once, and workers load the store's folders. Models load on the CPU in fp32 unless the
 caller asks otherwise; device and dtype are always explicit.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from transformers import (
     AutoTokenizer,
     BlipForConditionalGeneration,
@@ -20,7 +27,9 @@ from transformers import (
 )
 
 from blipinpaint.models.inception import InceptionFeatures
-from blipinpaint.models.presets import FID_INCEPTION_V3, ModelRef
+from blipinpaint.models.presets import ModelRef
+from blipinpaint.models.store import STANDARD_INCEPTION
+from blipinpaint.storage import is_remote, local_dir
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -36,23 +45,27 @@ def torch_device(name: str) -> torch.device:
 
 
 def torch_dtype(name: str, device: torch.device) -> torch.dtype:
-    """Map a config dtype string to torch; half precision is for CUDA only."""
+    """Map a config dtype string to torch; fp16 is for CUDA only (bf16 runs on CPU and GPU)."""
     if name not in DTYPES:
         raise ValueError(f"models.dtype must be one of {sorted(DTYPES)}, got {name!r}")
     if name == "fp16" and device.type != "cuda":
-        raise ValueError("models.dtype=fp16 needs a CUDA device; use fp32 on CPU")
+        raise ValueError("models.dtype=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
     return DTYPES[name]
 
 
+def model_folder(ref: ModelRef) -> str:
+    """The local folder to load `ref` from: itself, or this node's copy of a folder URI."""
+    name = ref.name_or_path
+    if is_remote(name):
+        return local_dir(name)
+    if Path(name).is_dir():
+        return name
+    raise ValueError(f"model {name!r} is not a local folder or a folder URI: hub checkpoints reach workers "
+                     "through the model store (python -m rayjobs.models)")
+
+
 def _source(ref: ModelRef) -> dict:
-    """`from_pretrained` arguments for a ref; hub ids must carry a pinned revision."""
-    if Path(ref.name_or_path).is_dir():
-        return {"pretrained_model_name_or_path": ref.name_or_path}
-    if not ref.revision:
-        raise ValueError(
-            f"model {ref.name_or_path!r} is neither a local folder nor pinned: give its revision (a commit hash)"
-        )
-    return {"pretrained_model_name_or_path": ref.name_or_path, "revision": ref.revision}
+    return {"pretrained_model_name_or_path": model_folder(ref)}
 
 
 @dataclass
@@ -104,16 +117,44 @@ def load_inpaint_pipeline(ref: ModelRef, device: torch.device, dtype: torch.dtyp
 
 def load_fid_features(ref: ModelRef, device: torch.device) -> torch.nn.Module:
     """An uint8-image -> feature network with `num_features`, as torchmetrics' FID expects."""
-    if ref.name_or_path == FID_INCEPTION_V3:
+    folder = Path(model_folder(ref))
+    config = json.loads((folder / "config.json").read_text())
+    if config.get("feature_extractor") == STANDARD_INCEPTION["feature_extractor"]:
+        return _standard_inception(folder).to(device).eval()
+    return InceptionFeatures.from_pretrained(folder).to(device)
+
+
+@contextlib.contextmanager
+def _weights_only_loads():
+    """Every `torch.load` in this block reads tensors only, whatever its caller asked for."""
+    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
+
+
+def _standard_inception(folder: Path) -> torch.nn.Module:
+    """torchmetrics' FID Inception with the store's weights, resizing as standard FID does.
+
+    torchmetrics resizes with antialiasing by default, which its docs note differs from the
+    original FID; `antialias=False` resizes like TensorFlow 1.x, as torch-fidelity and the
+    published FID numbers do. torch-fidelity's constructor only takes weights through
+    `torch.load(path)`: it gets a file of this worker's own making, from the store's
+    safetensors, and the load is forced to weights only.
+    """
+    try:
         from torchmetrics.image.fid import NoTrainInceptionV3
 
-        try:
-            net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"])
-        except ImportError as err:
-            raise RuntimeError(
-                "the standard FID Inception needs torch-fidelity: pip install 'blipinpaint[fid]'"
-            ) from err
-        return net.to(device).eval()
-    if not Path(ref.name_or_path).is_dir():
-        raise ValueError(f"FID feature network {ref.name_or_path!r} is not a local folder")
-    return InceptionFeatures.from_pretrained(ref.name_or_path).to(device)
+        state = load_file(str(folder / "model.safetensors"))
+        with tempfile.TemporaryDirectory() as tmp, _weights_only_loads():
+            path = os.path.join(tmp, "inception.pt")
+            torch.save(state, path)
+            return NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
+                                      feature_extractor_weights_path=path, antialias=False)
+    except ModuleNotFoundError as err:
+        raise RuntimeError("the standard FID Inception needs torch-fidelity: pip install 'blipinpaint[fid]'") from err

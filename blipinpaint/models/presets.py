@@ -12,17 +12,26 @@ from pathlib import Path
 
 from blipinpaint.models import offline
 
-# FID on real runs: torchmetrics' standard Inception v3 (pool3, 2048-d, the weights FID
-# is defined with). It needs the `fid` extra (torch-fidelity) and fetches its weights once.
+# FID on real runs: the standard Inception v3 (pool3, 2048-d, the TensorFlow weights FID
+# is defined with) through torchmetrics (the `fid` extra: torch-fidelity). Its weights come
+# from torch-fidelity's pinned release file, through the model store like every checkpoint.
 FID_INCEPTION_V3 = "torchmetrics:inception-v3-compat"
+FID_INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+                     "weights-inception-2015-12-05-6726825d.pth")
+FID_INCEPTION_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
 
 
 @dataclass
 class ModelRef:
-    """A checkpoint: a local folder, or a hub id with its pinned revision (commit)."""
+    """A checkpoint: a local folder or folder URI, or a hub id with its pinned revision (commit).
+
+    For a hub id, `files` names the files of that revision the role uses (glob patterns):
+    the model store fetches, verifies and converts exactly those (see `models.store`).
+    """
 
     name_or_path: str = ""
     revision: str | None = None
+    files: list[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -35,12 +44,26 @@ class Preset:
     fid: ModelRef
 
 
+# The files each role uses at its pinned revision (the repos hold more: TF/Flax weights,
+# a single-file .ckpt, the safety checker). tests/data/hub/ keeps the full listings.
+TRANSFORMERS_FILES = ["config.json", "preprocessor_config.json", "special_tokens_map.json", "tokenizer.json",
+                      "tokenizer_config.json"]
 PAPER = Preset(
     name="paper",
     image_size=512,
-    captioner=ModelRef("Salesforce/blip-image-captioning-base", "82a37760796d32b1411fe092ab5d4e227313294b"),
-    inpainter=ModelRef("stable-diffusion-v1-5/stable-diffusion-inpainting", "8a4288a76071f7280aedbdb3253bdb9e9d5d84bb"),
-    clip=ModelRef("openai/clip-vit-large-patch14", "32bd64288804d66eefd0ccbe215aa642df71cc41"),
+    # This revision ships its weights as a pickle only (pytorch_model.bin, no safetensors):
+    # the model store verifies its sha256 and converts it, so no worker ever reads it.
+    captioner=ModelRef("Salesforce/blip-image-captioning-base", "82a37760796d32b1411fe092ab5d4e227313294b",
+                       [*TRANSFORMERS_FILES, "vocab.txt", "pytorch_model.bin"]),
+    # Full-precision weights exist here only as pickles; the fp16 safetensors are the same
+    # weights at half precision (what GPU runs use anyway; fp32 and bf16 runs upcast them).
+    inpainter=ModelRef("stable-diffusion-v1-5/stable-diffusion-inpainting", "8a4288a76071f7280aedbdb3253bdb9e9d5d84bb",
+                       ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/*",
+                        *(f"{part}/config.json" for part in ("text_encoder", "unet", "vae")),
+                        "text_encoder/model.fp16.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors",
+                        "vae/diffusion_pytorch_model.fp16.safetensors"]),
+    clip=ModelRef("openai/clip-vit-large-patch14", "32bd64288804d66eefd0ccbe215aa642df71cc41",
+                  [*TRANSFORMERS_FILES, "vocab.json", "merges.txt", "model.safetensors"]),
     fid=ModelRef(FID_INCEPTION_V3),
 )
 

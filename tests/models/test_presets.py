@@ -1,9 +1,10 @@
 import importlib.util
+import json
 import re
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from blipinpaint.models import (
     ModelRef,
@@ -13,6 +14,7 @@ from blipinpaint.models import (
     load_fid_features,
     load_inpaint_pipeline,
     offline,
+    store,
     torch_device,
     torch_dtype,
 )
@@ -73,9 +75,16 @@ def test_paper_preset_is_pinned():
     assert PAPER.image_size == 512
 
 
-def test_unpinned_hub_ids_are_refused():
-    with pytest.raises(ValueError, match="pin"):
-        load_captioner(ModelRef("Salesforce/blip-image-captioning-base"), CPU)
+def test_workers_never_load_from_the_hub():
+    with pytest.raises(ValueError, match="through the model store"):
+        load_captioner(PAPER.captioner, CPU)
+
+
+@pytest.mark.parametrize("revision", [None, "main", "v1.0", "82a37760"])
+def test_the_store_fetches_pinned_commits_only(revision):
+    ref = ModelRef(PAPER.captioner.name_or_path, revision, PAPER.captioner.files)
+    with pytest.raises(store.StoreError, match="not a pinned commit"):
+        store.fetch(ref)
 
 
 def test_pickle_checkpoints_are_refused(tmp_path):
@@ -106,8 +115,10 @@ def test_unknown_preset_is_an_error():
         get_preset("huge")
 
 
-def test_standard_fid_inception_says_what_it_needs():
+def test_standard_fid_inception_says_what_it_needs(tmp_path):
     if importlib.util.find_spec("torch_fidelity") is not None:
-        pytest.skip("torch-fidelity is installed here: the network would load (and download) instead")
+        pytest.skip("torch-fidelity is installed here: the network would load instead")
+    (tmp_path / "config.json").write_text(json.dumps(store.STANDARD_INCEPTION))  # a store entry's
+    save_file({"fc.bias": torch.zeros(1008)}, str(tmp_path / "model.safetensors"))
     with pytest.raises(RuntimeError, match=r"pip install 'blipinpaint\[fid\]'"):
-        load_fid_features(PAPER.fid, CPU)
+        load_fid_features(ModelRef(str(tmp_path)), CPU)

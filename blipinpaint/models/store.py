@@ -1,0 +1,250 @@
+"""The run's model store: each pinned checkpoint fetched once, verified, kept as safetensors.
+
+Workers never reach for the hub. Before any actor loads a model, `put` runs once per
+checkpoint (the `rayjobs.models` job):
+1. fetch the files the ref names (`ModelRef.files`) at its pinned commit, through
+   huggingface_hub's own cache (a download on a cluster, a cache hit when rehearsed);
+2. verify each file against the hash the hub lists for it at that commit: its blob in
+   the cache is named by it (sha256 for LFS files, the git blob sha1 for the others);
+3. convert: safetensors are copied (an `fp16` variant under the plain name); a pickle
+   (`*.bin`, `*.pth`), verified first, is read with `torch.load(weights_only=True)` and
+   written as safetensors; configs and tokenizer files are copied;
+4. write the folder to `<store>/<repo>/<revision>/` (a bucket or a disk) and its manifest
+   last: an entry without `_store.json` is incomplete and is redone.
+Workers then load that folder with `use_safetensors=True`, like any local checkpoint.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import logging
+import os
+import pickle
+import re
+import shutil
+import tempfile
+import urllib.request
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from blipinpaint.batches import JobError
+from blipinpaint.models.presets import FID_INCEPTION_SHA256, FID_INCEPTION_URL, FID_INCEPTION_V3, ModelRef
+from blipinpaint.storage import kind, read_text, upload_dir, write_text
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "_store.json"
+COMMIT = re.compile(r"[0-9a-f]{40}")
+PICKLE_SUFFIXES = (".bin", ".pth", ".pt")
+TEXT_SUFFIXES = (".json", ".txt", ".model")  # configs, vocabularies, sentencepiece models
+VARIANT = re.compile(r"\.(fp16|bf16)(?=\.[a-z]+$)")  # `x.fp16.safetensors` -> `x.safetensors`
+
+
+# The store's config.json for the standard FID Inception: what `load_fid_features` builds.
+STANDARD_INCEPTION = {"feature_extractor": "inception-v3-compat", "num_features": 2048,
+                      "resize": "to 299x299, bilinear as TensorFlow 1.x (no antialiasing)",
+                      "weights": FID_INCEPTION_URL}
+
+
+class StoreError(JobError):
+    """A checkpoint that cannot be fetched, verified or converted: the job stops before any actor."""
+
+
+def is_hub_ref(ref: ModelRef) -> bool:
+    """A hub id (`org/name`), as opposed to a local folder, a folder URI (`s3://...`) or the FID Inception."""
+    name = ref.name_or_path
+    return (bool(name) and ":" not in name and not name.startswith(("/", ".", "~"))
+            and not Path(name).exists())
+
+
+def needs_store(ref: ModelRef) -> bool:
+    return is_hub_ref(ref) or ref.name_or_path == FID_INCEPTION_V3
+
+
+def entry_uri(store: str, ref: ModelRef) -> str:
+    """Where a checkpoint lives in the store: immutable entries, so runs may share one store."""
+    if ref.name_or_path == FID_INCEPTION_V3:
+        return f"{store.rstrip('/')}/torch-fidelity--inception-v3-compat/{FID_INCEPTION_SHA256[:16]}"
+    return f"{store.rstrip('/')}/{ref.name_or_path.replace('/', '--')}/{ref.revision}"
+
+
+def in_store(ref: ModelRef, store: str) -> ModelRef:
+    """The ref a worker loads: a hub checkpoint's (or the FID Inception's) store folder, else `ref`."""
+    return ModelRef(entry_uri(store, ref)) if needs_store(ref) else ref
+
+
+def is_complete(uri: str) -> bool:
+    return kind(f"{uri}/{MANIFEST}") == "File"
+
+
+def manifest(uri: str) -> dict:
+    return json.loads(read_text(f"{uri}/{MANIFEST}"))
+
+
+def git_blob_sha1(path: Path) -> str:
+    """The id git gives a file's content: sha1 of `blob <size>\\0` + content."""
+    digest = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
+    return _update(digest, path)
+
+
+def sha256(path: Path) -> str:
+    return _update(hashlib.sha256(), path)
+
+
+def _update(digest, path: Path) -> str:
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_cached(path: Path) -> str:
+    """Check a file of the hub cache against the hub's id for it (its blob's name); return that id.
+
+    huggingface_hub names each blob by the ETag the hub serves: the sha256 of an LFS
+    file's content, the git blob sha1 of any other file. The commit pins the tree, the
+    tree pins these ids, so a file that matches its id is the file the commit names.
+    """
+    blob = Path(os.path.realpath(path))
+    if blob.parent.name != "blobs" or len(blob.name) not in (40, 64):
+        raise StoreError(f"{path} is not a blob of the hub cache: nothing to verify it against")
+    actual = sha256(blob) if len(blob.name) == 64 else git_blob_sha1(blob)
+    if actual != blob.name:
+        raise StoreError(f"{path}: content hash {actual} differs from the hub's {blob.name} (corrupt or altered)")
+    return actual
+
+
+def fetch(ref: ModelRef) -> tuple[Path, list[str]]:
+    """The snapshot folder of `ref` at its pinned commit with the files it names, and their paths."""
+    from huggingface_hub import snapshot_download  # only the driver's model step needs it
+
+    if not ref.revision or not COMMIT.fullmatch(ref.revision):
+        raise StoreError(f"model {ref.name_or_path!r}: revision {ref.revision!r} is not a pinned commit "
+                         "(40 hex digits); a branch or tag could change under the run")
+    if not ref.files:
+        raise StoreError(f"model {ref.name_or_path!r}: no files named (ModelRef.files)")
+    try:
+        folder = Path(snapshot_download(ref.name_or_path, revision=ref.revision, allow_patterns=list(ref.files)))
+    except (OSError, ValueError) as err:  # huggingface_hub's errors: not found, offline, network, auth
+        raise StoreError(f"model {ref.name_or_path}@{ref.revision} cannot be fetched: "
+                         f"{type(err).__name__}: {str(err).splitlines()[0]}") from err
+    if folder.name != ref.revision:
+        raise StoreError(f"model {ref.name_or_path!r}: the hub gave commit {folder.name}, not {ref.revision}")
+    present = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    chosen = []
+    for pattern in ref.files:
+        matched = [p for p in present if fnmatch.fnmatchcase(p, pattern)]
+        if not matched:
+            raise StoreError(f"model {ref.name_or_path}@{ref.revision} has no file {pattern!r}")
+        chosen += [p for p in matched if p not in chosen]
+    return folder, chosen
+
+
+def stored_name(name: str) -> str:
+    """The file's name in the store: no variant; a pickle's weights under safetensors' name."""
+    name = VARIANT.sub("", name)
+    if name.endswith(PICKLE_SUFFIXES):
+        folder, file = os.path.split(name)
+        stem = file.rsplit(".", 1)[0]
+        name = os.path.join(folder, ("model" if stem == "pytorch_model" else stem) + ".safetensors")
+    return name
+
+
+def pickle_to_safetensors(source: Path, target: Path) -> None:
+    """A pickled state dict as safetensors; unpickled with `weights_only=True` (never runs code)."""
+    try:
+        # No mmap: it needs torch's zip format, which pickles saved before torch 1.6 lack.
+        state = torch.load(source, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise StoreError(f"{source.name} holds objects other than tensors; refused unread: "
+                         f"{str(err).splitlines()[0]}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise StoreError(f"{source.name} is not a flat state dict of tensors")
+    # Tied weights share storage in a pickle; safetensors stores each tensor on its own.
+    save_file({k: v.contiguous().clone() for k, v in state.items()}, str(target), metadata={"format": "pt"})
+
+
+def convert(folder: Path, files: list[str], out: Path) -> dict[str, dict]:
+    """Verify each of `files` (under `folder`) and write it to `out` in the store's form."""
+    record = {}
+    for name in files:
+        source = folder / name
+        verified = verify_cached(source)
+        target = out / stored_name(name)
+        if target.exists():
+            raise StoreError(f"{name} and another file both become {stored_name(name)}: "
+                             "name only one of them in ModelRef.files")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if name.endswith(".safetensors") or name.endswith(TEXT_SUFFIXES):
+            shutil.copyfile(source, target)
+            how = "copied"
+        elif name.endswith(PICKLE_SUFFIXES):
+            pickle_to_safetensors(source, target)
+            how = "pickle converted to safetensors (torch.load weights_only=True)"
+        else:
+            raise StoreError(f"{name}: the store keeps safetensors, configs and tokenizer files; "
+                             "leave this file out of ModelRef.files")
+        record[stored_name(name)] = {"from": name, "hub_id": verified, "how": how, "sha256": sha256(target)}
+    return record
+
+
+def download(url: str, expected_sha256: str, directory: Path) -> Path:
+    """A file from a pinned URL into `directory`, kept only if its sha256 is the expected one."""
+    target = directory / expected_sha256
+    if target.is_file() and sha256(target) == expected_sha256:
+        return target
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, partial = tempfile.mkstemp(dir=directory, suffix=".partial")
+    try:
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=60) as response:
+            shutil.copyfileobj(response, f, length=1 << 24)
+        actual = sha256(Path(partial))
+        if actual != expected_sha256:
+            raise StoreError(f"{url}: sha256 {actual} is not the pinned {expected_sha256}")
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    return target
+
+
+def put(ref: ModelRef, uri: str) -> dict:
+    """Fetch, verify and convert `ref` into the store entry `uri`, unless it is complete already."""
+    source = {"repo": ref.name_or_path, "revision": ref.revision, "files": list(ref.files or [])}
+    if is_complete(uri):
+        existing = manifest(uri)
+        if existing["source"] != source:
+            raise StoreError(f"{uri} holds {existing['source']}, not {source}: use another models.store")
+        return {**existing, "reused": True}
+    folder, files = fetch(ref)
+    with tempfile.TemporaryDirectory(prefix="store-") as staging:
+        files_record = convert(folder, files, Path(staging))
+        upload_dir(staging, uri)
+    entry = {"source": source, "files": files_record}
+    write_text(f"{uri}/{MANIFEST}", json.dumps(entry, indent=2))  # last: the entry is complete
+    log.info("model store: %s@%s -> %s (%d files)", ref.name_or_path, ref.revision, uri, len(files_record))
+    return {**entry, "reused": False}
+
+
+def put_fid_inception(uri: str, downloads: Path, url: str = FID_INCEPTION_URL,
+                      expected_sha256: str = FID_INCEPTION_SHA256) -> dict:
+    """The standard FID Inception's weights (a pickle at a pinned URL) into the store as safetensors."""
+    source = {"url": url, "sha256": expected_sha256}
+    if is_complete(uri):
+        return {**manifest(uri), "reused": True}
+    path = download(url, expected_sha256, downloads)
+    with tempfile.TemporaryDirectory(prefix="store-") as staging:
+        pickle_to_safetensors(path, Path(staging) / "model.safetensors")
+        (Path(staging) / "config.json").write_text(json.dumps(STANDARD_INCEPTION, indent=2))
+        upload_dir(staging, uri)
+    entry = {"source": source, "files": {"model.safetensors": {"from": url, "hub_id": expected_sha256,
+                                                               "how": "pickle converted to safetensors "
+                                                                      "(torch.load weights_only=True)"},
+                                         "config.json": {"how": "written"}}}
+    write_text(f"{uri}/{MANIFEST}", json.dumps(entry, indent=2))
+    return {**entry, "reused": False}
+

@@ -1,0 +1,173 @@
+"""The model store on the `paper` preset's real file layouts (tiny weights, the hub offline)."""
+
+import fnmatch
+import hashlib
+import http.server
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from hub_rehearsal import listing
+from safetensors import safe_open
+
+from blipinpaint.config import load_config
+from blipinpaint.models import ModelRef, load_captioner, load_clip, load_inpaint_pipeline, store
+from blipinpaint.models.presets import PAPER
+
+CPU = torch.device("cpu")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt", ".h5", ".msgpack")
+
+
+@pytest.fixture(scope="module")
+def stored(paper_hub, tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("store"))
+    return {role: store.put(getattr(PAPER, role), store.entry_uri(root, getattr(PAPER, role))) | {
+        "uri": store.entry_uri(root, getattr(PAPER, role))} for role in ("captioner", "inpainter", "clip")}
+
+
+def weights(folder: str) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in Path(folder).rglob("*") if p.suffix in WEIGHT_SUFFIXES)
+
+
+def test_the_pickle_only_blip_revision_becomes_a_safetensors_captioner(stored):
+    """Point 1: at its pinned revision BLIP ships `pytorch_model.bin` only; the store converts it."""
+    entry = stored["captioner"]
+    assert weights(entry["uri"]) == ["model.safetensors"]
+    assert entry["files"]["model.safetensors"]["from"] == "pytorch_model.bin"
+    assert entry["files"]["model.safetensors"]["how"].startswith("pickle converted")
+    captioner = load_captioner(ModelRef(entry["uri"]), CPU, torch.bfloat16)
+    assert captioner.model.dtype == torch.bfloat16
+    assert captioner.model.config.text_config.bos_token_id == len(captioner.tokenizer)  # BLIP's [DEC] id
+
+
+def test_the_sd_revision_loads_from_its_fp16_safetensors(stored):
+    """Point 2: no fp32 safetensors at the pinned SD revision; the fp16 ones are stored as the weights."""
+    entry = stored["inpainter"]
+    assert weights(entry["uri"]) == ["text_encoder/model.safetensors", "unet/diffusion_pytorch_model.safetensors",
+                                     "vae/diffusion_pytorch_model.safetensors"]
+    assert entry["files"]["unet/diffusion_pytorch_model.safetensors"]["from"] == \
+        "unet/diffusion_pytorch_model.fp16.safetensors"
+    with safe_open(f"{entry['uri']}/unet/diffusion_pytorch_model.safetensors", "pt") as f:
+        assert f.get_tensor("conv_in.weight").dtype == torch.float16 and f.get_tensor("conv_in.weight").shape[1] == 9
+    pipe = load_inpaint_pipeline(ModelRef(entry["uri"]), CPU, torch.float32)
+    assert pipe.unet.dtype == torch.float32 and type(pipe.scheduler).__name__ == "DDIMScheduler"
+    # The VAE's attention keys in SD 1.x's legacy names were renamed on load, not lost.
+    assert not any(torch.isnan(p).any() for p in pipe.vae.parameters())
+
+
+def test_clip_loads_from_its_safetensors_and_nothing_else_is_fetched(stored):
+    entry = stored["clip"]
+    assert weights(entry["uri"]) == ["model.safetensors"]
+    assert load_clip(ModelRef(entry["uri"]), CPU).tokenizer.eos_token_id == 49407
+
+
+def test_every_stored_file_was_verified_against_the_hub_cache(stored, paper_hub):
+    """Each file's recorded hub id is the name of its blob: sha256 for LFS files, git sha1 otherwise."""
+    for role, entry in stored.items():
+        repo = getattr(PAPER, role).name_or_path.replace("/", "--")
+        blobs = {p.name for p in (paper_hub / f"models--{repo}" / "blobs").iterdir()}
+        for name, record in entry["files"].items():
+            assert record["hub_id"] in blobs, (role, name)
+            assert len(record["hub_id"]) == (64 if name.endswith(".safetensors") else 40), (role, name)
+        assert json.loads((Path(entry["uri"]) / store.MANIFEST).read_text())["files"] == entry["files"]
+
+
+def test_a_complete_entry_is_reused_and_a_different_one_refused(stored):
+    entry = stored["captioner"]
+    assert store.put(PAPER.captioner, entry["uri"])["reused"]
+    other = ModelRef(PAPER.captioner.name_or_path, PAPER.captioner.revision, ["config.json", "pytorch_model.bin"])
+    with pytest.raises(store.StoreError, match="use another models.store"):
+        store.put(other, entry["uri"])
+
+
+def test_a_file_the_revision_lacks_is_named(paper_hub):
+    ref = ModelRef(PAPER.captioner.name_or_path, PAPER.captioner.revision, ["config.json", "model.safetensors"])
+    with pytest.raises(store.StoreError, match="has no file 'model.safetensors'"):
+        store.fetch(ref)
+
+
+def fake_blob(tmp_path: Path, content: bytes, named_by: bytes | None = None) -> Path:
+    """A file of a hub cache: its blob named by the sha256 of `named_by` (default: its content)."""
+    blob = tmp_path / "blobs" / hashlib.sha256(named_by or content).hexdigest()
+    blob.parent.mkdir(parents=True)
+    blob.write_bytes(content)
+    link = tmp_path / "snapshots" / "c" / "pytorch_model.bin"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(blob)
+    return link.parent
+
+
+def test_an_altered_file_is_refused_before_it_is_read(tmp_path):
+    real = b"the pinned weights"
+    folder = fake_blob(tmp_path, b"altered weights", named_by=real)
+    with pytest.raises(store.StoreError, match="differs from the hub's"):
+        store.convert(folder, ["pytorch_model.bin"], tmp_path / "out")
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("a pickle ran code",))
+
+
+def test_a_pickle_holding_code_is_refused_unrun(tmp_path, capsys):
+    path = tmp_path / "payload.bin"
+    torch.save({"weight": torch.ones(2), "extra": Payload()}, path)
+    folder = fake_blob(tmp_path / "cache", path.read_bytes())  # its hash matches: only unpickling can catch it
+    with pytest.raises(store.StoreError, match="objects other than tensors"):
+        store.convert(folder, ["pytorch_model.bin"], tmp_path / "out")
+    assert "ran code" not in capsys.readouterr().out
+
+
+@pytest.fixture
+def served(tmp_path):
+    """A file server on 127.0.0.1 standing in for the FID Inception's release URL."""
+    (tmp_path / "www").mkdir()
+    torch.save({"fc.weight": torch.ones(3, 2), "fc.bias": torch.zeros(3)}, tmp_path / "www" / "weights.pth")
+    handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path / "www"))  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}/weights.pth", (tmp_path / "www" / "weights.pth").read_bytes()
+    server.shutdown()
+
+
+def test_the_fid_inception_weights_reach_the_store_verified(served, tmp_path):
+    url, content = served
+    uri = str(tmp_path / "store" / "fid")
+    with pytest.raises(store.StoreError, match="is not the pinned"):
+        store.put_fid_inception(uri, tmp_path / "dl", url=url, expected_sha256="0" * 64)
+    assert not store.is_complete(uri)
+    entry = store.put_fid_inception(uri, tmp_path / "dl", url=url, expected_sha256=hashlib.sha256(content).hexdigest())
+    assert not entry["reused"] and weights(uri) == ["model.safetensors"]
+    assert json.loads((Path(uri) / "config.json").read_text()) == store.STANDARD_INCEPTION
+    with safe_open(f"{uri}/model.safetensors", "pt") as f:
+        assert torch.equal(f.get_tensor("fc.weight"), torch.ones(3, 2))
+
+
+def test_workers_load_hub_checkpoints_from_the_store_only(tmp_path):
+    cfg = load_config(overrides=["models.preset=paper", f"run_dir={tmp_path}"])
+    from blipinpaint import stages
+
+    preset = stages.resolve_preset(cfg)
+    for role in ("captioner", "inpainter", "clip", "fid"):
+        assert getattr(preset, role).name_or_path.startswith(f"{tmp_path}/models/"), role
+    assert stages.stored_refs(cfg).keys() == {"captioner", "inpainter", "clip", "fid"}
+    cfg = load_config(overrides=[f"run_dir={tmp_path}", "models.store=/elsewhere"])  # the tiny preset
+    assert stages.stored_refs(cfg) == {} and stages.resolve_preset(cfg).captioner.name_or_path.endswith("captioner")
+
+
+@pytest.mark.parametrize("role", ["captioner", "inpainter", "clip"])
+def test_the_preset_names_files_its_pinned_revision_holds(role):
+    """Against the real listings (tests/data/hub), not the rehearsal built from them: every file the
+    preset asks for exists at its revision, and no pickle is taken where safetensors exist beside it."""
+    ref = getattr(PAPER, role)
+    real = listing(ref.name_or_path.replace("/", "--"))
+    assert real["revision"] == ref.revision
+    for pattern in ref.files:
+        assert [p for p in real["files"] if fnmatch.fnmatchcase(p, pattern)], pattern
+    for name in ref.files:
+        if name.endswith(".bin"):
+            folder = name.rpartition("/")[0]
+            assert not [p for p in real["files"] if p.rpartition("/")[0] == folder and p.endswith(".safetensors")]

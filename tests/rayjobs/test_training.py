@@ -1,0 +1,54 @@
+"""The Ray Train + DeepSpeed plumbing both training jobs share."""
+
+import pickle
+
+import pytest
+import torch
+from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+from deepspeed.runtime.config import DeepSpeedConfig
+from deepspeed.runtime.fp16.loss_scaler import CreateLossScaler, DynamicLossScaler
+
+from blipinpaint.config import load_config
+from rayjobs import training
+
+
+def fp16_optimizer_state() -> dict:
+    """What DeepSpeed's ZeRO-1/2 optimizer puts in an fp16 checkpoint: its live loss scaler object
+    (built here exactly as the engine builds it from its fp16 settings), beside tensors and numbers."""
+    settings = DeepSpeedConfig({"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+                                "fp16": {"enabled": True}}, mpu=None).float16_config
+    scaler = CreateLossScaler(torch.float16, 0, True, settings.dynamic_loss_scale_args())
+    scaler.cur_scale, scaler.cur_iter = 2048.0, 37  # a state a few overflows into training
+    return {"optimizer_state_dict": {"loss_scaler": scaler, "dynamic_loss_scale": True, "overflow": False,
+                                     "single_partition_of_fp32_groups": [torch.ones(4)]}}
+
+
+def test_an_fp16_loss_scaler_checkpoint_restores_through_the_weights_only_engine(tmp_path):
+    path = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    TorchCheckpointEngine().save(fp16_optimizer_state(), str(path))  # as DeepSpeed saves it
+    restored = training.WeightsOnlyCheckpointEngine().load(str(path))["optimizer_state_dict"]
+    scaler = restored["loss_scaler"]
+    assert isinstance(scaler, DynamicLossScaler) and (scaler.cur_scale, scaler.cur_iter) == (2048.0, 37)
+    assert torch.equal(restored["single_partition_of_fp32_groups"][0], torch.ones(4))
+
+
+def test_the_weights_only_engine_still_refuses_other_objects(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    path = tmp_path / "bad.pt"
+    torch.save({"optimizer_state_dict": {"loss_scaler": Payload()}}, path)
+    with pytest.raises(pickle.UnpicklingError, match="print"):
+        training.WeightsOnlyCheckpointEngine().load(str(path))
+
+
+@pytest.mark.parametrize("dtype, bf16, fp16", [("fp32", False, False), ("bf16", True, False), ("fp16", False, True)])
+def test_deepspeed_trains_in_the_configured_precision_on_any_device(dtype, bf16, fp16):
+    device = "cuda" if dtype == "fp16" else "cpu"  # the config alone: no CUDA is needed to build it
+    cfg = load_config(overrides=[f"models.dtype={dtype}", f"models.device={device}"])
+    ds = training.deepspeed_config(cfg, 8)
+    assert (ds["bf16"]["enabled"], ds["fp16"]["enabled"]) == (bf16, fp16)
+    assert training.half_dtype(cfg) == {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    fp32 = training.deepspeed_config(cfg, 8, dtype="fp32")  # the scorer's MLP
+    assert not fp32["bf16"]["enabled"] and not fp32["fp16"]["enabled"]
