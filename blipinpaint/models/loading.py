@@ -29,7 +29,7 @@ from transformers import (
 from blipinpaint.models.inception import InceptionFeatures
 from blipinpaint.models.presets import ModelRef
 from blipinpaint.models.store import STANDARD_INCEPTION
-from blipinpaint.storage import is_remote, local_dir
+from blipinpaint.storage import filesystem, is_remote, local_dir
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -58,8 +58,8 @@ def model_folder(ref: ModelRef) -> str:
     name = ref.name_or_path
     if is_remote(name):
         return local_dir(name)
-    if Path(name).is_dir():
-        return name
+    if Path(filesystem(name)[1]).is_dir():  # a path, or a file:// URI
+        return filesystem(name)[1]
     raise ValueError(f"model {name!r} is not a local folder or a folder URI: hub checkpoints reach workers "
                      "through the model store (python -m rayjobs.models)")
 
@@ -126,7 +126,10 @@ def load_fid_features(ref: ModelRef, device: torch.device) -> torch.nn.Module:
 
 @contextlib.contextmanager
 def _weights_only_loads():
-    """Every `torch.load` in this block reads tensors only, whatever its caller asked for."""
+    """Every `torch.load` in this block reads tensors only, whatever its caller asked for.
+
+    Process-wide while it lasts (torch reads the variable at each load): it only ever makes
+    a load stricter, and an actor builds its model before it runs anything else."""
     previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
     try:

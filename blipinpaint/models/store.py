@@ -235,7 +235,10 @@ def put_fid_inception(uri: str, downloads: Path, url: str = FID_INCEPTION_URL,
     """The standard FID Inception's weights (a pickle at a pinned URL) into the store as safetensors."""
     source = {"url": url, "sha256": expected_sha256}
     if is_complete(uri):
-        return {**manifest(uri), "reused": True}
+        existing = manifest(uri)
+        if existing["source"] != source:
+            raise StoreError(f"{uri} holds {existing['source']}, not {source}: use another models.store")
+        return {**existing, "reused": True}
     path = download(url, expected_sha256, downloads)
     with tempfile.TemporaryDirectory(prefix="store-") as staging:
         pickle_to_safetensors(path, Path(staging) / "model.safetensors")

@@ -171,3 +171,8 @@ def test_the_preset_names_files_its_pinned_revision_holds(role):
         if name.endswith(".bin"):
             folder = name.rpartition("/")[0]
             assert not [p for p in real["files"] if p.rpartition("/")[0] == folder and p.endswith(".safetensors")]
+
+
+def test_a_store_folder_may_be_given_as_a_file_uri(stored):
+    uri = "file://" + stored["clip"]["uri"]
+    assert load_clip(ModelRef(uri), CPU).model.config.projection_dim == 32
