@@ -62,6 +62,7 @@ from blipinpaint.evaluation import (
 from blipinpaint.fid import FeatureStats, fid_table, merge_all
 from blipinpaint.io import decode_png
 from blipinpaint.models import ModelRef
+from blipinpaint.models.presets import FID_INCEPTION_V3
 from blipinpaint.records import EVAL_SCHEMA, METRICS, SAMPLE_SCHEMA, encode_rows
 from blipinpaint.report import plot_grouped_bars, plot_image_grid
 from blipinpaint.seeds import heldout, sample_seed
@@ -205,7 +206,8 @@ def _read_eval_rows(out_dir: str, ids: list[str], columns: list[str]) -> dict[st
 
 def fid_protocol(cfg: Config) -> str:
     """How the FID features were taken, for the report: numbers compare only under one protocol."""
-    if "fid" in stages.stored_refs(cfg):
+    fid = stages.stored_refs(cfg).get("fid")
+    if fid is not None and fid.name_or_path == FID_INCEPTION_V3:
         return ("standard FID: Inception v3 pool3 (2048-d) with the TensorFlow FID weights, images resized to "
                 "299x299 with TensorFlow 1.x's bilinear resize and no antialiasing (as torch-fidelity and "
                 "the original FID; torchmetrics' default antialiasing is off), from the decoded uint8 PNG pixels")

@@ -74,7 +74,7 @@ def _pixels(batch: dict, image_processor, device, dtype) -> torch.Tensor:
 
 def finetune_loop(config: dict) -> None:
     import deepspeed
-    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+    from deepspeed.utils import safe_get_full_fp32_param
 
     cfg: Config = config["cfg"]
     ctx = ray.train.get_context()
@@ -89,23 +89,23 @@ def finetune_loop(config: dict) -> None:
     scorer_before = checksum(scorer)
     # Copied before DeepSpeed partitions (ZeRO-3) and casts the decoder; cast with it below.
     reference = copy.deepcopy(model.text_decoder).requires_grad_(False) if cfg.finetune.kl_weight > 0 else None
-    initial = {name: p.detach().clone() for name, p in model.text_decoder.named_parameters()}
+    half = training.half_dtype(cfg)
+    # The fp32 weights, before DeepSpeed casts the decoder to `half` (see below).
+    initial = {name: p.detach().clone() for name, p in model.text_decoder.named_parameters()} if half else {}
     weights = LossWeights(cfg.finetune.lambda_ssim, cfg.finetune.lambda_psnr, cfg.finetune.lambda_clip)
     optimizer = torch.optim.Adam(model.text_decoder.parameters(), lr=cfg.finetune.lr)
     engine, *_ = deepspeed.initialize(model=model.text_decoder, optimizer=optimizer, dist_init_required=False,
                                       config=training.deepspeed_config(cfg, cfg.finetune.batch_size))
-    half = training.half_dtype(cfg)
     if half is not None:
         # DeepSpeed cast the decoder to `half`; the frozen encoder and the KL reference follow,
         # or their outputs would meet the decoder's weights in another dtype.
         model.vision_model.to(half)
         if reference is not None:
             reference.to(half)
-        # DeepSpeed copied its fp32 master weights from the decoder after casting it, so they
-        # start rounded to `half`: put the original fp32 values back, or every weight would
-        # move by up to half an ulp of bf16 (~1e-3 relative), far more than lr 1e-6 moves it.
-        for name, param in engine.module.named_parameters():
-            safe_set_full_fp32_param(param, initial[name])
+        # Its fp32 masters start rounded to `half`: put the original values back, or every
+        # weight would move by up to half an ulp of bf16 (~0.4 % of it), far more than lr
+        # 1e-6 ever moves it.
+        training.set_fp32_masters(engine, initial)
     del initial
     state = training.restore(engine)
     start = state["epoch"] + 1 if state else 0
@@ -148,7 +148,7 @@ def finetune_loop(config: dict) -> None:
 
     # The fp32 master weights, gathered from every rank's partition (a collective: every rank
     # calls it). Saving the half-precision copy would drop each update below half an ulp.
-    decoder_state = {name: safe_get_full_fp32_param(param).detach().cpu().clone()
+    decoder_state = {name: safe_get_full_fp32_param(param).detach().cpu()
                      for name, param in engine.module.named_parameters()}
     if rank == 0:
         original = load_captioner(config["captioner"], torch.device("cpu"))
@@ -168,6 +168,9 @@ def finetune_loop(config: dict) -> None:
 def run(cfg: Config) -> dict:
     root = cfg.run_dir.rstrip("/")
     out_dir, scorer_dir, samples = f"{root}/finetune", f"{root}/scorer/model", f"{root}/generate/samples"
+    if cfg.models.dtype == "fp16" and not cfg.train.use_gpu:
+        # DeepSpeed trains in fp16 on GPUs only; falling back to fp32 silently would hide it.
+        raise ConfigError("models.dtype=fp16 fine-tunes on GPUs only: set train.use_gpu=true (or models.dtype=bf16)")
     for path, step in ((samples, "rayjobs.generate"), (scorer_dir, "rayjobs.train_scorer")):
         if kind(path) != "Directory":
             raise ConfigError(f"{path} is missing: run {step} first")

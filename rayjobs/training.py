@@ -14,6 +14,7 @@ import time
 import ray
 import ray.train
 import torch
+import torch.distributed as dist
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
@@ -22,6 +23,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from blipinpaint.config import Config, heldout_fraction
+from blipinpaint.models.loading import DTYPES
 from blipinpaint.seeds import heldout
 
 CONTROLLER_POLL_S = 2.0  # Ray Train's default RAY_TRAIN_HEALTH_CHECK_INTERVAL_S
@@ -48,7 +50,30 @@ def deepspeed_config(cfg: Config, batch_size: int, dtype: str | None = None) -> 
 
 def half_dtype(cfg: Config) -> torch.dtype | None:
     """The half precision DeepSpeed trains in for `models.dtype`, or None for fp32."""
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.models.dtype)
+    return None if cfg.models.dtype == "fp32" else DTYPES[cfg.models.dtype]
+
+
+def set_fp32_masters(engine, weights: dict[str, torch.Tensor]) -> None:
+    """Give DeepSpeed's fp32 master copy of each trained parameter these fp32 values.
+
+    A half-precision engine copies its masters from the module after casting it, so they
+    start rounded to half precision. Under ZeRO-3 each rank sets its own partition: the
+    full setter reads past the end of a parameter whose size does not split evenly.
+    """
+    from deepspeed.utils import safe_get_local_fp32_param, safe_set_full_fp32_param, safe_set_local_fp32_param
+
+    for name, param in engine.module.named_parameters():
+        if not param.requires_grad:
+            continue
+        if not hasattr(param, "ds_id"):  # ZeRO-1/2
+            safe_set_full_fp32_param(param, weights[name])
+            continue
+        local = safe_get_local_fp32_param(param)
+        start = dist.get_rank() * local.numel()
+        part = weights[name].flatten()[start:start + local.numel()]
+        padded = torch.zeros_like(local)  # the last rank's partition is padded
+        padded[:part.numel()] = part.to(local)
+        safe_set_local_fp32_param(param, padded)
 
 
 def make_trainer(loop, loop_config: dict, cfg: Config, name: str, storage: str, datasets: dict) -> TorchTrainer:

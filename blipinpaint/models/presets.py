@@ -56,7 +56,7 @@ PAPER = Preset(
     captioner=ModelRef("Salesforce/blip-image-captioning-base", "82a37760796d32b1411fe092ab5d4e227313294b",
                        [*TRANSFORMERS_FILES, "vocab.txt", "pytorch_model.bin"]),
     # Full-precision weights exist here only as pickles; the fp16 safetensors are the same
-    # weights at half precision (what GPU runs use anyway; fp32 and bf16 runs upcast them).
+    # weights at half precision (what GPU runs use anyway; fp32 runs upcast them).
     inpainter=ModelRef("stable-diffusion-v1-5/stable-diffusion-inpainting", "8a4288a76071f7280aedbdb3253bdb9e9d5d84bb",
                        ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/*",
                         *(f"{part}/config.json" for part in ("text_encoder", "unet", "vae")),

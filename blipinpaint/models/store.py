@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 
 from blipinpaint.batches import JobError
 from blipinpaint.models.presets import FID_INCEPTION_SHA256, FID_INCEPTION_URL, FID_INCEPTION_V3, ModelRef
-from blipinpaint.storage import kind, read_text, upload_dir, write_text
+from blipinpaint.storage import filesystem, is_remote, kind, read_text, upload_dir, write_text
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +54,17 @@ class StoreError(JobError):
     """A checkpoint that cannot be fetched, verified or converted: the job stops before any actor."""
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
 def is_hub_ref(ref: ModelRef) -> bool:
-    """A hub id (`org/name`), as opposed to a local folder, a folder URI (`s3://...`) or the FID Inception."""
+    """A hub id (`org/name`), as opposed to a local folder, a folder URI (`s3://...`) or the FID Inception.
+
+    A path that does not exist and is not shaped `org/name` is none of these: the loader
+    then says it is not a folder, rather than the store calling it an unpinned hub id.
+    """
     name = ref.name_or_path
-    return (bool(name) and ":" not in name and not name.startswith(("/", ".", "~"))
-            and not Path(name).exists())
+    return bool(HUB_ID.fullmatch(name)) and not Path(name).exists()
 
 
 def needs_store(ref: ModelRef) -> bool:
@@ -179,6 +185,8 @@ def convert(folder: Path, files: list[str], out: Path) -> dict[str, dict]:
             raise StoreError(f"{name} and another file both become {stored_name(name)}: "
                              "name only one of them in ModelRef.files")
         target.parent.mkdir(parents=True, exist_ok=True)
+        if name.endswith(".bin.index.json"):
+            raise StoreError(f"{name}: a sharded pickle checkpoint; the store converts single-file pickles only")
         if name.endswith(".safetensors") or name.endswith(TEXT_SUFFIXES):
             shutil.copyfile(source, target)
             how = "copied"
@@ -212,42 +220,77 @@ def download(url: str, expected_sha256: str, directory: Path) -> Path:
     return target
 
 
+def _existing(uri: str, source: dict) -> dict | None:
+    """The complete entry at `uri` if there is one; an entry made from another source is an error."""
+    if not is_complete(uri):
+        return None
+    existing = manifest(uri)
+    if existing["source"] != source:
+        raise StoreError(f"{uri} holds {existing['source']}, not {source}: use another models.store")
+    return {**existing, "reused": True}
+
+
+def _publish(uri: str, source: dict, make) -> dict:
+    """Stage the entry (`make(folder) -> files record`) and publish it with its manifest.
+
+    On a disk the staged folder, manifest included, is renamed into place: drivers filling
+    one store at once never see (or let workers load) a half-written entry, and the one
+    that loses the race keeps the winner's. In a bucket each object appears whole, and
+    the manifest goes last.
+    """
+    remote = is_remote(uri)
+    target = None if remote else Path(filesystem(uri)[1])
+    if target is not None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=None if remote else target.parent))
+    try:
+        entry = {"source": source, "files": make(staging)}
+        text = json.dumps(entry, indent=2)
+        if remote:
+            upload_dir(staging, uri)
+            write_text(f"{uri}/{MANIFEST}", text)  # last: the entry is complete
+        else:
+            (staging / MANIFEST).write_text(text)
+            if target.exists() and not is_complete(uri):
+                shutil.rmtree(target)  # an entry left incomplete (older versions wrote in place)
+            try:
+                os.rename(staging, target)
+            except OSError:
+                if not is_complete(uri):
+                    raise
+                return _existing(uri, source)  # another driver published it first
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return {**entry, "reused": False}
+
+
 def put(ref: ModelRef, uri: str) -> dict:
     """Fetch, verify and convert `ref` into the store entry `uri`, unless it is complete already."""
     source = {"repo": ref.name_or_path, "revision": ref.revision, "files": list(ref.files or [])}
-    if is_complete(uri):
-        existing = manifest(uri)
-        if existing["source"] != source:
-            raise StoreError(f"{uri} holds {existing['source']}, not {source}: use another models.store")
-        return {**existing, "reused": True}
+    existing = _existing(uri, source)
+    if existing is not None:
+        return existing
     folder, files = fetch(ref)
-    with tempfile.TemporaryDirectory(prefix="store-") as staging:
-        files_record = convert(folder, files, Path(staging))
-        upload_dir(staging, uri)
-    entry = {"source": source, "files": files_record}
-    write_text(f"{uri}/{MANIFEST}", json.dumps(entry, indent=2))  # last: the entry is complete
-    log.info("model store: %s@%s -> %s (%d files)", ref.name_or_path, ref.revision, uri, len(files_record))
-    return {**entry, "reused": False}
+    entry = _publish(uri, source, lambda staging: convert(folder, files, staging))
+    log.info("model store: %s@%s -> %s (%d files)", ref.name_or_path, ref.revision, uri, len(entry["files"]))
+    return entry
 
 
 def put_fid_inception(uri: str, downloads: Path, url: str = FID_INCEPTION_URL,
                       expected_sha256: str = FID_INCEPTION_SHA256) -> dict:
     """The standard FID Inception's weights (a pickle at a pinned URL) into the store as safetensors."""
     source = {"url": url, "sha256": expected_sha256}
-    if is_complete(uri):
-        existing = manifest(uri)
-        if existing["source"] != source:
-            raise StoreError(f"{uri} holds {existing['source']}, not {source}: use another models.store")
-        return {**existing, "reused": True}
+    existing = _existing(uri, source)
+    if existing is not None:
+        return existing
     path = download(url, expected_sha256, downloads)
-    with tempfile.TemporaryDirectory(prefix="store-") as staging:
-        pickle_to_safetensors(path, Path(staging) / "model.safetensors")
-        (Path(staging) / "config.json").write_text(json.dumps(STANDARD_INCEPTION, indent=2))
-        upload_dir(staging, uri)
-    entry = {"source": source, "files": {"model.safetensors": {"from": url, "hub_id": expected_sha256,
-                                                               "how": "pickle converted to safetensors "
-                                                                      "(torch.load weights_only=True)"},
-                                         "config.json": {"how": "written"}}}
-    write_text(f"{uri}/{MANIFEST}", json.dumps(entry, indent=2))
-    return {**entry, "reused": False}
 
+    def make(staging: Path) -> dict:
+        pickle_to_safetensors(path, staging / "model.safetensors")
+        (staging / "config.json").write_text(json.dumps(STANDARD_INCEPTION, indent=2))
+        return {"model.safetensors": {"from": url, "hub_id": expected_sha256,
+                                      "how": "pickle converted to safetensors (torch.load weights_only=True)",
+                                      "sha256": sha256(staging / "model.safetensors")},
+                "config.json": {"how": "written", "sha256": sha256(staging / "config.json")}}
+
+    return _publish(uri, source, make)

@@ -63,15 +63,36 @@ def test_clip_loads_from_its_safetensors_and_nothing_else_is_fetched(stored):
     assert load_clip(ModelRef(entry["uri"]), CPU).tokenizer.eos_token_id == 49407
 
 
-def test_every_stored_file_was_verified_against_the_hub_cache(stored, paper_hub):
-    """Each file's recorded hub id is the name of its blob: sha256 for LFS files, git sha1 otherwise."""
+def test_each_entry_is_exactly_what_its_manifest_lists(stored):
+    """The manifest is the entry's record for the workers' nodes: every file, its origin, its sha256."""
     for role, entry in stored.items():
-        repo = getattr(PAPER, role).name_or_path.replace("/", "--")
-        blobs = {p.name for p in (paper_hub / f"models--{repo}" / "blobs").iterdir()}
+        folder = Path(entry["uri"])
+        files = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - {store.MANIFEST}
+        assert files == set(entry["files"]), role
         for name, record in entry["files"].items():
-            assert record["hub_id"] in blobs, (role, name)
-            assert len(record["hub_id"]) == (64 if name.endswith(".safetensors") else 40), (role, name)
-        assert json.loads((Path(entry["uri"]) / store.MANIFEST).read_text())["files"] == entry["files"]
+            assert store.sha256(folder / name) == record["sha256"], (role, name)
+            assert record["from"] in getattr(PAPER, role).files or record["from"].startswith("tokenizer/"), name
+
+
+def test_drivers_filling_one_store_at_once_publish_one_whole_entry(paper_hub, tmp_path):
+    uri = store.entry_uri(str(tmp_path), PAPER.clip)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(store.put(PAPER.clip, uri))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 3 and store.is_complete(uri)
+    assert [p.name for p in Path(uri).parent.iterdir()] == [PAPER.clip.revision]  # no staging left behind
+    assert load_clip(ModelRef(uri), CPU).tokenizer.eos_token_id == 49407
+
+
+@pytest.mark.parametrize("name, hub", [
+    ("Salesforce/blip-image-captioning-base", True), ("runs/x/blip", False), ("blip", False), ("/abs/org/name", False),
+    ("s3://bucket/blip", False), ("file:///abs/blip", False), ("torchmetrics:inception-v3-compat", False),
+])
+def test_what_counts_as_a_hub_id(name, hub):
+    assert store.is_hub_ref(ModelRef(name)) is hub
 
 
 def test_a_complete_entry_is_reused_and_a_different_one_refused(stored):

@@ -56,7 +56,7 @@ def test_every_job_runs_on_the_paper_layout_in_bf16_without_the_hub(rehearsal):
     assert "not the standard Inception" in report["fid_protocol"]  # the offline FID network, said so
 
 
-def test_workers_read_only_safetensors_from_the_store(rehearsal):
+def test_the_store_holds_only_safetensors_weights(rehearsal):
     _, run_dir, _ = rehearsal
     store = run_dir / "models"
     files = sorted(p.relative_to(store).as_posix() for p in store.rglob("*") if p.is_file())

@@ -45,8 +45,8 @@ def test_the_weights_only_engine_still_refuses_other_objects(tmp_path):
 
 @pytest.mark.parametrize("dtype, bf16, fp16", [("fp32", False, False), ("bf16", True, False), ("fp16", False, True)])
 def test_deepspeed_trains_in_the_configured_precision_on_any_device(dtype, bf16, fp16):
-    device = "cuda" if dtype == "fp16" else "cpu"  # the config alone: no CUDA is needed to build it
-    cfg = load_config(overrides=[f"models.dtype={dtype}", f"models.device={device}"])
+    gpu = ["models.device=cuda", "train.use_gpu=true"] if dtype == "fp16" else []  # the config only: no CUDA used
+    cfg = load_config(overrides=[f"models.dtype={dtype}", *gpu])
     ds = training.deepspeed_config(cfg, 8)
     assert (ds["bf16"]["enabled"], ds["fp16"]["enabled"]) == (bf16, fp16)
     assert training.half_dtype(cfg) == {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
