@@ -71,8 +71,11 @@ def test_accumulators_per_group_merge_into_the_table(net):
     workers[1].update({k: v[6:] for k, v in batch.items()}, groups[6:])
     table = fid_table(merge_all([w.stats for w in workers]), real="real")
 
+    # The features of one pass, in the workers' batches: float32 convolutions round differently
+    # at another batch size, and this tiny network's FID is so near zero that the last bits
+    # of the features decide its digits. What is compared is the merging.
     with torch.no_grad():
-        fg, ff = net(gt), net(fake)
+        fg, ff = (torch.cat([net(t[:6]), net(t[6:])]) for t in (gt, fake))
     assert table["fake"]["all"] == pytest.approx(frechet_distance(stats_of(fg), stats_of(ff)), rel=1e-6)
     assert table["fake"]["small"] == pytest.approx(frechet_distance(stats_of(fg[:5]), stats_of(ff[:5])), rel=1e-6)
     assert set(table) == {"fake"}

@@ -137,7 +137,12 @@ def test_a_killed_driver_then_the_same_command_gives_every_input_once(local_ray,
 def test_a_job_whose_folder_is_taken_over_stops_with_the_reason(local_ray, source, tmp_path):
     """Another run takes the output folder over mid-run (a second submission, or the rerun
     after a driver it thinks dead): the first job commits nothing more and says why."""
+    # One row at a time through every stage, and CPU left over for the writer's tasks: parts
+    # commit while later rows are still being inpainted, not all in one burst at the end
+    # (with the 2 CPUs taken by the stages, the writes could only start once they were done).
+    small = [f"generate.{stage}.num_cpus=0.25" for stage in ("read", "captioner", "inpainter", "metrics")]
     args = _args(tmp_path, source, "generate.rows_per_file=1", "generate.read.batch_size=1",
+                 "generate.captioner.batch_size=1", "generate.metrics.batch_size=1", *small,
                  f"ray_address={local_ray.get_runtime_context().gcs_address}")
     job = subprocess.Popen([sys.executable, "-m", "rayjobs.generate", *args], stdout=subprocess.DEVNULL,
                            stderr=subprocess.PIPE, text=True, env=os.environ.copy())
@@ -200,9 +205,16 @@ def test_an_interrupted_parquet_write_is_never_read_as_data(tmp_path):
     out = tmp_path / "out"
     rng, started, rounds, orphans = random.Random(0), time.perf_counter(), 8, 0
     for round_ in range(rounds):
+        markers = len(list((out / "_commits").glob("*.json"))) if (out / "_commits").exists() else 0
         writer = subprocess.Popen([sys.executable, "-c", WRITER, str(out), str(round_)], stdout=subprocess.PIPE)
         assert writer.stdout.readline() == b"ready\n"
-        time.sleep(rng.random() * 0.3)  # somewhere in the first parts: in a write, or between two
+        # This round's first commit, however slow the machine: then a kill somewhere in the
+        # next parts, in a write or between two (round 0's writer dies on its own, mid-write).
+        deadline = time.time() + 120
+        while writer.poll() is None and len(list((out / "_commits").glob("*.json"))) <= markers:
+            assert time.time() < deadline, "the writer committed nothing in 120 s"
+            time.sleep(0.01)
+        time.sleep(rng.random() * 0.3)
         writer.send_signal(signal.SIGKILL)
         writer.wait()
         log = CommitLog(str(out), schema)
