@@ -135,7 +135,8 @@ def _stats(ds: ray.data.Dataset) -> tuple[list[float], list[float]]:
 
 
 def evaluate(model_dir: str, val: ray.data.Dataset, out_dir: str, limit: int = 20_000) -> dict:
-    """MAE and R² on the held-out split (up to `limit` rows), and the scatter plot."""
+    """MAE and R² on the held-out split (up to `limit` rows), and the scatter plot; with fewer
+    than two held-out rows (R² needs two), why there are none."""
     model = ScoreNet.from_pretrained(local_dir(model_dir))
     preds, trues = [], []
     for batch in val.limit(limit).iter_batches(batch_size=4096, batch_format="numpy"):
@@ -143,8 +144,10 @@ def evaluate(model_dir: str, val: ray.data.Dataset, out_dir: str, limit: int = 2
         with torch.no_grad():
             preds.append(model.destandardize(model(x)))
         trues.append(y)
-    if not preds:
-        return {}
+    rows = sum(len(p) for p in preds)
+    if rows < 2:
+        return {"missing": f"{rows} held-out samples: R² needs at least 2 (more inputs, or a larger "
+                           "train.val_fraction)"}
     pred, true = torch.cat(preds), torch.cat(trues)
     report = regression_report(pred, true, model.mean)
     plot_scatter(pred.numpy(), true.numpy(), TARGETS, f"{out_dir}/scatter.png")
@@ -192,6 +195,9 @@ def print_report(report: dict) -> None:
     else:
         print(f"\nscorer: {report['epochs']} epochs, held-out loss {final['val_loss']:.4f} "
               f"(predict-the-mean {final['val_loss_mean_baseline']:.4f})")
+    if "missing" in report["heldout"]:
+        print(f"  no held-out figures: {report['heldout']['missing']}")
+        return
     for name, r in report["heldout"].items():
         print(f"  {name:<11} MAE {r['mae']:.4f} (mean baseline {r['mae_mean_baseline']:.4f})  "
               f"R² {r['r2']:.3f} (baseline {r['r2_mean_baseline']:.3f})")

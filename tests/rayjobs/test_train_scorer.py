@@ -15,7 +15,7 @@ from helpers import print_figures
 from PIL import Image
 
 from blipinpaint.config import load_config
-from blipinpaint.scorer import ScoreNet
+from blipinpaint.scorer import ScoreNet, ScoreNetConfig
 from rayjobs import train_scorer
 
 
@@ -116,3 +116,19 @@ def test_a_constant_target_is_centred_not_divided_by_zero(local_ray):
     mean, std = train_scorer._stats(local_ray.data.from_items(rows))
     assert mean == pytest.approx([0.6, 21.0, 0.0])
     assert std == pytest.approx([0.1414, 1.4142, 1.0], rel=1e-3)
+
+
+def test_too_few_held_out_rows_give_a_report_that_says_why(local_ray, tmp_path, capsys):
+    """A handful of inputs may hash one held-out row or none: the report says why the held-out
+    figures are missing instead of the job crashing after training (R² needs two rows)."""
+    ScoreNet(ScoreNetConfig(in_features=4, hidden=(8,))).save_pretrained(tmp_path / "model")
+    row = {"id": "a", "caption_features": np.ones(4, np.float32), "ssim": 0.5, "psnr": 20.0, "clip_score": 10.0}
+    for rows in ([], [row]):
+        heldout = train_scorer.evaluate(str(tmp_path / "model"), local_ray.data.from_items(rows), str(tmp_path))
+        assert heldout == {"missing": f"{len(rows)} held-out samples: R² needs at least 2 (more inputs, or a "
+                                      "larger train.val_fraction)"}
+    two = train_scorer.evaluate(str(tmp_path / "model"), local_ray.data.from_items([row, {**row, "ssim": 0.7}]),
+                                str(tmp_path))
+    assert set(two) == {"ssim", "psnr", "clip_score"}
+    train_scorer.print_report({"epochs": 1, "final": {"train_loss": 1.0, "val_loss": None}, "heldout": heldout})
+    assert "no held-out figures: 1 held-out samples" in capsys.readouterr().out
