@@ -41,17 +41,19 @@ ROLES = ("captioner", "inpainter", "clip", "fid")
 DEFAULT_STEPS = {"tiny": 4, "paper": 50, "fullsize": 50}
 
 
+def configured_ref(cfg: Config, role: str) -> ModelRef | None:
+    """The checkpoint configured for `role`: its override, else the `paper` preset's; None for
+    an offline preset's own model (built on first use). Known without building or downloading."""
+    ref = getattr(cfg.models, role)
+    if ref.name_or_path:
+        return ref
+    return getattr(PAPER, role) if cfg.models.preset not in SPECS else None
+
+
 def stored_refs(cfg: Config) -> dict[str, ModelRef]:
-    """The roles whose checkpoint goes through the model store (hub ids, the FID Inception),
-    known without building or downloading anything."""
-    refs = {}
-    for role in ROLES:
-        ref = getattr(cfg.models, role)
-        if not ref.name_or_path and cfg.models.preset == "paper":
-            ref = getattr(PAPER, role)
-        if store.needs_store(ref):
-            refs[role] = ref
-    return refs
+    """The roles whose checkpoint goes through the model store (hub ids, the FID Inception)."""
+    refs = {role: configured_ref(cfg, role) for role in ROLES}
+    return {role: ref for role, ref in refs.items() if ref is not None and store.needs_store(ref)}
 
 
 def configured_preset(cfg: Config) -> Preset:
@@ -115,11 +117,9 @@ def model_ids(cfg: Config) -> dict[str, str]:
     """The checkpoint each role runs, as recorded on every sample (no build, no download)."""
     ids = {}
     for role in ROLES:
-        ref = getattr(cfg.models, role)
-        if not ref.name_or_path:
-            if cfg.models.preset in SPECS:
-                ids[role] = f"offline:{cfg.models.preset}-v{BUILD_VERSION}/{role}"
-                continue
-            ref = getattr(PAPER, role)
-        ids[role] = ref.name_or_path + (f"@{ref.revision}" if ref.revision else "")
+        ref = configured_ref(cfg, role)
+        if ref is None:
+            ids[role] = f"offline:{cfg.models.preset}-v{BUILD_VERSION}/{role}"
+        else:
+            ids[role] = ref.name_or_path + (f"@{ref.revision}" if ref.revision else "")
     return ids

@@ -147,9 +147,13 @@ def finetune_loop(config: dict) -> None:
                                  {"epoch": epoch})
 
     # The fp32 master weights, gathered from every rank's partition (a collective: every rank
-    # calls it). Saving the half-precision copy would drop each update below half an ulp.
-    decoder_state = {name: safe_get_full_fp32_param(param).detach().cpu()
-                     for name, param in engine.module.named_parameters()}
+    # calls it; rank 0 keeps them). The half-precision copy would drop each update below
+    # half an ulp.
+    decoder_state = {}
+    for name, param in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(param)
+        if rank == 0:
+            decoder_state[name] = full.detach().cpu()
     if rank == 0:
         original = load_captioner(config["captioner"], torch.device("cpu"))
         parameters = dict(original.model.text_decoder.named_parameters())

@@ -69,7 +69,7 @@ def set_fp32_masters(engine, weights: dict[str, torch.Tensor]) -> None:
             safe_set_full_fp32_param(param, weights[name])
             continue
         local = safe_get_local_fp32_param(param)
-        start = dist.get_rank() * local.numel()
+        start = dist.get_rank() * local.numel()  # one data-parallel group: the partition's index is the rank
         part = weights[name].flatten()[start:start + local.numel()]
         padded = torch.zeros_like(local)  # the last rank's partition is padded
         padded[:part.numel()] = part.to(local)

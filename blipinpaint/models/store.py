@@ -179,14 +179,14 @@ def convert(folder: Path, files: list[str], out: Path) -> dict[str, dict]:
     record = {}
     for name in files:
         source = folder / name
+        if name.endswith(".bin.index.json"):
+            raise StoreError(f"{name}: a sharded pickle checkpoint; the store converts single-file pickles only")
         verified = verify_cached(source)
         target = out / stored_name(name)
         if target.exists():
             raise StoreError(f"{name} and another file both become {stored_name(name)}: "
                              "name only one of them in ModelRef.files")
         target.parent.mkdir(parents=True, exist_ok=True)
-        if name.endswith(".bin.index.json"):
-            raise StoreError(f"{name}: a sharded pickle checkpoint; the store converts single-file pickles only")
         if name.endswith(".safetensors") or name.endswith(TEXT_SUFFIXES):
             shutil.copyfile(source, target)
             how = "copied"
