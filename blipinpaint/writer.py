@@ -84,7 +84,7 @@ class CommitLog:
         previous = self._read_owner()
         token = uuid.uuid4().hex
         self.fs.create_dir(self.root, recursive=True)
-        self._write_bytes(self._path(OWNER), json.dumps({"token": token, "finished": False}).encode())
+        self._write_owner({"token": token, "finished": False})
         if previous is not None and not previous.get("finished"):
             log.info("%s: the previous run did not finish; waiting %.0f s for its last commits", self.out_dir, grace_s)
             time.sleep(grace_s)
@@ -92,8 +92,18 @@ class CommitLog:
         return token
 
     def release(self) -> None:
-        """Mark the owner's run finished: the next run need not wait for stragglers."""
-        self._write_bytes(self._path(OWNER), json.dumps({"token": self.owner, "finished": True}).encode())
+        """Mark the owner's run finished: the next run need not wait for stragglers. A run
+        that was taken over leaves the folder to its new owner."""
+        current = self._read_owner()
+        if current is not None and current["token"] == self.owner:
+            self._write_owner({"token": self.owner, "finished": True})
+
+    def _write_owner(self, owner: dict) -> None:
+        # Every commit of every task reads the owner file: it must never be seen half
+        # written (a local write truncates first), so it is replaced whole by a move.
+        tmp = self._path(f".{OWNER}.{uuid.uuid4().hex[:12]}.tmp")
+        self._write_bytes(tmp, json.dumps(owner).encode())
+        self.fs.move(tmp, self._path(OWNER))
 
     def _check_owner(self) -> None:
         if self.owner is None:

@@ -1,3 +1,4 @@
+import json
 import time
 
 import numpy as np
@@ -91,6 +92,46 @@ def test_a_writer_of_a_run_that_was_taken_over_cannot_commit(tmp_path):
     assert new.recover()["orphans_removed"] == 1  # ...is undone by the next recovery, never read as data
     new.commit(_rows(["b"], [""]))
     assert _read(tmp_path / "samples") == ["a", "b"]
+
+
+class _ReadsOwnerOnEveryWrite:
+    """A filesystem that, whenever a file is opened for writing, reads the folder's owner
+    file the way a concurrent commit does: what a task in flight sees during a take-over."""
+
+    def __init__(self, fs, owner_file, seen):
+        self._fs, self._owner_file, self._seen = fs, owner_file, seen
+
+    def __getattr__(self, name):
+        return getattr(self._fs, name)
+
+    def open_output_stream(self, path, *args, **kwargs):
+        stream = self._fs.open_output_stream(path, *args, **kwargs)
+        self._seen.append(self._owner_file.read_text())
+        return stream
+
+
+def test_a_commit_never_reads_a_half_written_owner(tmp_path):
+    """Tasks read the owner file on every commit while a new run takes over or a run
+    releases the folder; a truncated file would crash them instead of stopping them."""
+    CommitLog(str(tmp_path)).take_over(grace_s=0)
+    seen = []
+    log = CommitLog(str(tmp_path))
+    log.fs = _ReadsOwnerOnEveryWrite(log.fs, tmp_path / "_owner.json", seen)
+    log.take_over(grace_s=0)
+    log.release()
+    assert len(seen) == 2
+    for text in seen:
+        assert json.loads(text)["token"]  # always a whole owner, the old or the new
+
+
+def test_a_run_that_was_taken_over_does_not_release_the_new_owners_folder(tmp_path):
+    old = CommitLog(str(tmp_path))
+    old.take_over(grace_s=0)
+    new = CommitLog(str(tmp_path))
+    token = new.take_over(grace_s=0)
+    old.release()  # the old driver outlived its take-over and finished
+    assert json.loads((tmp_path / "_owner.json").read_text()) == {"token": token, "finished": False}
+    new.commit(_rows(["a"], [""]))  # the new run still owns the folder
 
 
 def test_taking_over_waits_only_after_an_unfinished_run(tmp_path):
