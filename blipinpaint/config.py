@@ -9,6 +9,7 @@ The defaults are the embedded default run: the `tiny` preset on the shipped samp
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -18,6 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from blipinpaint.masks import MASK_MODES
 from blipinpaint.models.presets import PRESET_NAMES, ModelRef
+from blipinpaint.seeds import raised_fraction
 from blipinpaint.sources import SOURCE_KINDS
 
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
@@ -311,12 +313,15 @@ def model_store(cfg: Config) -> str:
     return cfg.models.store or f"{cfg.run_dir.rstrip('/')}/models"
 
 
-def heldout_fraction(cfg: Config) -> float:
+def heldout_fraction(cfg: Config, ids: Iterable[str] | None = None) -> float:
     """The held-out share: `train.val_fraction`, else 0.2; on the 6 shipped samples, half,
-    so the embedded default keeps images back for its evaluation."""
+    so the embedded default keeps images back for its evaluation. Given the generated
+    `ids`, raised on a small dataset until two of them are held out (`seeds.raised_fraction`)."""
     if cfg.train.val_fraction is not None:
-        return cfg.train.val_fraction
-    return 0.5 if cfg.data.source is None else 0.2
+        fraction = cfg.train.val_fraction
+    else:
+        fraction = 0.5 if cfg.data.source is None else 0.2
+    return fraction if ids is None else raised_fraction(cfg.seed, ids, fraction)
 
 
 def dataset_name(cfg: Config) -> str:

@@ -24,3 +24,14 @@ def sample_rng(seed: int, sample_id: str, purpose: str) -> np.random.Generator:
 def heldout(seed: int, sample_id: str, fraction: float) -> bool:
     """Whether a sample is in the held-out split: a stable hash, not row order."""
     return sample_seed(seed, sample_id, "split") < fraction * 2**63
+
+
+def raised_fraction(seed: int, ids, fraction: float, at_least: int = 2) -> float:
+    """`fraction`, raised just enough that at least `at_least` of `ids` are held out, as long
+    as at least as many remain for training: on a small dataset a plain hash split can hold
+    out one sample or none, and R² and FID need two. The hash order is kept, so the raised
+    split only adds samples to the plain one."""
+    scores = sorted(sample_seed(seed, i, "split") for i in set(ids))
+    if len(scores) < 2 * at_least or scores[at_least - 1] < fraction * 2**63:
+        return fraction
+    return (scores[at_least - 1] + scores[at_least]) / 2 / 2**63

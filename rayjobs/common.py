@@ -13,11 +13,17 @@ from ray.data import ActorPoolStrategy
 
 from blipinpaint.batches import JobError
 from blipinpaint.config import Config, ConfigError, StageConfig, parse_args
+from blipinpaint.writer import CommitLog
 
 log = logging.getLogger(__name__)
 
 # Passed to workers of a local Ray, so they build and find models where the driver does.
 FORWARDED_ENV = ("BLIPINPAINT_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DS_ACCELERATOR")
+
+
+def generated_ids(cfg: Config) -> list[str]:
+    """The ids of the generate step's committed samples (from its commit markers)."""
+    return [i for ids in CommitLog(f"{cfg.run_dir.rstrip('/')}/generate").committed_samples().values() for i in ids]
 
 
 def connect(address: str | None = None) -> None:

@@ -69,7 +69,7 @@ from blipinpaint.seeds import heldout, sample_seed
 from blipinpaint.storage import filesystem, kind, local_dir, read_text, write_text
 from blipinpaint.writer import CommitLog
 from rayjobs import models
-from rayjobs.common import actor_resources, connect, job_main
+from rayjobs.common import actor_resources, connect, generated_ids, job_main
 from rayjobs.generate import check_fingerprint, fingerprint
 from rayjobs.stream import CommitSink, ErrorWriter, ModelStage, attempt_ledger, job_errors
 
@@ -91,9 +91,9 @@ def _paths(cfg: Config) -> dict[str, str]:
 
 def evaluation_ids(cfg: Config) -> list[str]:
     """The held-out ids (the split every job uses), at most `evaluate.limit` of them by a hash."""
-    parts = CommitLog(f"{cfg.run_dir.rstrip('/')}/generate").committed_samples()
-    fraction = heldout_fraction(cfg)
-    chosen = [i for ids in parts.values() for i in ids if heldout(cfg.seed, i, fraction)]
+    generated = generated_ids(cfg)
+    fraction = heldout_fraction(cfg, generated)
+    chosen = [i for i in generated if heldout(cfg.seed, i, fraction)]
     if cfg.evaluate.limit is not None:
         chosen = sorted(chosen, key=lambda i: sample_seed(cfg.seed, i, "evaluate"))[: cfg.evaluate.limit]
     return sorted(chosen)
@@ -323,7 +323,7 @@ def run(cfg: Config) -> dict:
     summary = summarize(columns, fid, list(cfg.evaluate.mask_buckets))
     report = {
         "dataset": dataset_name(cfg), "run_dir": cfg.run_dir, "out_dir": out_dir,
-        "evaluation_set": {"heldout_fraction": heldout_fraction(cfg), "limit": cfg.evaluate.limit,
+        "evaluation_set": {"heldout_fraction": heldout_fraction(cfg, generated_ids(cfg)), "limit": cfg.evaluate.limit,
                            "selected": len(ids), "samples": len(sample_ids), "errors": sum(errors.values()),
                            "errors_by_reason": dict(errors), "this_run": {"evaluated": len(pending), **recovered}},
         "models": {**stages.model_ids(cfg), "captioner_finetuned": paths["blip"]},

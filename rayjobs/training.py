@@ -7,6 +7,7 @@ latest reported checkpoint, because the run's name and storage are fixed by `run
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import time
@@ -22,9 +23,12 @@ from deepspeed.utils.tensor_fragment import fragment_address
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from blipinpaint.config import Config, heldout_fraction
+from blipinpaint.config import Config, ConfigError, heldout_fraction
 from blipinpaint.models.loading import DTYPES
 from blipinpaint.seeds import heldout
+from rayjobs.common import generated_ids
+
+log = logging.getLogger(__name__)
 
 CONTROLLER_POLL_S = 2.0  # Ray Train's default RAY_TRAIN_HEALTH_CHECK_INTERVAL_S
 
@@ -93,7 +97,13 @@ def make_trainer(loop, loop_config: dict, cfg: Config, name: str, storage: str, 
 
 def split(ds: ray.data.Dataset, cfg: Config) -> tuple[ray.data.Dataset, ray.data.Dataset]:
     """(train, held-out) by a hash of each id: the same split in every job and rerun."""
-    fraction, seed = heldout_fraction(cfg), cfg.seed
+    ids, seed = generated_ids(cfg), cfg.seed
+    fraction = heldout_fraction(cfg, ids)
+    held = sum(heldout(seed, i, fraction) for i in ids)
+    if held == len(ids):
+        raise ConfigError(f"{len(ids)} generated samples, {held} of them held out (train.val_fraction, raised to "
+                          f"{fraction:.3g} so that 2 are held out where 4 or more exist): none left to train on")
+    log.info("split: %d samples to train on, %d held out (fraction %.3g)", len(ids) - held, held, fraction)
     return (ds.filter(lambda row: not heldout(seed, row["id"], fraction)),
             ds.filter(lambda row: heldout(seed, row["id"], fraction)))
 

@@ -9,6 +9,8 @@ import zlib
 import numpy as np
 from PIL import Image
 
+from blipinpaint.records import SAMPLE_SCHEMA, encode_rows
+
 
 def take(batch: dict[str, np.ndarray], index) -> dict[str, np.ndarray]:
     return {k: np.asarray(v)[index] for k, v in batch.items()}
@@ -82,3 +84,22 @@ def print_figures(case: str, figures: dict, wall_s: float, **extra) -> None:
     """One line per fault case; RELIABILITY.md's table is made of these (`pytest -s | grep FIGURES`)."""
     shown = {k: v for k, v in figures.items() if k != "ids"} | extra | {"wall_s": round(wall_s, 1)}
     print(f"\nFIGURES {case}: " + " ".join(f"{k}={v}" for k, v in shown.items()))
+
+
+def sample_rows(ids, errors):
+    """Rows of the generate step's schema for `ids` (an error row where `errors` says one), tiny images."""
+    n = len(ids)
+    batch = {
+        "id": np.array(ids, dtype=object), "source": np.array([f"/x/{i}" for i in ids], dtype=object),
+        "error": np.array(errors, dtype=object), "caption": np.array(["a cat"] * n, dtype=object),
+        "caption_features": np.ones((n, 4), np.float32), "mask_kind": np.array(["box"] * n, dtype=object),
+        "mask_area": np.full(n, 0.25, np.float32), "noise_seed": np.arange(n, dtype=np.int64),
+        "width": np.full(n, 80, np.int32), "height": np.full(n, 60, np.int32),
+        "image": np.zeros((n, 8, 8, 3), np.uint8), "mask": np.ones((n, 8, 8), np.uint8),
+        "inpainted": np.zeros((n, 8, 8, 3), np.uint8), "inpainted_baseline": np.zeros((n, 8, 8, 3), np.uint8),
+        "seconds_captioner": np.full(n, 0.5), "retries_captioner": np.eye(1, n, dtype=np.int64)[0],
+    }
+    for m in SAMPLE_SCHEMA.names:
+        if m.startswith(("ssim", "psnr", "clip")):
+            batch[m] = np.full(n, 1.0, np.float32)
+    return encode_rows(batch, {"captioner": "c", "inpainter": "i", "clip": "k"})

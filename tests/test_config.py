@@ -1,6 +1,7 @@
 import pytest
 
 from blipinpaint.config import ConfigError, dataset_name, heldout_fraction, load_config, parse_args, to_yaml
+from blipinpaint.seeds import heldout
 
 
 def test_defaults_are_the_embedded_tiny_run():
@@ -91,6 +92,26 @@ def test_held_out_share_and_dataset_name(tmp_path):
     assert heldout_fraction(other) == 0.2 and dataset_name(other) == tmp_path.name
     named = load_config(overrides=[f"data.source={tmp_path}", "train.val_fraction=0.1", "data.name=MSCOCO"])
     assert heldout_fraction(named) == 0.1 and dataset_name(named) == "MSCOCO"
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 8, 15, 30, 200])
+def test_a_small_dataset_still_holds_two_samples_out(n, tmp_path):
+    """A plain 20 % hash split of 15 photographs often holds out fewer than the two samples
+    R² and FID need; the raised split holds out two whenever two remain to train on, and
+    only adds samples to the plain split."""
+    cfg = load_config(overrides=[f"data.source={tmp_path}"])
+    for seed in range(40):
+        ids = [f"photo-{seed}-{k}" for k in range(n)]
+        cfg.seed = seed
+        plain = {i for i in ids if heldout(seed, i, heldout_fraction(cfg))}
+        raised = {i for i in ids if heldout(seed, i, heldout_fraction(cfg, ids))}
+        assert plain <= raised
+        if len(plain) >= 2 or n < 4:
+            assert raised == plain
+        else:
+            assert len(raised) == 2 and n - len(raised) >= 2
+    # Somewhere in those 40 draws the plain split did hold out fewer than two of 15.
+    assert any(sum(heldout(s, f"photo-{s}-{k}", 0.2) for k in range(15)) < 2 for s in range(40))
 
 
 def test_bf16_runs_on_cpu_and_fp16_needs_cuda():

@@ -1,30 +1,12 @@
 import json
 import time
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from helpers import sample_rows as _rows
 
-from blipinpaint.records import ERROR_SCHEMA, SAMPLE_SCHEMA, encode_rows
+from blipinpaint.records import ERROR_SCHEMA, SAMPLE_SCHEMA
 from blipinpaint.writer import CommitLog, Superseded
-
-
-def _rows(ids, errors):
-    n = len(ids)
-    batch = {
-        "id": np.array(ids, dtype=object), "source": np.array([f"/x/{i}" for i in ids], dtype=object),
-        "error": np.array(errors, dtype=object), "caption": np.array(["a cat"] * n, dtype=object),
-        "caption_features": np.ones((n, 4), np.float32), "mask_kind": np.array(["box"] * n, dtype=object),
-        "mask_area": np.full(n, 0.25, np.float32), "noise_seed": np.arange(n, dtype=np.int64),
-        "width": np.full(n, 80, np.int32), "height": np.full(n, 60, np.int32),
-        "image": np.zeros((n, 8, 8, 3), np.uint8), "mask": np.ones((n, 8, 8), np.uint8),
-        "inpainted": np.zeros((n, 8, 8, 3), np.uint8), "inpainted_baseline": np.zeros((n, 8, 8, 3), np.uint8),
-        "seconds_captioner": np.full(n, 0.5), "retries_captioner": np.eye(1, n, dtype=np.int64)[0],
-    }
-    for m in SAMPLE_SCHEMA.names:
-        if m.startswith(("ssim", "psnr", "clip")):
-            batch[m] = np.full(n, 1.0, np.float32)
-    return encode_rows(batch, {"captioner": "c", "inpainter": "i", "clip": "k"})
 
 
 def _read(path):

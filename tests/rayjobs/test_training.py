@@ -8,7 +8,8 @@ from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchChe
 from deepspeed.runtime.config import DeepSpeedConfig
 from deepspeed.runtime.fp16.loss_scaler import CreateLossScaler, DynamicLossScaler
 
-from blipinpaint.config import load_config
+from blipinpaint.config import ConfigError, load_config
+from blipinpaint.seeds import heldout as heldout_of
 from rayjobs import training
 
 
@@ -52,3 +53,35 @@ def test_deepspeed_trains_in_the_configured_precision_on_any_device(dtype, bf16,
     assert training.half_dtype(cfg) == {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     fp32 = training.deepspeed_config(cfg, 8, dtype="fp32")  # the scorer's MLP
     assert not fp32["bf16"]["enabled"] and not fp32["fp16"]["enabled"]
+
+
+def _generated(run_dir, ids):
+    from helpers import sample_rows
+
+    from blipinpaint.writer import CommitLog
+
+    CommitLog(f"{run_dir}/generate").commit(sample_rows(ids, [""] * len(ids)))
+
+
+def test_fifteen_photographs_hold_two_out_in_every_job(local_ray, tmp_path):
+    """The reported crash: a 20 % hash split of 15 photographs held out fewer than two, and
+    the scorer's R² failed after training. Every job now splits off the same two or more."""
+    from blipinpaint.seeds import heldout
+    from rayjobs import evaluate
+
+    seed = next(s for s in range(100) if sum(heldout(s, f"p{k}", 0.2) for k in range(15)) < 2)
+    ids = [f"p{k}" for k in range(15)]
+    _generated(tmp_path, ids)
+    cfg = load_config(overrides=[f"run_dir={tmp_path}", f"data.source={tmp_path}", f"seed={seed}"])
+    train, val = training.split(local_ray.data.from_items([{"id": i} for i in ids]), cfg)
+    held = sorted(r["id"] for r in val.take_all())
+    assert len(held) == 2 and train.count() == 13
+    assert evaluate.evaluation_ids(cfg) == held  # the evaluation set is the same held-out split
+
+
+def test_a_split_that_leaves_nothing_to_train_on_is_a_config_error(local_ray, tmp_path):
+    seed = next(s for s in range(100) if heldout_of(s, "only", 0.2))
+    _generated(tmp_path, ["only"])
+    cfg = load_config(overrides=[f"run_dir={tmp_path}", f"data.source={tmp_path}", f"seed={seed}"])
+    with pytest.raises(ConfigError, match=r"1 generated samples, 1 of them held out \(train.val_fraction"):
+        training.split(local_ray.data.from_items([{"id": "only"}]), cfg)
