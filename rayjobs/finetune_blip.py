@@ -166,7 +166,8 @@ def finetune_loop(config: dict) -> None:
             upload_dir(folder, config["blip_dir"])
         write_text(config["check_uri"], json.dumps({"scorer_before": scorer_before, "scorer_after": checksum(scorer),
                                                     "decoder": checksum(original.model.text_decoder),
-                                                    "steps": engine.global_steps}))
+                                                    "steps": engine.global_steps,
+                                                    "engine": training.engine_settings(engine)}))
 
 
 def run(cfg: Config) -> dict:
@@ -195,7 +196,7 @@ def run(cfg: Config) -> dict:
     if cfg.train.tensorboard:
         write_tensorboard(records, "step", f"{out_dir}/tensorboard")
     check = json.loads(read_text(f"{out_dir}/check.json"))
-    report = {"steps": check["steps"], "scorer_unchanged": check["scorer_before"] == check["scorer_after"],
+    report = {"steps": check["steps"], "engine": check["engine"], "scorer_unchanged": check["scorer_before"] == check["scorer_after"],
               "first_loss": records[0]["loss"] if records else None,
               "last_loss": records[-1]["loss"] if records else None, "blip_dir": f"{root}/blip"}
     write_text(f"{out_dir}/report.json", json.dumps(report, indent=2))

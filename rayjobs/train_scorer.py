@@ -109,6 +109,7 @@ def train_loop(config: dict) -> None:
         dist.all_reduce(total)
         dist.all_reduce(val)
         metrics = {"epoch": epoch, "step": engine.global_steps, "resumed_at_epoch": start if state else None,
+                   "engine": training.engine_settings(engine),
                    "train_loss": (total[0] / total[1].clamp(min=1)).item(),
                    # None without held-out rows (a handful of inputs may hash none there)
                    "val_loss": (val[0] / val[2]).item() if val[2] else None,

@@ -7,6 +7,7 @@ latest reported checkpoint, because the run's name and storage are fixed by `run
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -30,9 +31,6 @@ from rayjobs.common import generated_ids
 
 log = logging.getLogger(__name__)
 
-CONTROLLER_POLL_S = 2.0  # Ray Train's default RAY_TRAIN_HEALTH_CHECK_INTERVAL_S
-
-
 def deepspeed_config(cfg: Config, batch_size: int, dtype: str | None = None) -> dict:
     """DeepSpeed settings; the engine trains in `dtype` (default `models.dtype`), on GPU or CPU alike."""
     dtype = dtype or cfg.models.dtype
@@ -43,13 +41,21 @@ def deepspeed_config(cfg: Config, batch_size: int, dtype: str | None = None) -> 
         "train_micro_batch_size_per_gpu": batch_size,
         "gradient_accumulation_steps": 1,
         "zero_optimization": zero,
-        # A plain torch Adam: DeepSpeed's fused/CPU Adam would compile C++ on first use.
+        # A plain torch Adam: DeepSpeed's fused/CPU Adam would compile C++ on first use. With
+        # the optimizer state offloaded, torch's Adam steps the fp32 masters on the CPU.
         "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
         # The engine casts the module to this dtype and keeps fp32 master weights in the optimizer.
         "bf16": {"enabled": dtype == "bf16"},
         "fp16": {"enabled": dtype == "fp16"},
         "steps_per_print": 10**9,
     }
+
+
+def engine_settings(engine) -> dict:
+    """What the DeepSpeed engine actually runs with, for the job's report."""
+    return {"zero_stage": int(engine.zero_optimization_stage()), "offload_optimizer": bool(engine.zero_cpu_offload()),
+            "dtype": str(engine.module.parameters().__next__().dtype).removeprefix("torch.")}
 
 
 def half_dtype(cfg: Config) -> torch.dtype | None:
@@ -137,21 +143,42 @@ def restore(engine) -> dict | None:
     return client_state
 
 
+_last_reported: dict = {}  # this process's last checkpointed metrics (fault injection waits for them)
+
+
 def save_and_report(engine, metrics: dict, client_state: dict) -> None:
     """Every rank writes its checkpoint shard and reports it with the same metrics."""
     with tempfile.TemporaryDirectory() as directory:
         engine.save_checkpoint(directory, tag="checkpoint", client_state=client_state)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory))
+    _last_reported.update(metrics=metrics)
 
 
-def maybe_fail(cfg: Config, step: int, resumed: bool) -> None:
+def _registered_checkpoint_metrics() -> dict | None:
+    """The metrics of the latest checkpoint the Ray Train controller has registered, read
+    from the snapshot it writes to the run's storage on every registration."""
+    storage = ray.train.get_context().get_storage()  # a DeveloperAPI: fault injection only
+    try:
+        with storage.storage_filesystem.open_input_stream(storage.checkpoint_manager_snapshot_path) as f:
+            latest = json.loads(f.read()).get("latest_checkpoint_result")
+    except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or being written
+        return None
+    return latest and latest["metrics"]
+
+
+def maybe_fail(cfg: Config, step: int, resumed: bool, timeout_s: float = 300.0) -> None:
     """Fault injection for tests: rank 0's process dies at the configured step, first attempt only.
 
-    It first waits out one Ray Train controller poll: a checkpoint is registered when the
-    controller collects its report, and a death milliseconds after a report (which only
-    fast tests produce) would lose it and restart from scratch.
+    It first waits until the controller has registered this worker's last checkpoint: a
+    report is collected at the controller's next poll, and a death before that would lose
+    the checkpoint and restart from scratch.
     """
-    if (cfg.train.inject_failure_at_step == step and not resumed
-            and ray.train.get_context().get_world_rank() == 0):
-        time.sleep(2 * CONTROLLER_POLL_S)
-        os._exit(1)
+    if (cfg.train.inject_failure_at_step != step or resumed
+            or ray.train.get_context().get_world_rank() != 0):
+        return
+    deadline = time.monotonic() + timeout_s
+    while _last_reported and _registered_checkpoint_metrics() != _last_reported["metrics"]:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the checkpoint of {_last_reported['metrics']} was not registered in {timeout_s} s")
+        time.sleep(0.1)
+    os._exit(1)

@@ -55,15 +55,17 @@ def test_the_fine_tuned_folder_reloads_and_captions(scored_run, sample_batch):
     assert all(isinstance(c, str) and c for c in out["caption"])
 
 
-def test_zero3_in_bf16_with_a_kl_term_runs(scored_run, tmp_path):
+def test_zero3_in_bf16_with_a_kl_term_and_offload_runs(scored_run, tmp_path):
     """ZeRO-3 partitions parameters whose sizes do not split evenly over 2 ranks (the tiny decoder's
-    37-wide layers): restoring the fp32 masters of a bf16 engine must set each rank's padded part."""
+    37-wide layers): restoring the fp32 masters of a bf16 engine must set each rank's padded part.
+    The optimizer state lives in CPU memory (DeepSpeed refused a torch optimizer there)."""
     import shutil
     run_dir = tmp_path / "run"  # a copy of the run folder, so this run writes its own blip/ and finetune/
     shutil.copytree(scored_run / "generate", run_dir / "generate")
     shutil.copytree(scored_run / "scorer" / "model", run_dir / "scorer" / "model")
     _, report = _finetune(run_dir, "train.zero_stage=3", "models.dtype=bf16", "finetune.epochs=1",
-                          "finetune.kl_weight=0.1")
+                          "finetune.kl_weight=0.1", "train.offload_optimizer=true")
+    assert report["engine"] == {"zero_stage": 3, "offload_optimizer": True, "dtype": "bfloat16"}
     assert report["scorer_unchanged"] and (run_dir / "blip" / "model.safetensors").exists()
     records = [json.loads(line) for line in (run_dir / "finetune" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["kl"] >= 0 and r["loss"] == pytest.approx(r["loss_blip"] + 0.1 * r["kl"], rel=1e-5, abs=1e-6)

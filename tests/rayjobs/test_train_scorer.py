@@ -33,18 +33,26 @@ def write_samples(run_dir, n=400, dim=16, seed=0):
         "psnr": (20 + 5 * z[:, 1]).astype(np.float32),
         "clip_score": (10 + 3 * z[:, 2]).astype(np.float32),
     }), out / "part-0.parquet")
+    # The generate step's commit marker: the jobs after it read which samples exist from it.
+    (run_dir / "generate" / "_commits").mkdir()
+    (run_dir / "generate" / "_commits" / "part-0.json").write_text(json.dumps(
+        {"name": "part-0", "samples": [f"img{i:04d}" for i in range(n)], "errors": [], "error_kinds": [],
+         "staged": {"samples": "part-0.parquet"}}))
 
 
-@pytest.mark.parametrize("zero_stage", [2, 3])
-def test_scorer_learns_a_learnable_signal(local_ray, tmp_path, zero_stage):
+@pytest.mark.parametrize("zero_stage,offload", [(2, False), (3, True)])
+def test_scorer_learns_a_learnable_signal(local_ray, tmp_path, zero_stage, offload):
+    """Also with the optimizer state offloaded to CPU memory (DeepSpeed refused a torch optimizer there)."""
     write_samples(tmp_path)
     cfg = load_config(overrides=[f"run_dir={tmp_path}", f"train.zero_stage={zero_stage}", "scorer.epochs=6",
+                                 f"train.offload_optimizer={str(offload).lower()}",
                                  "train.tensorboard=true",
                                  "scorer.lr=1e-2", "scorer.batch_size=32", "scorer.hidden=[32]"])
     report = train_scorer.run(cfg)
     out = tmp_path / "scorer"
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == list(range(6))
+    assert records[-1]["engine"] == {"zero_stage": zero_stage, "offload_optimizer": offload, "dtype": "float32"}
     assert records[-1]["val_loss"] < 0.5 * records[-1]["val_loss_mean_baseline"]
     assert records[-1]["train_loss"] < records[0]["train_loss"]
     for name, r in report["heldout"].items():
