@@ -105,11 +105,15 @@ class CommitLog:
         self._write_bytes(tmp, json.dumps(owner).encode())
         self.fs.move(tmp, self._path(OWNER))
 
-    def _check_owner(self) -> None:
+    def owns(self) -> bool:
+        """Whether this run (`owner`) still owns the folder; without an owner, always."""
         if self.owner is None:
-            return
+            return True
         current = self._read_owner()
-        if current is None or current["token"] != self.owner:
+        return current is not None and current["token"] == self.owner
+
+    def check_owner(self) -> None:
+        if not self.owns():
             raise Superseded(f"{self.out_dir} is now written by another run; this run's writes stop here")
 
     def commit(self, table: pa.Table) -> dict:
@@ -135,7 +139,7 @@ class CommitLog:
                 self.fs.create_dir(self._path("_staging", folder), recursive=True)
                 pq.write_table(part, self._path("_staging", folder, staged), filesystem=self.fs)
                 marker["staged"][folder] = staged
-        self._check_owner()  # staged files of a superseded writer stay orphans, for `recover()`
+        self.check_owner()  # staged files of a superseded writer stay orphans, for `recover()`
         self.fs.create_dir(self._path("_commits"), recursive=True)
         tmp = self._path("_commits", f".{name}.{attempt}.json.tmp")
         self._write_bytes(tmp, json.dumps(marker).encode())

@@ -50,6 +50,7 @@ from blipinpaint.report import plot_curves, write_tensorboard
 from blipinpaint.scorer import ScoreNet
 from blipinpaint.stages import resolve_preset
 from blipinpaint.storage import kind, local_dir, read_jsonl, read_text, upload_dir, write_jsonl, write_text
+from blipinpaint.writer import CommitLog
 from rayjobs import models, training
 from rayjobs.common import connect, job_main
 
@@ -108,6 +109,8 @@ def finetune_loop(config: dict) -> None:
         training.set_fp32_masters(engine, initial)
     del initial
     state = training.restore(engine)
+    if not training.still_owner(config["fence"]):  # a straggler of a run taken over
+        return
     start = state["epoch"] + 1 if state else 0
     log_uri = config["log_uri"]
     if rank == 0:
@@ -140,6 +143,8 @@ def finetune_loop(config: dict) -> None:
             engine.step()
             records.append({**record, "step": engine.global_steps, "loss": loss.item()})
             training.maybe_fail(cfg, engine.global_steps, resumed=state is not None)
+        if not training.still_owner(config["fence"]):
+            return
         if rank == 0:
             write_jsonl(log_uri, [*read_jsonl(log_uri), *records])
         mean_loss = float(np.mean([r["loss"] for r in records])) if records else float("nan")
@@ -180,26 +185,31 @@ def run(cfg: Config) -> dict:
         if kind(path) != "Directory":
             raise ConfigError(f"{path} is missing: run {step} first")
     models.run(cfg)  # the captioner from the model store, never the hub
+    # First, before anything waits for the cluster: the ranks of a run that is still going (its
+    # driver killed, or the same command twice) stop writing here and free their resources.
+    fence = (out_dir, CommitLog(out_dir).take_over())
     connect(cfg.ray_address)
     train, _ = training.split(ray.data.read_parquet(samples, columns=COLUMNS), cfg)
     write_text(f"{out_dir}/config.yaml", to_yaml(cfg))
     trainer = training.make_trainer(
         finetune_loop,
-        {"cfg": cfg, "captioner": resolve_preset(cfg).captioner, "scorer_dir": scorer_dir,
+        {"cfg": cfg, "captioner": resolve_preset(cfg).captioner, "scorer_dir": scorer_dir, "fence": fence,
          "log_uri": f"{out_dir}/metrics.jsonl", "blip_dir": f"{root}/blip", "check_uri": f"{out_dir}/check.json"},
         cfg, name="finetune_blip", storage=f"{out_dir}/ray_train", datasets={"train": train},
     )
-    trainer.fit()
+    training.fit(trainer, cfg, fence)
     records = read_jsonl(f"{out_dir}/metrics.jsonl")
     series = {"loss": "L_BLIP (+ KL)" if cfg.finetune.kl_weight > 0 else "L_BLIP"}
     plot_curves(records, "step", series, "BLIP fine-tuning loss (per step, rank 0)", f"{out_dir}/loss.png")
     if cfg.train.tensorboard:
         write_tensorboard(records, "step", f"{out_dir}/tensorboard")
     check = json.loads(read_text(f"{out_dir}/check.json"))
-    report = {"steps": check["steps"], "engine": check["engine"], "scorer_unchanged": check["scorer_before"] == check["scorer_after"],
+    report = {"steps": check["steps"], "engine": check["engine"],
+              "scorer_unchanged": check["scorer_before"] == check["scorer_after"],
               "first_loss": records[0]["loss"] if records else None,
               "last_loss": records[-1]["loss"] if records else None, "blip_dir": f"{root}/blip"}
     write_text(f"{out_dir}/report.json", json.dumps(report, indent=2))
+    training.owner_log(fence).release()
     return report
 
 

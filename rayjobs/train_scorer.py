@@ -40,6 +40,7 @@ from blipinpaint.report import plot_curves, plot_scatter, write_tensorboard
 from blipinpaint.scorer import TARGETS, ScoreNet, ScoreNetConfig, regression_report
 from blipinpaint.seeds import sample_seed
 from blipinpaint.storage import kind, local_dir, read_jsonl, upload_dir, write_jsonl, write_text
+from blipinpaint.writer import CommitLog
 from rayjobs import training
 from rayjobs.common import connect, job_main
 
@@ -77,6 +78,8 @@ def train_loop(config: dict) -> None:
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, dist_init_required=False,
                                       config=training.deepspeed_config(cfg, cfg.scorer.batch_size, dtype="fp32"))
     state = training.restore(engine)
+    if not training.still_owner(config["fence"]):  # a straggler of a run taken over
+        return
     start = state["epoch"] + 1 if state else 0
     log_uri = config["log_uri"]
     if ctx.get_world_rank() == 0:  # a resumed run redoes the epochs after its checkpoint
@@ -114,6 +117,8 @@ def train_loop(config: dict) -> None:
                    # None without held-out rows (a handful of inputs may hash none there)
                    "val_loss": (val[0] / val[2]).item() if val[2] else None,
                    "val_loss_mean_baseline": (val[1] / val[2]).item() if val[2] else None}
+        if not training.still_owner(config["fence"]):
+            return
         if ctx.get_world_rank() == 0:
             write_jsonl(log_uri, [*read_jsonl(log_uri), metrics])
         # Ray Train takes one report per controller poll (2 s): report with checkpoints only.
@@ -160,6 +165,9 @@ def run(cfg: Config) -> dict:
     samples = f"{cfg.run_dir.rstrip('/')}/generate/samples"
     if kind(samples) != "Directory":
         raise ConfigError(f"no generated samples in {samples}: run rayjobs.generate first")
+    # First, before anything waits for the cluster: the ranks of a run that is still going (its
+    # driver killed, or the same command twice) stop writing here and free their resources.
+    fence = (out_dir, CommitLog(out_dir).take_over())
     connect(cfg.ray_address)
     ds = ray.data.read_parquet(samples, columns=COLUMNS)
     train, val = training.split(ds, cfg)
@@ -168,10 +176,11 @@ def run(cfg: Config) -> dict:
     net = ScoreNetConfig(in_features=in_features, hidden=tuple(cfg.scorer.hidden), mean=tuple(mean), std=tuple(std))
     write_text(f"{out_dir}/config.yaml", to_yaml(cfg))
     trainer = training.make_trainer(
-        train_loop, {"cfg": cfg, "net": net, "log_uri": f"{out_dir}/metrics.jsonl", "model_dir": f"{out_dir}/model"},
+        train_loop, {"cfg": cfg, "net": net, "log_uri": f"{out_dir}/metrics.jsonl", "model_dir": f"{out_dir}/model",
+                     "fence": fence},
         cfg, name="train_scorer", storage=f"{out_dir}/ray_train", datasets={"train": train, "val": val},
     )
-    trainer.fit()
+    training.fit(trainer, cfg, fence)
     records = read_jsonl(f"{out_dir}/metrics.jsonl")
     plot_curves(records, "epoch", {"train_loss": "train", "val_loss": "held-out",
                                    "val_loss_mean_baseline": "held-out, predict the mean"},
@@ -181,6 +190,7 @@ def run(cfg: Config) -> dict:
     report = {"epochs": len(records), "final": records[-1] if records else {},
               "heldout": evaluate(f"{out_dir}/model", val, out_dir)}
     write_text(f"{out_dir}/report.json", json.dumps(report, indent=2))
+    training.owner_log(fence).release()
     return report
 
 

@@ -21,12 +21,14 @@ from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchChe
 from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from blipinpaint.batches import JobError
 from blipinpaint.config import Config, ConfigError, heldout_fraction
 from blipinpaint.models.loading import DTYPES
 from blipinpaint.seeds import heldout
+from blipinpaint.writer import CommitLog
 from rayjobs.common import generated_ids
 
 log = logging.getLogger(__name__)
@@ -141,6 +143,41 @@ def restore(engine) -> dict | None:
     with checkpoint.as_directory() as directory:
         _, client_state = engine.load_checkpoint(directory)
     return client_state
+
+
+def owner_log(fence: tuple[str, str]) -> CommitLog:
+    """The output folder of `fence` (the folder and the run's token from `CommitLog.take_over`)."""
+    return CommitLog(fence[0], owner=fence[1])
+
+
+def still_owner(fence: tuple[str, str]) -> bool:
+    """Whether this run still owns its output folder (`fence`: the folder and the run's token
+    from `CommitLog.take_over`), the same answer on every rank: a collective, so that no
+    rank stops while another waits for it in the next one.
+
+    A killed driver's ranks may outlive it; once the same command runs again, they stop
+    before they write a log line, a checkpoint or the model into the new run's files.
+    """
+    stop = torch.tensor([0.0 if owner_log(fence).owns() else 1.0])
+    dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+    if stop.item():
+        log.warning("%s was taken over by another run: this run's ranks stop", fence[0])
+    return not stop.item()
+
+
+def fit(trainer, cfg: Config, fence: tuple[str, str]):
+    """Run `trainer`; one line when it fails for good, Superseded when another run took over."""
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as err:
+        failures = getattr(err, "worker_failures", None) or {"controller": err}
+        rank, cause = next(iter(sorted(failures.items(), key=lambda kv: str(kv[0]))))
+        lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+        raise JobError(f"training failed and the train.max_failures={cfg.train.max_failures} restarts are used up; "
+                       f"last error (rank {rank}): {type(cause).__name__}: {(lines[-1] if lines else '')[:300]}"
+                       " (the workers' logs: `ray logs` or the dashboard)") from None
+    owner_log(fence).check_owner()  # the ranks stopped early: this run's outputs are not its own
+    return result
 
 
 _last_reported: dict = {}  # this process's last checkpointed metrics (fault injection waits for them)

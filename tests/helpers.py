@@ -11,6 +11,17 @@ from PIL import Image
 
 from blipinpaint.records import SAMPLE_SCHEMA, encode_rows
 
+# The README's main command with fewer epochs and two FID workers (tests/rayjobs/conftest.py runs it).
+PIPELINE_ARGS = ["run_dir=run", "scorer.epochs=2", "finetune.epochs=1", "evaluate.fid.size=2"]
+
+
+def copy_run(run_dir, to, parts=("generate", "scorer/model", "finetune", "blip")) -> None:
+    """A copy of a run's folders, for a test that changes or adds to them."""
+    import shutil
+
+    for part in parts:
+        shutil.copytree(f"{run_dir}/{part}", f"{to}/{part}")
+
 
 def take(batch: dict[str, np.ndarray], index) -> dict[str, np.ndarray]:
     return {k: np.asarray(v)[index] for k, v in batch.items()}
@@ -103,3 +114,31 @@ def sample_rows(ids, errors):
         if m.startswith(("ssim", "psnr", "clip")):
             batch[m] = np.full(n, 1.0, np.float32)
     return encode_rows(batch, {"captioner": "c", "inpainter": "i", "clip": "k"})
+
+
+def end_actors_of_dead_drivers(ray, timeout_s: float = 60.0) -> int:
+    """Kill the actors that drivers killed by a test left in the shared test Ray (their jobs'
+    actors outlive them for a while and would hold CPUs the next tests wait for); wait until
+    Ray reports them dead. Returns how many there were."""
+    import os
+    import signal
+    import time
+
+    from ray._private import state  # the GCS's actor table: the test Ray runs no dashboard for the state API
+
+    me = ray.get_runtime_context().get_job_id()
+
+    def left():
+        return [a for a in state.actors().values() if a["State"] == "ALIVE" and a["JobID"] != me and a["Pid"]]
+
+    actors = left()
+    for actor in actors:
+        try:
+            os.kill(actor["Pid"], signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout_s
+    while left():
+        assert time.monotonic() < deadline, f"actors still alive: {[a['ActorClassName'] for a in left()]}"
+        time.sleep(0.2)
+    return len(actors)

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import print_figures
+from helpers import end_actors_of_dead_drivers, print_figures
 from PIL import Image
 
 from blipinpaint.config import load_config
@@ -140,3 +140,41 @@ def test_too_few_held_out_rows_give_a_report_that_says_why(local_ray, tmp_path, 
     assert set(two) == {"ssim", "psnr", "clip_score"}
     train_scorer.print_report({"epochs": 1, "final": {"train_loss": 1.0, "val_loss": None}, "heldout": heldout})
     assert "no held-out figures: 1 held-out samples" in capsys.readouterr().out
+
+
+def test_a_run_that_was_taken_over_stops_writing(local_ray, tmp_path):
+    """A training driver still running (or killed, its ranks alive) when the command runs again:
+    its ranks stop at their next epoch instead of writing into the new run's log and checkpoints."""
+    write_samples(tmp_path)
+    common = [f"run_dir={tmp_path}", "scorer.batch_size=32", "scorer.hidden=[16]"]
+    old = subprocess.Popen(  # would run for hours: only a take-over ends it
+        [sys.executable, "-m", "rayjobs.train_scorer", *common, "scorer.epochs=100000",
+         "scorer.checkpoint_every=100000", f"ray_address={local_ray.get_runtime_context().gcs_address}"],
+        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy(), text=True)
+    try:
+        log = tmp_path / "scorer" / "metrics.jsonl"
+        deadline = time.time() + 300
+        while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 2):
+            assert old.poll() is None, old.stderr.read()
+            time.sleep(0.2)
+        train_scorer.run(load_config(overrides=[*common, "scorer.epochs=3"]))
+        _, err = old.communicate(timeout=120)
+    finally:
+        if old.poll() is None:
+            os.killpg(old.pid, signal.SIGKILL)
+            old.wait()
+        end_actors_of_dead_drivers(local_ray)
+    assert old.returncode == 1
+    assert f"train_scorer: {tmp_path}/scorer is now written by another run; this run's writes stop here" in err
+    assert [json.loads(line)["epoch"] for line in log.read_text().splitlines()] == [0, 1, 2]  # the new run's only
+    assert json.loads((tmp_path / "scorer" / "_owner.json").read_text())["finished"]
+
+
+def test_used_up_restarts_end_the_job_with_one_line(local_ray, tmp_path, capsys):
+    write_samples(tmp_path)
+    code = train_scorer.main([f"run_dir={tmp_path}", "scorer.epochs=2", "scorer.batch_size=32", "scorer.hidden=[16]",
+                              "train.max_failures=0", "train.inject_failure_at_step=2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert err[-1].startswith("train_scorer: training failed and the train.max_failures=0 restarts are used up; "
+                              "last error (rank 0): "), err[-1]
