@@ -166,6 +166,7 @@ class EvaluateConfig:
     mask_buckets: list[float] = field(default_factory=lambda: [0.1, 0.3])  # mask-area edges between buckets
     grid_rows: int = 6  # samples in the qualitative grid
     other_runs: list[str] = field(default_factory=list)  # run_dirs whose evaluations join this table
+    retry_failed: bool = False  # try `stage failed` error rows of earlier evaluate runs again
 
 
 @dataclass

@@ -44,7 +44,7 @@ import ray
 from ray.data import DataContext
 
 from blipinpaint import stages
-from blipinpaint.batches import Guarded
+from blipinpaint.batches import Guarded, JobError
 from blipinpaint.config import Config, ConfigError, dataset_name, heldout_fraction, to_yaml
 from blipinpaint.evaluation import (
     FID_SETS,
@@ -70,7 +70,7 @@ from blipinpaint.storage import filesystem, kind, local_dir, read_text, write_te
 from blipinpaint.writer import CommitLog
 from rayjobs import models
 from rayjobs.common import actor_resources, connect, generated_ids, job_main
-from rayjobs.generate import check_fingerprint, fingerprint
+from rayjobs.generate import check_fingerprint, fingerprint, stage_failure
 from rayjobs.stream import CommitSink, ErrorWriter, ModelStage, attempt_ledger, job_errors
 
 log = logging.getLogger("blipinpaint.evaluate")
@@ -157,7 +157,8 @@ def build_dataset(cfg: Config, pending: list[str], owner: str | None = None) -> 
                         batch_size=1, num_cpus=g.read.num_cpus)
     for name, build in builders.items():
         ds = ds.map_batches(ModelStage, fn_constructor_kwargs={"name": name, "build": build, "errors": errors,
-                                                               "retries": g.batch_retries, "ledger": ledger},
+                                                               "retries": g.batch_retries, "ledger": ledger,
+                                                               "fault": g.inject_failure},
                             **actor_resources(getattr(g, name)))
     return ds.map_batches(encode_rows, fn_kwargs={"models": {}, "schema": EVAL_SCHEMA},
                           batch_size=g.read.batch_size, num_cpus=g.read.num_cpus)
@@ -296,6 +297,7 @@ def run(cfg: Config) -> dict:
     commit_log = CommitLog(out_dir, EVAL_SCHEMA)
     owner = commit_log.take_over()  # before recovering: a killed run's stragglers stop committing
     recovered = commit_log.recover()
+    retried = commit_log.uncommit(stage_failure) if cfg.evaluate.retry_failed else []
     done = commit_log.committed_ids()
     pending = [i for i in ids if i not in done]
     log.info("%d held-out samples to evaluate: %d already done, %d to do", len(ids), len(ids) - len(pending),
@@ -314,9 +316,10 @@ def run(cfg: Config) -> dict:
     errors = Counter(k for m in markers for i, k in zip(m["errors"], m["error_kinds"]) if i in set(ids))
     missing = [i for i in ids if i not in seen]
     if missing:
-        raise RuntimeError(f"{out_dir}: {len(missing)} samples not evaluated; run the same command again to finish")
+        raise JobError(f"{out_dir}: {len(missing)} samples not evaluated; run the same command again to finish")
     if len(sample_ids) < 2:
-        raise RuntimeError(f"{out_dir}: only {len(sample_ids)} samples evaluated ({dict(errors)}); see eval/errors")
+        raise JobError(f"{out_dir}: only {len(sample_ids)} samples evaluated, FID needs 2 (errors: {dict(errors)}, "
+                       f"listed in {out_dir}/errors; evaluate.retry_failed=true tries `stage failed` rows again)")
     fid = compute_fid(cfg, sample_ids)
     columns = _read_eval_rows(out_dir, sample_ids, ["mask_area", *(m + v.suffix for v in VARIANTS.values()
                                                                    for m in METRICS)])
@@ -325,7 +328,8 @@ def run(cfg: Config) -> dict:
         "dataset": dataset_name(cfg), "run_dir": cfg.run_dir, "out_dir": out_dir,
         "evaluation_set": {"heldout_fraction": heldout_fraction(cfg, generated_ids(cfg)), "limit": cfg.evaluate.limit,
                            "selected": len(ids), "samples": len(sample_ids), "errors": sum(errors.values()),
-                           "errors_by_reason": dict(errors), "this_run": {"evaluated": len(pending), **recovered}},
+                           "errors_by_reason": dict(errors),
+                           "this_run": {"evaluated": len(pending), "retried": len(retried), **recovered}},
         "models": {**stages.model_ids(cfg), "captioner_finetuned": paths["blip"]},
         "fid_protocol": fid_protocol(cfg),
         "mask_bucket_edges": list(cfg.evaluate.mask_buckets),

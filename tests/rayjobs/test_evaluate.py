@@ -1,3 +1,15 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+from helpers import PIPELINE_ARGS, account, copy_run, end_actors_of_dead_drivers
+
+from blipinpaint.seeds import sample_seed
+from blipinpaint.writer import CommitLog
 from rayjobs import evaluate
 
 
@@ -18,3 +30,86 @@ def test_the_report_states_the_fid_protocol():
     standard = evaluate.fid_protocol(load_config(overrides=["models.preset=paper"]))
     assert "TensorFlow 1.x's bilinear resize and no antialiasing" in standard and "299x299" in standard
     assert "do not compare with published ones" in evaluate.fid_protocol(load_config())
+
+
+def _evaluate_cfg(run_dir, *extra):
+    from blipinpaint.config import load_config
+
+    return load_config(overrides=[*PIPELINE_ARGS, f"run_dir={run_dir}", *extra])
+
+
+def test_limit_picks_a_stable_subset_of_the_held_out_split(main_run):
+    _, folder = main_run
+    run = folder / "run"
+    everything = evaluate.evaluation_ids(_evaluate_cfg(run, "train.val_fraction=0.9"))
+    one = evaluate.evaluation_ids(_evaluate_cfg(run, "train.val_fraction=0.9", "evaluate.limit=2"))
+    assert len(everything) >= 4 and len(one) == 2 and set(one) < set(everything)
+    assert evaluate.evaluation_ids(_evaluate_cfg(run, "train.val_fraction=0.9", "evaluate.limit=2")) == one
+    assert one == sorted(sorted(everything, key=lambda i: sample_seed(0, i, "evaluate"))[:2])  # by a hash
+
+
+def test_rows_of_another_fine_tuned_decoder_are_refused(main_run, tmp_path, capsys):
+    """Evaluated rows made with one fine-tuned BLIP never mix with another's."""
+    _, folder = main_run
+    copy_run(folder / "run", tmp_path, ("generate", "finetune", "blip", "eval"))
+    check = json.loads((tmp_path / "finetune" / "check.json").read_text())
+    (tmp_path / "finetune" / "check.json").write_text(json.dumps({**check, "decoder": "another decoder"}))
+    assert evaluate.main([*PIPELINE_ARGS, f"run_dir={tmp_path}"]) == 2
+    assert "holds rows generated with other settings (finetuned_decoder differ)" in capsys.readouterr().err
+
+
+def test_error_rows_then_retry_failed_and_another_run_in_table1(main_run, tmp_path):
+    """A captioner failing on one held-out sample's batch: an error row, counted in the report;
+    `evaluate.retry_failed` evaluates it again. This run's Table 1 also shows another run's
+    evaluation (`evaluate.other_runs`, as the VisualGenome config does with COCO's)."""
+    _, folder = main_run
+    copy_run(folder / "run", tmp_path)
+    args = ["train.val_fraction=0.9", "evaluate.fid.size=1", "generate.rows_per_file=1", "data.name=second",
+            "generate.captioner.batch_size=1"]  # the victim's batch holds the victim alone
+    ids = evaluate.evaluation_ids(_evaluate_cfg(tmp_path, *args))
+    victim = ids[0]
+    first = evaluate.run(_evaluate_cfg(tmp_path, *args, "generate.inject_failure.stage=captioner",
+                                      f"generate.inject_failure.id={victim}", "generate.batch_retries=0"))
+    s = first["evaluation_set"]
+    assert (s["selected"], s["samples"], s["errors"]) == (len(ids), len(ids) - 1, 1)
+    assert s["errors_by_reason"] == {"stage failed": 1}
+    errors = pq.read_table(tmp_path / "eval" / "errors").to_pylist()
+    assert [(r["id"], r["error"].split(":")[0]) for r in errors] == [(victim, "stage failed")]
+
+    second = evaluate.run(_evaluate_cfg(tmp_path, *args, "evaluate.retry_failed=true",
+                                       f"evaluate.other_runs=[{folder / 'run'}]"))
+    s = second["evaluation_set"]
+    assert (s["samples"], s["errors"], s["this_run"]["retried"], s["this_run"]["evaluated"]) == (len(ids), 0, 1, 1)
+    account_ = account(tmp_path / "eval", ids)
+    assert (account_["committed"], account_["lost"], account_["duplicated"], account_["orphans"]) == (len(ids), 0, 0, 0)
+    table = (tmp_path / "eval" / "report.md").read_text().split("## Table 1")[1].split("\n## ")[0]
+    header = next(line for line in table.splitlines() if line.startswith("|"))
+    assert "second: CLIP score ↑" in header and "samples: CLIP score ↑" in header  # a column group per dataset
+
+
+def test_a_killed_evaluate_driver_then_the_same_command_evaluates_each_sample_once(main_run, local_ray, tmp_path):
+    _, folder = main_run
+    copy_run(folder / "run", tmp_path)
+    args = [*PIPELINE_ARGS, f"run_dir={tmp_path}", "train.val_fraction=0.9", "generate.rows_per_file=1",
+            "evaluate.fid.size=1"]
+    ids = evaluate.evaluation_ids(_evaluate_cfg(tmp_path, *args))
+    driver = subprocess.Popen([sys.executable, "-m", "rayjobs.evaluate", *args,
+                               f"ray_address={local_ray.get_runtime_context().gcs_address}"],
+                              start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env=os.environ.copy())
+    commits = tmp_path / "eval" / "_commits"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (list(commits.glob("*.json")) if commits.exists() else []):
+        assert driver.poll() is None, "evaluate ended before it could be killed"
+        time.sleep(0.1)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    end_actors_of_dead_drivers(local_ray)  # its actors may have committed a few more rows meanwhile
+    committed_before = len(CommitLog(str(tmp_path / "eval")).committed_ids())
+    assert not (tmp_path / "eval" / "report.json").exists()
+
+    report = evaluate.run(_evaluate_cfg(tmp_path, *args))
+    figures = account(tmp_path / "eval", ids)
+    assert report["evaluation_set"]["this_run"]["evaluated"] == len(ids) - committed_before
+    assert (figures["committed"], figures["lost"], figures["duplicated"], figures["orphans"]) == (len(ids), 0, 0, 0)
+    assert report["evaluation_set"]["samples"] == len(ids)

@@ -2,6 +2,7 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
+from helpers import PIPELINE_ARGS
 from PIL import Image
 from transformers import BlipForConditionalGeneration
 
@@ -12,19 +13,7 @@ from blipinpaint.fid import fid_table
 from blipinpaint.seeds import heldout
 from rayjobs import evaluate, pipeline
 
-ARGS = ["run_dir=run", "scorer.epochs=2", "finetune.epochs=1", "evaluate.fid.size=2"]
-
-
-@pytest.fixture(scope="module")
-def main_run(local_ray, tmp_path_factory):
-    """The README's main command (fewer epochs, two FID workers), run once for this module.
-
-    With a relative run_dir, as the default is: workers must write where the driver reads."""
-    folder = tmp_path_factory.mktemp("pipeline")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(folder)
-        code = pipeline.main(ARGS)
-    return code, folder
+ARGS = PIPELINE_ARGS
 
 
 def test_main_job_runs_every_step_and_reuses_them(main_run, capsys, monkeypatch):
