@@ -58,11 +58,14 @@ log = logging.getLogger("blipinpaint.finetune_blip")
 COLUMNS = ["id", "caption", "image_png", "mask_png"]
 
 
-def checksum(module: torch.nn.Module) -> str:
+def checksum(module: torch.nn.Module, skip: str | None = None) -> str:
+    """A digest of the module's weights (without those whose names start with `skip`)."""
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
+        if skip is not None and name.startswith(skip):
+            continue
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # any dtype
     return digest.hexdigest()
 
 
@@ -108,6 +111,8 @@ def finetune_loop(config: dict) -> None:
         # 1e-6 ever moves it.
         training.set_fp32_masters(engine, initial)
     del initial
+    # Everything but the text decoder (in the dtype it runs in): it must come out of training as it went in.
+    frozen_before = checksum(model, skip="text_decoder.")
     state = training.restore(engine)
     if not training.still_owner(config["fence"]):  # a straggler of a run taken over
         return
@@ -171,6 +176,8 @@ def finetune_loop(config: dict) -> None:
             upload_dir(folder, config["blip_dir"])
         write_text(config["check_uri"], json.dumps({"scorer_before": scorer_before, "scorer_after": checksum(scorer),
                                                     "decoder": checksum(original.model.text_decoder),
+                                                    "frozen_unchanged": checksum(model, skip="text_decoder.")
+                                                    == frozen_before,
                                                     "steps": engine.global_steps,
                                                     "engine": training.engine_settings(engine)}))
 
@@ -206,6 +213,7 @@ def run(cfg: Config) -> dict:
     check = json.loads(read_text(f"{out_dir}/check.json"))
     report = {"steps": check["steps"], "engine": check["engine"],
               "scorer_unchanged": check["scorer_before"] == check["scorer_after"],
+              "frozen_unchanged": check["frozen_unchanged"],
               "first_loss": records[0]["loss"] if records else None,
               "last_loss": records[-1]["loss"] if records else None, "blip_dir": f"{root}/blip"}
     write_text(f"{out_dir}/report.json", json.dumps(report, indent=2))

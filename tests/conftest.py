@@ -16,6 +16,12 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 HUB_CACHE = Path(tempfile.mkdtemp(prefix="blipinpaint-hub-"))
 atexit.register(shutil.rmtree, HUB_CACHE, ignore_errors=True)
 os.environ["HF_HUB_CACHE"] = str(HUB_CACHE)
+# Ray writes its auth token to ~/.ray/auth_token, `ray start` and matplotlib write there too:
+# a home of the session's own leaves the real one untouched, and a token found there was
+# written by this session's Ray, not left by an earlier run.
+HOME = Path(tempfile.mkdtemp(prefix="blipinpaint-home-"))
+atexit.register(shutil.rmtree, HOME, ignore_errors=True)
+os.environ["HOME"] = str(HOME)
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 # Every Ray this session starts, or a job it launches starts, stays on 127.0.0.1.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"

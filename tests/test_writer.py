@@ -1,5 +1,4 @@
 import json
-import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -116,18 +115,19 @@ def test_a_run_that_was_taken_over_does_not_release_the_new_owners_folder(tmp_pa
     new.commit(_rows(["a"], [""]))  # the new run still owns the folder
 
 
-def test_taking_over_waits_only_after_an_unfinished_run(tmp_path):
+def test_taking_over_waits_only_after_an_unfinished_run(tmp_path, monkeypatch):
+    waits = []
+    monkeypatch.setattr("blipinpaint.writer.time.sleep", waits.append)
     first = CommitLog(str(tmp_path))
-    first.take_over(grace_s=0)
-    started = time.perf_counter()
+    first.take_over(grace_s=0.5)
+    assert waits == []  # nobody wrote here before
     CommitLog(str(tmp_path)).take_over(grace_s=0.5)  # the first run never said it finished
-    assert time.perf_counter() - started >= 0.5
+    assert waits == [0.5]
     second = CommitLog(str(tmp_path))
     second.take_over(grace_s=0)
     second.release()
-    started = time.perf_counter()
     CommitLog(str(tmp_path)).take_over(grace_s=5)
-    assert time.perf_counter() - started < 1
+    assert waits == [0.5, 0]  # the second run finished: no wait for it
 
 
 def test_uncommitted_parts_become_pending_and_a_cut_short_removal_is_finished(tmp_path):

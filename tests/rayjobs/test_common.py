@@ -37,4 +37,6 @@ def test_local_ray_stays_on_loopback_with_token_auth(local_ray):
                  for conn in _connections(child) if conn.status == psutil.CONN_LISTEN}
     assert listening and listening <= {"127.0.0.1", "::ffff:127.0.0.1"}, listening
     assert os.environ.get("RAY_AUTH_MODE") != "disabled"
-    assert (Path.home() / ".ray" / "auth_token").is_file()  # written by Ray when token auth is on
+    # Written by this session's Ray (the tests' home starts empty) because token auth is on.
+    assert Path.home().name.startswith("blipinpaint-home-")
+    assert (Path.home() / ".ray" / "auth_token").is_file()

@@ -39,6 +39,7 @@ def test_only_the_text_decoder_changes(scored_run):
     assert changed and all(k.startswith("text_decoder.") for k in changed)
     assert all(torch.equal(original[k], tuned[k]) for k in original if k.startswith("vision_model."))
     assert report["scorer_unchanged"] and report["steps"] >= 2
+    assert report["frozen_unchanged"]  # the vision model, in the workers, through every step
     records = [json.loads(line) for line in (scored_run / "finetune" / "metrics.jsonl").read_text().splitlines()]
     assert {r["epoch"] for r in records} == {0, 1} and all("loss_blip" in r for r in records)
     assert (scored_run / "finetune" / "loss.png").stat().st_size > 1000
@@ -66,7 +67,8 @@ def test_zero3_in_bf16_with_a_kl_term_and_offload_runs(scored_run, tmp_path):
     _, report = _finetune(run_dir, "train.zero_stage=3", "models.dtype=bf16", "finetune.epochs=1",
                           "finetune.kl_weight=0.1", "train.offload_optimizer=true")
     assert report["engine"] == {"zero_stage": 3, "offload_optimizer": True, "dtype": "bfloat16"}
-    assert report["scorer_unchanged"] and (run_dir / "blip" / "model.safetensors").exists()
+    assert report["scorer_unchanged"] and report["frozen_unchanged"]
+    assert (run_dir / "blip" / "model.safetensors").exists()
     records = [json.loads(line) for line in (run_dir / "finetune" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["kl"] >= 0 and r["loss"] == pytest.approx(r["loss_blip"] + 0.1 * r["kl"], rel=1e-5, abs=1e-6)
                for r in records)

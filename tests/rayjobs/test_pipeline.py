@@ -51,14 +51,21 @@ def test_main_job_runs_every_step_and_reuses_them(main_run, capsys, monkeypatch)
         with Image.open(run / "eval" / png) as image:
             assert image.format == "PNG" and image.size[0] > 300
 
-    assert pipeline.main(args) == 0  # everything is reused: nothing trains or evaluates twice
-    out = capsys.readouterr().out
-    assert "skipped 6 already committed" in out and "scorer:" not in out and "fine-tuned" not in out
-    assert "evaluation of" not in out
+    # Everything is reused: no row, model, training log or report is written twice.
+    outputs = [p for p in run.rglob("*") if p.is_file() and "ray_train" not in p.parts and (
+        p.parent.name in ("samples", "errors", "_commits") or p.suffix == ".safetensors"
+        or p.name in ("metrics.jsonl", "report.json", "report.md", "check.json"))]
+    assert len(outputs) >= 12  # rows and markers, both models, both training logs, every report
+    written = {p: p.stat().st_mtime_ns for p in outputs}
+    assert pipeline.main(args) == 0
+    assert {p: p.stat().st_mtime_ns for p in outputs} == written
+    assert "skipped 6 already committed" in capsys.readouterr().out
 
     # Run alone, evaluate redoes only the report from the committed rows.
     assert evaluate.main(args) == 0
-    assert "this run evaluated 0" in capsys.readouterr().out
+    rows = [p for p in outputs if p.parent.name in ("samples", "errors", "_commits")]
+    assert all(p.stat().st_mtime_ns == written[p] for p in rows)
+    assert (run / "eval" / "report.json").stat().st_mtime_ns > written[run / "eval" / "report.json"]
 
 
 def test_distributed_fid_equals_one_pass(main_run, monkeypatch):

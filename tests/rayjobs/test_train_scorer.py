@@ -104,6 +104,7 @@ def test_rerun_after_the_driver_died_continues(local_ray, tmp_path):
         time.sleep(0.2)
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
+    end_actors_of_dead_drivers(local_ray)
     done = len(log.read_text().splitlines())
     assert 3 <= done < 6
 
