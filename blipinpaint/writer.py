@@ -6,6 +6,7 @@ Layout under the output folder (local or s3://):
     _commits/<name>.json     the commit marker: the ids in <name>, per-stage timings and retries
     _staging/...             files being written; never read as data
     _owner.json              the run that writes here now (see `take_over`)
+    _released.json           the last run that finished here
 
 A part is committed when its marker exists. The marker is written after the staged files
 and before they are moved, so `recover()` can always finish or undo a part interrupted at
@@ -40,6 +41,7 @@ from blipinpaint.storage import filesystem
 
 DATA_DIRS = ("samples", "errors")
 OWNER = "_owner.json"
+RELEASED = "_released.json"
 log = logging.getLogger(__name__)
 
 
@@ -67,9 +69,9 @@ class CommitLog:
         with self.fs.open_output_stream(path) as f:
             f.write(data)
 
-    def _read_owner(self) -> dict | None:
-        try:  # one request: every commit reads this
-            with self.fs.open_input_stream(self._path(OWNER)) as f:
+    def _read_json(self, name: str) -> dict | None:
+        try:  # one request: every commit reads the owner
+            with self.fs.open_input_stream(self._path(name)) as f:
                 return json.loads(f.read())
         except FileNotFoundError:
             return None
@@ -81,35 +83,35 @@ class CommitLog:
         between their owner check and their commit point: wait `grace_s` for those commits
         to land before the caller recovers and lists what is committed.
         """
-        previous = self._read_owner()
+        previous, released = self._read_json(OWNER), self._read_json(RELEASED)
         token = uuid.uuid4().hex
         self.fs.create_dir(self.root, recursive=True)
-        self._write_owner({"token": token, "finished": False})
-        if previous is not None and not previous.get("finished"):
+        self._replace(OWNER, {"token": token})
+        if previous is not None and previous["token"] != (released or {}).get("token"):
             log.info("%s: the previous run did not finish; waiting %.0f s for its last commits", self.out_dir, grace_s)
-            time.sleep(grace_s)
+            self._wait(grace_s)
         self.owner = token
         return token
 
-    def release(self) -> None:
-        """Mark the owner's run finished: the next run need not wait for stragglers. A run
-        that was taken over leaves the folder to its new owner."""
-        current = self._read_owner()
-        if current is not None and current["token"] == self.owner:
-            self._write_owner({"token": self.owner, "finished": True})
+    _wait = staticmethod(time.sleep)  # (tests record the waits instead)
 
-    def _write_owner(self, owner: dict) -> None:
+    def release(self) -> None:
+        """Say that the owner's run finished: the next run need not wait for stragglers.
+        A file of its own, so that a run taken over never touches the new owner's file."""
+        self._replace(RELEASED, {"token": self.owner})
+
+    def _replace(self, name: str, content: dict) -> None:
         # Every commit of every task reads the owner file: it must never be seen half
         # written (a local write truncates first), so it is replaced whole by a move.
-        tmp = self._path(f".{OWNER}.{uuid.uuid4().hex[:12]}.tmp")
-        self._write_bytes(tmp, json.dumps(owner).encode())
-        self.fs.move(tmp, self._path(OWNER))
+        tmp = self._path(f".{name}.{uuid.uuid4().hex[:12]}.tmp")
+        self._write_bytes(tmp, json.dumps(content).encode())
+        self.fs.move(tmp, self._path(name))
 
     def owns(self) -> bool:
         """Whether this run (`owner`) still owns the folder; without an owner, always."""
         if self.owner is None:
             return True
-        current = self._read_owner()
+        current = self._read_json(OWNER)
         return current is not None and current["token"] == self.owner
 
     def check_owner(self) -> None:
@@ -199,6 +201,7 @@ class CommitLog:
         named = {(folder, name) for m in kept for folder, name in m["staged"].items()}
         removed = [self._path("_staging", f, name) for f in DATA_DIRS for name in staged[f] if (f, name) not in named]
         removed += [self._path("_commits", name) for name in self._files("_commits") if name.endswith(".tmp")]
+        removed += [self._path(name) for name in self._files("") if name.startswith(".") and name.endswith(".tmp")]
         for path in removed:
             self.fs.delete_file(path)
         return {"committed_parts": len(kept), "orphans_removed": len(removed), "parts_dropped": len(dropped)}

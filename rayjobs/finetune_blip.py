@@ -164,7 +164,7 @@ def finetune_loop(config: dict) -> None:
         full = safe_get_full_fp32_param(param)
         if rank == 0:
             decoder_state[name] = full.detach().cpu()
-    if rank == 0:
+    if rank == 0 and training.owner_log(config["fence"]).owns():  # the last write: checked once more
         original = load_captioner(config["captioner"], torch.device("cpu"))
         parameters = dict(original.model.text_decoder.named_parameters())
         with torch.no_grad():

@@ -92,7 +92,7 @@ def train_loop(config: dict) -> None:
     y_train, y_val = model.standardize(y_train), model.standardize(y_val)
     for epoch in range(start, cfg.scorer.epochs):
         engine.train()
-        total = torch.zeros(2, dtype=torch.float64)  # sum of batch losses x rows, rows
+        total = torch.zeros(2, dtype=torch.float64, device=device)  # sum of batch losses x rows, rows
         # Shuffled per epoch from (seed, rank, epoch): a resumed run sees the same order.
         order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(
             sample_seed(cfg.seed, f"{ctx.get_world_rank()}/{epoch}", "scorer-order")))
@@ -101,14 +101,14 @@ def train_loop(config: dict) -> None:
             loss = torch.nn.functional.mse_loss(engine(x), y)
             engine.backward(loss)
             engine.step()
-            total += torch.tensor([loss.item() * len(x), len(x)], dtype=torch.float64)
+            total += torch.tensor([loss.item() * len(x), len(x)], dtype=torch.float64, device=device)
             training.maybe_fail(cfg, engine.global_steps, resumed=state is not None)
         engine.eval()
         # Held-out: squared error of the model and of predicting 0 (the standardised train mean).
         # Every rank runs the forward, even on no rows: ZeRO-3 gathers parameters collectively.
         with torch.no_grad():
             val = torch.tensor([((engine(x_val) - y_val) ** 2).mean(1).sum().item(),
-                                (y_val ** 2).mean(1).sum().item(), len(x_val)], dtype=torch.float64)
+                                (y_val ** 2).mean(1).sum().item(), len(x_val)], dtype=torch.float64, device=device)
         dist.all_reduce(total)
         dist.all_reduce(val)
         metrics = {"epoch": epoch, "step": engine.global_steps, "resumed_at_epoch": start if state else None,
@@ -124,10 +124,12 @@ def train_loop(config: dict) -> None:
         # Ray Train takes one report per controller poll (2 s): report with checkpoints only.
         if (epoch + 1) % cfg.scorer.checkpoint_every == 0 or epoch + 1 == cfg.scorer.epochs:
             training.save_and_report(engine, metrics, {"epoch": epoch})
-    if ctx.get_world_rank() == 0:
-        with tempfile.TemporaryDirectory() as folder:
-            model.save_pretrained(folder)
-            upload_dir(folder, config["model_dir"])
+    # ZeRO-3 keeps each large weight split over the ranks: gather them (a collective) to save.
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), enabled=cfg.train.zero_stage == 3):
+        if ctx.get_world_rank() == 0 and training.owner_log(config["fence"]).owns():
+            with tempfile.TemporaryDirectory() as folder:
+                model.save_pretrained(folder)
+                upload_dir(folder, config["model_dir"])
 
 
 def _stats(ds: ray.data.Dataset) -> tuple[list[float], list[float]]:

@@ -57,7 +57,9 @@ def deepspeed_config(cfg: Config, batch_size: int, dtype: str | None = None) -> 
 def engine_settings(engine) -> dict:
     """What the DeepSpeed engine actually runs with, for the job's report."""
     return {"zero_stage": int(engine.zero_optimization_stage()), "offload_optimizer": bool(engine.zero_cpu_offload()),
-            "dtype": str(engine.module.parameters().__next__().dtype).removeprefix("torch.")}
+            "dtype": str(engine.module.parameters().__next__().dtype).removeprefix("torch."),
+            "workers": dist.get_world_size(),
+            "cpus_per_worker": ray.get_runtime_context().get_assigned_resources().get("CPU")}
 
 
 def half_dtype(cfg: Config) -> torch.dtype | None:
@@ -152,14 +154,17 @@ def owner_log(fence: tuple[str, str]) -> CommitLog:
 
 def still_owner(fence: tuple[str, str]) -> bool:
     """Whether this run still owns its output folder (`fence`: the folder and the run's token
-    from `CommitLog.take_over`), the same answer on every rank: a collective, so that no
+    from `CommitLog.take_over`), rank 0's answer on every rank: a collective, so that no
     rank stops while another waits for it in the next one.
 
     A killed driver's ranks may outlive it; once the same command runs again, they stop
     before they write a log line, a checkpoint or the model into the new run's files.
     """
-    stop = torch.tensor([0.0 if owner_log(fence).owns() else 1.0])
-    dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+    # Rank 0 reads (one storage request per step, not one per rank) and tells the others;
+    # on the training device, as NCCL moves CUDA tensors only.
+    owned = dist.get_rank() != 0 or owner_log(fence).owns()
+    stop = torch.tensor([0.0 if owned else 1.0], device=ray.train.torch.get_device())
+    dist.broadcast(stop, src=0)
     if stop.item():
         log.warning("%s was taken over by another run: this run's ranks stop", fence[0])
     return not stop.item()
@@ -170,11 +175,13 @@ def fit(trainer, cfg: Config, fence: tuple[str, str]):
     try:
         result = trainer.fit()
     except TrainingFailedError as err:
-        failures = getattr(err, "worker_failures", None) or {"controller": err}
-        rank, cause = next(iter(sorted(failures.items(), key=lambda kv: str(kv[0]))))
+        failures = getattr(err, "worker_failures", None) or {}
+        rank = min(failures) if failures else None
+        cause = failures.get(rank, err)
+        where = f"rank {rank}" if rank is not None else "the controller"
         lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
-        raise JobError(f"training failed and the train.max_failures={cfg.train.max_failures} restarts are used up; "
-                       f"last error (rank {rank}): {type(cause).__name__}: {(lines[-1] if lines else '')[:300]}"
+        raise JobError(f"training failed (train.max_failures={cfg.train.max_failures} restarts allowed); "
+                       f"the error on {where}: {type(cause).__name__}: {(lines[-1] if lines else '')[:300]}"
                        " (the workers' logs: `ray logs` or the dashboard)") from None
     owner_log(fence).check_owner()  # the ranks stopped early: this run's outputs are not its own
     return result
@@ -188,7 +195,12 @@ def save_and_report(engine, metrics: dict, client_state: dict) -> None:
     with tempfile.TemporaryDirectory() as directory:
         engine.save_checkpoint(directory, tag="checkpoint", client_state=client_state)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory))
-    _last_reported.update(metrics=metrics)
+    _last_reported.update(metrics=_checkpoint_key(metrics))
+
+
+def _checkpoint_key(metrics: dict) -> dict:
+    # Epoch and step name a checkpoint; a NaN loss never equals itself (and the snapshot stores it as null).
+    return {k: metrics.get(k) for k in ("epoch", "step")}
 
 
 def _registered_checkpoint_metrics() -> dict | None:
@@ -200,7 +212,7 @@ def _registered_checkpoint_metrics() -> dict | None:
             latest = json.loads(f.read()).get("latest_checkpoint_result")
     except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or being written
         return None
-    return latest and latest["metrics"]
+    return latest and _checkpoint_key(latest["metrics"])
 
 
 def maybe_fail(cfg: Config, step: int, resumed: bool, timeout_s: float = 300.0) -> None:

@@ -116,20 +116,31 @@ def sample_rows(ids, errors):
     return encode_rows(batch, {"captioner": "c", "inpainter": "i", "clip": "k"})
 
 
-def end_actors_of_dead_drivers(ray, timeout_s: float = 60.0) -> int:
-    """Kill the actors that drivers killed by a test left in the shared test Ray (their jobs'
-    actors outlive them for a while and would hold CPUs the next tests wait for); wait until
-    Ray reports them dead. Returns how many there were."""
+def end_actors_of_dead_drivers(ray, driver_pid: int, timeout_s: float = 60.0) -> int:
+    """Kill the actors a driver killed by a test (process `driver_pid`) left in the shared
+    test Ray: its job's actors outlive it for a while and would hold CPUs the next tests
+    wait for. Waits until Ray has seen the driver die and reports those actors dead;
+    detached actors (Ray's own, shared by every job) are left alone. Returns how many."""
     import os
     import signal
     import time
 
-    from ray._private import state  # the GCS's actor table: the test Ray runs no dashboard for the state API
+    from ray._private import state  # the GCS's tables: the test Ray runs no dashboard for the state API
 
-    me = ray.get_runtime_context().get_job_id()
+    deadline = time.monotonic() + timeout_s
+
+    def wait(condition, what):
+        while not condition():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.2)
+
+    jobs = {j["JobID"] for j in state.jobs() if j["DriverPid"] == driver_pid}
+    assert jobs, f"no Ray job has driver pid {driver_pid}"
+    wait(lambda: all(j["IsDead"] for j in state.jobs() if j["JobID"] in jobs), "Ray did not see the driver die")
 
     def left():
-        return [a for a in state.actors().values() if a["State"] == "ALIVE" and a["JobID"] != me and a["Pid"]]
+        return [a for a in state.actors().values()
+                if a["JobID"] in jobs and a["State"] != "DEAD" and not a["IsDetached"] and a["Pid"]]
 
     actors = left()
     for actor in actors:
@@ -137,8 +148,5 @@ def end_actors_of_dead_drivers(ray, timeout_s: float = 60.0) -> int:
             os.kill(actor["Pid"], signal.SIGKILL)
         except ProcessLookupError:
             pass
-    deadline = time.monotonic() + timeout_s
-    while left():
-        assert time.monotonic() < deadline, f"actors still alive: {[a['ActorClassName'] for a in left()]}"
-        time.sleep(0.2)
+    wait(lambda: not left(), "the killed driver's actors are still alive")
     return len(actors)

@@ -98,3 +98,18 @@ def test_output_renames_the_caption_columns(captioner, sample_batch):
     original = captioner(sample_batch)
     assert list(renamed["caption_finetuned"]) == list(original["caption"]) and "caption" not in renamed
     assert np.allclose(renamed["caption_finetuned_features"], original["caption_features"])
+
+
+def test_caption_settings_come_from_the_config(cfg, captioner, sample_batch):
+    """`caption.max_new_tokens` caps the caption; `caption.num_beams` > 1 runs beam search,
+    which finds another caption than greedy decoding for some photograph."""
+    from dataclasses import replace
+
+    from blipinpaint import stages
+
+    greedy = captioner(sample_batch)["caption"]
+    short = stages.build_captioner(replace(cfg, caption=replace(cfg.caption, max_new_tokens=3)))(sample_batch)
+    # Greedy decoding cut after 3 tokens: the start of each full caption, and shorter.
+    assert all(g.startswith(c) and len(c) < len(g) for c, g in zip(short["caption"], greedy)), short["caption"]
+    beams = stages.build_captioner(replace(cfg, caption=replace(cfg.caption, num_beams=4)))(sample_batch)["caption"]
+    assert list(beams) != list(greedy)

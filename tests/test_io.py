@@ -128,3 +128,22 @@ def test_decoder_rejects_sizes_the_vae_cannot_take():
 def test_png_round_trip_is_lossless():
     arr = np.asarray(photo())
     assert np.array_equal(decode_png(encode_png(arr)), arr)
+
+
+def test_min_side_and_max_aspect_ratio_come_from_the_config(tmp_path):
+    """`data.min_side` and `data.max_aspect_ratio` decide which inputs become error rows."""
+    from blipinpaint import stages
+    from blipinpaint.config import load_config
+    from blipinpaint.sources import items_to_batch, list_folder, read_files
+
+    (tmp_path / "small.png").write_bytes(encode(photo(40, 40), "PNG"))
+    (tmp_path / "wide.png").write_bytes(encode(photo(120, 40), "PNG"))  # 3:1
+
+    def errors(*overrides):
+        cfg = load_config(overrides=list(overrides))
+        batch = stages.build_decoder(cfg)(read_files(items_to_batch(list_folder(str(tmp_path)))))
+        return {i: e.split(":")[0] for i, e in zip(batch["id"], batch["error"]) if e}
+
+    assert errors() == {}  # the defaults (32, 4.0) take both
+    assert set(errors("data.min_side=48")) == {"small.png", "wide.png"}
+    assert set(errors("data.max_aspect_ratio=2.5")) == {"wide.png"}

@@ -128,3 +128,29 @@ def test_each_variant_is_scored_against_its_own_caption(metrics, sample_batch):
                             scorer.text_embeddings(list(batch["caption_finetuned"])))
     assert np.allclose(out["clip_score_finetuned"], expected.numpy(), atol=1e-4)
     assert "clip_score" not in out and out["ssim_finetuned"].shape == (4,)
+
+
+def test_models_clip_points_the_metrics_at_another_folder(cfg, metrics, sample_batch, tmp_path):
+    """`models.clip`: a CLIP folder of other weights (here the tiny one with its image projection
+    negated) gives other CLIP scores for the same images and captions."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from blipinpaint import stages
+    from blipinpaint.config import load_config
+
+    tiny = stages.resolve_preset(cfg).clip.name_or_path
+    other = tmp_path / "other-clip"
+    shutil.copytree(tiny, other)
+    weights = load_file(other / "model.safetensors")
+    weights["visual_projection.weight"] = -weights["visual_projection.weight"]
+    save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
+
+    batch = dict(sample_batch, caption=np.array(["a cat on a street", "a rocket", "a cup", "coins"], dtype=object),
+                 inpainted=sample_batch["image"], inpainted_baseline=sample_batch["image"])
+    ours = metrics(dict(batch))["clip_score"]
+    theirs = stages.build_metrics(load_config(overrides=[f"run_dir={cfg.run_dir}",
+                                                         f"models.clip.name_or_path={other}"]))(dict(batch))["clip_score"]
+    assert (ours > 0).any() and (theirs > 0).any()
+    assert not np.allclose(ours, theirs)  # cosines change sign: what scored above the clamp now does not

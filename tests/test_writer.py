@@ -105,19 +105,23 @@ def test_a_commit_never_reads_a_half_written_owner(tmp_path):
         assert json.loads(text)["token"]  # always a whole owner, the old or the new
 
 
-def test_a_run_that_was_taken_over_does_not_release_the_new_owners_folder(tmp_path):
+def test_a_run_that_was_taken_over_does_not_release_the_new_owners_folder(tmp_path, monkeypatch):
     old = CommitLog(str(tmp_path))
     old.take_over(grace_s=0)
     new = CommitLog(str(tmp_path))
     token = new.take_over(grace_s=0)
     old.release()  # the old driver outlived its take-over and finished
-    assert json.loads((tmp_path / "_owner.json").read_text()) == {"token": token, "finished": False}
+    assert json.loads((tmp_path / "_owner.json").read_text()) == {"token": token}
     new.commit(_rows(["a"], [""]))  # the new run still owns the folder
+    waits = []
+    monkeypatch.setattr(CommitLog, "_wait", staticmethod(waits.append))
+    CommitLog(str(tmp_path)).take_over(grace_s=3)
+    assert waits == [3]  # the new run never finished: its stragglers are waited for
 
 
 def test_taking_over_waits_only_after_an_unfinished_run(tmp_path, monkeypatch):
     waits = []
-    monkeypatch.setattr("blipinpaint.writer.time.sleep", waits.append)
+    monkeypatch.setattr(CommitLog, "_wait", staticmethod(waits.append))
     first = CommitLog(str(tmp_path))
     first.take_over(grace_s=0.5)
     assert waits == []  # nobody wrote here before

@@ -7,6 +7,7 @@ import time
 
 import pyarrow.parquet as pq
 from helpers import PIPELINE_ARGS, account, copy_run, end_actors_of_dead_drivers
+from PIL import Image
 
 from blipinpaint.seeds import sample_seed
 from blipinpaint.writer import CommitLog
@@ -76,8 +77,13 @@ def test_error_rows_then_retry_failed_and_another_run_in_table1(main_run, tmp_pa
     errors = pq.read_table(tmp_path / "eval" / "errors").to_pylist()
     assert [(r["id"], r["error"].split(":")[0]) for r in errors] == [(victim, "stage failed")]
 
-    second = evaluate.run(_evaluate_cfg(tmp_path, *args, "evaluate.retry_failed=true",
+    with Image.open(tmp_path / "eval" / "grid.png") as grid:
+        six_rows = grid.size[1]
+
+    second = evaluate.run(_evaluate_cfg(tmp_path, *args, "evaluate.retry_failed=true", "evaluate.grid_rows=2",
                                        f"evaluate.other_runs=[{folder / 'run'}]"))
+    with Image.open(tmp_path / "eval" / "grid.png") as grid:
+        assert grid.size[1] < 0.5 * six_rows  # `evaluate.grid_rows`: 2 samples shown instead of 6
     s = second["evaluation_set"]
     assert (s["samples"], s["errors"], s["this_run"]["retried"], s["this_run"]["evaluated"]) == (len(ids), 0, 1, 1)
     account_ = account(tmp_path / "eval", ids)
@@ -104,12 +110,13 @@ def test_a_killed_evaluate_driver_then_the_same_command_evaluates_each_sample_on
         time.sleep(0.1)
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
-    end_actors_of_dead_drivers(local_ray)  # its actors may have committed a few more rows meanwhile
+    end_actors_of_dead_drivers(local_ray, driver.pid)  # its actors may have committed a few more rows meanwhile
     committed_before = len(CommitLog(str(tmp_path / "eval")).committed_ids())
     assert not (tmp_path / "eval" / "report.json").exists()
 
     report = evaluate.run(_evaluate_cfg(tmp_path, *args))
     figures = account(tmp_path / "eval", ids)
-    assert report["evaluation_set"]["this_run"]["evaluated"] == len(ids) - committed_before
+    # It redid nothing committed (a write task of the killed run may still have landed meanwhile).
+    assert report["evaluation_set"]["this_run"]["evaluated"] <= len(ids) - committed_before
     assert (figures["committed"], figures["lost"], figures["duplicated"], figures["orphans"]) == (len(ids), 0, 0, 0)
     assert report["evaluation_set"]["samples"] == len(ids)

@@ -121,7 +121,7 @@ def test_a_killed_driver_then_the_same_command_gives_every_input_once(local_ray,
         time.sleep(0.1)
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and anything it started, mid-run
     driver.wait()
-    end_actors_of_dead_drivers(local_ray)  # its actors outlive it for a while; the next tests need the CPUs
+    end_actors_of_dead_drivers(local_ray, driver.pid)  # its actors outlive it for a while; the next tests need the CPUs
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "generate" / "samples").glob("*.parquet")}
     committed_before = len(CommitLog(str(tmp_path / "generate")).committed_ids())
 

@@ -65,13 +65,18 @@ def test_zero3_in_bf16_with_a_kl_term_and_offload_runs(scored_run, tmp_path):
     shutil.copytree(scored_run / "generate", run_dir / "generate")
     shutil.copytree(scored_run / "scorer" / "model", run_dir / "scorer" / "model")
     _, report = _finetune(run_dir, "train.zero_stage=3", "models.dtype=bf16", "finetune.epochs=1",
-                          "finetune.kl_weight=0.1", "train.offload_optimizer=true")
-    assert report["engine"] == {"zero_stage": 3, "offload_optimizer": True, "dtype": "bfloat16"}
+                          "finetune.kl_weight=0.1", "train.offload_optimizer=true",
+                          "finetune.lambda_ssim=0.3", "finetune.lambda_psnr=0.05", "finetune.lambda_clip=2")
+    assert report["engine"] == {"zero_stage": 3, "offload_optimizer": True, "dtype": "bfloat16", "workers": 2,
+                                "cpus_per_worker": 0.5}
     assert report["scorer_unchanged"] and report["frozen_unchanged"]
     assert (run_dir / "blip" / "model.safetensors").exists()
     records = [json.loads(line) for line in (run_dir / "finetune" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["kl"] >= 0 and r["loss"] == pytest.approx(r["loss_blip"] + 0.1 * r["kl"], rel=1e-5, abs=1e-6)
                for r in records)
+    # L_BLIP with the configured λs, from the batch means the scorer predicted (the loss is linear in them).
+    assert all(r["loss_blip"] == pytest.approx(0.3 * (1 - r["pred_ssim"]) - 0.05 * r["pred_psnr"] - 2 * r["pred_clip"],
+                                               rel=1e-4, abs=1e-4) for r in records)
 
 
 def test_fp16_without_gpu_training_is_refused_before_any_work(tmp_path, capsys):
