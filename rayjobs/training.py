@@ -33,6 +33,7 @@ from rayjobs.common import generated_ids
 
 log = logging.getLogger(__name__)
 
+
 def deepspeed_config(cfg: Config, batch_size: int, dtype: str | None = None) -> dict:
     """DeepSpeed settings; the engine trains in `dtype` (default `models.dtype`), on GPU or CPU alike."""
     dtype = dtype or cfg.models.dtype
@@ -57,7 +58,7 @@ def deepspeed_config(cfg: Config, batch_size: int, dtype: str | None = None) -> 
 def engine_settings(engine) -> dict:
     """What the DeepSpeed engine actually runs with, for the job's report."""
     return {"zero_stage": int(engine.zero_optimization_stage()), "offload_optimizer": bool(engine.zero_cpu_offload()),
-            "dtype": str(engine.module.parameters().__next__().dtype).removeprefix("torch."),
+            "dtype": str(next(engine.module.parameters()).dtype).removeprefix("torch."),
             "workers": dist.get_world_size(),
             "cpus_per_worker": ray.get_runtime_context().get_assigned_resources().get("CPU")}
 
