@@ -40,7 +40,7 @@ import ray
 import ray.train
 import torch
 
-from blipinpaint.captioning import caption_ids, caption_token_mask, decode_caption, encode_images
+from blipinpaint.captioning import caption_ids, caption_token_mask, decode_caption, encode_images, generate_captions
 from blipinpaint.config import Config, ConfigError, to_yaml
 from blipinpaint.io import decode_png
 from blipinpaint.losses import LossWeights, blip_loss, caption_kl
@@ -74,6 +74,17 @@ def _pixels(batch: dict, image_processor, device, dtype) -> torch.Tensor:
     masks = np.stack([decode_png(b) > 127 for b in batch["mask_png"]])
     visible = masked_pixels(images, masks)  # the captioner never sees the hole
     return image_processor(images=list(visible), return_tensors="pt").pixel_values.to(device, dtype)
+
+
+@torch.no_grad()
+def probe_captions(model, tokenizer, pixels: torch.Tensor, cfg: Config, synced: bool) -> list[str]:
+    """Greedy (or beam) captions as generation decodes them, from the model being trained.
+
+    `synced`: every rank calls this, and each keeps running the decoder until all ranks are done
+    (ZeRO-3 gathers each layer's weights from every rank at every step)."""
+    ids = generate_captions(model, encode_images(model, pixels), max_new_tokens=cfg.caption.max_new_tokens,
+                            num_beams=cfg.caption.num_beams, do_sample=False, synced_gpus=synced)
+    return [c.strip() for c in tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
 
 def finetune_loop(config: dict) -> None:
@@ -122,11 +133,14 @@ def finetune_loop(config: dict) -> None:
         write_jsonl(log_uri, [r for r in read_jsonl(log_uri) if r["epoch"] < start])
 
     shard = ray.train.get_dataset_shard("train")
+    probe = None  # each rank's first batch of the last epoch: captioned again after training
     for epoch in range(start, cfg.finetune.epochs):
         engine.train()
         records = []
         for batch in shard.iter_batches(batch_size=cfg.finetune.batch_size, batch_format="numpy"):
             pixels = _pixels(batch, bundle.image_processor, device, model.vision_model.dtype)
+            if not records:
+                probe = (list(batch["id"]), [str(c) for c in batch["caption"]], pixels)
             with torch.no_grad():
                 embeds = encode_images(model, pixels)
             ids = caption_ids(model, bundle.tokenizer, [str(c) for c in batch["caption"]]).to(device)
@@ -156,6 +170,14 @@ def finetune_loop(config: dict) -> None:
         training.save_and_report(engine, {"epoch": epoch, "step": engine.global_steps, "loss": mean_loss},
                                  {"epoch": epoch})
 
+    # The captions the trained decoder gives now, decoded in memory: the saved folder must give the same.
+    engine.eval()
+    probe_rows = []
+    if probe is not None:  # None on every rank alike: a rerun with no epoch left
+        ids, before, pixels = probe
+        after = probe_captions(model, bundle.tokenizer, pixels, cfg, synced=ctx.get_world_size() > 1)
+        probe_rows = [{"id": str(i), "caption": b, "fine_tuned": a} for i, b, a in zip(ids, before, after)]
+
     # The fp32 master weights, gathered from every rank's partition (a collective: every rank
     # calls it; rank 0 keeps them). The half-precision copy would drop each update below
     # half an ulp.
@@ -178,7 +200,7 @@ def finetune_loop(config: dict) -> None:
                                                     "decoder": checksum(original.model.text_decoder),
                                                     "frozen_unchanged": checksum(model, skip="text_decoder.")
                                                     == frozen_before,
-                                                    "steps": engine.global_steps,
+                                                    "steps": engine.global_steps, "probe": probe_rows,
                                                     "engine": training.engine_settings(engine)}))
 
 
@@ -213,7 +235,8 @@ def run(cfg: Config) -> dict:
     check = json.loads(read_text(f"{out_dir}/check.json"))
     report = {"steps": check["steps"], "engine": check["engine"],
               "scorer_unchanged": check["scorer_before"] == check["scorer_after"],
-              "frozen_unchanged": check["frozen_unchanged"],
+              "frozen_unchanged": check["frozen_unchanged"], "probe": check["probe"],
+              "probe_changed": sum(r["caption"] != r["fine_tuned"] for r in check["probe"]),
               "first_loss": records[0]["loss"] if records else None,
               "last_loss": records[-1]["loss"] if records else None, "blip_dir": f"{root}/blip"}
     write_text(f"{out_dir}/report.json", json.dumps(report, indent=2))
@@ -228,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
 def print_report(report: dict) -> None:
     losses = (f" (loss {report['first_loss']:.4f} -> {report['last_loss']:.4f})"
               if report["first_loss"] is not None else "")
-    print(f"\nfine-tuned BLIP in {report['blip_dir']} after {report['steps']} steps{losses}")
+    print(f"\nfine-tuned BLIP in {report['blip_dir']} after {report['steps']} steps{losses}; "
+          f"{report['probe_changed']} of {len(report['probe'])} probe captions changed")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -9,6 +10,7 @@ from transformers import BlipForConditionalGeneration
 
 from blipinpaint import stages
 from blipinpaint.config import load_config
+from blipinpaint.io import decode_png
 from blipinpaint.models import ModelRef
 from rayjobs import finetune_blip, generate, train_scorer
 
@@ -45,15 +47,30 @@ def test_only_the_text_decoder_changes(scored_run):
     assert (scored_run / "finetune" / "loss.png").stat().st_size > 1000
 
 
-def test_the_fine_tuned_folder_reloads_and_captions(scored_run, sample_batch):
+def test_the_fine_tuned_folder_captions_as_the_trained_model_did(scored_run):
+    """The job decodes a probe batch with the decoder it trained, in memory; the saved folder,
+    reloaded the way generate and evaluate load a captioner, must give the very same captions."""
+    import pyarrow.parquet as pq
+
     folder = scored_run / "blip"
     if not (folder / "model.safetensors").exists():
-        _finetune(scored_run, "finetune.epochs=1")
+        _finetune(scored_run, "finetune.epochs=2")
     BlipForConditionalGeneration.from_pretrained(folder, use_safetensors=True)
+    report = json.loads((scored_run / "finetune" / "report.json").read_text())
+    probe = {r["id"]: r for r in report["probe"]}
+    # lr 1e-3 moves the tiny decoder's captions: an unchanged folder could not pass below.
+    assert probe and report["probe_changed"] > 0
+
+    rows = pq.read_table(scored_run / "generate" / "samples", columns=["id", "caption", "image_png", "mask_png"])
+    rows = [r for r in rows.to_pylist() if r["id"] in probe]
+    assert [r["caption"] for r in rows] == [probe[r["id"]]["caption"] for r in rows]  # before: generate's
+    batch = {"id": np.array([r["id"] for r in rows], dtype=object),
+             "image": np.stack([decode_png(r["image_png"]) for r in rows]),
+             "mask": np.stack([decode_png(r["mask_png"]) > 127 for r in rows])}
     cfg = load_config(overrides=[f"models.captioner.name_or_path={folder}"])
     assert stages.resolve_preset(cfg).captioner == ModelRef(str(folder))
-    out = stages.build_captioner(cfg)(sample_batch)
-    assert all(isinstance(c, str) and c for c in out["caption"])
+    out = stages.build_captioner(cfg)(batch)
+    assert list(out["caption"]) == [probe[r["id"]]["fine_tuned"] for r in rows]
 
 
 def test_zero3_in_bf16_with_a_kl_term_and_offload_runs(scored_run, tmp_path):
@@ -70,6 +87,7 @@ def test_zero3_in_bf16_with_a_kl_term_and_offload_runs(scored_run, tmp_path):
     assert report["engine"] == {"zero_stage": 3, "offload_optimizer": True, "dtype": "bfloat16", "workers": 2,
                                 "cpus_per_worker": 0.5}
     assert report["scorer_unchanged"] and report["frozen_unchanged"]
+    assert report["probe"]  # decoded on both ranks in step: ZeRO-3 gathers each layer from both
     assert (run_dir / "blip" / "model.safetensors").exists()
     records = [json.loads(line) for line in (run_dir / "finetune" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["kl"] >= 0 and r["loss"] == pytest.approx(r["loss_blip"] + 0.1 * r["kl"], rel=1e-5, abs=1e-6)
