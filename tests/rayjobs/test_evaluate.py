@@ -120,3 +120,23 @@ def test_a_killed_evaluate_driver_then_the_same_command_evaluates_each_sample_on
     assert report["evaluation_set"]["this_run"]["evaluated"] <= len(ids) - committed_before
     assert (figures["committed"], figures["lost"], figures["duplicated"], figures["orphans"]) == (len(ids), 0, 0, 0)
     assert report["evaluation_set"]["samples"] == len(ids)
+
+
+def test_fid_workers_fold_their_shard_in_batches_of_the_configured_size(local_ray, cfg, monkeypatch):
+    """`evaluate.fid.batch_size` bounds a FID worker's memory: each batch it folds holds at most
+    that many rows, and every row is folded once."""
+    import ray
+    from helpers import encode, photo
+
+    from blipinpaint.config import load_config
+    from blipinpaint.evaluation import FID_SETS
+
+    rows = [{"id": f"s{i}", "mask_area": 0.2, **{c: encode(photo(64, 64, seed=i), "PNG") for c in FID_SETS.values()}}
+            for i in range(5)]
+    cfg = load_config(overrides=[f"run_dir={cfg.run_dir}", "evaluate.fid.batch_size=2"])
+    worker = evaluate.FidWorker.__ray_actor_class__(cfg)  # the actor's class, run in this process
+    sizes, update = [], worker.fid.update
+    monkeypatch.setattr(worker.fid, "update", lambda batch, groups: (sizes.append(len(groups)), update(batch, groups)))
+    stats = worker.run(ray.data.from_items(rows))
+    assert sorted(sizes, reverse=True) == [2, 2, 1]
+    assert {count for count in (s.count for s in stats.values())} == {5}
