@@ -142,9 +142,9 @@ def _finetuned_captioner(cfg: Config, blip_uri: str):
     return stages.build_captioner(cfg, ModelRef(local_dir(blip_uri)), output=FINETUNED["caption"])
 
 
-def build_dataset(cfg: Config, pending: list[str], owner: str | None = None) -> ray.data.Dataset:
+def build_dataset(cfg: Config, pending: list[str], ledger, owner: str | None = None) -> ray.data.Dataset:
     g, paths = cfg.generate, _paths(cfg)
-    errors, ledger = ErrorWriter(paths["out"], owner), attempt_ledger()
+    errors = ErrorWriter(paths["out"], owner)
     builders = {
         "captioner": functools.partial(_finetuned_captioner, cfg, paths["blip"]),
         "inpainter": functools.partial(stages.build_inpainter, cfg, {FINETUNED["image"]: FINETUNED["caption"]}),
@@ -305,8 +305,8 @@ def run(cfg: Config) -> dict:
     connect(cfg.ray_address)
     DataContext.get_current().enable_progress_bars = True
     if pending:
-        with job_errors():
-            build_dataset(cfg, pending, owner).write_datasink(
+        with attempt_ledger() as ledger, job_errors():
+            build_dataset(cfg, pending, ledger, owner).write_datasink(
                 CommitSink(out_dir, cfg.generate.rows_per_file, EVAL_SCHEMA, owner))
     commit_log.release()
 

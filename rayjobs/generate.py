@@ -80,9 +80,9 @@ def prepare(batch, cfg: Config, errors: ErrorWriter):
     return split_errors(out, errors)
 
 
-def build_dataset(cfg: Config, pending: list[dict], owner: str | None = None) -> ray.data.Dataset:
+def build_dataset(cfg: Config, pending: list[dict], ledger, owner: str | None = None) -> ray.data.Dataset:
     """The stream from `pending` inputs to encoded rows; every write carries the run's `owner` token."""
-    g, errors, ledger = cfg.generate, ErrorWriter(_out_dir(cfg), owner), attempt_ledger()
+    g, errors = cfg.generate, ErrorWriter(_out_dir(cfg), owner)
     blocks = max(1, math.ceil(len(pending) / g.read.batch_size))
     ds = ray.data.from_items(pending, override_num_blocks=blocks)
     ds = ds.map_batches(prepare, fn_kwargs={"cfg": cfg, "errors": errors}, batch_size=g.read.batch_size,
@@ -199,8 +199,8 @@ def run(cfg: Config) -> dict:
         connect(cfg.ray_address)
         DataContext.get_current().enable_progress_bars = True
         t0 = time.perf_counter()
-        ds = build_dataset(cfg, pending, owner)
-        with job_errors():
+        with attempt_ledger() as ledger, job_errors():
+            ds = build_dataset(cfg, pending, ledger, owner)
             ds.write_datasink(CommitSink(out_dir, cfg.generate.rows_per_file, SAMPLE_SCHEMA, owner))
         pipeline_s = time.perf_counter() - t0
         write_text(f"{out_dir}/ray_stats.txt", ds.stats())

@@ -86,10 +86,18 @@ class AttemptLedger:
         self.started.pop(key, None)
 
 
+@contextlib.contextmanager
 def attempt_ledger():
-    """A ledger for this run, pinned to the driver's node (which lives as long as the run)."""
+    """A ledger for this run, pinned to the driver's node (which lives as long as the run).
+
+    Ended with the run: Ray Data keeps the plan that holds its handle, so in a driver that
+    runs several jobs (a notebook, the pipeline) each run's ledger would otherwise live on."""
     here = ray.get_runtime_context().get_node_id()
-    return AttemptLedger.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote()
+    ledger = AttemptLedger.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote()
+    try:
+        yield ledger
+    finally:
+        ray.kill(ledger)
 
 
 def raising(name: str, stage: Callable[[Batch], Batch], fault: FaultConfig | None) -> Callable[[Batch], Batch]:

@@ -150,3 +150,15 @@ def end_actors_of_dead_drivers(ray, driver_pid: int, timeout_s: float = 60.0) ->
             pass
     wait(lambda: not left(), "the killed driver's actors are still alive")
     return len(actors)
+
+
+def await_no_live_actors(class_name: str, timeout_s: float = 60.0) -> None:
+    """Wait until the shared test Ray holds no live actor of `class_name` (ray.kill is asynchronous)."""
+    import time
+
+    from ray._private import state
+
+    deadline = time.monotonic() + timeout_s
+    while live := [a for a in state.actors().values() if a["ActorClassName"] == class_name and a["State"] != "DEAD"]:
+        assert time.monotonic() < deadline, f"{len(live)} {class_name} actors still alive"
+        time.sleep(0.2)

@@ -2,7 +2,7 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
-from helpers import PIPELINE_ARGS
+from helpers import PIPELINE_ARGS, await_no_live_actors
 from PIL import Image
 from transformers import BlipForConditionalGeneration
 
@@ -20,6 +20,8 @@ def test_main_job_runs_every_step_and_reuses_them(main_run, capsys, monkeypatch)
     """generate -> train_scorer -> finetune_blip -> evaluate; a rerun does nothing twice."""
     code, folder = main_run
     assert code == 0
+    # Each stream ends its attempt ledger: a driver that runs job after job (this one) keeps none.
+    await_no_live_actors("AttemptLedger")
     monkeypatch.chdir(folder)
     args, run = ARGS, folder / "run"
     stats = json.loads((run / "generate" / "stats.json").read_text())
