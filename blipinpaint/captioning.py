@@ -6,12 +6,16 @@ caption cannot leak what the inpainter is asked to reconstruct.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
-from transformers import BlipForConditionalGeneration
 
 from blipinpaint.masks import masked_pixels
 from blipinpaint.models import CaptionerModel
+
+if TYPE_CHECKING:
+    from transformers import BlipForConditionalGeneration
 
 FEATURE_LAYER = -2  # the paper feeds the decoder's second-to-last layer to the scorer
 

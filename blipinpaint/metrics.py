@@ -11,7 +11,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from blipinpaint.models import ClipModel
 
@@ -31,6 +30,10 @@ def ssim_psnr(preds: torch.Tensor, target: torch.Tensor, masks: torch.Tensor) ->
     `masks` is (B, H, W) bool. Hole SSIM averages the SSIM map over the hole; hole PSNR
     uses the MSE of the hole's pixels alone.
     """
+    # Imported here: torchmetrics' package import pulls in scipy, seconds that every process
+    # importing the stages (not only the metrics actor) would otherwise pay.
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
     ssim, ssim_map = structural_similarity_index_measure(
         preds, target, data_range=1.0, reduction="none", return_full_image=True
     )

@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torchmetrics.functional import mean_absolute_error, r2_score
 
 TARGETS = ("ssim", "psnr", "clip_score")  # the caption-guided variant's metrics
 CONFIG_NAME = "config.json"
@@ -74,6 +73,8 @@ class ScoreNet(nn.Module):
 def regression_report(pred: torch.Tensor, true: torch.Tensor, train_mean: torch.Tensor,
                       targets: tuple[str, ...] = TARGETS) -> dict[str, dict[str, float]]:
     """MAE and R² per target, of the predictions and of predicting the training mean."""
+    from torchmetrics.functional import mean_absolute_error, r2_score  # the driver's report only: not in workers
+
     baseline = train_mean.expand_as(true)
     report = {}
     for j, name in enumerate(targets):

@@ -1,15 +1,9 @@
-"""Model presets, offline builders and loaders (one `load_*` per role)."""
+"""Model presets, offline builders and loaders (one `load_*` per role).
 
-from blipinpaint.models.loading import (
-    CaptionerModel,
-    ClipModel,
-    load_captioner,
-    load_clip,
-    load_fid_features,
-    load_inpaint_pipeline,
-    torch_device,
-    torch_dtype,
-)
+The loaders are imported on first use: `blipinpaint.config` imports the presets from this
+package, and every process that reads a config should not pay transformers' import.
+"""
+
 from blipinpaint.models.presets import (
     PRESET_NAMES,
     ModelRef,
@@ -19,8 +13,15 @@ from blipinpaint.models.presets import (
     with_overrides,
 )
 
-__all__ = [
-    "CaptionerModel", "ClipModel", "ModelRef", "PRESET_NAMES", "Preset", "get_preset", "load_captioner",
-    "load_clip", "load_fid_features", "load_inpaint_pipeline", "native_image_size", "torch_device",
-    "torch_dtype", "with_overrides",
-]
+_LOADING = ("CaptionerModel", "ClipModel", "load_captioner", "load_clip", "load_fid_features",
+            "load_inpaint_pipeline", "torch_device", "torch_dtype")
+
+__all__ = ["ModelRef", "PRESET_NAMES", "Preset", "get_preset", "native_image_size", "with_overrides", *_LOADING]
+
+
+def __getattr__(name: str):
+    if name in _LOADING:
+        from blipinpaint.models import loading
+
+        return getattr(loading, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

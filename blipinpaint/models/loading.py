@@ -17,19 +17,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from typing import TYPE_CHECKING
+
 from safetensors.torch import load_file
-from transformers import (
-    AutoTokenizer,
-    BlipForConditionalGeneration,
-    BlipImageProcessorPil,
-    CLIPImageProcessorPil,
-    CLIPModel,
-)
 
 from blipinpaint.models.inception import InceptionFeatures
 from blipinpaint.models.presets import ModelRef
 from blipinpaint.models.store import STANDARD_INCEPTION
 from blipinpaint.storage import filesystem, is_remote, local_dir
+
+# transformers is imported by the loader that needs it: a process that only reads a config
+# or picks a device should not pay its import (seconds, in every Ray worker).
+if TYPE_CHECKING:
+    from transformers import BlipForConditionalGeneration, BlipImageProcessorPil, CLIPImageProcessorPil, CLIPModel
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -83,6 +83,8 @@ class ClipModel:
 
 
 def load_captioner(ref: ModelRef, device: torch.device, dtype: torch.dtype = torch.float32) -> CaptionerModel:
+    from transformers import AutoTokenizer, BlipForConditionalGeneration, BlipImageProcessorPil
+
     src = _source(ref)
     model = BlipForConditionalGeneration.from_pretrained(**src, dtype=dtype, use_safetensors=True)
     return CaptionerModel(
@@ -94,6 +96,8 @@ def load_captioner(ref: ModelRef, device: torch.device, dtype: torch.dtype = tor
 
 
 def load_clip(ref: ModelRef, device: torch.device, dtype: torch.dtype = torch.float32) -> ClipModel:
+    from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel
+
     src = _source(ref)
     model = CLIPModel.from_pretrained(**src, dtype=dtype, use_safetensors=True)
     return ClipModel(

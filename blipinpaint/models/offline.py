@@ -17,23 +17,18 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel
-from transformers import (
-    BertTokenizer,
-    BlipConfig,
-    BlipForConditionalGeneration,
-    BlipImageProcessorPil,
-    CLIPConfig,
-    CLIPImageProcessorPil,
-    CLIPModel,
-    CLIPTextConfig,
-    CLIPTextModel,
-    CLIPTokenizer,
-)
 
 from blipinpaint.models.inception import InceptionConfig, InceptionFeatures
 from blipinpaint.models.vocab import write_clip_bpe, write_wordpiece_vocab
+
+# diffusers and transformers are imported where a model is built: every process that reads
+# a config imports this module (for the presets' sizes), and those imports take seconds.
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionInpaintPipeline
+    from transformers import BertTokenizer, BlipForConditionalGeneration, CLIPModel, CLIPTokenizer
 
 # Bump when a builder changes, so stale caches are rebuilt instead of reused.
 BUILD_VERSION = 1
@@ -152,6 +147,8 @@ def build(spec: OfflineSpec, directory: Path) -> None:
 
 
 def blip_tokenizer(directory: Path) -> BertTokenizer:
+    from transformers import BertTokenizer
+
     directory.mkdir(parents=True, exist_ok=True)
     tokens = write_wordpiece_vocab(directory).read_text().splitlines()
     # BLIP's decoder starts from [DEC]: the real checkpoint's tokenizer has it as bos.
@@ -159,6 +156,8 @@ def blip_tokenizer(directory: Path) -> BertTokenizer:
 
 
 def clip_tokenizer(directory: Path) -> CLIPTokenizer:
+    from transformers import CLIPTokenizer
+
     directory.mkdir(parents=True, exist_ok=True)
     write_clip_bpe(directory)
     # CLIP reads 77 tokens; the saved tokenizer carries the limit, as real checkpoints do.
@@ -166,6 +165,8 @@ def clip_tokenizer(directory: Path) -> CLIPTokenizer:
 
 
 def make_captioner(spec: OfflineSpec, tokenizer: BertTokenizer) -> BlipForConditionalGeneration:
+    from transformers import BlipConfig, BlipForConditionalGeneration
+
     ids = tokenizer.convert_tokens_to_ids
     text = dict(
         spec.blip_text,
@@ -181,6 +182,9 @@ def make_captioner(spec: OfflineSpec, tokenizer: BertTokenizer) -> BlipForCondit
 
 
 def make_inpainter(spec: OfflineSpec, tokenizer: CLIPTokenizer) -> StableDiffusionInpaintPipeline:
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
     torch.manual_seed(SEED)
     unet = UNet2DConditionModel(in_channels=9, out_channels=4, **spec.unet)
     torch.manual_seed(SEED)
@@ -201,6 +205,8 @@ def make_inpainter(spec: OfflineSpec, tokenizer: CLIPTokenizer) -> StableDiffusi
 
 
 def make_clip(spec: OfflineSpec, tokenizer: CLIPTokenizer) -> CLIPModel:
+    from transformers import CLIPConfig, CLIPModel
+
     config = CLIPConfig(
         text_config=dict(spec.clip_text, vocab_size=spec.text_vocab_size or len(tokenizer),
                          max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
@@ -213,6 +219,8 @@ def make_clip(spec: OfflineSpec, tokenizer: CLIPTokenizer) -> CLIPModel:
 
 
 def _build_captioner(spec: OfflineSpec, out: Path) -> None:
+    from transformers import BlipImageProcessorPil
+
     tokenizer = blip_tokenizer(out)
     model = make_captioner(spec, tokenizer)
     model.generation_config.max_new_tokens = 20
@@ -227,6 +235,8 @@ def _build_inpainter(spec: OfflineSpec, out: Path) -> None:
 
 
 def _build_clip(spec: OfflineSpec, out: Path) -> None:
+    from transformers import CLIPImageProcessorPil
+
     tokenizer = clip_tokenizer(out)
     make_clip(spec, tokenizer).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
