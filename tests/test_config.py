@@ -119,3 +119,17 @@ def test_bf16_runs_on_cpu_and_fp16_needs_cuda():
     assert load_config(overrides=["models.dtype=fp16", "models.device=cuda"]).models.dtype == "fp16"
     with pytest.raises(ConfigError, match="on CPU use bf16 or fp32"):
         load_config(overrides=["models.dtype=fp16"])
+
+
+def test_reading_a_config_or_a_stream_job_imports_no_model_library():
+    """Every Ray task and actor that unpickles a config or a stream's function imports these
+    modules first: transformers, diffusers and torchmetrics (seconds each) load only where a
+    model is built, loaded or scored."""
+    import subprocess
+    import sys
+
+    code = ("import sys, blipinpaint.config, rayjobs.generate, rayjobs.evaluate; "
+            "print(sorted(m for m in ('transformers', 'diffusers', 'torchmetrics') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
