@@ -32,6 +32,7 @@ import tempfile
 import numpy as np
 import ray
 import ray.train
+from ray.data.aggregate import Mean, Std
 import torch
 import torch.distributed as dist
 
@@ -133,13 +134,12 @@ def train_loop(config: dict) -> None:
 
 
 def _stats(ds: ray.data.Dataset) -> tuple[list[float], list[float]]:
-    """Mean and spread of each target over the training split (streamed, not collected)."""
-    mean = ds.mean(list(TARGETS))
-    std = ds.std(list(TARGETS))
+    """Mean and spread of each target over the training split (streamed, not collected; one pass)."""
+    stats = ds.aggregate(*(Mean(t) for t in TARGETS), *(Std(t) for t in TARGETS))
     # A target constant over the training split (CLIP score clamped to 0 on every row, as
     # random models give) is centred but not scaled: dividing by ~0 would blow up held-out rows.
-    spreads = [float(std[f"std({t})"] or 0.0) for t in TARGETS]
-    return [float(mean[f"mean({t})"]) for t in TARGETS], [s if s > 1e-6 else 1.0 for s in spreads]
+    spreads = [float(stats[f"std({t})"] or 0.0) for t in TARGETS]
+    return [float(stats[f"mean({t})"]) for t in TARGETS], [s if s > 1e-6 else 1.0 for s in spreads]
 
 
 def evaluate(model_dir: str, val: ray.data.Dataset, out_dir: str, limit: int = 20_000) -> dict:
