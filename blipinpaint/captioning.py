@@ -44,6 +44,11 @@ def generate_captions(
     )
 
 
+def caption_texts(tokenizer, ids: torch.Tensor) -> list[str]:
+    """Generated token ids as caption strings: special tokens dropped, whitespace stripped."""
+    return [c.strip() for c in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+
 def caption_token_mask(model: BlipForConditionalGeneration, input_ids: torch.Tensor) -> torch.Tensor:
     """1 over the caption's tokens (its words and closing [SEP]), 0 on [DEC] and padding."""
     text_config = model.config.text_config
@@ -114,9 +119,8 @@ class Captioner:
         image_embeds = encode_images(self.model, pixels)
         ids = generate_captions(self.model, image_embeds, **self.generate_kwargs)
         features = caption_features(self.model, image_embeds, ids)
-        captions = self.bundle.tokenizer.batch_decode(ids, skip_special_tokens=True)
         return {
             **batch,
-            self.output: np.array([c.strip() for c in captions], dtype=object),
+            self.output: np.array(caption_texts(self.bundle.tokenizer, ids), dtype=object),
             f"{self.output}_features": features.float().cpu().numpy(),
         }

@@ -40,7 +40,14 @@ import ray
 import ray.train
 import torch
 
-from blipinpaint.captioning import caption_ids, caption_token_mask, decode_caption, encode_images, generate_captions
+from blipinpaint.captioning import (
+    caption_ids,
+    caption_texts,
+    caption_token_mask,
+    decode_caption,
+    encode_images,
+    generate_captions,
+)
 from blipinpaint.config import Config, ConfigError, to_yaml
 from blipinpaint.io import decode_png
 from blipinpaint.losses import LossWeights, blip_loss, caption_kl
@@ -84,7 +91,7 @@ def probe_captions(model, tokenizer, pixels: torch.Tensor, cfg: Config, synced: 
     (ZeRO-3 gathers each layer's weights from every rank at every step)."""
     ids = generate_captions(model, encode_images(model, pixels), max_new_tokens=cfg.caption.max_new_tokens,
                             num_beams=cfg.caption.num_beams, do_sample=False, synced_gpus=synced)
-    return [c.strip() for c in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+    return caption_texts(tokenizer, ids)
 
 
 def finetune_loop(config: dict) -> None:

@@ -32,9 +32,9 @@ import tempfile
 import numpy as np
 import ray
 import ray.train
-from ray.data.aggregate import Mean, Std
 import torch
 import torch.distributed as dist
+from ray.data.aggregate import Mean, Std
 
 from blipinpaint.config import Config, ConfigError, to_yaml
 from blipinpaint.report import plot_curves, plot_scatter, write_tensorboard

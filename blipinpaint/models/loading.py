@@ -15,10 +15,9 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 from typing import TYPE_CHECKING
 
+import torch
 from safetensors.torch import load_file
 
 from blipinpaint.models.inception import InceptionFeatures
