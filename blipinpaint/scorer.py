@@ -48,6 +48,12 @@ class ScoreNet(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.mlp(features)
 
+    def set_standardization(self, mean: list[float], std: list[float]) -> None:
+        """The training split's statistics of each target, for the buffers and the saved config."""
+        self.config.mean, self.config.std = tuple(mean), tuple(std)
+        self.mean.copy_(torch.tensor(mean))
+        self.std.copy_(torch.tensor(std))
+
     def standardize(self, targets: torch.Tensor) -> torch.Tensor:
         return (targets - self.mean) / self.std
 

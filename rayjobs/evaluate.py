@@ -38,8 +38,6 @@ import time
 from collections import Counter
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 from ray.data import DataContext
 
@@ -63,13 +61,13 @@ from blipinpaint.fid import FeatureStats, fid_table, merge_all
 from blipinpaint.io import decode_png
 from blipinpaint.models import ModelRef
 from blipinpaint.models.presets import FID_INCEPTION_V3
-from blipinpaint.records import EVAL_SCHEMA, METRICS, SAMPLE_SCHEMA, encode_rows
+from blipinpaint.records import EVAL_SCHEMA, METRICS, encode_rows
 from blipinpaint.report import plot_grouped_bars, plot_image_grid
 from blipinpaint.seeds import heldout, sample_seed
-from blipinpaint.storage import filesystem, kind, local_dir, read_text, write_text
+from blipinpaint.storage import kind, local_dir, read_text, write_text
 from blipinpaint.writer import CommitLog
 from rayjobs import models
-from rayjobs.common import actor_resources, connect, generated_ids, job_main
+from rayjobs.common import actor_resources, connect, generated_ids, job_main, read_committed, read_rows, row_reads
 from rayjobs.generate import check_fingerprint, fingerprint, stage_failure
 from rayjobs.stream import CommitSink, ErrorWriter, ModelStage, attempt_ledger, job_errors
 
@@ -99,31 +97,6 @@ def evaluation_ids(cfg: Config) -> list[str]:
     return sorted(chosen)
 
 
-def row_reads(out_dir: str, ids: list[str], schema) -> list[dict]:
-    """Read tasks for the committed rows of `ids` under `out_dir`: one per Parquet part.
-
-    The commit markers say which part holds which id, so nothing is listed or scanned
-    to find them (and no file-listing task competes with the model actors for CPU).
-    """
-    wanted = set(ids)
-    reads = []
-    for name, ids_here in CommitLog(out_dir, schema).committed_samples().items():
-        chosen = sorted(wanted.intersection(ids_here))
-        if chosen:
-            reads.append({"path": f"{out_dir}/samples/{name}.parquet", "ids": chosen})
-    return reads
-
-
-def read_rows(batch: dict, columns: list[str]) -> dict:
-    """CPU task: the rows of `ids` from each `path` (a Parquet part), as one batch."""
-    tables = []
-    for path, ids in zip(batch["path"], batch["ids"]):
-        fs, local = filesystem(str(path))
-        tables.append(pq.read_table(local, filesystem=fs, columns=columns, filters=[("id", "in", list(ids))]))
-    table = pa.concat_tables(tables)
-    return {c: table.column(c).to_numpy(zero_copy_only=False) for c in columns}
-
-
 def prepare(batch: dict, errors: ErrorWriter, retries: int) -> dict:
     """CPU task: read the held-out rows; the ground truth and mask as arrays again.
 
@@ -151,7 +124,7 @@ def build_dataset(cfg: Config, pending: list[str], ledger, owner: str | None = N
         "metrics": functools.partial(stages.build_metrics, cfg,
                                      {"_finetuned": (FINETUNED["image"], FINETUNED["caption"])}),
     }
-    reads = row_reads(f"{cfg.run_dir.rstrip('/')}/generate", pending, SAMPLE_SCHEMA)
+    reads = row_reads(f"{cfg.run_dir.rstrip('/')}/generate", pending)
     ds = ray.data.from_items(reads, override_num_blocks=len(reads))
     ds = ds.map_batches(prepare, fn_kwargs={"errors": errors, "retries": g.batch_retries},
                         batch_size=1, num_cpus=g.read.num_cpus)
@@ -182,10 +155,8 @@ def compute_fid(cfg: Config, ids: list[str]) -> dict[str, dict]:
     """FID of each variant against the ground truth, overall and per mask bucket."""
     stage = cfg.evaluate.fid
     n = stage.size if stage.size is not None else stage.max_size
-    reads = row_reads(_paths(cfg)["out"], ids, EVAL_SCHEMA)
-    ds = ray.data.from_items(reads, override_num_blocks=len(reads))
-    ds = ds.map_batches(read_rows, fn_kwargs={"columns": ["id", "mask_area", *FID_SETS.values()]},
-                        batch_size=1, num_cpus=cfg.generate.read.num_cpus)
+    ds = read_committed(row_reads(_paths(cfg)["out"], ids), ["id", "mask_area", *FID_SETS.values()],
+                        cfg.generate.read.num_cpus)
     shards = ds.streaming_split(n)
     workers = [FidWorker.options(num_cpus=stage.num_cpus, num_gpus=stage.num_gpus or None).remote(cfg)
                for _ in range(n)]
@@ -199,7 +170,7 @@ def compute_fid(cfg: Config, ids: list[str]) -> dict[str, dict]:
 
 def _read_eval_rows(out_dir: str, ids: list[str], columns: list[str]) -> dict[str, np.ndarray]:
     """The evaluated rows of `ids` (only the parts that hold them), sorted by id."""
-    reads = row_reads(out_dir, ids, EVAL_SCHEMA)
+    reads = row_reads(out_dir, ids)
     rows = read_rows({"path": [r["path"] for r in reads], "ids": [r["ids"] for r in reads]}, ["id", *columns])
     order = np.argsort(rows["id"])
     return {c: v[order] for c, v in rows.items()}

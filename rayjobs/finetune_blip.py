@@ -225,7 +225,7 @@ def run(cfg: Config) -> dict:
     # driver killed, or the same command twice) stop writing here and free their resources.
     fence = (out_dir, CommitLog(out_dir).take_over())
     connect(cfg.ray_address)
-    train, _ = training.split(ray.data.read_parquet(samples, columns=COLUMNS), cfg)
+    train, _ = training.split(cfg, COLUMNS)
     write_text(f"{out_dir}/config.yaml", to_yaml(cfg))
     trainer = training.make_trainer(
         finetune_loop,

@@ -34,7 +34,6 @@ import ray
 import ray.train
 import torch
 import torch.distributed as dist
-from ray.data.aggregate import Mean, Std
 
 from blipinpaint.config import Config, ConfigError, to_yaml
 from blipinpaint.report import plot_curves, plot_scatter, write_tensorboard
@@ -55,13 +54,33 @@ def _xy(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def _load(shard, in_features: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    xs, ys = [torch.zeros(0, in_features, device=device)], [torch.zeros(0, len(TARGETS), device=device)]
+def _load(shard, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = [], []
     for batch in shard.iter_batches(batch_size=4096, batch_format="numpy"):
         x, y = _xy(batch, device)
         xs.append(x)
         ys.append(y)
+    if not xs:  # no rows on this rank: the feature width comes from the others
+        return torch.zeros(0, 0, device=device), torch.zeros(0, len(TARGETS), device=device)
     return torch.cat(xs), torch.cat(ys)
+
+
+def _all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t, op=op)
+    return t
+
+
+def target_stats(y: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Mean and spread (n - 1) of each target over the rows of every rank: a collective when
+    distributed, two passes in float64."""
+    y = y.double()
+    n = _all_reduce(torch.tensor(float(len(y)), dtype=torch.float64, device=y.device))
+    mean = _all_reduce(y.sum(0)) / n.clamp(min=1)
+    spreads = (_all_reduce(((y - mean) ** 2).sum(0)) / (n - 1).clamp(min=1)).sqrt()
+    # A target constant over the training split (CLIP score clamped to 0 on every row, as
+    # random models give) is centred but not scaled: dividing by ~0 would blow up held-out rows.
+    return mean.tolist(), [s if s > 1e-6 else 1.0 for s in spreads.tolist()]
 
 
 def train_loop(config: dict) -> None:
@@ -70,8 +89,16 @@ def train_loop(config: dict) -> None:
     cfg: Config = config["cfg"]
     ctx = ray.train.get_context()
     device = ray.train.torch.get_device()
+    # This rank's rows, read once: an epoch is then a pass over tensors in memory rather
+    # than a new Ray Data execution (the scorer's inputs are small: one vector per sample).
+    x_train, y_train = _load(ray.train.get_dataset_shard("train"), device)
+    x_val, y_val = _load(ray.train.get_dataset_shard("val"), device)
+    # The feature width, from every rank's rows (a rank may have none).
+    width = int(_all_reduce(torch.tensor(max(x_train.shape[1], x_val.shape[1]), device=device),
+                            dist.ReduceOp.MAX).item())
+    x_train, x_val = x_train.reshape(-1, width), x_val.reshape(-1, width)
     torch.manual_seed(cfg.seed)
-    model = ScoreNet(config["net"]).to(device)
+    model = ScoreNet(ScoreNetConfig(in_features=width, hidden=tuple(cfg.scorer.hidden))).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.scorer.lr)
     # The MLP trains in fp32 whatever `models.dtype` says: bf16 would save seconds per run
     # (BENCHMARKS.md, "Scorer precision") and cost the exactness of the cached fp32 features
@@ -85,11 +112,10 @@ def train_loop(config: dict) -> None:
     log_uri = config["log_uri"]
     if ctx.get_world_rank() == 0:  # a resumed run redoes the epochs after its checkpoint
         write_jsonl(log_uri, [r for r in read_jsonl(log_uri) if r["epoch"] < start])
-
-    # This rank's rows, read once: an epoch is then a pass over tensors in memory rather
-    # than a new Ray Data execution (the scorer's inputs are small: one vector per sample).
-    x_train, y_train = _load(ray.train.get_dataset_shard("train"), config["net"].in_features, device)
-    x_val, y_val = _load(ray.train.get_dataset_shard("val"), config["net"].in_features, device)
+    # The targets' standardisation: a new run takes it from every rank's training rows; a
+    # resumed run keeps its checkpoint's (Ray Train's equal split may drop other rows now).
+    standardization = (state["mean"], state["std"]) if state else target_stats(y_train)
+    model.set_standardization(*standardization)
     y_train, y_val = model.standardize(y_train), model.standardize(y_val)
     for epoch in range(start, cfg.scorer.epochs):
         engine.train()
@@ -124,22 +150,14 @@ def train_loop(config: dict) -> None:
             write_jsonl(log_uri, [*read_jsonl(log_uri), metrics])
         # Ray Train takes one report per controller poll (2 s): report with checkpoints only.
         if (epoch + 1) % cfg.scorer.checkpoint_every == 0 or epoch + 1 == cfg.scorer.epochs:
-            training.save_and_report(engine, metrics, {"epoch": epoch})
+            training.save_and_report(engine, metrics, {"epoch": epoch, "mean": standardization[0],
+                                                      "std": standardization[1]})
     # ZeRO-3 keeps each large weight split over the ranks: gather them (a collective) to save.
     with deepspeed.zero.GatheredParameters(list(model.parameters()), enabled=cfg.train.zero_stage == 3):
         if ctx.get_world_rank() == 0 and training.owner_log(config["fence"]).owns():
             with tempfile.TemporaryDirectory() as folder:
                 model.save_pretrained(folder)
                 upload_dir(folder, config["model_dir"])
-
-
-def _stats(ds: ray.data.Dataset) -> tuple[list[float], list[float]]:
-    """Mean and spread of each target over the training split (streamed, not collected; one pass)."""
-    stats = ds.aggregate(*(Mean(t) for t in TARGETS), *(Std(t) for t in TARGETS))
-    # A target constant over the training split (CLIP score clamped to 0 on every row, as
-    # random models give) is centred but not scaled: dividing by ~0 would blow up held-out rows.
-    spreads = [float(stats[f"std({t})"] or 0.0) for t in TARGETS]
-    return [float(stats[f"mean({t})"]) for t in TARGETS], [s if s > 1e-6 else 1.0 for s in spreads]
 
 
 def evaluate(model_dir: str, val: ray.data.Dataset, out_dir: str, limit: int = 20_000) -> dict:
@@ -171,14 +189,10 @@ def run(cfg: Config) -> dict:
     # driver killed, or the same command twice) stop writing here and free their resources.
     fence = (out_dir, CommitLog(out_dir).take_over())
     connect(cfg.ray_address)
-    ds = ray.data.read_parquet(samples, columns=COLUMNS)
-    train, val = training.split(ds, cfg)
-    mean, std = _stats(train)
-    in_features = len(ds.take(1)[0]["caption_features"])
-    net = ScoreNetConfig(in_features=in_features, hidden=tuple(cfg.scorer.hidden), mean=tuple(mean), std=tuple(std))
+    train, val = training.split(cfg, COLUMNS)
     write_text(f"{out_dir}/config.yaml", to_yaml(cfg))
     trainer = training.make_trainer(
-        train_loop, {"cfg": cfg, "net": net, "log_uri": f"{out_dir}/metrics.jsonl", "model_dir": f"{out_dir}/model",
+        train_loop, {"cfg": cfg, "log_uri": f"{out_dir}/metrics.jsonl", "model_dir": f"{out_dir}/model",
                      "fence": fence},
         cfg, name="train_scorer", storage=f"{out_dir}/ray_train", datasets={"train": train, "val": val},
     )

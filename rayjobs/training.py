@@ -29,7 +29,7 @@ from blipinpaint.config import Config, ConfigError, heldout_fraction
 from blipinpaint.models.loading import DTYPES
 from blipinpaint.seeds import heldout
 from blipinpaint.writer import CommitLog
-from rayjobs.common import generated_ids
+from rayjobs.common import read_committed, row_reads
 
 log = logging.getLogger(__name__)
 
@@ -106,17 +106,25 @@ def make_trainer(loop, loop_config: dict, cfg: Config, name: str, storage: str, 
     )
 
 
-def split(ds: ray.data.Dataset, cfg: Config) -> tuple[ray.data.Dataset, ray.data.Dataset]:
-    """(train, held-out) by a hash of each id: the same split in every job and rerun."""
-    ids, seed = generated_ids(cfg), cfg.seed
+def split(cfg: Config, columns: list[str]) -> tuple[ray.data.Dataset, ray.data.Dataset]:
+    """(train, held-out) datasets of the generate step's committed rows, split by a hash of
+    each id: the same split in every job and rerun.
+
+    The split is made here from the commit markers, and each read task reads its ids' rows
+    of one part: no listing, no footer scan and no per-row filter over the whole table.
+    """
+    generate_dir, seed = f"{cfg.run_dir.rstrip('/')}/generate", cfg.seed
+    parts = CommitLog(generate_dir).committed_samples()
+    ids = [i for ids_here in parts.values() for i in ids_here]
     fraction = heldout_fraction(cfg, ids)
-    held = sum(heldout(seed, i, fraction) for i in ids)
-    if held == len(ids):
-        raise ConfigError(f"{len(ids)} generated samples, {held} of them held out (train.val_fraction, raised to "
-                          f"{fraction:.3g} so that 2 are held out where 4 or more exist): none left to train on")
-    log.info("split: %d samples to train on, %d held out (fraction %.3g)", len(ids) - held, held, fraction)
-    return (ds.filter(lambda row: not heldout(seed, row["id"], fraction)),
-            ds.filter(lambda row: heldout(seed, row["id"], fraction)))
+    held = {i for i in ids if heldout(seed, i, fraction)}
+    if len(held) == len(ids):
+        raise ConfigError(f"{len(ids)} generated samples, {len(held)} of them held out (train.val_fraction, raised "
+                          f"to {fraction:.3g} so that 2 are held out where 4 or more exist): none left to train on")
+    log.info("split: %d samples to train on, %d held out (fraction %.3g)", len(ids) - len(held), len(held), fraction)
+    num_cpus = cfg.generate.read.num_cpus
+    return (read_committed(row_reads(generate_dir, [i for i in ids if i not in held], parts), columns, num_cpus),
+            read_committed(row_reads(generate_dir, sorted(held), parts), columns, num_cpus))
 
 
 class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):

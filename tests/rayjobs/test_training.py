@@ -73,15 +73,15 @@ def test_fifteen_photographs_hold_two_out_in_every_job(local_ray, tmp_path):
     ids = [f"p{k}" for k in range(15)]
     _generated(tmp_path, ids)
     cfg = load_config(overrides=[f"run_dir={tmp_path}", f"data.source={tmp_path}", f"seed={seed}"])
-    train, val = training.split(local_ray.data.from_items([{"id": i} for i in ids]), cfg)
+    train, val = training.split(cfg, ["id"])
     held = sorted(r["id"] for r in val.take_all())
     assert len(held) == 2 and train.count() == 13
     assert evaluate.evaluation_ids(cfg) == held  # the evaluation set is the same held-out split
 
 
-def test_a_split_that_leaves_nothing_to_train_on_is_a_config_error(local_ray, tmp_path):
+def test_a_split_that_leaves_nothing_to_train_on_is_a_config_error(tmp_path):
     seed = next(s for s in range(100) if heldout_of(s, "only", 0.2))
     _generated(tmp_path, ["only"])
     cfg = load_config(overrides=[f"run_dir={tmp_path}", f"data.source={tmp_path}", f"seed={seed}"])
     with pytest.raises(ConfigError, match=r"1 generated samples, 1 of them held out \(train.val_fraction"):
-        training.split(local_ray.data.from_items([{"id": "only"}]), cfg)
+        training.split(cfg, ["id"])
