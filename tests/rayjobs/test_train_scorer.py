@@ -101,39 +101,6 @@ def test_a_killed_worker_resumes_from_its_checkpoint(local_ray, tmp_path):
     assert records[-1]["step"] == 3 * steps_per_epoch
 
 
-def test_rerun_after_the_driver_died_continues(local_ray, tmp_path):
-    """Kill the job's driver mid-training; the same command continues from the last checkpoint."""
-    write_samples(tmp_path)
-    args = [f"run_dir={tmp_path}", "scorer.epochs=6", "scorer.batch_size=32", "scorer.hidden=[16]",
-            "scorer.checkpoint_every=1"]
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "rayjobs.train_scorer", *args,
-         f"ray_address={local_ray.get_runtime_context().gcs_address}"],
-        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
-    log = tmp_path / "scorer" / "metrics.jsonl"
-    started, deadline = time.perf_counter(), time.time() + 300
-    # Epoch k's line is logged before its report, which waits until report k-1 was collected:
-    # at 3 lines the checkpoint of epoch 0 is registered.
-    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 3):
-        assert driver.poll() is None, "training ended before it could be killed"
-        time.sleep(0.2)
-    os.killpg(driver.pid, signal.SIGKILL)
-    driver.wait()
-    end_actors_of_dead_drivers(local_ray, driver.pid)
-    done = len(log.read_text().splitlines())
-    assert 3 <= done < 6
-
-    train_scorer.run(load_config(overrides=args))
-    records = [json.loads(line) for line in log.read_text().splitlines()]
-    print_figures("training driver killed, same command again", {
-        "epochs": len(records), "epochs_logged_before_kill": done, "resumed_at_epoch": records[-1]["resumed_at_epoch"],
-        "optimizer_steps": records[-1]["step"], "uninterrupted_steps": 6 * records[0]["step"]},
-        time.perf_counter() - started)
-    assert [r["epoch"] for r in records] == list(range(6))
-    assert records[-1]["resumed_at_epoch"] is not None and records[-1]["resumed_at_epoch"] >= 1
-    assert records[-1]["step"] == 6 * records[0]["step"]
-
-
 def test_a_constant_target_is_centred_not_divided_by_zero():
     """Random CLIP models score every training row 0 (the clamp): that target keeps scale 1."""
     mean, std = train_scorer.target_stats(torch.tensor([[0.5, 20.0, 0.0], [0.7, 22.0, 0.0]]))
@@ -157,31 +124,48 @@ def test_too_few_held_out_rows_give_a_report_that_says_why(local_ray, tmp_path, 
     assert "no held-out figures: 1 held-out samples" in capsys.readouterr().out
 
 
-def test_a_run_that_was_taken_over_stops_writing(local_ray, tmp_path):
-    """A training driver still running (or killed, its ranks alive) when the command runs again:
-    its ranks stop at their next epoch instead of writing into the new run's log and checkpoints."""
+def test_the_same_command_again_takes_the_run_over_and_continues_from_its_checkpoint(local_ray, tmp_path):
+    """A training driver still running (or killed, its ranks alive) when the command runs
+    again: the new run takes the folder over and continues from the last checkpoint; the old
+    run's ranks stop at their next epoch instead of writing into the new run's log and
+    checkpoints, and its driver says why."""
     write_samples(tmp_path)
-    common = [f"run_dir={tmp_path}", "scorer.batch_size=32", "scorer.hidden=[16]"]
-    old = subprocess.Popen(  # would run for hours: only a take-over ends it
-        [sys.executable, "-m", "rayjobs.train_scorer", *common, "scorer.epochs=100000",
-         "scorer.checkpoint_every=100000", f"ray_address={local_ray.get_runtime_context().gcs_address}"],
+    args = [f"run_dir={tmp_path}", "scorer.epochs=6", "scorer.batch_size=32", "scorer.hidden=[16]",
+            "scorer.checkpoint_every=1"]
+    old = subprocess.Popen(
+        [sys.executable, "-m", "rayjobs.train_scorer", *args,
+         f"ray_address={local_ray.get_runtime_context().gcs_address}"],
         start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy(), text=True)
+    started = time.perf_counter()
     try:
         log = tmp_path / "scorer" / "metrics.jsonl"
         deadline = time.time() + 300
-        while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 2):
+        # Epoch k's line is logged before its report, which waits until report k-1 was collected:
+        # at 3 lines the checkpoint of epoch 0 is registered.
+        while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 3):
             assert old.poll() is None, old.stderr.read()
             time.sleep(0.2)
-        train_scorer.run(load_config(overrides=[*common, "scorer.epochs=3"]))
+        done = len(log.read_text().splitlines())
+        train_scorer.run(load_config(overrides=args))
         _, err = old.communicate(timeout=120)
     finally:
         if old.poll() is None:
             os.killpg(old.pid, signal.SIGKILL)
             old.wait()
         end_actors_of_dead_drivers(local_ray, old.pid)
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    print_figures("training taken over by the same command", {
+        "epochs": len(records), "epochs_logged_before": done, "resumed_at_epoch": records[-1]["resumed_at_epoch"],
+        "optimizer_steps": records[-1]["step"], "uninterrupted_steps": 6 * records[0]["step"]},
+        time.perf_counter() - started)
     assert old.returncode == 1
     assert f"train_scorer: {tmp_path}/scorer is now written by another run; this run's writes stop here" in err
-    assert [json.loads(line)["epoch"] for line in log.read_text().splitlines()] == [0, 1, 2]  # the new run's only
+    # Each epoch logged once: the old run's up to the checkpoint, the new run's after it.
+    assert [r["epoch"] for r in records] == list(range(6))
+    resumed = records[-1]["resumed_at_epoch"]
+    assert resumed is not None and resumed >= 1
+    assert [r["resumed_at_epoch"] for r in records] == [None] * resumed + [resumed] * (6 - resumed)
+    assert records[-1]["step"] == 6 * records[0]["step"]  # the optimizer steps of an uninterrupted run
     owner = json.loads((tmp_path / "scorer" / "_owner.json").read_text())
     assert json.loads((tmp_path / "scorer" / "_released.json").read_text()) == owner  # the new run finished
 
