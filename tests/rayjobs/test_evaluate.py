@@ -59,18 +59,41 @@ def test_rows_of_another_fine_tuned_decoder_are_refused(main_run, tmp_path, caps
     assert "holds rows generated with other settings (finetuned_decoder differ)" in capsys.readouterr().err
 
 
-def test_error_rows_then_retry_failed_and_another_run_in_table1(main_run, tmp_path):
-    """A captioner failing on one held-out sample's batch: an error row, counted in the report;
-    `evaluate.retry_failed` evaluates it again. This run's Table 1 also shows another run's
-    evaluation (`evaluate.other_runs`, as the VisualGenome config does with COCO's)."""
+def test_a_killed_driver_error_rows_then_retry_failed_and_another_run_in_table1(main_run, local_ray, tmp_path):
+    """A captioner failing on one held-out sample's batch, and the driver killed after its
+    first commit: the same command evaluates only what was not committed (each sample once),
+    the failed sample becomes an error row counted in the report, and `evaluate.retry_failed`
+    evaluates it again. That run's Table 1 also shows another run's evaluation
+    (`evaluate.other_runs`, as the VisualGenome config does with COCO's)."""
     _, folder = main_run
     copy_run(folder / "run", tmp_path)
-    args = ["train.val_fraction=0.9", "evaluate.fid.size=1", "generate.rows_per_file=1", "data.name=second",
+    args = [*PIPELINE_ARGS, f"run_dir={tmp_path}", "train.val_fraction=0.9", "evaluate.fid.size=1",
+            "generate.rows_per_file=1", "data.name=second",
             "generate.captioner.batch_size=1"]  # the victim's batch holds the victim alone
     ids = evaluate.evaluation_ids(_evaluate_cfg(tmp_path, *args))
-    victim = ids[0]
-    first = evaluate.run(_evaluate_cfg(tmp_path, *args, "generate.inject_failure.stage=captioner",
-                                      f"generate.inject_failure.id={victim}", "generate.batch_retries=0"))
+    victim = ids[-1]  # late in the run: the driver is killed before its row commits
+    failing = [*args, "generate.inject_failure.stage=captioner", f"generate.inject_failure.id={victim}",
+               "generate.batch_retries=0"]
+    driver = subprocess.Popen([sys.executable, "-m", "rayjobs.evaluate", *failing,
+                               f"ray_address={local_ray.get_runtime_context().gcs_address}"],
+                              start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env=os.environ.copy())
+    commits = tmp_path / "eval" / "_commits"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (list(commits.glob("*.json")) if commits.exists() else []):
+        assert driver.poll() is None, "evaluate ended before it could be killed"
+        time.sleep(0.1)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    end_actors_of_dead_drivers(local_ray, driver.pid)  # its actors may have committed a few more rows meanwhile
+    committed_before = len(CommitLog(str(tmp_path / "eval")).committed_ids())
+    assert not (tmp_path / "eval" / "report.json").exists()
+
+    first = evaluate.run(_evaluate_cfg(tmp_path, *failing))
+    # It redid nothing committed (a write task of the killed run may still have landed meanwhile).
+    assert first["evaluation_set"]["this_run"]["evaluated"] <= len(ids) - committed_before
+    figures = account(tmp_path / "eval", ids)
+    assert (figures["committed"], figures["lost"], figures["duplicated"], figures["orphans"]) == (len(ids), 0, 0, 0)
     s = first["evaluation_set"]
     assert (s["selected"], s["samples"], s["errors"]) == (len(ids), len(ids) - 1, 1)
     assert s["errors_by_reason"] == {"stage failed": 1}
@@ -86,40 +109,11 @@ def test_error_rows_then_retry_failed_and_another_run_in_table1(main_run, tmp_pa
         assert grid.size[1] < 0.5 * six_rows  # `evaluate.grid_rows`: 2 samples shown instead of 6
     s = second["evaluation_set"]
     assert (s["samples"], s["errors"], s["this_run"]["retried"], s["this_run"]["evaluated"]) == (len(ids), 0, 1, 1)
-    account_ = account(tmp_path / "eval", ids)
-    assert (account_["committed"], account_["lost"], account_["duplicated"], account_["orphans"]) == (len(ids), 0, 0, 0)
+    figures = account(tmp_path / "eval", ids)
+    assert (figures["committed"], figures["lost"], figures["duplicated"], figures["orphans"]) == (len(ids), 0, 0, 0)
     table = (tmp_path / "eval" / "report.md").read_text().split("## Table 1")[1].split("\n## ")[0]
     header = next(line for line in table.splitlines() if line.startswith("|"))
     assert "second: CLIP score ↑" in header and "samples: CLIP score ↑" in header  # a column group per dataset
-
-
-def test_a_killed_evaluate_driver_then_the_same_command_evaluates_each_sample_once(main_run, local_ray, tmp_path):
-    _, folder = main_run
-    copy_run(folder / "run", tmp_path)
-    args = [*PIPELINE_ARGS, f"run_dir={tmp_path}", "train.val_fraction=0.9", "generate.rows_per_file=1",
-            "evaluate.fid.size=1"]
-    ids = evaluate.evaluation_ids(_evaluate_cfg(tmp_path, *args))
-    driver = subprocess.Popen([sys.executable, "-m", "rayjobs.evaluate", *args,
-                               f"ray_address={local_ray.get_runtime_context().gcs_address}"],
-                              start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              env=os.environ.copy())
-    commits = tmp_path / "eval" / "_commits"
-    deadline = time.time() + 240
-    while time.time() < deadline and not (list(commits.glob("*.json")) if commits.exists() else []):
-        assert driver.poll() is None, "evaluate ended before it could be killed"
-        time.sleep(0.1)
-    os.killpg(driver.pid, signal.SIGKILL)
-    driver.wait()
-    end_actors_of_dead_drivers(local_ray, driver.pid)  # its actors may have committed a few more rows meanwhile
-    committed_before = len(CommitLog(str(tmp_path / "eval")).committed_ids())
-    assert not (tmp_path / "eval" / "report.json").exists()
-
-    report = evaluate.run(_evaluate_cfg(tmp_path, *args))
-    figures = account(tmp_path / "eval", ids)
-    # It redid nothing committed (a write task of the killed run may still have landed meanwhile).
-    assert report["evaluation_set"]["this_run"]["evaluated"] <= len(ids) - committed_before
-    assert (figures["committed"], figures["lost"], figures["duplicated"], figures["orphans"]) == (len(ids), 0, 0, 0)
-    assert report["evaluation_set"]["samples"] == len(ids)
 
 
 def test_fid_workers_fold_their_shard_in_batches_of_the_configured_size(local_ray, cfg, monkeypatch):
