@@ -129,22 +129,6 @@ def succeeded(result: subprocess.CompletedProcess, head: Head) -> str:
     return out
 
 
-def test_submit_generate_to_a_local_head(model_cache, tmp_path):
-    """README, "Running a job": `ray start --head` on 127.0.0.1, then `ray job submit --working-dir .`."""
-    run_dir = tmp_path / "run"
-    with Head() as head:
-        out = succeeded(head.submit("rayjobs.generate", f"run_dir={run_dir}"), head)
-        assert "6 inputs: 6 samples, 0 errors" in out and "succeeded" in out
-        # Closed by default: loopback only, and the job API refuses a client without the token.
-        assert head.listening() <= LOOPBACK, head.listening()
-        token = (Path.home() / ".ray" / "auth_token").read_text().strip()
-        assert head.job_api_status(None) == 401 and head.job_api_status(token) == 200
-    stats = json.loads((run_dir / "generate" / "stats.json").read_text())
-    assert (stats["ok"], stats["missing"], stats["duplicates"]) == (6, 0, 0)
-    assert (run_dir / "generate" / "_SUCCESS").exists()
-
-
-
 # Ray's fake multi-node provider starts "cloud" nodes as extra raylets on this machine. Through
 # autoscaler v2 it matches them by node id (v1 matches by IP, and every node here is 127.0.0.1).
 # Its defaults file is not in the Ray wheel, so it is loaded as an external provider module.
@@ -181,8 +165,11 @@ def state(head: Head, kind: str) -> list[dict]:
     return json.loads(listed.stdout)
 
 
-def test_gpu_pools_scale_a_cluster_up_from_zero(model_cache, tmp_path):
-    """A fake autoscaling cluster: GPU-requesting pools start GPU workers, the job completes."""
+def test_a_submitted_job_scales_a_closed_cluster_up_from_zero(model_cache, tmp_path):
+    """README, "Running a job" on a fake autoscaling cluster: `ray start --head` on 127.0.0.1
+    (with the fake provider's autoscaling config), then `ray job submit --working-dir .`;
+    GPU-requesting pools start GPU workers, the job completes, and nothing listens beyond
+    loopback or answers without the token."""
     config = tmp_path / "autoscaling.json"
     head = Head(start_env=FAKE_START_ENV)
     config.write_text(json.dumps(fake_cluster_config(f"127.0.0.1:{head.port}")))
@@ -198,6 +185,9 @@ def test_gpu_pools_scale_a_cluster_up_from_zero(model_cache, tmp_path):
             "generate.inpainter.num_gpus=1", "generate.captioner.num_gpus=0.5", "generate.metrics.num_gpus=0.5",
             timeout=540), head)
         assert "4 inputs: 4 samples, 0 errors" in out and "succeeded" in out
+        # Closed by default: the job API refuses a client without the token.
+        token = (Path.home() / ".ray" / "auth_token").read_text().strip()
+        assert head.job_api_status(None) == 401 and head.job_api_status(token) == 200
         workers = {n["node_id"]: n for n in state(head, "nodes") if n["state"] == "ALIVE" and not n["is_head_node"]}
         assert len(workers) == 2, workers  # 2 GPUs asked for: two 1-GPU workers
         assert all(n["resources_total"]["GPU"] == 1 for n in workers.values())
@@ -206,3 +196,4 @@ def test_gpu_pools_scale_a_cluster_up_from_zero(model_cache, tmp_path):
         assert head.listening() <= LOOPBACK, head.listening()
     stats = json.loads((run_dir / "generate" / "stats.json").read_text())
     assert (stats["ok"], stats["missing"], stats["duplicates"]) == (4, 0, 0)
+    assert (run_dir / "generate" / "_SUCCESS").exists()
