@@ -73,16 +73,17 @@ def test_the_fine_tuned_folder_captions_as_the_trained_model_did(scored_run):
     assert list(out["caption"]) == [probe[r["id"]]["fine_tuned"] for r in rows]
 
 
-def test_zero3_in_bf16_with_a_kl_term_and_offload_runs(scored_run, tmp_path):
+def test_zero3_in_bf16_with_a_kl_term_and_offload_resumes_after_a_worker_death(scored_run, tmp_path):
     """ZeRO-3 partitions parameters whose sizes do not split evenly over 2 ranks (the tiny decoder's
     37-wide layers): restoring the fp32 masters of a bf16 engine must set each rank's padded part.
-    The optimizer state lives in CPU memory (DeepSpeed refused a torch optimizer there)."""
+    The optimizer state lives in CPU memory (DeepSpeed refused a torch optimizer there). Rank 0
+    dies at the second step: each rank reloads its own partition, through the weights-only loader."""
     import shutil
     run_dir = tmp_path / "run"  # a copy of the run folder, so this run writes its own blip/ and finetune/
     shutil.copytree(scored_run / "generate", run_dir / "generate")
     shutil.copytree(scored_run / "scorer" / "model", run_dir / "scorer" / "model")
-    _, report = _finetune(run_dir, "train.zero_stage=3", "models.dtype=bf16", "finetune.epochs=1",
-                          "finetune.kl_weight=0.1", "train.offload_optimizer=true",
+    _, report = _finetune(run_dir, "train.zero_stage=3", "models.dtype=bf16", "finetune.epochs=2",
+                          "finetune.kl_weight=0.1", "train.offload_optimizer=true", "train.inject_failure_at_step=2",
                           "finetune.lambda_ssim=0.3", "finetune.lambda_psnr=0.05", "finetune.lambda_clip=2")
     assert report["engine"] == {"zero_stage": 3, "offload_optimizer": True, "dtype": "bfloat16", "workers": 2,
                                 "cpus_per_worker": 0.5}
@@ -90,6 +91,9 @@ def test_zero3_in_bf16_with_a_kl_term_and_offload_runs(scored_run, tmp_path):
     assert report["probe"]  # decoded on both ranks in step: ZeRO-3 gathers each layer from both
     assert (run_dir / "blip" / "model.safetensors").exists()
     records = [json.loads(line) for line in (run_dir / "finetune" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]  # one step an epoch here: rank 0 died at epoch 1's step
+    assert [r["resumed_at_epoch"] for r in records] == [None, 1]  # ... and the restart loaded epoch 0
+    assert report["steps"] == 2  # the optimizer steps of an uninterrupted run
     assert all(r["kl"] >= 0 and r["loss"] == pytest.approx(r["loss_blip"] + 0.1 * r["kl"], rel=1e-5, abs=1e-6)
                for r in records)
     # L_BLIP with the configured λs, from the batch means the scorer predicted (the loss is linear in them).

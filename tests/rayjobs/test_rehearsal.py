@@ -9,8 +9,6 @@ cannot exist here.
 
 import json
 import os
-import shutil
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -20,11 +18,12 @@ from safetensors.torch import load_file
 from blipinpaint.config import load_config
 from blipinpaint.models import offline
 from blipinpaint.models.presets import PAPER
-from rayjobs import finetune_blip, models, pipeline
+from rayjobs import models, pipeline
 
+# The fine-tune runs as the hardest case: ZeRO-3 in bf16 with the KL term.
 RUN = ["models.preset=paper", "models.dtype=bf16", "data.image_size=64", "inpaint.num_inference_steps=2",
        "caption.max_new_tokens=8", "scorer.epochs=2", "scorer.hidden=[16]", "finetune.epochs=1",
-       "finetune.batch_size=2"]
+       "finetune.batch_size=2", "finetune.kl_weight=0.1", "train.zero_stage=3"]
 
 
 @pytest.fixture(scope="module")
@@ -89,21 +88,12 @@ def test_bf16_fine_tuning_saves_the_fp32_master_weights(rehearsal):
     assert all(torch.equal(tuned[k], original[k]) for k in tuned if k.startswith("vision_model."))
 
 
-def test_bf16_zero3_fine_tuning_with_the_kl_term_resumes_after_a_worker_death(rehearsal, tmp_path):
-    """Point 5 (the KL reference in the engine's dtype) and a bf16 ZeRO-3 run resumed from its
-    checkpoint (each rank reloads its own partition, through the weights-only loader)."""
-    _, run_dir, args = rehearsal
-    copy = tmp_path / "run"
-    for part in ("generate", "scorer/model", "models"):
-        shutil.copytree(run_dir / part, copy / part)
-    overrides = [*args, f"run_dir={copy}", "finetune.kl_weight=0.1", "finetune.epochs=2",
-                 "train.inject_failure_at_step=2", "train.zero_stage=3"]
-    report = finetune_blip.run(load_config(overrides=overrides))
-    records = [json.loads(line) for line in (copy / "finetune" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2]  # one step an epoch here: rank 0 died at epoch 1's step
-    assert [r["resumed_at_epoch"] for r in records] == [None, 1]  # ... and the restart loaded epoch 0
-    assert report["steps"] == 2  # the optimizer steps of an uninterrupted run
-    assert report["engine"]["zero_stage"] == 3
-    assert all(r["kl"] >= 0 and r["loss"] == pytest.approx(r["loss_blip"] + 0.1 * r["kl"], rel=1e-5, abs=1e-6)
-               for r in records)
-    assert Path(copy / "blip" / "model.safetensors").exists()
+def test_bf16_zero3_fine_tuning_with_the_kl_term(rehearsal):
+    """Point 5: the KL reference runs in the engine's dtype (it crashed in the reference's
+    cross-attention), under ZeRO-3. Its resume after a worker death: test_finetune_blip."""
+    _, run_dir, _ = rehearsal
+    report = json.loads((run_dir / "finetune" / "report.json").read_text())
+    records = [json.loads(line) for line in (run_dir / "finetune" / "metrics.jsonl").read_text().splitlines()]
+    assert report["engine"]["zero_stage"] == 3 and report["engine"]["dtype"] == "bfloat16"
+    assert records and all(r["kl"] >= 0 and r["loss"] == pytest.approx(r["loss_blip"] + 0.1 * r["kl"], rel=1e-5,
+                                                                       abs=1e-6) for r in records)
