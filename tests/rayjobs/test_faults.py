@@ -57,17 +57,10 @@ def _errors(run_dir):
     return dict(zip(table.column("id").to_pylist(), table.column("error").to_pylist()))
 
 
-def test_an_inpainter_process_that_dies_mid_run_loses_nothing(local_ray, source, tmp_path):
-    """The inpainter's process exits while it holds a batch; Ray restarts it and retries the batch."""
-    victim = _ids(source)[4]
-    stats, figures = _run("inpainter process exits mid-run", source, tmp_path,
-                          "generate.inject_failure.stage=inpainter", f"generate.inject_failure.id={victim}",
-                          "generate.inject_failure.exit=true", "generate.inject_failure.times=1")
-    assert (figures["committed"], figures["lost"], figures["duplicated"], figures["orphans"]) == (8, 0, 0, 0)
-    assert stats["ok"] == 8 and stats["stages"]["inpainter"]["retries"] == 1  # one death, on one batch
-
-
 def test_a_stage_raising_on_one_batch_makes_that_batch_error_rows(local_ray, source, tmp_path):
+    """A stage raising on every attempt of one batch: that batch becomes error rows. The same
+    command with `generate.retry_failed=true` does them again, and the inpainter's process
+    exits while it holds the victim's batch: Ray restarts it and the batch is retried."""
     victim = _ids(source)[2]
     stats, figures = _run("captioner raises on one batch", source, tmp_path,
                           "generate.inject_failure.stage=captioner", f"generate.inject_failure.id={victim}")
@@ -79,11 +72,15 @@ def test_a_stage_raising_on_one_batch_makes_that_batch_error_rows(local_ray, sou
     assert stats["ok"] == 8 - len(errors)
 
     # What a user does once the cause is gone: the same command, asking for failed batches again.
-    stats, figures = _run("the same command with generate.retry_failed=true", source, tmp_path,
-                          "generate.retry_failed=true")
+    stats, figures = _run("the same command with generate.retry_failed=true; the inpainter process exits on "
+                          "the victim once", source, tmp_path, "generate.retry_failed=true",
+                          "generate.inject_failure.stage=inpainter", f"generate.inject_failure.id={victim}",
+                          "generate.inject_failure.exit=true", "generate.inject_failure.times=1")
     assert stats["this_run"]["retried_failed"] == len(errors) == stats["this_run"]["processed"]
     assert stats["ok"] == 8 and stats["errors"] == 0 and not list((tmp_path / "generate" / "errors").iterdir())
     assert (figures["committed"], figures["lost"], figures["duplicated"], figures["orphans"]) == (8, 0, 0, 0)
+    # One death, on one batch, retried (the captioner's retries went with the error rows they made).
+    assert stats["stages"]["inpainter"]["retries"] == 1 and stats["retries"] == 1
 
 
 def test_a_batch_that_kills_its_worker_every_time_becomes_error_rows(local_ray, source, tmp_path):
