@@ -42,7 +42,7 @@ from blipinpaint.seeds import sample_seed
 from blipinpaint.storage import kind, local_dir, read_jsonl, upload_dir, write_jsonl, write_text
 from blipinpaint.writer import CommitLog
 from rayjobs import training
-from rayjobs.common import connect, job_main
+from rayjobs.common import connect, job_main, read_committed, read_rows
 
 log = logging.getLogger("blipinpaint.train_scorer")
 COLUMNS = ["id", "caption_features", *TARGETS]
@@ -160,17 +160,21 @@ def train_loop(config: dict) -> None:
                 upload_dir(folder, config["model_dir"])
 
 
-def evaluate(model_dir: str, val: ray.data.Dataset, out_dir: str, limit: int = 20_000) -> dict:
-    """MAE and R² on the held-out split (up to `limit` rows), and the scatter plot; with fewer
-    than two held-out rows (R² needs two), why there are none."""
+def evaluate(model_dir: str, reads: list[dict], out_dir: str, limit: int = 20_000) -> dict:
+    """MAE and R² on the held-out rows that `reads` name (up to `limit` of them, read here one
+    part at a time), and the scatter plot; with fewer than two held-out rows (R² needs two),
+    why there are none."""
     model = ScoreNet.from_pretrained(local_dir(model_dir))
-    preds, trues = [], []
-    for batch in val.limit(limit).iter_batches(batch_size=4096, batch_format="numpy"):
-        x, y = _xy(batch, torch.device("cpu"))
+    preds, trues, rows = [], [], 0
+    for read in reads:
+        if rows >= limit:
+            break
+        x, y = _xy(read_rows({"path": [read["path"]], "ids": [read["ids"][:limit - rows]]}, COLUMNS),
+                   torch.device("cpu"))
         with torch.no_grad():
             preds.append(model.destandardize(model(x)))
         trues.append(y)
-    rows = sum(len(p) for p in preds)
+        rows += len(x)
     if rows < 2:
         return {"missing": f"{rows} held-out samples: R² needs at least 2 (more inputs, or a larger "
                            "train.val_fraction)"}
@@ -189,12 +193,14 @@ def run(cfg: Config) -> dict:
     # driver killed, or the same command twice) stop writing here and free their resources.
     fence = (out_dir, CommitLog(out_dir).take_over())
     connect(cfg.ray_address)
-    train, val = training.split(cfg, COLUMNS)
+    train_reads, val_reads = training.split_reads(cfg)
+    datasets = {name: read_committed(reads, COLUMNS, cfg.generate.read.num_cpus)
+                for name, reads in (("train", train_reads), ("val", val_reads))}
     write_text(f"{out_dir}/config.yaml", to_yaml(cfg))
     trainer = training.make_trainer(
         train_loop, {"cfg": cfg, "log_uri": f"{out_dir}/metrics.jsonl", "model_dir": f"{out_dir}/model",
                      "fence": fence},
-        cfg, name="train_scorer", storage=f"{out_dir}/ray_train", datasets={"train": train, "val": val},
+        cfg, name="train_scorer", storage=f"{out_dir}/ray_train", datasets=datasets,
     )
     training.fit(trainer, cfg, fence)
     records = read_jsonl(f"{out_dir}/metrics.jsonl")
@@ -204,7 +210,7 @@ def run(cfg: Config) -> dict:
     if cfg.train.tensorboard:
         write_tensorboard(records, "epoch", f"{out_dir}/tensorboard")
     report = {"epochs": len(records), "final": records[-1] if records else {},
-              "heldout": evaluate(f"{out_dir}/model", val, out_dir)}
+              "heldout": evaluate(f"{out_dir}/model", val_reads, out_dir)}
     write_text(f"{out_dir}/report.json", json.dumps(report, indent=2))
     training.owner_log(fence).release()
     return report

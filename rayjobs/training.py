@@ -106,9 +106,9 @@ def make_trainer(loop, loop_config: dict, cfg: Config, name: str, storage: str, 
     )
 
 
-def split(cfg: Config, columns: list[str]) -> tuple[ray.data.Dataset, ray.data.Dataset]:
-    """(train, held-out) datasets of the generate step's committed rows, split by a hash of
-    each id: the same split in every job and rerun.
+def split_reads(cfg: Config) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) read tasks (`row_reads`) for the generate step's committed rows,
+    split by a hash of each id: the same split in every job and rerun.
 
     The split is made here from the commit markers, and each read task reads its ids' rows
     of one part: no listing, no footer scan and no per-row filter over the whole table.
@@ -122,9 +122,15 @@ def split(cfg: Config, columns: list[str]) -> tuple[ray.data.Dataset, ray.data.D
         raise ConfigError(f"{len(ids)} generated samples, {len(held)} of them held out (train.val_fraction, raised "
                           f"to {fraction:.3g} so that 2 are held out where 4 or more exist): none left to train on")
     log.info("split: %d samples to train on, %d held out (fraction %.3g)", len(ids) - len(held), len(held), fraction)
-    num_cpus = cfg.generate.read.num_cpus
-    return (read_committed(row_reads(generate_dir, [i for i in ids if i not in held], parts), columns, num_cpus),
-            read_committed(row_reads(generate_dir, sorted(held), parts), columns, num_cpus))
+    return (row_reads(generate_dir, [i for i in ids if i not in held], parts),
+            row_reads(generate_dir, sorted(held), parts))
+
+
+def split(cfg: Config, columns: list[str]) -> tuple[ray.data.Dataset, ray.data.Dataset]:
+    """(train, held-out) datasets of `columns` of the generate step's committed rows (`split_reads`)."""
+    train, val = split_reads(cfg)
+    return (read_committed(train, columns, cfg.generate.read.num_cpus),
+            read_committed(val, columns, cfg.generate.read.num_cpus))
 
 
 class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):

@@ -108,19 +108,26 @@ def test_a_constant_target_is_centred_not_divided_by_zero():
     assert std == pytest.approx([0.1414, 1.4142, 1.0], rel=1e-3)
 
 
-def test_too_few_held_out_rows_give_a_report_that_says_why(local_ray, tmp_path, capsys):
+def test_too_few_held_out_rows_give_a_report_that_says_why(tmp_path, capsys):
     """A handful of inputs may hash one held-out row or none: the report says why the held-out
     figures are missing instead of the job crashing after training (R² needs two rows)."""
     ScoreNet(ScoreNetConfig(in_features=4, hidden=(8,))).save_pretrained(tmp_path / "model")
-    row = {"id": "a", "caption_features": np.ones(4, np.float32), "ssim": 0.5, "psnr": 20.0, "clip_score": 10.0}
+    row = {"id": "a", "caption_features": [1.0] * 4, "ssim": 0.5, "psnr": 20.0, "clip_score": 10.0}
+
+    def reads(rows):  # the read tasks of one committed part holding `rows`
+        path = tmp_path / f"part-{len(rows)}.parquet"
+        pq.write_table(pa.Table.from_pylist(rows), path)
+        return [{"path": str(path), "ids": [r["id"] for r in rows]}] if rows else []
+
     for rows in ([], [row]):
-        heldout = train_scorer.evaluate(str(tmp_path / "model"), local_ray.data.from_items(rows), str(tmp_path))
-        assert heldout == {"missing": f"{len(rows)} held-out samples: R² needs at least 2 (more inputs, or a "
-                                      "larger train.val_fraction)"}
-    two = train_scorer.evaluate(str(tmp_path / "model"), local_ray.data.from_items([row, {**row, "ssim": 0.7}]),
-                                str(tmp_path))
+        heldout_ = train_scorer.evaluate(str(tmp_path / "model"), reads(rows), str(tmp_path))
+        assert heldout_ == {"missing": f"{len(rows)} held-out samples: R² needs at least 2 (more inputs, or a "
+                                       "larger train.val_fraction)"}
+    two = train_scorer.evaluate(str(tmp_path / "model"), reads([row, {**row, "id": "b", "ssim": 0.7}]), str(tmp_path))
     assert set(two) == {"ssim", "psnr", "clip_score"}
-    train_scorer.print_report({"epochs": 1, "final": {"train_loss": 1.0, "val_loss": None}, "heldout": heldout})
+    assert train_scorer.evaluate(str(tmp_path / "model"), reads([row, {**row, "id": "b", "ssim": 0.7}]),
+                                 str(tmp_path), limit=1) == heldout_  # the limit reads one row
+    train_scorer.print_report({"epochs": 1, "final": {"train_loss": 1.0, "val_loss": None}, "heldout": heldout_})
     assert "no held-out figures: 1 held-out samples" in capsys.readouterr().out
 
 
