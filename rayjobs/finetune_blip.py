@@ -95,7 +95,6 @@ def probe_captions(model, tokenizer, pixels: torch.Tensor, cfg: Config, synced: 
 
 
 def finetune_loop(config: dict) -> None:
-    import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
 
     cfg: Config = config["cfg"]
@@ -116,8 +115,7 @@ def finetune_loop(config: dict) -> None:
     initial = {name: p.detach().clone() for name, p in model.text_decoder.named_parameters()} if half else {}
     weights = LossWeights(cfg.finetune.lambda_ssim, cfg.finetune.lambda_psnr, cfg.finetune.lambda_clip)
     optimizer = torch.optim.Adam(model.text_decoder.parameters(), lr=cfg.finetune.lr)
-    engine, *_ = deepspeed.initialize(model=model.text_decoder, optimizer=optimizer, dist_init_required=False,
-                                      config=training.deepspeed_config(cfg, cfg.finetune.batch_size))
+    engine = training.initialize(model.text_decoder, optimizer, training.deepspeed_config(cfg, cfg.finetune.batch_size))
     if half is not None:
         # DeepSpeed cast the decoder to `half`; the frozen encoder and the KL reference follow,
         # or their outputs would meet the decoder's weights in another dtype.

@@ -103,8 +103,7 @@ def train_loop(config: dict) -> None:
     # The MLP trains in fp32 whatever `models.dtype` says: bf16 would save seconds per run
     # (BENCHMARKS.md, "Scorer precision") and cost the exactness of the cached fp32 features
     # and of the standardised targets.
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, dist_init_required=False,
-                                      config=training.deepspeed_config(cfg, cfg.scorer.batch_size, dtype="fp32"))
+    engine = training.initialize(model, optimizer, training.deepspeed_config(cfg, cfg.scorer.batch_size, dtype="fp32"))
     state = training.restore(engine)
     if not training.still_owner(config["fence"]):  # a straggler of a run taken over
         return

@@ -91,7 +91,24 @@ def set_fp32_masters(engine, weights: dict[str, torch.Tensor]) -> None:
         safe_set_local_fp32_param(param, padded)
 
 
-def make_trainer(loop, loop_config: dict, cfg: Config, name: str, storage: str, datasets: dict) -> TorchTrainer:
+def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict):
+    """`deepspeed.initialize` on a rank whose process group Ray Train has set up: the engine.
+
+    On a CPU worker DeepSpeed would first JIT-compile its shared-memory all-reduce, a C++
+    build of about a minute (into ~/.cache/torch_extensions, on every fresh machine or home,
+    with a compiler needed on every worker), though only its inference all-reduce uses it.
+    """
+    import deepspeed  # imported on the worker: it picks the accelerator of that machine
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, dist_init_required=False, config=ds_config)
+    return engine
+
+
+def make_trainer(loop, loop_config: dict, cfg: Config, name: str, storage: str,
+                 datasets: dict | None = None) -> TorchTrainer:
     t = cfg.train
     return TorchTrainer(
         loop,

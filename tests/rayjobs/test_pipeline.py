@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -32,6 +33,8 @@ def test_main_job_runs_every_step_and_reuses_them(main_run, capsys, monkeypatch)
     BlipForConditionalGeneration.from_pretrained(run / "blip", use_safetensors=True)
     assert json.loads((run / "scorer" / "report.json").read_text())["epochs"] == 2
     assert json.loads((run / "finetune" / "report.json").read_text())["scorer_unchanged"]
+    # Both trainings ran without compiling DeepSpeed's CPU shared-memory op (inference only).
+    assert not list(Path.home().glob(".cache/torch_extensions/*/deepspeed_shm_comm"))
 
     # The evaluation set is exactly the held-out split, never a training row.
     evaluated = pq.read_table(run / "eval" / "samples")
