@@ -42,7 +42,7 @@ from blipinpaint.seeds import sample_seed
 from blipinpaint.storage import kind, local_dir, read_jsonl, upload_dir, write_jsonl, write_text
 from blipinpaint.writer import CommitLog
 from rayjobs import training
-from rayjobs.common import connect, job_main, read_committed, read_rows
+from rayjobs.common import connect, job_main, read_rows
 
 log = logging.getLogger("blipinpaint.train_scorer")
 COLUMNS = ["id", "caption_features", *TARGETS]
@@ -54,15 +54,25 @@ def _xy(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def _load(shard, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    xs, ys = [], []
-    for batch in shard.iter_batches(batch_size=4096, batch_format="numpy"):
-        x, y = _xy(batch, device)
-        xs.append(x)
-        ys.append(y)
-    if not xs:  # no rows on this rank: the feature width comes from the others
+def share(reads: list[dict], rank: int, world: int, equal: bool) -> dict:
+    """Rank `rank`'s run of the rows `reads` (from `row_reads`) name, as a `read_rows` batch:
+    the ids in order cut into `world` runs, so a rank opens only the parts holding its run.
+    `equal` leaves out the last `len % world` rows, as Ray Train's equal split does: every
+    rank then takes the same number of optimizer steps (DeepSpeed's collectives need that)."""
+    rows = [(read["path"], i) for read in reads for i in read["ids"]]
+    if equal:
+        rows = rows[:len(rows) - len(rows) % world]
+    mine = rows[rank * len(rows) // world:(rank + 1) * len(rows) // world]
+    by_part = {}
+    for path, i in mine:
+        by_part.setdefault(path, []).append(i)
+    return {"path": list(by_part), "ids": list(by_part.values())}
+
+
+def _load(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    if not batch["path"]:  # no rows on this rank: the feature width comes from the others
         return torch.zeros(0, 0, device=device), torch.zeros(0, len(TARGETS), device=device)
-    return torch.cat(xs), torch.cat(ys)
+    return _xy(read_rows(batch, COLUMNS), device)
 
 
 def _all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
@@ -89,10 +99,12 @@ def train_loop(config: dict) -> None:
     cfg: Config = config["cfg"]
     ctx = ray.train.get_context()
     device = ray.train.torch.get_device()
-    # This rank's rows, read once: an epoch is then a pass over tensors in memory rather
-    # than a new Ray Data execution (the scorer's inputs are small: one vector per sample).
-    x_train, y_train = _load(ray.train.get_dataset_shard("train"), device)
-    x_val, y_val = _load(ray.train.get_dataset_shard("val"), device)
+    # This rank's rows, read once by the rank itself: an epoch is then a pass over tensors in
+    # memory. The scorer's inputs are small (one vector per sample), so a Ray Data execution
+    # (its coordinator and read tasks, ~15 s of every run here) would buy nothing.
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    x_train, y_train = _load(share(config["train_reads"], rank, world, equal=True), device)
+    x_val, y_val = _load(share(config["val_reads"], rank, world, equal=False), device)
     # The feature width, from every rank's rows (a rank may have none).
     width = int(_all_reduce(torch.tensor(max(x_train.shape[1], x_val.shape[1]), device=device),
                             dist.ReduceOp.MAX).item())
@@ -112,7 +124,8 @@ def train_loop(config: dict) -> None:
     if ctx.get_world_rank() == 0:  # a resumed run redoes the epochs after its checkpoint
         write_jsonl(log_uri, [r for r in read_jsonl(log_uri) if r["epoch"] < start])
     # The targets' standardisation: a new run takes it from every rank's training rows; a
-    # resumed run keeps its checkpoint's (Ray Train's equal split may drop other rows now).
+    # resumed run keeps its checkpoint's (with another number of workers, or rows generated
+    # since, the ranks hold other rows now).
     standardization = (state["mean"], state["std"]) if state else target_stats(y_train)
     model.set_standardization(*standardization)
     y_train, y_val = model.standardize(y_train), model.standardize(y_val)
@@ -193,13 +206,11 @@ def run(cfg: Config) -> dict:
     fence = (out_dir, CommitLog(out_dir).take_over())
     connect(cfg.ray_address)
     train_reads, val_reads = training.split_reads(cfg)
-    datasets = {name: read_committed(reads, COLUMNS, cfg.generate.read.num_cpus)
-                for name, reads in (("train", train_reads), ("val", val_reads))}
     write_text(f"{out_dir}/config.yaml", to_yaml(cfg))
     trainer = training.make_trainer(
         train_loop, {"cfg": cfg, "log_uri": f"{out_dir}/metrics.jsonl", "model_dir": f"{out_dir}/model",
-                     "fence": fence},
-        cfg, name="train_scorer", storage=f"{out_dir}/ray_train", datasets=datasets,
+                     "fence": fence, "train_reads": train_reads, "val_reads": val_reads},
+        cfg, name="train_scorer", storage=f"{out_dir}/ray_train",
     )
     training.fit(trainer, cfg, fence)
     records = read_jsonl(f"{out_dir}/metrics.jsonl")

@@ -66,8 +66,8 @@ def test_scorer_learns_a_learnable_signal(local_ray, tmp_path):
         assert r["mae"] < r["mae_mean_baseline"] and r["r2"] > 0.3, name
     model = ScoreNet.from_pretrained(out / "model")
     assert model.config.in_features == 16
-    # Standardised by the whole training split's statistics, gathered from every rank (Ray
-    # Train's equal split may leave out up to 2 rows; one rank's own would be ~0.1 spread off).
+    # Standardised by the whole training split's statistics, gathered from every rank (the
+    # equal shares may leave out up to 2 rows; one rank's own would be ~0.1 spread off).
     fraction = heldout_fraction(cfg, [f"img{i:04d}" for i in range(400)])
     rows = pq.read_table(tmp_path / "generate" / "samples").to_pylist()
     train_targets = np.array([[r[t] for t in TARGETS] for r in rows if not heldout(cfg.seed, r["id"], fraction)])
@@ -99,6 +99,24 @@ def test_a_killed_worker_resumes_from_its_checkpoint(local_ray, tmp_path):
     assert [r["resumed_at_epoch"] for r in records] == [None, 1, 1]  # the restarted workers loaded epoch 0
     assert steps_per_epoch < 6 < 2 * steps_per_epoch  # ~300 training rows / 2 workers / batch 32: dies mid epoch 1
     assert records[-1]["step"] == 3 * steps_per_epoch
+
+
+def test_each_rank_reads_its_own_run_of_the_rows():
+    """Training shares are equal and disjoint (the last rows left over); held-out shares cover
+    every row; a rank names only the parts that hold its rows."""
+    reads = [{"path": "p0", "ids": ["a", "b", "c"]}, {"path": "p1", "ids": ["d", "e"]}, {"path": "p2", "ids": ["f"]}]
+
+    def rows(batch):
+        return [(path, i) for path, ids in zip(batch["path"], batch["ids"]) for i in ids]
+
+    train = [train_scorer.share(reads, rank, 4, equal=True) for rank in range(4)]
+    assert [rows(b) for b in train] == [[("p0", "a")], [("p0", "b")], [("p0", "c")], [("p1", "d")]]
+    val = [rows(train_scorer.share(reads, rank, 4, equal=False)) for rank in range(4)]
+    assert sorted(r for share in val for r in share) == rows({"path": ["p0", "p1", "p2"],
+                                                           "ids": [["a", "b", "c"], ["d", "e"], ["f"]]})
+    assert [len(share) for share in val] == [1, 2, 1, 2]
+    assert train_scorer.share(reads, 1, 2, equal=False) == {"path": ["p1", "p2"], "ids": [["d", "e"], ["f"]]}
+    assert train_scorer.share(reads[2:], 1, 2, equal=True) == {"path": [], "ids": []}
 
 
 def test_a_constant_target_is_centred_not_divided_by_zero():
