@@ -101,67 +101,49 @@ def test_a_batch_that_kills_its_worker_every_time_becomes_error_rows(local_ray, 
     assert figures["retries"] == 3
 
 
-def test_a_killed_driver_then_the_same_command_gives_every_input_once(local_ray, source, tmp_path):
-    """Killed right after its first commit, the job leaves most inputs to the rerun, which
-    takes the folder over (stragglers of the killed run cannot commit any more), skips what
-    was committed and does the rest."""
-    args = _args(tmp_path, source, "generate.rows_per_file=1", "generate.read.batch_size=1")
-    driver = subprocess.Popen([sys.executable, "-m", "rayjobs.generate", *args,
-                               f"ray_address={local_ray.get_runtime_context().gcs_address}"],
-                              start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              env=os.environ.copy())
-    started = time.perf_counter()
-    commits = tmp_path / "generate" / "_commits"
-    deadline = time.time() + 240
-    while time.time() < deadline and not (list(commits.glob("*.json")) if commits.exists() else []):
-        assert driver.poll() is None, "the job ended before it could be killed"
-        time.sleep(0.1)
-    os.killpg(driver.pid, signal.SIGKILL)  # the driver and anything it started, mid-run
-    driver.wait()
-    end_actors_of_dead_drivers(local_ray, driver.pid)  # its actors outlive it for a while; the next tests need the CPUs
-    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "generate" / "samples").glob("*.parquet")}
-    committed_before = len(CommitLog(str(tmp_path / "generate")).committed_ids())
-
-    stats = generate.run(load_config(overrides=args))
-    figures = account(tmp_path / "generate", _ids(source))
-    print_figures("driver killed, same command again", figures, time.perf_counter() - started,
-                  committed_before_kill=committed_before, done_by_rerun=stats["this_run"]["processed"])
-    assert 1 <= stats["this_run"]["processed"] <= 8 - committed_before  # it resumed, and redid nothing
-    assert (figures["committed"], figures["lost"], figures["duplicated"], figures["orphans"]) == (8, 0, 0, 0)
-    after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "generate" / "samples").glob("*.parquet")}
-    assert all(after[name] == mtime for name, mtime in before.items())  # finished work is not rewritten
-
-
-def test_a_job_whose_folder_is_taken_over_stops_with_the_reason(local_ray, source, tmp_path):
-    """Another run takes the output folder over mid-run (a second submission, or the rerun
-    after a driver it thinks dead): the first job commits nothing more and says why."""
+def test_the_same_command_again_takes_the_folder_over_and_does_the_rest_once(local_ray, source, tmp_path):
+    """A job still running (or its driver killed, its actors alive) when the same command runs
+    again, right after its first commit: the new run takes the folder over, skips what was
+    committed and does the rest; the first job commits nothing more and says why."""
     # One row at a time through every stage, and CPU left over for the writer's tasks: parts
     # commit while later rows are still being inpainted, not all in one burst at the end
     # (with the 2 CPUs taken by the stages, the writes could only start once they were done).
     small = [f"generate.{stage}.num_cpus=0.25" for stage in ("read", "captioner", "inpainter", "metrics")]
     args = _args(tmp_path, source, "generate.rows_per_file=1", "generate.read.batch_size=1",
-                 "generate.captioner.batch_size=1", "generate.metrics.batch_size=1", *small,
-                 f"ray_address={local_ray.get_runtime_context().gcs_address}")
-    job = subprocess.Popen([sys.executable, "-m", "rayjobs.generate", *args], stdout=subprocess.DEVNULL,
-                           stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+                 "generate.captioner.batch_size=1", "generate.metrics.batch_size=1", *small)
+    old = subprocess.Popen([sys.executable, "-m", "rayjobs.generate", *args,
+                            f"ray_address={local_ray.get_runtime_context().gcs_address}"],
+                           start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                           env=os.environ.copy())
     started, out = time.perf_counter(), tmp_path / "generate"
-    deadline = time.time() + 240
-    while time.time() < deadline and not (list((out / "_commits").glob("*.json")) if (out / "_commits").exists()
-                                          else []):
-        assert job.poll() is None, "the job ended before the take-over"
-        time.sleep(0.1)
-    # As a new run does: take over, then let commits already past their owner check land.
-    CommitLog(str(out)).take_over(grace_s=2)
-    taken_over = CommitLog(str(out)).committed_ids()
-    _, stderr = job.communicate(timeout=240)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not (list((out / "_commits").glob("*.json")) if (out / "_commits").exists()
+                                              else []):
+            assert old.poll() is None, "the job ended before the same command ran again"
+            time.sleep(0.1)
+        before = {p.name: p.stat().st_mtime_ns for p in (out / "samples").glob("*.parquet")}
+        committed_before = len(CommitLog(str(out)).committed_ids())
+        stats = generate.run(load_config(overrides=args))
+        _, stderr = old.communicate(timeout=240)
+    finally:
+        if old.poll() is None:
+            os.killpg(old.pid, signal.SIGKILL)
+            old.wait()
+        end_actors_of_dead_drivers(local_ray, old.pid)  # the next tests need the CPUs
     figures = account(out, _ids(source))
-    print_figures("output folder taken over mid-run", figures, time.perf_counter() - started,
-                  committed_at_take_over=len(taken_over), exit_code=job.returncode)
-    assert job.returncode == 1
+    print_figures("the same command again while the first job runs, after its first commit", figures,
+                  time.perf_counter() - started, committed_before=committed_before,
+                  done_by_rerun=stats["this_run"]["processed"], first_job_exit_code=old.returncode)
+    assert old.returncode == 1
     said = [line for line in stderr.splitlines() if line.startswith("generate: ")]
     assert said == [f"generate: {out} is now written by another run; this run's writes stop here"], stderr[-2000:]
-    assert CommitLog(str(out)).committed_ids() == taken_over  # nothing committed after the take-over
-    assert figures["duplicated"] == 0 and not (out / "_SUCCESS").exists()
+    assert 1 <= stats["this_run"]["processed"] <= 8 - committed_before  # it resumed, and redid nothing
+    # Nothing lost, nothing twice, and the first job's commits after the take-over were refused.
+    assert (figures["committed"], figures["lost"], figures["duplicated"], figures["orphans"]) == (8, 0, 0, 0)
+    after = {p.name: p.stat().st_mtime_ns for p in (out / "samples").glob("*.parquet")}
+    assert all(after[name] == mtime for name, mtime in before.items())  # finished work is not rewritten
+    assert (out / "_SUCCESS").exists()
 
 
 WRITER = textwrap.dedent("""

@@ -79,28 +79,6 @@ def test_scorer_learns_a_learnable_signal(local_ray, tmp_path):
     assert list((out / "tensorboard").glob("events.out.tfevents*"))
 
 
-def test_a_killed_worker_resumes_from_its_checkpoint(local_ray, tmp_path):
-    """Rank 0's process dies in epoch 1; the run resumes from epoch 0's checkpoint and ends
-    with the optimizer steps of an uninterrupted run (a restart from scratch would die again)."""
-    write_samples(tmp_path)
-    cfg = load_config(overrides=[f"run_dir={tmp_path}", "scorer.epochs=3", "scorer.batch_size=32",
-                                 "scorer.hidden=[16]", "train.inject_failure_at_step=6",
-                                 "scorer.checkpoint_every=1"])
-    started = time.perf_counter()
-    train_scorer.run(cfg)
-    records = [json.loads(line) for line in (tmp_path / "scorer" / "metrics.jsonl").read_text().splitlines()]
-    steps_per_epoch = records[0]["step"]  # epoch 0 ran uninterrupted
-    print_figures("Ray Train worker killed mid-epoch", {"epochs": len(records), "died_at_step": 6,
-                                                        "resumed_at_epoch": records[-1]["resumed_at_epoch"],
-                                                        "optimizer_steps": records[-1]["step"],
-                                                        "uninterrupted_steps": 3 * steps_per_epoch},
-                  time.perf_counter() - started)
-    assert [r["epoch"] for r in records] == [0, 1, 2]  # the redone epoch is logged once
-    assert [r["resumed_at_epoch"] for r in records] == [None, 1, 1]  # the restarted workers loaded epoch 0
-    assert steps_per_epoch < 6 < 2 * steps_per_epoch  # ~300 training rows / 2 workers / batch 32: dies mid epoch 1
-    assert records[-1]["step"] == 3 * steps_per_epoch
-
-
 def test_each_rank_reads_its_own_run_of_the_rows():
     """Training shares are equal and disjoint (the last rows left over); held-out shares cover
     every row; a rank names only the parts that hold its rows."""
@@ -195,11 +173,31 @@ def test_the_same_command_again_takes_the_run_over_and_continues_from_its_checkp
     assert json.loads((tmp_path / "scorer" / "_released.json").read_text()) == owner  # the new run finished
 
 
-def test_used_up_restarts_end_the_job_with_one_line(local_ray, tmp_path, capsys):
+def test_used_up_restarts_end_the_job_with_one_line_and_the_same_command_continues(local_ray, tmp_path, capsys):
+    """Rank 0's process dies in epoch 1 with no restart allowed: the job ends with one line.
+    The same command again continues from epoch 0's checkpoint and ends with the optimizer
+    steps of an uninterrupted run (a start from scratch would die again). The worker group's
+    own restart after a death: test_finetune_blip, through the same `rayjobs.training` code."""
     write_samples(tmp_path)
-    code = train_scorer.main([f"run_dir={tmp_path}", "scorer.epochs=2", "scorer.batch_size=32", "scorer.hidden=[16]",
-                              "train.max_failures=0", "train.inject_failure_at_step=2"])
+    args = [f"run_dir={tmp_path}", "scorer.epochs=3", "scorer.batch_size=32", "scorer.hidden=[16]",
+            "scorer.checkpoint_every=1", "train.max_failures=0", "train.inject_failure_at_step=6"]
+    started = time.perf_counter()
+    code = train_scorer.main(args)
     said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train_scorer: ")]
     assert code == 1
     assert len(said) == 1 and said[0].startswith("train_scorer: training failed (train.max_failures=0 restarts "
                                                  "allowed); the error on rank 0: "), said
+    log = tmp_path / "scorer" / "metrics.jsonl"
+    assert [json.loads(line)["epoch"] for line in log.read_text().splitlines()] == [0]
+
+    assert train_scorer.main(args) == 0
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    steps_per_epoch = records[0]["step"]  # epoch 0 ran uninterrupted
+    print_figures("Ray Train worker killed mid-epoch, no restart allowed; the same command again", {
+        "epochs": len(records), "died_at_step": 6, "resumed_at_epoch": records[-1]["resumed_at_epoch"],
+        "optimizer_steps": records[-1]["step"], "uninterrupted_steps": 3 * steps_per_epoch},
+        time.perf_counter() - started)
+    assert [r["epoch"] for r in records] == [0, 1, 2]  # the redone epoch is logged once
+    assert [r["resumed_at_epoch"] for r in records] == [None, 1, 1]  # the second run loaded epoch 0
+    assert steps_per_epoch < 6 < 2 * steps_per_epoch  # ~300 training rows / 2 workers / batch 32: dies mid epoch 1
+    assert records[-1]["step"] == 3 * steps_per_epoch
