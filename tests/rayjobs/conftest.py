@@ -8,7 +8,7 @@ from rayjobs import pipeline
 
 @pytest.fixture(scope="session")
 def main_run(local_ray, tmp_path_factory):
-    """The README's main command (fewer epochs, two FID workers), run once for the session.
+    """The README's main command (`helpers.PIPELINE_ARGS`), run once for the session.
 
     With a relative run_dir, as the default is: workers must write where the driver reads.
     Tests that change a run work on a copy (`helpers.copy_run`)."""

@@ -15,53 +15,39 @@ from blipinpaint.io import decode_png
 from blipinpaint.models import ModelRef
 from rayjobs import finetune_blip
 
-BASE = ["finetune.batch_size=2", "finetune.lr=1e-3"]
 
-
-@pytest.fixture(scope="module")
-def scored_run(main_run, tmp_path_factory):
-    """Generated samples of the shipped photographs and a scorer trained on them: the main
-    run's, copied, so that these tests write their own blip/ and finetune/."""
-    run_dir = tmp_path_factory.mktemp("ft")
-    copy_run(main_run[1] / "run", run_dir, ("generate", "scorer/model"))
-    return run_dir
-
-
-def _finetune(run_dir, *extra):
-    cfg = load_config(overrides=[f"run_dir={run_dir}", *BASE, *extra])
-    return cfg, finetune_blip.run(cfg)
-
-
-def test_only_the_text_decoder_changes(scored_run):
-    cfg, report = _finetune(scored_run, "finetune.epochs=2")
+def test_only_the_text_decoder_changes(main_run):
+    """The main run fine-tuned (`helpers.PIPELINE_ARGS`: 2 epochs at lr 1e-3, batches of 2)."""
+    run_dir = main_run[1] / "run"
+    cfg = load_config(overrides=[f"run_dir={run_dir}"])
+    report = json.loads((run_dir / "finetune" / "report.json").read_text())
     original = load_file(f"{stages.resolve_preset(cfg).captioner.name_or_path}/model.safetensors")
-    tuned = load_file(scored_run / "blip" / "model.safetensors")
+    tuned = load_file(run_dir / "blip" / "model.safetensors")
     assert original.keys() == tuned.keys()
     changed = {k for k in original if not torch.equal(original[k], tuned[k])}
     assert changed and all(k.startswith("text_decoder.") for k in changed)
     assert all(torch.equal(original[k], tuned[k]) for k in original if k.startswith("vision_model."))
     assert report["scorer_unchanged"] and report["steps"] >= 2
     assert report["frozen_unchanged"]  # the vision model, in the workers, through every step
-    records = [json.loads(line) for line in (scored_run / "finetune" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (run_dir / "finetune" / "metrics.jsonl").read_text().splitlines()]
     assert {r["epoch"] for r in records} == {0, 1} and all("loss_blip" in r for r in records)
-    assert (scored_run / "finetune" / "loss.png").stat().st_size > 1000
+    assert (run_dir / "finetune" / "loss.png").stat().st_size > 1000
 
 
-def test_the_fine_tuned_folder_captions_as_the_trained_model_did(scored_run):
+def test_the_fine_tuned_folder_captions_as_the_trained_model_did(main_run):
     """The job decodes a probe batch with the decoder it trained, in memory; the saved folder,
     reloaded the way generate and evaluate load a captioner, must give the very same captions."""
     import pyarrow.parquet as pq
 
-    folder = scored_run / "blip"
-    if not (folder / "model.safetensors").exists():
-        _finetune(scored_run, "finetune.epochs=2")
+    run_dir = main_run[1] / "run"
+    folder = run_dir / "blip"
     BlipForConditionalGeneration.from_pretrained(folder, use_safetensors=True)
-    report = json.loads((scored_run / "finetune" / "report.json").read_text())
+    report = json.loads((run_dir / "finetune" / "report.json").read_text())
     probe = {r["id"]: r for r in report["probe"]}
     # lr 1e-3 moves the tiny decoder's captions: an unchanged folder could not pass below.
     assert probe and report["probe_changed"] > 0
 
-    rows = pq.read_table(scored_run / "generate" / "samples", columns=["id", "caption", "image_png", "mask_png"])
+    rows = pq.read_table(run_dir / "generate" / "samples", columns=["id", "caption", "image_png", "mask_png"])
     rows = [r for r in rows.to_pylist() if r["id"] in probe]
     assert [r["caption"] for r in rows] == [probe[r["id"]]["caption"] for r in rows]  # before: generate's
     batch = {"id": np.array([r["id"] for r in rows], dtype=object),
@@ -73,18 +59,17 @@ def test_the_fine_tuned_folder_captions_as_the_trained_model_did(scored_run):
     assert list(out["caption"]) == [probe[r["id"]]["fine_tuned"] for r in rows]
 
 
-def test_zero3_in_bf16_with_a_kl_term_and_offload_resumes_after_a_worker_death(scored_run, tmp_path):
+def test_zero3_in_bf16_with_a_kl_term_and_offload_resumes_after_a_worker_death(main_run, tmp_path):
     """ZeRO-3 partitions parameters whose sizes do not split evenly over 2 ranks (the tiny decoder's
     37-wide layers): restoring the fp32 masters of a bf16 engine must set each rank's padded part.
     The optimizer state lives in CPU memory (DeepSpeed refused a torch optimizer there). Rank 0
     dies at the second step: each rank reloads its own partition, through the weights-only loader."""
-    import shutil
-    run_dir = tmp_path / "run"  # a copy of the run folder, so this run writes its own blip/ and finetune/
-    shutil.copytree(scored_run / "generate", run_dir / "generate")
-    shutil.copytree(scored_run / "scorer" / "model", run_dir / "scorer" / "model")
-    _, report = _finetune(run_dir, "train.zero_stage=3", "models.dtype=bf16", "finetune.epochs=2",
-                          "finetune.kl_weight=0.1", "train.offload_optimizer=true", "train.inject_failure_at_step=2",
-                          "finetune.lambda_ssim=0.3", "finetune.lambda_psnr=0.05", "finetune.lambda_clip=2")
+    run_dir = tmp_path / "run"  # the main run's samples and scorer, so this run writes its own blip/ and finetune/
+    copy_run(main_run[1] / "run", run_dir, ("generate", "scorer/model"))
+    report = finetune_blip.run(load_config(overrides=[
+        f"run_dir={run_dir}", "finetune.batch_size=2", "finetune.lr=1e-3", "train.zero_stage=3", "models.dtype=bf16",
+        "finetune.epochs=2", "finetune.kl_weight=0.1", "train.offload_optimizer=true", "train.inject_failure_at_step=2",
+        "finetune.lambda_ssim=0.3", "finetune.lambda_psnr=0.05", "finetune.lambda_clip=2"]))
     assert report["engine"] == {"zero_stage": 3, "offload_optimizer": True, "dtype": "bfloat16", "workers": 2,
                                 "cpus_per_worker": 0.5}
     assert report["scorer_unchanged"] and report["frozen_unchanged"]
