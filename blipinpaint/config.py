@@ -142,7 +142,7 @@ class ScorerConfig:
     hidden: list[int] = field(default_factory=lambda: [512, 256])
     lr: float = 1e-4  # the paper's Adam settings
     epochs: int = 50
-    batch_size: int = 64
+    batch_size: int = 64  # per optimizer step, over all workers
     # Epochs are short (a pass over cached features): a checkpoint every epoch would cost more
     # than the epoch. A failure redoes at most this many epochs.
     checkpoint_every: int = 10
@@ -152,11 +152,19 @@ class ScorerConfig:
 class FinetuneConfig:
     lr: float = 1e-6  # the paper's: small, so BLIP changes slowly
     epochs: int = 3
-    batch_size: int = 8
+    batch_size: int = 8  # the paper's, per optimizer step over all workers (8 workers: one sample each)
     lambda_ssim: float = 0.5  # λ1
     lambda_psnr: float = 0.2  # λ2
     lambda_clip: float = 4.0  # λ3
     kl_weight: float = 0.0  # > 0 adds KL to the original decoder (keeps captions fluent)
+
+
+@dataclass
+class BootstrapConfig:
+    """Percentile bootstrap over samples for the report's intervals (seeded by `seed`)."""
+
+    replicates: int = 1000
+    confidence: float = 0.95
 
 
 @dataclass
@@ -167,6 +175,7 @@ class EvaluateConfig:
     grid_rows: int = 6  # samples in the qualitative grid
     other_runs: list[str] = field(default_factory=list)  # run_dirs whose evaluations join this table
     retry_failed: bool = False  # try `stage failed` error rows of earlier evaluate runs again
+    bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
 
 
 @dataclass
@@ -281,12 +290,19 @@ def validate(cfg: Config) -> None:
                        ("finetune.epochs", cfg.finetune.epochs), ("finetune.batch_size", cfg.finetune.batch_size)):
         if value < 1:
             problems.append(f"{key}={value} must be at least 1")
+    for key, value in (("scorer.batch_size", cfg.scorer.batch_size), ("finetune.batch_size", cfg.finetune.batch_size)):
+        if value >= 1 and t.num_workers >= 1 and value % t.num_workers:
+            problems.append(f"{key}={value} is the batch per optimizer step over all train.num_workers="
+                            f"{t.num_workers}: it must be a multiple of them (each worker takes an equal share)")
     e = cfg.evaluate
     problems += _stage_problems("evaluate.fid", e.fid)
     if e.limit is not None and e.limit < 2:
         problems.append(f"evaluate.limit={e.limit} must be at least 2 (FID needs two images per set)")
     if list(e.mask_buckets) != sorted(set(e.mask_buckets)) or not all(0 < b < 1 for b in e.mask_buckets):
         problems.append(f"evaluate.mask_buckets={list(e.mask_buckets)} must be increasing fractions between 0 and 1")
+    if e.bootstrap.replicates < 2 or not 0 < e.bootstrap.confidence < 1:
+        problems.append(f"evaluate.bootstrap: replicates={e.bootstrap.replicates} must be at least 2 and "
+                        f"confidence={e.bootstrap.confidence} between 0 and 1")
     if e.grid_rows < 1:
         problems.append(f"evaluate.grid_rows={e.grid_rows} must be at least 1")
     if problems:

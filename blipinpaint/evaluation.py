@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from blipinpaint.bootstrap import mean_intervals
 from blipinpaint.io import decode_png
 from blipinpaint.masks import masked_pixels
 from blipinpaint.records import METRICS
@@ -34,6 +35,10 @@ VARIANTS = {
     "finetuned": Variant("+ fine-tuned BLIP caption", "fine-tuned BLIP caption", "_finetuned",
                          "inpainted_finetuned_png", "caption_finetuned"),
 }
+# The paired comparisons: (variant, minus variant), per sample.
+DELTAS = {"blip_vs_baseline": ("blip", "baseline"), "finetuned_vs_blip": ("finetuned", "blip")}
+DELTA_LABELS = {"blip_vs_baseline": "BLIP − baseline", "finetuned_vs_blip": "fine-tuned − BLIP"}
+PAIRED = ("clip_score", "ssim", "psnr")  # the metrics with a bootstrap interval
 REAL = "ground_truth"
 FID_SETS = {REAL: "image_png", **{name: v.image for name, v in VARIANTS.items()}}
 ALL = "all"
@@ -61,13 +66,30 @@ def spread(values: np.ndarray) -> dict:
             "infinite": int((~np.isfinite(values)).sum())}
 
 
-def summarize(columns: dict[str, np.ndarray], fid: dict[str, dict], edges: list[float]) -> dict:
-    """Per variant, overall and per mask bucket: sample count, FID, and every metric's spread.
+def intervals(columns: dict[str, np.ndarray], rows: np.ndarray, replicates: int, seed: int,
+              confidence: float) -> dict:
+    """Bootstrap intervals over the samples `rows` selects: each variant's mean of the PAIRED
+    metrics, and each DELTAS pair's mean per-sample difference, all from the same draws."""
+    series = {}
+    for key, v in VARIANTS.items():
+        series.update({(key, m): np.asarray(columns[m + v.suffix], dtype=np.float64)[rows] for m in PAIRED})
+    for name, (a, b) in DELTAS.items():
+        series.update({(name, m): series[(a, m)] - series[(b, m)] for m in PAIRED})
+    out = mean_intervals(series, replicates, seed, confidence) if rows.any() else {}
+    return {group: {m: out.get((group, m)) for m in PAIRED} for group in (*VARIANTS, *DELTAS)}
 
-    `columns` holds the evaluated rows' metric columns and `mask_area`; `fid` is
-    `blipinpaint.fid.fid_table`'s output keyed by variant.
+
+def summarize(columns: dict[str, np.ndarray], fid: dict[str, dict], edges: list[float],
+              bootstrap: tuple[int, int, float] = (1000, 0, 0.95)) -> dict:
+    """Per variant, overall, per mask bucket and on the samples whose caption fine-tuning
+    changed: sample count, FID, every metric's spread, and bootstrap intervals (`intervals`;
+    `bootstrap` is (replicates, seed, confidence)).
+
+    `columns` holds the evaluated rows' metric columns, `mask_area`, `caption` and
+    `caption_finetuned`; `fid` is `blipinpaint.fid.fid_table`'s output keyed by variant.
     """
     buckets = np.array(bucket_of(columns["mask_area"], edges), dtype=object)
+    changed = np.array([a != b for a, b in zip(columns["caption_finetuned"], columns["caption"])], dtype=bool)
 
     def block(rows: np.ndarray, group: str) -> dict:
         out = {}
@@ -78,9 +100,22 @@ def summarize(columns: dict[str, np.ndarray], fid: dict[str, dict], edges: list[
         return out
 
     everything = np.ones(len(buckets), dtype=bool)
+    replicates, seed, confidence = bootstrap
     return {
         "variants": block(everything, ALL),
         "mask_buckets": {b: block(buckets == b, b) for b in bucket_names(edges) if (buckets == b).any()},
+        # Only here can the fine-tuned variant differ from the BLIP one (an unchanged caption
+        # reuses its inpainting). FID is not taken on this subset.
+        "changed": {"captions": int(changed.sum()), "of": len(changed),
+                    "share": float(changed.mean()) if len(changed) else None,
+                    "variants": block(changed, "")},
+        "intervals": {
+            "replicates": replicates, "confidence": confidence, "seed": seed,
+            ALL: intervals(columns, everything, *bootstrap),
+            "mask_buckets": {b: intervals(columns, buckets == b, *bootstrap) for b in bucket_names(edges)
+                             if (buckets == b).any()},
+            "changed": intervals(columns, changed, *bootstrap),
+        },
     }
 
 
@@ -97,17 +132,58 @@ def _mean_std(stats: dict, digits: int = 2) -> str:
     return fmt(stats["mean"], digits) + ("" if stats["std"] is None else f" ± {fmt(stats['std'], digits)}")
 
 
+def fmt_interval(iv: dict | None, digits: int = 2, sign: bool = False) -> str:
+    """`estimate [low, high]`, or n/a."""
+    if iv is None or iv["estimate"] is None:
+        return "n/a"
+    value = ("+" if sign and iv["estimate"] > 0 else "") + fmt(iv["estimate"], digits)
+    return value if iv["low"] is None else f"{value} [{fmt(iv['low'], digits)}, {fmt(iv['high'], digits)}]"
+
+
+def _difference(a, b):
+    return None if a is None or b is None else a - b
+
+
 def table1(datasets: dict[str, dict]) -> str:
-    """The paper's Table 1: a row per variant, CLIP score ↑, FID ↓ and samples per dataset."""
+    """The paper's Table 1: a row per variant, CLIP score ↑ (with its bootstrap interval),
+    FID ↓ and samples per dataset; then the paired differences between variants."""
     names = list(datasets)
     lines = ["| | " + " | ".join(f"{n}: CLIP score ↑ | {n}: FID ↓ | {n}: n" for n in names) + " |",
              "|---|" + "---:|---:|---:|" * len(names)]
+
+    def clip_cell(data: dict, group: str) -> str:
+        if "intervals" not in data:  # a report written before the intervals
+            return _mean_std(data["variants"][group]["clip_score"]) if group in VARIANTS else "n/a"
+        return fmt_interval(data["intervals"][ALL][group]["clip_score"], sign=group in DELTAS)
+
     for key, v in VARIANTS.items():
         cells = []
         for n in names:
             entry = datasets[n]["variants"][key]
-            cells += [_mean_std(entry["clip_score"]), fmt(entry["fid"]), str(entry["samples"])]
+            cells += [clip_cell(datasets[n], key), fmt(entry["fid"]), str(entry["samples"])]
         lines.append(f"| {v.label} | " + " | ".join(cells) + " |")
+    for key, (a, b) in DELTAS.items():
+        cells = []
+        for n in names:
+            v = datasets[n]["variants"]
+            cells += [clip_cell(datasets[n], key), fmt(_difference(v[a]["fid"], v[b]["fid"])), str(v[a]["samples"])]
+        lines.append(f"| {DELTA_LABELS[key]} (paired) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def paired_table(summary: dict) -> str:
+    """The paired per-sample differences with their intervals: overall, on the samples whose
+    caption fine-tuning changed, and per mask bucket."""
+    iv = summary["intervals"]
+    scopes = {"all samples": (iv[ALL], summary["variants"]["blip"]["samples"]),
+              "caption changed by fine-tuning": (iv["changed"], summary["changed"]["captions"]),
+              **{f"mask area {b}": (iv["mask_buckets"][b], blk["blip"]["samples"])
+                 for b, blk in summary["mask_buckets"].items()}}
+    lines = ["| samples | difference | n | " + " | ".join(PAIRED) + " |", "|---|---|---:|" + "---:|" * len(PAIRED)]
+    for scope, (groups, n) in scopes.items():
+        for key in DELTAS:
+            cells = [fmt_interval(groups[key][m], 3, sign=True) for m in PAIRED]
+            lines.append(f"| {scope} | {DELTA_LABELS[key]} | {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

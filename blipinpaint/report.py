@@ -66,10 +66,11 @@ def write_tensorboard(records: list[dict], x: str, logdir: str) -> None:
 
 
 def plot_grouped_bars(panels: dict[str, dict[str, dict[str, tuple]]], title: str, uri: str) -> None:
-    """Bar charts, one panel each: {panel: {group: {series: (value, error or None)}}}.
+    """Bar charts, one panel each: {panel: {group: {series: (value, error)}}}.
 
     Bars of one group stand side by side, one colour per series; a missing value (None)
-    leaves its slot empty rather than drawing a zero.
+    leaves its slot empty rather than drawing a zero. The error bar is a spread either
+    side, an interval (low, high) around the value, or None.
     """
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
     for ax, (panel, groups) in zip(axes[0], panels.items()):
@@ -82,9 +83,10 @@ def plot_grouped_bars(panels: dict[str, dict[str, dict[str, tuple]]], title: str
                 if value is not None:
                     xs.append(i + (j - (len(series) - 1) / 2) * width)
                     ys.append(value)
-                    errs.append(error or 0.0)
-            has_errors = any(e for e in errs)
-            ax.bar(xs, ys, width, yerr=errs if has_errors else None, capsize=3, label=name)
+                    low, high = error if isinstance(error, tuple) else (value - (error or 0.0), value + (error or 0.0))
+                    errs.append((value - low, high - value))
+            has_errors = any(e for pair in errs for e in pair)
+            ax.bar(xs, ys, width, yerr=np.array(errs).T if has_errors else None, capsize=3, label=name)
         ax.set_xticks(range(len(groups)), list(groups))
         ax.set_title(panel)
         ax.grid(axis="y", alpha=0.3)

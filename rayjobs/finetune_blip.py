@@ -142,7 +142,8 @@ def finetune_loop(config: dict) -> None:
     for epoch in range(start, cfg.finetune.epochs):
         engine.train()
         records = []
-        for batch in shard.iter_batches(batch_size=cfg.finetune.batch_size, batch_format="numpy"):
+        per_worker = training.per_worker(cfg, cfg.finetune.batch_size)
+        for batch in shard.iter_batches(batch_size=per_worker, batch_format="numpy"):
             pixels = _pixels(batch, bundle.image_processor, device, model.vision_model.dtype)
             if not records:
                 probe = (list(batch["id"]), [str(c) for c in batch["caption"]], pixels)
@@ -224,6 +225,8 @@ def run(cfg: Config) -> dict:
     fence = (out_dir, CommitLog(out_dir).take_over())
     connect(cfg.ray_address)
     train, _ = training.split(cfg, COLUMNS)
+    log.info("batch of %d per optimizer step: %d on each of %d workers", cfg.finetune.batch_size,
+             training.per_worker(cfg, cfg.finetune.batch_size), cfg.train.num_workers)
     write_text(f"{out_dir}/config.yaml", to_yaml(cfg))
     trainer = training.make_trainer(
         finetune_loop,

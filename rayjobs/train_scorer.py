@@ -135,7 +135,7 @@ def train_loop(config: dict) -> None:
         # Shuffled per epoch from (seed, rank, epoch): a resumed run sees the same order.
         order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(
             sample_seed(cfg.seed, f"{ctx.get_world_rank()}/{epoch}", "scorer-order")))
-        for index in order.split(cfg.scorer.batch_size):
+        for index in order.split(training.per_worker(cfg, cfg.scorer.batch_size)):
             x, y = x_train[index], y_train[index]
             loss = torch.nn.functional.mse_loss(engine(x), y)
             engine.backward(loss)
@@ -206,6 +206,8 @@ def run(cfg: Config) -> dict:
     fence = (out_dir, CommitLog(out_dir).take_over())
     connect(cfg.ray_address)
     train_reads, val_reads = training.split_reads(cfg)
+    log.info("batch of %d per optimizer step: %d on each of %d workers", cfg.scorer.batch_size,
+             training.per_worker(cfg, cfg.scorer.batch_size), cfg.train.num_workers)
     write_text(f"{out_dir}/config.yaml", to_yaml(cfg))
     trainer = training.make_trainer(
         train_loop, {"cfg": cfg, "log_uri": f"{out_dir}/metrics.jsonl", "model_dir": f"{out_dir}/model",

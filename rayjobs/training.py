@@ -34,14 +34,25 @@ from rayjobs.common import read_committed, row_reads
 log = logging.getLogger(__name__)
 
 
+def per_worker(cfg: Config, batch_size: int) -> int:
+    """Each worker's share of a global batch (`scorer.batch_size`, `finetune.batch_size`: the
+    samples per optimizer step over all workers, as the paper counts them; the config check
+    makes it a multiple of `train.num_workers`)."""
+    return batch_size // cfg.train.num_workers
+
+
 def deepspeed_config(cfg: Config, batch_size: int, dtype: str | None = None) -> dict:
-    """DeepSpeed settings; the engine trains in `dtype` (default `models.dtype`), on GPU or CPU alike."""
+    """DeepSpeed settings for the global `batch_size`; the engine trains in `dtype` (default
+    `models.dtype`), on GPU or CPU alike."""
     dtype = dtype or cfg.models.dtype
     zero = {"stage": cfg.train.zero_stage}
     if cfg.train.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
     return {
-        "train_micro_batch_size_per_gpu": batch_size,
+        # DeepSpeed checks global = per worker x accumulation x workers when it starts. No
+        # accumulation: the paper's batch of 8 on 8 workers is one sample each.
+        "train_batch_size": batch_size,
+        "train_micro_batch_size_per_gpu": per_worker(cfg, batch_size),
         "gradient_accumulation_steps": 1,
         "zero_optimization": zero,
         # A plain torch Adam: DeepSpeed's fused/CPU Adam would compile C++ on first use. With
@@ -59,7 +70,8 @@ def engine_settings(engine) -> dict:
     """What the DeepSpeed engine actually runs with, for the job's report."""
     return {"zero_stage": int(engine.zero_optimization_stage()), "offload_optimizer": bool(engine.zero_cpu_offload()),
             "dtype": str(next(engine.module.parameters()).dtype).removeprefix("torch."),
-            "workers": dist.get_world_size(),
+            "workers": dist.get_world_size(), "global_batch": engine.train_batch_size(),
+            "batch_per_worker": engine.train_micro_batch_size_per_gpu(),
             "cpus_per_worker": ray.get_runtime_context().get_assigned_resources().get("CPU")}
 
 

@@ -12,9 +12,9 @@ from PIL import Image
 from blipinpaint.records import SAMPLE_SCHEMA, encode_rows
 
 # The README's main command with fewer epochs and two FID workers (tests/rayjobs/conftest.py runs
-# it), fine-tuning at lr 1e-3 in batches of 2: two steps that move the tiny decoder's captions,
+# it), fine-tuning at lr 1e-3 in batches of 4 (2 a worker): two steps that move the tiny decoder's captions,
 # which test_finetune_blip reads from this run.
-PIPELINE_ARGS = ["run_dir=run", "scorer.epochs=2", "finetune.epochs=2", "finetune.batch_size=2", "finetune.lr=1e-3",
+PIPELINE_ARGS = ["run_dir=run", "scorer.epochs=2", "finetune.epochs=2", "finetune.batch_size=4", "finetune.lr=1e-3",
                  "evaluate.fid.size=2"]
 
 

@@ -46,6 +46,9 @@ def test_resolved_config_round_trips(tmp_path):
     (["evaluate.limit=1"], "evaluate.limit=1 must be at least 2"),
     (["evaluate.mask_buckets=[0.3,0.1]"], "mask_buckets=\\[0.3, 0.1\\] must be increasing"),
     (["evaluate.fid.size=0"], "evaluate.fid.size=0"),
+    (["train.num_workers=3"], "finetune.batch_size=8 is the batch per optimizer step over all train.num_workers=3: "
+                              "it must be a multiple of them"),
+    (["train.num_workers=3", "finetune.batch_size=9"], "scorer.batch_size=64 is the batch per optimizer step"),
 ])
 def test_bad_config_names_the_problem(overrides, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):

@@ -1,7 +1,18 @@
 import numpy as np
 import pytest
 
-from blipinpaint.evaluation import VARIANTS, bucket_names, bucket_of, bucket_table, metrics_table, summarize, table1
+from blipinpaint.evaluation import (
+    ALL,
+    DELTA_LABELS,
+    VARIANTS,
+    bucket_names,
+    bucket_of,
+    bucket_table,
+    metrics_table,
+    paired_table,
+    summarize,
+    table1,
+)
 from blipinpaint.records import METRICS
 
 
@@ -14,7 +25,10 @@ def test_mask_buckets_from_edges():
 
 def columns(n: int = 6) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
-    out = {"mask_area": np.array([0.05, 0.05, 0.2, 0.2, 0.2, 0.5][:n], dtype=np.float32)}
+    out = {"mask_area": np.array([0.05, 0.05, 0.2, 0.2, 0.2, 0.5][:n], dtype=np.float32),
+           "caption": np.array([f"caption {i}" for i in range(n)], dtype=object)}
+    out["caption_finetuned"] = np.array([f"new {c}" if i in (2, 4) else c for i, c in enumerate(out["caption"])],
+                                        dtype=object)
     for v in VARIANTS.values():
         for m in METRICS:
             out[m + v.suffix] = rng.uniform(0, 30, n).astype(np.float32)
@@ -47,10 +61,44 @@ def test_table1_has_a_row_per_variant_and_columns_per_dataset():
     table = table1(summaries).splitlines()
     assert table[0].count("CLIP score ↑") == 2 and "VisualGenome: FID ↓" in table[0]
     rows = table[2:]
-    assert [r.split("|")[1].strip() for r in rows] == [v.label for v in VARIANTS.values()]
+    assert [r.split("|")[1].strip() for r in rows] == [v.label for v in VARIANTS.values()] + [
+        f"{label} (paired)" for label in DELTA_LABELS.values()]
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")[1:]]
         assert len(cells) == 6 and "n/a" not in cells and all(cells)
-        assert cells[1] == "46.70" and cells[4] == "0.000249" and cells[2] == cells[5] == "6"
+        assert cells[2] == cells[5] == "6"
+        assert cells[0].count("[") == 1  # the CLIP score with its interval
+    first = [c.strip() for c in rows[0].strip("|").split("|")[1:]]
+    assert (first[1], first[4]) == ("46.70", "0.000249")
+    assert rows[3].split("|")[3].strip() == "0.00"  # the FID difference, for now without an interval
     assert "n/a" not in metrics_table(summaries["MSCOCO"])
     assert bucket_table(summaries["MSCOCO"]).count("n/a") == 3  # the one-image bucket's FIDs
+
+
+def test_paired_differences_have_intervals_overall_per_bucket_and_where_captions_changed():
+    cols = columns()
+    summary = summarize(cols, fid(3.0), [0.1, 0.3], (500, 0, 0.95))
+    changed = summary["changed"]
+    assert (changed["captions"], changed["of"], changed["share"]) == (2, 6, pytest.approx(2 / 6))
+    assert changed["variants"]["finetuned"]["samples"] == 2
+    assert changed["variants"]["finetuned"]["ssim"]["mean"] == pytest.approx(cols["ssim_finetuned"][[2, 4]].mean())
+    iv = summary["intervals"]
+    delta = iv[ALL]["blip_vs_baseline"]["clip_score"]
+    assert delta["estimate"] == pytest.approx((cols["clip_score"] - cols["clip_score_baseline"]).mean())
+    assert delta["low"] < delta["estimate"] < delta["high"] and delta["n"] == 6
+    on_changed = iv["changed"]["finetuned_vs_blip"]["psnr"]
+    assert on_changed["estimate"] == pytest.approx((cols["psnr_finetuned"] - cols["psnr"])[[2, 4]].mean())
+    assert iv["mask_buckets"][">=30%"]["blip"]["ssim"]["low"] is None  # one sample: nothing to resample
+    assert iv[ALL]["blip"]["ssim"]["estimate"] == pytest.approx(cols["ssim"].mean())
+    table = paired_table(summary)
+    assert "caption changed by fine-tuning | fine-tuned − BLIP | 2 |" in table
+    assert table.count("mask area") == 6  # two differences in each of three buckets
+
+
+def test_no_changed_caption_leaves_that_subset_empty():
+    cols = columns()
+    cols["caption_finetuned"] = cols["caption"].copy()
+    summary = summarize(cols, fid(3.0), [0.1, 0.3], (100, 0, 0.95))
+    assert summary["changed"]["captions"] == 0
+    assert summary["intervals"]["changed"]["finetuned_vs_blip"]["clip_score"] is None
+    assert "caption changed by fine-tuning | fine-tuned − BLIP | 0 | n/a | n/a | n/a |" in paired_table(summary)

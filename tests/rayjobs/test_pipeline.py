@@ -11,6 +11,7 @@ from blipinpaint import stages
 from blipinpaint.config import load_config
 from blipinpaint.evaluation import FID_SETS, REAL, VARIANTS, bucket_of
 from blipinpaint.fid import fid_table
+from blipinpaint.records import METRICS
 from blipinpaint.seeds import heldout
 from rayjobs import evaluate, pipeline
 
@@ -43,16 +44,21 @@ def test_main_job_runs_every_step_and_reuses_them(main_run, capsys, monkeypatch)
     generated = {r["id"]: r for r in samples.to_pylist()}
     for row in evaluated.to_pylist():  # the third variant starts from the same noise as the other two
         assert row["noise_seed"] == generated[row["id"]]["noise_seed"]
-        if row["caption_finetuned"] == row["caption"]:
+        if row["caption_finetuned"] == row["caption"]:  # reused: the same pixels and scores
             assert row["inpainted_finetuned_png"] == row["inpainted_png"]
+            assert all(row[m + "_finetuned"] == row[m] for m in METRICS)
     report = json.loads((run / "eval" / "report.json").read_text())
+    changed = sum(r["caption_finetuned"] != r["caption"] for r in evaluated.to_pylist())
+    assert (report["changed"]["captions"], report["changed"]["of"]) == (changed, 2)
+    delta = report["intervals"]["all"]["blip_vs_baseline"]["clip_score"]
+    assert delta["n"] == 2 and delta["low"] <= delta["estimate"] <= delta["high"]
     for name in VARIANTS:
         entry = report["variants"][name]
         assert entry["samples"] == 2 and entry["fid"] >= 0 and entry["clip_score"]["mean"] >= 0
     table = (run / "eval" / "report.md").read_text().split("## Table 1")[1].split("##")[0]
     rows = [line for line in table.splitlines() if line.startswith("| ") and "CLIP" not in line]
-    assert len(rows) == 3 and all(cell.strip() and cell.strip() != "n/a" for r in rows for cell in r.split("|")[1:-1])
-    for png in ("metrics.png", "mask_buckets.png", "grid.png"):
+    assert len(rows) == 5 and all(cell.strip() and cell.strip() != "n/a" for r in rows for cell in r.split("|")[1:-1])
+    for png in ("metrics.png", "mask_buckets.png", "deltas.png", "grid.png"):
         with Image.open(run / "eval" / png) as image:
             assert image.format == "PNG" and image.size[0] > 300
 

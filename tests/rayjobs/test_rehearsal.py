@@ -23,7 +23,7 @@ from rayjobs import models, pipeline
 # The fine-tune runs as the hardest case: ZeRO-3 in bf16 with the KL term.
 RUN = ["models.preset=paper", "models.dtype=bf16", "data.image_size=64", "inpaint.num_inference_steps=2",
        "caption.max_new_tokens=8", "scorer.epochs=2", "scorer.hidden=[16]", "finetune.epochs=1",
-       "finetune.batch_size=2", "finetune.kl_weight=0.1", "train.zero_stage=3"]
+       "finetune.batch_size=4", "finetune.kl_weight=0.1", "train.zero_stage=3"]
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """The scorer job on 2 CPU workers (gloo) with DeepSpeed ZeRO."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -53,13 +54,15 @@ def test_scorer_learns_a_learnable_signal(local_ray, tmp_path):
                                  f"train.offload_optimizer={str(offload).lower()}", f"train.num_workers={workers}",
                                  f"train.cpus_per_worker={cpus}",
                                  "train.tensorboard=true",
-                                 "scorer.lr=1e-2", "scorer.batch_size=32", f"scorer.hidden={hidden}"])
+                                 "scorer.lr=1e-2", "scorer.batch_size=96", "finetune.batch_size=3",
+                                 f"scorer.hidden={hidden}"])
     report = train_scorer.run(cfg)
     out = tmp_path / "scorer"
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == list(range(6))
     assert records[-1]["engine"] == {"zero_stage": zero_stage, "offload_optimizer": offload, "dtype": "float32",
-                                     "workers": workers, "cpus_per_worker": cpus}
+                                     "workers": workers, "cpus_per_worker": cpus, "global_batch": 96,
+                                     "batch_per_worker": 32}
     assert records[-1]["val_loss"] < 0.5 * records[-1]["val_loss_mean_baseline"]
     assert records[-1]["train_loss"] < records[0]["train_loss"]
     for name, r in report["heldout"].items():
@@ -72,6 +75,8 @@ def test_scorer_learns_a_learnable_signal(local_ray, tmp_path):
     rows = pq.read_table(tmp_path / "generate" / "samples").to_pylist()
     train_targets = np.array([[r[t] for t in TARGETS] for r in rows if not heldout(cfg.seed, r["id"], fraction)])
     spread = train_targets.std(0, ddof=1)
+    # The batch of 96 is per optimizer step, over the 3 workers: each takes 32 of its equal share per step.
+    assert records[-1]["step"] == 6 * math.ceil(len(train_targets) // workers / 32)
     assert (np.abs(np.array(model.config.mean) - train_targets.mean(0)) < 0.02 * spread).all()
     assert (np.abs(np.array(model.config.std) / spread - 1) < 0.02).all()
     for png in ("loss.png", "scatter.png"):

@@ -85,3 +85,12 @@ def test_a_split_that_leaves_nothing_to_train_on_is_a_config_error(tmp_path):
     cfg = load_config(overrides=[f"run_dir={tmp_path}", f"data.source={tmp_path}", f"seed={seed}"])
     with pytest.raises(ConfigError, match=r"1 generated samples, 1 of them held out \(train.val_fraction"):
         training.split(cfg, ["id"])
+
+
+@pytest.mark.parametrize("name", ["paper-coco", "paper-vg"])
+def test_the_paper_configs_fine_tune_at_the_papers_batch_of_8_on_8_workers(name):
+    cfg = load_config(f"configs/{name}.yaml")
+    settings = training.deepspeed_config(cfg, cfg.finetune.batch_size)
+    assert cfg.train.num_workers == 8
+    assert (settings["train_batch_size"], settings["train_micro_batch_size_per_gpu"],
+            settings["gradient_accumulation_steps"]) == (8, 1, 1)
