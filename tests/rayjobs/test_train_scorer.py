@@ -138,7 +138,7 @@ def test_the_same_command_again_takes_the_run_over_and_continues_from_its_checkp
     run's ranks stop at their next epoch instead of writing into the new run's log and
     checkpoints, and its driver says why."""
     write_samples(tmp_path)
-    args = [f"run_dir={tmp_path}", "scorer.epochs=6", "scorer.batch_size=32", "scorer.hidden=[16]",
+    args = [f"run_dir={tmp_path}", "scorer.epochs=6", "scorer.batch_size=64", "scorer.hidden=[16]",
             "scorer.checkpoint_every=1"]
     old = subprocess.Popen(
         [sys.executable, "-m", "rayjobs.train_scorer", *args,
@@ -184,7 +184,7 @@ def test_used_up_restarts_end_the_job_with_one_line_and_the_same_command_continu
     steps of an uninterrupted run (a start from scratch would die again). The worker group's
     own restart after a death: test_finetune_blip, through the same `rayjobs.training` code."""
     write_samples(tmp_path)
-    args = [f"run_dir={tmp_path}", "scorer.epochs=3", "scorer.batch_size=32", "scorer.hidden=[16]",
+    args = [f"run_dir={tmp_path}", "scorer.epochs=3", "scorer.batch_size=64", "scorer.hidden=[16]",
             "scorer.checkpoint_every=1", "train.max_failures=0", "train.inject_failure_at_step=6"]
     started = time.perf_counter()
     code = train_scorer.main(args)
@@ -204,5 +204,5 @@ def test_used_up_restarts_end_the_job_with_one_line_and_the_same_command_continu
         time.perf_counter() - started)
     assert [r["epoch"] for r in records] == [0, 1, 2]  # the redone epoch is logged once
     assert [r["resumed_at_epoch"] for r in records] == [None, 1, 1]  # the second run loaded epoch 0
-    assert steps_per_epoch < 6 < 2 * steps_per_epoch  # ~300 training rows / 2 workers / batch 32: dies mid epoch 1
+    assert steps_per_epoch < 6 < 2 * steps_per_epoch  # ~300 training rows / 2 workers / 32 each: dies mid epoch 1
     assert records[-1]["step"] == 3 * steps_per_epoch
