@@ -87,6 +87,16 @@ def caption_features(
     return decode_caption(model, image_embeds, input_ids, decoder)[0]
 
 
+def edit_distance(a: list, b: list) -> int:
+    """Levenshtein distance between two token sequences: insertions, deletions, substitutions."""
+    row = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        diagonal, row[0] = row[0], i
+        for j, y in enumerate(b, 1):
+            diagonal, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, diagonal + (x != y))
+    return row[-1]
+
+
 def caption_ids(model: BlipForConditionalGeneration, tokenizer, captions: list[str]) -> torch.Tensor:
     """Captions as the decoder produced them: [DEC] tokens... [SEP], padded with [PAD]."""
     text_config = model.config.text_config

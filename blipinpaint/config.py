@@ -157,6 +157,7 @@ class FinetuneConfig:
     lambda_psnr: float = 0.2  # λ2
     lambda_clip: float = 4.0  # λ3
     kl_weight: float = 0.0  # > 0 adds KL to the original decoder (keeps captions fluent)
+    probe_size: int = 8  # training and as many held-out images captioned before training and after each epoch
 
 
 @dataclass
@@ -287,7 +288,8 @@ def validate(cfg: Config) -> None:
             problems.append(f"{key}={value} must be positive")
     for key, value in (("scorer.epochs", cfg.scorer.epochs), ("scorer.batch_size", cfg.scorer.batch_size),
                        ("scorer.checkpoint_every", cfg.scorer.checkpoint_every),
-                       ("finetune.epochs", cfg.finetune.epochs), ("finetune.batch_size", cfg.finetune.batch_size)):
+                       ("finetune.epochs", cfg.finetune.epochs), ("finetune.batch_size", cfg.finetune.batch_size),
+                       ("finetune.probe_size", cfg.finetune.probe_size)):
         if value < 1:
             problems.append(f"{key}={value} must be at least 1")
     for key, value in (("scorer.batch_size", cfg.scorer.batch_size), ("finetune.batch_size", cfg.finetune.batch_size)):

@@ -22,8 +22,15 @@ vision encoder and the scorer stay bit-identical. Ray Train runs DeepSpeed ZeRO 
 
 Outputs: `run_dir/blip/` (a Hugging Face folder, safetensors, that
 `BlipForConditionalGeneration.from_pretrained` loads and that generate/evaluate accept as
-`models.captioner.name_or_path`) and `run_dir/finetune/` (`metrics.jsonl`, `loss.png`,
+`models.captioner.name_or_path`) and `run_dir/finetune/` (`metrics.jsonl`, `loss.png`, `probe.png`,
 `report.json`, `config.yaml`).
+
+A fixed probe set (`finetune.probe_size` training and as many held-out images, chosen by a
+hash of their ids) is captioned greedily, as generation captions, before training and
+after every epoch: `metrics.jsonl` records how many of its captions changed, their mean
+token edit distance to the captions before training, and what the frozen scorer predicts
+for the current captions. The last captions come from the decoder in memory; the saved
+folder must give the same (a test checks it).
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from blipinpaint.captioning import (
     caption_texts,
     caption_token_mask,
     decode_caption,
+    edit_distance,
     encode_images,
     generate_captions,
 )
@@ -55,11 +63,12 @@ from blipinpaint.masks import masked_pixels
 from blipinpaint.models import load_captioner
 from blipinpaint.report import plot_curves, write_tensorboard
 from blipinpaint.scorer import ScoreNet
+from blipinpaint.seeds import sample_seed
 from blipinpaint.stages import resolve_preset
 from blipinpaint.storage import kind, local_dir, read_jsonl, read_text, upload_dir, write_jsonl, write_text
 from blipinpaint.writer import CommitLog
 from rayjobs import models, training
-from rayjobs.common import connect, job_main
+from rayjobs.common import connect, job_main, read_committed, read_rows
 
 log = logging.getLogger("blipinpaint.finetune_blip")
 COLUMNS = ["id", "caption", "image_png", "mask_png"]
@@ -92,6 +101,31 @@ def probe_captions(model, tokenizer, pixels: torch.Tensor, cfg: Config, synced: 
     ids = generate_captions(model, encode_images(model, pixels), max_new_tokens=cfg.caption.max_new_tokens,
                             num_beams=cfg.caption.num_beams, do_sample=False, synced_gpus=synced)
     return caption_texts(tokenizer, ids)
+
+
+def probe_set(cfg: Config, train_reads: list[dict], val_reads: list[dict]) -> dict:
+    """`finetune.probe_size` training and as many held-out ids, chosen by a hash of each id (the
+    same in every run), as a `read_rows` batch, and which of them are held out."""
+    def pick(reads):
+        ids = sorted((i for r in reads for i in r["ids"]), key=lambda i: sample_seed(cfg.seed, i, "probe"))
+        return set(ids[: cfg.finetune.probe_size])
+
+    train, held = pick(train_reads), pick(val_reads)
+    reads = [(r["path"], sorted(set(r["ids"]) & (train | held))) for r in (*train_reads, *val_reads)]
+    reads = [(path, ids) for path, ids in reads if ids]
+    return {"path": [p for p, _ in reads], "ids": [i for _, i in reads], "heldout": sorted(held)}
+
+
+def probe_record(epoch: int, step: int, captions: list[str], before: list[str], heldout: list[bool],
+                 tokenize, predicted: list[float]) -> dict:
+    """What fine-tuning did to the probe set's captions so far (`before`: before training)."""
+    changed = [a != b for a, b in zip(captions, before)]
+    return {"epoch": epoch, "step": step, "probe_changed": sum(changed),
+            "probe_changed_heldout": sum(c and h for c, h in zip(changed, heldout)),
+            "probe_edit_distance": float(np.mean([edit_distance(tokenize(a), tokenize(b))
+                                                  for a, b in zip(captions, before)])),
+            **{f"probe_pred_{name}": value for name, value in zip(("ssim", "psnr", "clip"), predicted)},
+            "probe_captions": captions}
 
 
 def finetune_loop(config: dict) -> None:
@@ -134,19 +168,48 @@ def finetune_loop(config: dict) -> None:
         return
     start = state["epoch"] + 1 if state else 0
     log_uri = config["log_uri"]
-    if rank == 0:
+    if rank == 0 and start > 0:  # a resumed run redoes the epochs after its checkpoint
         write_jsonl(log_uri, [r for r in read_jsonl(log_uri) if r["epoch"] < start])
 
+    # The probe set, on every rank: under ZeRO-3 decoding gathers each layer from all of them.
+    probe = read_rows(config["probe"], COLUMNS)
+    probe_ids = [str(i) for i in probe["id"]]
+    probe_held = [i in set(config["probe"]["heldout"]) for i in probe_ids]
+    probe_pixels = _pixels(probe, bundle.image_processor, device, model.vision_model.dtype)
+
+    def tokenize(caption: str) -> list[int]:
+        return bundle.tokenizer(caption, add_special_tokens=False).input_ids
+
+    def look() -> tuple[list[str], list[float]]:
+        """The probe set's greedy captions from the decoder as it is now, and the scorer's
+        mean prediction (SSIM, PSNR, CLIP) for them."""
+        engine.eval()
+        captions = probe_captions(model, bundle.tokenizer, probe_pixels, cfg, synced=ctx.get_world_size() > 1)
+        with torch.no_grad():
+            embeds = encode_images(model, probe_pixels)
+            features, _ = decode_caption(model, embeds, caption_ids(model, bundle.tokenizer, captions).to(device),
+                                         decoder=engine)
+            predicted = scorer.destandardize(scorer(features.float())).mean(dim=0).tolist()
+        engine.train()
+        return captions, predicted
+
+    before = None
+    if start == 0:
+        before, predicted = look()
+        if rank == 0:
+            write_jsonl(log_uri, [probe_record(-1, 0, before, before, probe_held, tokenize, predicted)])
+    elif rank == 0:  # a resumed run: the captions before training are in the log (else: generate's)
+        before = next((r["probe_captions"] for r in read_jsonl(log_uri) if r["epoch"] == -1),
+                      [str(c) for c in probe["caption"]])
+    now = None
+
     shard = ray.train.get_dataset_shard("train")
-    probe = None  # each rank's first batch of the last epoch: captioned again after training
     for epoch in range(start, cfg.finetune.epochs):
         engine.train()
         records = []
         per_worker = training.per_worker(cfg, cfg.finetune.batch_size)
         for batch in shard.iter_batches(batch_size=per_worker, batch_format="numpy"):
             pixels = _pixels(batch, bundle.image_processor, device, model.vision_model.dtype)
-            if not records:
-                probe = (list(batch["id"]), [str(c) for c in batch["caption"]], pixels)
             with torch.no_grad():
                 embeds = encode_images(model, pixels)
             ids = caption_ids(model, bundle.tokenizer, [str(c) for c in batch["caption"]]).to(device)
@@ -170,19 +233,20 @@ def finetune_loop(config: dict) -> None:
             training.maybe_fail(cfg, engine.global_steps, resumed=state is not None)
         if not training.still_owner(config["fence"]):
             return
-        if rank == 0:
-            write_jsonl(log_uri, [*read_jsonl(log_uri), *records])
         mean_loss = float(np.mean([r["loss"] for r in records])) if records else float("nan")
+        now, predicted = look()
+        if rank == 0:
+            probed = probe_record(epoch, engine.global_steps, now, before, probe_held, tokenize, predicted)
+            write_jsonl(log_uri, [*read_jsonl(log_uri), *records, probed])
         training.save_and_report(engine, {"epoch": epoch, "step": engine.global_steps, "loss": mean_loss},
                                  {"epoch": epoch})
 
     # The captions the trained decoder gives now, decoded in memory: the saved folder must give the same.
+    if now is None:  # a rerun with no epoch left (every rank alike)
+        now, _ = look()
     engine.eval()
-    probe_rows = []
-    if probe is not None:  # None on every rank alike: a rerun with no epoch left
-        ids, before, pixels = probe
-        after = probe_captions(model, bundle.tokenizer, pixels, cfg, synced=ctx.get_world_size() > 1)
-        probe_rows = [{"id": str(i), "caption": b, "fine_tuned": a} for i, b, a in zip(ids, before, after)]
+    probe_rows = [{"id": i, "heldout": h, "caption": b, "fine_tuned": a}
+                  for i, h, b, a in zip(probe_ids, probe_held, before or now, now)]
 
     # The fp32 master weights, gathered from every rank's partition (a collective: every rank
     # calls it; rank 0 keeps them). The half-precision copy would drop each update below
@@ -224,27 +288,37 @@ def run(cfg: Config) -> dict:
     # driver killed, or the same command twice) stop writing here and free their resources.
     fence = (out_dir, CommitLog(out_dir).take_over())
     connect(cfg.ray_address)
-    train, _ = training.split(cfg, COLUMNS)
+    train_reads, val_reads = training.split_reads(cfg)
+    train = read_committed(train_reads, COLUMNS, cfg.generate.read.num_cpus)
     log.info("batch of %d per optimizer step: %d on each of %d workers", cfg.finetune.batch_size,
              training.per_worker(cfg, cfg.finetune.batch_size), cfg.train.num_workers)
     write_text(f"{out_dir}/config.yaml", to_yaml(cfg))
     trainer = training.make_trainer(
         finetune_loop,
         {"cfg": cfg, "captioner": resolve_preset(cfg).captioner, "scorer_dir": scorer_dir, "fence": fence,
+         "probe": probe_set(cfg, train_reads, val_reads),
          "log_uri": f"{out_dir}/metrics.jsonl", "blip_dir": f"{root}/blip", "check_uri": f"{out_dir}/check.json"},
         cfg, name="finetune_blip", storage=f"{out_dir}/ray_train", datasets={"train": train},
     )
     training.fit(trainer, cfg, fence)
     records = read_jsonl(f"{out_dir}/metrics.jsonl")
+    probes = [r for r in records if "probe_changed" in r]
+    records = [r for r in records if "loss" in r]
     series = {"loss": "L_BLIP (+ KL)" if cfg.finetune.kl_weight > 0 else "L_BLIP"}
     plot_curves(records, "step", series, "BLIP fine-tuning loss (per step, rank 0)", f"{out_dir}/loss.png")
     if cfg.train.tensorboard:
         write_tensorboard(records, "step", f"{out_dir}/tensorboard")
+    plot_curves(probes, "epoch", {"probe_changed": "captions changed", "probe_changed_heldout": "... of them held out",
+                                  "probe_edit_distance": "mean token edit distance"},
+                f"probe set ({2 * cfg.finetune.probe_size} images at most): captions against those before "
+                "training (epoch -1)", f"{out_dir}/probe.png")
     check = json.loads(read_text(f"{out_dir}/check.json"))
     report = {"steps": check["steps"], "engine": check["engine"],
               "scorer_unchanged": check["scorer_before"] == check["scorer_after"],
               "frozen_unchanged": check["frozen_unchanged"], "probe": check["probe"],
               "probe_changed": sum(r["caption"] != r["fine_tuned"] for r in check["probe"]),
+              "probe_changed_heldout": sum(r["caption"] != r["fine_tuned"] for r in check["probe"] if r["heldout"]),
+              "probe_by_epoch": [{k: v for k, v in r.items() if k != "probe_captions"} for r in probes],
               "first_loss": records[0]["loss"] if records else None,
               "last_loss": records[-1]["loss"] if records else None, "blip_dir": f"{root}/blip"}
     write_text(f"{out_dir}/report.json", json.dumps(report, indent=2))
@@ -260,7 +334,8 @@ def print_report(report: dict) -> None:
     losses = (f" (loss {report['first_loss']:.4f} -> {report['last_loss']:.4f})"
               if report["first_loss"] is not None else "")
     print(f"\nfine-tuned BLIP in {report['blip_dir']} after {report['steps']} steps{losses}; "
-          f"{report['probe_changed']} of {len(report['probe'])} probe captions changed")
+          f"{report['probe_changed']} of {len(report['probe'])} probe captions changed "
+          f"({report['probe_changed_heldout']} of them held out)")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from blipinpaint.config import Config, ConfigError, heldout_fraction
 from blipinpaint.models.loading import DTYPES
 from blipinpaint.seeds import heldout
 from blipinpaint.writer import CommitLog
-from rayjobs.common import read_committed, row_reads
+from rayjobs.common import row_reads
 
 log = logging.getLogger(__name__)
 
@@ -153,13 +153,6 @@ def split_reads(cfg: Config) -> tuple[list[dict], list[dict]]:
     log.info("split: %d samples to train on, %d held out (fraction %.3g)", len(ids) - len(held), len(held), fraction)
     return (row_reads(generate_dir, [i for i in ids if i not in held], parts),
             row_reads(generate_dir, sorted(held), parts))
-
-
-def split(cfg: Config, columns: list[str]) -> tuple[ray.data.Dataset, ray.data.Dataset]:
-    """(train, held-out) datasets of `columns` of the generate step's committed rows (`split_reads`)."""
-    train, val = split_reads(cfg)
-    return (read_committed(train, columns, cfg.generate.read.num_cpus),
-            read_committed(val, columns, cfg.generate.read.num_cpus))
 
 
 class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):

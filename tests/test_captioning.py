@@ -6,6 +6,7 @@ from blipinpaint.captioning import (
     Captioner,
     caption_features,
     caption_token_mask,
+    edit_distance,
     encode_images,
     generate_captions,
 )
@@ -113,3 +114,11 @@ def test_caption_settings_come_from_the_config(cfg, captioner, sample_batch):
     assert all(g.startswith(c) and len(c) < len(g) for c, g in zip(short["caption"], greedy)), short["caption"]
     beams = stages.build_captioner(replace(cfg, caption=replace(cfg.caption, num_beams=4)))(sample_batch)["caption"]
     assert list(beams) != list(greedy)
+
+
+def test_edit_distance_counts_token_insertions_deletions_and_substitutions():
+    assert edit_distance([1, 2, 3], [1, 2, 3]) == 0
+    assert edit_distance([1, 2, 3], [1, 3]) == 1
+    assert edit_distance([], [4, 5]) == 2
+    assert edit_distance(list("kitten"), list("sitting")) == 3
+    assert edit_distance([7, 8], [8, 7]) == 2

@@ -30,8 +30,33 @@ def test_only_the_text_decoder_changes(main_run):
     assert report["scorer_unchanged"] and report["steps"] >= 2
     assert report["frozen_unchanged"]  # the vision model, in the workers, through every step
     records = [json.loads(line) for line in (run_dir / "finetune" / "metrics.jsonl").read_text().splitlines()]
-    assert {r["epoch"] for r in records} == {0, 1} and all("loss_blip" in r for r in records)
-    assert (run_dir / "finetune" / "loss.png").stat().st_size > 1000
+    steps = [r for r in records if "loss" in r]
+    assert {r["epoch"] for r in steps} == {0, 1} and all("loss_blip" in r for r in steps)
+    for png in ("loss.png", "probe.png"):
+        assert (run_dir / "finetune" / png).stat().st_size > 1000
+
+
+def test_the_probe_set_shows_the_captions_changing_epoch_by_epoch(main_run):
+    """lr 1e-3 (the main run's) changes tiny-model captions: the probe set, decoded before
+    training and after each epoch, counts them; lr 1e-6 would leave the count at 0."""
+    run_dir = main_run[1] / "run"
+    report = json.loads((run_dir / "finetune" / "report.json").read_text())
+    records = [json.loads(line) for line in (run_dir / "finetune" / "metrics.jsonl").read_text().splitlines()]
+    probes = [r for r in records if "probe_changed" in r]
+    assert [r["epoch"] for r in probes] == [-1, 0, 1]
+    before = probes[0]["probe_captions"]
+    assert probes[0]["probe_changed"] == 0 and probes[0]["probe_edit_distance"] == 0
+    for r in probes[1:]:  # counted against the captions before training
+        assert r["probe_changed"] == sum(a != b for a, b in zip(r["probe_captions"], before))
+        assert (r["probe_edit_distance"] > 0) == (r["probe_changed"] > 0)
+        assert all(np.isfinite(r[f"probe_pred_{m}"]) for m in ("ssim", "psnr", "clip"))
+    assert probes[-1]["probe_changed"] == report["probe_changed"] > 0
+    assert probes[-1]["probe_captions"] == [r["fine_tuned"] for r in report["probe"]]
+    # Training and held-out images both (the main run's 6 samples: every one of them).
+    held = [r for r in report["probe"] if r["heldout"]]
+    assert len(held) == 2 and len(report["probe"]) == 6
+    assert report["probe_changed_heldout"] == sum(r["caption"] != r["fine_tuned"] for r in held)
+    assert [r["epoch"] for r in report["probe_by_epoch"]] == [-1, 0, 1]
 
 
 def test_the_fine_tuned_folder_captions_as_the_trained_model_did(main_run):
@@ -49,7 +74,8 @@ def test_the_fine_tuned_folder_captions_as_the_trained_model_did(main_run):
 
     rows = pq.read_table(run_dir / "generate" / "samples", columns=["id", "caption", "image_png", "mask_png"])
     rows = [r for r in rows.to_pylist() if r["id"] in probe]
-    assert [r["caption"] for r in rows] == [probe[r["id"]]["caption"] for r in rows]  # before: generate's
+    # Before training the job's own decoding gave generate's captions: the same masked pixels and decoding.
+    assert [r["caption"] for r in rows] == [probe[r["id"]]["caption"] for r in rows]
     batch = {"id": np.array([r["id"] for r in rows], dtype=object),
              "image": np.stack([decode_png(r["image_png"]) for r in rows]),
              "mask": np.stack([decode_png(r["mask_png"]) > 127 for r in rows])}
@@ -76,6 +102,9 @@ def test_zero3_in_bf16_with_a_kl_term_and_offload_resumes_after_a_worker_death(m
     assert report["probe"]  # decoded on both ranks in step: ZeRO-3 gathers each layer from both
     assert (run_dir / "blip" / "model.safetensors").exists()
     records = [json.loads(line) for line in (run_dir / "finetune" / "metrics.jsonl").read_text().splitlines()]
+    # The probe before training survives the restart (it resumed at epoch 1): each epoch probed once.
+    assert [r["epoch"] for r in records if "probe_changed" in r] == [-1, 0, 1]
+    records = [r for r in records if "loss" in r]
     assert [r["step"] for r in records] == [1, 2]  # one step an epoch here: rank 0 died at epoch 1's step
     assert [r["resumed_at_epoch"] for r in records] == [None, 1]  # ... and the restart loaded epoch 0
     assert report["steps"] == 2  # the optimizer steps of an uninterrupted run

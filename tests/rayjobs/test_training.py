@@ -63,7 +63,7 @@ def _generated(run_dir, ids):
     CommitLog(f"{run_dir}/generate").commit(sample_rows(ids, [""] * len(ids)))
 
 
-def test_fifteen_photographs_hold_two_out_in_every_job(local_ray, tmp_path):
+def test_fifteen_photographs_hold_two_out_in_every_job(tmp_path):
     """The reported crash: a 20 % hash split of 15 photographs held out fewer than two, and
     the scorer's R² failed after training. Every job now splits off the same two or more."""
     from blipinpaint.seeds import heldout
@@ -73,9 +73,9 @@ def test_fifteen_photographs_hold_two_out_in_every_job(local_ray, tmp_path):
     ids = [f"p{k}" for k in range(15)]
     _generated(tmp_path, ids)
     cfg = load_config(overrides=[f"run_dir={tmp_path}", f"data.source={tmp_path}", f"seed={seed}"])
-    train, val = training.split(cfg, ["id"])
-    held = sorted(r["id"] for r in val.take_all())
-    assert len(held) == 2 and train.count() == 13
+    train, val = training.split_reads(cfg)
+    held = sorted(i for read in val for i in read["ids"])
+    assert len(held) == 2 and sum(len(read["ids"]) for read in train) == 13
     assert evaluate.evaluation_ids(cfg) == held  # the evaluation set is the same held-out split
 
 
@@ -84,7 +84,7 @@ def test_a_split_that_leaves_nothing_to_train_on_is_a_config_error(tmp_path):
     _generated(tmp_path, ["only"])
     cfg = load_config(overrides=[f"run_dir={tmp_path}", f"data.source={tmp_path}", f"seed={seed}"])
     with pytest.raises(ConfigError, match=r"1 generated samples, 1 of them held out \(train.val_fraction"):
-        training.split(cfg, ["id"])
+        training.split_reads(cfg)
 
 
 @pytest.mark.parametrize("name", ["paper-coco", "paper-vg"])
