@@ -35,7 +35,7 @@ SAMPLE_SCHEMA = pa.schema(
 # inpainting (same noise seed) and metrics, next to the generate step's two variants.
 EVAL_SCHEMA = pa.schema(
     [("id", pa.string()), ("source", pa.string()), ("caption", pa.string()), ("caption_finetuned", pa.string()),
-     ("mask_area", pa.float32()), ("noise_seed", pa.int64())]
+     ("caption_finetuned_features", pa.list_(pa.float32())), ("mask_area", pa.float32()), ("noise_seed", pa.int64())]
     + [(m + s, pa.float32()) for s in ("", "_baseline", "_finetuned") for m in METRICS]
     + _png("image", "mask", "inpainted", "inpainted_baseline", "inpainted_finetuned")
 )
@@ -66,7 +66,7 @@ def encode_rows(batch: Batch, models: dict[str, str], schema: pa.Schema = SAMPLE
             continue
         if not n_ok:  # an all-error batch skipped every model stage: no such columns
             values = []
-        elif name == "caption_features":
+        elif name.endswith("_features"):
             values = [row.astype(np.float32).tolist() for row in np.asarray(batch[name])[ok]]
         elif name.endswith("_png") and name in batch:
             values = [bytes(b) for b in np.asarray(batch[name])[ok]]

@@ -39,7 +39,8 @@ def plot_curves(records: list[dict], x: str, series: dict[str, str], title: str,
     _save(fig, uri)
 
 
-def plot_scatter(pred: np.ndarray, true: np.ndarray, names: tuple[str, ...], uri: str) -> None:
+def plot_scatter(pred: np.ndarray, true: np.ndarray, names: tuple[str, ...], uri: str,
+                 title: str = "scorer on the held-out split") -> None:
     """Predicted against true, one panel per target, with the y = x line."""
     fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 4))
     for ax, j, name in zip(np.atleast_1d(axes), range(len(names)), names):
@@ -48,7 +49,7 @@ def plot_scatter(pred: np.ndarray, true: np.ndarray, names: tuple[str, ...], uri
         ax.plot([lo, hi], [lo, hi], color="gray", linewidth=1)
         ax.set_xlabel(f"true {name}")
         ax.set_ylabel(f"predicted {name}")
-    fig.suptitle("scorer on the held-out split")
+    fig.suptitle(title)
     _save(fig, uri)
 
 

@@ -39,6 +39,7 @@ from collections import Counter
 
 import numpy as np
 import ray
+import torch
 from ray.data import DataContext
 
 from blipinpaint import stages
@@ -68,7 +69,8 @@ from blipinpaint.io import decode_png
 from blipinpaint.models import ModelRef
 from blipinpaint.models.presets import FID_INCEPTION_V3
 from blipinpaint.records import EVAL_SCHEMA, METRICS, encode_rows
-from blipinpaint.report import plot_grouped_bars, plot_image_grid
+from blipinpaint.report import plot_grouped_bars, plot_image_grid, plot_scatter
+from blipinpaint.scorer import TARGETS, ScoreNet
 from blipinpaint.seeds import heldout, sample_seed
 from blipinpaint.storage import kind, local_dir, read_text, write_text
 from blipinpaint.writer import CommitLog
@@ -216,6 +218,32 @@ def _read_eval_rows(out_dir: str, ids: list[str], columns: list[str]) -> dict[st
     return {c: v[order] for c, v in rows.items()}
 
 
+def scorer_on_changed(cfg: Config, out_dir: str, ids: list[str]) -> dict:
+    """For the captions fine-tuning changed (`ids`): what the frozen scorer predicts for them
+    (from the fine-tuned decoder's caption features) against what their inpaintings then
+    scored. Fine-tuning follows the scorer's predictions; this says whether they held."""
+    model_dir = f"{cfg.run_dir.rstrip('/')}/scorer/model"
+    if len(ids) < 1 or kind(model_dir) != "Directory":
+        return {"samples": len(ids), "pearson_r": {t: None for t in TARGETS}}
+    rows = _read_eval_rows(out_dir, ids, [f"{FINETUNED['caption']}_features", *(t + "_finetuned" for t in TARGETS)])
+    scorer = ScoreNet.from_pretrained(local_dir(model_dir))
+    with torch.no_grad():
+        features = torch.as_tensor(np.stack(rows[f"{FINETUNED['caption']}_features"]), dtype=torch.float32)
+        predicted = scorer.destandardize(scorer(features)).numpy().astype(np.float64)
+    true = np.stack([np.asarray(rows[t + "_finetuned"], dtype=np.float64) for t in TARGETS], axis=1)
+    plot_scatter(predicted, true, TARGETS, f"{out_dir}/scorer_changed.png",
+                 title=f"scorer's prediction for the {len(ids)} changed captions against their scores")
+
+    def pearson(j: int) -> float | None:
+        finite = np.isfinite(true[:, j])  # an exactly restored hole has infinite PSNR
+        p, t = predicted[finite, j], true[finite, j]
+        return float(np.corrcoef(p, t)[0, 1]) if len(t) >= 3 and p.std() > 0 and t.std() > 0 else None
+
+    return {"samples": len(ids), "pearson_r": {t: pearson(j) for j, t in enumerate(TARGETS)},
+            "mean_predicted": dict(zip(TARGETS, predicted.mean(axis=0).tolist())),
+            "mean_scored": {t: float(np.mean(true[np.isfinite(true[:, j]), j])) for j, t in enumerate(TARGETS)}}
+
+
 def fid_protocol(cfg: Config) -> str:
     """How the FID features were taken, for the report: numbers compare only under one protocol."""
     fid = stages.stored_refs(cfg).get("fid")
@@ -225,6 +253,19 @@ def fid_protocol(cfg: Config) -> str:
                 "the original FID; torchmetrics' default antialiasing is off), from the decoded uint8 PNG pixels")
     return (f"features of `{stages.model_ids(cfg)['fid']}` (not the standard Inception): "
             "these FID values do not compare with published ones")
+
+
+def scorer_text(changed: dict) -> str:
+    """The scorer's predictions for the changed captions against their scores, in words."""
+    scorer = changed.get("scorer", {})
+    if not scorer.get("samples"):
+        return "No caption changed: nothing to compare the scorer's predictions with."
+    r = ", ".join(f"{t} {fmt(v)}" for t, v in scorer["pearson_r"].items())
+    means = ", ".join(f"{t} {fmt(scorer['mean_predicted'][t], 3)} predicted, {fmt(scorer['mean_scored'][t], 3)} "
+                      f"scored" for t in TARGETS)
+    return (f"For the {scorer['samples']} changed captions, the frozen scorer's prediction (from the fine-tuned "
+            f"decoder's features) against what their inpaintings scored: Pearson r {r} (n/a under 3 samples); "
+            f"means {means}.\n\n![scorer on the changed captions](scorer_changed.png)")
 
 
 def write_report(cfg: Config, summary: dict, ids: list[str], out_dir: str) -> str:
@@ -288,6 +329,8 @@ draws. A difference (`BLIP − baseline`, `fine-tuned − BLIP`) is paired: the 
 samples of each sample's two scores, so the two inpaintings of a sample stay together
 in every draw. A sample whose PSNR is infinite (a hole restored exactly) is left out of
 that column. FID is given with its sample count `n` and, for now, no interval.
+
+{scorer_text(changed)}
 
 ## Table 1
 
@@ -367,6 +410,8 @@ def run(cfg: Config) -> dict:
                                                     *(m + v.suffix for v in VARIANTS.values() for m in METRICS)])
     b = cfg.evaluate.bootstrap
     summary = summarize(columns, fid, list(cfg.evaluate.mask_buckets), (b.replicates, cfg.seed, b.confidence))
+    changed = [i for i, a, c in zip(columns["id"], columns["caption"], columns[FINETUNED["caption"]]) if a != c]
+    summary["changed"]["scorer"] = scorer_on_changed(cfg, out_dir, [str(i) for i in changed])
     report = {
         "dataset": dataset_name(cfg), "run_dir": cfg.run_dir, "out_dir": out_dir,
         "evaluation_set": {"heldout_fraction": heldout_fraction(cfg, generated_ids(cfg)), "limit": cfg.evaluate.limit,

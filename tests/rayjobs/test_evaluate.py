@@ -7,6 +7,8 @@ import time
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
+import torch
 from helpers import PIPELINE_ARGS, account, copy_run, end_actors_of_dead_drivers
 from PIL import Image
 
@@ -69,6 +71,28 @@ def test_an_unchanged_caption_reuses_the_blip_inpainting_and_metrics():
     unchanged = {**batch, "caption_finetuned": batch["caption"]}
     out = evaluate.OnlyChanged(inpaint, evaluate.reuse_inpainting)(unchanged)
     assert seen == [] and [int(image[0, 0, 0]) for image in out["inpainted_finetuned"]] == [0, 1, 2, 3]
+
+
+def test_the_scorer_is_held_to_what_the_changed_captions_scored(main_run, tmp_path):
+    """The scorer's predictions for fine-tuned captions, from the features the evaluate job's
+    fine-tuned BLIP stored with each row, against the metrics those rows scored."""
+    from blipinpaint.scorer import TARGETS, ScoreNet
+
+    copy_run(main_run[1] / "run", tmp_path, ("eval", "scorer/model"))
+    rows = pq.read_table(tmp_path / "eval" / "samples").to_pylist()
+    ids = sorted(r["id"] for r in rows)  # as if every caption had changed
+    found = evaluate.scorer_on_changed(_evaluate_cfg(tmp_path), str(tmp_path / "eval"), ids)
+    scorer = ScoreNet.from_pretrained(tmp_path / "scorer" / "model")
+    features = np.array([r["caption_finetuned_features"] for r in sorted(rows, key=lambda r: r["id"])])
+    assert features.shape == (len(ids), scorer.config.in_features)
+    expected = scorer.destandardize(scorer(torch.as_tensor(features, dtype=torch.float32))).detach().numpy()
+    assert found["samples"] == len(ids) == 2
+    assert list(found["mean_predicted"].values()) == pytest.approx(expected.mean(axis=0).tolist(), rel=1e-5)
+    assert found["mean_scored"]["ssim"] == pytest.approx(np.mean([r["ssim_finetuned"] for r in rows]))
+    assert found["pearson_r"] == {t: None for t in TARGETS}  # two samples: no correlation worth a number
+    assert (tmp_path / "eval" / "scorer_changed.png").stat().st_size > 1000
+    none = evaluate.scorer_on_changed(_evaluate_cfg(tmp_path), str(tmp_path / "eval"), [])
+    assert none["samples"] == 0
 
 
 def test_limit_picks_a_stable_subset_of_the_held_out_split(main_run):

@@ -50,6 +50,7 @@ def test_main_job_runs_every_step_and_reuses_them(main_run, capsys, monkeypatch)
     report = json.loads((run / "eval" / "report.json").read_text())
     changed = sum(r["caption_finetuned"] != r["caption"] for r in evaluated.to_pylist())
     assert (report["changed"]["captions"], report["changed"]["of"]) == (changed, 2)
+    assert report["changed"]["scorer"]["samples"] == changed
     delta = report["intervals"]["all"]["blip_vs_baseline"]["clip_score"]
     assert delta["n"] == 2 and delta["low"] <= delta["estimate"] <= delta["high"]
     for name in VARIANTS:
