@@ -17,7 +17,6 @@ from blipinpaint.models import CaptionerModel
 if TYPE_CHECKING:
     from transformers import BlipForConditionalGeneration
 
-FEATURE_LAYER = -2  # the paper feeds the decoder's second-to-last layer to the scorer
 
 
 def encode_images(model: BlipForConditionalGeneration, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -57,15 +56,20 @@ def caption_token_mask(model: BlipForConditionalGeneration, input_ids: torch.Ten
 
 def decode_caption(
     model: BlipForConditionalGeneration, image_embeds: torch.Tensor, input_ids: torch.Tensor,
-    decoder: torch.nn.Module | None = None,
+    decoder: torch.nn.Module | None = None, layer: int = -2,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher-force a caption through the text decoder: (caption features, next-token logits).
 
-    The features mean-pool the second-to-last layer's hidden states over the caption's
-    tokens. Differentiable in the decoder's parameters: fine-tuning backpropagates the
-    scorer's loss through here, passing the decoder as wrapped for training (`decoder`,
-    e.g. a DeepSpeed engine) instead of `model.text_decoder`.
+    The features mean-pool the output of transformer layer `layer` (`scorer.feature_layer`:
+    -1 the last layer, -2 the second-to-last, the default) over the caption's tokens.
+    Differentiable in the decoder's parameters: fine-tuning backpropagates the scorer's loss
+    through here, passing the decoder as wrapped for training (`decoder`, e.g. a DeepSpeed
+    engine) instead of `model.text_decoder`.
     """
+    layers = model.config.text_config.num_hidden_layers
+    if not (-layers <= layer <= -1 or 1 <= layer <= layers):
+        raise ValueError(f"scorer.feature_layer={layer}: the text decoder has {layers} layers "
+                         f"(-1 is the last, -{layers} the first; or 1..{layers})")
     tokens = caption_token_mask(model, input_ids)
     out = (decoder or model.text_decoder)(
         input_ids=input_ids,
@@ -74,17 +78,17 @@ def decode_caption(
         output_hidden_states=True,
         return_dict=True,
     )
-    hidden = out.hidden_states[FEATURE_LAYER]
+    hidden = out.hidden_states[layer]  # [0] is the embeddings, [k] layer k's output
     weights = tokens.unsqueeze(-1).to(hidden.dtype)
     return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1), out.logits
 
 
 def caption_features(
     model: BlipForConditionalGeneration, image_embeds: torch.Tensor, input_ids: torch.Tensor,
-    decoder: torch.nn.Module | None = None,
+    decoder: torch.nn.Module | None = None, layer: int = -2,
 ) -> torch.Tensor:
     """The scorer's input for a caption: see `decode_caption`."""
-    return decode_caption(model, image_embeds, input_ids, decoder)[0]
+    return decode_caption(model, image_embeds, input_ids, decoder, layer)[0]
 
 
 def edit_distance(a: list, b: list) -> int:
@@ -110,12 +114,12 @@ class Captioner:
     """Stage: `image`, `mask` -> `caption` (str) and `caption_features` (B, D) float32.
 
     `output` renames both columns (`<output>`, `<output>_features`), e.g. to caption with a
-    fine-tuned BLIP next to the original's caption.
+    fine-tuned BLIP next to the original's caption. `feature_layer`: see `decode_caption`.
     """
 
     def __init__(self, captioner: CaptionerModel, max_new_tokens: int = 30, num_beams: int = 1,
-                 output: str = "caption"):
-        self.output = output
+                 output: str = "caption", feature_layer: int = -2):
+        self.output, self.feature_layer = output, feature_layer
         self.bundle = captioner
         self.model = captioner.model
         self.device = self.model.device
@@ -128,7 +132,7 @@ class Captioner:
         pixels = pixels.to(self.device, self.model.dtype)
         image_embeds = encode_images(self.model, pixels)
         ids = generate_captions(self.model, image_embeds, **self.generate_kwargs)
-        features = caption_features(self.model, image_embeds, ids)
+        features = caption_features(self.model, image_embeds, ids, layer=self.feature_layer)
         return {
             **batch,
             self.output: np.array(caption_texts(self.bundle.tokenizer, ids), dtype=object),

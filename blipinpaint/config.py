@@ -139,6 +139,10 @@ class TrainConfig:
 
 @dataclass
 class ScorerConfig:
+    # The text decoder's layer whose output feeds the scorer: -2, the second-to-last, as the
+    # paper says (README, "Which layer feeds the scorer"). Generation, scorer training and
+    # fine-tuning must use the same; a run folder refuses another.
+    feature_layer: int = -2
     hidden: list[int] = field(default_factory=lambda: [512, 256])
     lr: float = 1e-4  # the paper's Adam settings
     epochs: int = 50
@@ -275,6 +279,9 @@ def validate(cfg: Config) -> None:
     if fault.stage is not None and fault.stage not in ("captioner", "inpainter", "metrics"):
         problems.append(f"generate.inject_failure.stage={fault.stage!r} is not a model stage")
     t = cfg.train
+    if cfg.scorer.feature_layer == 0:
+        problems.append("scorer.feature_layer=0 is the embeddings, not a layer: -1 is the last layer, -2 the one "
+                        "before it")
     if t.zero_stage not in (2, 3):
         problems.append(f"train.zero_stage={t.zero_stage} must be 2 or 3")
     if t.num_workers < 1:

@@ -93,7 +93,7 @@ def build_captioner(cfg: Config, ref: ModelRef | None = None, output: str = "cap
     """BLIP from the preset, or from `ref` (e.g. the fine-tuned folder), writing `output`."""
     device, dtype = _device_dtype(cfg)
     model = load_captioner(ref or resolve_preset(cfg).captioner, device, dtype)
-    return Captioner(model, cfg.caption.max_new_tokens, cfg.caption.num_beams, output)
+    return Captioner(model, cfg.caption.max_new_tokens, cfg.caption.num_beams, output, cfg.scorer.feature_layer)
 
 
 def build_inpainter(cfg: Config, prompts: dict[str, str | None] | None = None) -> Inpainter:

@@ -15,8 +15,8 @@ Locally (a Ray on 127.0.0.1 when no address is given):
     python -m rayjobs.finetune_blip [--config CONFIG.yaml] [dotted.key=value ...]
 
 For each training image (masked, as in generation) the caption BLIP gave it is
-teacher-forced through the text decoder; the second-to-last layer's states over its
-tokens feed the frozen scorer, and L_BLIP = λ1·(1 − SSIM) − λ2·PSNR − λ3·CLIP on the
+teacher-forced through the text decoder; layer `scorer.feature_layer`'s states (the
+second-to-last) over its tokens feed the frozen scorer, and L_BLIP = λ1·(1 − SSIM) − λ2·PSNR − λ3·CLIP on the
 scorer's predictions (in metric units) is minimised. Only the text decoder trains; the
 vision encoder and the scorer stay bit-identical. Ray Train runs DeepSpeed ZeRO workers.
 
@@ -188,7 +188,7 @@ def finetune_loop(config: dict) -> None:
         with torch.no_grad():
             embeds = encode_images(model, probe_pixels)
             features, _ = decode_caption(model, embeds, caption_ids(model, bundle.tokenizer, captions).to(device),
-                                         decoder=engine)
+                                         decoder=engine, layer=cfg.scorer.feature_layer)
             predicted = scorer.destandardize(scorer(features.float())).mean(dim=0).tolist()
         engine.train()
         return captions, predicted
@@ -213,7 +213,7 @@ def finetune_loop(config: dict) -> None:
             with torch.no_grad():
                 embeds = encode_images(model, pixels)
             ids = caption_ids(model, bundle.tokenizer, [str(c) for c in batch["caption"]]).to(device)
-            features, logits = decode_caption(model, embeds, ids, decoder=engine)
+            features, logits = decode_caption(model, embeds, ids, decoder=engine, layer=cfg.scorer.feature_layer)
             ssim, psnr, clip = scorer.destandardize(scorer(features.float())).unbind(dim=1)
             loss = blip_loss(ssim, psnr, clip, weights)
             record = {"epoch": epoch, "resumed_at_epoch": start if state else None, "loss_blip": loss.item(),

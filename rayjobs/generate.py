@@ -61,7 +61,7 @@ MODEL_STAGES = {"captioner": stages.build_captioner, "inpainter": stages.build_i
 # Sections whose change makes earlier rows incomparable with new ones.
 FINGERPRINT_KEYS = ("seed", "models.preset", "models.device", "models.dtype", "models.captioner", "models.inpainter",
                     "models.clip", "masks", "caption", "inpaint", "data.image_size", "data.min_side",
-                    "data.max_aspect_ratio", "data.max_file_mb")
+                    "data.max_aspect_ratio", "data.max_file_mb", "scorer.feature_layer")
 
 
 def _out_dir(cfg: Config) -> str:
@@ -115,8 +115,9 @@ def fingerprint(cfg: Config) -> dict:
     return out
 
 
-def check_fingerprint(out_dir: str, current: dict) -> None:
-    """Refuse to mix rows made under different settings (`current`) in one output folder."""
+def check_fingerprint(out_dir: str, current: dict, record: bool = True) -> None:
+    """Refuse to mix rows made under different settings (`current`) in one output folder;
+    a folder without rows yet records `current` (unless `record` is False: a reader's check)."""
     fs, root = filesystem(out_dir)
     path = f"{root}/fingerprint.json"
     if fs.get_file_info(path).type == pafs.FileType.File:
@@ -128,6 +129,8 @@ def check_fingerprint(out_dir: str, current: dict) -> None:
                 f"{out_dir} holds rows generated with other settings ({', '.join(changed)} differ); "
                 "use another run_dir, or restore those settings to resume"
             )
+        return
+    if not record:
         return
     fs.create_dir(root, recursive=True)
     with fs.open_output_stream(path) as f:

@@ -30,6 +30,7 @@ from blipinpaint.models.loading import DTYPES
 from blipinpaint.seeds import heldout
 from blipinpaint.writer import CommitLog
 from rayjobs.common import row_reads
+from rayjobs.generate import check_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +144,9 @@ def split_reads(cfg: Config) -> tuple[list[dict], list[dict]]:
     of one part: no listing, no footer scan and no per-row filter over the whole table.
     """
     generate_dir, seed = f"{cfg.run_dir.rstrip('/')}/generate", cfg.seed
+    # The rows' caption features came from one decoder layer: a scorer trained, or a decoder
+    # fine-tuned, on another layer's features would learn from numbers it never sees.
+    check_fingerprint(generate_dir, {"scorer.feature_layer": cfg.scorer.feature_layer}, record=False)
     parts = CommitLog(generate_dir).committed_samples()
     ids = [i for ids_here in parts.values() for i in ids_here]
     fraction = heldout_fraction(cfg, ids)

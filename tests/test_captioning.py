@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 from helpers import take
 
@@ -60,9 +61,11 @@ def test_generation_matches_blips_own_generate(captioner, sample_batch):
     assert torch.equal(ours, theirs)
 
 
+@pytest.mark.parametrize("layer, index", [(-2, -2), (-1, -1), (1, 0)])
 @torch.inference_mode()
-def test_features_pool_the_second_to_last_decoder_layer(captioner, sample_batch):
-    """Independent of `hidden_states` indexing: hook the layer's output directly."""
+def test_features_pool_the_configured_decoder_layer(captioner, sample_batch, layer, index):
+    """Independent of `hidden_states` indexing: hook the layer's output directly. The default
+    (`scorer.feature_layer=-2`) is the second-to-last layer."""
     model, pixels = captioner.model, _pixels(captioner, sample_batch)
     embeds = encode_images(model, pixels)
     ids = generate_captions(model, embeds, max_new_tokens=12)
@@ -71,15 +74,17 @@ def test_features_pool_the_second_to_last_decoder_layer(captioner, sample_batch)
     def keep(module, args, output):
         seen["h"] = output[0] if isinstance(output, tuple) else output
 
-    handle = layers[len(layers) - 2].register_forward_hook(keep)
+    handle = layers[index % len(layers)].register_forward_hook(keep)
     try:
-        feats = caption_features(model, embeds, ids)
+        feats = caption_features(model, embeds, ids, layer=layer)
     finally:
         handle.remove()
     tokens = caption_token_mask(model, ids)
     assert not tokens[:, 0].any()  # [DEC] is not a caption token
     expected = torch.stack([seen["h"][i][tokens[i]].mean(dim=0) for i in range(len(ids))])
     assert torch.allclose(feats, expected, atol=1e-6)
+    with pytest.raises(ValueError, match=r"scorer.feature_layer=-9: the text decoder has \d+ layers"):
+        caption_features(model, embeds, ids, layer=-9)
 
 
 def test_features_are_differentiable_in_the_decoder(captioner, sample_batch):
@@ -103,7 +108,8 @@ def test_output_renames_the_caption_columns(captioner, sample_batch):
 
 def test_caption_settings_come_from_the_config(cfg, captioner, sample_batch):
     """`caption.max_new_tokens` caps the caption; `caption.num_beams` > 1 runs beam search,
-    which finds another caption than greedy decoding for some photograph."""
+    which finds another caption than greedy decoding for some photograph; `scorer.feature_layer`
+    picks the features' layer."""
     from dataclasses import replace
 
     from blipinpaint import stages
@@ -114,6 +120,14 @@ def test_caption_settings_come_from_the_config(cfg, captioner, sample_batch):
     assert all(g.startswith(c) and len(c) < len(g) for c, g in zip(short["caption"], greedy)), short["caption"]
     beams = stages.build_captioner(replace(cfg, caption=replace(cfg.caption, num_beams=4)))(sample_batch)["caption"]
     assert list(beams) != list(greedy)
+    # `scorer.feature_layer` picks the layer the stage's features pool.
+    last = stages.build_captioner(replace(cfg, scorer=replace(cfg.scorer, feature_layer=-1)))(sample_batch)
+    model, pixels = captioner.model, _pixels(captioner, sample_batch)
+    with torch.inference_mode():
+        embeds = encode_images(model, pixels)
+        expected = caption_features(model, embeds, generate_captions(model, embeds, max_new_tokens=30), layer=-1)
+    assert np.allclose(last["caption_features"], expected.numpy(), atol=1e-5)
+    assert not np.allclose(last["caption_features"], captioner(sample_batch)["caption_features"])
 
 
 def test_edit_distance_counts_token_insertions_deletions_and_substitutions():

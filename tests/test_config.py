@@ -9,6 +9,7 @@ def test_defaults_are_the_embedded_tiny_run():
     assert cfg.models.preset == "tiny" and cfg.models.device == "cpu" and cfg.models.dtype == "fp32"
     assert cfg.data.source is None  # the shipped sample images
     assert cfg.masks.kind == "box"
+    assert cfg.scorer.feature_layer == -2  # the paper's second-to-last decoder layer
 
 
 def test_file_then_overrides(tmp_path):

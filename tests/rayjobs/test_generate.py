@@ -107,8 +107,8 @@ def test_a_run_folder_refuses_rows_made_with_other_settings(tmp_path):
     generate.check_fingerprint(str(tmp_path), generate.fingerprint(cfg))
     same = load_config(overrides=[f"run_dir={tmp_path}", "models.fid.name_or_path=/elsewhere", "evaluate.limit=4"])
     generate.check_fingerprint(str(tmp_path), generate.fingerprint(same))  # FID and evaluation: rows unaffected
-    other = load_config(overrides=[f"run_dir={tmp_path}", "seed=1", "masks.kind=thin"])
-    with pytest.raises(ConfigError, match=r"masks, seed differ"):
+    other = load_config(overrides=[f"run_dir={tmp_path}", "seed=1", "masks.kind=thin", "scorer.feature_layer=-1"])
+    with pytest.raises(ConfigError, match=r"masks, scorer.feature_layer, seed differ"):
         generate.check_fingerprint(str(tmp_path), generate.fingerprint(other))
 
 

@@ -87,6 +87,20 @@ def test_a_split_that_leaves_nothing_to_train_on_is_a_config_error(tmp_path):
         training.split_reads(cfg)
 
 
+def test_training_refuses_rows_whose_features_came_from_another_layer(tmp_path):
+    """The scorer and the fine-tuning read the caption features generate stored: from the
+    decoder layer the run was generated with, and no other."""
+    from rayjobs import generate
+
+    _generated(tmp_path, [f"p{k}" for k in range(8)])
+    cfg = load_config(overrides=[f"run_dir={tmp_path}", f"data.source={tmp_path}"])
+    generate.check_fingerprint(str(tmp_path / "generate"), generate.fingerprint(cfg))  # as generate records it
+    assert training.split_reads(cfg)  # the same layer
+    other = load_config(overrides=[f"run_dir={tmp_path}", f"data.source={tmp_path}", "scorer.feature_layer=-1"])
+    with pytest.raises(ConfigError, match=r"holds rows generated with other settings \(scorer.feature_layer differ\)"):
+        training.split_reads(other)
+
+
 @pytest.mark.parametrize("name", ["paper-coco", "paper-vg"])
 def test_the_paper_configs_fine_tune_at_the_papers_batch_of_8_on_8_workers(name):
     cfg = load_config(f"configs/{name}.yaml")
