@@ -141,7 +141,14 @@ class CommitLog:
                 self.fs.create_dir(self._path("_staging", folder), recursive=True)
                 pq.write_table(part, self._path("_staging", folder, staged), filesystem=self.fs)
                 marker["staged"][folder] = staged
-        self.check_owner()  # staged files of a superseded writer stay orphans, for `recover()`
+        try:
+            self.check_owner()
+        except Superseded:
+            # Its staged files would outlive the new owner's `recover()` (done when it took over):
+            # take them back. A writer killed right here leaves them to the next recovery.
+            for folder, staged in marker["staged"].items():
+                self.fs.delete_file(self._path("_staging", folder, staged))
+            raise
         self.fs.create_dir(self._path("_commits"), recursive=True)
         tmp = self._path("_commits", f".{name}.{attempt}.json.tmp")
         self._write_bytes(tmp, json.dumps(marker).encode())
