@@ -1,13 +1,19 @@
-"""Bootstrap confidence intervals over samples: percentile intervals, seeded, paired.
+"""Bootstrap confidence intervals over samples: seeded, paired.
 
 Every statistic of one evaluation is resampled with the same draws of sample indices
 (`resamples`), so the intervals of a difference between variants (BLIP − baseline,
 fine-tuned − BLIP) are paired: a sample's two inpaintings stay together in every draw.
+
+Means get the percentile interval. FID is biased in the number of images, and a draw
+(with repeats) holds fewer distinct images than the sample, so its draws sit above the
+estimate, often all of them; its interval is the normal one, the estimate ± z times the
+draws' standard deviation (`statistic_intervals(..., normal=True)`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from statistics import NormalDist
 
 import numpy as np
 
@@ -21,9 +27,14 @@ def resamples(n: int, replicates: int, seed: int) -> Iterator[np.ndarray]:
         yield rng.integers(0, n, size=(min(CHUNK, replicates - start), n))
 
 
-def interval(estimate: float, draws: np.ndarray, confidence: float) -> dict:
-    """The percentile interval of a statistic's bootstrap `draws` around its `estimate`."""
-    low, high = np.quantile(draws, [(1 - confidence) / 2, (1 + confidence) / 2])
+def interval(estimate: float, draws: np.ndarray, confidence: float, normal: bool = False) -> dict:
+    """The percentile interval of a statistic's bootstrap `draws` around its `estimate`; or,
+    `normal`, the estimate ± z · the draws' standard deviation."""
+    if normal:
+        half = NormalDist().inv_cdf((1 + confidence) / 2) * float(np.std(draws, ddof=1))
+        low, high = estimate - half, estimate + half
+    else:
+        low, high = np.quantile(draws, [(1 - confidence) / 2, (1 + confidence) / 2])
     return {"estimate": float(estimate), "low": float(low), "high": float(high)}
 
 
@@ -56,11 +67,12 @@ def mean_intervals(columns: dict[str, np.ndarray], replicates: int, seed: int, c
 
 
 def statistic_intervals(statistic: Callable[[np.ndarray | None], dict[str, float]], n: int, replicates: int,
-                        seed: int, confidence: float) -> dict[str, dict]:
+                        seed: int, confidence: float, normal: bool = False) -> dict[str, dict]:
     """Statistics of the whole sample set (e.g. FID of each variant, and their differences),
-    each with its bootstrap interval: `statistic(None)` on every sample, `statistic(index)`
-    on one draw of sample indices (the draws `mean_intervals` makes with the same seed)."""
+    each with its bootstrap interval (`interval`): `statistic(None)` on every sample,
+    `statistic(index)` on one draw of sample indices (the draws `mean_intervals` makes with
+    the same seed)."""
     estimates = statistic(None)
     draws = [statistic(row) for index in resamples(n, replicates, seed) for row in index]
-    return {name: {**interval(value, np.asarray([d[name] for d in draws]), confidence), "n": n}
+    return {name: {**interval(value, np.asarray([d[name] for d in draws]), confidence, normal), "n": n}
             for name, value in estimates.items()}

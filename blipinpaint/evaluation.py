@@ -12,8 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
-from blipinpaint.bootstrap import mean_intervals
+from blipinpaint.bootstrap import mean_intervals, statistic_intervals
+from blipinpaint.fid import fid_draw
 from blipinpaint.io import decode_png
 from blipinpaint.masks import masked_pixels
 from blipinpaint.records import METRICS
@@ -79,14 +81,30 @@ def intervals(columns: dict[str, np.ndarray], rows: np.ndarray, replicates: int,
     return {group: {m: out.get((group, m)) for m in PAIRED} for group in (*VARIANTS, *DELTAS)}
 
 
+def fid_intervals(features: dict[str, torch.Tensor], replicates: int, seed: int, confidence: float) -> dict:
+    """Each variant's FID and each DELTAS pair's FID difference, with normal bootstrap
+    intervals (`bootstrap`: FID's draws are biased upwards): every draw resamples the samples
+    (the rows of `features`, aligned across the image sets) and takes every FID of that
+    draw, so a difference's interval is paired."""
+    n = len(features[REAL])
+    device = features[REAL].device
+
+    def statistic(index):
+        fids = fid_draw(features, REAL, None if index is None else torch.as_tensor(index, device=device))
+        return {**fids, **{name: fids[a] - fids[b] for name, (a, b) in DELTAS.items()}}
+
+    return statistic_intervals(statistic, n, replicates, seed, confidence, normal=True)
+
+
 def summarize(columns: dict[str, np.ndarray], fid: dict[str, dict], edges: list[float],
-              bootstrap: tuple[int, int, float] = (1000, 0, 0.95)) -> dict:
+              bootstrap: tuple[int, int, float] = (1000, 0, 0.95), fid_bootstrap: dict | None = None) -> dict:
     """Per variant, overall, per mask bucket and on the samples whose caption fine-tuning
     changed: sample count, FID, every metric's spread, and bootstrap intervals (`intervals`;
     `bootstrap` is (replicates, seed, confidence)).
 
     `columns` holds the evaluated rows' metric columns, `mask_area`, `caption` and
-    `caption_finetuned`; `fid` is `blipinpaint.fid.fid_table`'s output keyed by variant.
+    `caption_finetuned`; `fid` is `blipinpaint.fid.fid_table`'s output keyed by variant,
+    `fid_bootstrap` `fid_intervals`' output (the overall FIDs' intervals).
     """
     buckets = np.array(bucket_of(columns["mask_area"], edges), dtype=object)
     changed = np.array([a != b for a, b in zip(columns["caption_finetuned"], columns["caption"])], dtype=bool)
@@ -101,6 +119,9 @@ def summarize(columns: dict[str, np.ndarray], fid: dict[str, dict], edges: list[
 
     everything = np.ones(len(buckets), dtype=bool)
     replicates, seed, confidence = bootstrap
+    overall = intervals(columns, everything, *bootstrap)
+    for group, iv in (fid_bootstrap or {}).items():
+        overall[group]["fid"] = iv
     return {
         "variants": block(everything, ALL),
         "mask_buckets": {b: block(buckets == b, b) for b in bucket_names(edges) if (buckets == b).any()},
@@ -111,7 +132,7 @@ def summarize(columns: dict[str, np.ndarray], fid: dict[str, dict], edges: list[
                     "variants": block(changed, "")},
         "intervals": {
             "replicates": replicates, "confidence": confidence, "seed": seed,
-            ALL: intervals(columns, everything, *bootstrap),
+            ALL: overall,
             "mask_buckets": {b: intervals(columns, buckets == b, *bootstrap) for b in bucket_names(edges)
                              if (buckets == b).any()},
             "changed": intervals(columns, changed, *bootstrap),
@@ -151,22 +172,27 @@ def table1(datasets: dict[str, dict]) -> str:
     lines = ["| | " + " | ".join(f"{n}: CLIP score ↑ | {n}: FID ↓ | {n}: n" for n in names) + " |",
              "|---|" + "---:|---:|---:|" * len(names)]
 
-    def clip_cell(data: dict, group: str) -> str:
-        if "intervals" not in data:  # a report written before the intervals
-            return _mean_std(data["variants"][group]["clip_score"]) if group in VARIANTS else "n/a"
-        return fmt_interval(data["intervals"][ALL][group]["clip_score"], sign=group in DELTAS)
+    def cell(data: dict, group: str, metric: str) -> str:
+        iv = data.get("intervals", {}).get(ALL, {}).get(group, {}).get(metric)
+        if iv is not None:
+            return fmt_interval(iv, sign=group in DELTAS)
+        if group in DELTAS:  # a plain difference where no interval was taken
+            a, b = (data["variants"][v] for v in DELTAS[group])
+            return fmt(_difference(a["fid"], b["fid"])) if metric == "fid" else "n/a"
+        entry = data["variants"][group]
+        return fmt(entry["fid"]) if metric == "fid" else _mean_std(entry[metric])
 
     for key, v in VARIANTS.items():
         cells = []
         for n in names:
             entry = datasets[n]["variants"][key]
-            cells += [clip_cell(datasets[n], key), fmt(entry["fid"]), str(entry["samples"])]
+            cells += [cell(datasets[n], key, "clip_score"), cell(datasets[n], key, "fid"), str(entry["samples"])]
         lines.append(f"| {v.label} | " + " | ".join(cells) + " |")
-    for key, (a, b) in DELTAS.items():
+    for key, (a, _) in DELTAS.items():
         cells = []
         for n in names:
-            v = datasets[n]["variants"]
-            cells += [clip_cell(datasets[n], key), fmt(_difference(v[a]["fid"], v[b]["fid"])), str(v[a]["samples"])]
+            cells += [cell(datasets[n], key, "clip_score"), cell(datasets[n], key, "fid"),
+                      str(datasets[n]["variants"][a]["samples"])]
         lines.append(f"| {DELTA_LABELS[key]} (paired) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

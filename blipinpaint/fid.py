@@ -49,12 +49,26 @@ class FeatureStats:
 
 def frechet_distance(real: FeatureStats, fake: FeatureStats) -> float:
     """‖μ₁ − μ₂‖² + tr Σ₁ + tr Σ₂ − 2 tr √(Σ₁Σ₂), the trace root from the eigenvalues of Σ₁Σ₂."""
-    mu1, sigma1 = real.mean_cov()
-    mu2, sigma2 = fake.mean_cov()
+    return _frechet(*real.mean_cov(), *fake.mean_cov())
+
+
+def _frechet(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor, sigma2: torch.Tensor) -> float:
     diff = (mu1 - mu2).square().sum()
     # Σ₁Σ₂ is similar to a PSD matrix: real, non-negative eigenvalues up to rounding.
     trace_root = torch.linalg.eigvals(sigma1 @ sigma2).sqrt().real.sum()
     return float(diff + sigma1.trace() + sigma2.trace() - 2 * trace_root)
+
+
+def fid_draw(features: dict[str, torch.Tensor], real: str, index: torch.Tensor | None = None) -> dict[str, float]:
+    """FID of every set against `real` from per-sample features (rows aligned across sets), on
+    the rows `index` (one bootstrap draw, with repeats; None: every row). On the features'
+    device, in float64."""
+    def moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x if index is None else x[index]
+        return x.mean(dim=0), torch.cov(x.T)
+
+    reference = moments(features[real])
+    return {name: _frechet(*reference, *moments(x)) for name, x in features.items() if name != real}
 
 
 class FidAccumulator:
@@ -62,25 +76,37 @@ class FidAccumulator:
 
     `sets` maps a set name (e.g. "ground_truth", "baseline") to its PNG column; `group`
     names each row's group (e.g. its mask-area bucket). Statistics are kept per group only:
-    a set's overall statistics are the merge of its groups.
+    a set's overall statistics are the merge of its groups. Each row's features are kept
+    too (`ids`, `features`: float32, 8 KB a set per sample at 2048-d), for the bootstrap
+    intervals (`fid_draw`).
     """
 
     def __init__(self, net: torch.nn.Module, device: torch.device, sets: dict[str, str]):
         self.net, self.device, self.sets = net, device, sets
         self.stats: dict[tuple[str, str], FeatureStats] = {}
+        self.ids: list[str] = []
+        self.kept: dict[str, list[torch.Tensor]] = {}
 
     @torch.inference_mode()
     def update(self, batch: dict[str, np.ndarray], groups: list[str]) -> None:
+        self.ids.extend(str(i) for i in batch.get("id", [""] * len(groups)))
         for name, column in self.sets.items():
             # Decoded PNG, uint8 (B, 3, H, W): the exact pixels that were scored.
             images = torch.from_numpy(np.stack([decode_png(b) for b in batch[column]])).permute(0, 3, 1, 2)
             features = self.net(images.to(self.device))
+            self.kept.setdefault(name, []).append(features.detach().to("cpu", torch.float32))
             for group in sorted(set(groups)):
                 rows = torch.tensor([g == group for g in groups])
                 key = (name, group)
                 if key not in self.stats:
                     self.stats[key] = FeatureStats.empty(features.shape[1])
                 self.stats[key].update(features[rows.to(features.device)])
+
+
+    @property
+    def features(self) -> dict[str, np.ndarray]:
+        """Each set's per-row features, in the order of `ids`."""
+        return {name: torch.cat(parts).numpy() for name, parts in self.kept.items()}
 
 
 def merge_all(parts: list[dict[tuple[str, str], FeatureStats]]) -> dict[tuple[str, str], FeatureStats]:

@@ -56,6 +56,7 @@ from blipinpaint.evaluation import (
     VARIANTS,
     bucket_of,
     bucket_table,
+    fid_intervals,
     fmt,
     fmt_interval,
     grid_rows,
@@ -64,7 +65,7 @@ from blipinpaint.evaluation import (
     summarize,
     table1,
 )
-from blipinpaint.fid import FeatureStats, fid_table, merge_all
+from blipinpaint.fid import fid_table, merge_all
 from blipinpaint.io import decode_png
 from blipinpaint.models import ModelRef
 from blipinpaint.models.presets import FID_INCEPTION_V3
@@ -187,14 +188,29 @@ class FidWorker:
         self.cfg = cfg
         self.fid = stages.build_fid(cfg, FID_SETS)
 
-    def run(self, shard) -> dict[tuple[str, str], FeatureStats]:
+    def run(self, shard) -> dict:
+        """{"stats": statistics per (image set, mask bucket), "ids" and "features": per row}."""
         for batch in shard.iter_batches(batch_size=self.cfg.evaluate.fid.batch_size, batch_format="numpy"):
             self.fid.update(batch, bucket_of(batch["mask_area"], list(self.cfg.evaluate.mask_buckets)))
-        return self.fid.stats
+        return {"stats": self.fid.stats, "ids": self.fid.ids, "features": self.fid.features}
 
 
-def compute_fid(cfg: Config, ids: list[str]) -> dict[str, dict]:
-    """FID of each variant against the ground truth, overall and per mask bucket."""
+@ray.remote
+def bootstrap_fid(ids: list[str], features: list[dict[str, np.ndarray]], cfg: Config) -> dict:
+    """`evaluation.fid_intervals` on the rows of every FID worker, in the order of their ids
+    (that of the per-sample metrics), on this task's GPU if it has one: each draw takes a
+    covariance and an eigendecomposition per image set."""
+    device = torch.device("cuda" if cfg.evaluate.fid.num_gpus and torch.cuda.is_available() else "cpu")
+    order = np.argsort(ids, kind="stable")
+    rows = {name: torch.as_tensor(np.concatenate([f[name] for f in features])[order], dtype=torch.float64,
+                                  device=device) for name in features[0]}
+    b = cfg.evaluate.bootstrap
+    return fid_intervals(rows, b.fid_replicates, cfg.seed, b.confidence)
+
+
+def compute_fid(cfg: Config, ids: list[str]) -> tuple[dict[str, dict], dict[str, dict]]:
+    """FID of each variant against the ground truth, overall and per mask bucket; and the
+    bootstrap intervals of the overall FIDs and of their differences (`bootstrap_fid`)."""
     stage = cfg.evaluate.fid
     n = stage.size if stage.size is not None else stage.max_size
     ds = read_committed(row_reads(_paths(cfg)["out"], ids), ["id", "mask_area", *FID_SETS.values()],
@@ -203,11 +219,17 @@ def compute_fid(cfg: Config, ids: list[str]) -> dict[str, dict]:
     workers = [FidWorker.options(num_cpus=stage.num_cpus, num_gpus=stage.num_gpus or None).remote(cfg)
                for _ in range(n)]
     pending = [w.run.remote(s) for w, s in zip(workers, shards)]
-    merged: dict = {}
+    merged, ids_seen, features = {}, [], []
     while pending:  # merge as workers finish: one worker's statistics in memory at a time
         done, pending = ray.wait(pending)
-        merged = merge_all([merged, ray.get(done[0])])
-    return fid_table(merged, real=REAL)
+        part = ray.get(done[0])
+        merged = merge_all([merged, part["stats"]])
+        ids_seen += part["ids"]
+        features.append(part["features"])
+    features = [f for f in features if f]  # a worker whose shard came out empty
+    intervals = bootstrap_fid.options(num_cpus=stage.num_cpus, num_gpus=stage.num_gpus or None).remote(
+        ids_seen, features, cfg)
+    return fid_table(merged, real=REAL), ray.get(intervals)
 
 
 def _read_eval_rows(out_dir: str, ids: list[str], columns: list[str]) -> dict[str, np.ndarray]:
@@ -328,7 +350,10 @@ the samples with replacement, seed {iv['seed']}), every statistic resampled with
 draws. A difference (`BLIP − baseline`, `fine-tuned − BLIP`) is paired: the mean over
 samples of each sample's two scores, so the two inpaintings of a sample stay together
 in every draw. A sample whose PSNR is infinite (a hole restored exactly) is left out of
-that column. FID is given with its sample count `n` and, for now, no interval.
+that column. Means get the percentile interval. FID gets the normal interval, FID ± z
+times the spread of {iv['fid_replicates']} draws' FIDs: FID is biased upwards on fewer
+distinct images, so the draws (with repeats) sit above the estimate and their percentiles
+would miss it; FID differences are paired the same way.
 
 {scorer_text(changed)}
 
@@ -405,11 +430,13 @@ def run(cfg: Config) -> dict:
     if len(sample_ids) < 2:
         raise JobError(f"{out_dir}: only {len(sample_ids)} samples evaluated, FID needs 2 (errors: {dict(errors)}, "
                        f"listed in {out_dir}/errors; evaluate.retry_failed=true tries `stage failed` rows again)")
-    fid = compute_fid(cfg, sample_ids)
+    fid, fid_bootstrap = compute_fid(cfg, sample_ids)
     columns = _read_eval_rows(out_dir, sample_ids, ["mask_area", "caption", FINETUNED["caption"],
                                                     *(m + v.suffix for v in VARIANTS.values() for m in METRICS)])
     b = cfg.evaluate.bootstrap
-    summary = summarize(columns, fid, list(cfg.evaluate.mask_buckets), (b.replicates, cfg.seed, b.confidence))
+    summary = summarize(columns, fid, list(cfg.evaluate.mask_buckets), (b.replicates, cfg.seed, b.confidence),
+                        fid_bootstrap)
+    summary["intervals"]["fid_replicates"] = b.fid_replicates
     changed = [i for i, a, c in zip(columns["id"], columns["caption"], columns[FINETUNED["caption"]]) if a != c]
     summary["changed"]["scorer"] = scorer_on_changed(cfg, out_dir, [str(i) for i in changed])
     report = {
@@ -441,7 +468,7 @@ def print_report(report: dict) -> None:
     iv = report["intervals"]
     for key in DELTAS:
         print(f"{DELTA_LABELS[key]} (paired, {round(100 * iv['confidence'])} % interval): " + ", ".join(
-            f"{m} {fmt_interval(iv[ALL][key][m], 3, sign=True)}" for m in PAIRED))
+            f"{m} {fmt_interval(iv[ALL][key][m], 3, sign=True)}" for m in (*PAIRED, "fid") if m in iv[ALL][key]))
     changed = report["changed"]
     print(f"fine-tuning changed {changed['captions']} of {changed['of']} held-out captions")
     print(f"report: {report['out_dir']}/report.md")

@@ -22,6 +22,10 @@ def test_a_normal_sample_gives_the_textbook_interval():
     assert out["estimate"] == pytest.approx(x.mean())
     assert out["low"] == pytest.approx(x.mean() - half, abs=0.06 * half)
     assert out["high"] == pytest.approx(x.mean() + half, abs=0.06 * half)
+    # The normal interval from the draws' spread: the same textbook interval, centred on the estimate.
+    normal = statistic_intervals(lambda i: {"x": float(x.mean() if i is None else x[i].mean())}, len(x),
+                                 replicates=2000, seed=3, confidence=0.95, normal=True)["x"]
+    assert (normal["low"], normal["high"]) == pytest.approx((x.mean() - half, x.mean() + half), abs=0.06 * half)
     narrow = mean_intervals({"x": x}, replicates=4000, seed=3, confidence=0.5)["x"]
     assert narrow["high"] - narrow["low"] < 0.4 * (out["high"] - out["low"])  # 0.674/1.96 of it
 

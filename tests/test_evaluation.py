@@ -4,10 +4,12 @@ import pytest
 from blipinpaint.evaluation import (
     ALL,
     DELTA_LABELS,
+    REAL,
     VARIANTS,
     bucket_names,
     bucket_of,
     bucket_table,
+    fid_intervals,
     metrics_table,
     paired_table,
     summarize,
@@ -102,3 +104,26 @@ def test_no_changed_caption_leaves_that_subset_empty():
     assert summary["changed"]["captions"] == 0
     assert summary["intervals"]["changed"]["finetuned_vs_blip"]["clip_score"] is None
     assert "caption changed by fine-tuning | fine-tuned − BLIP | 0 | n/a | n/a | n/a |" in paired_table(summary)
+
+
+def test_fid_intervals_are_paired_over_the_samples_of_every_variant():
+    """Every draw takes every variant's FID on the same rows: a variant shifted by a constant
+    from the ground truth has that FID in every draw (zero width), and so does the difference
+    of two variants at constant shifts."""
+    import torch
+
+    real = torch.as_tensor(np.random.default_rng(3).normal(size=(50, 4)))
+    features = {REAL: real, "baseline": real + 0.5, "blip": real + 0.25, "finetuned": real + 0.25}
+    out = fid_intervals(features, replicates=100, seed=0, confidence=0.95)
+    assert (out["baseline"]["estimate"], out["baseline"]["low"], out["baseline"]["high"]) == pytest.approx(
+        (1.0, 1.0, 1.0), abs=1e-9)  # 4 x 0.5²
+    assert (out["blip_vs_baseline"]["low"], out["blip_vs_baseline"]["high"]) == pytest.approx((-0.75, -0.75), abs=1e-9)
+    assert out["finetuned_vs_blip"]["estimate"] == pytest.approx(0.0, abs=1e-9) and out["blip"]["n"] == 50
+    noisy = {**features, "blip": torch.as_tensor(np.random.default_rng(4).normal(size=(50, 4)))}
+    spread = fid_intervals(noisy, replicates=100, seed=0, confidence=0.95)["blip"]
+    assert spread["high"] - spread["low"] > 0.01  # independent noise: FID varies from draw to draw
+    summary = summarize(columns(), fid(3.0), [0.1, 0.3], (100, 0, 0.95), out)
+    assert summary["intervals"][ALL]["baseline"]["fid"] == out["baseline"]
+    rows = table1({"MSCOCO": summary}).splitlines()[2:]
+    assert rows[0].split("|")[3].strip() == "1.00 [1.00, 1.00]"  # the baseline's FID with its interval
+    assert rows[3].split("|")[3].strip() == "-0.75 [-0.75, -0.75]"  # BLIP − baseline

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from blipinpaint.fid import FeatureStats, FidAccumulator, fid_table, frechet_distance, merge_all
+from blipinpaint.fid import FeatureStats, FidAccumulator, fid_draw, fid_table, frechet_distance, merge_all
 from blipinpaint.io import encode_png
 from blipinpaint.models.inception import InceptionConfig, InceptionFeatures
 
@@ -88,3 +88,25 @@ def test_a_group_with_one_image_has_no_fid(net):
     acc.update({"a": png, "b": png}, ["one", "two", "two"])
     table = fid_table(acc.stats, real="real")
     assert table["fake"]["one"] is None and table["fake"]["two"] is not None
+
+
+def test_fid_from_per_sample_features_on_a_draw_of_rows():
+    """`fid_draw` (the bootstrap's FID) equals the mergeable statistics' FID on all rows, and
+    a draw with repeats takes the FID of exactly those rows."""
+    rng = np.random.default_rng(0)
+    real = torch.as_tensor(rng.normal(size=(40, 6)))
+    other = torch.as_tensor(rng.normal(1.0, 2.0, size=(40, 6)))
+
+    def stats(x):
+        s = FeatureStats.empty(x.shape[1])
+        s.update(x)
+        return s
+
+    features = {"real": real, "shifted": real + 0.5, "other": other}
+    full = fid_draw(features, "real")
+    assert full["other"] == pytest.approx(frechet_distance(stats(real), stats(other)), rel=1e-9)
+    assert full["shifted"] == pytest.approx(6 * 0.25, abs=1e-9)  # same covariance: the mean's shift alone
+    index = torch.as_tensor(rng.integers(0, 40, size=40))
+    draw = fid_draw(features, "real", index)
+    assert draw["other"] == pytest.approx(frechet_distance(stats(real[index]), stats(other[index])), rel=1e-9)
+    assert draw["shifted"] == pytest.approx(1.5, abs=1e-9)

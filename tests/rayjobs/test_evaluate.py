@@ -187,6 +187,9 @@ def test_fid_workers_fold_their_shard_in_batches_of_the_configured_size(local_ra
     worker = evaluate.FidWorker.__ray_actor_class__(cfg)  # the actor's class, run in this process
     sizes, update = [], worker.fid.update
     monkeypatch.setattr(worker.fid, "update", lambda batch, groups: (sizes.append(len(groups)), update(batch, groups)))
-    stats = worker.run(ray.data.from_items(rows))
+    out = worker.run(ray.data.from_items(rows))
     assert sorted(sizes, reverse=True) == [2, 2, 1]
-    assert {count for count in (s.count for s in stats.values())} == {5}
+    assert {count for count in (s.count for s in out["stats"].values())} == {5}
+    # Each row's features too, for the FID intervals: a row per id, in the same order in every set.
+    assert sorted(out["ids"]) == [f"s{i}" for i in range(5)]
+    assert {name: len(f) for name, f in out["features"].items()} == {name: 5 for name in FID_SETS}

@@ -89,7 +89,7 @@ def test_distributed_fid_equals_one_pass(main_run, monkeypatch):
     monkeypatch.chdir(folder)
     cfg = load_config(overrides=ARGS)
     ids = evaluate.evaluation_ids(cfg)
-    distributed = evaluate.compute_fid(cfg, ids)
+    distributed, intervals = evaluate.compute_fid(cfg, ids)
 
     rows = pq.read_table(folder / "run" / "eval" / "samples").to_pydict()
     one = stages.build_fid(cfg, FID_SETS)
@@ -98,6 +98,9 @@ def test_distributed_fid_equals_one_pass(main_run, monkeypatch):
     assert distributed.keys() == single.keys() == VARIANTS.keys()
     for name in VARIANTS:
         assert distributed[name]["all"] == pytest.approx(single[name]["all"], rel=1e-4)
+        # The bootstrap's full-sample FID, from the rows' own features, is that FID too.
+        assert intervals[name]["estimate"] == pytest.approx(single[name]["all"], rel=1e-4)
+        assert intervals[name]["low"] <= intervals[name]["high"] and intervals[name]["n"] == len(ids)
 
 
 def test_bad_config_fails_before_any_work(tmp_path, capsys):
