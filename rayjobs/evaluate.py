@@ -342,8 +342,8 @@ BLIP's); FID against the ground-truth images. FID protocol: {fid_protocol(cfg)}.
 
 Fine-tuning changed the caption of {changed['captions']} of {changed['of']} samples
 ({fmt(100 * (changed['share'] or 0), 1)} %). Where it did not, the fine-tuned variant reuses the
-BLIP variant's inpainting and metrics, so the two rows can differ on those
-{changed['captions']} samples only.
+BLIP variant's inpainting and metrics: the fine-tuned and BLIP rows can differ only on the
+changed samples.
 
 Intervals: {round(100 * iv['confidence'])} % percentile bootstrap over samples ({iv['replicates']} draws of
 the samples with replacement, seed {iv['seed']}), every statistic resampled with the same
