@@ -16,9 +16,10 @@ Locally (a Ray on 127.0.0.1 when no address is given):
 
 For each training image (masked, as in generation) the caption BLIP gave it is
 teacher-forced through the text decoder; layer `scorer.feature_layer`'s states (the
-second-to-last) over its tokens feed the frozen scorer, and L_BLIP = λ1·(1 − SSIM) − λ2·PSNR − λ3·CLIP on the
-scorer's predictions (in metric units) is minimised. Only the text decoder trains; the
-vision encoder and the scorer stay bit-identical. Ray Train runs DeepSpeed ZeRO workers.
+second-to-last) over its tokens feed the frozen scorer, and
+L_BLIP = λ1·(1 − SSIM) − λ2·PSNR − λ3·CLIP on the scorer's predictions (in metric units)
+is minimised. Only the text decoder trains; the vision encoder and the scorer stay
+bit-identical. Ray Train runs DeepSpeed ZeRO workers.
 
 Outputs: `run_dir/blip/` (a Hugging Face folder, safetensors, that
 `BlipForConditionalGeneration.from_pretrained` loads and that generate/evaluate accept as
@@ -93,12 +94,12 @@ def _pixels(batch: dict, image_processor, device, dtype) -> torch.Tensor:
 
 
 @torch.no_grad()
-def probe_captions(model, tokenizer, pixels: torch.Tensor, cfg: Config, synced: bool) -> list[str]:
+def probe_captions(model, tokenizer, image_embeds: torch.Tensor, cfg: Config, synced: bool) -> list[str]:
     """Greedy (or beam) captions as generation decodes them, from the model being trained.
 
     `synced`: every rank calls this, and each keeps running the decoder until all ranks are done
     (ZeRO-3 gathers each layer's weights from every rank at every step)."""
-    ids = generate_captions(model, encode_images(model, pixels), max_new_tokens=cfg.caption.max_new_tokens,
+    ids = generate_captions(model, image_embeds, max_new_tokens=cfg.caption.max_new_tokens,
                             num_beams=cfg.caption.num_beams, do_sample=False, synced_gpus=synced)
     return caption_texts(tokenizer, ids)
 
@@ -175,7 +176,8 @@ def finetune_loop(config: dict) -> None:
     probe = read_rows(config["probe"], COLUMNS)
     probe_ids = [str(i) for i in probe["id"]]
     probe_held = [i in set(config["probe"]["heldout"]) for i in probe_ids]
-    probe_pixels = _pixels(probe, bundle.image_processor, device, model.vision_model.dtype)
+    with torch.no_grad():  # the vision encoder is frozen: its embeddings of the probe set, once
+        probe_embeds = encode_images(model, _pixels(probe, bundle.image_processor, device, model.vision_model.dtype))
 
     def tokenize(caption: str) -> list[int]:
         return bundle.tokenizer(caption, add_special_tokens=False).input_ids
@@ -184,10 +186,9 @@ def finetune_loop(config: dict) -> None:
         """The probe set's greedy captions from the decoder as it is now, and the scorer's
         mean prediction (SSIM, PSNR, CLIP) for them."""
         engine.eval()
-        captions = probe_captions(model, bundle.tokenizer, probe_pixels, cfg, synced=ctx.get_world_size() > 1)
+        captions = probe_captions(model, bundle.tokenizer, probe_embeds, cfg, synced=ctx.get_world_size() > 1)
         with torch.no_grad():
-            embeds = encode_images(model, probe_pixels)
-            features, _ = decode_caption(model, embeds, caption_ids(model, bundle.tokenizer, captions).to(device),
+            features, _ = decode_caption(model, probe_embeds, caption_ids(model, bundle.tokenizer, captions).to(device),
                                          decoder=engine, layer=cfg.scorer.feature_layer)
             predicted = scorer.destandardize(scorer(features.float())).mean(dim=0).tolist()
         engine.train()
