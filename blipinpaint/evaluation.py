@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torchmetrics.functional import pearson_corrcoef
 
 from blipinpaint.bootstrap import mean_intervals, statistic_intervals
 from blipinpaint.fid import fid_draw
@@ -96,6 +97,33 @@ def fid_intervals(features: dict[str, torch.Tensor], replicates: int, seed: int,
     return statistic_intervals(statistic, n, replicates, seed, confidence, normal=True)
 
 
+def fid_scopes(ids: list[str], features: dict[str, torch.Tensor], scopes: dict[str, list[str]], replicates: int,
+               seed: int, confidence: float) -> dict[str, dict]:
+    """`fid_intervals` on each scope's rows (e.g. "all", "changed": the samples whose caption
+    fine-tuning changed); `ids` names the rows of `features`. A scope's rows are taken in the
+    order of their ids, that of the per-sample metrics, so that a draw resamples the same
+    samples for both. A scope of fewer than 2 samples has no FID: {}."""
+    position = {i: k for k, i in enumerate(ids)}
+    out = {}
+    for scope, members in scopes.items():
+        if len(members) < 2:
+            out[scope] = {}
+            continue
+        rows = torch.as_tensor([position[i] for i in sorted(members)], device=features[REAL].device)
+        out[scope] = fid_intervals({name: x[rows] for name, x in features.items()}, replicates, seed, confidence)
+    return out
+
+
+def correlation(predicted: np.ndarray, scored: np.ndarray) -> float | None:
+    """Pearson's r of a prediction against what was scored, over the finite scores (an exactly
+    restored hole has infinite PSNR); None under 3 samples or where either side is constant."""
+    finite = np.isfinite(scored)
+    p, s = (torch.as_tensor(np.asarray(x, dtype=np.float64)[finite]) for x in (predicted, scored))
+    if len(s) < 3 or p.std() == 0 or s.std() == 0:
+        return None
+    return float(pearson_corrcoef(p, s))
+
+
 def summarize(columns: dict[str, np.ndarray], fid: dict[str, dict], edges: list[float],
               bootstrap: tuple[int, int, float] = (1000, 0, 0.95), fid_bootstrap: dict | None = None) -> dict:
     """Per variant, overall, per mask bucket and on the samples whose caption fine-tuning
@@ -104,7 +132,7 @@ def summarize(columns: dict[str, np.ndarray], fid: dict[str, dict], edges: list[
 
     `columns` holds the evaluated rows' metric columns, `mask_area`, `caption` and
     `caption_finetuned`; `fid` is `blipinpaint.fid.fid_table`'s output keyed by variant,
-    `fid_bootstrap` `fid_intervals`' output (the overall FIDs' intervals).
+    `fid_bootstrap` `fid_scopes`' output for the scopes "all" and "changed".
     """
     buckets = np.array(bucket_of(columns["mask_area"], edges), dtype=object)
     changed = np.array([a != b for a, b in zip(columns["caption_finetuned"], columns["caption"])], dtype=bool)
@@ -119,23 +147,29 @@ def summarize(columns: dict[str, np.ndarray], fid: dict[str, dict], edges: list[
 
     everything = np.ones(len(buckets), dtype=bool)
     replicates, seed, confidence = bootstrap
+    fid_bootstrap = fid_bootstrap or {}
     overall = intervals(columns, everything, *bootstrap)
-    for group, iv in (fid_bootstrap or {}).items():
-        overall[group]["fid"] = iv
+    on_changed = intervals(columns, changed, *bootstrap)
+    for scope, ivs in ((overall, fid_bootstrap.get(ALL, {})), (on_changed, fid_bootstrap.get("changed", {}))):
+        for group, iv in ivs.items():
+            scope[group]["fid"] = iv
+    changed_block = block(changed, "")
+    for name, entry in changed_block.items():
+        entry["fid"] = fid_bootstrap.get("changed", {}).get(name, {}).get("estimate")
     return {
         "variants": block(everything, ALL),
         "mask_buckets": {b: block(buckets == b, b) for b in bucket_names(edges) if (buckets == b).any()},
         # Only here can the fine-tuned variant differ from the BLIP one (an unchanged caption
-        # reuses its inpainting). FID is not taken on this subset.
+        # reuses its inpainting).
         "changed": {"captions": int(changed.sum()), "of": len(changed),
                     "share": float(changed.mean()) if len(changed) else None,
-                    "variants": block(changed, "")},
+                    "variants": changed_block},
         "intervals": {
             "replicates": replicates, "confidence": confidence, "seed": seed,
             ALL: overall,
             "mask_buckets": {b: intervals(columns, buckets == b, *bootstrap) for b in bucket_names(edges)
                              if (buckets == b).any()},
-            "changed": intervals(columns, changed, *bootstrap),
+            "changed": on_changed,
         },
     }
 
@@ -205,10 +239,11 @@ def paired_table(summary: dict) -> str:
               "caption changed by fine-tuning": (iv["changed"], summary["changed"]["captions"]),
               **{f"mask area {b}": (iv["mask_buckets"][b], blk["blip"]["samples"])
                  for b, blk in summary["mask_buckets"].items()}}
-    lines = ["| samples | difference | n | " + " | ".join(PAIRED) + " |", "|---|---|---:|" + "---:|" * len(PAIRED)]
+    metrics = (*PAIRED, "fid")  # FID's difference where it was bootstrapped: all samples, the changed ones
+    lines = ["| samples | difference | n | " + " | ".join(metrics) + " |", "|---|---|---:|" + "---:|" * len(metrics)]
     for scope, (groups, n) in scopes.items():
         for key in DELTAS:
-            cells = [fmt_interval(groups[key][m], 3, sign=True) for m in PAIRED]
+            cells = [fmt_interval(groups[key].get(m), 3, sign=True) for m in metrics]
             lines.append(f"| {scope} | {DELTA_LABELS[key]} | {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

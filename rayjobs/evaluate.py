@@ -56,7 +56,8 @@ from blipinpaint.evaluation import (
     VARIANTS,
     bucket_of,
     bucket_table,
-    fid_intervals,
+    correlation,
+    fid_scopes,
     fmt,
     fmt_interval,
     grid_rows,
@@ -196,21 +197,21 @@ class FidWorker:
 
 
 @ray.remote
-def bootstrap_fid(ids: list[str], features: list[dict[str, np.ndarray]], cfg: Config) -> dict:
-    """`evaluation.fid_intervals` on the rows of every FID worker, in the order of their ids
-    (that of the per-sample metrics), on this task's GPU if it has one: each draw takes a
-    covariance and an eigendecomposition per image set."""
+def bootstrap_fid(ids: list[str], features: list[dict[str, np.ndarray]], scopes: dict[str, list[str]],
+                  cfg: Config) -> dict:
+    """`evaluation.fid_scopes` on the rows of every FID worker, on this task's GPU if it has
+    one: each draw takes a covariance and an eigendecomposition per image set."""
     device = torch.device("cuda" if cfg.evaluate.fid.num_gpus and torch.cuda.is_available() else "cpu")
-    order = np.argsort(ids, kind="stable")
-    rows = {name: torch.as_tensor(np.concatenate([f[name] for f in features])[order], dtype=torch.float64,
-                                  device=device) for name in features[0]}
+    rows = {name: torch.as_tensor(np.concatenate([f[name] for f in features]), dtype=torch.float64, device=device)
+            for name in features[0]}
     b = cfg.evaluate.bootstrap
-    return fid_intervals(rows, b.fid_replicates, cfg.seed, b.confidence)
+    return fid_scopes(ids, rows, scopes, b.fid_replicates, cfg.seed, b.confidence)
 
 
-def compute_fid(cfg: Config, ids: list[str]) -> tuple[dict[str, dict], dict[str, dict]]:
+def compute_fid(cfg: Config, ids: list[str], changed: list[str]) -> tuple[dict[str, dict], dict[str, dict]]:
     """FID of each variant against the ground truth, overall and per mask bucket; and the
-    bootstrap intervals of the overall FIDs and of their differences (`bootstrap_fid`)."""
+    bootstrap intervals of the FIDs and of their differences, on all samples and on the
+    `changed` ones (`bootstrap_fid`)."""
     stage = cfg.evaluate.fid
     n = stage.size if stage.size is not None else stage.max_size
     ds = read_committed(row_reads(_paths(cfg)["out"], ids), ["id", "mask_area", *FID_SETS.values()],
@@ -228,7 +229,7 @@ def compute_fid(cfg: Config, ids: list[str]) -> tuple[dict[str, dict], dict[str,
         features.append(part["features"])
     features = [f for f in features if f]  # a worker whose shard came out empty
     intervals = bootstrap_fid.options(num_cpus=stage.num_cpus, num_gpus=stage.num_gpus or None).remote(
-        ids_seen, features, cfg)
+        ids_seen, features, {ALL: ids, "changed": changed}, cfg)
     return fid_table(merged, real=REAL), ray.get(intervals)
 
 
@@ -255,13 +256,8 @@ def scorer_on_changed(cfg: Config, out_dir: str, ids: list[str]) -> dict:
     true = np.stack([np.asarray(rows[t + "_finetuned"], dtype=np.float64) for t in TARGETS], axis=1)
     plot_scatter(predicted, true, TARGETS, f"{out_dir}/scorer_changed.png",
                  title=f"scorer's prediction for the {len(ids)} changed captions against their scores")
-
-    def pearson(j: int) -> float | None:
-        finite = np.isfinite(true[:, j])  # an exactly restored hole has infinite PSNR
-        p, t = predicted[finite, j], true[finite, j]
-        return float(np.corrcoef(p, t)[0, 1]) if len(t) >= 3 and p.std() > 0 and t.std() > 0 else None
-
-    return {"samples": len(ids), "pearson_r": {t: pearson(j) for j, t in enumerate(TARGETS)},
+    return {"samples": len(ids),
+            "pearson_r": {t: correlation(predicted[:, j], true[:, j]) for j, t in enumerate(TARGETS)},
             "mean_predicted": dict(zip(TARGETS, predicted.mean(axis=0).tolist())),
             "mean_scored": {t: float(np.mean(true[np.isfinite(true[:, j]), j])) for j, t in enumerate(TARGETS)}}
 
@@ -353,7 +349,9 @@ in every draw. A sample whose PSNR is infinite (a hole restored exactly) is left
 that column. Means get the percentile interval. FID gets the normal interval, FID ± z
 times the spread of {iv['fid_replicates']} draws' FIDs: FID is biased upwards on fewer
 distinct images, so the draws (with repeats) sit above the estimate and their percentiles
-would miss it; FID differences are paired the same way.
+would miss it; FID differences are paired the same way. FID and its interval are taken
+on all samples and on the changed ones (from 2 up; a small subset's FID is far above the
+whole set's, so compare the variants within a subset, not across).
 
 {scorer_text(changed)}
 
@@ -430,15 +428,15 @@ def run(cfg: Config) -> dict:
     if len(sample_ids) < 2:
         raise JobError(f"{out_dir}: only {len(sample_ids)} samples evaluated, FID needs 2 (errors: {dict(errors)}, "
                        f"listed in {out_dir}/errors; evaluate.retry_failed=true tries `stage failed` rows again)")
-    fid, fid_bootstrap = compute_fid(cfg, sample_ids)
     columns = _read_eval_rows(out_dir, sample_ids, ["mask_area", "caption", FINETUNED["caption"],
                                                     *(m + v.suffix for v in VARIANTS.values() for m in METRICS)])
+    changed = [str(i) for i, a, c in zip(columns["id"], columns["caption"], columns[FINETUNED["caption"]]) if a != c]
+    fid, fid_bootstrap = compute_fid(cfg, sample_ids, changed)
     b = cfg.evaluate.bootstrap
     summary = summarize(columns, fid, list(cfg.evaluate.mask_buckets), (b.replicates, cfg.seed, b.confidence),
                         fid_bootstrap)
     summary["intervals"]["fid_replicates"] = b.fid_replicates
-    changed = [i for i, a, c in zip(columns["id"], columns["caption"], columns[FINETUNED["caption"]]) if a != c]
-    summary["changed"]["scorer"] = scorer_on_changed(cfg, out_dir, [str(i) for i in changed])
+    summary["changed"]["scorer"] = scorer_on_changed(cfg, out_dir, changed)
     report = {
         "dataset": dataset_name(cfg), "run_dir": cfg.run_dir, "out_dir": out_dir,
         "evaluation_set": {"heldout_fraction": heldout_fraction(cfg, generated_ids(cfg)), "limit": cfg.evaluate.limit,

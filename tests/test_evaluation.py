@@ -9,7 +9,9 @@ from blipinpaint.evaluation import (
     bucket_names,
     bucket_of,
     bucket_table,
+    correlation,
     fid_intervals,
+    fid_scopes,
     metrics_table,
     paired_table,
     summarize,
@@ -122,8 +124,46 @@ def test_fid_intervals_are_paired_over_the_samples_of_every_variant():
     noisy = {**features, "blip": torch.as_tensor(np.random.default_rng(4).normal(size=(50, 4)))}
     spread = fid_intervals(noisy, replicates=100, seed=0, confidence=0.95)["blip"]
     assert spread["high"] - spread["low"] > 0.01  # independent noise: FID varies from draw to draw
-    summary = summarize(columns(), fid(3.0), [0.1, 0.3], (100, 0, 0.95), out)
+    summary = summarize(columns(), fid(3.0), [0.1, 0.3], (100, 0, 0.95), {ALL: out})
     assert summary["intervals"][ALL]["baseline"]["fid"] == out["baseline"]
     rows = table1({"MSCOCO": summary}).splitlines()[2:]
     assert rows[0].split("|")[3].strip() == "1.00 [1.00, 1.00]"  # the baseline's FID with its interval
     assert rows[3].split("|")[3].strip() == "-0.75 [-0.75, -0.75]"  # BLIP − baseline
+
+
+def test_fid_is_taken_on_the_changed_samples_alone():
+    """The changed scope's FIDs come from those samples' rows only, in the order of their ids
+    (that of the metrics' draws); they land in the changed block, its intervals and the
+    paired table. Fewer than 2 samples: no FID."""
+    import torch
+
+    from blipinpaint.fid import fid_draw
+
+    rng = np.random.default_rng(5)
+    ids = [f"s{k}" for k in (3, 0, 5, 1, 4, 2)]  # as the FID workers returned them
+    real = torch.as_tensor(rng.normal(size=(6, 3)))
+    features = {REAL: real, "baseline": real + 1.0, "blip": torch.as_tensor(rng.normal(size=(6, 3))),
+                "finetuned": real + 0.5}
+    changed = ["s4", "s2", "s0"]
+    scopes = fid_scopes(ids, features, {ALL: ids, "changed": changed, "one": ["s1"]}, 50, 0, 0.95)
+    assert scopes["one"] == {}
+    rows = torch.as_tensor([ids.index(i) for i in sorted(changed)])
+    expected = fid_draw({k: x[rows] for k, x in features.items()}, REAL)
+    assert {k: scopes["changed"][k]["estimate"] for k in VARIANTS} == pytest.approx(expected, abs=1e-9)
+    assert scopes["changed"]["finetuned"]["n"] == 3 and scopes[ALL]["finetuned"]["n"] == 6
+    assert scopes["changed"]["blip"]["estimate"] != pytest.approx(scopes[ALL]["blip"]["estimate"])
+    summary = summarize(columns(), fid(3.0), [0.1, 0.3], (100, 0, 0.95), scopes)
+    assert summary["changed"]["variants"]["blip"]["fid"] == pytest.approx(expected["blip"])
+    assert summary["intervals"]["changed"]["finetuned_vs_blip"]["fid"] == scopes["changed"]["finetuned_vs_blip"]
+    line = next(r for r in paired_table(summary).splitlines() if r.startswith("| caption changed by fine-tuning | fine-tuned"))
+    assert line.split("|")[-2].strip().startswith(f"{expected['finetuned'] - expected['blip']:+.3g}")
+
+
+def test_the_scorers_correlation_with_what_was_scored():
+    predicted = np.array([1.0, 2.0, 3.0, 4.0])
+    assert correlation(predicted, 2 * predicted + 1) == pytest.approx(1.0)
+    assert correlation(predicted, -predicted) == pytest.approx(-1.0)
+    assert correlation(predicted, np.array([2.0, 1.0, np.inf, 4.0])) == pytest.approx(
+        np.corrcoef([1.0, 2.0, 4.0], [2.0, 1.0, 4.0])[0, 1])  # the infinite PSNR left out
+    assert correlation(predicted[:2], predicted[:2]) is None  # under 3 samples
+    assert correlation(predicted, np.full(4, 7.0)) is None  # nothing varies

@@ -9,7 +9,7 @@ from transformers import BlipForConditionalGeneration
 
 from blipinpaint import stages
 from blipinpaint.config import load_config
-from blipinpaint.evaluation import FID_SETS, REAL, VARIANTS, bucket_of
+from blipinpaint.evaluation import ALL, FID_SETS, REAL, VARIANTS, bucket_of
 from blipinpaint.fid import fid_table
 from blipinpaint.records import METRICS
 from blipinpaint.seeds import heldout
@@ -89,7 +89,9 @@ def test_distributed_fid_equals_one_pass(main_run, monkeypatch):
     monkeypatch.chdir(folder)
     cfg = load_config(overrides=ARGS)
     ids = evaluate.evaluation_ids(cfg)
-    distributed, intervals = evaluate.compute_fid(cfg, ids)
+    distributed, scopes = evaluate.compute_fid(cfg, ids, changed=ids[::-1])
+    intervals = scopes[ALL]
+    assert scopes["changed"] == intervals  # the changed scope's rows, here every one, in id order
 
     rows = pq.read_table(folder / "run" / "eval" / "samples").to_pydict()
     one = stages.build_fid(cfg, FID_SETS)
