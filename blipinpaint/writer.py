@@ -15,6 +15,16 @@ deletes staged files no marker names (roll back). The part name is a hash of its
 retried write of the same rows replaces, never duplicates; each attempt stages under its
 own file name, so two attempts never write into one file.
 
+What it assumes of the store (a local disk, S3, MinIO, GCS):
+- a small file written whole appears complete or not at all: an object store's PUT does
+  that; on a disk markers and the owner file are written beside and renamed into place;
+- a move of one file may be a copy and then a delete (S3 has no rename), and is never
+  needed to be atomic: a publish cut between the two leaves the staged file, and
+  `recover` copies it again (the same bytes under the same name);
+- a listing shows every write that completed before it (S3 and MinIO are strongly
+  consistent); pages of a long listing are followed by pyarrow.
+Nothing relies on renaming a folder or on an atomic rename of a data file.
+
 One run writes to a folder at a time. A driver that dies leaves tasks in flight that still
 commit for a while; a new run therefore takes the folder over (`take_over`), and a writer
 of an earlier run checks the owner before its commit point and gives up (`Superseded`).
@@ -37,7 +47,7 @@ from pyarrow import fs as pafs
 
 from blipinpaint.batches import JobError
 from blipinpaint.records import SAMPLE_SCHEMA, split_rows
-from blipinpaint.storage import filesystem
+from blipinpaint.storage import filesystem, is_remote
 
 DATA_DIRS = ("samples", "errors")
 OWNER = "_owner.json"
@@ -101,11 +111,19 @@ class CommitLog:
         self._replace(RELEASED, {"token": self.owner})
 
     def _replace(self, name: str, content: dict) -> None:
-        # Every commit of every task reads the owner file: it must never be seen half
-        # written (a local write truncates first), so it is replaced whole by a move.
-        tmp = self._path(f".{name}.{uuid.uuid4().hex[:12]}.tmp")
-        self._write_bytes(tmp, json.dumps(content).encode())
-        self.fs.move(tmp, self._path(name))
+        # Every commit of every task reads the owner file: it must never be seen half written.
+        self._put("", name, json.dumps(content).encode())
+
+    def _put(self, folder: str, name: str, data: bytes) -> None:
+        """Write a whole small file that readers see complete or not at all. An object store's
+        PUT is that already; a local write truncates first, so on a disk the file is written
+        beside (a dot-name `recover` cleans up) and renamed into place."""
+        if is_remote(self.out_dir):
+            self._write_bytes(self._path(folder, name), data)
+            return
+        tmp = self._path(folder, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
+        self._write_bytes(tmp, data)
+        self.fs.move(tmp, self._path(folder, name))
 
     def owns(self) -> bool:
         """Whether this run (`owner`) still owns the folder; without an owner, always."""
@@ -150,9 +168,7 @@ class CommitLog:
                 self.fs.delete_file(self._path("_staging", folder, staged))
             raise
         self.fs.create_dir(self._path("_commits"), recursive=True)
-        tmp = self._path("_commits", f".{name}.{attempt}.json.tmp")
-        self._write_bytes(tmp, json.dumps(marker).encode())
-        self.fs.move(tmp, self._path("_commits", f"{name}.json"))  # the commit point
+        self._put("_commits", f"{name}.json", json.dumps(marker).encode())  # the commit point
         self._publish(marker)
         return marker
 

@@ -85,9 +85,38 @@ def sample_batch(cfg) -> dict[str, np.ndarray]:
     return stages.build_masker(cfg)(batch)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def s3():
+    """An S3 endpoint on 127.0.0.1 for the session (moto's server), reached the way a user
+    reaches a bucket: through the standard AWS variables, which every Ray worker started
+    after this inherits (so it starts first, whichever test starts Ray). Yields a function
+    that makes a bucket and returns its `s3://` URI."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from blipinpaint import storage
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    os.environ.update({"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "blipinpaint-test",
+                       "AWS_SECRET_ACCESS_KEY": "blipinpaint-test-secret", "AWS_DEFAULT_REGION": "us-east-1",
+                       "AWS_REGION": "us-east-1"})
+    storage._remote.cache_clear()  # one pyarrow client per bucket and process: made for this endpoint
+    client = boto3.client("s3")
+
+    def bucket(name: str) -> str:
+        client.create_bucket(Bucket=name)
+        return f"s3://{name}"
+
+    yield bucket
+    server.stop()
+
+
 @pytest.fixture(scope="session")
-def local_ray(model_cache):
-    """One local Ray for the session, on 127.0.0.1, started the way the jobs start it."""
+def local_ray(model_cache, s3):
+    """One local Ray for the session, on 127.0.0.1, started the way the jobs start it (after
+    the S3 endpoint: its workers see the AWS variables)."""
     import ray
 
     from rayjobs.common import connect

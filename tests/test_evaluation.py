@@ -155,7 +155,8 @@ def test_fid_is_taken_on_the_changed_samples_alone():
     summary = summarize(columns(), fid(3.0), [0.1, 0.3], (100, 0, 0.95), scopes)
     assert summary["changed"]["variants"]["blip"]["fid"] == pytest.approx(expected["blip"])
     assert summary["intervals"]["changed"]["finetuned_vs_blip"]["fid"] == scopes["changed"]["finetuned_vs_blip"]
-    line = next(r for r in paired_table(summary).splitlines() if r.startswith("| caption changed by fine-tuning | fine-tuned"))
+    line = next(r for r in paired_table(summary).splitlines()
+                if r.startswith("| caption changed by fine-tuning | fine-tuned"))
     assert line.split("|")[-2].strip().startswith(f"{expected['finetuned'] - expected['blip']:+.3g}")
 
 

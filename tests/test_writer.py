@@ -1,80 +1,132 @@
 import json
+import posixpath
+import uuid
 
 import pyarrow.parquet as pq
 import pytest
 from helpers import sample_rows as _rows
+from pyarrow import fs as pafs
 
 from blipinpaint.records import ERROR_SCHEMA, SAMPLE_SCHEMA
+from blipinpaint.storage import filesystem
 from blipinpaint.writer import CommitLog, Superseded
 
 
-def _read(path):
-    return sorted(pq.read_table(path).column("id").to_pylist()) if path.exists() and any(path.iterdir()) else []
+class Out:
+    """An output folder on a disk or in a bucket, seen through its filesystem: what a reader
+    finds, and the crashes a test leaves behind (a move is a copy and a delete on S3)."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self.fs, self.root = filesystem(uri)
+
+    def path(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts)
+
+    def files(self, folder: str) -> list[str]:
+        selector = pafs.FileSelector(self.path(folder), allow_not_found=True)
+        return sorted(i.base_name for i in self.fs.get_file_info(selector) if i.type == pafs.FileType.File)
+
+    def ids(self, folder: str) -> list[str]:
+        """The ids a reader of `folder` sees: every Parquet file in it."""
+        return sorted(i for name in self.files(folder) if name.endswith(".parquet")
+                      for i in pq.read_table(self.path(folder, name), filesystem=self.fs).column("id").to_pylist())
+
+    def move(self, source: str, destination: str) -> None:
+        self.fs.move(self.path(source), self.path(destination))
+
+    def copy(self, source: str, destination: str) -> None:
+        self.fs.copy_file(self.path(source), self.path(destination))
+
+    def delete(self, name: str) -> None:
+        self.fs.delete_file(self.path(name))
 
 
-def test_commit_splits_samples_and_errors(tmp_path):
-    log = CommitLog(str(tmp_path))
+@pytest.fixture(params=["disk", "bucket"])
+def out(request, tmp_path) -> Out:
+    """The protocol runs against a local disk and against an S3 endpoint (its semantics: no
+    rename, a move is a copy then a delete)."""
+    if request.param == "disk":
+        return Out(str(tmp_path))
+    return Out(request.getfixturevalue("s3")(f"writer-{uuid.uuid4().hex[:12]}") + "/out")
+
+
+def test_commit_splits_samples_and_errors(out):
+    log = CommitLog(out.uri)
     marker = log.commit(_rows(["a", "b", "c"], ["", "not an image: x", ""]))
-    assert _read(tmp_path / "samples") == ["a", "c"] and _read(tmp_path / "errors") == ["b"]
-    assert pq.read_schema(next((tmp_path / "samples").iterdir())).names == SAMPLE_SCHEMA.names
-    assert pq.read_schema(next((tmp_path / "errors").iterdir())).names == ERROR_SCHEMA.names
+    assert out.ids("samples") == ["a", "c"] and out.ids("errors") == ["b"]
+    for folder, schema in (("samples", SAMPLE_SCHEMA), ("errors", ERROR_SCHEMA)):
+        (name,) = out.files(folder)
+        assert pq.read_schema(out.path(folder, name), filesystem=out.fs).names == schema.names
+    assert out.files("_staging/samples") == out.files("_staging/errors") == []
     assert marker["seconds"] == {"captioner": pytest.approx(1.5)} and marker["retries"] == {"captioner": 1}
     assert log.committed_ids() == {"a", "b", "c"}
 
 
-def test_writing_the_same_rows_again_replaces_them(tmp_path):
-    log = CommitLog(str(tmp_path))
+def test_writing_the_same_rows_again_replaces_them(out):
+    log = CommitLog(out.uri)
     log.commit(_rows(["a", "b"], ["", ""]))
     log.commit(_rows(["b", "a"], ["", ""]))  # a retried write task
-    assert _read(tmp_path / "samples") == ["a", "b"] and len(log.markers()) == 1
+    assert out.ids("samples") == ["a", "b"] and len(log.markers()) == 1
 
 
-def test_recover_undoes_parts_that_never_committed(tmp_path):
-    log = CommitLog(str(tmp_path))
+def test_recover_undoes_parts_that_never_committed(out):
+    log = CommitLog(out.uri)
     log.commit(_rows(["a"], [""]))
     marker = log.commit(_rows(["b"], [""]))
-    # Crash after the staged file was written, before the marker: move the file back, drop the marker.
-    (tmp_path / "samples" / f"{marker['name']}.parquet").rename(
-        tmp_path / "_staging" / "samples" / marker["staged"]["samples"])
-    (tmp_path / "_commits" / f"{marker['name']}.json").rename(tmp_path / "_commits" / f".{marker['name']}.json.tmp")
+    # Crash after the staged file was written, before the marker: move the file back, drop the
+    # marker (on a disk, a marker cut short before its rename into place is a dot-file).
+    out.move(f"samples/{marker['name']}.parquet", f"_staging/samples/{marker['staged']['samples']}")
+    out.move(f"_commits/{marker['name']}.json", f"_commits/.{marker['name']}.json.tmp")
     assert log.recover() == {"committed_parts": 1, "orphans_removed": 2, "parts_dropped": 0}
-    assert _read(tmp_path / "samples") == ["a"] and log.committed_ids() == {"a"}
-    assert not list((tmp_path / "_staging" / "samples").iterdir())
+    assert out.ids("samples") == ["a"] and log.committed_ids() == {"a"}
+    assert out.files("_staging/samples") == [] and out.files("_commits") == [f"{log.markers()[0]['name']}.json"]
 
 
-def test_recover_finishes_parts_that_committed(tmp_path):
-    log = CommitLog(str(tmp_path))
+def test_recover_finishes_parts_that_committed(out):
+    log = CommitLog(out.uri)
     marker = log.commit(_rows(["a", "b"], ["", "corrupt image: x"]))
     # Crash after the marker, before the files moved into place.
     for folder in ("samples", "errors"):
-        (tmp_path / folder / f"{marker['name']}.parquet").rename(
-            tmp_path / "_staging" / folder / marker["staged"][folder])
-    assert _read(tmp_path / "samples") == []  # readers never see staged data
+        out.move(f"{folder}/{marker['name']}.parquet", f"_staging/{folder}/{marker['staged'][folder]}")
+    assert out.ids("samples") == []  # readers never see staged data
     log.recover()
-    assert _read(tmp_path / "samples") == ["a"] and _read(tmp_path / "errors") == ["b"]
+    assert out.ids("samples") == ["a"] and out.ids("errors") == ["b"]
 
 
-def test_all_error_batches_write_no_sample_file(tmp_path):
-    CommitLog(str(tmp_path)).commit(_rows(["a", "b"], ["empty file: 0 bytes", "not an image: x"]))
-    assert not (tmp_path / "samples").exists() and _read(tmp_path / "errors") == ["a", "b"]
+def test_recover_finishes_a_move_cut_between_its_copy_and_its_delete(out):
+    """S3 has no rename: a publish is a copy and then a delete. Killed between the two, the
+    file is both published and staged; recovery finishes the move and nothing is read twice."""
+    log = CommitLog(out.uri)
+    marker = log.commit(_rows(["a", "b"], ["", ""]))
+    out.copy(f"samples/{marker['name']}.parquet", f"_staging/samples/{marker['staged']['samples']}")
+    assert out.ids("samples") == ["a", "b"]
+    assert log.recover() == {"committed_parts": 1, "orphans_removed": 0, "parts_dropped": 0}
+    assert out.ids("samples") == ["a", "b"] and out.files("_staging/samples") == []
 
 
-def test_a_writer_of_a_run_that_was_taken_over_cannot_commit(tmp_path):
+def test_all_error_batches_write_no_sample_file(out):
+    CommitLog(out.uri).commit(_rows(["a", "b"], ["empty file: 0 bytes", "not an image: x"]))
+    assert out.files("samples") == [] and out.ids("errors") == ["a", "b"]
+
+
+def test_a_writer_of_a_run_that_was_taken_over_cannot_commit(out):
     """A killed driver's tasks still in flight must not commit into the run that resumed it."""
-    old = CommitLog(str(tmp_path))
+    old = CommitLog(out.uri)
     old.take_over(grace_s=0)
     old.commit(_rows(["a"], [""]))
-    new = CommitLog(str(tmp_path))
+    new = CommitLog(out.uri)
     new.take_over(grace_s=0)
     with pytest.raises(Superseded, match="another run"):
         old.commit(_rows(["b"], [""]))  # b is still pending for the new run: it must not land twice
-    assert new.committed_ids() == {"a"} and _read(tmp_path / "samples") == ["a"]
+    assert new.committed_ids() == {"a"} and out.ids("samples") == ["a"]
     # The straggler took its staged file back: the new owner recovered before it wrote, and
     # would otherwise finish with a stray file in its folder.
-    assert not list((tmp_path / "_staging" / "samples").iterdir())
+    assert out.files("_staging/samples") == []
     assert new.recover()["orphans_removed"] == 0
     new.commit(_rows(["b"], [""]))
-    assert _read(tmp_path / "samples") == ["a", "b"]
+    assert out.ids("samples") == ["a", "b"]
+    assert [n for n in out.files("") if n.endswith(".tmp")] == []  # the owner file, written whole
 
 
 class _ReadsOwnerOnEveryWrite:
@@ -136,26 +188,26 @@ def test_taking_over_waits_only_after_an_unfinished_run(tmp_path, monkeypatch):
     assert waits == [0.5, 0]  # the second run finished: no wait for it
 
 
-def test_uncommitted_parts_become_pending_and_a_cut_short_removal_is_finished(tmp_path):
-    log = CommitLog(str(tmp_path))
+def test_uncommitted_parts_become_pending_and_a_cut_short_removal_is_finished(out):
+    log = CommitLog(out.uri)
     log.commit(_rows(["a", "b"], ["", ""]))
     failed = log.commit(_rows(["c"], ["stage failed: inpainter worker died on this batch 3 times"]))
     assert log.uncommit(lambda m: m["error_kinds"] == ["stage failed"]) == ["c"]
-    assert log.committed_ids() == {"a", "b"} and _read(tmp_path / "errors") == []
+    assert log.committed_ids() == {"a", "b"} and out.ids("errors") == []
     # Removal cut short after the data went, before the marker: recovery drops the marker.
     again = log.commit(_rows(["c"], ["stage failed: again"]))
     assert again["name"] == failed["name"]
-    (tmp_path / "errors" / f"{again['name']}.parquet").unlink()
+    out.delete(f"errors/{again['name']}.parquet")
     assert log.recover()["parts_dropped"] == 1 and log.committed_ids() == {"a", "b"}
-    assert _read(tmp_path / "samples") == ["a", "b"]
+    assert out.ids("samples") == ["a", "b"]
 
 
-def test_recover_keeps_one_part_per_id_and_frees_the_rest(tmp_path):
+def test_recover_keeps_one_part_per_id_and_frees_the_rest(out):
     """Two parts holding one id (a straggler that outlived the owner check): the part with
     samples stays, the other goes, and its ids found nowhere else are pending again."""
-    log = CommitLog(str(tmp_path))
+    log = CommitLog(out.uri)
     log.commit(_rows(["a", "b"], ["", ""]))
     log.commit(_rows(["b", "c"], ["stage failed: x", "stage failed: x"]))
     assert log.recover()["parts_dropped"] == 1
     assert log.committed_ids() == {"a", "b"}  # c is to be redone
-    assert _read(tmp_path / "samples") == ["a", "b"] and _read(tmp_path / "errors") == []
+    assert out.ids("samples") == ["a", "b"] and out.ids("errors") == []

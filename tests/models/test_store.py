@@ -200,25 +200,8 @@ def test_a_store_folder_may_be_given_as_a_file_uri(stored):
 
 
 @pytest.fixture
-def bucket(monkeypatch):
-    """An S3 endpoint on 127.0.0.1 (moto), reached through the standard AWS variables."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    from blipinpaint import storage
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    for key, value in {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test",
-                       "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-                       "AWS_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(key, value)
-    boto3.client("s3").create_bucket(Bucket="model-store")
-    storage._remote.cache_clear()  # one pyarrow client per bucket and process: made for this endpoint
-    yield "s3://model-store"
-    storage._remote.cache_clear()
-    server.stop()
+def bucket(s3):
+    return s3("model-store")
 
 
 def test_a_store_in_a_bucket_is_published_manifest_last_and_loads_on_a_node(paper_hub, bucket):
