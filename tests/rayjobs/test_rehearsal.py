@@ -1,5 +1,7 @@
 """The path a cluster user runs, rehearsed offline: `models.preset=paper` from the pinned repos'
-real file layouts (tiny weights, `paper_hub`), half precision as bf16 on CPU, every job.
+real file layouts (tiny weights, `paper_hub`), half precision as bf16 on CPU, the inputs and
+`run_dir` in buckets of an S3 endpoint on 127.0.0.1 (the model store, Ray Train's
+checkpoints and every job's output with them), every job.
 
 The models step reads the hub cache; then the cache is taken away and the main job runs:
 any job or worker that reached for the hub (or for a file the store did not convert)
@@ -13,11 +15,13 @@ import os
 import pyarrow.parquet as pq
 import pytest
 import torch
+from pyarrow import fs as pafs
 from safetensors.torch import load_file
 
-from blipinpaint.config import load_config
+from blipinpaint.config import load_config, sample_images_dir
 from blipinpaint.models import offline
 from blipinpaint.models.presets import PAPER
+from blipinpaint.storage import filesystem, upload_dir
 from rayjobs import models, pipeline
 
 # The fine-tune runs as the hardest case: ZeRO-3 in bf16 with the KL term.
@@ -27,9 +31,11 @@ RUN = ["models.preset=paper", "models.dtype=bf16", "data.image_size=64", "inpain
 
 
 @pytest.fixture(scope="module")
-def rehearsal(local_ray, paper_hub, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("paper-run")
-    args = [f"run_dir={run_dir}", *RUN, f"models.fid.name_or_path={offline.ensure_built('tiny') / 'fid'}"]
+def rehearsal(local_ray, paper_hub, s3, tmp_path_factory):
+    inputs, runs = s3("rehearsal-inputs"), s3("rehearsal-runs")
+    upload_dir(sample_images_dir(), f"{inputs}/photos")
+    args = [f"run_dir={runs}/paper", f"data.source={inputs}/photos", *RUN,
+            f"models.fid.name_or_path={offline.ensure_built('tiny') / 'fid'}"]
     assert models.main(args) == 0
     away = paper_hub.with_name(paper_hub.name + "-away")
     os.rename(paper_hub, away)  # the hub is unreachable from here on, for the driver and every worker
@@ -37,6 +43,10 @@ def rehearsal(local_ray, paper_hub, tmp_path_factory):
         code = pipeline.main(args)
     finally:
         os.rename(away, paper_hub)
+    # What a user downloads from the bucket, to look at here.
+    run_dir = tmp_path_factory.mktemp("paper-run")
+    fs, path = filesystem(f"{runs}/paper")
+    pafs.copy_files(path, str(run_dir), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     return code, run_dir, args
 
 
@@ -53,6 +63,15 @@ def test_every_job_runs_on_the_paper_layout_in_bf16_without_the_hub(rehearsal):
     assert held_out >= 2
     assert all(report["variants"][v]["samples"] == held_out for v in ("baseline", "blip", "finetuned"))
     assert "not the standard Inception" in report["fid_protocol"]  # the offline FID network, said so
+    # The inputs were read from their bucket; checkpoints and every part were written to the
+    # run's, every staged file published; no credential went into any output.
+    assert all(r["source"].startswith("s3://rehearsal-inputs/photos/") for r in samples)
+    assert {p.parents[2].name for p in run_dir.glob("*/ray_train/*/checkpoint_*")} == {"scorer", "finetune"}
+    assert not [p for p in run_dir.glob("*/_staging/**/*") if p.is_file()]
+    texts = [p for p in run_dir.rglob("*") if p.suffix in (".json", ".jsonl", ".yaml", ".md", ".txt")]
+    assert len(texts) > 10
+    for secret in (os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"]):
+        assert not [p for p in texts if secret in p.read_text(errors="replace")]
 
 
 def test_the_store_holds_only_safetensors_weights(rehearsal):
