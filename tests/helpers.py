@@ -64,8 +64,25 @@ def with_exif_orientation(img: Image.Image, orientation: int) -> bytes:
     return encode(img, "JPEG", exif=exif.tobytes(), quality=95)
 
 
+def download(uri) -> str:
+    """A local folder with the files of `uri`: itself on a disk, a fresh copy of a bucket's."""
+    import tempfile
+
+    from pyarrow import fs as pafs
+
+    from blipinpaint.storage import filesystem, is_remote
+
+    if not is_remote(str(uri)):
+        return str(uri)
+    fs, path = filesystem(str(uri))
+    local = tempfile.mkdtemp(prefix="blipinpaint-download-")
+    pafs.copy_files(path, local, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return local
+
+
 def account(out_dir, inputs) -> dict:
-    """What an output folder holds, read from its Parquet files and markers (not the job's own stats).
+    """What an output folder (on a disk or in a bucket) holds, read from its Parquet files and
+    markers (not the job's own stats).
 
     `committed`: rows in `samples/` and `errors/`; `lost`: inputs in neither; `duplicated`:
     rows beyond one per id; `orphans`: files no marker accounts for (staged, half-written,
@@ -76,7 +93,7 @@ def account(out_dir, inputs) -> dict:
 
     import pyarrow.parquet as pq
 
-    out = Path(out_dir)
+    out = Path(download(out_dir))
     markers = {p.stem for p in (out / "_commits").glob("*.json")} if (out / "_commits").exists() else set()
     ids, orphans = [], []
     for folder in ("samples", "errors"):

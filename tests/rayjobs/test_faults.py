@@ -10,13 +10,16 @@ import subprocess
 import sys
 import textwrap
 import time
+import uuid
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from helpers import account, encode, end_actors_of_dead_drivers, photo, print_figures
+from pyarrow import fs as pafs
 
 from blipinpaint.config import load_config, sample_images_dir
+from blipinpaint.storage import filesystem
 from blipinpaint.writer import CommitLog
 from rayjobs import generate
 
@@ -101,29 +104,36 @@ def test_a_batch_that_kills_its_worker_every_time_becomes_error_rows(local_ray, 
     assert figures["retries"] == 3
 
 
-def test_the_same_command_again_takes_the_folder_over_and_does_the_rest_once(local_ray, source, tmp_path):
+def test_the_same_command_again_takes_the_folder_over_and_does_the_rest_once(local_ray, source, s3):
     """A job still running (or its driver killed, its actors alive) when the same command runs
     again, right after its first commit: the new run takes the folder over, skips what was
-    committed and does the rest; the first job commits nothing more and says why."""
+    committed and does the rest; the first job commits nothing more and says why. With
+    `run_dir` in a bucket, as on a cluster: the writer's disk semantics are tested on both
+    (tests/test_writer.py), the job's own take-over here on the store it meets there."""
+    run_dir = f"{s3('take-over')}/run"
     # One row at a time through every stage, and CPU left over for the writer's tasks: parts
     # commit while later rows are still being inpainted, not all in one burst at the end
     # (with the 2 CPUs taken by the stages, the writes could only start once they were done).
     small = [f"generate.{stage}.num_cpus=0.25" for stage in ("read", "captioner", "inpainter", "metrics")]
-    args = _args(tmp_path, source, "generate.rows_per_file=1", "generate.read.batch_size=1",
+    args = _args(run_dir, source, "generate.rows_per_file=1", "generate.read.batch_size=1",
                  "generate.captioner.batch_size=1", "generate.metrics.batch_size=1", *small)
     old = subprocess.Popen([sys.executable, "-m", "rayjobs.generate", *args,
                             f"ray_address={local_ray.get_runtime_context().gcs_address}"],
                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                            env=os.environ.copy())
-    started, out = time.perf_counter(), tmp_path / "generate"
+    started, out = time.perf_counter(), f"{run_dir}/generate"
+    fs, root = filesystem(out)
+
+    def published() -> dict:
+        return {i.base_name: i.mtime for i in fs.get_file_info(pafs.FileSelector(f"{root}/samples"))}
+
     try:
         deadline = time.time() + 240
-        while time.time() < deadline and not (list((out / "_commits").glob("*.json")) if (out / "_commits").exists()
-                                              else []):
+        while time.time() < deadline and not CommitLog(out).markers():
             assert old.poll() is None, "the job ended before the same command ran again"
             time.sleep(0.1)
-        before = {p.name: p.stat().st_mtime_ns for p in (out / "samples").glob("*.parquet")}
-        committed_before = len(CommitLog(str(out)).committed_ids())
+        before = published()
+        committed_before = len(CommitLog(out).committed_ids())
         stats = generate.run(load_config(overrides=args))
         _, stderr = old.communicate(timeout=240)
     finally:
@@ -141,9 +151,9 @@ def test_the_same_command_again_takes_the_folder_over_and_does_the_rest_once(loc
     assert 1 <= stats["this_run"]["processed"] <= 8 - committed_before  # it resumed, and redid nothing
     # Nothing lost, nothing twice, and the first job's commits after the take-over were refused.
     assert (figures["committed"], figures["lost"], figures["duplicated"], figures["orphans"]) == (8, 0, 0, 0)
-    after = {p.name: p.stat().st_mtime_ns for p in (out / "samples").glob("*.parquet")}
+    after = published()
     assert all(after[name] == mtime for name, mtime in before.items())  # finished work is not rewritten
-    assert (out / "_SUCCESS").exists()
+    assert fs.get_file_info(f"{root}/_SUCCESS").type == pafs.FileType.File
 
 
 WRITER = textwrap.dedent("""
@@ -157,14 +167,15 @@ WRITER = textwrap.dedent("""
     schema = pa.schema([("id", pa.string()), ("source", pa.string()), ("mask_png", pa.binary())])
     out, round_ = sys.argv[1], int(sys.argv[2])
     rng = np.random.default_rng(round_)
-    if round_ == 0:  # die in the third part's write, its staged file half written (as a kill can leave it)
-        real, calls = writer.pq.write_table, []
+    if round_ == 0:  # die in the third part's write, its staged file left behind: half written on a
+        real, calls = writer.pq.write_table, []  # disk, as a kill can leave it (a PUT is whole or absent)
 
         def half_then_die(table, where, filesystem):
             real(table, where, filesystem=filesystem)
             calls.append(where)
             if len(calls) == 3:
-                os.truncate(where, os.path.getsize(where) // 2)
+                if "://" not in out:
+                    os.truncate(where, os.path.getsize(where) // 2)
                 os._exit(1)
 
         writer.pq.write_table = half_then_die
@@ -177,37 +188,45 @@ WRITER = textwrap.dedent("""
 """)
 
 
-def test_an_interrupted_parquet_write_is_never_read_as_data(tmp_path):
-    """A writer that dies with a half-written file, then killed at random points again and again:
-    readers of `samples/` only ever see whole committed parts, and `recover()` finishes or undoes
-    the part it was writing."""
+@pytest.mark.parametrize("store", ["disk", "bucket"])
+def test_an_interrupted_parquet_write_is_never_read_as_data(store, tmp_path, s3):
+    """A writer that dies leaving a staged file (half written on a disk), then killed at random
+    points again and again, on a disk and in a bucket (where a move is a copy and a delete):
+    readers of `samples/` only ever see whole committed parts, and `recover()` finishes or
+    undoes the part it was writing."""
     schema = pa.schema([("id", pa.string()), ("source", pa.string()), ("mask_png", pa.binary())])
-    out = tmp_path / "out"
+    out = str(tmp_path / "out") if store == "disk" else f"{s3(f'killed-writer-{uuid.uuid4().hex[:8]}')}/out"
+    fs, root = filesystem(out)
+
+    def ids_seen() -> list[str]:
+        """What a reader of `samples/` finds: every Parquet file there."""
+        files = fs.get_file_info(pafs.FileSelector(f"{root}/samples", allow_not_found=True))
+        return [i for f in files if f.path.endswith(".parquet")
+                for i in pq.read_table(f.path, columns=["id"], filesystem=fs).column("id").to_pylist()]
+
     rng, started, rounds, orphans = random.Random(0), time.perf_counter(), 8, 0
     for round_ in range(rounds):
-        markers = len(list((out / "_commits").glob("*.json"))) if (out / "_commits").exists() else 0
-        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(out), str(round_)], stdout=subprocess.PIPE)
+        markers = len(CommitLog(out, schema).markers())
+        writer = subprocess.Popen([sys.executable, "-c", WRITER, out, str(round_)], stdout=subprocess.PIPE)
         assert writer.stdout.readline() == b"ready\n"
         # This round's first commit, however slow the machine: then a kill somewhere in the
         # next parts, in a write or between two (round 0's writer dies on its own, mid-write).
         deadline = time.time() + 120
-        while writer.poll() is None and len(list((out / "_commits").glob("*.json"))) <= markers:
+        while writer.poll() is None and len(CommitLog(out, schema).markers()) <= markers:
             assert time.time() < deadline, "the writer committed nothing in 120 s"
             time.sleep(0.01)
         time.sleep(rng.random() * 0.3)
         writer.send_signal(signal.SIGKILL)
         writer.wait()
-        log = CommitLog(str(out), schema)
+        log = CommitLog(out, schema)
         committed = log.committed_ids()
         # What a reader sees before any recovery: whole parts, each one committed.
-        table = pq.read_table(out / "samples", columns=["id"]) if (out / "samples").exists() else None
-        seen = table.column("id").to_pylist() if table is not None else []
+        seen = ids_seen()
         assert set(seen) <= committed and len(seen) == len(set(seen))
         orphans += log.recover()["orphans_removed"]
-        seen = pq.read_table(out / "samples", columns=["id"]).column("id").to_pylist()
-        assert sorted(seen) == sorted(committed)  # after recovery: every committed row, once
+        assert sorted(ids_seen()) == sorted(committed)  # after recovery: every committed row, once
     figures = account(out, committed)
-    print_figures("Parquet writer killed at random points", figures, time.perf_counter() - started,
+    print_figures(f"Parquet writer killed at random points ({store})", figures, time.perf_counter() - started,
                   kills=rounds, orphans_removed_by_recover=orphans)
     assert (figures["lost"], figures["duplicated"], figures["orphans"]) == (0, 0, 0)
     assert orphans >= 1  # the half-written file, at least
