@@ -37,9 +37,11 @@ def sample_images_dir() -> Path:
 @dataclass
 class DataConfig:
     source: str | None = None  # path or s3:// URI; None: the shipped sample images
-    kind: str = "auto"  # auto | folder | coco | visualgenome | manifest
+    kind: str = "auto"  # auto | folder | coco | visualgenome | manifest | webdataset | parquet_images
     image_root: str | None = None  # where the files named by coco/visualgenome/manifest lie
     limit: int | None = None  # use at most this many inputs
+    image_column: str = "image"  # parquet_images: the column of encoded images (bytes or {bytes, path})
+    id_column: str | None = None  # parquet_images: the id column; None: `<file>/<row>`
     image_size: int | None = None  # None: the preset's native resolution
     min_side: int = 32  # shorter sides below this are an error, not an upscale
     max_aspect_ratio: float = 4.0  # wider images are an error, not a sliver crop
@@ -268,8 +270,8 @@ def validate(cfg: Config) -> None:
     if cfg.caption.max_new_tokens < 1 or cfg.caption.num_beams < 1:
         problems.append("caption.max_new_tokens and caption.num_beams must be at least 1")
     source = cfg.data.source
-    if source is not None and "://" not in source and not Path(source).exists():
-        problems.append(f"data.source={source!r} does not exist")
+    if source is not None and "://" not in source and "{" not in source and not Path(source).exists():
+        problems.append(f"data.source={source!r} does not exist")  # (a brace pattern is checked shard by shard)
     if cfg.data.kind not in SOURCE_KINDS:
         problems.append(f"data.kind={cfg.data.kind!r} is not one of {list(SOURCE_KINDS)}")
     for name in ("captioner", "inpainter", "metrics"):

@@ -26,7 +26,9 @@ def _png(*names: str) -> list[tuple[str, pa.DataType]]:
 SAMPLE_SCHEMA = pa.schema(
     [("id", pa.string()), ("source", pa.string()), ("caption", pa.string()),
      ("caption_features", pa.list_(pa.float32())), ("mask_kind", pa.string()), ("mask_area", pa.float32()),
-     ("noise_seed", pa.int64()), ("width", pa.int32()), ("height", pa.int32())]
+     ("noise_seed", pa.int64()), ("width", pa.int32()), ("height", pa.int32()),
+     # What the source carried with the image, as JSON (a WebDataset sample's `.txt`, `.json`), or "".
+     ("annotations", pa.string())]
     + [(m, pa.float32()) for m in METRIC_COLUMNS]
     + _png("image", "mask", "inpainted", "inpainted_baseline")
     + [(f"{role}_model", pa.string()) for role in MODEL_ROLES]

@@ -6,6 +6,16 @@ Kinds of source (`data.kind`, detected when `auto`):
 - `visualgenome`: VisualGenome's `image_data.json`; the id is `image_id`, the file is
   `<image root>/<last two parts of its url>` (`VG_100K/1.jpg`), as the download unpacks.
 - `manifest`: a Parquet file with `id` and `path` columns.
+- `webdataset`: tar shards (one `.tar`, a brace pattern `shards/{00000..00099}.tar`, or a
+  folder of `.tar` files), as img2dataset writes them: the members of one sample share a
+  key (the name up to the first dot of its base name); the id is `<shard>/<key>`, the
+  image is the key's first image member, its `.txt` and `.json` members are carried along
+  (`annotations`). Listing reads each shard once (the headers, in parallel); the image is
+  then read by its byte range.
+- `parquet_images`: Parquet files (one, a brace pattern, or a folder of `.parquet`) whose
+  `data.image_column` holds the encoded image: bytes, or Hugging Face's `{bytes, path}`
+  struct. The id is `data.id_column`'s value, or `<file>/<row>`. Listing reads footers
+  (and the id column); a batch reads each row group it needs once.
 
 Local paths and URIs (`s3://...`) both go through pyarrow's filesystems. Paths from an
 annotations file or manifest must stay inside the image root: one that escapes it (`..`,
@@ -23,17 +33,25 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import tarfile
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import PurePosixPath
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
+from braceexpand import braceexpand
 from pyarrow import fs as pafs
 
 from blipinpaint.seeds import sample_seed
 from blipinpaint.storage import filesystem, is_remote
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp"})
-SOURCE_KINDS = ("auto", "folder", "coco", "visualgenome", "manifest")
+SOURCE_KINDS = ("auto", "folder", "coco", "visualgenome", "manifest", "webdataset", "parquet_images")
+CARRIED = ("txt", "json")  # WebDataset members carried along with their sample
+CARRIED_MAX_BYTES = 1 << 20
+LIST_THREADS = 16  # shards listed at once: reads from a bucket wait on the network
 
 
 class SourceError(ValueError):
@@ -57,14 +75,25 @@ def contained(root: str, path: str) -> str | None:
 
 
 def detect_kind(source: str) -> str:
+    if "{" in source:
+        return "parquet_images" if source.endswith(".parquet") else "webdataset"
     fs, path = filesystem(source)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
         raise SourceError(f"data.source {source!r} does not exist")
     if info.type == pafs.FileType.Directory:
+        top = {PurePosixPath(i.path).suffix.lower() for i in fs.get_file_info(pafs.FileSelector(path))}
+        if not top & IMAGE_EXTENSIONS and top & {".tar", ".parquet"}:
+            return "webdataset" if ".tar" in top else "parquet_images"
         return "folder"
+    if path.endswith(".tar"):
+        return "webdataset"
     if path.endswith(".parquet"):
-        return "manifest"
+        try:
+            names = pq.read_schema(path, filesystem=fs).names
+        except (OSError, ValueError) as err:
+            raise SourceError(f"cannot read {source!r} as Parquet: {err}") from None
+        return "manifest" if {"id", "path"} <= set(names) else "parquet_images"
     if path.endswith(".json"):
         head = _read_json(source)
         if isinstance(head, dict) and "images" in head:
@@ -86,8 +115,16 @@ def _read_json(source: str):
         raise SourceError(f"cannot read {source!r} as JSON: {err}") from None
 
 
-def _item(sample_id: str, source: str = "", error: str = "", raw_path: bytes = b"") -> dict:
-    return {"id": sample_id, "source": source, "error": error, "raw_path": raw_path}
+def _item(sample_id: str, source: str = "", error: str = "", raw_path: bytes = b"", file: str = "",
+          offset: int = -1, size: int = -1, row: int = -1, annotations: str = "") -> dict:
+    """One input. `source` names it for people; the bytes are the file `source` (or `raw_path`),
+    or, for a member of a shard (`file`), `size` bytes at `offset`, or the image cell of
+    `row` of a Parquet `file`."""
+    return {"id": sample_id, "source": source, "error": error, "raw_path": raw_path, "file": file,
+            "offset": offset, "size": size, "row": row, "annotations": annotations}
+
+
+ITEM_FIELDS = tuple(_item(""))
 
 
 def _text(name: str) -> str:
@@ -194,8 +231,120 @@ def list_manifest(manifest: str, root: str) -> list[dict[str, str]]:
     return _from_pairs(zip(table.column("id").to_pylist(), table.column("path").to_pylist()), root, manifest)
 
 
+def expand(source: str, suffix: str) -> tuple[str, list[str]]:
+    """(root, files) of a sharded source: a brace pattern, one file, or a folder's `suffix`
+    files (below it, sorted). The root is the folder the ids are relative to."""
+    if "{" in source:
+        files = list(braceexpand(source))
+        root = posixpath.dirname(source.split("{", 1)[0])
+    else:
+        fs, path = filesystem(source)
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            raise SourceError(f"data.source {source!r} does not exist")
+        if info.type == pafs.FileType.File:
+            return posixpath.dirname(source), [source]
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        files = [_join(source, posixpath.relpath(i.path, path)) for i in infos
+                 if i.type == pafs.FileType.File and i.path.endswith(suffix)]
+        root = source
+    if not files:
+        raise SourceError(f"data.source {source!r} holds no {suffix} files")
+    return root, sorted(files)
+
+
+def _relative(root: str, file: str) -> str:
+    return posixpath.relpath(_join(file, "."), _join(root, ".")) if root else file
+
+
+def _member_key(name: str) -> tuple[str, str]:
+    """WebDataset's split of a member name: (key, extension), at the first dot of the base name."""
+    folder, base = posixpath.split(name)
+    stem, dot, ext = base.partition(".")
+    return posixpath.join(folder, stem), ext.lower() if dot else ""
+
+
+def scan_shard(shard: str, shard_id: str) -> list[dict]:
+    """The samples of one tar shard, read once from start to end (the headers; carried
+    members' contents): one item per key. A key without an image member, or a shard that
+    cannot be read to its end, is an error row naming the shard and key."""
+    fs, path = filesystem(shard)
+    samples: dict[str, dict] = {}
+    error = ""
+    try:
+        size = fs.get_file_info(path).size
+        with fs.open_input_stream(path) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, ext = _member_key(member.name)
+                sample = samples.setdefault(key, {"members": [], "image": None, "carried": {}})
+                sample["members"].append(ext)
+                if sample["image"] is None and f".{ext}" in IMAGE_EXTENSIONS:
+                    sample["image"] = (member.name, member.offset_data, member.size)
+                elif ext in CARRIED and member.size <= CARRIED_MAX_BYTES:
+                    sample["carried"][ext] = tar.extractfile(member).read().decode("utf-8", "replace")
+            # tarfile takes a header cut short for the end of the archive: a whole tar ends
+            # with two zero blocks after its last member.
+            if size is not None and size < tar.offset + 2 * tarfile.BLOCKSIZE:
+                raise tarfile.ReadError(f"it ends at byte {size} without the end-of-archive blocks (truncated?)")
+    except (tarfile.TarError, OSError, EOFError) as err:
+        last = next(reversed(samples), None)
+        error = f"corrupt tar: {shard} cannot be read past {f'key {last!r}' if last else 'its start'}: {err}"
+    items = []
+    for key, sample in samples.items():
+        sample_id = f"{shard_id}/{key}"
+        if sample["image"] is None:
+            items.append(_item(sample_id, f"{shard}#{key}", f"no image: {shard} key {key!r} has members "
+                                                           f"{sorted(sample['members'])}, none an image"))
+            continue
+        name, offset, size = sample["image"]
+        carried = json.dumps(sample["carried"], sort_keys=True) if sample["carried"] else ""
+        items.append(_item(sample_id, f"{shard}#{name}", file=shard, offset=offset, size=size, annotations=carried))
+    if error:
+        items.append(_item(shard_id, shard, error))
+    return items
+
+
+def list_webdataset(source: str) -> list[dict]:
+    root, shards = expand(source, ".tar")
+    with ThreadPoolExecutor(LIST_THREADS) as pool:
+        found = pool.map(lambda s: scan_shard(s, _relative(root, s)), shards)
+        return _unique([it for items in found for it in items], source)
+
+
+def list_parquet_images(source: str, image_column: str = "image", id_column: str | None = None) -> list[dict]:
+    root, files = expand(source, ".parquet")
+
+    def scan(file: str) -> list[dict]:
+        fs, path = filesystem(file)
+        try:
+            meta = pq.ParquetFile(path, filesystem=fs)
+            names = meta.schema_arrow.names
+            missing = [c for c in (image_column, id_column) if c is not None and c not in names]
+            if missing:
+                raise SourceError(f"{file} has no column {missing[0]!r} (columns: {names}); "
+                                  "data.image_column and data.id_column name them")
+            ids = meta.read(columns=[id_column]).column(0).to_pylist() if id_column else None
+        except (OSError, ValueError, pa.ArrowException) as err:
+            raise SourceError(f"cannot read {file} as Parquet: {err}") from None
+        name = _relative(root, file)
+        out = []
+        for row in range(meta.metadata.num_rows):
+            where = f"{file}#row={row}"
+            if ids is not None and ids[row] is None:
+                out.append(_item(f"{name}/{row}", where, f"no id: {file} row {row} has a null {id_column!r}"))
+            else:
+                out.append(_item(str(ids[row]) if ids is not None else f"{name}/{row}", where, file=file, row=row))
+        return out
+
+    with ThreadPoolExecutor(LIST_THREADS) as pool:
+        return _unique([it for items in pool.map(scan, files) for it in items], source)
+
+
 def list_inputs(source: str, kind: str = "auto", image_root: str | None = None,
-                limit: int | None = None, seed: int = 0) -> list[dict[str, str]]:
+                limit: int | None = None, seed: int = 0, image_column: str = "image",
+                id_column: str | None = None) -> list[dict[str, str]]:
     """Every input of a run, sorted by id; `limit` keeps a seeded, stable random subset."""
     kind = detect_kind(source) if kind == "auto" else kind
     if kind == "folder":
@@ -206,6 +355,10 @@ def list_inputs(source: str, kind: str = "auto", image_root: str | None = None,
         items = (list_coco if kind == "coco" else list_visualgenome)(source, image_root)
     elif kind == "manifest":
         items = list_manifest(source, image_root or posixpath.dirname(_join(source, ".")))
+    elif kind == "webdataset":
+        items = list_webdataset(source)
+    elif kind == "parquet_images":
+        items = list_parquet_images(source, image_column, id_column)
     else:
         raise SourceError(f"data.kind={kind!r} is not one of {list(SOURCE_KINDS)}")
     if limit is not None and limit < len(items):
@@ -215,7 +368,7 @@ def list_inputs(source: str, kind: str = "auto", image_root: str | None = None,
 
 
 def items_to_batch(items: list[dict]) -> dict[str, np.ndarray]:
-    return {key: np.array([it[key] for it in items], dtype=object) for key in ("id", "source", "error", "raw_path")}
+    return {key: np.array([it[key] for it in items], dtype=object) for key in ITEM_FIELDS}
 
 
 def _open(source: str, raw_path: bytes):
@@ -226,21 +379,81 @@ def _open(source: str, raw_path: bytes):
     return fs.open_input_stream(path)
 
 
-def read_files(batch: dict[str, np.ndarray], max_mb: float | None = None) -> dict[str, np.ndarray]:
-    """Stage: `source` -> `bytes`; a file that cannot be read, or is over `max_mb`, is an error row.
+def _cell_bytes(value) -> bytes | None:
+    """An image cell: bytes, or Hugging Face's `{bytes, path}` struct."""
+    if isinstance(value, dict):
+        value = value.get("bytes")
+    return value if isinstance(value, bytes) else None  # b"": the decoder's `empty file`
+
+
+def _read_cells(batch: dict[str, np.ndarray], wanted: list[int], column: str) -> dict[int, bytes | str]:
+    """The image cells of the rows `wanted` (Parquet items): each row group read once.
+    A row's value is its bytes, or the reason it has none."""
+    by_file = defaultdict(list)
+    for i in wanted:
+        by_file[batch["file"][i]].append(i)
+    out: dict[int, bytes | str] = {}
+    for file, rows in by_file.items():
+        fs, path = filesystem(file)
+        try:
+            parquet = pq.ParquetFile(path, filesystem=fs)
+            starts = np.cumsum([0] + [parquet.metadata.row_group(g).num_rows
+                                      for g in range(parquet.num_row_groups)])
+            groups = defaultdict(list)
+            for i in rows:
+                groups[int(np.searchsorted(starts, batch["row"][i], side="right") - 1)].append(i)
+            for group, members in groups.items():
+                cells = parquet.read_row_group(group, columns=[column]).column(0)
+                for i in members:
+                    value = _cell_bytes(cells[int(batch["row"][i] - starts[group])].as_py())
+                    out[i] = value if value is not None else f"bad cell: {file} row {batch['row'][i]}: " \
+                                                             f"{column!r} holds no image bytes"
+        except (OSError, ValueError, pa.ArrowException) as err:
+            out.update({i: f"read failed: {file}: {err}" for i in rows if i not in out})
+    return out
+
+
+def _read_range(file: str, offset: int, size: int) -> bytes:
+    """`size` bytes at `offset` of `file` (a shard member): one ranged read."""
+    fs, path = filesystem(file)
+    with fs.open_input_file(path) as f:
+        data = f.read_at(size, offset)
+    if len(data) < size:
+        raise OSError(f"{file} ends {size - len(data)} bytes into the member at byte {offset}")
+    return data
+
+
+def read_files(batch: dict[str, np.ndarray], max_mb: float | None = None,
+               image_column: str = "image") -> dict[str, np.ndarray]:
+    """Stage: each input's encoded image -> `bytes` (a file, a shard member's byte range, or a
+    Parquet cell); one that cannot be read, or is over `max_mb`, is an error row.
 
     At most `max_mb` MB and one byte are read: a huge file never fills a worker's memory.
     """
     errors = np.array(batch["error"], dtype=object)
-    data = np.full(len(errors), b"", dtype=object)
-    raw_paths = batch.get("raw_path", [b""] * len(errors))
+    n = len(errors)
+    data = np.full(n, b"", dtype=object)
+    raw_paths = batch.get("raw_path", [b""] * n)
+    offsets, sizes, rows = (batch.get(k, [-1] * n) for k in ("offset", "size", "row"))
     limit = int(max_mb * 2**20) if max_mb is not None else -1
+    cells = _read_cells(batch, [i for i in range(n) if not errors[i] and rows[i] >= 0], image_column)
     for i, (source, raw) in enumerate(zip(batch["source"], raw_paths)):
         if errors[i]:
             continue
+        if 0 <= limit < sizes[i]:
+            errors[i] = f"too large: more than data.max_file_mb={max_mb:g} MB"
+            continue
         try:
-            with _open(source, raw) as f:
-                data[i] = f.read(limit + 1) if limit >= 0 else f.read()
+            if i in cells:
+                if isinstance(cells[i], str):
+                    errors[i] = cells[i]
+                    continue
+                data[i] = cells[i]
+            elif offsets[i] >= 0:
+                data[i] = _read_range(batch["file"][i], int(offsets[i]), int(sizes[i]))
+            else:
+                with _open(source, raw) as f:
+                    data[i] = f.read(limit + 1) if limit >= 0 else f.read()
         except (OSError, ValueError) as err:  # missing, unreadable, or a path the filesystem refuses
             errors[i] = f"read failed: {err}"
             continue

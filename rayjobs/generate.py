@@ -75,7 +75,7 @@ def prepare(batch, cfg: Config, errors: ErrorWriter):
     must not commit them twice.
     """
     decode, mask = stages.build_decoder(cfg), stages.build_masker(cfg)
-    read = functools.partial(read_files, max_mb=cfg.data.max_file_mb)
+    read = functools.partial(read_files, max_mb=cfg.data.max_file_mb, image_column=cfg.data.image_column)
     out = Guarded("prepare", lambda b: mask(decode(read(b))), errors, cfg.generate.batch_retries)(batch)
     return split_errors(out, errors)
 
@@ -181,7 +181,7 @@ def run(cfg: Config) -> dict:
     out_dir = _out_dir(cfg)
     try:  # listing first: a bad source fails before anything is written
         items = list_inputs(cfg.data.source or str(sample_images_dir()), cfg.data.kind, cfg.data.image_root,
-                            cfg.data.limit, cfg.seed)
+                            cfg.data.limit, cfg.seed, cfg.data.image_column, cfg.data.id_column)
     except SourceError as err:
         raise ConfigError(str(err)) from None
     check_fingerprint(out_dir, fingerprint(cfg))

@@ -45,6 +45,22 @@ def photo(width: int = 96, height: int = 80, seed: int = 0) -> Image.Image:
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
 
+def write_shard(path, members: list[tuple[str, bytes]], cut: int | None = None) -> None:
+    """A WebDataset tar shard of `members` (name, bytes), as img2dataset writes one; `cut`:
+    only its first `cut` bytes (a truncated download)."""
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    data = buf.getvalue()
+    with open(path, "wb") as f:
+        f.write(data if cut is None else data[:cut])
+
+
 def png_with_size(width: int, height: int) -> bytes:
     """A valid PNG whose header claims `width`x`height` (pixel data for 1x1 only).
 
@@ -128,6 +144,7 @@ def sample_rows(ids, errors):
         "width": np.full(n, 80, np.int32), "height": np.full(n, 60, np.int32),
         "image": np.zeros((n, 8, 8, 3), np.uint8), "mask": np.ones((n, 8, 8), np.uint8),
         "inpainted": np.zeros((n, 8, 8, 3), np.uint8), "inpainted_baseline": np.zeros((n, 8, 8, 3), np.uint8),
+        "annotations": np.array([""] * n, dtype=object),
         "seconds_captioner": np.full(n, 0.5), "retries_captioner": np.eye(1, n, dtype=np.int64)[0],
     }
     for m in SAMPLE_SCHEMA.names:

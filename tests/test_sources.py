@@ -3,8 +3,10 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import encode, photo, write_shard
 
 from blipinpaint.sources import SourceError, contained, items_to_batch, list_inputs, read_files
+from blipinpaint.storage import upload_dir
 
 
 @pytest.fixture
@@ -95,3 +97,90 @@ def test_unusable_sources_are_reported(tmp_path):
     broken.write_text("{")
     with pytest.raises(SourceError, match="cannot read"):
         list_inputs(str(broken))
+
+
+JPEGS = [encode(photo(64, 48, seed=k), "JPEG") for k in range(4)]
+
+
+@pytest.fixture
+def shards(tmp_path):
+    """Two WebDataset shards: carried members, a key with no image, a corrupt image member,
+    and a second shard cut off in its second member's data."""
+    root = tmp_path / "shards"
+    root.mkdir()
+    write_shard(root / "00000.tar", [
+        ("000.jpg", JPEGS[0]), ("000.txt", b"a red kite"), ("000.json", b'{"w": 64}'),
+        ("sub/001.png", JPEGS[1]), ("002.txt", b"only a caption"), ("003.jpg", b"not a jpeg at all")])
+    first = 512 + -(-len(JPEGS[2]) // 512) * 512  # header and padded data of the first member
+    write_shard(root / "00001.tar", [("010.jpg", JPEGS[2]), ("011.jpg", JPEGS[3])], cut=first + 512 + 100)
+    return root
+
+
+def test_webdataset_shards_by_pattern_with_carried_members_and_bad_members(shards):
+    items = {i["id"]: i for i in list_inputs(f"{shards}/{{00000..00001}}.tar")}
+    assert list(items) == ["00000.tar/000", "00000.tar/002", "00000.tar/003", "00000.tar/sub/001",
+                           "00001.tar", "00001.tar/010", "00001.tar/011"]
+    assert json.loads(items["00000.tar/000"]["annotations"]) == {"txt": "a red kite", "json": '{"w": 64}'}
+    assert items["00000.tar/002"]["error"] == (f"no image: {shards}/00000.tar key '002' has members ['txt'], "
+                                              "none an image")
+    # The cut shard: what was listed before the cut stays; the rest is one error row naming it.
+    assert items["00001.tar"]["error"].startswith(f"corrupt tar: {shards}/00001.tar cannot be read past key '011'")
+    assert items["00000.tar/sub/001"]["source"] == f"{shards}/00000.tar#sub/001.png"
+    batch = read_files(items_to_batch(list(items.values())))
+    got = dict(zip(batch["id"], zip(batch["bytes"], batch["error"])))
+    assert got["00000.tar/000"] == (JPEGS[0], "") and got["00000.tar/sub/001"] == (JPEGS[1], "")
+    assert got["00000.tar/003"] == (b"not a jpeg at all", "")  # the decoder makes it a `corrupt image` row
+    assert got["00001.tar/010"] == (JPEGS[2], "")
+    assert got["00001.tar/011"][1].startswith("read failed:") and "00001.tar ends" in got["00001.tar/011"][1]
+    # A folder of shards is the same source; so is `auto` on a pattern or a folder.
+    assert [i["id"] for i in list_inputs(str(shards), kind="webdataset")] == list(items)
+    assert [i["id"] for i in list_inputs(str(shards))] == list(items)
+    # Cut inside a header, tarfile would see an end: the missing end-of-archive blocks tell.
+    first = 512 + -(-len(JPEGS[2]) // 512) * 512
+    write_shard(shards / "00001.tar", [("010.jpg", JPEGS[2]), ("011.jpg", JPEGS[3])], cut=first + 200)
+    cut = {i["id"]: i["error"] for i in list_inputs(str(shards / "00001.tar"))}
+    assert cut["00001.tar/010"] == "" and cut["00001.tar"].startswith("corrupt tar:")
+    assert "without the end-of-archive blocks" in cut["00001.tar"]
+    big = read_files(items_to_batch([items["00000.tar/000"]]), max_mb=len(JPEGS[0]) / 2 / 2**20)
+    assert big["error"][0].startswith("too large") and big["bytes"][0] == b""
+
+
+def test_parquet_images_as_bytes_or_hub_structs_with_bad_cells(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    cells = [{"bytes": JPEGS[0], "path": "a.jpg"}, {"bytes": None, "path": "gone.jpg"}, None,
+             {"bytes": JPEGS[1], "path": "b.jpg"}, {"bytes": JPEGS[2], "path": "c.jpg"}]
+    pq.write_table(pa.table({"image": cells, "key": ["a", "b", "c", "d", "e"]}), root / "train-0.parquet",
+                   row_group_size=2)  # three row groups: a batch reads the ones it needs
+    pq.write_table(pa.table({"image": pa.array([JPEGS[3], b"garbage"], pa.binary()), "key": ["f", None]}),
+                   root / "train-1.parquet")
+    items = list_inputs(str(root), kind="parquet_images")
+    assert [i["id"] for i in items] == [f"train-0.parquet/{r}" for r in range(5)] + ["train-1.parquet/0",
+                                                                                      "train-1.parquet/1"]
+    batch = read_files(items_to_batch(items[::-1]))  # any order: cells go back to their rows
+    got = dict(zip(batch["id"], zip(batch["bytes"], batch["error"])))
+    assert got["train-0.parquet/0"] == (JPEGS[0], "") and got["train-0.parquet/4"] == (JPEGS[2], "")
+    assert got["train-1.parquet/0"] == (JPEGS[3], "") and got["train-1.parquet/1"] == (b"garbage", "")
+    assert got["train-0.parquet/1"][1] == f"bad cell: {root}/train-0.parquet row 1: 'image' holds no image bytes"
+    assert got["train-0.parquet/2"][1].startswith("bad cell:")
+    keyed = {i["id"]: i for i in list_inputs(f"{root}/train-{{0..1}}.parquet", id_column="key")}
+    assert list(keyed) == ["a", "b", "c", "d", "e", "f", "train-1.parquet/1"]
+    assert keyed["train-1.parquet/1"]["error"] == f"no id: {root}/train-1.parquet row 1 has a null 'key'"
+    assert keyed["d"]["source"] == f"{root}/train-0.parquet#row=3"
+    with pytest.raises(SourceError, match="has no column 'img'"):
+        list_inputs(str(root), kind="parquet_images", image_column="img")
+    assert list_inputs(f"{root}/train-1.parquet")[0]["id"] == "train-1.parquet/0"  # auto: not a manifest
+
+
+def test_shards_and_parquet_images_in_a_bucket(shards, tmp_path, s3):
+    bucket = s3("sharded-inputs")
+    upload_dir(shards, f"{bucket}/shards")
+    (tmp_path / "pq").mkdir()
+    pq.write_table(pa.table({"image": pa.array(JPEGS[:2], pa.binary())}), tmp_path / "pq" / "x.parquet")
+    upload_dir(tmp_path / "pq", f"{bucket}/images")
+    items = list_inputs(f"{bucket}/shards/{{00000..00001}}.tar")
+    batch = read_files(items_to_batch(items))
+    assert dict(zip(batch["id"], batch["bytes"]))["00000.tar/sub/001"] == JPEGS[1]
+    assert items[0]["source"] == f"{bucket}/shards/00000.tar#000.jpg"
+    batch = read_files(items_to_batch(list_inputs(f"{bucket}/images")))
+    assert list(batch["id"]) == ["x.parquet/0", "x.parquet/1"] and list(batch["bytes"]) == JPEGS[:2]

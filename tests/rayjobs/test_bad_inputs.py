@@ -147,3 +147,68 @@ def test_manifest_duplicates_missing_files_and_escaping_paths(local_ray, tmp_pat
     assert outcomes["good#3"] == f"duplicate id: 'good' repeats in {manifest}"
     assert "missing.png" in outcomes["gone"]
     assert (stats["inputs"], stats["missing"], stats["duplicates"]) == (7, 0, 0)
+
+
+# The bad-input matrix's cases that a shard or a cell can hold, and those only they can.
+SHARDED = ("truncated.jpg", "zero-bytes.jpg", "text.jpg", "bomb.png", "one-pixel.png", "panorama.jpg", "cmyk.jpg",
+           "grayscale.png", "rgba.png", "exif-6.jpg")
+
+
+def _sharded_source(kind: str, root, s3) -> tuple[str, dict[str, str]]:
+    """The cases as WebDataset shards in a bucket (one shard cut short, a key with no image)
+    or as Parquet image cells on a disk (a null cell); with a member over data.max_file_mb.
+    Returns the source and id -> expected outcome."""
+    files = {name: _files()[name] for name in SHARDED}
+    files["huge.jpg"] = (np.random.default_rng(0).bytes(300_000), "too large")
+    if kind == "webdataset":
+        from helpers import write_shard
+
+        from blipinpaint.storage import upload_dir
+
+        write_shard(root / "00000.tar", [(name, data) for name, (data, _) in files.items()]
+                    + [("caption-only.txt", b"a caption without its image")])
+        good = encode(photo(seed=9), "JPEG")
+        write_shard(root / "00001.tar", [("whole.jpg", good), ("cut.jpg", good)], cut=3 * 512 + len(good))
+        expected = {f"00000.tar/{name.split('.')[0]}": kind for name, (_, kind) in files.items()}
+        expected |= {"00000.tar/caption-only": "no image", "00001.tar/whole": "sample",
+                     "00001.tar/cut": "read failed", "00001.tar": "corrupt tar"}
+        bucket = s3("sharded-bad-inputs")
+        upload_dir(root, f"{bucket}/shards")
+        return f"{bucket}/shards/{{00000..00001}}.tar", expected
+    names = list(files)
+    pq.write_table(pa.table({"image": [{"bytes": files[n][0], "path": n} for n in names] + [None],
+                             "name": names + ["null-cell"]}), root / "images.parquet", row_group_size=4)
+    return str(root / "images.parquet"), {**{n: kind for n, (_, kind) in files.items()}, "null-cell": "bad cell"}
+
+
+@pytest.mark.parametrize("kind", ["webdataset", "parquet_images"])
+def test_shards_and_image_cells_get_the_same_outcomes_exactly_once(kind, local_ray, s3, tmp_path):
+    """The bad-input checks of a folder, through the two sharded sources: every input once, as
+    a sample or an error row naming shard and key (or file and row); the same command again
+    finds nothing to do."""
+    root = tmp_path / "source"
+    root.mkdir()
+    source, expected = _sharded_source(kind, root, s3)
+    extra = ["data.id_column=name"] if kind == "parquet_images" else []
+    stats = _run(tmp_path / "run", source, "data.max_file_mb=0.25", *extra)
+    outcomes = _outcomes(tmp_path / "run")
+    for name in sorted(outcomes):
+        print(f"\nINPUT {kind} {name}: {outcomes[name]}")
+    assert {i: o if o == "sample" else o.split(":")[0] for i, o in outcomes.items()} == expected
+    figures = account(tmp_path / "run" / "generate", expected)
+    print_figures(f"bad-input matrix, {kind}", figures, stats["this_run"]["wall_s"], samples=stats["ok"],
+                  errors=stats["errors"])
+    assert (figures["lost"], figures["duplicated"], figures["orphans"]) == (0, 0, 0)
+    errors = pq.read_table(tmp_path / "run" / "generate" / "errors").to_pylist()
+    where = {r["id"]: r["source"] for r in errors}
+    if kind == "webdataset":  # the source names the shard and the member
+        assert where["00000.tar/text"] == f"{source.split('{')[0]}00000.tar#text.jpg"
+        assert outcomes["00001.tar"].startswith("corrupt tar: s3://sharded-bad-inputs/shards/00001.tar")
+    else:
+        assert where["null-cell"] == f"{source}#row=11"
+        assert outcomes["null-cell"].startswith(f"bad cell: {source} row 11")
+    samples = pq.read_table(tmp_path / "run" / "generate" / "samples", columns=["id", "width", "height"]).to_pylist()
+    assert {r["id"]: (r["width"], r["height"]) for r in samples}[
+        "00000.tar/exif-6" if kind == "webdataset" else "exif-6.jpg"] == (64, 96)  # turned upright
+    again = _run(tmp_path / "run", source, "data.max_file_mb=0.25", *extra)
+    assert again["this_run"]["processed"] == 0 and again["this_run"]["skipped_committed"] == len(expected)
