@@ -1,0 +1,182 @@
+"""How the generate job's own cost grows with the number of inputs (tiny preset, least work per image).
+
+    .venv/bin/python bench/scale.py [--sizes 1000 10000] [--s3-size 10000] [--out bench/results/scale.json]
+
+Each size gets fresh inputs (64x64 JPEG crops of the shipped photographs) and a fresh
+`run_dir`, with the least model work per image (one denoising step, 3 caption tokens, 64²),
+so what is measured is the system: listing, scheduling, batching, committing. Each run is
+a subprocess of its own, joined to one local Ray started first (not timed), so that its
+peak memory (`ru_maxrss`) is that run's driver alone. Per size it reports:
+
+- rows/s of the pipeline (actor start and model load included) and of the whole command;
+- the driver's peak RSS, and the RSS after listing the inputs (what the listing holds);
+- the number of committed parts;
+- the wall time of the same command again, which finds nothing to do.
+
+`--s3-size` runs that size once more with `run_dir` in a bucket of moto's S3 server (a
+process of its own on 127.0.0.1), the inputs on the local disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+LEAST_WORK = ["data.image_size=64", "inpaint.num_inference_steps=1", "caption.max_new_tokens=3",
+              "generate.read.batch_size=32", "generate.captioner.batch_size=32", "generate.inpainter.batch_size=16",
+              "generate.metrics.batch_size=32", "generate.rows_per_file=256"]
+
+# One run, in a process of its own: prints one JSON line.
+RUN = """
+import json, resource, sys, time
+from blipinpaint.config import load_config
+from blipinpaint.sources import list_inputs
+from rayjobs import generate
+
+cfg = load_config(overrides=sys.argv[1:])
+t0 = time.perf_counter()
+items = list_inputs(cfg.data.source, cfg.data.kind)
+list_s = time.perf_counter() - t0
+rss_listed = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+del items
+t0 = time.perf_counter()
+stats = generate.run(cfg)
+wall = time.perf_counter() - t0
+assert stats["ok"] + stats["errors"] == stats["inputs"] and not stats["missing"], stats
+print("RESULT " + json.dumps({"wall_s": wall, "list_s": list_s, "pipeline_s": stats["this_run"]["pipeline_s"],
+                  "processed": stats["this_run"]["processed"], "inputs": stats["inputs"],
+                  "rss_after_listing_mb": rss_listed / 1024,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def make_inputs(folder: Path, n: int) -> None:
+    """`n` distinct 64x64 JPEGs cropped from the shipped photographs."""
+    from PIL import Image
+
+    from blipinpaint.config import sample_images_dir
+
+    photos = [Image.open(p).convert("RGB").resize((160, 120)) for p in sorted(sample_images_dir().iterdir())
+              if p.suffix.lower() in {".jpg", ".jpeg", ".png"}]
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        k = i // len(photos)
+        x, y = k % 96, (k // 96) % 56
+        photos[i % len(photos)].crop((x, y, x + 64, y + 64)).save(folder / f"img{i:06d}.jpg", quality=90)
+
+
+def one_run(overrides: list[str], env: dict) -> dict:
+    done = subprocess.run([sys.executable, "-c", RUN, *overrides], capture_output=True, text=True, env=env)
+    if done.returncode:
+        raise RuntimeError(done.stderr[-3000:])
+    return json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
+
+
+def parts(run_dir: str, env: dict) -> int:
+    code = ("import sys; from blipinpaint.writer import CommitLog; "
+            "print(len(CommitLog(sys.argv[1] + '/generate').markers()))")
+    return int(subprocess.run([sys.executable, "-c", code, run_dir], capture_output=True, text=True, env=env,
+                              check=True).stdout)
+
+
+def measure(size: int, folder: Path, run_dir: str, address: str, env: dict) -> dict:
+    overrides = [f"run_dir={run_dir}", f"data.source={folder}", f"ray_address={address}", *LEAST_WORK]
+    first = one_run(overrides, env)
+    again = one_run(overrides, env)
+    assert again["processed"] == 0, again
+    row = {"inputs": size, "run_dir": run_dir.split("://")[0] if "://" in run_dir else "local disk",
+           "rows_per_s_pipeline": round(size / first["pipeline_s"], 2),
+           "rows_per_s_command": round(size / first["wall_s"], 2),
+           "list_s": round(first["list_s"], 2), "rss_after_listing_mb": round(first["rss_after_listing_mb"]),
+           "driver_peak_rss_mb": round(first["peak_rss_mb"]), "parts": parts(run_dir, env),
+           "rerun_nothing_to_do_s": round(again["wall_s"], 2)}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def s3_server(env: dict) -> tuple[subprocess.Popen, dict]:
+    """moto's S3 server as a process of its own on a free port; the env that reaches it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {**env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bench",
+           "AWS_SECRET_ACCESS_KEY": "bench", "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1"}
+    deadline = time.time() + 60
+    while True:  # until it answers
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.2)
+    code = "import boto3; boto3.client('s3').create_bucket(Bucket='scale')"
+    subprocess.run([sys.executable, "-c", code], env=env, check=True)
+    return server, env
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
+    parser.add_argument("--s3-size", type=int, default=10000, help="0: no bucket run")
+    parser.add_argument("--out", default="bench/results/scale.json")
+    args = parser.parse_args()
+
+    import ray
+    import torch
+
+    from rayjobs.common import connect
+
+    work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
+    server = None
+    env = dict(os.environ)
+    results = {"command": f"bench/scale.py --sizes {' '.join(map(str, args.sizes))} --s3-size {args.s3_size}",
+               "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+                          f"ray {ray.__version__}",
+               "date": date.today().isoformat(), "config": LEAST_WORK, "runs": []}
+    try:
+        if args.s3_size:  # before Ray: its workers inherit the endpoint
+            server, env = s3_server(env)
+            os.environ.update(env)
+        connect()
+        env = dict(os.environ)  # with what `connect` set for joining this Ray (its auth token)
+        address = ray.get_runtime_context().gcs_address
+        for size in sorted({*args.sizes, *([args.s3_size] if args.s3_size else [])}):
+            folder = work / f"in{size}"
+            make_inputs(folder, size)
+            if size in args.sizes:
+                results["runs"].append(measure(size, folder, str(work / f"run{size}"), address, env))
+            if size == args.s3_size:
+                results["runs"].append(measure(size, folder, f"s3://scale/run{size}", address, env))
+            shutil.rmtree(folder)
+    finally:
+        ray.shutdown()
+        if server is not None:
+            server.terminate()
+        shutil.rmtree(work, ignore_errors=True)
+    local = [r for r in results["runs"] if r["run_dir"] == "local disk"]
+    if len(local) >= 2:
+        results["rate_ratio_largest_to_smallest"] = round(local[-1]["rows_per_s_pipeline"]
+                                                          / local[0]["rows_per_s_pipeline"], 3)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
