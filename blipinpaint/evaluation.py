@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torchmetrics.functional import pearson_corrcoef
 
 from blipinpaint.bootstrap import mean_intervals, statistic_intervals
 from blipinpaint.fid import fid_draw
@@ -117,6 +116,8 @@ def fid_scopes(ids: list[str], features: dict[str, torch.Tensor], scopes: dict[s
 def correlation(predicted: np.ndarray, scored: np.ndarray) -> float | None:
     """Pearson's r of a prediction against what was scored, over the finite scores (an exactly
     restored hole has infinite PSNR); None under 3 samples or where either side is constant."""
+    from torchmetrics.functional import pearson_corrcoef  # (a module every Ray worker imports: lazily)
+
     finite = np.isfinite(scored)
     p, s = (torch.as_tensor(np.asarray(x, dtype=np.float64)[finite]) for x in (predicted, scored))
     if len(s) < 3 or p.std() == 0 or s.std() == 0:
