@@ -277,7 +277,7 @@ def scan_shard(shard: str, shard_id: str) -> list[dict]:
             for member in tar:
                 if not member.isfile():
                     continue
-                key, ext = _member_key(member.name)
+                key, ext = _member_key(_text(member.name))  # a name that is not UTF-8 spelled out, as files
                 sample = samples.setdefault(key, {"members": [], "image": None, "carried": {}})
                 sample["members"].append(ext)
                 if sample["image"] is None and f".{ext}" in IMAGE_EXTENSIONS:

@@ -110,7 +110,8 @@ def shards(tmp_path):
     root.mkdir()
     write_shard(root / "00000.tar", [
         ("000.jpg", JPEGS[0]), ("000.txt", b"a red kite"), ("000.json", b'{"w": 64}'),
-        ("sub/001.png", JPEGS[1]), ("002.txt", b"only a caption"), ("003.jpg", b"not a jpeg at all")])
+        ("sub/001.png", JPEGS[1]), ("002.txt", b"only a caption"), ("003.jpg", b"not a jpeg at all"),
+        ("caf\udce9.jpg", JPEGS[3])])  # a Latin-1 member name
     first = 512 + -(-len(JPEGS[2]) // 512) * 512  # header and padded data of the first member
     write_shard(root / "00001.tar", [("010.jpg", JPEGS[2]), ("011.jpg", JPEGS[3])], cut=first + 512 + 100)
     return root
@@ -118,8 +119,8 @@ def shards(tmp_path):
 
 def test_webdataset_shards_by_pattern_with_carried_members_and_bad_members(shards):
     items = {i["id"]: i for i in list_inputs(f"{shards}/{{00000..00001}}.tar")}
-    assert list(items) == ["00000.tar/000", "00000.tar/002", "00000.tar/003", "00000.tar/sub/001",
-                           "00001.tar", "00001.tar/010", "00001.tar/011"]
+    assert list(items) == ["00000.tar/000", "00000.tar/002", "00000.tar/003", "00000.tar/caf\\xe9",
+                           "00000.tar/sub/001", "00001.tar", "00001.tar/010", "00001.tar/011"]
     assert json.loads(items["00000.tar/000"]["annotations"]) == {"txt": "a red kite", "json": '{"w": 64}'}
     assert items["00000.tar/002"]["error"] == (f"no image: {shards}/00000.tar key '002' has members ['txt'], "
                                               "none an image")
@@ -130,7 +131,7 @@ def test_webdataset_shards_by_pattern_with_carried_members_and_bad_members(shard
     got = dict(zip(batch["id"], zip(batch["bytes"], batch["error"])))
     assert got["00000.tar/000"] == (JPEGS[0], "") and got["00000.tar/sub/001"] == (JPEGS[1], "")
     assert got["00000.tar/003"] == (b"not a jpeg at all", "")  # the decoder makes it a `corrupt image` row
-    assert got["00001.tar/010"] == (JPEGS[2], "")
+    assert got["00001.tar/010"] == (JPEGS[2], "") and got["00000.tar/caf\\xe9"] == (JPEGS[3], "")
     assert got["00001.tar/011"][1].startswith("read failed:") and "00001.tar ends" in got["00001.tar/011"][1]
     # A folder of shards is the same source; so is `auto` on a pattern or a folder.
     assert [i["id"] for i in list_inputs(str(shards), kind="webdataset")] == list(items)
