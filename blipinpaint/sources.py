@@ -82,7 +82,10 @@ def detect_kind(source: str) -> str:
     if info.type == pafs.FileType.NotFound:
         raise SourceError(f"data.source {source!r} does not exist")
     if info.type == pafs.FileType.Directory:
-        top = {PurePosixPath(i.path).suffix.lower() for i in fs.get_file_info(pafs.FileSelector(path))}
+        # os.listdir on a disk: pyarrow cannot list a name that is not UTF-8 at all.
+        names = os.listdir(path) if not is_remote(source) else [i.base_name for i in
+                                                                 fs.get_file_info(pafs.FileSelector(path))]
+        top = {PurePosixPath(name).suffix.lower() for name in names}
         if not top & IMAGE_EXTENSIONS and top & {".tar", ".parquet"}:
             return "webdataset" if ".tar" in top else "parquet_images"
         return "folder"
