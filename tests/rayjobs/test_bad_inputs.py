@@ -121,34 +121,6 @@ def test_usable_inputs_are_upright_rgb_samples(folder_run):
     assert sixteen.max() > 200  # scaled from 0..65535, not clipped to white
 
 
-def test_manifest_duplicates_missing_files_and_escaping_paths(local_ray, tmp_path):
-    root = tmp_path / "images"
-    root.mkdir()
-    (root / "good.png").write_bytes(encode(photo(seed=3), "PNG"))
-    (tmp_path / "secret.png").write_bytes(encode(photo(seed=4), "PNG"))  # outside the root
-    manifest = root / "manifest.parquet"
-    pq.write_table(pa.table({
-        "id": ["good", "good", "good#2", "gone", "escape", "absolute", "nul"],
-        "path": ["good.png", "good.png", "good.png", "missing.png", "../secret.png", str(tmp_path / "secret.png"),
-                 "good\x00.png"],
-    }), manifest)
-    stats = _run(tmp_path / "run", manifest)
-    outcomes = _outcomes(tmp_path / "run")
-    figures = account(tmp_path / "run" / "generate", outcomes)
-    print_figures("bad-input matrix, manifest", figures, stats["this_run"]["wall_s"], samples=stats["ok"],
-                  errors=stats["errors"])
-    assert (figures["committed"], figures["lost"], figures["duplicated"], figures["orphans"]) == (7, 0, 0, 0)
-    for name in sorted(outcomes):
-        print(f"\nINPUT manifest {name}: {outcomes[name]}")
-    kinds = {i: o.split(":")[0] for i, o in outcomes.items()}
-    # The repeated id keeps a row of its own under a suffix that collides with no other id.
-    assert kinds == {"good": "sample", "good#3": "duplicate id", "good#2": "sample", "gone": "read failed",
-                     "escape": "bad path", "absolute": "bad path", "nul": "bad path"}
-    assert outcomes["good#3"] == f"duplicate id: 'good' repeats in {manifest}"
-    assert "missing.png" in outcomes["gone"]
-    assert (stats["inputs"], stats["missing"], stats["duplicates"]) == (7, 0, 0)
-
-
 # The bad-input matrix's cases that a shard or a cell can hold, and those only they can.
 SHARDED = ("truncated.jpg", "zero-bytes.jpg", "text.jpg", "bomb.png", "one-pixel.png", "panorama.jpg", "cmyk.jpg",
            "grayscale.png", "rgba.png", "exif-6.jpg")

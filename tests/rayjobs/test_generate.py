@@ -4,9 +4,10 @@ import shutil
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from helpers import encode, photo
+from helpers import account, encode, photo, print_figures
 
 from blipinpaint.config import ConfigError, load_config, sample_images_dir
 from blipinpaint.records import ERROR_SCHEMA, METRIC_COLUMNS, SAMPLE_SCHEMA
@@ -77,15 +78,36 @@ def test_rerun_skips_committed_work(first_run):
     assert sorted(p.name for p in (run_dir / "generate" / "samples").iterdir()) == before
 
 
-def test_same_config_same_rows(first_run, source, tmp_path):
-    """A second run, fed the same files through a Parquet manifest, gives identical rows."""
+def test_same_config_same_rows_and_a_manifests_bad_entries(first_run, source, tmp_path):
+    """A second run, fed the same files through a Parquet manifest, gives identical rows; the
+    manifest's own bad entries (a repeated id, a missing file, paths out of the root, a NUL)
+    become error rows, and every entry is accounted for once."""
     run_dir, cfg, _ = first_run
     names = sorted(p.relative_to(source).as_posix() for p in source.rglob("*") if p.is_file())
+    (tmp_path / "secret.png").write_bytes(encode(photo(seed=4), "PNG"))  # outside the root
+    bad = {"coins.png": "coins.png", "coins.png#2": "coins.png", "gone": "missing.png", "escape": "../secret.png",
+           "absolute": str(tmp_path / "secret.png"), "nul": "coins\x00.png"}
     manifest = tmp_path / "manifest.parquet"
-    pq.write_table(pa.table({"id": names, "path": names}), manifest)
-    generate.run(_cfg(tmp_path / "run", manifest, f"data.image_root={source}", "masks.kind=mixed"))  # fixed pools
+    pq.write_table(pa.table({"id": names + list(bad), "path": names + list(bad.values())}), manifest)
+    stats = generate.run(_cfg(tmp_path / "run", manifest, f"data.image_root={source}", "masks.kind=mixed"))
     run_dir_b = tmp_path / "run"
-    (a, _), (b, _) = _tables(run_dir), _tables(run_dir_b)
+    (a, _), (b, errors_b) = _tables(run_dir), _tables(run_dir_b)
+    figures = account(run_dir_b / "generate", names + ["coins.png#3", *list(bad)[1:]])
+    print_figures("bad-input matrix, manifest", figures, stats["this_run"]["wall_s"], samples=stats["ok"],
+                  errors=stats["errors"])
+    assert (figures["committed"], figures["lost"], figures["duplicated"], figures["orphans"]) == (15, 0, 0, 0)
+    outcomes = dict(zip(errors_b.column("id").to_pylist(), errors_b.column("error").to_pylist()))
+    for name in ("coins.png#3", "gone", "escape", "absolute", "nul"):
+        print(f"\nINPUT manifest {name}: {outcomes[name]}")
+    # The repeated id keeps a row of its own under a suffix that collides with no other id.
+    assert {i: outcomes[i].split(":")[0] for i in ("coins.png#3", "gone", "escape", "absolute", "nul")} == {
+        "coins.png#3": "duplicate id", "gone": "read failed", "escape": "bad path", "absolute": "bad path",
+        "nul": "bad path"}
+    assert outcomes["coins.png#3"] == f"duplicate id: 'coins.png' repeats in {manifest}"
+    assert "missing.png" in outcomes["gone"] and "coins.png#2" in b.column("id").to_pylist()
+    assert (stats["inputs"], stats["missing"], stats["duplicates"]) == (15, 0, 0)
+
+    b = b.filter(pc.is_in(b.column("id"), value_set=a.column("id")))
     for column in ("id", "caption", "mask_kind", "mask_png", "noise_seed"):
         assert a.column(column).to_pylist() == b.column(column).to_pylist(), column
     # Model outputs to float precision: how rows meet in a batch differs from run to run, and
