@@ -280,11 +280,12 @@ def scan_shard(shard: str, shard_id: str) -> list[dict]:
             for member in tar:
                 if not member.isfile():
                     continue
-                key, ext = _member_key(_text(member.name))  # a name that is not UTF-8 spelled out, as files
+                name = _text(member.name)  # a name that is not UTF-8 spelled out, as for files
+                key, ext = _member_key(name)
                 sample = samples.setdefault(key, {"members": [], "image": None, "carried": {}})
                 sample["members"].append(ext)
                 if sample["image"] is None and f".{ext}" in IMAGE_EXTENSIONS:
-                    sample["image"] = (member.name, member.offset_data, member.size)
+                    sample["image"] = (name, member.offset_data, member.size)
                 elif ext in CARRIED and member.size <= CARRIED_MAX_BYTES:
                     sample["carried"][ext] = tar.extractfile(member).read().decode("utf-8", "replace")
             # tarfile takes a header cut short for the end of the archive: a whole tar ends

@@ -132,6 +132,7 @@ def test_webdataset_shards_by_pattern_with_carried_members_and_bad_members(shard
     assert got["00000.tar/000"] == (JPEGS[0], "") and got["00000.tar/sub/001"] == (JPEGS[1], "")
     assert got["00000.tar/003"] == (b"not a jpeg at all", "")  # the decoder makes it a `corrupt image` row
     assert got["00001.tar/010"] == (JPEGS[2], "") and got["00000.tar/caf\\xe9"] == (JPEGS[3], "")
+    assert items["00000.tar/caf\\xe9"]["source"] == f"{shards}/00000.tar#caf\\xe9.jpg"  # UTF-8 text, as Parquet needs
     assert got["00001.tar/011"][1].startswith("read failed:") and "00001.tar ends" in got["00001.tar/011"][1]
     # A folder of shards is the same source; so is `auto` on a pattern or a folder.
     assert [i["id"] for i in list_inputs(str(shards), kind="webdataset")] == list(items)
