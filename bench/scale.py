@@ -10,7 +10,7 @@ peak memory (`ru_maxrss`) is that run's driver alone. Per size it reports:
 
 - rows/s of the pipeline (actor start and model load included) and of the whole command;
 - the driver's peak RSS, and the RSS after listing the inputs (what the listing holds);
-- the number of committed parts;
+- the number of committed parts, and when the first, median and last were committed;
 - the wall time of the same command again, which finds nothing to do.
 
 `--s3-size` runs that size once more with `run_dir` in a bucket of moto's S3 server (a
@@ -42,7 +42,9 @@ LEAST_WORK = ["data.image_size=64", "inpaint.num_inference_steps=1", "caption.ma
 # One run, in a process of its own: prints one JSON line.
 RUN = """
 import json, resource, sys, time
+from pyarrow import fs as pafs
 from blipinpaint.config import load_config
+from blipinpaint.storage import filesystem
 from blipinpaint.sources import list_inputs
 from rayjobs import generate
 
@@ -52,11 +54,15 @@ items = list_inputs(cfg.data.source, cfg.data.kind)
 list_s = time.perf_counter() - t0
 rss_listed = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 del items
-t0 = time.perf_counter()
+t0, started = time.perf_counter(), time.time()
 stats = generate.run(cfg)
 wall = time.perf_counter() - t0
 assert stats["ok"] + stats["errors"] == stats["inputs"] and not stats["missing"], stats
+fs, root = filesystem(cfg.run_dir.rstrip("/") + "/generate/_commits")
+commits = sorted(i.mtime.timestamp() - started for i in fs.get_file_info(pafs.FileSelector(root))
+                 if i.base_name.endswith(".json"))
 print("RESULT " + json.dumps({"wall_s": wall, "list_s": list_s, "pipeline_s": stats["this_run"]["pipeline_s"],
+                  "commits_s": [commits[0], commits[len(commits) // 2], commits[-1]] if commits else None,
                   "processed": stats["this_run"]["processed"], "inputs": stats["inputs"],
                   "rss_after_listing_mb": rss_listed / 1024,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
@@ -102,6 +108,9 @@ def measure(size: int, folder: Path, run_dir: str, address: str, env: dict) -> d
            "rows_per_s_command": round(size / first["wall_s"], 2),
            "list_s": round(first["list_s"], 2), "rss_after_listing_mb": round(first["rss_after_listing_mb"]),
            "driver_peak_rss_mb": round(first["peak_rss_mb"]), "parts": parts(run_dir, env),
+           # When the first, the median and the last part were committed, in seconds from the
+           # start: parts commit while the stream runs, not in one burst at its end.
+           "commits_at_s": [round(t, 1) for t in first["commits_s"]],
            "rerun_nothing_to_do_s": round(again["wall_s"], 2)}
     print(json.dumps(row), flush=True)
     return row

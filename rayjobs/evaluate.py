@@ -70,7 +70,7 @@ from blipinpaint.fid import fid_table, merge_all
 from blipinpaint.io import decode_png
 from blipinpaint.models import ModelRef
 from blipinpaint.models.presets import FID_INCEPTION_V3
-from blipinpaint.records import EVAL_SCHEMA, METRICS, encode_rows
+from blipinpaint.records import EVAL_SCHEMA, METRICS
 from blipinpaint.report import plot_grouped_bars, plot_image_grid, plot_scatter
 from blipinpaint.scorer import TARGETS, ScoreNet
 from blipinpaint.seeds import heldout, sample_seed
@@ -79,7 +79,7 @@ from blipinpaint.writer import CommitLog
 from rayjobs import models
 from rayjobs.common import actor_resources, connect, generated_ids, job_main, read_committed, read_rows, row_reads
 from rayjobs.generate import check_fingerprint, fingerprint, stage_failure
-from rayjobs.stream import CommitSink, ErrorWriter, ModelStage, attempt_ledger, job_errors
+from rayjobs.stream import ErrorWriter, ModelStage, attempt_ledger, commit_stage, job_errors
 
 log = logging.getLogger("blipinpaint.evaluate")
 
@@ -177,8 +177,7 @@ def build_dataset(cfg: Config, pending: list[str], ledger, owner: str | None = N
                                                                "retries": g.batch_retries, "ledger": ledger,
                                                                "fault": g.inject_failure},
                             **actor_resources(getattr(g, name)))
-    return ds.map_batches(encode_rows, fn_kwargs={"models": {}, "schema": EVAL_SCHEMA},
-                          batch_size=g.read.batch_size, num_cpus=g.read.num_cpus)
+    return commit_stage(ds, paths["out"], EVAL_SCHEMA, {}, g.rows_per_file, g.read.num_cpus, owner)
 
 
 @ray.remote
@@ -414,8 +413,7 @@ def run(cfg: Config) -> dict:
     DataContext.get_current().enable_progress_bars = True
     if pending:
         with attempt_ledger() as ledger, job_errors():
-            build_dataset(cfg, pending, ledger, owner).write_datasink(
-                CommitSink(out_dir, cfg.generate.rows_per_file, EVAL_SCHEMA, owner))
+            build_dataset(cfg, pending, ledger, owner).materialize()
     commit_log.release()
 
     markers = commit_log.markers()

@@ -46,13 +46,13 @@ from ray.data import DataContext
 from blipinpaint import stages
 from blipinpaint.batches import Guarded, split_errors
 from blipinpaint.config import Config, ConfigError, sample_images_dir, to_yaml
-from blipinpaint.records import METRIC_COLUMNS, SAMPLE_SCHEMA, encode_rows
+from blipinpaint.records import METRIC_COLUMNS, SAMPLE_SCHEMA
 from blipinpaint.sources import SourceError, list_inputs, read_files
 from blipinpaint.storage import filesystem, write_text
 from blipinpaint.writer import CommitLog
 from rayjobs import models
 from rayjobs.common import actor_resources, connect, job_main
-from rayjobs.stream import CommitSink, ErrorWriter, ModelStage, attempt_ledger, job_errors
+from rayjobs.stream import ErrorWriter, ModelStage, attempt_ledger, commit_stage, job_errors
 
 log = logging.getLogger("blipinpaint.generate")
 
@@ -93,8 +93,8 @@ def build_dataset(cfg: Config, pending: list[dict], ledger, owner: str | None = 
                                                                "retries": g.batch_retries, "ledger": ledger,
                                                                "fault": g.inject_failure},
                             **actor_resources(getattr(g, name)))
-    return ds.map_batches(encode_rows, fn_kwargs={"models": stages.model_ids(cfg)},
-                          batch_size=g.read.batch_size, num_cpus=g.read.num_cpus)
+    return commit_stage(ds, _out_dir(cfg), SAMPLE_SCHEMA, stages.model_ids(cfg), g.rows_per_file, g.read.num_cpus,
+                        owner)
 
 
 def stage_failure(marker: dict) -> bool:
@@ -203,8 +203,7 @@ def run(cfg: Config) -> dict:
         DataContext.get_current().enable_progress_bars = True
         t0 = time.perf_counter()
         with attempt_ledger() as ledger, job_errors():
-            ds = build_dataset(cfg, pending, ledger, owner)
-            ds.write_datasink(CommitSink(out_dir, cfg.generate.rows_per_file, SAMPLE_SCHEMA, owner))
+            ds = build_dataset(cfg, pending, ledger, owner).materialize()  # {part, rows} per commit
         pipeline_s = time.perf_counter() - t0
         write_text(f"{out_dir}/ray_stats.txt", ds.stats())
     this_run = {

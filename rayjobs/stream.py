@@ -2,8 +2,8 @@
 an exactly-once Parquet sink.
 
 Rows that fail leave the stream where they fail, committed at once as error rows; the
-rest reach `CommitSink`, where each write becomes one committed part (see
-`blipinpaint.writer`). A rerun skips every id already committed. Every writer carries the
+rest reach `commit_part`, the last stage, where each batch becomes one committed part
+(see `blipinpaint.writer`). A rerun skips every id already committed. Every writer carries the
 run's owner token, so tasks left in flight by a killed driver cannot commit into the run
 that resumed it.
 
@@ -24,8 +24,6 @@ from collections.abc import Callable
 import numpy as np
 import pyarrow as pa
 import ray
-from ray.data import Datasink
-from ray.data.block import BlockAccessor
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from blipinpaint.batches import Batch, Guarded, JobError, count_once, split_errors
@@ -151,19 +149,27 @@ class ModelStage:
             os._exit(1)
 
 
-class CommitSink(Datasink):
-    """Each write call becomes one committed part of `out_dir`, in `schema`."""
+def commit_part(batch: Batch, out_dir: str, schema: pa.Schema, models: dict[str, str],
+                owner: str | None = None) -> dict:
+    """CPU task, the stream's last stage: encode a batch of finished rows (PNGs, Arrow) and
+    commit it as one part of `out_dir`, where the rows are. Returns {part, rows}.
 
-    def __init__(self, out_dir: str, rows_per_file: int, schema: pa.Schema, owner: str | None = None):
-        self.out_dir, self.rows_per_file, self.schema, self.owner = out_dir, rows_per_file, schema, owner
+    Not a Ray Data write: a write task asks for CPU that the model pools hold while the
+    stream runs, so Ray Data held every finished row back until the pools were done and
+    committed them all at the end (measured: no commit in 24 minutes of a 10,000-input
+    run; everything finished but uncommitted lost to a kill). This stage runs like the
+    others, on the worker that encoded the rows; a retried task rewrites the same part.
+    """
+    if not len(batch["id"]):
+        return {"part": np.array([], dtype=object), "rows": np.array([], dtype=np.int64)}
+    marker = CommitLog(out_dir, schema, owner).commit(encode_rows(batch, models, schema))
+    return {"part": np.array([marker["name"]], dtype=object),
+            "rows": np.array([len(batch["id"])], dtype=np.int64)}
 
-    @property
-    def min_rows_per_write(self) -> int:
-        return self.rows_per_file
 
-    def write(self, blocks, ctx) -> None:
-        # Empty blocks (every row of a batch failed) carry fewer columns: nothing to write.
-        tables = [t for t in (BlockAccessor.for_block(b).to_arrow() for b in blocks) if t.num_rows]
-        if tables:
-            table = pa.concat_tables(tables, promote_options="default")
-            CommitLog(self.out_dir, self.schema, self.owner).commit(table)
+def commit_stage(ds: ray.data.Dataset, out_dir: str, schema: pa.Schema, models: dict[str, str], rows_per_file: int,
+                 num_cpus: float, owner: str | None = None) -> ray.data.Dataset:
+    """`ds` committed in parts of at most `rows_per_file` rows (`commit_part`)."""
+    return ds.map_batches(commit_part, fn_kwargs={"out_dir": out_dir, "schema": schema, "models": models,
+                                                  "owner": owner},
+                          batch_size=rows_per_file, num_cpus=num_cpus)

@@ -111,12 +111,10 @@ def test_the_same_command_again_takes_the_folder_over_and_does_the_rest_once(loc
     `run_dir` in a bucket, as on a cluster: the writer's disk semantics are tested on both
     (tests/test_writer.py), the job's own take-over here on the store it meets there."""
     run_dir = f"{s3('take-over')}/run"
-    # One row at a time through every stage, and CPU left over for the writer's tasks: parts
-    # commit while later rows are still being inpainted, not all in one burst at the end
-    # (with the 2 CPUs taken by the stages, the writes could only start once they were done).
-    small = [f"generate.{stage}.num_cpus=0.25" for stage in ("read", "captioner", "inpainter", "metrics")]
+    # One row at a time through every stage, the stages taking every CPU (as on a cluster):
+    # parts commit while later rows are still being inpainted, not all in one burst at the end.
     args = _args(run_dir, source, "generate.rows_per_file=1", "generate.read.batch_size=1",
-                 "generate.captioner.batch_size=1", "generate.metrics.batch_size=1", *small)
+                 "generate.captioner.batch_size=1", "generate.metrics.batch_size=1")
     old = subprocess.Popen([sys.executable, "-m", "rayjobs.generate", *args,
                             f"ray_address={local_ray.get_runtime_context().gcs_address}"],
                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
