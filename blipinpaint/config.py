@@ -193,6 +193,10 @@ class Config:
     run_dir: str = "runs/default"
     ray_address: str | None = None  # None: $RAY_ADDRESS (set by `ray job submit`), else a local Ray
     seed: int = 0
+    # A job's own progress: a line every this many seconds in which rows were committed (a
+    # training step or epoch line at most this often); a bar instead when the output is a terminal.
+    progress_s: float = 30.0
+    ray_progress: bool = False  # Ray Data's per-operator progress bars too (a line per redraw in a log)
     data: DataConfig = field(default_factory=DataConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
     masks: MaskConfig = field(default_factory=MaskConfig)
@@ -308,6 +312,8 @@ def validate(cfg: Config) -> None:
         if value >= 1 and t.num_workers >= 1 and value % t.num_workers:
             problems.append(f"{key}={value} is the batch per optimizer step over all train.num_workers="
                             f"{t.num_workers}: it must be a multiple of them (each worker takes an equal share)")
+    if not cfg.progress_s > 0:
+        problems.append(f"progress_s={cfg.progress_s} must be a positive number of seconds")
     e = cfg.evaluate
     problems += _stage_problems("evaluate.fid", e.fid)
     if e.limit is not None and e.limit < 2:

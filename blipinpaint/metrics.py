@@ -21,7 +21,9 @@ GENERATE_VARIANTS = {"": ("inpainted", "caption"), "_baseline": ("inpainted_base
 
 def to_unit_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
     """uint8 (B, H, W, 3) -> float32 (B, 3, H, W) in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float() / 255.0
+    # A copy where the batch is read-only (Arrow-backed): torch cannot take such an array as is.
+    images = np.ascontiguousarray(images) if images.flags.writeable else np.array(images)
+    return torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 255.0
 
 
 def ssim_psnr(preds: torch.Tensor, target: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -38,7 +38,7 @@ import logging
 import posixpath
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -179,10 +179,12 @@ class CommitLog:
                 self.fs.create_dir(self._path(folder), recursive=True)
                 self.fs.move(source, self._path(folder, f"{marker['name']}.parquet"))
 
-    def markers(self) -> list[dict]:
+    def markers(self, skip: Collection[str] = ()) -> list[dict]:
+        """The commit markers in name order, but those of the parts named in `skip`."""
         selector = pafs.FileSelector(self._path("_commits"), allow_not_found=True)
         paths = [i.path for i in self.fs.get_file_info(selector)
-                 if i.type == pafs.FileType.File and i.base_name.endswith(".json") and not i.base_name.startswith(".")]
+                 if i.type == pafs.FileType.File and i.base_name.endswith(".json") and not i.base_name.startswith(".")
+                 and i.base_name[:-len(".json")] not in skip]
         markers = []
         for path in sorted(paths):
             with self.fs.open_input_stream(path) as f:

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 from ray._private import ray_constants
-from ray.data import ActorPoolStrategy
+from ray.data import ActorPoolStrategy, DataContext
 
 from blipinpaint.batches import JobError
 from blipinpaint.config import Config, ConfigError, StageConfig, parse_args
@@ -61,13 +61,24 @@ def read_committed(reads: list[dict], columns: list[str], num_cpus: float) -> ra
     return ds.map_batches(read_rows, fn_kwargs={"columns": columns}, batch_size=1, num_cpus=num_cpus)
 
 
-def connect(address: str | None = None) -> None:
+def connect(address: str | None = None, ray_progress: bool = False) -> None:
     """Join the Ray cluster of `address` / $RAY_ADDRESS, or start a local one on loopback.
 
     `ray job submit` sets $RAY_ADDRESS for the job's driver. A local Ray binds to
     127.0.0.1 only (never the machine's external interface) and keeps Ray's token
-    authentication on.
+    authentication on. Ray Data's progress bars are drawn only with `ray_progress`: the
+    jobs print their own (`rayjobs.progress`), where Ray Data's would be a line per redraw
+    in a job's log.
     """
+    context = DataContext.get_current()  # carried to the processes that run this job's executions
+    context.enable_progress_bars = context.print_on_execution_start = ray_progress
+    if not ray_progress:
+        # Each execution's start, plan and end stay in Ray Data's log file (`ray-data.log`),
+        # and so does its hint that the bars are off (they are off on purpose).
+        for handler in logging.getLogger("ray.data").handlers:
+            if isinstance(handler, logging.StreamHandler):
+                handler.setLevel(logging.WARNING)
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")

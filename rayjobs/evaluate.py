@@ -40,7 +40,6 @@ from collections import Counter
 import numpy as np
 import ray
 import torch
-from ray.data import DataContext
 
 from blipinpaint import stages
 from blipinpaint.batches import Guarded, JobError, take
@@ -79,6 +78,7 @@ from blipinpaint.writer import CommitLog
 from rayjobs import models
 from rayjobs.common import actor_resources, connect, generated_ids, job_main, read_committed, read_rows, row_reads
 from rayjobs.generate import check_fingerprint, fingerprint, stage_failure
+from rayjobs.progress import CommitProgress
 from rayjobs.stream import ErrorWriter, ModelStage, attempt_ledger, commit_stage, job_errors
 
 log = logging.getLogger("blipinpaint.evaluate")
@@ -409,10 +409,10 @@ def run(cfg: Config) -> dict:
     pending = [i for i in ids if i not in done]
     log.info("%d held-out samples to evaluate: %d already done, %d to do", len(ids), len(ids) - len(pending),
              len(pending))
-    connect(cfg.ray_address)
-    DataContext.get_current().enable_progress_bars = True
+    connect(cfg.ray_address, cfg.ray_progress)
     if pending:
-        with attempt_ledger() as ledger, job_errors():
+        with (attempt_ledger() as ledger, job_errors(),
+              CommitProgress("evaluate", out_dir, len(ids), len(ids) - len(pending), cfg.progress_s)):
             build_dataset(cfg, pending, ledger, owner).materialize()
     commit_log.release()
 

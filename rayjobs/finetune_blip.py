@@ -40,6 +40,7 @@ import copy
 import hashlib
 import json
 import logging
+import math
 import sys
 import tempfile
 
@@ -70,6 +71,7 @@ from blipinpaint.storage import kind, local_dir, read_jsonl, read_text, upload_d
 from blipinpaint.writer import CommitLog
 from rayjobs import models, training
 from rayjobs.common import connect, job_main, read_committed, read_rows
+from rayjobs.progress import TrainProgress
 
 log = logging.getLogger("blipinpaint.finetune_blip")
 COLUMNS = ["id", "caption", "image_png", "mask_png"]
@@ -205,6 +207,7 @@ def finetune_loop(config: dict) -> None:
     now = None
 
     shard = ray.train.get_dataset_shard("train")
+    progress = TrainProgress("finetune_blip", cfg.finetune.epochs, start, cfg.progress_s, config["steps_per_epoch"])
     for epoch in range(start, cfg.finetune.epochs):
         engine.train()
         records = []
@@ -231,6 +234,8 @@ def finetune_loop(config: dict) -> None:
             engine.backward(loss)
             engine.step()
             records.append({**record, "step": engine.global_steps, "loss": loss.item()})
+            if rank == 0:
+                progress.step(epoch, len(records), loss.item())
             training.maybe_fail(cfg, engine.global_steps, resumed=state is not None)
         if not training.still_owner(config["fence"]):
             return
@@ -239,6 +244,7 @@ def finetune_loop(config: dict) -> None:
         if rank == 0:
             probed = probe_record(epoch, engine.global_steps, now, before, probe_held, tokenize, predicted)
             write_jsonl(log_uri, [*read_jsonl(log_uri), *records, probed])
+            progress.epoch(epoch, {"loss": mean_loss, "probe captions changed": probed["probe_changed"]})
         training.save_and_report(engine, {"epoch": epoch, "step": engine.global_steps, "loss": mean_loss},
                                  {"epoch": epoch})
 
@@ -288,7 +294,7 @@ def run(cfg: Config) -> dict:
     # First, before anything waits for the cluster: the ranks of a run that is still going (its
     # driver killed, or the same command twice) stop writing here and free their resources.
     fence = (out_dir, CommitLog(out_dir).take_over())
-    connect(cfg.ray_address)
+    connect(cfg.ray_address, cfg.ray_progress)
     train_reads, val_reads = training.split_reads(cfg)
     train = read_committed(train_reads, COLUMNS, cfg.generate.read.num_cpus)
     log.info("batch of %d per optimizer step: %d on each of %d workers", cfg.finetune.batch_size,
@@ -298,6 +304,7 @@ def run(cfg: Config) -> dict:
         finetune_loop,
         {"cfg": cfg, "captioner": resolve_preset(cfg).captioner, "scorer_dir": scorer_dir, "fence": fence,
          "probe": probe_set(cfg, train_reads, val_reads),
+         "steps_per_epoch": math.ceil(sum(len(r["ids"]) for r in train_reads) / cfg.finetune.batch_size),
          "log_uri": f"{out_dir}/metrics.jsonl", "blip_dir": f"{root}/blip", "check_uri": f"{out_dir}/check.json"},
         cfg, name="finetune_blip", storage=f"{out_dir}/ray_train", datasets={"train": train},
     )

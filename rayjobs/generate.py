@@ -41,7 +41,6 @@ import pyarrow.parquet as pq
 import ray
 from omegaconf import OmegaConf
 from pyarrow import fs as pafs
-from ray.data import DataContext
 
 from blipinpaint import stages
 from blipinpaint.batches import Guarded, split_errors
@@ -52,6 +51,7 @@ from blipinpaint.storage import filesystem, write_text
 from blipinpaint.writer import CommitLog
 from rayjobs import models
 from rayjobs.common import actor_resources, connect, job_main
+from rayjobs.progress import CommitProgress
 from rayjobs.stream import ErrorWriter, ModelStage, attempt_ledger, commit_stage, job_errors
 
 log = logging.getLogger("blipinpaint.generate")
@@ -199,10 +199,10 @@ def run(cfg: Config) -> dict:
 
     pipeline_s = 0.0
     if pending:
-        connect(cfg.ray_address)
-        DataContext.get_current().enable_progress_bars = True
+        connect(cfg.ray_address, cfg.ray_progress)
         t0 = time.perf_counter()
-        with attempt_ledger() as ledger, job_errors():
+        with (attempt_ledger() as ledger, job_errors(),
+              CommitProgress("generate", out_dir, len(items), len(items) - len(pending), cfg.progress_s)):
             ds = build_dataset(cfg, pending, ledger, owner).materialize()  # {part, rows} per commit
         pipeline_s = time.perf_counter() - t0
         write_text(f"{out_dir}/ray_stats.txt", ds.stats())

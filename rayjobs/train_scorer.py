@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import tempfile
 
@@ -43,6 +44,7 @@ from blipinpaint.storage import kind, local_dir, read_jsonl, upload_dir, write_j
 from blipinpaint.writer import CommitLog
 from rayjobs import training
 from rayjobs.common import connect, job_main, read_rows
+from rayjobs.progress import TrainProgress
 
 log = logging.getLogger("blipinpaint.train_scorer")
 COLUMNS = ["id", "caption_features", *TARGETS]
@@ -129,18 +131,22 @@ def train_loop(config: dict) -> None:
     standardization = (state["mean"], state["std"]) if state else target_stats(y_train)
     model.set_standardization(*standardization)
     y_train, y_val = model.standardize(y_train), model.standardize(y_val)
+    batch = training.per_worker(cfg, cfg.scorer.batch_size)
+    progress = TrainProgress("train_scorer", cfg.scorer.epochs, start, cfg.progress_s, math.ceil(len(x_train) / batch))
     for epoch in range(start, cfg.scorer.epochs):
         engine.train()
         total = torch.zeros(2, dtype=torch.float64, device=device)  # sum of batch losses x rows, rows
         # Shuffled per epoch from (seed, rank, epoch): a resumed run sees the same order.
         order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(
             sample_seed(cfg.seed, f"{ctx.get_world_rank()}/{epoch}", "scorer-order")))
-        for index in order.split(training.per_worker(cfg, cfg.scorer.batch_size)):
+        for step, index in enumerate(order.split(batch), start=1):
             x, y = x_train[index], y_train[index]
             loss = torch.nn.functional.mse_loss(engine(x), y)
             engine.backward(loss)
             engine.step()
             total += torch.tensor([loss.item() * len(x), len(x)], dtype=torch.float64, device=device)
+            if rank == 0:
+                progress.step(epoch, step, loss.item())
             training.maybe_fail(cfg, engine.global_steps, resumed=state is not None)
         engine.eval()
         # Held-out: squared error of the model and of predicting 0 (the standardised train mean).
@@ -158,8 +164,9 @@ def train_loop(config: dict) -> None:
                    "val_loss_mean_baseline": (val[1] / val[2]).item() if val[2] else None}
         if not training.still_owner(config["fence"]):
             return
-        if ctx.get_world_rank() == 0:
+        if rank == 0:
             write_jsonl(log_uri, [*read_jsonl(log_uri), metrics])
+            progress.epoch(epoch, {"train loss": metrics["train_loss"], "held-out loss": metrics["val_loss"]})
         # Ray Train takes one report per controller poll (2 s): report with checkpoints only.
         if (epoch + 1) % cfg.scorer.checkpoint_every == 0 or epoch + 1 == cfg.scorer.epochs:
             training.save_and_report(engine, metrics, {"epoch": epoch, "mean": standardization[0],
@@ -204,7 +211,7 @@ def run(cfg: Config) -> dict:
     # First, before anything waits for the cluster: the ranks of a run that is still going (its
     # driver killed, or the same command twice) stop writing here and free their resources.
     fence = (out_dir, CommitLog(out_dir).take_over())
-    connect(cfg.ray_address)
+    connect(cfg.ray_address, cfg.ray_progress)
     train_reads, val_reads = training.split_reads(cfg)
     log.info("batch of %d per optimizer step: %d on each of %d workers", cfg.scorer.batch_size,
              training.per_worker(cfg, cfg.scorer.batch_size), cfg.train.num_workers)

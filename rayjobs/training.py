@@ -12,6 +12,7 @@ import logging
 import os
 import tempfile
 import time
+import warnings
 
 import ray
 import ray.train
@@ -21,7 +22,15 @@ from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchChe
 from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
+from ray.train import (
+    Checkpoint,
+    CheckpointConfig,
+    FailureConfig,
+    LoggingConfig,
+    RunConfig,
+    ScalingConfig,
+    TrainingFailedError,
+)
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from blipinpaint.batches import JobError
@@ -33,6 +42,10 @@ from rayjobs.common import row_reads
 from rayjobs.generate import check_fingerprint
 
 log = logging.getLogger(__name__)
+# DeepSpeed's ZeRO calls a torch collective that torch deprecates: a warning from every rank
+# of every run that says nothing about this project.
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                        category=FutureWarning)
 
 
 def per_worker(cfg: Config, batch_size: int) -> int:
@@ -116,6 +129,12 @@ def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_conf
 
     if get_accelerator().device_name() == "cpu":
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    # Ray Train logs every report of every rank at INFO under a logger named by its file's path,
+    # which `LoggingConfig(log_level=...)` (set in `make_trainer`) misses. Silenced here: each
+    # report's figures are in the job's `metrics.jsonl` already.
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, dist_init_required=False, config=ds_config)
     return engine
 
@@ -131,7 +150,11 @@ def make_trainer(loop, loop_config: dict, cfg: Config, name: str, storage: str,
                                      resources_per_worker={"CPU": t.cpus_per_worker}),
         run_config=RunConfig(name=name, storage_path=os.path.abspath(storage) if "://" not in storage else storage,
                              failure_config=FailureConfig(max_failures=t.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             # Ray Train's own INFO lines (worker groups, every checkpoint and
+                             # report, from every rank) stay in its log files: a job's log holds
+                             # rank 0's progress lines (`rayjobs.progress`) and the warnings.
+                             logging_config=LoggingConfig(log_level="WARNING")),
         datasets=datasets,
     )
 

@@ -50,6 +50,7 @@ def test_resolved_config_round_trips(tmp_path):
     (["train.num_workers=3"], "finetune.batch_size=8 is the batch per optimizer step over all train.num_workers=3: "
                               "it must be a multiple of them"),
     (["train.num_workers=3", "finetune.batch_size=9"], "scorer.batch_size=64 is the batch per optimizer step"),
+    (["progress_s=0"], "progress_s=0.0 must be a positive number of seconds"),
 ])
 def test_bad_config_names_the_problem(overrides, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):

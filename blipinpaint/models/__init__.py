@@ -4,6 +4,8 @@ The loaders are imported on first use: `blipinpaint.config` imports the presets 
 package, and every process that reads a config should not pay transformers' import.
 """
 
+import logging
+
 from blipinpaint.models.presets import (
     PRESET_NAMES,
     ModelRef,
@@ -25,3 +27,15 @@ def __getattr__(name: str):
 
         return getattr(loading, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class _NoTorchvisionNotice(logging.Filter):
+    """torchvision is left out on purpose (the loaders use the PIL image processors), so
+    transformers' notice that a PIL processor stands in for a torchvision one, given in every
+    worker that imports diffusers, says nothing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+
+logging.getLogger("transformers.utils.import_utils").addFilter(_NoTorchvisionNotice())

@@ -81,9 +81,17 @@ class ClipModel:
     tokenizer: object
 
 
+def _quiet_transformers() -> None:
+    """No loading bars: workers load, and in a job's log a bar is a line per redraw."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+
+
 def load_captioner(ref: ModelRef, device: torch.device, dtype: torch.dtype = torch.float32) -> CaptionerModel:
     from transformers import AutoTokenizer, BlipForConditionalGeneration, BlipImageProcessorPil
 
+    _quiet_transformers()
     src = _source(ref)
     model = BlipForConditionalGeneration.from_pretrained(**src, dtype=dtype, use_safetensors=True)
     return CaptionerModel(
@@ -97,6 +105,7 @@ def load_captioner(ref: ModelRef, device: torch.device, dtype: torch.dtype = tor
 def load_clip(ref: ModelRef, device: torch.device, dtype: torch.dtype = torch.float32) -> ClipModel:
     from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel
 
+    _quiet_transformers()
     src = _source(ref)
     model = CLIPModel.from_pretrained(**src, dtype=dtype, use_safetensors=True)
     return ClipModel(
@@ -108,7 +117,10 @@ def load_clip(ref: ModelRef, device: torch.device, dtype: torch.dtype = torch.fl
 
 def load_inpaint_pipeline(ref: ModelRef, device: torch.device, dtype: torch.dtype = torch.float32):
     from diffusers import StableDiffusionInpaintPipeline  # heavy import, only where inpainting runs
+    from diffusers.utils import logging as diffusers_logging
 
+    _quiet_transformers()
+    diffusers_logging.disable_progress_bar()  # "Loading pipeline components", per worker
     pipe = StableDiffusionInpaintPipeline.from_pretrained(
         **_source(ref), dtype=dtype, use_safetensors=True,
         # Scoring-data generation needs raw outputs; the checker would blank images at random.

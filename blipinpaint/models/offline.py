@@ -137,6 +137,9 @@ def ensure_built(name: str, root: Path | None = None) -> Path:
 
 def build(spec: OfflineSpec, directory: Path) -> None:
     """Build and save every component of `spec` under `directory/<component>`."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # "Writing model shards": noise in a job's log, where workers build
     directory = Path(directory)
     _build_captioner(spec, directory / "captioner")
     _build_inpainter(spec, directory / "inpainter")

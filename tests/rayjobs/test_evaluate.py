@@ -96,7 +96,7 @@ def test_the_scorer_is_held_to_what_the_changed_captions_scored(main_run, tmp_pa
 
 
 def test_limit_picks_a_stable_subset_of_the_held_out_split(main_run):
-    _, folder = main_run
+    folder = main_run[1]
     run = folder / "run"
     everything = evaluate.evaluation_ids(_evaluate_cfg(run, "train.val_fraction=0.9"))
     one = evaluate.evaluation_ids(_evaluate_cfg(run, "train.val_fraction=0.9", "evaluate.limit=2"))
@@ -107,7 +107,7 @@ def test_limit_picks_a_stable_subset_of_the_held_out_split(main_run):
 
 def test_rows_of_another_fine_tuned_decoder_are_refused(main_run, tmp_path, capsys):
     """Evaluated rows made with one fine-tuned BLIP never mix with another's."""
-    _, folder = main_run
+    folder = main_run[1]
     copy_run(folder / "run", tmp_path, ("generate", "finetune", "blip", "eval"))
     check = json.loads((tmp_path / "finetune" / "check.json").read_text())
     (tmp_path / "finetune" / "check.json").write_text(json.dumps({**check, "decoder": "another decoder"}))
@@ -121,7 +121,7 @@ def test_a_killed_driver_error_rows_then_retry_failed_and_another_run_in_table1(
     the failed sample becomes an error row counted in the report, and `evaluate.retry_failed`
     evaluates it again. That run's Table 1 also shows another run's evaluation
     (`evaluate.other_runs`, as the VisualGenome config does with COCO's)."""
-    _, folder = main_run
+    folder = main_run[1]
     copy_run(folder / "run", tmp_path)
     args = [*PIPELINE_ARGS, f"run_dir={tmp_path}", "train.val_fraction=0.9", "evaluate.fid.size=1",
             "generate.rows_per_file=1", "data.name=second",

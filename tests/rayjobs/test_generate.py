@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from helpers import account, encode, photo, print_figures
+from helpers import account, await_no_live_actors, encode, photo, print_figures
 
 from blipinpaint.config import ConfigError, load_config, sample_images_dir
 from blipinpaint.records import ERROR_SCHEMA, METRIC_COLUMNS, SAMPLE_SCHEMA
@@ -52,6 +52,8 @@ def first_run(local_ray, source, tmp_path_factory):
 
 def test_every_input_once_in_samples_or_errors(first_run):
     run_dir, _, stats = first_run
+    # The run ended its attempt ledger: a driver that runs job after job (a notebook, the pipeline) keeps none.
+    await_no_live_actors("AttemptLedger")
     samples, errors = _tables(run_dir)
     assert samples.schema.names == SAMPLE_SCHEMA.names and errors.schema == ERROR_SCHEMA
     assert samples.column("id").to_pylist() == ["astronaut.jpg", "chelsea.jpg", "coffee.jpg", "coins.png",
