@@ -91,7 +91,9 @@ def connect(address: str | None = None, ray_progress: bool = False) -> None:
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-    ray.init(include_dashboard=False, runtime_env={"env_vars": env} if env else None)
+    # The dashboard (on loopback) serves the state API, which Ray Train's placement-group
+    # cleaner polls: without it, the cleaner warns every few seconds of every training run.
+    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", runtime_env={"env_vars": env} if env else None)
     log.info("started a local Ray: %s", ray.cluster_resources())
 
 
