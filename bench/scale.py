@@ -141,7 +141,7 @@ def s3_server(env: dict) -> tuple[subprocess.Popen, dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[1000, 10000], help="sizes on the local disk")
     parser.add_argument("--s3-size", type=int, default=10000, help="0: no bucket run")
     parser.add_argument("--out", default="bench/results/scale.json")
     args = parser.parse_args()
