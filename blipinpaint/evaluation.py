@@ -200,12 +200,30 @@ def _difference(a, b):
     return None if a is None or b is None else a - b
 
 
-def table1(datasets: dict[str, dict]) -> str:
+class Table(str):
+    """A Markdown table (the string itself) that keeps its cells, so that `report.html`
+    shows the same table as `report.md`. The first `left` columns are labels, the others
+    numbers (right-aligned)."""
+
+    header: list[str]
+    rows: list[list[str]]
+    left: int
+
+    def __new__(cls, header: list[str], rows: list[list[str]], left: int = 1):
+        def line(cells):
+            return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+        rule = "|" + "---|" * left + "---:|" * (len(header) - left)
+        table = super().__new__(cls, "\n".join([line(header), rule, *map(line, rows)]))
+        table.header, table.rows, table.left = header, rows, left
+        return table
+
+
+def table1(datasets: dict[str, dict]) -> Table:
     """The paper's Table 1: a row per variant, CLIP score ↑ (with its bootstrap interval),
     FID ↓ and samples per dataset; then the paired differences between variants."""
     names = list(datasets)
-    lines = ["| | " + " | ".join(f"{n}: CLIP score ↑ | {n}: FID ↓ | {n}: n" for n in names) + " |",
-             "|---|" + "---:|---:|---:|" * len(names)]
+    header = ["", *(f"{n}: {c}" for n in names for c in ("CLIP score ↑", "FID ↓", "n"))]
 
     def cell(data: dict, group: str, metric: str) -> str:
         iv = data.get("intervals", {}).get(ALL, {}).get(group, {}).get(metric)
@@ -217,22 +235,19 @@ def table1(datasets: dict[str, dict]) -> str:
         entry = data["variants"][group]
         return fmt(entry["fid"]) if metric == "fid" else _mean_std(entry[metric])
 
+    rows = []
     for key, v in VARIANTS.items():
-        cells = []
-        for n in names:
-            entry = datasets[n]["variants"][key]
-            cells += [cell(datasets[n], key, "clip_score"), cell(datasets[n], key, "fid"), str(entry["samples"])]
-        lines.append(f"| {v.label} | " + " | ".join(cells) + " |")
+        rows.append([v.label, *(x for n in names for x in (cell(datasets[n], key, "clip_score"),
+                                                          cell(datasets[n], key, "fid"),
+                                                          str(datasets[n]["variants"][key]["samples"])))])
     for key, (a, _) in DELTAS.items():
-        cells = []
-        for n in names:
-            cells += [cell(datasets[n], key, "clip_score"), cell(datasets[n], key, "fid"),
-                      str(datasets[n]["variants"][a]["samples"])]
-        lines.append(f"| {DELTA_LABELS[key]} (paired) | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append([f"{DELTA_LABELS[key]} (paired)", *(x for n in names for x in (
+            cell(datasets[n], key, "clip_score"), cell(datasets[n], key, "fid"),
+            str(datasets[n]["variants"][a]["samples"])))])
+    return Table(header, rows)
 
 
-def paired_table(summary: dict) -> str:
+def paired_table(summary: dict) -> Table:
     """The paired per-sample differences with their intervals: overall, on the samples whose
     caption fine-tuning changed, and per mask bucket."""
     iv = summary["intervals"]
@@ -241,33 +256,24 @@ def paired_table(summary: dict) -> str:
               **{f"mask area {b}": (iv["mask_buckets"][b], blk["blip"]["samples"])
                  for b, blk in summary["mask_buckets"].items()}}
     metrics = (*PAIRED, "fid")  # FID's difference where it was bootstrapped: all samples, the changed ones
-    lines = ["| samples | difference | n | " + " | ".join(metrics) + " |", "|---|---|---:|" + "---:|" * len(metrics)]
-    for scope, (groups, n) in scopes.items():
-        for key in DELTAS:
-            cells = [fmt_interval(groups[key].get(m), 3, sign=True) for m in metrics]
-            lines.append(f"| {scope} | {DELTA_LABELS[key]} | {n} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    rows = [[scope, DELTA_LABELS[key], str(n), *(fmt_interval(groups[key].get(m), 3, sign=True) for m in metrics)]
+            for scope, (groups, n) in scopes.items() for key in DELTAS]
+    return Table(["samples", "difference", "n", *metrics], rows, left=2)
 
 
-def metrics_table(summary: dict) -> str:
+def metrics_table(summary: dict) -> Table:
     """Mean ± std of every metric per variant (the numbers behind the paper's Figures 2-3)."""
-    lines = ["| | " + " | ".join(METRICS) + " |", "|---|" + "---:|" * len(METRICS)]
-    for key, v in VARIANTS.items():
-        entry = summary["variants"][key]
-        lines.append(f"| {v.label} | " + " | ".join(_mean_std(entry[m], 3) for m in METRICS) + " |")
-    return "\n".join(lines)
+    rows = [[v.label, *(_mean_std(summary["variants"][key][m], 3) for m in METRICS)] for key, v in VARIANTS.items()]
+    return Table(["", *METRICS], rows)
 
 
-def bucket_table(summary: dict) -> str:
-    lines = ["| mask area | samples | " + " | ".join(f"{k}: CLIP ↑ | {k}: FID ↓ | {k}: PSNR ↑" for k in VARIANTS)
-             + " |", "|---|---:|" + "---:|---:|---:|" * len(VARIANTS)]
-    for bucket, block in summary["mask_buckets"].items():
-        cells = [bucket, str(block["baseline"]["samples"])]
-        for key in VARIANTS:
-            cells += [_mean_std(block[key]["clip_score"]), fmt(block[key]["fid"]),
-                      fmt(block[key]["psnr"]["mean"])]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def bucket_table(summary: dict) -> Table:
+    header = ["mask area", "samples", *(f"{k}: {c}" for k in VARIANTS for c in ("CLIP ↑", "FID ↓", "PSNR ↑"))]
+    rows = [[bucket, str(block["baseline"]["samples"]),
+             *(x for key in VARIANTS for x in (_mean_std(block[key]["clip_score"]), fmt(block[key]["fid"]),
+                                               fmt(block[key]["psnr"]["mean"])))]
+            for bucket, block in summary["mask_buckets"].items()]
+    return Table(header, rows)
 
 
 def grid_rows(rows: dict[str, np.ndarray]) -> list[dict]:
