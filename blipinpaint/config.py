@@ -183,6 +183,7 @@ class EvaluateConfig:
     fid: StageConfig = field(default_factory=lambda: StageConfig(batch_size=32))  # FID feature workers
     mask_buckets: list[float] = field(default_factory=lambda: [0.1, 0.3])  # mask-area edges between buckets
     grid_rows: int = 6  # samples in the qualitative grid
+    gallery_limit: int = 200  # samples in report.html's gallery (chosen by a hash); 0: none
     other_runs: list[str] = field(default_factory=list)  # run_dirs whose evaluations join this table
     retry_failed: bool = False  # try `stage failed` error rows of earlier evaluate runs again
     bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
@@ -326,6 +327,8 @@ def validate(cfg: Config) -> None:
                         "between 0 and 1")
     if e.grid_rows < 1:
         problems.append(f"evaluate.grid_rows={e.grid_rows} must be at least 1")
+    if e.gallery_limit < 0:
+        problems.append(f"evaluate.gallery_limit={e.gallery_limit} must be 0 (no gallery) or more")
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
 

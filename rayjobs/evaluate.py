@@ -25,7 +25,10 @@ BLIP's caption; this job adds the third variant from the same noise seed:
    mergeable statistics (count, sum, sum of outer products) per image set and mask
    bucket; the driver merges them and takes the Fréchet distance once per pair.
 3. The report in `run_dir/eval/`: `report.json`, `report.md` (Table 1 of the paper,
-   per-metric and per-mask-bucket tables), `metrics.png`, `mask_buckets.png`, `grid.png`.
+   per-metric and per-mask-bucket tables), `metrics.png`, `mask_buckets.png`, `deltas.png`,
+   `grid.png`; and `report.html`, the page to open first: the same tables and plots, a
+   gallery of up to `evaluate.gallery_limit` samples that sorts and filters, the errors
+   (full-size images beside it in `report_files/`).
 """
 
 from __future__ import annotations
@@ -38,10 +41,11 @@ import time
 from collections import Counter
 
 import numpy as np
+import pyarrow.parquet as pq
 import ray
 import torch
 
-from blipinpaint import stages
+from blipinpaint import report_page, stages
 from blipinpaint.batches import Guarded, JobError, take
 from blipinpaint.config import Config, ConfigError, dataset_name, heldout_fraction, to_yaml
 from blipinpaint.evaluation import (
@@ -53,6 +57,8 @@ from blipinpaint.evaluation import (
     PAIRED,
     REAL,
     VARIANTS,
+    Table,
+    bucket_names,
     bucket_of,
     bucket_table,
     correlation,
@@ -73,7 +79,7 @@ from blipinpaint.records import EVAL_SCHEMA, METRICS
 from blipinpaint.report import plot_grouped_bars, plot_image_grid, plot_scatter
 from blipinpaint.scorer import TARGETS, ScoreNet
 from blipinpaint.seeds import heldout, sample_seed
-from blipinpaint.storage import kind, local_dir, read_text, write_text
+from blipinpaint.storage import filesystem, kind, local_dir, read_text, write_text
 from blipinpaint.writer import CommitLog
 from rayjobs import models
 from rayjobs.common import actor_resources, connect, generated_ids, job_main, read_committed, read_rows, row_reads
@@ -87,8 +93,16 @@ log = logging.getLogger("blipinpaint.evaluate")
 INPUT_COLUMNS = ["id", "source", "caption", "mask_area", "noise_seed",
                  *(m + s for s in ("", "_baseline") for m in METRICS),
                  "image_png", "mask_png", "inpainted_png", "inpainted_baseline_png"]
+# The page's plots, beside it: {file: title}.
+PLOTS = {"metrics.png": "SSIM, PSNR and CLIP score per variant", "mask_buckets.png": "by mask area",
+         "deltas.png": "paired differences per sample, by mask area", "grid.png": "examples (paper, Figure 4)",
+         "scorer_changed.png": "the scorer's prediction for the changed captions against their scores"}
+ERRORS_LISTED = 1000  # error rows on the page at most (the count says how many there are)
 METRIC_LABELS = {"ssim": "SSIM ↑", "psnr": "PSNR (dB) ↑", "clip_score": "CLIP score ↑"}
 FINETUNED = {"caption": "caption_finetuned", "image": "inpainted_finetuned"}
+# What a gallery card shows of an evaluated row.
+GALLERY_COLUMNS = ["source", "caption", FINETUNED["caption"], "mask_area", "image_png", "mask_png",
+                   *(v.image for v in VARIANTS.values()), *(m + v.suffix for v in VARIANTS.values() for m in PAIRED)]
 
 
 def _paths(cfg: Config) -> dict[str, str]:
@@ -282,11 +296,27 @@ def scorer_text(changed: dict) -> str:
                       f"scored" for t in TARGETS)
     return (f"For the {scorer['samples']} changed captions, the frozen scorer's prediction (from the fine-tuned "
             f"decoder's features) against what their inpaintings scored: Pearson r {r} (n/a under 3 samples); "
-            f"means {means}.\n\n![scorer on the changed captions](scorer_changed.png)")
+            f"means {means}.")
 
 
-def write_report(cfg: Config, summary: dict, ids: list[str], out_dir: str) -> str:
-    """`report.md` with its tables and figures (also those of `evaluate.other_runs`)."""
+def intervals_text(iv: dict) -> str:
+    """How the intervals were taken, in words."""
+    return f"""Intervals: {round(100 * iv['confidence'])} % percentile bootstrap over samples
+({iv['replicates']} draws of the samples with replacement, seed {iv['seed']}), every statistic
+resampled with the same draws. A difference (`BLIP − baseline`, `fine-tuned − BLIP`) is
+paired: the mean over samples of each sample's two scores, so the two inpaintings of a
+sample stay together in every draw. A sample whose PSNR is infinite (a hole restored
+exactly) is left out of that column. Means get the percentile interval. FID gets the normal
+interval, FID ± z times the spread of {iv['fid_replicates']} draws' FIDs: FID is biased upwards on
+fewer distinct images, so the draws (with repeats) sit above the estimate and their
+percentiles would miss it; FID differences are paired the same way. FID and its interval
+are taken on all samples and on the changed ones (from 2 up; a small subset's FID is far
+above the whole set's, so compare the variants within a subset, not across)."""
+
+
+def write_report(cfg: Config, summary: dict, ids: list[str], out_dir: str) -> dict[str, Table]:
+    """`report.md` with its tables and figures (also those of `evaluate.other_runs`); returns
+    its tables, which `report.html` shows too."""
     name = dataset_name(cfg)
     datasets = {name: summary}
     for other in cfg.evaluate.other_runs:
@@ -326,6 +356,10 @@ def write_report(cfg: Config, summary: dict, ids: list[str], out_dir: str) -> st
     plot_image_grid(grid_rows(rows), GRID_TITLES, f"{out_dir}/grid.png")
     fid_name = stages.model_ids(cfg).get("fid", "")
     changed = summary["changed"]
+    tables = {"table1": table1(datasets), "paired": paired_table(summary), "metrics": metrics_table(summary),
+              "buckets": bucket_table(summary)}
+    scorer_plot = ("\n\n![scorer on the changed captions](scorer_changed.png)"
+                   if changed["scorer"].get("samples") else "")
     markdown = f"""# Evaluation: {name}
 
 {v['blip']['samples']} held-out samples of `{cfg.run_dir}` (never seen by the scorer or the
@@ -340,39 +374,29 @@ Fine-tuning changed the caption of {changed['captions']} of {changed['of']} samp
 BLIP variant's inpainting and metrics: the fine-tuned and BLIP rows can differ only on the
 changed samples.
 
-Intervals: {round(100 * iv['confidence'])} % percentile bootstrap over samples ({iv['replicates']} draws of
-the samples with replacement, seed {iv['seed']}), every statistic resampled with the same
-draws. A difference (`BLIP − baseline`, `fine-tuned − BLIP`) is paired: the mean over
-samples of each sample's two scores, so the two inpaintings of a sample stay together
-in every draw. A sample whose PSNR is infinite (a hole restored exactly) is left out of
-that column. Means get the percentile interval. FID gets the normal interval, FID ± z
-times the spread of {iv['fid_replicates']} draws' FIDs: FID is biased upwards on fewer
-distinct images, so the draws (with repeats) sit above the estimate and their percentiles
-would miss it; FID differences are paired the same way. FID and its interval are taken
-on all samples and on the changed ones (from 2 up; a small subset's FID is far above the
-whole set's, so compare the variants within a subset, not across).
+{intervals_text(iv)}
 
-{scorer_text(changed)}
+{scorer_text(changed)}{scorer_plot}
 
 ## Table 1
 
-{table1(datasets)}
+{tables["table1"]}
 
 ## Paired differences per sample
 
-{paired_table(summary)}
+{tables["paired"]}
 
 ![paired differences](deltas.png)
 
 ## SSIM, PSNR and CLIP score (paper, Figures 2-3)
 
-{metrics_table(summary)}
+{tables["metrics"]}
 
 ![metrics](metrics.png)
 
 ## By mask area
 
-{bucket_table(summary)}
+{tables["buckets"]}
 
 ![mask buckets](mask_buckets.png)
 
@@ -381,7 +405,61 @@ whole set's, so compare the variants within a subset, not across).
 ![examples](grid.png)
 """
     write_text(f"{out_dir}/report.md", markdown)
-    return markdown
+    return tables
+
+
+def read_errors(out_dirs: dict[str, str], limit: int = ERRORS_LISTED) -> tuple[list[dict], int]:
+    """The committed error rows of each job's folder ({job: folder}): the first `limit` by
+    (job, id), and how many there are."""
+    rows, total = [], 0
+    for job, out_dir in out_dirs.items():
+        for marker in CommitLog(out_dir).markers():
+            if marker["errors"]:
+                total += len(marker["errors"])
+                fs, path = filesystem(f"{out_dir}/errors/{marker['name']}.parquet")
+                rows += [{"job": job, "id": r["id"], "source": r["source"], "reason": r["error"]}
+                         for r in pq.read_table(path, filesystem=fs).to_pylist()]
+    rows.sort(key=lambda r: (list(out_dirs).index(r["job"]), r["id"]))
+    return rows[:limit], total
+
+
+def write_page(cfg: Config, report: dict, tables: dict[str, Table], ids: list[str], out_dir: str) -> str:
+    """`report.html` (`blipinpaint.report_page`): the tables, the plots, a gallery of up to
+    `evaluate.gallery_limit` of the samples `ids` (chosen by a hash, as `evaluate.limit`),
+    the errors of generate and evaluate. Reads a part at a time, so that only that part's
+    chosen rows are in memory."""
+    edges = list(cfg.evaluate.mask_buckets)
+    chosen = sorted(ids, key=lambda i: sample_seed(cfg.seed, i, "gallery"))[: cfg.evaluate.gallery_limit]
+    report_page.clear_files(out_dir)
+    cards = []
+    for part in row_reads(out_dir, chosen):
+        rows = read_rows({"path": [part["path"]], "ids": [part["ids"]]}, ["id", *GALLERY_COLUMNS])
+        files = {}
+        for k, bucket in enumerate(bucket_of(rows["mask_area"], edges)):
+            card, images = report_page.card({c: v[k] for c, v in rows.items()}, len(cards), bucket)
+            cards.append(card)
+            files.update(images)
+        report_page.write_files(out_dir, files)
+    errors, error_count = read_errors({"generate": f"{cfg.run_dir.rstrip('/')}/generate", "evaluate": out_dir})
+    s, iv = report["evaluation_set"], report["intervals"]
+    settings = [("dataset", report["dataset"]), ("run_dir", cfg.run_dir), ("models preset", cfg.models.preset),
+                *((f"model: {k}", v) for k, v in report["models"].items()), ("FID protocol", report["fid_protocol"]),
+                ("held-out share", fmt(s["heldout_fraction"], 3)), ("evaluate.limit", str(s["limit"])),
+                ("mask-area bucket edges", ", ".join(map(str, edges))),
+                ("bootstrap", f"{iv['replicates']} draws ({iv['fid_replicates']} for FID), "
+                              f"{round(100 * iv['confidence'])} % intervals, seed {iv['seed']}"),
+                ("seed", str(cfg.seed)), ("evaluate's wall time", f"{report['wall_s']} s")]
+    return report_page.write_page(out_dir, {
+        "dataset": report["dataset"], "run_dir": cfg.run_dir,
+        "counts": {"samples": s["samples"], "errors": error_count, "changed": report["changed"]["captions"]},
+        "tables": tables, "intervals_text": intervals_text(iv), "scorer_text": scorer_text(report["changed"]),
+        "plots": [{"file": f, "title": t} for f, t in PLOTS.items() if kind(f"{out_dir}/{f}") == "File"
+                  and (f != "scorer_changed.png" or report["changed"]["scorer"].get("samples"))],
+        "gallery": {"cards": sorted(cards, key=lambda c: c["id"]), "shown": len(cards), "total": len(ids),
+                    "limit": cfg.evaluate.gallery_limit, "sort_keys": report_page.SORT_KEYS,
+                    "buckets": [b for b in bucket_names(edges) if b in report["mask_buckets"]]},
+        "errors": {"rows": errors, "total": error_count},
+        "settings": settings, "config_yaml": to_yaml(cfg)})
 
 
 def run(cfg: Config) -> dict:
@@ -448,7 +526,8 @@ def run(cfg: Config) -> dict:
         "wall_s": round(time.perf_counter() - started, 2),
     }
     write_text(f"{out_dir}/report.json", json.dumps(report, indent=2))
-    write_report(cfg, summary, sample_ids, out_dir)
+    tables = write_report(cfg, summary, sample_ids, out_dir)
+    write_page(cfg, report, tables, sample_ids, out_dir)
     return report
 
 
@@ -467,7 +546,7 @@ def print_report(report: dict) -> None:
             f"{m} {fmt_interval(iv[ALL][key][m], 3, sign=True)}" for m in (*PAIRED, "fid") if m in iv[ALL][key]))
     changed = report["changed"]
     print(f"fine-tuning changed {changed['captions']} of {changed['of']} held-out captions")
-    print(f"report: {report['out_dir']}/report.md")
+    print(f"report: {report['out_dir']}/report.html (tables also in report.md)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -124,3 +124,27 @@ def local_ray(model_cache, s3):
     connect()
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Chromium from the system's packages (Debian's `chromium` and `chromium-driver`,
+    installed by `.ci/run`), driven by Selenium; nothing is downloaded (Selenium Manager is
+    kept offline). Logs the console and the network, for `helpers.open_page`."""
+    os.environ["SE_OFFLINE"] = "true"
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    paths = {name: shutil.which(name) for name in ("chromium", "chromedriver")}
+    missing = [name for name, path in paths.items() if path is None]
+    if missing:  # the page's tests must run: fail, never skip
+        raise RuntimeError(f"{' and '.join(missing)} not found: apt-get install chromium chromium-driver")
+    options = webdriver.ChromeOptions()
+    options.binary_location = paths["chromium"]
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1400,1000", "--no-first-run", "--disable-extensions"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
+    driver = webdriver.Chrome(service=Service(paths["chromedriver"]), options=options)
+    yield driver
+    driver.quit()

@@ -199,3 +199,21 @@ def await_no_live_actors(class_name: str, timeout_s: float = 60.0) -> None:
     while live := [a for a in state.actors().values() if a["ActorClassName"] == class_name and a["State"] != "DEAD"]:
         assert time.monotonic() < deadline, f"{len(live)} {class_name} actors still alive"
         time.sleep(0.2)
+
+
+def open_page(driver, path) -> dict:
+    """Loads a local page in the `browser` fixture's Chromium (returns once its load event
+    has fired: every image loaded or failed) and says what it did: its console errors, every
+    URL it requested, its images that did not render."""
+    import json
+
+    for log in ("browser", "performance"):  # what earlier pages left in the logs
+        driver.get_log(log)
+    driver.get(f"file://{path}")
+    events = [json.loads(e["message"])["message"] for e in driver.get_log("performance")]
+    return {"console_errors": [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"],
+            "urls": sorted({e["params"]["request"]["url"] for e in events
+                            if e["method"] == "Network.requestWillBeSent"}),
+            "broken_images": driver.execute_script(
+                "return Array.from(document.images).filter(i => !i.complete || i.naturalWidth === 0).map(i => i.alt)"),
+            "images": driver.execute_script("return document.images.length")}

@@ -45,6 +45,7 @@ def test_resolved_config_round_trips(tmp_path):
     (["generate.inpainter.num_gpus=-1"], "generate.inpainter: num_cpus and num_gpus"),
     (["train.val_fraction=1.5"], "train.val_fraction=1.5"),
     (["evaluate.limit=1"], "evaluate.limit=1 must be at least 2"),
+    (["evaluate.gallery_limit=-1"], "evaluate.gallery_limit=-1 must be 0"),
     (["evaluate.mask_buckets=[0.3,0.1]"], "mask_buckets=\\[0.3, 0.1\\] must be increasing"),
     (["evaluate.fid.size=0"], "evaluate.fid.size=0"),
     (["train.num_workers=3"], "finetune.batch_size=8 is the batch per optimizer step over all train.num_workers=3: "

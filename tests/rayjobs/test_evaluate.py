@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import PIPELINE_ARGS, account, copy_run, end_actors_of_dead_drivers
+from helpers import PIPELINE_ARGS, account, copy_run, end_actors_of_dead_drivers, open_page
 from PIL import Image
 
 from blipinpaint.io import encode_png
@@ -115,7 +115,8 @@ def test_rows_of_another_fine_tuned_decoder_are_refused(main_run, tmp_path, caps
     assert "holds rows generated with other settings (finetuned_decoder differ)" in capsys.readouterr().err
 
 
-def test_a_killed_driver_error_rows_then_retry_failed_and_another_run_in_table1(main_run, local_ray, tmp_path):
+def test_a_killed_driver_error_rows_then_retry_failed_and_another_run_in_table1(main_run, local_ray, tmp_path,
+                                                                                browser):
     """A captioner failing on one held-out sample's batch, and the driver killed after its
     first commit: the same command evaluates only what was not committed (each sample once),
     the failed sample becomes an error row counted in the report, and `evaluate.retry_failed`
@@ -155,14 +156,21 @@ def test_a_killed_driver_error_rows_then_retry_failed_and_another_run_in_table1(
     assert s["errors_by_reason"] == {"stage failed": 1}
     errors = pq.read_table(tmp_path / "eval" / "errors").to_pylist()
     assert [(r["id"], r["error"].split(":")[0]) for r in errors] == [(victim, "stage failed")]
+    open_page(browser, tmp_path / "eval" / "report.html")  # the error row in the page's table too
+    assert [[td.text for td in tr.find_elements("tag name", "td")][:2] for tr in browser.find_elements(
+        "css selector", "#error-table tbody tr")] == [["evaluate", victim]]
 
     with Image.open(tmp_path / "eval" / "grid.png") as grid:
         six_rows = grid.size[1]
 
     second = evaluate.run(_evaluate_cfg(tmp_path, *args, "evaluate.retry_failed=true", "evaluate.grid_rows=2",
-                                       f"evaluate.other_runs=[{folder / 'run'}]"))
+                                       "evaluate.gallery_limit=2", f"evaluate.other_runs=[{folder / 'run'}]"))
     with Image.open(tmp_path / "eval" / "grid.png") as grid:
         assert grid.size[1] < 0.5 * six_rows  # `evaluate.grid_rows`: 2 samples shown instead of 6
+    open_page(browser, tmp_path / "eval" / "report.html")  # `evaluate.gallery_limit`: 2 cards, and it says so
+    assert len(browser.find_elements("css selector", "#gallery .card")) == 2
+    assert f"The gallery shows 2 of {len(ids)} held-out samples" in browser.find_element("tag name", "body").text
+    assert not list((tmp_path / "eval" / "report_files").glob("00002-*"))  # the earlier page's third card's
     s = second["evaluation_set"]
     assert (s["samples"], s["errors"], s["this_run"]["retried"], s["this_run"]["evaluated"]) == (len(ids), 0, 1, 1)
     figures = account(tmp_path / "eval", ids)

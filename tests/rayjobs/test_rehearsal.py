@@ -15,6 +15,7 @@ import os
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import open_page
 from pyarrow import fs as pafs
 from safetensors.torch import load_file
 
@@ -50,7 +51,7 @@ def rehearsal(local_ray, paper_hub, s3, tmp_path_factory):
     return code, run_dir, args
 
 
-def test_every_job_runs_on_the_paper_layout_in_bf16_without_the_hub(rehearsal):
+def test_every_job_runs_on_the_paper_layout_in_bf16_without_the_hub(rehearsal, browser):
     code, run_dir, _ = rehearsal
     assert code == 0
     stats = json.loads((run_dir / "generate" / "stats.json").read_text())
@@ -63,12 +64,16 @@ def test_every_job_runs_on_the_paper_layout_in_bf16_without_the_hub(rehearsal):
     assert held_out >= 2
     assert all(report["variants"][v]["samples"] == held_out for v in ("baseline", "blip", "finetuned"))
     assert "not the standard Inception" in report["fid_protocol"]  # the offline FID network, said so
+    # The page, downloaded from the bucket, opens whole: a card per sample, each image a click away.
+    seen = open_page(browser, run_dir / "eval" / "report.html")
+    assert seen["console_errors"] == [] and seen["broken_images"] == []
+    assert len(list((run_dir / "eval" / "report_files").glob("*-truth.png"))) == held_out
     # The inputs were read from their bucket; checkpoints and every part were written to the
     # run's, every staged file published; no credential went into any output.
     assert all(r["source"].startswith("s3://rehearsal-inputs/photos/") for r in samples)
     assert {p.parents[2].name for p in run_dir.glob("*/ray_train/*/checkpoint_*")} == {"scorer", "finetune"}
     assert not [p for p in run_dir.glob("*/_staging/**/*") if p.is_file()]
-    texts = [p for p in run_dir.rglob("*") if p.suffix in (".json", ".jsonl", ".yaml", ".md", ".txt")]
+    texts = [p for p in run_dir.rglob("*") if p.suffix in (".json", ".jsonl", ".yaml", ".md", ".txt", ".html")]
     assert len(texts) > 10
     for secret in (os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"]):
         assert not [p for p in texts if secret in p.read_text(errors="replace")]

@@ -1,0 +1,114 @@
+"""`report.html`: an evaluation as one page a person opens from a download, no server needed.
+
+The page holds Table 1 and the other tables of `report.md`, the plots beside it, a gallery
+of held-out samples (ground truth, masked input and the three inpaintings side by side, each
+caption under its image, each sample's metrics) that sorts and filters in the page, and the
+errors table. Thumbnails are inline (WebP data URIs), so the page alone shows everything;
+the full-size images sit beside it in `report_files/`, a click away. Nothing is fetched from
+anywhere else, and every value is escaped (captions come from models, ids and errors from
+users' data).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import secrets
+from concurrent.futures import ThreadPoolExecutor
+
+import jinja2
+import numpy as np
+from PIL import Image
+
+from blipinpaint.evaluation import DELTA_LABELS, DELTAS, PAIRED, VARIANTS, fmt
+from blipinpaint.io import decode_png, encode_png
+from blipinpaint.masks import masked_pixels
+from blipinpaint.storage import filesystem, write_text
+
+FILES = "report_files"
+THUMB = 128  # px, the longer side: a 512² sample's five thumbnails take about 25 kB of the page
+METRIC_NAMES = {"clip_score": "CLIP score", "ssim": "SSIM", "psnr": "PSNR (dB)"}
+# The images of a card, left to right: (key, title, PNG column or None for the masked input).
+IMAGES = [("truth", "ground truth", "image_png"), ("masked", "masked input", None),
+          *((key, v.short, v.image) for key, v in VARIANTS.items())]
+SORT_KEYS = {"mask_area": "mask area", **{f"{d}:{m}": f"{DELTA_LABELS[d]}: {METRIC_NAMES[m]}"
+                                          for d in DELTAS for m in PAIRED}}
+
+_env = jinja2.Environment(loader=jinja2.PackageLoader("blipinpaint", "templates"), autoescape=True,
+                          undefined=jinja2.StrictUndefined)
+
+
+def thumbnail(image: np.ndarray) -> str:
+    """A data URI of the image at most THUMB px on its longer side (never enlarged)."""
+    picture = Image.fromarray(image)
+    picture.thumbnail((THUMB, THUMB), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    picture.save(buf, format="WEBP", quality=80)
+    return "data:image/webp;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _finite(value) -> float | None:
+    value = float(value)
+    return value if np.isfinite(value) else None
+
+
+def card(row: dict, index: int, bucket: str) -> tuple[dict, dict[str, bytes]]:
+    """One gallery sample from its evaluated row: what the page shows, and its full-size
+    images as {file name under `report_files/`: PNG bytes}."""
+    image, mask = decode_png(row["image_png"]), decode_png(row["mask_png"]) > 127
+    masked = masked_pixels(image[None], mask[None])[0]
+    captions = {"blip": row["caption"], "finetuned": row["caption_finetuned"]}
+    images, files = [], {}
+    for key, title, column in IMAGES:
+        png = encode_png(masked) if column is None else row[column]
+        name = f"{index:05d}-{key}.png"
+        files[name] = png
+        images.append({"title": title, "thumb": thumbnail(masked if column is None else decode_png(png)),
+                       "href": f"{FILES}/{name}", "caption": captions.get(key, "")})
+    value = {(key, m): _finite(row[m + v.suffix]) for key, v in VARIANTS.items() for m in PAIRED}
+    sort = {"mask_area": float(row["mask_area"])}
+    for delta, (a, b) in DELTAS.items():
+        for m in PAIRED:
+            x, y = value[(a, m)], value[(b, m)]
+            sort[f"{delta}:{m}"] = None if x is None or y is None else x - y
+    metrics = [[v.label, *(fmt(row[m + v.suffix], 3) for m in PAIRED)] for key, v in VARIANTS.items()]
+    metrics += [[DELTA_LABELS[d], *(fmt(sort[f"{d}:{m}"], 3) for m in PAIRED)] for d in DELTAS]
+    changed = row["caption"] != row["caption_finetuned"]
+    return {"id": str(row["id"]), "source": str(row["source"]), "bucket": bucket,
+            "mask_area": f"{100 * float(row['mask_area']):.1f} %", "changed": bool(changed),
+            "search": f"{row['caption']}\n{row['caption_finetuned']}".lower(), "sort": sort,
+            "images": images, "metrics": metrics}, files
+
+
+def write_files(out_dir: str, files: dict[str, bytes]) -> None:
+    """The full-size images into `out_dir/report_files/`, in parallel (a bucket's PUTs)."""
+    fs, root = filesystem(f"{out_dir.rstrip('/')}/{FILES}")
+    fs.create_dir(root, recursive=True)
+
+    def put(item):
+        with fs.open_output_stream(f"{root}/{item[0]}") as f:
+            f.write(item[1])
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(put, files.items()))
+
+
+def clear_files(out_dir: str) -> None:
+    """An earlier report's images: a rerun may pick other samples."""
+    fs, root = filesystem(f"{out_dir.rstrip('/')}/{FILES}")
+    fs.delete_dir_contents(root, missing_dir_ok=True)
+
+
+def render(context: dict) -> str:
+    """The page: `templates/report.html` with `context` (see `evaluate.write_page`), every
+    value escaped. The page's inline style and script carry a fresh nonce, and its content
+    security policy runs nothing else: an escape that failed still could not run a script."""
+    return _env.get_template("report.html").render(**context, nonce=secrets.token_urlsafe(16),
+                                                   metric_names=[METRIC_NAMES[m] for m in PAIRED])
+
+
+def write_page(out_dir: str, context: dict) -> str:
+    uri = f"{out_dir.rstrip('/')}/report.html"
+    write_text(uri, render(context))
+    return uri
+
