@@ -1,9 +1,12 @@
 import numpy as np
 import pytest
+import torch
 from helpers import take
 
+from blipinpaint import stages
 from blipinpaint.batches import Guarded
-from blipinpaint.inpainting import Inpainter
+from blipinpaint.config import load_config
+from blipinpaint.inpainting import Inpainter, denoise
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +51,52 @@ def test_caption_changes_the_guided_output_only(inpainter, captioned, inpainted)
 
 def test_baseline_without_guidance_equals_guidance_on_an_empty_prompt(inpainter, captioned, inpainted):
     """Why the baseline skips classifier-free guidance: with no text it changes nothing."""
-    seeds = [int(s) for s in inpainted["noise_seed"]]
-    guided_empty, _ = inpainter._run(captioned["image"], captioned["mask"], [""] * 3, seeds, guidance_scale=7.5)
+    guided_empty = Inpainter(inpainter.pipe, inpainter.steps, 7.5, inpainter.seed, prompts={"out": "empty"})(
+        dict(captioned, empty=np.array([""] * 3, dtype=object)))["out"]
     diff = np.abs(guided_empty.astype(int) - inpainted["inpainted_baseline"].astype(int))
     assert diff.max() <= 1
+
+
+def reference(pipe, batch, prompts, seeds, steps, guidance_scale) -> np.ndarray:
+    """The diffusers pipeline called for one variant, as the generate job did before the fused loop."""
+    height, width = batch["image"].shape[1:3]
+    return pipe(prompt=prompts, image=batch["image"].astype(np.float32) / 255.0,
+                mask_image=batch["mask"][..., None].astype(np.float32), height=height, width=width,
+                num_inference_steps=steps, guidance_scale=guidance_scale, output_type="np",
+                generator=[torch.Generator("cpu").manual_seed(s) for s in seeds]).images
+
+
+@pytest.fixture(scope="module")
+def bf16_pipe(cfg):
+    return stages.build_inpainter(load_config(overrides=[f"run_dir={cfg.run_dir}", "models.dtype=bf16"])).pipe
+
+
+@pytest.mark.parametrize("scheduler", ["PNDMScheduler", "EulerDiscreteScheduler"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_the_fused_loop_makes_the_pipelines_images_for_every_variant(inpainter, bf16_pipe, captioned, scheduler,
+                                                                      dtype):
+    """One loop over [empty, caption] rows of the guided variants and the baseline's empty rows
+    makes, variant by variant, what the pipeline makes called once per variant: the preset's
+    PNDM and a scheduler with another noise scale and input scaling (Euler), in float32 and
+    in bf16 (what half precision runs as on CPU), within a rounding of each."""
+    import diffusers
+
+    pipe = inpainter.pipe if dtype == "fp32" else bf16_pipe
+    original = pipe.scheduler
+    pipe.scheduler = getattr(diffusers, scheduler).from_config(original.config)
+    try:
+        seeds = [11, 22, 33]
+        captions = [str(c) for c in captioned["caption"]]
+        variants = {"guided": captions, "retold": captions[::-1], "baseline": None}
+        fused = denoise(pipe, captioned["image"], captioned["mask"], variants, seeds, 3, 7.5)
+        tolerance = 2e-5 if dtype == "fp32" else 0.02  # bf16 keeps 8 bits of mantissa: a few 1/255 steps
+        for column, prompts in variants.items():
+            expected = reference(pipe, captioned, prompts or [""] * 3, seeds, 3, 1.0 if prompts is None else 7.5)
+            assert fused[column].shape == expected.shape
+            assert np.abs(fused[column] - expected).max() < tolerance, column
+        assert np.abs(fused["guided"] - fused["baseline"]).max() > 0.1  # the captions do something
+    finally:
+        pipe.scheduler = original
 
 
 def test_a_variant_prompted_by_another_caption_column_matches_the_same_caption(inpainter, captioned, inpainted):
@@ -64,22 +109,19 @@ def test_a_variant_prompted_by_another_caption_column_matches_the_same_caption(i
     assert np.array_equal(out["inpainted_finetuned"], inpainted["inpainted"])
 
 
-class NanOnRow:
-    """The tiny pipeline with one row's output NaN, as an fp16 overflow in the UNet or VAE gives."""
+def test_a_nan_inpainting_becomes_an_error_row_not_a_black_image(inpainter, captioned, monkeypatch):
+    """The VAE's output NaN on one row of the guided variant, as an fp16 overflow in the UNet
+    or the VAE gives."""
+    decode = inpainter.pipe.vae.decode
 
-    def __init__(self, pipe, row: int):
-        self.pipe, self.row = pipe, row
-
-    def __call__(self, **kwargs):
-        out = self.pipe(**kwargs)
-        out.images[self.row] = np.nan
+    def overflowing(latents, **kwargs):
+        out = decode(latents, **kwargs)
+        out[0][1] = float("nan")  # rows are variant-major: row 1 is the second sample's guided image
         return out
 
-
-def test_a_nan_inpainting_becomes_an_error_row_not_a_black_image(inpainter, captioned):
-    broken = Inpainter(NanOnRow(inpainter.pipe, 1), inpainter.steps, inpainter.guidance_scale, inpainter.seed)
+    monkeypatch.setattr(inpainter.pipe.vae, "decode", overflowing)
     sunk = []
-    out = Guarded("inpainter", broken, sunk.append)(captioned)
+    out = Guarded("inpainter", inpainter, sunk.append)(captioned)
     assert out["id"].tolist() == [captioned["id"][0], captioned["id"][2]]  # the others go on
     assert len(sunk) == 1 and sunk[0]["id"].tolist() == [captioned["id"][1]]
     assert sunk[0]["error"][0] == "inpainting failed: the inpainted image has NaN or infinite values"
