@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import secrets
 from concurrent.futures import ThreadPoolExecutor
 
 import jinja2
 import numpy as np
 from PIL import Image
+from pyarrow.fs import FileSelector, FileType
 
 from blipinpaint.evaluation import DELTA_LABELS, DELTAS, PAIRED, VARIANTS, fmt
 from blipinpaint.io import decode_png, encode_png
@@ -66,7 +68,7 @@ def card(row: dict, index: int, bucket: str) -> tuple[dict, dict[str, bytes]]:
         images.append({"title": title, "thumb": thumbnail(masked if column is None else decode_png(png)),
                        "href": f"{FILES}/{name}", "caption": captions.get(key, "")})
     value = {(key, m): _finite(row[m + v.suffix]) for key, v in VARIANTS.items() for m in PAIRED}
-    sort = {"mask_area": float(row["mask_area"])}
+    sort = {"mask_area": _finite(row["mask_area"])}
     for delta, (a, b) in DELTAS.items():
         for m in PAIRED:
             x, y = value[(a, m)], value[(b, m)]
@@ -77,11 +79,14 @@ def card(row: dict, index: int, bucket: str) -> tuple[dict, dict[str, bytes]]:
     return {"id": str(row["id"]), "source": str(row["source"]), "bucket": bucket,
             "mask_area": f"{100 * float(row['mask_area']):.1f} %", "changed": bool(changed),
             "search": f"{row['caption']}\n{row['caption_finetuned']}".lower(), "sort": sort,
+            # For the page's script (JSON.parse): a NaN or an infinity would stop it, so none gets in.
+            "sort_json": json.dumps(sort, allow_nan=False),
             "images": images, "metrics": metrics}, files
 
 
 def write_files(out_dir: str, files: dict[str, bytes]) -> None:
-    """The full-size images into `out_dir/report_files/`, in parallel (a bucket's PUTs)."""
+    """The full-size images into `out_dir/report_files/`, in parallel (a bucket's PUTs); an
+    earlier page's image of the same name is replaced."""
     fs, root = filesystem(f"{out_dir.rstrip('/')}/{FILES}")
     fs.create_dir(root, recursive=True)
 
@@ -93,10 +98,14 @@ def write_files(out_dir: str, files: dict[str, bytes]) -> None:
         list(pool.map(put, files.items()))
 
 
-def clear_files(out_dir: str) -> None:
-    """An earlier report's images: a rerun may pick other samples."""
+def prune_files(out_dir: str, keep: set[str]) -> None:
+    """Deletes the images of `report_files/` that the page does not link (an earlier page's:
+    a rerun may show other or fewer samples); after the new page is written, so that the
+    old page stays whole until then."""
     fs, root = filesystem(f"{out_dir.rstrip('/')}/{FILES}")
-    fs.delete_dir_contents(root, missing_dir_ok=True)
+    for info in fs.get_file_info(FileSelector(root, allow_not_found=True)):
+        if info.type == FileType.File and info.base_name not in keep:
+            fs.delete_file(info.path)
 
 
 def render(context: dict) -> str:

@@ -408,30 +408,30 @@ changed samples.
     return tables
 
 
-def read_errors(out_dirs: dict[str, str], limit: int = ERRORS_LISTED) -> tuple[list[dict], int]:
-    """The committed error rows of each job's folder ({job: folder}): the first `limit` by
-    (job, id), and how many there are."""
+def read_errors(out_dir: str, ids: set[str] | None = None, limit: int = ERRORS_LISTED) -> tuple[list[dict], int]:
+    """The committed error rows under `out_dir` (of `ids` only, if given): the first `limit`
+    in commit order, and how many there are (counted from the markers: only the parts
+    listed are read)."""
     rows, total = [], 0
-    for job, out_dir in out_dirs.items():
-        for marker in CommitLog(out_dir).markers():
-            if marker["errors"]:
-                total += len(marker["errors"])
-                fs, path = filesystem(f"{out_dir}/errors/{marker['name']}.parquet")
-                rows += [{"job": job, "id": r["id"], "source": r["source"], "reason": r["error"]}
-                         for r in pq.read_table(path, filesystem=fs).to_pylist()]
-    rows.sort(key=lambda r: (list(out_dirs).index(r["job"]), r["id"]))
+    for marker in CommitLog(out_dir).markers():
+        failed = [i for i in marker["errors"] if ids is None or i in ids]
+        total += len(failed)
+        if failed and len(rows) < limit:
+            fs, path = filesystem(f"{out_dir}/errors/{marker['name']}.parquet")
+            table = pq.read_table(path, filesystem=fs, filters=[("id", "in", failed)])
+            rows += [{"id": r["id"], "source": r["source"], "reason": r["error"]} for r in table.to_pylist()]
     return rows[:limit], total
 
 
-def write_page(cfg: Config, report: dict, tables: dict[str, Table], ids: list[str], out_dir: str) -> str:
+def write_page(cfg: Config, report: dict, tables: dict[str, Table], out_dir: str, ids: list[str],
+               selected: list[str]) -> str:
     """`report.html` (`blipinpaint.report_page`): the tables, the plots, a gallery of up to
-    `evaluate.gallery_limit` of the samples `ids` (chosen by a hash, as `evaluate.limit`),
-    the errors of generate and evaluate. Reads a part at a time, so that only that part's
-    chosen rows are in memory."""
+    `evaluate.gallery_limit` of the evaluated samples `ids` (chosen by a hash, as
+    `evaluate.limit`), the errors of generate and those of evaluate among the `selected`
+    held-out ids. Reads a part at a time, so that only that part's chosen rows are in memory."""
     edges = list(cfg.evaluate.mask_buckets)
     chosen = sorted(ids, key=lambda i: sample_seed(cfg.seed, i, "gallery"))[: cfg.evaluate.gallery_limit]
-    report_page.clear_files(out_dir)
-    cards = []
+    cards, written = [], set()
     for part in row_reads(out_dir, chosen):
         rows = read_rows({"path": [part["path"]], "ids": [part["ids"]]}, ["id", *GALLERY_COLUMNS])
         files = {}
@@ -440,7 +440,10 @@ def write_page(cfg: Config, report: dict, tables: dict[str, Table], ids: list[st
             cards.append(card)
             files.update(images)
         report_page.write_files(out_dir, files)
-    errors, error_count = read_errors({"generate": f"{cfg.run_dir.rstrip('/')}/generate", "evaluate": out_dir})
+        written.update(files)
+    generate_errors, generate_count = read_errors(f"{cfg.run_dir.rstrip('/')}/generate")
+    evaluate_errors, _ = read_errors(out_dir, set(selected))
+    errors = [{"job": "evaluate", **e} for e in evaluate_errors] + [{"job": "generate", **e} for e in generate_errors]
     s, iv = report["evaluation_set"], report["intervals"]
     settings = [("dataset", report["dataset"]), ("run_dir", cfg.run_dir), ("models preset", cfg.models.preset),
                 *((f"model: {k}", v) for k, v in report["models"].items()), ("FID protocol", report["fid_protocol"]),
@@ -449,17 +452,21 @@ def write_page(cfg: Config, report: dict, tables: dict[str, Table], ids: list[st
                 ("bootstrap", f"{iv['replicates']} draws ({iv['fid_replicates']} for FID), "
                               f"{round(100 * iv['confidence'])} % intervals, seed {iv['seed']}"),
                 ("seed", str(cfg.seed)), ("evaluate's wall time", f"{report['wall_s']} s")]
-    return report_page.write_page(out_dir, {
+    page = report_page.write_page(out_dir, {
         "dataset": report["dataset"], "run_dir": cfg.run_dir,
-        "counts": {"samples": s["samples"], "errors": error_count, "changed": report["changed"]["captions"]},
-        "tables": tables, "intervals_text": intervals_text(iv), "scorer_text": scorer_text(report["changed"]),
+        "counts": {"samples": s["samples"], "errors": s["errors"], "generate_errors": generate_count,
+                   "changed": report["changed"]["captions"]},
+        "tables": tables, "intervals_text": intervals_text(iv).replace("`", ""),
+        "scorer_text": scorer_text(report["changed"]),
         "plots": [{"file": f, "title": t} for f, t in PLOTS.items() if kind(f"{out_dir}/{f}") == "File"
                   and (f != "scorer_changed.png" or report["changed"]["scorer"].get("samples"))],
         "gallery": {"cards": sorted(cards, key=lambda c: c["id"]), "shown": len(cards), "total": len(ids),
                     "limit": cfg.evaluate.gallery_limit, "sort_keys": report_page.SORT_KEYS,
                     "buckets": [b for b in bucket_names(edges) if b in report["mask_buckets"]]},
-        "errors": {"rows": errors, "total": error_count},
+        "errors": {"rows": errors[:ERRORS_LISTED], "total": s["errors"] + generate_count},
         "settings": settings, "config_yaml": to_yaml(cfg)})
+    report_page.prune_files(out_dir, written)
+    return page
 
 
 def run(cfg: Config) -> dict:
@@ -525,9 +532,10 @@ def run(cfg: Config) -> dict:
         **summary,
         "wall_s": round(time.perf_counter() - started, 2),
     }
-    write_text(f"{out_dir}/report.json", json.dumps(report, indent=2))
     tables = write_report(cfg, summary, sample_ids, out_dir)
-    write_page(cfg, report, tables, sample_ids, out_dir)
+    write_page(cfg, report, tables, out_dir, sample_ids, ids)
+    # Last: the pipeline skips an evaluation whose report.json exists, so it means "all written".
+    write_text(f"{out_dir}/report.json", json.dumps(report, indent=2))
     return report
 
 
