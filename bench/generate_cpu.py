@@ -1,17 +1,21 @@
-"""CPU throughput of the generate job against the plain loop a simple script would be.
+"""CPU throughput of the generate job against the authors' flow, and of the fused inpainter.
 
     .venv/bin/python bench/generate_cpu.py [--images 64 256] [--out bench/results/generate_cpu.json]
 
 Both sides do the same work per image on the same inputs and config (the tiny preset):
 read + decode + mask, a BLIP caption, two inpaintings (guided and baseline), SSIM/PSNR/CLIP,
-PNG encoding of the row. The loop does it one image at a time in this process (batch 1,
-models built once beforehand, not timed). The job is `rayjobs.generate.run` on a local Ray
-that is started first and timed on its own, so its images/s exclude Ray start-up but include
-what a run of the job really pays: starting its actors and loading their models.
+PNG encoding of the row. The loop is the authors' flow: one image at a time in this
+process, the diffusers pipeline called once per variant (models built once beforehand, not
+timed). The job is `rayjobs.generate.run` on a local Ray that is started first and timed on
+its own, so its images/s exclude Ray start-up but include what a run of the job really
+pays: starting its actors and loading their models.
 
 Per image count this prints images/s of both and their ratio; with two counts it also
 prints the marginal (steady-state) rate, (n2 - n1) / (t2 - t1), which cancels every fixed
-cost (actor start, model load, the first batch) on both sides.
+cost (actor start, model load, the first batch) on both sides. Then the inpainting stage
+alone, in this process, on the largest count's captioned images in batches of
+`generate.inpainter.batch_size`: busy seconds per image of the pipeline called once per
+variant (the stage before the fused loop) against the fused loop (`inpainting.denoise`).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
+import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import ray  # noqa: E402
@@ -37,7 +42,9 @@ from PIL import Image  # noqa: E402
 
 from blipinpaint import stages  # noqa: E402
 from blipinpaint.config import load_config, sample_images_dir  # noqa: E402
+from blipinpaint.inpainting import composite  # noqa: E402
 from blipinpaint.records import encode_rows  # noqa: E402
+from blipinpaint.seeds import sample_seed  # noqa: E402
 from blipinpaint.sources import items_to_batch, list_folder, read_files  # noqa: E402
 from rayjobs import generate  # noqa: E402
 from rayjobs.common import connect  # noqa: E402
@@ -58,10 +65,34 @@ def make_inputs(folder: Path, n: int) -> None:
         crop.save(folder / f"img{i:05d}.jpg", quality=90)
 
 
+class PipelinePerVariant:
+    """The inpainting stage as it was before the fused loop (and as the authors' script
+    does it): the diffusers pipeline called once per variant, the same seeds and outputs."""
+
+    def __init__(self, inpainter):
+        self.inpainter = inpainter
+
+    def __call__(self, batch: dict) -> dict:
+        pipe, seeds = self.inpainter.pipe, [sample_seed(self.inpainter.seed, str(i), "noise") for i in batch["id"]]
+        height, width = batch["image"].shape[1:3]
+        out = {**batch, "noise_seed": np.array(seeds, dtype=np.int64)}
+        for column, caption in self.inpainter.prompts.items():
+            images = pipe(prompt=[""] * len(seeds) if caption is None else [str(c) for c in batch[caption]],
+                          image=batch["image"].astype(np.float32) / 255.0,
+                          mask_image=batch["mask"][..., None].astype(np.float32), height=height, width=width,
+                          num_inference_steps=self.inpainter.steps,
+                          guidance_scale=1.0 if caption is None else self.inpainter.guidance_scale,
+                          generator=[torch.Generator("cpu").manual_seed(s) for s in seeds], output_type="np").images
+            pixels = np.clip(np.rint(images * 255.0), 0, 255).astype(np.uint8)
+            out[column] = composite(pixels, batch["image"], batch["mask"])
+        return out
+
+
 def plain_loop(cfg, folder: Path, out: Path) -> float:
-    """Seconds for the loop over every image of `folder`, one at a time (models built first)."""
+    """Seconds for the authors' flow over every image of `folder`, one at a time (models built first)."""
     decode, mask = stages.build_decoder(cfg), stages.build_masker(cfg)
-    caption, inpaint, metrics = stages.build_captioner(cfg), stages.build_inpainter(cfg), stages.build_metrics(cfg)
+    caption, metrics = stages.build_captioner(cfg), stages.build_metrics(cfg)
+    inpaint = PipelinePerVariant(stages.build_inpainter(cfg))
     models = stages.model_ids(cfg)
     items = list_folder(str(folder))
     tables = []
@@ -72,6 +103,27 @@ def plain_loop(cfg, folder: Path, out: Path) -> float:
             tables.append(encode_rows(batch, models))
         pq.write_table(pa.concat_tables(tables), out)
         return time.perf_counter() - start
+
+
+def inpainting_stage(cfg, folder: Path) -> dict:
+    """Busy seconds per image of the inpainting stage alone, per variant call and fused, on
+    the same captioned batches of `generate.inpainter.batch_size` (models built first)."""
+    decode, mask, caption = stages.build_decoder(cfg), stages.build_masker(cfg), stages.build_captioner(cfg)
+    fused = stages.build_inpainter(cfg)
+    size = cfg.generate.inpainter.batch_size
+    items = list_folder(str(folder))
+    with torch.inference_mode():
+        batches = [caption(mask(decode(read_files(items_to_batch(items[i:i + size])))))
+                   for i in range(0, len(items), size)]
+        seconds = {}
+        for name, stage in (("pipeline per variant", PipelinePerVariant(fused)), ("fused", fused)):
+            start = time.perf_counter()
+            for batch in batches:
+                stage(batch)
+            seconds[name] = (time.perf_counter() - start) / len(items)
+    return {"batch_size": size, "images": len(items),
+            "seconds_per_image": {k: round(v, 4) for k, v in seconds.items()},
+            "fused_saves": round(1 - seconds["fused"] / seconds["pipeline per variant"], 3)}
 
 
 def ray_job(cfg) -> float:
@@ -118,6 +170,10 @@ def main() -> None:
                                        "ratio": round(job_rate / loop_rate, 2)}
             print(f"steady state ({a['images']}->{b['images']}): loop {loop_rate:.2f} img/s, job {job_rate:.2f} "
                   f"img/s, job/loop {job_rate / loop_rate:.2f}x")
+        n = max(args.images)
+        cfg = load_config(overrides=[f"run_dir={work}/stage", f"data.source={work / f'in{n}'}", *args.overrides])
+        results["inpainting_stage"] = inpainting_stage(cfg, work / f"in{n}")
+        print(f"inpainting stage alone: {results['inpainting_stage']}")
     finally:
         ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)

@@ -9,6 +9,10 @@ random weights built offline: no download), 512x512, 50 steps, classifier-free g
 7.5, fp16. All in one run, on the same masked images:
 - peak: the fp16 matmul TFLOP/s this GPU reaches (8192^3 GEMMs), the ceiling for the UNet;
 - bare loop: `pipe(...)` over the images, batch by batch, for each batch size;
+- both variants (what generate makes of each image: caption-guided and baseline), per batch
+  size: the pipeline called once per variant (the stage before the fused loop, and the
+  authors' flow) against the fused loop (`inpainting.denoise`: one UNet call of 3 rows per
+  image per step);
 - Ray: the project's `Inpainter` stage in a 1-GPU Ray Data actor pool at the best batch
   size of the bare loop, rows streamed from the driver: the overhead of Ray against the loop;
 - UNet FLOPs per image (counted by torch's FLOP counter on one step), hence TFLOP/s achieved;
@@ -36,6 +40,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from blipinpaint import stages  # noqa: E402
 from blipinpaint.config import load_config, sample_images_dir  # noqa: E402
+from blipinpaint.inpainting import denoise  # noqa: E402
 from blipinpaint.sources import items_to_batch, list_folder, read_files  # noqa: E402
 
 
@@ -99,6 +104,28 @@ def bare_loop(pipe, batch, b: int, steps: int, guidance: float, device) -> float
         pipe(prompt=list(batch["caption"][s]), image=batch["image"][s].astype(np.float32) / 255.0,
              mask_image=batch["mask"][s][..., None].astype(np.float32), height=batch["image"].shape[1],
              width=batch["image"].shape[2], num_inference_steps=steps, guidance_scale=guidance, output_type="np")
+        sync(device)
+
+    return rate(n, b, run)[0]
+
+
+def both_variants(pipe, batch, b: int, steps: int, guidance: float, device, fused: bool) -> float:
+    """Images/s with both of generate's variants made of each (guided and baseline, the same
+    noise): `pipe(...)` once per variant, or the fused loop (`inpainting.denoise`)."""
+    n = len(batch["id"]) // b
+
+    def run(i):
+        s = slice(i * b, (i + 1) * b)
+        seeds = list(range(i * b, (i + 1) * b))
+        if fused:
+            denoise(pipe, batch["image"][s], batch["mask"][s], {"guided": list(batch["caption"][s]), "baseline": None},
+                    seeds, steps, guidance)
+        else:
+            for prompts, scale in ((list(batch["caption"][s]), guidance), ([""] * b, 1.0)):
+                pipe(prompt=prompts, image=batch["image"][s].astype(np.float32) / 255.0,
+                     mask_image=batch["mask"][s][..., None].astype(np.float32), height=batch["image"].shape[1],
+                     width=batch["image"].shape[2], num_inference_steps=steps, guidance_scale=scale,
+                     generator=[torch.Generator("cpu").manual_seed(x) for x in seeds], output_type="np")
         sync(device)
 
     return rate(n, b, run)[0]
@@ -181,6 +208,14 @@ def main() -> None:
                                  "of_peak": round(r * tflop / result["peak_tflops"], 3)}
             print(f"bare loop, batch {b:>2}: {r:.3f} img/s, UNet {r * tflop:.3g} TFLOP/s "
                   f"({100 * r * tflop / result['peak_tflops']:.0f}% of peak)")
+            per_variant = both_variants(pipe, batch, b, args.steps, guidance, device, fused=False)
+            fused = both_variants(pipe, batch, b, args.steps, guidance, device, fused=True)
+            result["both_variants"] = {**result.get("both_variants", {}), b: {
+                "pipeline_per_variant_images_per_s": round(per_variant, 3), "fused_images_per_s": round(fused, 3),
+                "fused_speedup": round(fused / per_variant, 3),
+                "fused_unet_of_peak": round(fused * 1.5 * tflop / result["peak_tflops"], 3)}}
+            print(f"both variants, batch {b:>2}: pipeline per variant {per_variant:.3f} img/s, fused {fused:.3f} img/s "
+                  f"({fused / per_variant:.2f}x)")
     best = max(result["bare"], key=lambda k: result["bare"][k]["images_per_s"])
     del inpainter, pipe
     if device.type == "cuda":

@@ -81,14 +81,19 @@ class InpaintConfig:
     guidance_scale: float = 7.5
 
 
+AUTO = "auto"  # a pool size the job works out from the cluster
+
+
 @dataclass
 class StageConfig:
-    """Resources of one actor-pool stage: a fixed `size`, or `min_size`..`max_size` (autoscaling)."""
+    """Resources of one actor-pool stage: a fixed `size`, `min_size`..`max_size` (autoscaling),
+    or (the generate stages) `size: auto`, sized from the cluster when the job starts
+    (`rayjobs.common.size_pools`)."""
 
     batch_size: int = 4
     num_cpus: float = 0.5  # fractions let several small actors share a core
     num_gpus: float = 0.0  # fractions let BLIP and CLIP share one GPU
-    size: int | None = 1
+    size: int | str | None = 1
     min_size: int | None = None
     max_size: int | None = None
 
@@ -114,9 +119,11 @@ class FaultConfig:
 @dataclass
 class GenerateConfig:
     read: ReadConfig = field(default_factory=ReadConfig)
-    captioner: StageConfig = field(default_factory=StageConfig)
-    inpainter: StageConfig = field(default_factory=StageConfig)
-    metrics: StageConfig = field(default_factory=StageConfig)
+    # The inpainter is nearly all the work: BLIP and CLIP take a quarter of a core each, and
+    # the inpainter pool what they and the read tasks leave (`size: auto`).
+    captioner: StageConfig = field(default_factory=lambda: StageConfig(num_cpus=0.25, size=AUTO))
+    inpainter: StageConfig = field(default_factory=lambda: StageConfig(size=AUTO))
+    metrics: StageConfig = field(default_factory=lambda: StageConfig(num_cpus=0.25, size=AUTO))
     rows_per_file: int = 64  # rows gathered into one Parquet file (and one commit)
     batch_retries: int = 2  # a batch that keeps failing becomes error rows after this many retries
     retry_failed: bool = False  # try `stage failed` error rows of earlier runs again (e.g. after preemptions)
@@ -344,8 +351,11 @@ def _stage_problems(key: str, stage: StageConfig) -> list[str]:
         if stage.min_size is None or stage.max_size is None or not 0 < stage.min_size <= stage.max_size:
             problems.append(f"{key}: an autoscaling pool needs 1 <= min_size <= max_size, "
                             f"got min_size={stage.min_size}, max_size={stage.max_size}")
-    elif stage.size is None or stage.size < 1:
-        problems.append(f"{key}.size={stage.size} must be at least 1 (or set min_size and max_size)")
+    elif stage.size == AUTO:
+        if not key.startswith("generate."):
+            problems.append(f"{key}.size=auto: only the generate stages size themselves; give a number")
+    elif not isinstance(stage.size, int) or stage.size < 1:
+        problems.append(f"{key}.size={stage.size} must be at least 1, or auto (or set min_size and max_size)")
     return problems
 
 

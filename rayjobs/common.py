@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -14,7 +16,7 @@ from ray._private import ray_constants
 from ray.data import ActorPoolStrategy, DataContext
 
 from blipinpaint.batches import JobError
-from blipinpaint.config import Config, ConfigError, StageConfig, parse_args
+from blipinpaint.config import AUTO, Config, ConfigError, GenerateConfig, StageConfig, parse_args
 from blipinpaint.storage import filesystem
 from blipinpaint.writer import CommitLog
 
@@ -95,6 +97,62 @@ def connect(address: str | None = None, ray_progress: bool = False) -> None:
     # cleaner polls: without it, the cleaner warns every few seconds of every training run.
     ray.init(include_dashboard=True, dashboard_host="127.0.0.1", runtime_env={"env_vars": env} if env else None)
     log.info("started a local Ray: %s", ray.cluster_resources())
+
+
+MODEL_STAGES = ("captioner", "inpainter", "metrics")
+
+
+def auto_sizes(g: GenerateConfig, now: dict[str, float], most: dict[str, float] | None) -> GenerateConfig:
+    """`g` with each `size: auto` model stage sized from the cluster's resources: `now`, what
+    it has, and `most`, what an autoscaling cluster may grow to (None: it does not scale).
+
+    BLIP and CLIP get one actor each; the inpainter, nearly all the work, gets what they and
+    the read and commit tasks (`read.num_cpus`, one at a time at least) leave: of the GPUs
+    when it asks for a GPU, else of the CPUs. On an autoscaling cluster the inpainter pool
+    autoscales, from what fits now up to what fits at the cluster's largest. A size given
+    in the config (a number, or min_size and max_size) is kept.
+    """
+    g = copy.deepcopy(g)
+    for name in ("captioner", "metrics"):
+        stage = getattr(g, name)
+        if stage.size == AUTO and stage.min_size is None:
+            stage.size = 1
+    inpainter = g.inpainter
+    if inpainter.size != AUTO or inpainter.min_size is not None:
+        return g
+    resource, each = ("GPU", inpainter.num_gpus) if inpainter.num_gpus else ("CPU", inpainter.num_cpus)
+
+    def fits(resources: dict[str, float]) -> int:
+        taken = sum((s.max_size or s.size) * (s.num_gpus if resource == "GPU" else s.num_cpus)
+                    for s in (g.captioner, g.metrics))
+        left = resources.get(resource, 0.0) - taken - (g.read.num_cpus if resource == "CPU" else 0.0)
+        return max(1, math.floor(left / each + 1e-9)) if each > 0 else 1
+
+    smallest = fits(now)
+    largest = fits(most) if most else smallest
+    if largest > smallest:
+        inpainter.size, inpainter.min_size, inpainter.max_size = None, smallest, largest
+    else:
+        inpainter.size = smallest
+    return g
+
+
+def size_pools(cfg: Config) -> Config:
+    """`cfg` with its `size: auto` stages sized for the connected cluster (`auto_sizes`); logs
+    the sizes it chose."""
+    # What the cluster may grow to: Ray Train and Ray Data read it from here too (None on a
+    # cluster without an autoscaler).
+    most = ray._private.state.state.get_max_resources_from_cluster_config()
+    cfg = copy.deepcopy(cfg)
+    cfg.generate = auto_sizes(cfg.generate, ray.cluster_resources(), most)
+    log.info("actor pools: %s", ", ".join(
+        f"{name} {describe(getattr(cfg.generate, name))}" for name in MODEL_STAGES))
+    return cfg
+
+
+def describe(stage: StageConfig) -> str:
+    count = f"{stage.min_size}-{stage.max_size}" if stage.min_size is not None else str(stage.size)
+    return f"{count} x ({stage.num_cpus:g} CPU{f', {stage.num_gpus:g} GPU' if stage.num_gpus else ''})"
 
 
 def pool(stage: StageConfig) -> ActorPoolStrategy:

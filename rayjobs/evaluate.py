@@ -82,7 +82,16 @@ from blipinpaint.seeds import heldout, sample_seed
 from blipinpaint.storage import filesystem, kind, local_dir, read_text, write_text
 from blipinpaint.writer import CommitLog
 from rayjobs import models
-from rayjobs.common import actor_resources, connect, generated_ids, job_main, read_committed, read_rows, row_reads
+from rayjobs.common import (
+    actor_resources,
+    connect,
+    generated_ids,
+    job_main,
+    read_committed,
+    read_rows,
+    row_reads,
+    size_pools,
+)
 from rayjobs.generate import check_fingerprint, fingerprint, stage_failure
 from rayjobs.progress import CommitProgress
 from rayjobs.stream import ErrorWriter, ModelStage, attempt_ledger, commit_stage, job_errors
@@ -496,6 +505,7 @@ def run(cfg: Config) -> dict:
              len(pending))
     connect(cfg.ray_address, cfg.ray_progress)
     if pending:
+        cfg = size_pools(cfg)
         with (attempt_ledger() as ledger, job_errors(),
               CommitProgress("evaluate", out_dir, len(ids), len(ids) - len(pending), cfg.progress_s)):
             build_dataset(cfg, pending, ledger, owner).materialize()

@@ -50,7 +50,7 @@ from blipinpaint.sources import SourceError, list_inputs, read_files
 from blipinpaint.storage import filesystem, write_text
 from blipinpaint.writer import CommitLog
 from rayjobs import models
-from rayjobs.common import actor_resources, connect, job_main
+from rayjobs.common import actor_resources, connect, job_main, size_pools
 from rayjobs.progress import CommitProgress
 from rayjobs.stream import ErrorWriter, ModelStage, attempt_ledger, commit_stage, job_errors
 
@@ -200,6 +200,7 @@ def run(cfg: Config) -> dict:
     pipeline_s = 0.0
     if pending:
         connect(cfg.ray_address, cfg.ray_progress)
+        cfg = size_pools(cfg)
         t0 = time.perf_counter()
         with (attempt_ledger() as ledger, job_errors(),
               CommitProgress("generate", out_dir, len(items), len(items) - len(pending), cfg.progress_s)):

@@ -35,4 +35,6 @@ def test_bare_loop_and_ray_pool_run_and_the_pool_returns_every_image(bench_cfg, 
     assert batch["image"].shape[0] == 4 and not any(batch["error"])
     pipe = stages.build_inpainter(bench_cfg).pipe
     assert gpu_inpaint.bare_loop(pipe, batch, 2, 2, 7.5, gpu_inpaint.torch.device("cpu")) > 0
+    for fused in (False, True):
+        assert gpu_inpaint.both_variants(pipe, batch, 2, 2, 7.5, gpu_inpaint.torch.device("cpu"), fused) > 0
     assert gpu_inpaint.ray_pool(bench_cfg, batch, 2, use_gpu=False) > 0

@@ -48,6 +48,8 @@ def test_resolved_config_round_trips(tmp_path):
     (["evaluate.gallery_limit=-1"], "evaluate.gallery_limit=-1 must be 0"),
     (["evaluate.mask_buckets=[0.3,0.1]"], "mask_buckets=\\[0.3, 0.1\\] must be increasing"),
     (["evaluate.fid.size=0"], "evaluate.fid.size=0"),
+    (["evaluate.fid.size=auto"], "evaluate.fid.size=auto: only the generate stages size themselves"),
+    (["generate.inpainter.size=many"], "generate.inpainter.size=many must be at least 1, or auto"),
     (["train.num_workers=3"], "finetune.batch_size=8 is the batch per optimizer step over all train.num_workers=3: "
                               "it must be a multiple of them"),
     (["train.num_workers=3", "finetune.batch_size=9"], "scorer.batch_size=64 is the batch per optimizer step"),

@@ -2,9 +2,10 @@ import os
 from pathlib import Path
 
 import psutil
+import pytest
 
-from blipinpaint.config import StageConfig
-from rayjobs.common import actor_resources, pool
+from blipinpaint.config import GenerateConfig, StageConfig, load_config
+from rayjobs.common import actor_resources, auto_sizes, pool
 
 
 def test_fixed_and_autoscaling_pools():
@@ -12,6 +13,34 @@ def test_fixed_and_autoscaling_pools():
     assert (fixed.min_size, fixed.max_size) == (3, 3)
     scaling = pool(StageConfig(min_size=1, max_size=8))
     assert (scaling.min_size, scaling.max_size) == (1, 8)
+
+
+def sizes(g: GenerateConfig) -> dict:
+    return {name: (s.size, s.min_size, s.max_size) for name in ("captioner", "inpainter", "metrics")
+            for s in [getattr(g, name)]}
+
+
+@pytest.mark.parametrize("cpus, inpainters", [(1, 1), (2, 2), (4, 6), (16, 30)])
+def test_default_pools_fill_a_cpu_machine_with_inpainters(cpus, inpainters):
+    """BLIP and CLIP a quarter core each, the read tasks half a core: the inpainters, half a
+    core each, take the rest (at least one)."""
+    g = auto_sizes(load_config().generate, {"CPU": cpus}, None)
+    assert sizes(g) == {"captioner": (1, None, None), "inpainter": (inpainters, None, None),
+                        "metrics": (1, None, None)}
+    assert load_config().generate.inpainter.size == "auto"  # the config it came from is left as it was
+
+
+def test_default_pools_on_gpus_and_on_an_autoscaling_cluster():
+    """An inpainter per GPU that BLIP and CLIP (half a GPU each) leave; an autoscaling pool up
+    to what the cluster's largest size holds. Sizes given in the config are kept."""
+    gpu = ["generate.inpainter.num_gpus=1", "generate.captioner.num_gpus=0.5", "generate.metrics.num_gpus=0.5"]
+    g = load_config(overrides=gpu).generate
+    assert sizes(auto_sizes(g, {"CPU": 32, "GPU": 4}, None))["inpainter"] == (3, None, None)
+    assert sizes(auto_sizes(g, {"CPU": 32, "GPU": 4}, {"CPU": 256, "GPU": 16}))["inpainter"] == (None, 3, 15)
+    explicit = load_config(overrides=[*gpu, "generate.inpainter.size=2", "generate.captioner.min_size=1",
+                                      "generate.captioner.max_size=2"]).generate
+    out = sizes(auto_sizes(explicit, {"CPU": 32, "GPU": 4}, {"CPU": 256, "GPU": 16}))
+    assert out["inpainter"] == (2, None, None) and out["captioner"] == ("auto", 1, 2)
 
 
 def test_gpu_fractions_are_declared_not_probed():
