@@ -102,9 +102,12 @@ def connect(address: str | None = None, ray_progress: bool = False) -> None:
 MODEL_STAGES = ("captioner", "inpainter", "metrics")
 
 
-def auto_sizes(g: GenerateConfig, now: dict[str, float], most: dict[str, float] | None) -> GenerateConfig:
+def auto_sizes(g: GenerateConfig, now: dict[str, float], most: dict[str, float] | None,
+               rows: int | None = None) -> GenerateConfig:
     """`g` with each `size: auto` model stage sized from the cluster's resources: `now`, what
     it has, and `most`, what an autoscaling cluster may grow to (None: it does not scale).
+    With `rows` to do, no more inpainters than the batches they arrive in (the read tasks'
+    or the inpainter's, whichever is larger): an actor with nothing to do only costs a start.
 
     BLIP and CLIP get one actor each; the inpainter, nearly all the work, gets what they and
     the read and commit tasks (`read.num_cpus`, one at a time at least) leave: of the GPUs
@@ -130,6 +133,9 @@ def auto_sizes(g: GenerateConfig, now: dict[str, float], most: dict[str, float] 
 
     smallest = fits(now)
     largest = fits(most) if most else smallest
+    if rows is not None:
+        batches = max(1, math.ceil(rows / max(g.read.batch_size, inpainter.batch_size)))
+        smallest, largest = min(smallest, batches), min(largest, batches)
     if largest > smallest:
         inpainter.size, inpainter.min_size, inpainter.max_size = None, smallest, largest
     else:
@@ -137,14 +143,14 @@ def auto_sizes(g: GenerateConfig, now: dict[str, float], most: dict[str, float] 
     return g
 
 
-def size_pools(cfg: Config) -> Config:
-    """`cfg` with its `size: auto` stages sized for the connected cluster (`auto_sizes`); logs
-    the sizes it chose."""
+def size_pools(cfg: Config, rows: int) -> Config:
+    """`cfg` with its `size: auto` stages sized for the connected cluster and the `rows` to
+    do (`auto_sizes`); logs the sizes it chose."""
     # What the cluster may grow to: Ray Train and Ray Data read it from here too (None on a
     # cluster without an autoscaler).
     most = ray._private.state.state.get_max_resources_from_cluster_config()
     cfg = copy.deepcopy(cfg)
-    cfg.generate = auto_sizes(cfg.generate, ray.cluster_resources(), most)
+    cfg.generate = auto_sizes(cfg.generate, ray.cluster_resources(), most, rows)
     log.info("actor pools: %s", ", ".join(
         f"{name} {describe(getattr(cfg.generate, name))}" for name in MODEL_STAGES))
     return cfg

@@ -505,7 +505,7 @@ def run(cfg: Config) -> dict:
              len(pending))
     connect(cfg.ray_address, cfg.ray_progress)
     if pending:
-        cfg = size_pools(cfg)
+        cfg = size_pools(cfg, len(pending))
         with (attempt_ledger() as ledger, job_errors(),
               CommitProgress("evaluate", out_dir, len(ids), len(ids) - len(pending), cfg.progress_s)):
             build_dataset(cfg, pending, ledger, owner).materialize()

@@ -200,7 +200,7 @@ def run(cfg: Config) -> dict:
     pipeline_s = 0.0
     if pending:
         connect(cfg.ray_address, cfg.ray_progress)
-        cfg = size_pools(cfg)
+        cfg = size_pools(cfg, len(pending))
         t0 = time.perf_counter()
         with (attempt_ledger() as ledger, job_errors(),
               CommitProgress("generate", out_dir, len(items), len(items) - len(pending), cfg.progress_s)):

@@ -106,7 +106,10 @@ def test_a_variant_prompted_by_another_caption_column_matches_the_same_caption(i
     batch = dict(captioned, caption_finetuned=captioned["caption"])
     out = finetuned(batch)
     assert set(out) - set(batch) == {"inpainted_finetuned", "noise_seed"} and not any(out["error"])
-    assert np.array_equal(out["inpainted_finetuned"], inpainted["inpainted"])
+    # The same pixels but where float sums round differently: its UNet batch has 2 rows per
+    # image, the generate stage's 3.
+    diff = np.abs(out["inpainted_finetuned"].astype(int) - inpainted["inpainted"].astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01
 
 
 def test_a_nan_inpainting_becomes_an_error_row_not_a_black_image(inpainter, captioned, monkeypatch):

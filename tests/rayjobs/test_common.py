@@ -28,6 +28,10 @@ def test_default_pools_fill_a_cpu_machine_with_inpainters(cpus, inpainters):
     assert sizes(g) == {"captioner": (1, None, None), "inpainter": (inpainters, None, None),
                         "metrics": (1, None, None)}
     assert load_config().generate.inpainter.size == "auto"  # the config it came from is left as it was
+    # A few rows arrive in one read batch (8 rows): one inpainter, not an idle second one.
+    assert sizes(auto_sizes(load_config().generate, {"CPU": cpus}, None, rows=6))["inpainter"] == (1, None, None)
+    assert sizes(auto_sizes(load_config().generate, {"CPU": cpus}, None, rows=10_000))["inpainter"] == (
+        inpainters, None, None)
 
 
 def test_default_pools_on_gpus_and_on_an_autoscaling_cluster():
