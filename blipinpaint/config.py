@@ -79,6 +79,10 @@ class CaptionConfig:
 class InpaintConfig:
     num_inference_steps: int | None = None  # None: the preset's (50 for paper)
     guidance_scale: float = 7.5
+    # A sample whose mask hides more than this share of the image is inpainted without text
+    # in every variant (the paper's failure case: a caption of what little is left misleads
+    # the inpainter). None: always with the caption.
+    caption_max_mask_area: float | None = None
 
 
 AUTO = "auto"  # a pool size the job works out from the cluster
@@ -279,6 +283,10 @@ def validate(cfg: Config) -> None:
         problems.append(f"inpaint.num_inference_steps={cfg.inpaint.num_inference_steps} must be at least 1")
     if cfg.inpaint.guidance_scale < 1:
         problems.append(f"inpaint.guidance_scale={cfg.inpaint.guidance_scale} must be at least 1 (1 = no guidance)")
+    area = cfg.inpaint.caption_max_mask_area
+    if area is not None and not 0 < area < 1:
+        problems.append(f"inpaint.caption_max_mask_area={area} must be a share of the image between 0 and 1 "
+                        "(or null: always caption)")
     if cfg.caption.max_new_tokens < 1 or cfg.caption.num_beams < 1:
         problems.append("caption.max_new_tokens and caption.num_beams must be at least 1")
     source = cfg.data.source

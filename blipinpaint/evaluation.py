@@ -175,6 +175,32 @@ def summarize(columns: dict[str, np.ndarray], fid: dict[str, dict], edges: list[
     }
 
 
+def caption_effect(summary: dict, edges: list[float], metrics: tuple[str, ...] = ("ssim", "psnr")) -> dict:
+    """Where the caption helps, per mask-area bucket: for each of `metrics` (those that measure
+    the inpainting against the ground truth), "helps" where the BLIP − baseline interval lies
+    above 0, "hurts" where it lies below, "unclear" where it holds 0 (or was not taken). And
+    the bucket from which the caption helps no more (on none of `metrics`, in that bucket and
+    every larger one), and its lower edge: the `inpaint.caption_max_mask_area` this run
+    suggests. None: it helps up to the largest bucket (or in none)."""
+    def verdict(iv: dict | None) -> str:
+        if iv is None or iv.get("low") is None:
+            return "unclear"
+        return "helps" if iv["low"] > 0 else "hurts" if iv["high"] < 0 else "unclear"
+
+    buckets = summary["intervals"]["mask_buckets"]
+    verdicts = {b: {m: verdict(g["blip_vs_baseline"].get(m)) for m in metrics} for b, g in buckets.items()}
+    stops = None
+    for b in reversed(list(verdicts)):  # the largest buckets first
+        if "helps" in verdicts[b].values():
+            break
+        stops = b
+    if stops == next(iter(verdicts), None) and not any("helps" in v.values() for v in verdicts.values()):
+        stops = None  # nowhere: no edge to name
+    edge = edges[bucket_names(edges).index(stops) - 1] if stops else None
+    return {"metrics": list(metrics), "buckets": verdicts, "stops_helping_from": stops,
+            "caption_max_mask_area": edge}
+
+
 def fmt(value, digits: int = 2) -> str:
     """Fixed decimals, or significant digits for small values (a tiny model's FID is ~1e-4)."""
     if value is None:

@@ -23,7 +23,8 @@ class Inpainter:
 
     `prompts` maps each output column to the caption column that prompts it, or to None
     for the baseline. Every variant of a sample starts from the same noise (its own seed),
-    so their difference is the caption's effect alone.
+    so their difference is the caption's effect alone. With `caption_max_mask_area`, a sample
+    whose mask hides more than that share of the image gets an empty prompt in every variant.
 
     All variants run in one denoising loop (`denoise`) with the pipeline's components, where
     calling the diffusers pipeline once per variant would VAE-encode the same masked image,
@@ -34,19 +35,24 @@ class Inpainter:
     """
 
     def __init__(self, pipe, num_inference_steps: int, guidance_scale: float, seed: int,
-                 prompts: dict[str, str | None] | None = None):
+                 prompts: dict[str, str | None] | None = None, caption_max_mask_area: float | None = None):
         self.pipe = pipe
         self.steps = num_inference_steps
         self.guidance_scale = guidance_scale
         self.seed = seed
         self.prompts = prompts or GENERATE_PROMPTS
+        self.caption_max_mask_area = caption_max_mask_area
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images, masks = batch["image"], batch["mask"]
         seeds = [sample_seed(self.seed, str(i), "noise") for i in batch["id"]]
         out = {**batch, "noise_seed": np.array(seeds, dtype=np.int64)}
         errors = np.array(batch.get("error", [""] * len(seeds)), dtype=object)
-        texts = {column: None if caption is None else [str(c) for c in batch[caption]]
+        # `inpaint.caption_max_mask_area`: above it, the caption is left out (an empty prompt).
+        uncaptioned = (np.zeros(len(seeds), dtype=bool) if self.caption_max_mask_area is None
+                       else np.asarray(batch["mask_area"], dtype=np.float64) > self.caption_max_mask_area)
+        texts = {column: None if caption is None else ["" if skip else str(c)
+                                                       for c, skip in zip(batch[caption], uncaptioned)]
                  for column, caption in self.prompts.items()}
         generated = denoise(self.pipe, images, masks, texts, seeds, self.steps, self.guidance_scale)
         for column, images_out in generated.items():

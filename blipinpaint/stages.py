@@ -99,7 +99,8 @@ def build_captioner(cfg: Config, ref: ModelRef | None = None, output: str = "cap
 def build_inpainter(cfg: Config, prompts: dict[str, str | None] | None = None) -> Inpainter:
     device, dtype = _device_dtype(cfg)
     pipe = load_inpaint_pipeline(resolve_preset(cfg).inpainter, device, dtype)
-    return Inpainter(pipe, inference_steps(cfg), cfg.inpaint.guidance_scale, cfg.seed, prompts)
+    return Inpainter(pipe, inference_steps(cfg), cfg.inpaint.guidance_scale, cfg.seed, prompts,
+                     cfg.inpaint.caption_max_mask_area)
 
 
 def build_metrics(cfg: Config, variants: dict[str, tuple[str, str]] | None = None) -> InpaintMetrics:

@@ -61,6 +61,7 @@ from blipinpaint.evaluation import (
     bucket_names,
     bucket_of,
     bucket_table,
+    caption_effect,
     correlation,
     fid_scopes,
     fmt,
@@ -308,6 +309,27 @@ def scorer_text(changed: dict) -> str:
             f"means {means}.")
 
 
+def caption_effect_text(summary: dict) -> str:
+    """`evaluation.caption_effect` in words, with its table: how to set `inpaint.caption_max_mask_area`."""
+    effect, iv = summary["caption_effect"], summary["intervals"]["mask_buckets"]
+    rows = [[b, str(summary["mask_buckets"][b]["blip"]["samples"]),
+             *(f"{verdicts[m]}: {fmt_interval(iv[b]['blip_vs_baseline'].get(m), 3, sign=True)}"
+               for m in effect["metrics"])] for b, verdicts in effect["buckets"].items()]
+    table = Table(["mask area", "n", *(f"BLIP − baseline, {m}" for m in effect["metrics"])], rows)
+    helping = [b for b, v in effect["buckets"].items() if "helps" in v.values()]
+    if effect["stops_helping_from"] is not None:
+        advice = (f"The caption helps no more from mask area {effect['stops_helping_from']} on: "
+                  f"`inpaint.caption_max_mask_area={effect['caption_max_mask_area']}` inpaints those samples "
+                  "without text.")
+    elif helping:
+        advice = "The caption helps up to the largest masks here: leave `inpaint.caption_max_mask_area` unset."
+    else:
+        advice = ("No bucket shows the caption helping (every interval holds 0, or none could be taken): "
+                  "more samples are needed to choose `inpaint.caption_max_mask_area`.")
+    return (f"The paired BLIP − baseline difference on {', '.join(effect['metrics'])} per bucket (\"helps\": its "
+            f"interval lies above 0). {advice} The plot is `deltas.png`.\n\n{table}")
+
+
 def intervals_text(iv: dict) -> str:
     """How the intervals were taken, in words."""
     return f"""Intervals: {round(100 * iv['confidence'])} % percentile bootstrap over samples
@@ -408,6 +430,10 @@ changed samples.
 {tables["buckets"]}
 
 ![mask buckets](mask_buckets.png)
+
+## Where the caption helps, by mask area
+
+{caption_effect_text(summary)}
 
 ## Examples (paper, Figure 4)
 
@@ -529,6 +555,7 @@ def run(cfg: Config) -> dict:
     summary = summarize(columns, fid, list(cfg.evaluate.mask_buckets), (b.replicates, cfg.seed, b.confidence),
                         fid_bootstrap)
     summary["intervals"]["fid_replicates"] = b.fid_replicates
+    summary["caption_effect"] = caption_effect(summary, list(cfg.evaluate.mask_buckets))
     summary["changed"]["scorer"] = scorer_on_changed(cfg, out_dir, changed)
     report = {
         "dataset": dataset_name(cfg), "run_dir": cfg.run_dir, "out_dir": out_dir,

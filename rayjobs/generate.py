@@ -112,6 +112,9 @@ def fingerprint(cfg: Config) -> dict:
         for part in key.split("."):
             value = value[part]
         out[key] = value
+    if out["inpaint"].get("caption_max_mask_area") is None:
+        # At its default, as before the key existed: runs made then still match.
+        out["inpaint"].pop("caption_max_mask_area", None)
     return out
 
 

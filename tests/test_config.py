@@ -46,6 +46,7 @@ def test_resolved_config_round_trips(tmp_path):
     (["train.val_fraction=1.5"], "train.val_fraction=1.5"),
     (["evaluate.limit=1"], "evaluate.limit=1 must be at least 2"),
     (["evaluate.gallery_limit=-1"], "evaluate.gallery_limit=-1 must be 0"),
+    (["inpaint.caption_max_mask_area=1.5"], "inpaint.caption_max_mask_area=1.5 must be a share of the image"),
     (["evaluate.mask_buckets=[0.3,0.1]"], "mask_buckets=\\[0.3, 0.1\\] must be increasing"),
     (["evaluate.fid.size=0"], "evaluate.fid.size=0"),
     (["evaluate.fid.size=auto"], "evaluate.fid.size=auto: only the generate stages size themselves"),

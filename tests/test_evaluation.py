@@ -9,6 +9,7 @@ from blipinpaint.evaluation import (
     bucket_names,
     bucket_of,
     bucket_table,
+    caption_effect,
     correlation,
     fid_intervals,
     fid_scopes,
@@ -168,3 +169,25 @@ def test_the_scorers_correlation_with_what_was_scored():
         np.corrcoef([1.0, 2.0, 4.0], [2.0, 1.0, 4.0])[0, 1])  # the infinite PSNR left out
     assert correlation(predicted[:2], predicted[:2]) is None  # under 3 samples
     assert correlation(predicted, np.full(4, 7.0)) is None  # nothing varies
+
+
+def test_the_caption_effect_names_the_bucket_where_it_stops_helping():
+    def summary(verdicts: dict[str, tuple]) -> dict:
+        def iv(low, high):
+            return {"estimate": (low + high) / 2, "low": low, "high": high, "n": 5}
+        return {"intervals": {"mask_buckets": {b: {"blip_vs_baseline": {"ssim": iv(*s), "psnr": iv(*p)}}
+                                               for b, (s, p) in verdicts.items()}}}
+
+    helps, unclear, hurts = (0.1, 0.3), (-0.1, 0.2), (-0.3, -0.1)
+    edges = [0.1, 0.3]
+    out = caption_effect(summary({"<10%": (helps, helps), "10-30%": (unclear, helps), ">=30%": (unclear, hurts)}),
+                         edges)
+    assert out["buckets"][">=30%"] == {"ssim": "unclear", "psnr": "hurts"}
+    assert (out["stops_helping_from"], out["caption_max_mask_area"]) == (">=30%", 0.3)
+    out = caption_effect(summary({"<10%": (helps, helps), "10-30%": (unclear, unclear), ">=30%": (hurts, hurts)}),
+                         edges)
+    assert (out["stops_helping_from"], out["caption_max_mask_area"]) == ("10-30%", 0.1)
+    everywhere = caption_effect(summary({"<10%": (unclear, helps), ">=30%": (helps, unclear)}), edges)
+    assert everywhere["stops_helping_from"] is None  # up to the largest masks: no threshold
+    nowhere = caption_effect(summary({"<10%": (unclear, unclear), ">=30%": (hurts, unclear)}), edges)
+    assert nowhere["stops_helping_from"] is None and nowhere["caption_max_mask_area"] is None

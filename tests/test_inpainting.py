@@ -128,3 +128,18 @@ def test_a_nan_inpainting_becomes_an_error_row_not_a_black_image(inpainter, capt
     assert out["id"].tolist() == [captioned["id"][0], captioned["id"][2]]  # the others go on
     assert len(sunk) == 1 and sunk[0]["id"].tolist() == [captioned["id"][1]]
     assert sunk[0]["error"][0] == "inpainting failed: the inpainted image has NaN or infinite values"
+
+
+def test_a_mask_over_caption_max_mask_area_is_inpainted_without_text(inpainter, captioned, inpainted):
+    """`inpaint.caption_max_mask_area`: the sample whose mask hides more than the threshold
+    gets an empty prompt (its guided image is the baseline's, up to rounding); the others
+    keep their caption."""
+    policy = Inpainter(inpainter.pipe, inpainter.steps, inpainter.guidance_scale, inpainter.seed,
+                       caption_max_mask_area=0.3)
+    out = policy(dict(captioned, mask_area=np.array([0.1, 0.5, 0.2], dtype=np.float32)))
+    guided, baseline = (inpainted[c].astype(int) for c in ("inpainted", "inpainted_baseline"))
+    assert np.abs(guided[1] - baseline[1]).max() > 10  # with its caption, it came out otherwise
+    assert np.abs(out["inpainted"][1].astype(int) - baseline[1]).max() <= 1
+    assert np.abs(out["inpainted"][[0, 2]].astype(int) - guided[[0, 2]]).max() <= 1
+    assert np.array_equal(out["inpainted_baseline"], inpainted["inpainted_baseline"])
+    assert list(out["caption"]) == list(captioned["caption"])  # the row still records BLIP's caption

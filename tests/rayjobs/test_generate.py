@@ -134,6 +134,12 @@ def test_a_run_folder_refuses_rows_made_with_other_settings(tmp_path):
     other = load_config(overrides=[f"run_dir={tmp_path}", "seed=1", "masks.kind=thin", "scorer.feature_layer=-1"])
     with pytest.raises(ConfigError, match=r"masks, scorer.feature_layer, seed differ"):
         generate.check_fingerprint(str(tmp_path), generate.fingerprint(other))
+    # The large-mask policy changes rows: recorded when set; at its default, a run made
+    # before the key existed still matches.
+    assert "caption_max_mask_area" not in generate.fingerprint(cfg)["inpaint"]
+    policy = load_config(overrides=[f"run_dir={tmp_path}", "inpaint.caption_max_mask_area=0.3"])
+    with pytest.raises(ConfigError, match=r"inpaint differ"):
+        generate.check_fingerprint(str(tmp_path), generate.fingerprint(policy))
 
 
 def test_a_failing_prepare_commits_each_bad_row_once(tmp_path, monkeypatch):

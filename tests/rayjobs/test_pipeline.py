@@ -46,6 +46,12 @@ def test_main_job_runs_every_step_and_reuses_them(main_run, capsys, monkeypatch)
             assert row["inpainted_finetuned_png"] == row["inpainted_png"]
             assert all(row[m + "_finetuned"] == row[m] for m in METRICS)
     report = json.loads((run / "eval" / "report.json").read_text())
+    # Where the caption helps, per bucket of this run (the advice for inpaint.caption_max_mask_area).
+    effect = report["caption_effect"]
+    assert set(effect["buckets"]) == set(report["mask_buckets"]) and effect["metrics"] == ["ssim", "psnr"]
+    assert all(v in ("helps", "hurts", "unclear") for b in effect["buckets"].values() for v in b.values())
+    section = (run / "eval" / "report.md").read_text().split("## Where the caption helps, by mask area")[1]
+    assert "inpaint.caption_max_mask_area" in section.split("\n## ")[0]
     changed = sum(r["caption_finetuned"] != r["caption"] for r in evaluated.to_pylist())
     assert (report["changed"]["captions"], report["changed"]["of"]) == (changed, 2)
     assert report["changed"]["scorer"]["samples"] == changed
