@@ -52,8 +52,8 @@ def synthetic_page(folder: Path, cards: int) -> Path:
     table = Table(["", "CLIP score ↑", "FID ↓", "n"], [["+ BLIP caption", "29.88 [29.7, 30.0]", "44.15", "10000"]])
     return Path(report_page.write_page(str(folder), {
         "dataset": "synthetic", "run_dir": str(folder), "counts": {"samples": 10000, "errors": 0, "changed": 100},
-        "tables": {"table1": table, "paired": table, "metrics": table, "buckets": table},
-        "intervals_text": "", "scorer_text": "", "plots": [],
+        "tables": {"table1": table, "paired": table, "metrics": table, "buckets": table, "caption_effect": table},
+        "caption_effect_text": "", "intervals_text": "", "scorer_text": "", "plots": [],
         "gallery": {"cards": built, "shown": cards, "total": 10000, "limit": cards,
                     "sort_keys": report_page.SORT_KEYS, "buckets": ["10-30%"]},
         "errors": {"rows": [], "total": 0}, "settings": [], "config_yaml": ""}))

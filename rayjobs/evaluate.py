@@ -311,6 +311,12 @@ def scorer_text(changed: dict) -> str:
 
 def caption_effect_text(summary: dict) -> str:
     """`evaluation.caption_effect` in words, with its table: how to set `inpaint.caption_max_mask_area`."""
+    words, table = caption_effect_parts(summary)
+    return f"{words}\n\n{table}"
+
+
+def caption_effect_parts(summary: dict) -> tuple[str, Table]:
+    """`caption_effect_text`'s words and table apart (report.html shows them too)."""
     effect, iv = summary["caption_effect"], summary["intervals"]["mask_buckets"]
     rows = [[b, str(summary["mask_buckets"][b]["blip"]["samples"]),
              *(f"{verdicts[m]}: {fmt_interval(iv[b]['blip_vs_baseline'].get(m), 3, sign=True)}"
@@ -327,7 +333,7 @@ def caption_effect_text(summary: dict) -> str:
         advice = ("No bucket shows the caption helping (every interval holds 0, or none could be taken): "
                   "more samples are needed to choose `inpaint.caption_max_mask_area`.")
     return (f"The paired BLIP − baseline difference on {', '.join(effect['metrics'])} per bucket (\"helps\": its "
-            f"interval lies above 0). {advice} The plot is `deltas.png`.\n\n{table}")
+            f"interval lies above 0). {advice} The plot is `deltas.png`.", table)
 
 
 def intervals_text(iv: dict) -> str:
@@ -491,7 +497,9 @@ def write_page(cfg: Config, report: dict, tables: dict[str, Table], out_dir: str
         "dataset": report["dataset"], "run_dir": cfg.run_dir,
         "counts": {"samples": s["samples"], "errors": s["errors"], "generate_errors": generate_count,
                    "changed": report["changed"]["captions"]},
-        "tables": tables, "intervals_text": intervals_text(iv).replace("`", ""),
+        "tables": {**tables, "caption_effect": caption_effect_parts(report)[1]},
+        "caption_effect_text": caption_effect_parts(report)[0].replace("`", ""),
+        "intervals_text": intervals_text(iv).replace("`", ""),
         "scorer_text": scorer_text(report["changed"]),
         "plots": [{"file": f, "title": t} for f, t in PLOTS.items() if kind(f"{out_dir}/{f}") == "File"
                   and (f != "scorer_changed.png" or report["changed"]["scorer"].get("samples"))],

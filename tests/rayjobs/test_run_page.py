@@ -35,6 +35,14 @@ def test_the_embedded_defaults_page_opens_whole_from_its_folder_alone(main_run, 
     assert [[td.text for td in tr.find_elements(By.TAG_NAME, "td")]
             for tr in table.find_elements(By.CSS_SELECTOR, "tbody tr")] == expected
 
+    # Where the caption helps, as in report.md.
+    section = (out / "report.md").read_text().split("## Where the caption helps, by mask area")[1].split("\n## ")[0]
+    expected = [[c.strip() for c in line.strip().strip("|").split(" | ")] for line in section.splitlines()
+                if line.startswith("| ") and "mask area" not in line]
+    table = browser.find_element(By.CSS_SELECTOR, "#caption-effect + p + table")
+    assert [[td.text for td in tr.find_elements(By.TAG_NAME, "td")]
+            for tr in table.find_elements(By.CSS_SELECTOR, "tbody tr")] == expected
+
     # A card per held-out sample (the embedded default has 2, under the gallery's limit), each
     # image a click away at full size.
     cards = browser.find_elements(By.CSS_SELECTOR, "#gallery .card")
