@@ -27,21 +27,16 @@ def test_the_embedded_defaults_page_opens_whole_from_its_folder_alone(main_run, 
         plots.add("scorer_changed.png")
     assert {u.rsplit("/", 1)[1] for u in seen["urls"] if u.startswith("file:")} == {"report.html", *plots}
 
-    # Table 1 as in report.md, cell for cell.
-    markdown = (out / "report.md").read_text().split("## Table 1")[1].split("\n## ")[0]
-    expected = [[c.strip() for c in line.strip().strip("|").split(" | ")] for line in markdown.splitlines()
-                if line.startswith("| ") and "CLIP score" not in line]
-    table = browser.find_element(By.CSS_SELECTOR, "#table1 + table")
-    assert [[td.text for td in tr.find_elements(By.TAG_NAME, "td")]
-            for tr in table.find_elements(By.CSS_SELECTOR, "tbody tr")] == expected
-
-    # Where the caption helps, as in report.md.
-    section = (out / "report.md").read_text().split("## Where the caption helps, by mask area")[1].split("\n## ")[0]
-    expected = [[c.strip() for c in line.strip().strip("|").split(" | ")] for line in section.splitlines()
-                if line.startswith("| ") and "mask area" not in line]
-    table = browser.find_element(By.CSS_SELECTOR, "#caption-effect + p + table")
-    assert [[td.text for td in tr.find_elements(By.TAG_NAME, "td")]
-            for tr in table.find_elements(By.CSS_SELECTOR, "tbody tr")] == expected
+    # Table 1, and where the caption helps, as in report.md, cell for cell.
+    markdown = (out / "report.md").read_text()
+    for heading, selector in (("Table 1", "#table1 + table"),
+                              ("Where the caption helps, by mask area", "#caption-effect + p + table")):
+        section = markdown.split(f"## {heading}")[1].split("\n## ")[0]
+        rows = [line for line in section.splitlines() if line.startswith("| ")][1:]  # the header row left out
+        table = browser.find_element(By.CSS_SELECTOR, selector)
+        assert [[td.text for td in tr.find_elements(By.TAG_NAME, "td")]
+                for tr in table.find_elements(By.CSS_SELECTOR, "tbody tr")] == [
+            [c.strip() for c in line.strip().strip("|").split(" | ")] for line in rows]
 
     # A card per held-out sample (the embedded default has 2, under the gallery's limit), each
     # image a click away at full size.
