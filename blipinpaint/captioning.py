@@ -11,12 +11,19 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from blipinpaint.losses import LossWeights, blip_losses
 from blipinpaint.masks import masked_pixels
 from blipinpaint.models import CaptionerModel
+from blipinpaint.seeds import sample_seed
 
 if TYPE_CHECKING:
     from transformers import BlipForConditionalGeneration
 
+    from blipinpaint.scorer import ScoreNet
+
+# How candidate captions are drawn: nucleus sampling, as BLIP's authors sample captions
+# (CapFilt): varied, but from the head of the distribution, so they stay fluent.
+SAMPLING = {"do_sample": True, "top_p": 0.9}
 
 
 def encode_images(model: BlipForConditionalGeneration, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -41,6 +48,12 @@ def generate_captions(
         encoder_attention_mask=torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device),
         **generate_kwargs,
     )
+
+
+def visible_embeddings(bundle: CaptionerModel, images: np.ndarray, masks: np.ndarray) -> torch.Tensor:
+    """The vision encoder's states of the masked images (the hole gray: never seen)."""
+    pixels = bundle.image_processor(images=list(masked_pixels(images, masks)), return_tensors="pt").pixel_values
+    return encode_images(bundle.model, pixels.to(bundle.model.device, bundle.model.dtype))
 
 
 def caption_texts(tokenizer, ids: torch.Tensor) -> list[str]:
@@ -127,10 +140,7 @@ class Captioner:
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        visible = masked_pixels(batch["image"], batch["mask"])
-        pixels = self.bundle.image_processor(images=list(visible), return_tensors="pt").pixel_values
-        pixels = pixels.to(self.device, self.model.dtype)
-        image_embeds = encode_images(self.model, pixels)
+        image_embeds = visible_embeddings(self.bundle, batch["image"], batch["mask"])
         ids = generate_captions(self.model, image_embeds, **self.generate_kwargs)
         features = caption_features(self.model, image_embeds, ids, layer=self.feature_layer)
         return {
@@ -138,3 +148,64 @@ class Captioner:
             self.output: np.array(caption_texts(self.bundle.tokenizer, ids), dtype=object),
             f"{self.output}_features": features.float().cpu().numpy(),
         }
+
+
+def candidate_captions(bundle: CaptionerModel, image_embeds: torch.Tensor, ids: list[str], seed: int, n: int,
+                       max_new_tokens: int = 30, num_beams: int = 1) -> list[list[str]]:
+    """`n` captions per image: the greedy (or beam) caption generation gives, then `n - 1`
+    sampled (`SAMPLING`), each image's drawn from its own seed (`seeds.sample_seed` of its
+    id): neither batch composition nor order nor a rerun changes them."""
+    model = bundle.model
+    greedy = caption_texts(bundle.tokenizer, generate_captions(model, image_embeds, max_new_tokens=max_new_tokens,
+                                                               num_beams=num_beams, do_sample=False))
+    out = [[caption] for caption in greedy]
+    if n < 2:
+        return out
+    cuda = [image_embeds.device] if image_embeds.device.type == "cuda" else []
+    for captions, embeds, sample_id in zip(out, image_embeds, ids):
+        with torch.random.fork_rng(devices=cuda):  # the actor's own random state stays as it was
+            torch.manual_seed(sample_seed(seed, sample_id, "candidates"))
+            sampled = generate_captions(model, embeds.unsqueeze(0).expand(n - 1, -1, -1),
+                                        max_new_tokens=max_new_tokens, **SAMPLING)
+        captions += caption_texts(bundle.tokenizer, sampled)
+    return out
+
+
+def predicted_losses(model: BlipForConditionalGeneration, tokenizer, scorer: ScoreNet, weights: LossWeights,
+                     image_embeds: torch.Tensor, captions: list[list[str]], layer: int = -2) -> list[torch.Tensor]:
+    """The frozen scorer's L_BLIP (lower is better) of each caption of each image, from the
+    caption's features (`caption_features`): one decoder pass over all the captions."""
+    counts = torch.tensor([len(c) for c in captions], device=image_embeds.device)
+    ids = caption_ids(model, tokenizer, [c for group in captions for c in group]).to(image_embeds.device)
+    features = caption_features(model, image_embeds.repeat_interleave(counts, dim=0), ids, layer=layer)
+    ssim, psnr, clip = scorer.destandardize(scorer(features.float())).unbind(dim=1)
+    return list(blip_losses(ssim, psnr, clip, weights).split(counts.tolist()))
+
+
+class Reranker:
+    """Stage: `image`, `mask`, `id` -> `caption_reranked`: of `candidates` captions per image
+    (`candidate_captions`), the one for which the frozen scorer predicts the lowest L_BLIP
+    (the greedy caption on a tie). No inpainting per candidate: the cost is the candidates'
+    decoder passes and one scorer pass. With `candidates=1` it is the greedy caption."""
+
+    def __init__(self, captioner: CaptionerModel, scorer: ScoreNet, weights: LossWeights, candidates: int,
+                 seed: int, max_new_tokens: int = 30, num_beams: int = 1, feature_layer: int = -2,
+                 output: str = "caption_reranked"):
+        self.bundle, self.scorer, self.weights = captioner, scorer.to(captioner.model.device), weights
+        self.candidates, self.seed, self.output, self.feature_layer = candidates, seed, output, feature_layer
+        self.decoding = dict(max_new_tokens=max_new_tokens, num_beams=num_beams)
+
+    @torch.inference_mode()
+    def rank(self, batch: dict[str, np.ndarray]) -> tuple[list[list[str]], list[torch.Tensor]]:
+        """Each image's candidates and their predicted L_BLIP."""
+        embeds = visible_embeddings(self.bundle, batch["image"], batch["mask"])
+        ids = [str(i) for i in batch["id"]]
+        captions = candidate_captions(self.bundle, embeds, ids, self.seed, self.candidates, **self.decoding)
+        losses = predicted_losses(self.bundle.model, self.bundle.tokenizer, self.scorer, self.weights, embeds,
+                                  captions, self.feature_layer)
+        return captions, losses
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        captions, losses = self.rank(batch)
+        best = [group[int(torch.argmin(loss))] for group, loss in zip(captions, losses)]  # the first of equals
+        return {**batch, self.output: np.array(best, dtype=object)}

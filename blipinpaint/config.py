@@ -23,6 +23,7 @@ from blipinpaint.seeds import raised_fraction
 from blipinpaint.sources import SOURCE_KINDS
 
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
+FINETUNE_METHODS = ("scorer", "reward_ranked")
 
 
 class ConfigError(ValueError):
@@ -73,6 +74,10 @@ class MaskConfig:
 class CaptionConfig:
     max_new_tokens: int = 30
     num_beams: int = 1
+    # Captions proposed per image: the greedy one and `candidates - 1` sampled (seeded per
+    # sample). Above 1, evaluate adds the "+ scorer-reranked caption" variant (the frozen
+    # scorer picks among them) and `finetune.method=reward_ranked` inpaints and scores them.
+    candidates: int = 1
 
 
 @dataclass
@@ -167,6 +172,10 @@ class ScorerConfig:
 
 @dataclass
 class FinetuneConfig:
+    # scorer: the paper's (the decoder follows the frozen scorer's slope); reward_ranked: the
+    # decoder learns, by its language-model loss, the best of `caption.candidates` captions
+    # per training image by the real metrics' L_BLIP (rejection-sampling fine-tuning).
+    method: str = "scorer"
     lr: float = 1e-6  # the paper's: small, so BLIP changes slowly
     epochs: int = 3
     batch_size: int = 8  # the paper's, per optimizer step over all workers (8 workers: one sample each)
@@ -289,6 +298,13 @@ def validate(cfg: Config) -> None:
                         "(or null: always caption)")
     if cfg.caption.max_new_tokens < 1 or cfg.caption.num_beams < 1:
         problems.append("caption.max_new_tokens and caption.num_beams must be at least 1")
+    if cfg.caption.candidates < 1:
+        problems.append(f"caption.candidates={cfg.caption.candidates} must be at least 1 (1: the greedy caption only)")
+    if cfg.finetune.method not in FINETUNE_METHODS:
+        problems.append(f"finetune.method={cfg.finetune.method!r} is not one of {list(FINETUNE_METHODS)}")
+    elif cfg.finetune.method == "reward_ranked" and cfg.caption.candidates < 2:
+        problems.append(f"finetune.method=reward_ranked ranks caption.candidates captions per image: set it to 2 or "
+                        f"more (it is {cfg.caption.candidates})")
     source = cfg.data.source
     if source is not None and "://" not in source and "{" not in source and not Path(source).exists():
         problems.append(f"data.source={source!r} does not exist")  # (a brace pattern is checked shard by shard)

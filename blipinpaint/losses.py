@@ -20,9 +20,14 @@ class LossWeights:
     clip: float = 4.0  # λ3
 
 
+def blip_losses(ssim: torch.Tensor, psnr: torch.Tensor, clip: torch.Tensor, weights: LossWeights) -> torch.Tensor:
+    """λ1·(1 − SSIM) − λ2·PSNR − λ3·CLIP per sample (to rank captions by)."""
+    return weights.ssim * (1 - ssim) - weights.psnr * psnr - weights.clip * clip
+
+
 def blip_loss(ssim: torch.Tensor, psnr: torch.Tensor, clip: torch.Tensor, weights: LossWeights) -> torch.Tensor:
     """Mean over the batch of λ1·(1 − SSIM) − λ2·PSNR − λ3·CLIP."""
-    return (weights.ssim * (1 - ssim) - weights.psnr * psnr - weights.clip * clip).mean()
+    return blip_losses(ssim, psnr, clip, weights).mean()
 
 
 def caption_kl(logits: torch.Tensor, reference_logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from blipinpaint.captioning import Captioner
+from blipinpaint.captioning import Captioner, Reranker
 from blipinpaint.config import Config, model_store
 from blipinpaint.fid import FidAccumulator
 from blipinpaint.inpainting import Inpainter
 from blipinpaint.io import ImageDecoder
+from blipinpaint.losses import LossWeights
 from blipinpaint.masks import MaskGenerator
 from blipinpaint.metrics import InpaintMetrics
 from blipinpaint.models import (
@@ -33,6 +34,8 @@ from blipinpaint.models import (
 )
 from blipinpaint.models.offline import BUILD_VERSION, SPECS
 from blipinpaint.models.presets import PAPER
+from blipinpaint.scorer import ScoreNet
+from blipinpaint.storage import local_dir
 
 ROLES = ("captioner", "inpainter", "clip", "fid")
 
@@ -94,6 +97,22 @@ def build_captioner(cfg: Config, ref: ModelRef | None = None, output: str = "cap
     device, dtype = _device_dtype(cfg)
     model = load_captioner(ref or resolve_preset(cfg).captioner, device, dtype)
     return Captioner(model, cfg.caption.max_new_tokens, cfg.caption.num_beams, output, cfg.scorer.feature_layer)
+
+
+def loss_weights(cfg: Config) -> LossWeights:
+    """The paper's L_BLIP weights (λ1, λ2, λ3), as `finetune` sets them."""
+    return LossWeights(cfg.finetune.lambda_ssim, cfg.finetune.lambda_psnr, cfg.finetune.lambda_clip)
+
+
+def build_reranker(cfg: Config, scorer_dir: str) -> Reranker:
+    """The original BLIP proposing `caption.candidates` captions, ranked by the trained scorer
+    in `scorer_dir` (a folder or a bucket prefix)."""
+    device, dtype = _device_dtype(cfg)
+    model = load_captioner(resolve_preset(cfg).captioner, device, dtype)
+    scorer = ScoreNet.from_pretrained(local_dir(scorer_dir))
+    c = cfg.caption
+    return Reranker(model, scorer, loss_weights(cfg), c.candidates, cfg.seed, c.max_new_tokens, c.num_beams,
+                    cfg.scorer.feature_layer)
 
 
 def build_inpainter(cfg: Config, prompts: dict[str, str | None] | None = None) -> Inpainter:

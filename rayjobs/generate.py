@@ -112,10 +112,19 @@ def fingerprint(cfg: Config) -> dict:
         for part in key.split("."):
             value = value[part]
         out[key] = value
+    # Candidates change evaluate's and the candidate stream's rows, not these (`candidate_fingerprint`).
+    out["caption"].pop("candidates", None)
     if out["inpaint"].get("caption_max_mask_area") is None:
         # At its default, as before the key existed: runs made then still match.
         out["inpaint"].pop("caption_max_mask_area", None)
     return out
+
+
+def candidate_fingerprint(cfg: Config) -> dict:
+    """`fingerprint`, and the number of caption candidates where it is above 1 (at 1, as
+    before the key existed)."""
+    n = cfg.caption.candidates
+    return {**fingerprint(cfg), **({"caption.candidates": n} if n > 1 else {})}
 
 
 def check_fingerprint(out_dir: str, current: dict, record: bool = True) -> None:

@@ -47,6 +47,10 @@ def test_resolved_config_round_trips(tmp_path):
     (["evaluate.limit=1"], "evaluate.limit=1 must be at least 2"),
     (["evaluate.gallery_limit=-1"], "evaluate.gallery_limit=-1 must be 0"),
     (["inpaint.caption_max_mask_area=1.5"], "inpaint.caption_max_mask_area=1.5 must be a share of the image"),
+    (["caption.candidates=0"], "caption.candidates=0 must be at least 1"),
+    (["finetune.method=rlhf"], "finetune.method='rlhf' is not one of \\['scorer', 'reward_ranked'\\]"),
+    (["finetune.method=reward_ranked"], "finetune.method=reward_ranked ranks caption.candidates captions per image: "
+                                        "set it to 2 or more"),
     (["evaluate.mask_buckets=[0.3,0.1]"], "mask_buckets=\\[0.3, 0.1\\] must be increasing"),
     (["evaluate.fid.size=0"], "evaluate.fid.size=0"),
     (["evaluate.fid.size=auto"], "evaluate.fid.size=auto: only the generate stages size themselves"),

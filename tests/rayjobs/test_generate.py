@@ -140,6 +140,11 @@ def test_a_run_folder_refuses_rows_made_with_other_settings(tmp_path):
     policy = load_config(overrides=[f"run_dir={tmp_path}", "inpaint.caption_max_mask_area=0.3"])
     with pytest.raises(ConfigError, match=r"inpaint differ"):
         generate.check_fingerprint(str(tmp_path), generate.fingerprint(policy))
+    # Caption candidates change evaluate's and the candidate stream's rows only.
+    candidates = load_config(overrides=[f"run_dir={tmp_path}", "caption.candidates=4"])
+    generate.check_fingerprint(str(tmp_path), generate.fingerprint(candidates))
+    assert generate.candidate_fingerprint(cfg) == generate.fingerprint(cfg)
+    assert generate.candidate_fingerprint(candidates)["caption.candidates"] == 4
 
 
 def test_a_failing_prepare_commits_each_bad_row_once(tmp_path, monkeypatch):
