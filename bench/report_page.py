@@ -53,9 +53,9 @@ def synthetic_page(folder: Path, cards: int) -> Path:
     return Path(report_page.write_page(str(folder), {
         "dataset": "synthetic", "run_dir": str(folder), "counts": {"samples": 10000, "errors": 0, "changed": 100},
         "tables": {"table1": table, "paired": table, "metrics": table, "buckets": table, "caption_effect": table},
-        "caption_effect_text": "", "intervals_text": "", "scorer_text": "", "plots": [],
+        "caption_effect_text": "", "intervals_text": "", "scorer_text": "", "reranked_text": "", "plots": [],
         "gallery": {"cards": built, "shown": cards, "total": 10000, "limit": cards,
-                    "sort_keys": report_page.SORT_KEYS, "buckets": ["10-30%"]},
+                    "sort_keys": report_page.sort_keys(["baseline", "blip", "finetuned"]), "buckets": ["10-30%"]},
         "errors": {"rows": [], "total": 0}, "settings": [], "config_yaml": ""}))
 
 

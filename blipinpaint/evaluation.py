@@ -1,7 +1,9 @@
 """The paper's evaluation as data: variants, mask-area buckets, summaries, the Table 1 report.
 
 Three inpaintings of each held-out sample, from the same noise: the baseline (no text),
-guided by the original BLIP's caption, and guided by the fine-tuned BLIP's caption. Each
+guided by the original BLIP's caption, and guided by the fine-tuned BLIP's caption; a
+fourth with `caption.candidates` above 1, guided by the caption the frozen scorer picked
+among the original BLIP's candidates. Each
 is scored by FID against the ground-truth images, CLIP score against the caption that
 guided it (the baseline, which had none, against the original BLIP's caption), and
 SSIM/PSNR against the ground truth; overall and per mask-area bucket.
@@ -36,14 +38,39 @@ VARIANTS = {
     "blip": Variant("+ BLIP caption", "BLIP caption", "", "inpainted_png", "caption"),
     "finetuned": Variant("+ fine-tuned BLIP caption", "fine-tuned BLIP caption", "_finetuned",
                          "inpainted_finetuned_png", "caption_finetuned"),
+    # Only with `caption.candidates` above 1: an evaluation holds the variants its rows have.
+    "reranked": Variant("+ scorer-reranked caption", "scorer-reranked caption", "_reranked",
+                        "inpainted_reranked_png", "caption_reranked"),
 }
 # The paired comparisons: (variant, minus variant), per sample.
-DELTAS = {"blip_vs_baseline": ("blip", "baseline"), "finetuned_vs_blip": ("finetuned", "blip")}
-DELTA_LABELS = {"blip_vs_baseline": "BLIP − baseline", "finetuned_vs_blip": "fine-tuned − BLIP"}
+DELTAS = {"blip_vs_baseline": ("blip", "baseline"), "finetuned_vs_blip": ("finetuned", "blip"),
+          "reranked_vs_blip": ("reranked", "blip")}
+DELTA_LABELS = {"blip_vs_baseline": "BLIP − baseline", "finetuned_vs_blip": "fine-tuned − BLIP",
+                "reranked_vs_blip": "reranked − BLIP"}
 PAIRED = ("clip_score", "ssim", "psnr")  # the metrics with a bootstrap interval
 REAL = "ground_truth"
-FID_SETS = {REAL: "image_png", **{name: v.image for name, v in VARIANTS.items()}}
 ALL = "all"
+
+
+def variants_in(names) -> dict[str, Variant]:
+    """The variants among `names` (variant names, or the metric columns of evaluated rows),
+    in the report's order."""
+    names = set(names)
+    return {k: v for k, v in VARIANTS.items() if k in names or "ssim" + v.suffix in names}
+
+
+def deltas_in(names) -> dict[str, tuple[str, str]]:
+    """The DELTAS whose two variants are both among `names` (as `variants_in`)."""
+    present = variants_in(names)
+    return {d: pair for d, pair in DELTAS.items() if all(v in present for v in pair)}
+
+
+def fid_sets(names) -> dict[str, str]:
+    """{image set: PNG column} for FID: the ground truth and each variant among `names`."""
+    return {REAL: "image_png", **{name: v.image for name, v in variants_in(names).items()}}
+
+
+FID_SETS = fid_sets(["baseline", "blip", "finetuned"])  # the paper's three variants
 
 
 def bucket_names(edges: list[float]) -> list[str]:
@@ -73,12 +100,13 @@ def intervals(columns: dict[str, np.ndarray], rows: np.ndarray, replicates: int,
     """Bootstrap intervals over the samples `rows` selects: each variant's mean of the PAIRED
     metrics, and each DELTAS pair's mean per-sample difference, all from the same draws."""
     series = {}
-    for key, v in VARIANTS.items():
+    variants, deltas = variants_in(columns), deltas_in(columns)
+    for key, v in variants.items():
         series.update({(key, m): np.asarray(columns[m + v.suffix], dtype=np.float64)[rows] for m in PAIRED})
-    for name, (a, b) in DELTAS.items():
+    for name, (a, b) in deltas.items():
         series.update({(name, m): series[(a, m)] - series[(b, m)] for m in PAIRED})
     out = mean_intervals(series, replicates, seed, confidence) if rows.any() else {}
-    return {group: {m: out.get((group, m)) for m in PAIRED} for group in (*VARIANTS, *DELTAS)}
+    return {group: {m: out.get((group, m)) for m in PAIRED} for group in (*variants, *deltas)}
 
 
 def fid_intervals(features: dict[str, torch.Tensor], replicates: int, seed: int, confidence: float) -> dict:
@@ -91,7 +119,7 @@ def fid_intervals(features: dict[str, torch.Tensor], replicates: int, seed: int,
 
     def statistic(index):
         fids = fid_draw(features, REAL, None if index is None else torch.as_tensor(index, device=device))
-        return {**fids, **{name: fids[a] - fids[b] for name, (a, b) in DELTAS.items()}}
+        return {**fids, **{name: fids[a] - fids[b] for name, (a, b) in deltas_in(features).items()}}
 
     return statistic_intervals(statistic, n, replicates, seed, confidence, normal=True)
 
@@ -140,7 +168,7 @@ def summarize(columns: dict[str, np.ndarray], fid: dict[str, dict], edges: list[
 
     def block(rows: np.ndarray, group: str) -> dict:
         out = {}
-        for name, v in VARIANTS.items():
+        for name, v in variants_in(columns).items():
             entry = {"samples": int(rows.sum()), "fid": fid.get(name, {}).get(group)}
             entry.update({m: spread(np.asarray(columns[m + v.suffix])[rows]) for m in METRICS})
             out[name] = entry
@@ -261,15 +289,16 @@ def table1(datasets: dict[str, dict]) -> Table:
         entry = data["variants"][group]
         return fmt(entry["fid"]) if metric == "fid" else _mean_std(entry[metric])
 
-    rows = []
-    for key, v in VARIANTS.items():
-        rows.append([v.label, *(x for n in names for x in (cell(datasets[n], key, "clip_score"),
-                                                          cell(datasets[n], key, "fid"),
-                                                          str(datasets[n]["variants"][key]["samples"])))])
-    for key, (a, _) in DELTAS.items():
-        rows.append([f"{DELTA_LABELS[key]} (paired)", *(x for n in names for x in (
-            cell(datasets[n], key, "clip_score"), cell(datasets[n], key, "fid"),
-            str(datasets[n]["variants"][a]["samples"])))])
+    def cells(data: dict, group: str, variant: str) -> tuple[str, ...]:
+        if variant not in data["variants"]:  # e.g. a dataset evaluated without reranked captions
+            return "n/a", "n/a", "0"
+        return (cell(data, group, "clip_score"), cell(data, group, "fid"), str(data["variants"][variant]["samples"]))
+
+    present = [k for n in names for k in datasets[n]["variants"]]
+    rows = [[v.label, *(x for n in names for x in cells(datasets[n], key, key))]
+            for key, v in variants_in(present).items()]
+    rows += [[f"{DELTA_LABELS[key]} (paired)", *(x for n in names for x in cells(datasets[n], key, a))]
+             for key, (a, b) in deltas_in(present).items()]
     return Table(header, rows)
 
 
@@ -283,37 +312,45 @@ def paired_table(summary: dict) -> Table:
                  for b, blk in summary["mask_buckets"].items()}}
     metrics = (*PAIRED, "fid")  # FID's difference where it was bootstrapped: all samples, the changed ones
     rows = [[scope, DELTA_LABELS[key], str(n), *(fmt_interval(groups[key].get(m), 3, sign=True) for m in metrics)]
-            for scope, (groups, n) in scopes.items() for key in DELTAS]
+            for scope, (groups, n) in scopes.items() for key in deltas_in(summary["variants"])]
     return Table(["samples", "difference", "n", *metrics], rows, left=2)
 
 
 def metrics_table(summary: dict) -> Table:
     """Mean ± std of every metric per variant (the numbers behind the paper's Figures 2-3)."""
-    rows = [[v.label, *(_mean_std(summary["variants"][key][m], 3) for m in METRICS)] for key, v in VARIANTS.items()]
+    rows = [[v.label, *(_mean_std(summary["variants"][key][m], 3) for m in METRICS)]
+            for key, v in variants_in(summary["variants"]).items()]
     return Table(["", *METRICS], rows)
 
 
 def bucket_table(summary: dict) -> Table:
-    header = ["mask area", "samples", *(f"{k}: {c}" for k in VARIANTS for c in ("CLIP ↑", "FID ↓", "PSNR ↑"))]
+    variants = variants_in(summary["variants"])
+    header = ["mask area", "samples", *(f"{k}: {c}" for k in variants for c in ("CLIP ↑", "FID ↓", "PSNR ↑"))]
     rows = [[bucket, str(block["baseline"]["samples"]),
-             *(x for key in VARIANTS for x in (_mean_std(block[key]["clip_score"]), fmt(block[key]["fid"]),
+             *(x for key in variants for x in (_mean_std(block[key]["clip_score"]), fmt(block[key]["fid"]),
                                                fmt(block[key]["psnr"]["mean"])))]
             for bucket, block in summary["mask_buckets"].items()]
     return Table(header, rows)
 
 
 def grid_rows(rows: dict[str, np.ndarray]) -> list[dict]:
-    """Decoded images and captions of the example rows: ground truth, masked, three variants."""
+    """Decoded images and captions of the example rows: ground truth, masked, each variant
+    whose images `rows` holds (`grid_titles`)."""
+    variants = [v for v in VARIANTS.values() if v.image in rows]
     out = []
     for i in range(len(rows["id"])):
         image, mask = decode_png(rows["image_png"][i]), decode_png(rows["mask_png"][i]) > 127
         out.append({
             "id": str(rows["id"][i]),
             "images": [image, masked_pixels(image[None], mask[None])[0],
-                       *(decode_png(rows[v.image][i]) for v in VARIANTS.values())],
-            "captions": ["", "", "", str(rows["caption"][i]), str(rows["caption_finetuned"][i])],
+                       *(decode_png(rows[v.image][i]) for v in variants)],
+            "captions": ["", "", *("" if v.caption is None else str(rows[v.caption][i]) for v in variants)],
         })
     return out
 
 
-GRID_TITLES = ["ground truth", "masked", *(v.short for v in VARIANTS.values())]
+def grid_titles(names) -> list[str]:
+    return ["ground truth", "masked", *(v.short for v in variants_in(names).values())]
+
+
+GRID_TITLES = grid_titles(["baseline", "blip", "finetuned"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 
@@ -42,6 +44,12 @@ class Inpainter:
         self.seed = seed
         self.prompts = prompts or GENERATE_PROMPTS
         self.caption_max_mask_area = caption_max_mask_area
+
+    def with_prompts(self, prompts: dict[str, str | None]) -> Inpainter:
+        """This stage with other `prompts`, on the same pipeline (its weights loaded once)."""
+        twin = copy.copy(self)
+        twin.prompts = prompts
+        return twin
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images, masks = batch["image"], batch["mask"]

@@ -8,6 +8,8 @@ read transformers 5 feature outputs.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -88,6 +90,12 @@ class InpaintMetrics:
         self.clip = ClipScorer(clip)
         self.device = self.clip.device
         self.variants = variants or GENERATE_VARIANTS
+
+    def with_variants(self, variants: dict[str, tuple[str, str]]) -> InpaintMetrics:
+        """This stage for other `variants`, with the same CLIP (its weights loaded once)."""
+        twin = copy.copy(self)
+        twin.variants = variants
+        return twin
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

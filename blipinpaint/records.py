@@ -41,6 +41,11 @@ EVAL_SCHEMA = pa.schema(
     + [(m + s, pa.float32()) for s in ("", "_baseline", "_finetuned") for m in METRICS]
     + _png("image", "mask", "inpainted", "inpainted_baseline", "inpainted_finetuned")
 )
+# With `caption.candidates` above 1: the scorer-reranked caption, its inpainting and metrics too.
+RERANKED_SCHEMA = pa.schema(
+    list(EVAL_SCHEMA) + [("caption_reranked", pa.string())] + [(m + "_reranked", pa.float32()) for m in METRICS]
+    + _png("inpainted_reranked")
+)
 ERROR_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("error", pa.string())])
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 from pyarrow.fs import FileSelector, FileType
 
-from blipinpaint.evaluation import DELTA_LABELS, DELTAS, PAIRED, VARIANTS, fmt
+from blipinpaint.evaluation import DELTA_LABELS, PAIRED, VARIANTS, deltas_in, fmt, variants_in
 from blipinpaint.io import decode_png, encode_png
 from blipinpaint.masks import masked_pixels
 from blipinpaint.storage import filesystem, write_text
@@ -30,11 +30,16 @@ from blipinpaint.storage import filesystem, write_text
 FILES = "report_files"
 THUMB = 128  # px, the longer side: a 512² sample's five thumbnails take about 25 kB of the page
 METRIC_NAMES = {"clip_score": "CLIP score", "ssim": "SSIM", "psnr": "PSNR (dB)"}
-# The images of a card, left to right: (key, title, PNG column or None for the masked input).
+# The images of a card, left to right: (key, title, PNG column or None for the masked input);
+# a variant's only where the row has it.
 IMAGES = [("truth", "ground truth", "image_png"), ("masked", "masked input", None),
           *((key, v.short, v.image) for key, v in VARIANTS.items())]
-SORT_KEYS = {"mask_area": "mask area", **{f"{d}:{m}": f"{DELTA_LABELS[d]}: {METRIC_NAMES[m]}"
-                                          for d in DELTAS for m in PAIRED}}
+
+
+def sort_keys(variants) -> dict[str, str]:
+    """What the gallery sorts by: mask area, and each paired difference between `variants`."""
+    return {"mask_area": "mask area", **{f"{d}:{m}": f"{DELTA_LABELS[d]}: {METRIC_NAMES[m]}"
+                                         for d in deltas_in(variants) for m in PAIRED}}
 
 _env = jinja2.Environment(loader=jinja2.PackageLoader("blipinpaint", "templates"), autoescape=True,
                           undefined=jinja2.StrictUndefined)
@@ -59,26 +64,29 @@ def card(row: dict, index: int, bucket: str) -> tuple[dict, dict[str, bytes]]:
     images as {file name under `report_files/`: PNG bytes}."""
     image, mask = decode_png(row["image_png"]), decode_png(row["mask_png"]) > 127
     masked = masked_pixels(image[None], mask[None])[0]
-    captions = {"blip": row["caption"], "finetuned": row["caption_finetuned"]}
+    variants = variants_in(row)
+    captions = {key: row[v.caption] for key, v in variants.items() if v.caption is not None}
     images, files = [], {}
     for key, title, column in IMAGES:
+        if column is not None and column not in row:
+            continue
         png = encode_png(masked) if column is None else row[column]
         name = f"{index:05d}-{key}.png"
         files[name] = png
         images.append({"title": title, "thumb": thumbnail(masked if column is None else decode_png(png)),
                        "href": f"{FILES}/{name}", "caption": captions.get(key, "")})
-    value = {(key, m): _finite(row[m + v.suffix]) for key, v in VARIANTS.items() for m in PAIRED}
+    value = {(key, m): _finite(row[m + v.suffix]) for key, v in variants.items() for m in PAIRED}
     sort = {"mask_area": _finite(row["mask_area"])}
-    for delta, (a, b) in DELTAS.items():
+    for delta, (a, b) in deltas_in(variants).items():
         for m in PAIRED:
             x, y = value[(a, m)], value[(b, m)]
             sort[f"{delta}:{m}"] = None if x is None or y is None else x - y
-    metrics = [[v.label, *(fmt(row[m + v.suffix], 3) for m in PAIRED)] for key, v in VARIANTS.items()]
-    metrics += [[DELTA_LABELS[d], *(fmt(sort[f"{d}:{m}"], 3) for m in PAIRED)] for d in DELTAS]
+    metrics = [[v.label, *(fmt(row[m + v.suffix], 3) for m in PAIRED)] for key, v in variants.items()]
+    metrics += [[DELTA_LABELS[d], *(fmt(sort[f"{d}:{m}"], 3) for m in PAIRED)] for d in deltas_in(variants)]
     changed = row["caption"] != row["caption_finetuned"]
     return {"id": str(row["id"]), "source": str(row["source"]), "bucket": bucket,
             "mask_area": f"{100 * float(row['mask_area']):.1f} %", "changed": bool(changed),
-            "search": f"{row['caption']}\n{row['caption_finetuned']}".lower(), "sort": sort,
+            "search": "\n".join(map(str, captions.values())).lower(), "sort": sort,
             # For the page's script (JSON.parse): a NaN or an infinity would stop it, so none gets in.
             "sort_json": json.dumps(sort, allow_nan=False),
             "images": images, "metrics": metrics}, files

@@ -17,10 +17,12 @@ Locally (a Ray on 127.0.0.1 when no address is given):
 The evaluation set is the held-out split of `run_dir/generate/samples` (a hash of
 (seed, id): never seen by the scorer or the fine-tuning), capped at `evaluate.limit`.
 The generate step already inpainted those samples without text and with the original
-BLIP's caption; this job adds the third variant from the same noise seed:
-1. Ray Data streams the held-out rows through the fine-tuned BLIP (`run_dir/blip`),
-   the inpainter and the metrics actors into `run_dir/eval/samples/` (exactly once;
-   a rerun does only what is missing).
+BLIP's caption; this job adds the third variant from the same noise seed (and, with
+`caption.candidates` above 1, a fourth: the caption the frozen scorer `run_dir/scorer`
+predicts best among the original BLIP's candidates):
+1. Ray Data streams the held-out rows through the fine-tuned BLIP (`run_dir/blip`) and
+   the reranker, the inpainter and the metrics actors into `run_dir/eval/samples/`
+   (exactly once; a rerun does only what is missing).
 2. FID: `evaluate.fid.size` actors each fold the Inception features of their shard into
    mergeable statistics (count, sum, sum of outer products) per image set and mask
    bucket; the driver merges them and takes the Fréchet distance once per pair.
@@ -51,32 +53,34 @@ from blipinpaint.config import Config, ConfigError, dataset_name, heldout_fracti
 from blipinpaint.evaluation import (
     ALL,
     DELTA_LABELS,
-    DELTAS,
-    FID_SETS,
-    GRID_TITLES,
     PAIRED,
     REAL,
     VARIANTS,
     Table,
+    Variant,
     bucket_names,
     bucket_of,
     bucket_table,
     caption_effect,
     correlation,
+    deltas_in,
     fid_scopes,
+    fid_sets,
     fmt,
     fmt_interval,
     grid_rows,
+    grid_titles,
     metrics_table,
     paired_table,
     summarize,
     table1,
+    variants_in,
 )
 from blipinpaint.fid import fid_table, merge_all
 from blipinpaint.io import decode_png
 from blipinpaint.models import ModelRef
 from blipinpaint.models.presets import FID_INCEPTION_V3
-from blipinpaint.records import EVAL_SCHEMA, METRICS
+from blipinpaint.records import EVAL_SCHEMA, METRICS, RERANKED_SCHEMA
 from blipinpaint.report import plot_grouped_bars, plot_image_grid, plot_scatter
 from blipinpaint.scorer import TARGETS, ScoreNet
 from blipinpaint.seeds import heldout, sample_seed
@@ -93,7 +97,7 @@ from rayjobs.common import (
     row_reads,
     size_pools,
 )
-from rayjobs.generate import check_fingerprint, fingerprint, stage_failure
+from rayjobs.generate import candidate_fingerprint, check_fingerprint, stage_failure
 from rayjobs.progress import CommitProgress
 from rayjobs.stream import ErrorWriter, ModelStage, attempt_ledger, commit_stage, job_errors
 
@@ -110,15 +114,26 @@ PLOTS = {"metrics.png": "SSIM, PSNR and CLIP score per variant", "mask_buckets.p
 ERRORS_LISTED = 1000  # error rows on the page at most (the count says how many there are)
 METRIC_LABELS = {"ssim": "SSIM ↑", "psnr": "PSNR (dB) ↑", "clip_score": "CLIP score ↑"}
 FINETUNED = {"caption": "caption_finetuned", "image": "inpainted_finetuned"}
-# What a gallery card shows of an evaluated row.
-GALLERY_COLUMNS = ["source", "caption", FINETUNED["caption"], "mask_area", "image_png", "mask_png",
-                   *(v.image for v in VARIANTS.values()), *(m + v.suffix for v in VARIANTS.values() for m in PAIRED)]
+# The variants this job adds to generate's two: each differs from the BLIP variant by its caption alone.
+ADDED = ("finetuned", "reranked")
+
+
+def evaluated_variants(cfg: Config) -> dict[str, Variant]:
+    """The variants this configuration evaluates: the paper's three, and the scorer-reranked
+    caption's with `caption.candidates` above 1."""
+    return variants_in(["baseline", "blip", "finetuned", *(["reranked"] if cfg.caption.candidates > 1 else [])])
+
+
+def gallery_columns(variants: dict[str, Variant]) -> list[str]:
+    """What a gallery card shows of an evaluated row."""
+    return ["source", "mask_area", "image_png", "mask_png", *(v.caption for v in variants.values() if v.caption),
+            *(v.image for v in variants.values()), *(m + v.suffix for v in variants.values() for m in PAIRED)]
 
 
 def _paths(cfg: Config) -> dict[str, str]:
     root = cfg.run_dir.rstrip("/")
     return {"samples": f"{root}/generate/samples", "blip": f"{root}/blip", "out": f"{root}/eval",
-            "check": f"{root}/finetune/check.json"}
+            "check": f"{root}/finetune/check.json", "scorer": f"{root}/scorer/model"}
 
 
 def evaluation_ids(cfg: Config) -> list[str]:
@@ -145,22 +160,43 @@ def prepare(batch: dict, errors: ErrorWriter, retries: int) -> dict:
     return Guarded("prepare", decode, errors, retries)(rows)
 
 
-def _finetuned_captioner(cfg: Config, blip_uri: str):
-    return stages.build_captioner(cfg, ModelRef(local_dir(blip_uri)), output=FINETUNED["caption"])
+class Chain:
+    """Stage: `stages` one after the other, in one actor."""
+
+    def __init__(self, stages_: list):
+        self.stages = stages_
+
+    def __call__(self, batch: dict) -> dict:
+        for stage in self.stages:
+            batch = stage(batch)
+        return batch
+
+
+def _captioners(cfg: Config, paths: dict[str, str]) -> Chain:
+    """The fine-tuned BLIP's caption; with `caption.candidates` above 1, the reranked one too."""
+    out = [stages.build_captioner(cfg, ModelRef(local_dir(paths["blip"])), output=FINETUNED["caption"])]
+    if cfg.caption.candidates > 1:
+        out.append(stages.build_reranker(cfg, paths["scorer"]))
+    return Chain(out)
+
+
+def _image(variant: Variant) -> str:
+    """The variant's image column in the stream (its PNG column before encoding)."""
+    return variant.image.removesuffix("_png")
 
 
 class OnlyChanged:
-    """Stage: runs `stage` on the rows whose fine-tuned caption differs from BLIP's; `reuse`
-    gives the others the BLIP variant's outputs. The fine-tuned variant then differs from
+    """Stage: runs `stage` on the rows whose `caption` column differs from BLIP's caption;
+    `reuse` gives the others the BLIP variant's outputs. An added variant then differs from
     the BLIP variant by its prompt alone: inpainted again from the same noise, an unchanged
     caption would still come out slightly different wherever kernels are not batch-invariant
     (fp16 on GPUs), and it would cost a third of this job's inpainting for nothing."""
 
-    def __init__(self, stage, reuse):
-        self.stage, self.reuse = stage, reuse
+    def __init__(self, stage, reuse, caption: str = FINETUNED["caption"]):
+        self.stage, self.reuse, self.caption = stage, reuse, caption
 
     def __call__(self, batch: dict) -> dict:
-        changed = np.array([a != b for a, b in zip(batch[FINETUNED["caption"]], batch["caption"])], dtype=bool)
+        changed = np.array([a != b for a, b in zip(batch[self.caption], batch["caption"])], dtype=bool)
         if changed.all():
             return self.stage(batch)
         if not changed.any():
@@ -170,27 +206,40 @@ class OnlyChanged:
         return {k: np.concatenate([np.asarray(p[k]) for p in parts])[order] for k in parts[0]}
 
 
-def reuse_inpainting(rows: dict) -> dict:
-    return {**rows, FINETUNED["image"]: np.stack([decode_png(b) for b in rows["inpainted_png"]])}
+def reuse_inpainting(rows: dict, variant: Variant = VARIANTS["finetuned"]) -> dict:
+    return {**rows, _image(variant): np.stack([decode_png(b) for b in rows["inpainted_png"]])}
 
 
-def reuse_metrics(rows: dict) -> dict:
-    return {**rows, **{m + "_finetuned": np.asarray(rows[m]) for m in METRICS}}
+def reuse_metrics(rows: dict, variant: Variant = VARIANTS["finetuned"]) -> dict:
+    return {**rows, **{m + variant.suffix: np.asarray(rows[m]) for m in METRICS}}
 
 
-def _only_changed(build, reuse):
-    return OnlyChanged(build(), reuse)
+def _added_inpainters(cfg: Config, added: list[Variant]) -> Chain:
+    """An `OnlyChanged` inpainter per added variant, all on one pipeline."""
+    inpainter = stages.build_inpainter(cfg, {})
+    return Chain([OnlyChanged(inpainter.with_prompts({_image(v): v.caption}),
+                              functools.partial(reuse_inpainting, variant=v), v.caption) for v in added])
+
+
+def _added_metrics(cfg: Config, added: list[Variant]) -> Chain:
+    """An `OnlyChanged` metrics stage per added variant, all with one CLIP."""
+    metrics = stages.build_metrics(cfg)
+    return Chain([OnlyChanged(metrics.with_variants({v.suffix: (_image(v), v.caption)}),
+                              functools.partial(reuse_metrics, variant=v), v.caption) for v in added])
+
+
+def eval_schema(cfg: Config):
+    return RERANKED_SCHEMA if "reranked" in evaluated_variants(cfg) else EVAL_SCHEMA
 
 
 def build_dataset(cfg: Config, pending: list[str], ledger, owner: str | None = None) -> ray.data.Dataset:
     g, paths = cfg.generate, _paths(cfg)
     errors = ErrorWriter(paths["out"], owner)
+    added = [v for k, v in evaluated_variants(cfg).items() if k in ADDED]
     builders = {
-        "captioner": functools.partial(_finetuned_captioner, cfg, paths["blip"]),
-        "inpainter": functools.partial(_only_changed, functools.partial(
-            stages.build_inpainter, cfg, {FINETUNED["image"]: FINETUNED["caption"]}), reuse_inpainting),
-        "metrics": functools.partial(_only_changed, functools.partial(
-            stages.build_metrics, cfg, {"_finetuned": (FINETUNED["image"], FINETUNED["caption"])}), reuse_metrics),
+        "captioner": functools.partial(_captioners, cfg, paths),
+        "inpainter": functools.partial(_added_inpainters, cfg, added),
+        "metrics": functools.partial(_added_metrics, cfg, added),
     }
     reads = row_reads(f"{cfg.run_dir.rstrip('/')}/generate", pending)
     ds = ray.data.from_items(reads, override_num_blocks=len(reads))
@@ -201,7 +250,7 @@ def build_dataset(cfg: Config, pending: list[str], ledger, owner: str | None = N
                                                                "retries": g.batch_retries, "ledger": ledger,
                                                                "fault": g.inject_failure},
                             **actor_resources(getattr(g, name)))
-    return commit_stage(ds, paths["out"], EVAL_SCHEMA, {}, g.rows_per_file, g.read.num_cpus, owner)
+    return commit_stage(ds, paths["out"], eval_schema(cfg), {}, g.rows_per_file, g.read.num_cpus, owner)
 
 
 @ray.remote
@@ -210,7 +259,7 @@ class FidWorker:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.fid = stages.build_fid(cfg, FID_SETS)
+        self.fid = stages.build_fid(cfg, fid_sets(evaluated_variants(cfg)))
 
     def run(self, shard) -> dict:
         """{"stats": statistics per (image set, mask bucket), "ids" and "features": per row}."""
@@ -237,7 +286,8 @@ def compute_fid(cfg: Config, ids: list[str], changed: list[str]) -> tuple[dict[s
     `changed` ones (`bootstrap_fid`)."""
     stage = cfg.evaluate.fid
     n = stage.size if stage.size is not None else stage.max_size
-    ds = read_committed(row_reads(_paths(cfg)["out"], ids), ["id", "mask_area", *FID_SETS.values()],
+    ds = read_committed(row_reads(_paths(cfg)["out"], ids), ["id", "mask_area",
+                                                             *fid_sets(evaluated_variants(cfg)).values()],
                         cfg.generate.read.num_cpus)
     shards = ds.streaming_split(n)
     workers = [FidWorker.options(num_cpus=stage.num_cpus, num_gpus=stage.num_gpus or None).remote(cfg)
@@ -309,6 +359,17 @@ def scorer_text(changed: dict) -> str:
             f"means {means}.")
 
 
+def reranked_text(summary: dict) -> str:
+    """The scorer-reranked variant in words (with `caption.candidates` above 1), or ""."""
+    r = summary.get("reranked")
+    if not r:
+        return ""
+    return (f"A fourth time with the scorer-reranked caption: the original BLIP proposed {r['candidates']} captions "
+            f"per sample (its greedy one and {r['candidates'] - 1} sampled), and the frozen scorer picked the one it "
+            f"predicts the lowest L_BLIP for; it differs from the greedy caption on {r['differs']} of {r['of']} "
+            f"samples ({fmt(100 * (r['share'] or 0), 1)} %), and elsewhere reuses the BLIP variant's inpainting.\n")
+
+
 def caption_effect_text(summary: dict) -> str:
     """`evaluation.caption_effect` in words, with its table: how to set `inpaint.caption_max_mask_area`."""
     words, table = caption_effect_parts(summary)
@@ -364,15 +425,16 @@ def write_report(cfg: Config, summary: dict, ids: list[str], out_dir: str) -> di
         report = json.loads(read_text(path))
         datasets[report["dataset"]] = report
     v, buckets = summary["variants"], summary["mask_buckets"]
+    variants, deltas = variants_in(v), deltas_in(v)
 
     def bars(block: dict, metric: str) -> dict:
-        return {x.short: (block[k][metric]["mean"], block[k][metric]["std"]) for k, x in VARIANTS.items()}
+        return {x.short: (block[k][metric]["mean"], block[k][metric]["std"]) for k, x in variants.items()}
 
     panels = {label: {"": bars(v, m)} for m, label in METRIC_LABELS.items()}
     plot_grouped_bars(panels, f"{name}: mean ± std over {v['blip']['samples']} held-out samples",
                       f"{out_dir}/metrics.png")
     panels = {"CLIP score ↑": {b: bars(blk, "clip_score") for b, blk in buckets.items()},
-              "FID ↓": {b: {x.short: (blk[k]["fid"], None) for k, x in VARIANTS.items()} for b, blk in buckets.items()},
+              "FID ↓": {b: {x.short: (blk[k]["fid"], None) for k, x in variants.items()} for b, blk in buckets.items()},
               "PSNR (dB) ↑": {b: bars(blk, "psnr") for b, blk in buckets.items()}}
     plot_grouped_bars(panels, f"{name}: by mask area (share of the image hidden)", f"{out_dir}/mask_buckets.png")
     iv = summary["intervals"]
@@ -382,15 +444,16 @@ def write_report(cfg: Config, summary: dict, ids: list[str], out_dir: str) -> di
         return (None, None) if group is None or group["estimate"] is None else (
             group["estimate"], None if group["low"] is None else (group["low"], group["high"]))
 
-    panels = {f"{label.split(' ')[0]} difference": {s: {DELTA_LABELS[k]: delta(g[k][m]) for k in DELTAS}
+    panels = {f"{label.split(' ')[0]} difference": {s: {DELTA_LABELS[k]: delta(g[k][m]) for k in deltas}
                                                     for s, g in scopes.items()}
               for m, label in METRIC_LABELS.items()}
     plot_grouped_bars(panels, f"{name}: paired differences per sample, {round(100 * iv['confidence'])} % bootstrap "
                       "intervals, by mask area", f"{out_dir}/deltas.png")
     examples = sorted(ids, key=lambda i: sample_seed(cfg.seed, i, "grid"))[: cfg.evaluate.grid_rows]
-    rows = _read_eval_rows(out_dir, examples, ["caption", "caption_finetuned", "image_png", "mask_png",
-                                               *(x.image for x in VARIANTS.values())])
-    plot_image_grid(grid_rows(rows), GRID_TITLES, f"{out_dir}/grid.png")
+    captions = [x.caption for x in variants.values() if x.caption]
+    images = [x.image for x in variants.values()]
+    rows = _read_eval_rows(out_dir, examples, ["image_png", "mask_png", *captions, *images])
+    plot_image_grid(grid_rows(rows), grid_titles(variants), f"{out_dir}/grid.png")
     fid_name = stages.model_ids(cfg).get("fid", "")
     changed = summary["changed"]
     tables = {"table1": table1(datasets), "paired": paired_table(summary), "metrics": metrics_table(summary),
@@ -403,7 +466,7 @@ def write_report(cfg: Config, summary: dict, ids: list[str], out_dir: str) -> di
 fine-tuning), models preset `{cfg.models.preset}`{f', FID features `{fid_name}`' if fid_name else ''}.
 Each sample is inpainted three times from the same noise: without text (the paper's
 baseline), with the original BLIP's caption, and with the fine-tuned BLIP's caption.
-CLIP score is taken against the caption that guided the image (the baseline against
+{reranked_text(summary)}CLIP score is taken against the caption that guided the image (the baseline against
 BLIP's); FID against the ground-truth images. FID protocol: {fid_protocol(cfg)}.
 
 Fine-tuning changed the caption of {changed['captions']} of {changed['of']} samples
@@ -473,8 +536,9 @@ def write_page(cfg: Config, report: dict, tables: dict[str, Table], out_dir: str
     edges = list(cfg.evaluate.mask_buckets)
     chosen = sorted(ids, key=lambda i: sample_seed(cfg.seed, i, "gallery"))[: cfg.evaluate.gallery_limit]
     cards, written = [], set()
+    columns = gallery_columns(variants_in(report["variants"]))
     for part in row_reads(out_dir, chosen):
-        rows = read_rows({"path": [part["path"]], "ids": [part["ids"]]}, ["id", *GALLERY_COLUMNS])
+        rows = read_rows({"path": [part["path"]], "ids": [part["ids"]]}, ["id", *columns])
         files = {}
         for k, bucket in enumerate(bucket_of(rows["mask_area"], edges)):
             card, images = report_page.card({c: v[k] for c, v in rows.items()}, len(cards), bucket)
@@ -501,10 +565,11 @@ def write_page(cfg: Config, report: dict, tables: dict[str, Table], out_dir: str
         "caption_effect_text": caption_effect_parts(report)[0].replace("`", ""),
         "intervals_text": intervals_text(iv).replace("`", ""),
         "scorer_text": scorer_text(report["changed"]),
+        "reranked_text": reranked_text(report).strip(),
         "plots": [{"file": f, "title": t} for f, t in PLOTS.items() if kind(f"{out_dir}/{f}") == "File"
                   and (f != "scorer_changed.png" or report["changed"]["scorer"].get("samples"))],
         "gallery": {"cards": sorted(cards, key=lambda c: c["id"]), "shown": len(cards), "total": len(ids),
-                    "limit": cfg.evaluate.gallery_limit, "sort_keys": report_page.SORT_KEYS,
+                    "limit": cfg.evaluate.gallery_limit, "sort_keys": report_page.sort_keys(report["variants"]),
                     "buckets": [b for b in bucket_names(edges) if b in report["mask_buckets"]]},
         "errors": {"rows": errors[:ERRORS_LISTED], "total": s["errors"] + generate_count},
         "settings": settings, "config_yaml": to_yaml(cfg)})
@@ -519,6 +584,9 @@ def run(cfg: Config) -> dict:
                                                                 "rayjobs.finetune_blip")):
         if kind(path) == "NotFound":
             raise ConfigError(f"{path} is missing: run {step} first")
+    if cfg.caption.candidates > 1 and kind(paths["scorer"]) != "Directory":
+        raise ConfigError(f"caption.candidates={cfg.caption.candidates} reranks captions with the trained scorer, "
+                          f"and {paths['scorer']} is missing: run rayjobs.train_scorer first")
     ids = evaluation_ids(cfg)
     if len(ids) < 2:
         raise ConfigError(f"only {len(ids)} held-out samples in {paths['samples']}: FID needs at least 2 "
@@ -526,10 +594,10 @@ def run(cfg: Config) -> dict:
     out_dir = paths["out"]
     # Rows made with another fine-tuned BLIP (or other generate settings) must not mix.
     decoder = json.loads(read_text(paths["check"])).get("decoder") if kind(paths["check"]) == "File" else None
-    check_fingerprint(out_dir, {**fingerprint(cfg), "finetuned_decoder": decoder})
+    check_fingerprint(out_dir, {**candidate_fingerprint(cfg), "finetuned_decoder": decoder})
     write_text(f"{out_dir}/config.yaml", to_yaml(cfg))
     models.run(cfg)  # the inpainter, CLIP and FID networks from the model store, never the hub
-    commit_log = CommitLog(out_dir, EVAL_SCHEMA)
+    commit_log = CommitLog(out_dir, eval_schema(cfg))
     owner = commit_log.take_over()  # before recovering: a killed run's stragglers stop committing
     recovered = commit_log.recover()
     retried = commit_log.uncommit(stage_failure) if cfg.evaluate.retry_failed else []
@@ -555,8 +623,9 @@ def run(cfg: Config) -> dict:
     if len(sample_ids) < 2:
         raise JobError(f"{out_dir}: only {len(sample_ids)} samples evaluated, FID needs 2 (errors: {dict(errors)}, "
                        f"listed in {out_dir}/errors; evaluate.retry_failed=true tries `stage failed` rows again)")
-    columns = _read_eval_rows(out_dir, sample_ids, ["mask_area", "caption", FINETUNED["caption"],
-                                                    *(m + v.suffix for v in VARIANTS.values() for m in METRICS)])
+    variants = evaluated_variants(cfg)
+    columns = _read_eval_rows(out_dir, sample_ids, ["mask_area", *(v.caption for v in variants.values() if v.caption),
+                                                    *(m + v.suffix for v in variants.values() for m in METRICS)])
     changed = [str(i) for i, a, c in zip(columns["id"], columns["caption"], columns[FINETUNED["caption"]]) if a != c]
     fid, fid_bootstrap = compute_fid(cfg, sample_ids, changed)
     b = cfg.evaluate.bootstrap
@@ -565,6 +634,10 @@ def run(cfg: Config) -> dict:
     summary["intervals"]["fid_replicates"] = b.fid_replicates
     summary["caption_effect"] = caption_effect(summary, list(cfg.evaluate.mask_buckets))
     summary["changed"]["scorer"] = scorer_on_changed(cfg, out_dir, changed)
+    if "reranked" in variants:
+        differs = [a != b for a, b in zip(columns["caption_reranked"], columns["caption"])]
+        summary["reranked"] = {"candidates": cfg.caption.candidates, "differs": int(sum(differs)), "of": len(differs),
+                               "share": float(np.mean(differs))}
     report = {
         "dataset": dataset_name(cfg), "run_dir": cfg.run_dir, "out_dir": out_dir,
         "evaluation_set": {"heldout_fraction": heldout_fraction(cfg, generated_ids(cfg)), "limit": cfg.evaluate.limit,
@@ -589,16 +662,20 @@ def print_report(report: dict) -> None:
     print(f"\nevaluation of {report['dataset']}: {s['samples']} held-out samples ({s['errors']} errors), "
           f"this run evaluated {s['this_run']['evaluated']}")
     print(f"{'':<40}{'CLIP score':>12}{'FID':>10}{'SSIM':>8}{'PSNR':>8}")
-    for key, v in VARIANTS.items():
+    for key, v in variants_in(report["variants"]).items():
         e = report["variants"][key]
         print(f"{v.label:<40}{fmt(e['clip_score']['mean']):>12}{fmt(e['fid']):>10}{fmt(e['ssim']['mean'], 3):>8}"
               f"{fmt(e['psnr']['mean']):>8}")
     iv = report["intervals"]
-    for key in DELTAS:
+    for key in deltas_in(report["variants"]):
         print(f"{DELTA_LABELS[key]} (paired, {round(100 * iv['confidence'])} % interval): " + ", ".join(
             f"{m} {fmt_interval(iv[ALL][key][m], 3, sign=True)}" for m in (*PAIRED, "fid") if m in iv[ALL][key]))
     changed = report["changed"]
     print(f"fine-tuning changed {changed['captions']} of {changed['of']} held-out captions")
+    if report.get("reranked"):
+        r = report["reranked"]
+        print(f"the scorer-reranked caption (of {r['candidates']} candidates) differs from the greedy one on "
+              f"{r['differs']} of {r['of']}")
     print(f"report: {report['out_dir']}/report.html (tables also in report.md)")
 
 

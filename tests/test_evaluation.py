@@ -17,6 +17,7 @@ from blipinpaint.evaluation import (
     paired_table,
     summarize,
     table1,
+    variants_in,
 )
 from blipinpaint.records import METRICS
 
@@ -28,13 +29,19 @@ def test_mask_buckets_from_edges():
     assert bucket_of(np.array([0.5]), []) == ["all"]
 
 
-def columns(n: int = 6) -> dict[str, np.ndarray]:
+PAPER_VARIANTS = ("baseline", "blip", "finetuned")
+
+
+def columns(n: int = 6, variants=PAPER_VARIANTS) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     out = {"mask_area": np.array([0.05, 0.05, 0.2, 0.2, 0.2, 0.5][:n], dtype=np.float32),
            "caption": np.array([f"caption {i}" for i in range(n)], dtype=object)}
     out["caption_finetuned"] = np.array([f"new {c}" if i in (2, 4) else c for i, c in enumerate(out["caption"])],
                                         dtype=object)
-    for v in VARIANTS.values():
+    if "reranked" in variants:
+        out["caption_reranked"] = np.array([f"best {c}" if i in (1, 2) else c for i, c in enumerate(out["caption"])],
+                                           dtype=object)
+    for v in variants_in(variants).values():
         for m in METRICS:
             out[m + v.suffix] = rng.uniform(0, 30, n).astype(np.float32)
     return out
@@ -66,8 +73,8 @@ def test_table1_has_a_row_per_variant_and_columns_per_dataset():
     table = table1(summaries).splitlines()
     assert table[0].count("CLIP score ↑") == 2 and "VisualGenome: FID ↓" in table[0]
     rows = table[2:]
-    assert [r.split("|")[1].strip() for r in rows] == [v.label for v in VARIANTS.values()] + [
-        f"{label} (paired)" for label in DELTA_LABELS.values()]
+    assert [r.split("|")[1].strip() for r in rows] == [VARIANTS[k].label for k in PAPER_VARIANTS] + [
+        f"{DELTA_LABELS[d]} (paired)" for d in ("blip_vs_baseline", "finetuned_vs_blip")]
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")[1:]]
         assert len(cells) == 6 and "n/a" not in cells and all(cells)
@@ -150,7 +157,7 @@ def test_fid_is_taken_on_the_changed_samples_alone():
     assert scopes["one"] == {}
     rows = torch.as_tensor([ids.index(i) for i in sorted(changed)])
     expected = fid_draw({k: x[rows] for k, x in features.items()}, REAL)
-    assert {k: scopes["changed"][k]["estimate"] for k in VARIANTS} == pytest.approx(expected, abs=1e-9)
+    assert {k: scopes["changed"][k]["estimate"] for k in expected} == pytest.approx(expected, abs=1e-9)
     assert scopes["changed"]["finetuned"]["n"] == 3 and scopes[ALL]["finetuned"]["n"] == 6
     assert scopes["changed"]["blip"]["estimate"] != pytest.approx(scopes[ALL]["blip"]["estimate"])
     summary = summarize(columns(), fid(3.0), [0.1, 0.3], (100, 0, 0.95), scopes)
@@ -191,3 +198,28 @@ def test_the_caption_effect_names_the_bucket_where_it_stops_helping():
     assert everywhere["stops_helping_from"] is None  # up to the largest masks: no threshold
     nowhere = caption_effect(summary({"<10%": (unclear, unclear), ">=30%": (hurts, unclear)}), edges)
     assert nowhere["stops_helping_from"] is None and nowhere["caption_max_mask_area"] is None
+
+
+def test_the_reranked_variant_joins_every_table_where_its_rows_have_it():
+    """With `caption.candidates` above 1 the rows carry the reranked variant: it gets a row in
+    Table 1, the metrics and bucket tables, and its paired difference against BLIP; a dataset
+    evaluated without it shows n/a in its columns of the same Table 1."""
+    cols = columns(variants=(*PAPER_VARIANTS, "reranked"))
+    with_reranked = summarize(cols, fid(3.0), [0.1, 0.3], (100, 0, 0.95))
+    plain = summarize(columns(), fid(3.0), [0.1, 0.3], (100, 0, 0.95))
+    assert list(with_reranked["variants"]) == [*PAPER_VARIANTS, "reranked"] and list(plain["variants"]) == [
+        *PAPER_VARIANTS]
+    delta = with_reranked["intervals"][ALL]["reranked_vs_blip"]["ssim"]
+    assert delta["estimate"] == pytest.approx(float(np.mean(cols["ssim_reranked"].astype(np.float64)
+                                                             - cols["ssim"].astype(np.float64))))
+    assert "reranked_vs_blip" not in plain["intervals"][ALL]
+    rows = {r.split("|")[1].strip(): [c.strip() for c in r.strip("|").split("|")[1:]]
+            for r in table1({"A": with_reranked, "B": plain}).splitlines()[2:]}
+    assert list(rows) == [VARIANTS[k].label for k in (*PAPER_VARIANTS, "reranked")] + [
+        f"{DELTA_LABELS[d]} (paired)" for d in ("blip_vs_baseline", "finetuned_vs_blip", "reranked_vs_blip")]
+    reranked = rows["+ scorer-reranked caption"]
+    assert reranked[:3] != ["n/a", "n/a", "0"] and reranked[3:] == ["n/a", "n/a", "0"]
+    assert rows["reranked − BLIP (paired)"][3:] == ["n/a", "n/a", "0"]
+    assert "+ scorer-reranked caption" in metrics_table(with_reranked)
+    assert "reranked: CLIP ↑" in bucket_table(with_reranked) and "reranked" not in bucket_table(plain)
+    assert "reranked − BLIP" in paired_table(with_reranked) and "reranked" not in paired_table(plain)

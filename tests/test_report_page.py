@@ -60,9 +60,11 @@ def build(out_dir, rows=ROWS, errors=()) -> str:
         "dataset": f"coco {HOSTILE}", "run_dir": f"runs/{HOSTILE}",
         "counts": {"samples": len(rows), "errors": len(errors), "generate_errors": 0, "changed": 3},
         "tables": {"table1": table, "paired": table, "metrics": table, "buckets": table, "caption_effect": table},
-        "caption_effect_text": "where it helps", "intervals_text": "intervals", "scorer_text": "scorer", "plots": [],
+        "caption_effect_text": "where it helps", "intervals_text": "intervals", "scorer_text": "scorer",
+        "reranked_text": "", "plots": [],
         "gallery": {"cards": cards, "shown": len(cards), "total": 40, "limit": 5,
-                    "sort_keys": report_page.SORT_KEYS, "buckets": sorted(set(BUCKETS))},
+                    "sort_keys": report_page.sort_keys(["baseline", "blip", "finetuned"]),
+                    "buckets": sorted(set(BUCKETS))},
         "errors": {"rows": list(errors), "total": len(errors)},
         "settings": [("run_dir", f"runs/{HOSTILE}")], "config_yaml": f"run_dir: {HOSTILE}"})
 

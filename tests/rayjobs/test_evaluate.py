@@ -202,3 +202,56 @@ def test_fid_workers_fold_their_shard_in_batches_of_the_configured_size(local_ra
     # Each row's features too, for the FID intervals: a row per id, in the same order in every set.
     assert sorted(out["ids"]) == [f"s{i}" for i in range(5)]
     assert {name: len(f) for name, f in out["features"].items()} == {name: 5 for name in FID_SETS}
+
+
+def test_scorer_reranked_captions_add_a_variant_to_every_table_and_the_page(main_run, local_ray, tmp_path, browser):
+    """`caption.candidates=4`: the stream's reranked caption is the Reranker's own pick (seeded
+    per sample: the same in a worker as here); a sample whose pick is the greedy caption reuses
+    the BLIP variant's inpainting and scores, the others are inpainted from the same noise;
+    report.json records N and how often the pick differs; Table 1, the other tables, the
+    plots' legends and the page's cards show the variant."""
+    from blipinpaint import stages
+    from blipinpaint.io import decode_png
+
+    copy_run(main_run[1] / "run", tmp_path)
+    cfg = _evaluate_cfg(tmp_path, "caption.candidates=4", "train.val_fraction=0.9")
+    report = evaluate.run(cfg)
+    rows = sorted(pq.read_table(tmp_path / "eval" / "samples").to_pylist(), key=lambda r: r["id"])
+    assert len(rows) == report["evaluation_set"]["samples"] >= 4
+
+    reranker = stages.build_reranker(cfg, str(tmp_path / "scorer" / "model"))
+    batch = {"id": np.array([r["id"] for r in rows], dtype=object),
+             "image": np.stack([decode_png(r["image_png"]) for r in rows]),
+             "mask": np.stack([(decode_png(r["mask_png"]) > 127).astype(np.uint8) for r in rows])}
+    assert [r["caption_reranked"] for r in rows] == list(reranker(batch)["caption_reranked"])
+    differs = [r["caption_reranked"] != r["caption"] for r in rows]
+    assert report["reranked"] == {"candidates": 4, "differs": sum(differs), "of": len(rows),
+                                  "share": pytest.approx(sum(differs) / len(rows))}
+    for row, changed in zip(rows, differs):
+        same = [row[m + "_reranked"] == row[m] for m in METRICS]
+        if not changed:  # the BLIP variant's, reused
+            assert row["inpainted_reranked_png"] == row["inpainted_png"] and all(same)
+        else:  # its own inpainting (the caption was its only input that differs) and scores
+            assert row["inpainted_reranked_png"] != row["inpainted_png"] and not all(same)
+    assert any(differs), "no reranked caption differed from the greedy one: the inpainting path went untested"
+
+    assert list(report["variants"]) == ["baseline", "blip", "finetuned", "reranked"]
+    assert report["variants"]["reranked"]["ssim"]["mean"] == pytest.approx(np.mean([r["ssim_reranked"] for r in rows]))
+    assert report["intervals"]["all"]["reranked_vs_blip"]["ssim"]["n"] == len(rows)
+    markdown = (tmp_path / "eval" / "report.md").read_text()
+    table = markdown.split("## Table 1")[1].split("\n## ")[0]
+    line = next(r for r in table.splitlines() if r.startswith("| + scorer-reranked caption |"))
+    assert "n/a" not in line and f"| {len(rows)} |" in line
+    assert "| reranked − BLIP (paired) |" in table
+    assert f"differs from the greedy caption on {sum(differs)} of {len(rows)}" in markdown
+    assert "reranked: CLIP ↑" in markdown.split("## By mask area")[1]
+
+    found = open_page(browser, tmp_path / "eval" / "report.html")
+    assert not found["console_errors"] and not found["broken_images"]
+    assert f"differs from the greedy caption on {sum(differs)} of {len(rows)}" in browser.find_element(
+        "css selector", "p.lead").text
+    titles = [f.text.split("\n")[0] for f in browser.find_elements("css selector", "#gallery .card")[0].find_elements(
+        "css selector", "figcaption b")]
+    assert titles[-1] == "scorer-reranked caption" and len(titles) == 6
+    options = [o.text for o in browser.find_elements("css selector", "option")]
+    assert "reranked − BLIP: SSIM" in options
