@@ -21,6 +21,14 @@ L_BLIP = λ1·(1 − SSIM) − λ2·PSNR − λ3·CLIP on the scorer's predictio
 is minimised. Only the text decoder trains; the vision encoder and the scorer stay
 bit-identical. Ray Train runs DeepSpeed ZeRO workers.
 
+With `finetune.method=reward_ranked` (after `python -m rayjobs.candidates`, same
+`caption.candidates`) each training image's caption is instead its candidate of lowest
+real L_BLIP (inpainted and scored, not predicted), and the decoder learns it by its
+language-model loss (next-token cross-entropy over the caption's tokens); no scorer is
+read. An image whose candidates all failed is left out (the report counts it). Whenever
+`run_dir/candidates/` exists, the probe records and the report say on what share of the
+probe set's training images the greedy caption is that best candidate, before and after.
+
 Outputs: `run_dir/blip/` (a Hugging Face folder, safetensors, that
 `BlipForConditionalGeneration.from_pretrained` loads and that generate/evaluate accept as
 `models.captioner.name_or_path`) and `run_dir/finetune/` (`metrics.jsonl`, `loss.png`, `probe.png`,
