@@ -121,6 +121,24 @@ def build_dataset(cfg: Config, reads: list[dict], ledger, owner: str | None = No
                         owner)
 
 
+def read_tasks(train_reads: list[dict], pending: dict[str, list[int]], images: int) -> list[dict]:
+    """Read tasks of at most `images` images with pending candidates (and which), each from one
+    of generate's parts (several tasks may read one part).
+
+    Each task's rows travel on as one block, and a block goes to one actor of each pool (the
+    captioner's output, `candidates` rows per image, is one block too): blocks of a few
+    images keep every inpainter busy and commits coming, where a block per part (64 images
+    by default) would leave one inpainter working through a part's candidates alone."""
+    tasks = []
+    for r in train_reads:
+        chosen = [i for i in r["ids"] if i in pending]
+        for at in range(0, len(chosen), images):
+            ids = chosen[at:at + images]
+            tasks.append({"path": r["path"], "ids": ids,
+                          PENDING: json.dumps({i: pending_text(pending[i]) for i in ids})})
+    return tasks
+
+
 def read_candidates(out_dir: str, image_ids: set[str] | None = None) -> dict[str, np.ndarray]:
     """The committed candidate rows (`RANK_COLUMNS`), of the images `image_ids` only if given."""
     parts = CommitLog(out_dir, CANDIDATE_SCHEMA).committed_samples()
@@ -216,11 +234,11 @@ def run(cfg: Config) -> dict:
 
     pipeline_s = 0.0
     if pending:
-        reads = [{"path": r["path"], "ids": chosen,
-                  PENDING: json.dumps({i: pending_text(pending[i]) for i in chosen})}
-                 for r in train_reads if (chosen := [i for i in r["ids"] if i in pending])]
+        reads = read_tasks(train_reads, pending, cfg.generate.read.batch_size)
         connect(cfg.ray_address, cfg.ray_progress)
-        cfg = size_pools(cfg, rows)
+        # Sized by images, not rows: a read task's block (`read_tasks`) reaches one inpainter
+        # with all its images' candidates, so more inpainters than blocks would sit idle.
+        cfg = size_pools(cfg, len(pending))
         t0 = time.perf_counter()
         with (attempt_ledger() as ledger, job_errors(),
               CommitProgress("candidates", out_dir, len(images) * n, len(images) * n - rows, cfg.progress_s)):

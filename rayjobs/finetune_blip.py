@@ -275,7 +275,8 @@ def finetune_loop(config: dict) -> None:
         if rank == 0:
             probed = probe_record(epoch, engine.global_steps, now, before, probe_held, tokenize, predicted, probe_best)
             write_jsonl(log_uri, [*read_jsonl(log_uri), *records, probed])
-            progress.epoch(epoch, {"loss": mean_loss, "probe captions changed": probed["probe_changed"]})
+            progress.epoch(epoch, {"loss": mean_loss, "probe captions changed": probed["probe_changed"],
+                                   "greedy = best candidate": probed.get("best_caption_share")})
         training.save_and_report(engine, {"epoch": epoch, "step": engine.global_steps, "loss": mean_loss},
                                  {"epoch": epoch})
 
