@@ -41,3 +41,14 @@ def caption_kl(logits: torch.Tensor, reference_logits: torch.Tensor, tokens: tor
     per_token = (log_q.exp() * (log_q - log_p)).sum(dim=-1)
     weights = tokens.to(per_token.dtype)
     return (per_token * weights).sum() / weights.sum().clamp(min=1)
+
+
+def caption_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """The language-model loss of a teacher-forced caption: mean next-token cross-entropy
+    over the caption's tokens (`tokens`, 1 on its words and closing [SEP]), the logits at
+    position t predicting token t + 1.
+
+    Reward-ranked fine-tuning trains on it: the decoder learns to give the best candidate."""
+    per_token = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), input_ids[:, 1:], reduction="none")
+    weights = tokens[:, 1:].to(per_token.dtype)
+    return (per_token * weights).sum() / weights.sum().clamp(min=1)

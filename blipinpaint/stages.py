@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from blipinpaint.candidates import CandidateCaptioner
 from blipinpaint.captioning import Captioner, Reranker
 from blipinpaint.config import Config, model_store
 from blipinpaint.fid import FidAccumulator
@@ -113,6 +114,14 @@ def build_reranker(cfg: Config, scorer_dir: str) -> Reranker:
     c = cfg.caption
     return Reranker(model, scorer, loss_weights(cfg), c.candidates, cfg.seed, c.max_new_tokens, c.num_beams,
                     cfg.scorer.feature_layer)
+
+
+def build_candidate_captioner(cfg: Config) -> CandidateCaptioner:
+    """The original BLIP proposing `caption.candidates` captions per image, a row each."""
+    device, dtype = _device_dtype(cfg)
+    model = load_captioner(resolve_preset(cfg).captioner, device, dtype)
+    c = cfg.caption
+    return CandidateCaptioner(model, c.candidates, cfg.seed, c.max_new_tokens, c.num_beams)
 
 
 def build_inpainter(cfg: Config, prompts: dict[str, str | None] | None = None) -> Inpainter:

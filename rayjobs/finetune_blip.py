@@ -21,6 +21,14 @@ L_BLIP = λ1·(1 − SSIM) − λ2·PSNR − λ3·CLIP on the scorer's predictio
 is minimised. Only the text decoder trains; the vision encoder and the scorer stay
 bit-identical. Ray Train runs DeepSpeed ZeRO workers.
 
+With `finetune.method=reward_ranked` (after `python -m rayjobs.candidates`, same
+`caption.candidates`) each training image's caption is instead its candidate of lowest
+real L_BLIP (inpainted and scored, not predicted), and the decoder learns it by its
+language-model loss (next-token cross-entropy over the caption's tokens); no scorer is
+read. An image whose candidates all failed is left out (the report counts it). Whenever
+`run_dir/candidates/` exists, the probe records and the report say on what share of the
+probe set's training images the greedy caption is that best candidate, before and after.
+
 Outputs: `run_dir/blip/` (a Hugging Face folder, safetensors, that
 `BlipForConditionalGeneration.from_pretrained` loads and that generate/evaluate accept as
 `models.captioner.name_or_path`) and `run_dir/finetune/` (`metrics.jsonl`, `loss.png`, `probe.png`,
@@ -60,7 +68,7 @@ from blipinpaint.captioning import (
 )
 from blipinpaint.config import Config, ConfigError, to_yaml
 from blipinpaint.io import decode_png
-from blipinpaint.losses import LossWeights, blip_loss, caption_kl
+from blipinpaint.losses import LossWeights, blip_loss, caption_kl, caption_lm_loss
 from blipinpaint.masks import masked_pixels
 from blipinpaint.models import load_captioner
 from blipinpaint.report import plot_curves, write_tensorboard
@@ -69,8 +77,9 @@ from blipinpaint.seeds import sample_seed
 from blipinpaint.stages import resolve_preset
 from blipinpaint.storage import kind, local_dir, read_jsonl, read_text, upload_dir, write_jsonl, write_text
 from blipinpaint.writer import CommitLog
-from rayjobs import models, training
+from rayjobs import candidates, models, training
 from rayjobs.common import connect, job_main, read_committed, read_rows
+from rayjobs.generate import candidate_fingerprint, check_fingerprint, fingerprint
 from rayjobs.progress import TrainProgress
 
 log = logging.getLogger("blipinpaint.finetune_blip")
@@ -120,15 +129,25 @@ def probe_set(cfg: Config, train_reads: list[dict], val_reads: list[dict]) -> di
 
 
 def probe_record(epoch: int, step: int, captions: list[str], before: list[str], heldout: list[bool],
-                 tokenize, predicted: list[float]) -> dict:
-    """What fine-tuning did to the probe set's captions so far (`before`: before training)."""
+                 tokenize, predicted: list[float], best: list[str | None] | None = None) -> dict:
+    """What fine-tuning did to the probe set's captions so far (`before`: before training);
+    with `best` (each probe image's best candidate, None where it has none), how many of
+    them the greedy caption now equals (`best_caption_share`)."""
     changed = [a != b for a, b in zip(captions, before)]
     return {"epoch": epoch, "step": step, "probe_changed": sum(changed),
             "probe_changed_heldout": sum(c and h for c, h in zip(changed, heldout)),
             "probe_edit_distance": float(np.mean([edit_distance(tokenize(a), tokenize(b))
                                                   for a, b in zip(captions, before)])),
             **{f"probe_pred_{name}": value for name, value in zip(("ssim", "psnr", "clip"), predicted)},
+            **({} if best is None else best_share(captions, best)),
             "probe_captions": captions}
+
+
+def best_share(captions: list[str], best: list[str | None]) -> dict:
+    """The share of images with a best candidate (`best`, None elsewhere) whose caption equals it."""
+    pairs = [(c, b) for c, b in zip(captions, best) if b is not None]
+    return {"best_caption_share": sum(c == b for c, b in pairs) / len(pairs) if pairs else None,
+            "best_caption_images": len(pairs)}
 
 
 def finetune_loop(config: dict) -> None:
@@ -143,8 +162,11 @@ def finetune_loop(config: dict) -> None:
     model = bundle.model
     model.requires_grad_(False)
     model.text_decoder.requires_grad_(True)
-    scorer = ScoreNet.from_pretrained(local_dir(config["scorer_dir"])).to(device).requires_grad_(False)
-    scorer_before = checksum(scorer)
+    # reward_ranked trains on the best candidates' captions: no scorer (nor need of one).
+    reward_ranked = cfg.finetune.method == "reward_ranked"
+    scorer = (None if reward_ranked else
+              ScoreNet.from_pretrained(local_dir(config["scorer_dir"])).to(device).requires_grad_(False))
+    scorer_before = None if scorer is None else checksum(scorer)
     # Copied before DeepSpeed partitions (ZeRO-3) and casts the decoder; cast with it below.
     reference = copy.deepcopy(model.text_decoder).requires_grad_(False) if cfg.finetune.kl_weight > 0 else None
     half = training.half_dtype(cfg)
@@ -178,6 +200,8 @@ def finetune_loop(config: dict) -> None:
     probe = read_rows(config["probe"], COLUMNS)
     probe_ids = [str(i) for i in probe["id"]]
     probe_held = [i in set(config["probe"]["heldout"]) for i in probe_ids]
+    # Each probe image's best candidate (training images with candidate rows; None elsewhere).
+    probe_best = None if config["best"] is None else [config["best"].get(i) for i in probe_ids]
     with torch.no_grad():  # the vision encoder is frozen: its embeddings of the probe set, once
         probe_embeds = encode_images(model, _pixels(probe, bundle.image_processor, device, model.vision_model.dtype))
 
@@ -186,9 +210,12 @@ def finetune_loop(config: dict) -> None:
 
     def look() -> tuple[list[str], list[float]]:
         """The probe set's greedy captions from the decoder as it is now, and the scorer's
-        mean prediction (SSIM, PSNR, CLIP) for them."""
+        mean prediction (SSIM, PSNR, CLIP) for them (none without a scorer)."""
         engine.eval()
         captions = probe_captions(model, bundle.tokenizer, probe_embeds, cfg, synced=ctx.get_world_size() > 1)
+        if scorer is None:
+            engine.train()
+            return captions, []
         with torch.no_grad():
             features, _ = decode_caption(model, probe_embeds, caption_ids(model, bundle.tokenizer, captions).to(device),
                                          decoder=engine, layer=cfg.scorer.feature_layer)
@@ -200,7 +227,7 @@ def finetune_loop(config: dict) -> None:
     if start == 0:
         before, predicted = look()
         if rank == 0:
-            write_jsonl(log_uri, [probe_record(-1, 0, before, before, probe_held, tokenize, predicted)])
+            write_jsonl(log_uri, [probe_record(-1, 0, before, before, probe_held, tokenize, predicted, probe_best)])
     elif rank == 0:  # a resumed run: the captions before training are in the log (else: generate's)
         before = next((r["probe_captions"] for r in read_jsonl(log_uri) if r["epoch"] == -1),
                       [str(c) for c in probe["caption"]])
@@ -218,11 +245,15 @@ def finetune_loop(config: dict) -> None:
                 embeds = encode_images(model, pixels)
             ids = caption_ids(model, bundle.tokenizer, [str(c) for c in batch["caption"]]).to(device)
             features, logits = decode_caption(model, embeds, ids, decoder=engine, layer=cfg.scorer.feature_layer)
-            ssim, psnr, clip = scorer.destandardize(scorer(features.float())).unbind(dim=1)
-            loss = blip_loss(ssim, psnr, clip, weights)
-            record = {"epoch": epoch, "resumed_at_epoch": start if state else None, "loss_blip": loss.item(),
-                      "pred_ssim": ssim.mean().item(),
-                      "pred_psnr": psnr.mean().item(), "pred_clip": clip.mean().item()}
+            if reward_ranked:  # `caption` is each image's best candidate: learn to say it
+                loss = caption_lm_loss(logits, ids, caption_token_mask(model, ids))
+                record = {"epoch": epoch, "resumed_at_epoch": start if state else None, "loss_lm": loss.item()}
+            else:
+                ssim, psnr, clip = scorer.destandardize(scorer(features.float())).unbind(dim=1)
+                loss = blip_loss(ssim, psnr, clip, weights)
+                record = {"epoch": epoch, "resumed_at_epoch": start if state else None, "loss_blip": loss.item(),
+                          "pred_ssim": ssim.mean().item(),
+                          "pred_psnr": psnr.mean().item(), "pred_clip": clip.mean().item()}
             if reference is not None:
                 with torch.no_grad():
                     pad = model.config.text_config.pad_token_id
@@ -242,9 +273,10 @@ def finetune_loop(config: dict) -> None:
         mean_loss = float(np.mean([r["loss"] for r in records])) if records else float("nan")
         now, predicted = look()
         if rank == 0:
-            probed = probe_record(epoch, engine.global_steps, now, before, probe_held, tokenize, predicted)
+            probed = probe_record(epoch, engine.global_steps, now, before, probe_held, tokenize, predicted, probe_best)
             write_jsonl(log_uri, [*read_jsonl(log_uri), *records, probed])
-            progress.epoch(epoch, {"loss": mean_loss, "probe captions changed": probed["probe_changed"]})
+            progress.epoch(epoch, {"loss": mean_loss, "probe captions changed": probed["probe_changed"],
+                                   "greedy = best candidate": probed.get("best_caption_share")})
         training.save_and_report(engine, {"epoch": epoch, "step": engine.global_steps, "loss": mean_loss},
                                  {"epoch": epoch})
 
@@ -273,7 +305,8 @@ def finetune_loop(config: dict) -> None:
             for part in (original.model, original.tokenizer, original.image_processor):
                 part.save_pretrained(folder)
             upload_dir(folder, config["blip_dir"])
-        write_text(config["check_uri"], json.dumps({"scorer_before": scorer_before, "scorer_after": checksum(scorer),
+        write_text(config["check_uri"], json.dumps({"scorer_before": scorer_before,
+                                                    "scorer_after": None if scorer is None else checksum(scorer),
                                                     "decoder": checksum(original.model.text_decoder),
                                                     "frozen_unchanged": checksum(model, skip="text_decoder.")
                                                     == frozen_before,
@@ -281,13 +314,45 @@ def finetune_loop(config: dict) -> None:
                                                     "engine": training.engine_settings(engine)}))
 
 
+def best_candidates(cfg: Config, train_ids: list[str]) -> dict[str, dict] | None:
+    """Each training image's best candidate by the real L_BLIP (`rayjobs.candidates`), of the
+    images with candidate rows; None where the run has no `candidates/` (method `scorer`).
+
+    reward_ranked trains on them: their rows must come from this run's settings (the number
+    of candidates included) and every candidate of every training image be accounted for.
+    The scorer method only measures against them: the same generate settings suffice."""
+    candidates_dir = f"{cfg.run_dir.rstrip('/')}/candidates"
+    reward_ranked = cfg.finetune.method == "reward_ranked"
+    if kind(candidates_dir) != "Directory":
+        if reward_ranked:
+            raise ConfigError(f"{candidates_dir} is missing: run rayjobs.candidates first")
+        return None
+    check_fingerprint(candidates_dir, candidate_fingerprint(cfg) if reward_ranked else fingerprint(cfg),
+                      record=False)
+    if reward_ranked:
+        done, n = CommitLog(candidates_dir).committed_ids(), cfg.caption.candidates
+        missing = [i for i in train_ids if any(candidates.candidate_id(i, k) not in done for k in range(n))]
+        if missing:
+            raise ConfigError(f"{candidates_dir}: {len(missing)} of {len(train_ids)} training images lack some of "
+                              f"their {n} candidates: run rayjobs.candidates (again) first")
+    return candidates.best_captions(cfg, set(train_ids))
+
+
+def with_captions(batch: dict, captions: dict[str, str]) -> dict:
+    """CPU task: each row's `caption` replaced by its image's (the best candidate's)."""
+    return {**batch, "caption": np.array([captions[str(i)] for i in batch["id"]], dtype=object)}
+
+
 def run(cfg: Config) -> dict:
     root = cfg.run_dir.rstrip("/")
     out_dir, scorer_dir, samples = f"{root}/finetune", f"{root}/scorer/model", f"{root}/generate/samples"
+    method = cfg.finetune.method
     if cfg.models.dtype == "fp16" and not cfg.train.use_gpu:
         # DeepSpeed trains in fp16 on GPUs only; falling back to fp32 silently would hide it.
         raise ConfigError("models.dtype=fp16 fine-tunes on GPUs only: set train.use_gpu=true (or models.dtype=bf16)")
-    for path, step in ((samples, "rayjobs.generate"), (scorer_dir, "rayjobs.train_scorer")):
+    needed = ((scorer_dir, "rayjobs.train_scorer") if method == "scorer"
+              else (f"{root}/candidates", "rayjobs.candidates"))
+    for path, step in ((samples, "rayjobs.generate"), needed):
         if kind(path) != "Directory":
             raise ConfigError(f"{path} is missing: run {step} first")
     models.run(cfg)  # the captioner from the model store, never the hub
@@ -296,14 +361,33 @@ def run(cfg: Config) -> dict:
     fence = (out_dir, CommitLog(out_dir).take_over())
     connect(cfg.ray_address, cfg.ray_progress)
     train_reads, val_reads = training.split_reads(cfg)
+    train_ids = [i for r in train_reads for i in r["ids"]]
+    # Every training image may be probed, whether or not it is trained on: the same probe set for both methods.
+    probe = probe_set(cfg, train_reads, val_reads)
+    best = best_candidates(cfg, train_ids)
+    ranked = {}
+    if method == "reward_ranked":
+        # Each image's caption becomes its best candidate's; an image whose candidates all
+        # failed has none to learn, and is left out (counted in the report).
+        ranked = {i: b["caption"] for i, b in best.items()}
+        if not ranked:
+            raise ConfigError(f"none of the {len(train_ids)} training images has a scored candidate "
+                              f"(see {root}/candidates/errors): nothing to fine-tune on")
+        train_reads = [{"path": r["path"], "ids": chosen} for r in train_reads
+                       if (chosen := [i for i in r["ids"] if i in ranked])]
+        log.info("reward_ranked: %d training images, %d with a best candidate", len(train_ids), len(ranked))
     train = read_committed(train_reads, COLUMNS, cfg.generate.read.num_cpus)
+    if ranked:
+        train = train.map_batches(with_captions, fn_kwargs={"captions": ranked}, batch_size=None,
+                                  num_cpus=cfg.generate.read.num_cpus)
     log.info("batch of %d per optimizer step: %d on each of %d workers", cfg.finetune.batch_size,
              training.per_worker(cfg, cfg.finetune.batch_size), cfg.train.num_workers)
     write_text(f"{out_dir}/config.yaml", to_yaml(cfg))
     trainer = training.make_trainer(
         finetune_loop,
         {"cfg": cfg, "captioner": resolve_preset(cfg).captioner, "scorer_dir": scorer_dir, "fence": fence,
-         "probe": probe_set(cfg, train_reads, val_reads),
+         "probe": probe,
+         "best": None if best is None else {i: best[i]["caption"] for ids in probe["ids"] for i in ids if i in best},
          "steps_per_epoch": math.ceil(sum(len(r["ids"]) for r in train_reads) / cfg.finetune.batch_size),
          "log_uri": f"{out_dir}/metrics.jsonl", "blip_dir": f"{root}/blip", "check_uri": f"{out_dir}/check.json"},
         cfg, name="finetune_blip", storage=f"{out_dir}/ray_train", datasets={"train": train},
@@ -312,7 +396,8 @@ def run(cfg: Config) -> dict:
     records = read_jsonl(f"{out_dir}/metrics.jsonl")
     probes = [r for r in records if "probe_changed" in r]
     records = [r for r in records if "loss" in r]
-    series = {"loss": "L_BLIP (+ KL)" if cfg.finetune.kl_weight > 0 else "L_BLIP"}
+    series = {"loss": ("L_BLIP" if method == "scorer" else "LM loss on the best candidates")
+              + (" (+ KL)" if cfg.finetune.kl_weight > 0 else "")}
     plot_curves(records, "step", series, "BLIP fine-tuning loss (per step, rank 0)", f"{out_dir}/loss.png")
     if cfg.train.tensorboard:
         write_tensorboard(records, "step", f"{out_dir}/tensorboard")
@@ -321,14 +406,28 @@ def run(cfg: Config) -> dict:
                 f"probe set ({2 * cfg.finetune.probe_size} images at most): captions against those before "
                 "training (epoch -1)", f"{out_dir}/probe.png")
     check = json.loads(read_text(f"{out_dir}/check.json"))
-    report = {"steps": check["steps"], "engine": check["engine"],
-              "scorer_unchanged": check["scorer_before"] == check["scorer_after"],
+    report = {"method": method, "steps": check["steps"], "engine": check["engine"],
+              "scorer_unchanged": (check["scorer_before"] == check["scorer_after"]
+                                   if check["scorer_before"] is not None else None),  # None: no scorer used
               "frozen_unchanged": check["frozen_unchanged"], "probe": check["probe"],
               "probe_changed": sum(r["caption"] != r["fine_tuned"] for r in check["probe"]),
               "probe_changed_heldout": sum(r["caption"] != r["fine_tuned"] for r in check["probe"] if r["heldout"]),
               "probe_by_epoch": [{k: v for k, v in r.items() if k != "probe_captions"} for r in probes],
               "first_loss": records[0]["loss"] if records else None,
               "last_loss": records[-1]["loss"] if records else None, "blip_dir": f"{root}/blip"}
+    if method == "reward_ranked":
+        report["reward_ranked"] = {"training_images": len(train_ids), "trained_on": len(ranked),
+                                   "left_out_without_candidates": len(train_ids) - len(ranked),
+                                   "best_is_greedy": sum(b["candidate"] == 0 for b in best.values())}
+    if best is not None:
+        # Over the probe set's training images with candidates: how often greedy decoding
+        # gives the best candidate, before fine-tuning and after.
+        rows = [r for r in check["probe"] if r["id"] in best]
+        targets = [best[r["id"]]["caption"] for r in rows]
+        before = best_share([r["caption"] for r in rows], targets)
+        after = best_share([r["fine_tuned"] for r in rows], targets)
+        report["best_caption_share"] = {"before": before["best_caption_share"],
+                                        "after": after["best_caption_share"], "images": len(rows)}
     write_text(f"{out_dir}/report.json", json.dumps(report, indent=2))
     training.owner_log(fence).release()
     return report
@@ -341,9 +440,20 @@ def main(argv: list[str] | None = None) -> int:
 def print_report(report: dict) -> None:
     losses = (f" (loss {report['first_loss']:.4f} -> {report['last_loss']:.4f})"
               if report["first_loss"] is not None else "")
-    print(f"\nfine-tuned BLIP in {report['blip_dir']} after {report['steps']} steps{losses}; "
+    print(f"\nfine-tuned BLIP ({report['method']}) in {report['blip_dir']} after {report['steps']} steps{losses}; "
           f"{report['probe_changed']} of {len(report['probe'])} probe captions changed "
           f"({report['probe_changed_heldout']} of them held out)")
+    if "reward_ranked" in report:
+        r = report["reward_ranked"]
+        print(f"trained on the best candidate of {r['trained_on']} of {r['training_images']} training images "
+              f"({r['left_out_without_candidates']} left out: no scored candidate; the greedy caption was already "
+              f"the best for {r['best_is_greedy']})")
+    share = report.get("best_caption_share")
+    if share is not None:
+        def pct(x):
+            return "n/a" if x is None else f"{100 * x:.0f} %"
+        print(f"greedy caption = best candidate on {pct(share['before'])} of {share['images']} probe training "
+              f"images before fine-tuning, {pct(share['after'])} after")
 
 
 if __name__ == "__main__":

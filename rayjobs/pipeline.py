@@ -22,6 +22,9 @@ ship with blipinpaint, on a local Ray bound to 127.0.0.1. Steps:
    a rerun only does the inputs not yet committed.
 2. `rayjobs.train_scorer`: the scoring network (`run_dir/scorer/`); skipped when trained.
 3. `rayjobs.finetune_blip`: BLIP fine-tuned through it (`run_dir/blip/`); skipped when done.
+   With `finetune.method=reward_ranked`, `rayjobs.candidates` runs first: each training
+   image's `caption.candidates` captions inpainted and scored (`run_dir/candidates/`; a
+   rerun only does the candidates not yet committed), and BLIP learns the best of them.
 4. `rayjobs.evaluate`: FID and CLIP score of the three variants, the Table 1 report
    (`run_dir/eval/`); skipped when its report exists (run `rayjobs.evaluate` to redo it).
 """
@@ -33,7 +36,7 @@ import sys
 
 from blipinpaint.config import Config
 from blipinpaint.storage import kind
-from rayjobs import evaluate, finetune_blip, generate, models, train_scorer
+from rayjobs import candidates, evaluate, finetune_blip, generate, models, train_scorer
 from rayjobs.common import job_main
 
 log = logging.getLogger("blipinpaint.pipeline")
@@ -48,6 +51,8 @@ def run(cfg: Config) -> None:
         log.info("scorer already trained in %s/scorer: skipped", root)
     else:
         train_scorer.print_report(train_scorer.run(cfg))
+    if cfg.finetune.method == "reward_ranked":  # cheap when done: it skips what is committed
+        candidates.print_report(candidates.run(cfg))
     if kind(f"{root}/blip/model.safetensors") == "File":
         log.info("BLIP already fine-tuned in %s/blip: skipped", root)
     else:
