@@ -276,7 +276,7 @@ def finetune_loop(config: dict) -> None:
             probed = probe_record(epoch, engine.global_steps, now, before, probe_held, tokenize, predicted, probe_best)
             write_jsonl(log_uri, [*read_jsonl(log_uri), *records, probed])
             progress.epoch(epoch, {"loss": mean_loss, "probe captions changed": probed["probe_changed"],
-                                   "greedy = best candidate": probed.get("best_caption_share")})
+                                   "share of greedy = best candidate": probed.get("best_caption_share")})
         training.save_and_report(engine, {"epoch": epoch, "step": engine.global_steps, "loss": mean_loss},
                                  {"epoch": epoch})
 

@@ -67,7 +67,8 @@ def test_shipped_configs_load_and_validate(path):
     assert cfg.run_dir.startswith("s3://") and cfg.models.preset == "paper" and cfg.models.dtype == "fp16"
 
 
-@pytest.mark.parametrize("job", ["pipeline", "models", "generate", "train_scorer", "finetune_blip", "evaluate"])
+@pytest.mark.parametrize("job", ["pipeline", "models", "generate", "candidates", "train_scorer", "finetune_blip",
+                                 "evaluate"])
 def test_each_job_documents_the_readme_cluster_commands(job):
     """A job's docstring gives the README's submit (runtime env included), logs, stop and down."""
     import importlib

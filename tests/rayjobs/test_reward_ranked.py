@@ -16,7 +16,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from helpers import account, copy_run, end_actors_of_dead_drivers, print_figures
-from test_cluster import test_each_job_documents_the_readme_cluster_commands as documents_cluster_commands
 
 from blipinpaint import stages
 from blipinpaint.candidates import PENDING, best_candidates, expand
@@ -265,6 +264,3 @@ def test_the_pipeline_runs_the_candidates_before_reward_ranked_fine_tuning(main_
     assert f"4 training images x {N} candidates: {3 * N} scored, {N} errors {{'stage failed': {N}}}; this run " \
            "processed 0" in said
 
-
-def test_the_candidates_job_documents_the_cluster_commands():
-    documents_cluster_commands("candidates")
