@@ -46,6 +46,16 @@ RERANKED_SCHEMA = pa.schema(
     list(EVAL_SCHEMA) + [("caption_reranked", pa.string())] + [(m + "_reranked", pa.float32()) for m in METRICS]
     + _png("inpainted_reranked")
 )
+# The candidates step's rows (`rayjobs.candidates`): one per (training image, caption
+# candidate), id `<image id>#<k>`. Candidate k of an image is inpainted from that image's
+# noise seed (generate's), so candidates differ by their caption alone; no images are
+# kept, only what ranking them by L_BLIP needs.
+CANDIDATE_SCHEMA = pa.schema(
+    [("id", pa.string()), ("source", pa.string()), ("image_id", pa.string()), ("candidate", pa.int32()),
+     ("caption", pa.string()), ("mask_area", pa.float32()), ("noise_seed", pa.int64())]
+    + [(m, pa.float32()) for m in METRICS]
+    + [(f"{role}_model", pa.string()) for role in MODEL_ROLES]
+)
 ERROR_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("error", pa.string())])
 
 
@@ -101,13 +111,3 @@ def split_rows(table: pa.Table, schema: pa.Schema = SAMPLE_SCHEMA) -> tuple[pa.T
     samples = table.filter(pa.array(~failed)).select(schema.names).cast(schema)
     errors = table.filter(pa.array(failed)).select(ERROR_SCHEMA.names).cast(ERROR_SCHEMA)
     return samples, errors
-# The candidates step's rows (`rayjobs.candidates`): one per (training image, caption
-# candidate), id `<image id>#<k>`. Candidate k of an image is inpainted from that image's
-# noise seed (generate's), so candidates differ by their caption alone; no images are
-# kept, only what ranking them by L_BLIP needs.
-CANDIDATE_SCHEMA = pa.schema(
-    [("id", pa.string()), ("source", pa.string()), ("image_id", pa.string()), ("candidate", pa.int32()),
-     ("caption", pa.string()), ("mask_area", pa.float32()), ("noise_seed", pa.int64())]
-    + [(m, pa.float32()) for m in METRICS]
-    + [(f"{role}_model", pa.string()) for role in MODEL_ROLES]
-)
