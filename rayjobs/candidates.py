@@ -51,10 +51,10 @@ from blipinpaint.records import CANDIDATE_SCHEMA
 from blipinpaint.storage import kind, write_text
 from blipinpaint.writer import CommitLog
 from rayjobs import models, training
-from rayjobs.common import actor_resources, connect, job_main, read_rows, row_reads, size_pools
+from rayjobs.common import connect, job_main, read_rows, row_reads, size_pools
 from rayjobs.generate import candidate_fingerprint, check_fingerprint, fingerprint, stage_failure
 from rayjobs.progress import CommitProgress
-from rayjobs.stream import ErrorWriter, ModelStage, attempt_ledger, commit_stage, job_errors
+from rayjobs.stream import ErrorWriter, attempt_ledger, commit_stage, job_errors, model_stages
 
 log = logging.getLogger("blipinpaint.candidates")
 
@@ -112,11 +112,7 @@ def build_dataset(cfg: Config, reads: list[dict], ledger, owner: str | None = No
     ds = ray.data.from_items(reads, override_num_blocks=max(len(reads), 1))
     ds = ds.map_batches(prepare, fn_kwargs={"errors": errors, "retries": g.batch_retries},
                         batch_size=1, num_cpus=g.read.num_cpus)
-    for name, build in builders.items():
-        ds = ds.map_batches(ModelStage, fn_constructor_kwargs={"name": name, "build": build, "errors": errors,
-                                                               "retries": g.batch_retries, "ledger": ledger,
-                                                               "fault": g.inject_failure},
-                            **actor_resources(getattr(g, name)))
+    ds = model_stages(ds, builders, g, errors, ledger)
     return commit_stage(ds, out_dir, CANDIDATE_SCHEMA, stages.model_ids(cfg), g.rows_per_file, g.read.num_cpus,
                         owner)
 

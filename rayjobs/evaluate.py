@@ -88,7 +88,6 @@ from blipinpaint.storage import filesystem, kind, local_dir, read_text, write_te
 from blipinpaint.writer import CommitLog
 from rayjobs import models
 from rayjobs.common import (
-    actor_resources,
     connect,
     generated_ids,
     job_main,
@@ -99,7 +98,7 @@ from rayjobs.common import (
 )
 from rayjobs.generate import candidate_fingerprint, check_fingerprint, stage_failure
 from rayjobs.progress import CommitProgress
-from rayjobs.stream import ErrorWriter, ModelStage, attempt_ledger, commit_stage, job_errors
+from rayjobs.stream import ErrorWriter, attempt_ledger, commit_stage, job_errors, model_stages
 
 log = logging.getLogger("blipinpaint.evaluate")
 
@@ -245,11 +244,7 @@ def build_dataset(cfg: Config, pending: list[str], ledger, owner: str | None = N
     ds = ray.data.from_items(reads, override_num_blocks=len(reads))
     ds = ds.map_batches(prepare, fn_kwargs={"errors": errors, "retries": g.batch_retries},
                         batch_size=1, num_cpus=g.read.num_cpus)
-    for name, build in builders.items():
-        ds = ds.map_batches(ModelStage, fn_constructor_kwargs={"name": name, "build": build, "errors": errors,
-                                                               "retries": g.batch_retries, "ledger": ledger,
-                                                               "fault": g.inject_failure},
-                            **actor_resources(getattr(g, name)))
+    ds = model_stages(ds, builders, g, errors, ledger)
     return commit_stage(ds, paths["out"], eval_schema(cfg), {}, g.rows_per_file, g.read.num_cpus, owner)
 
 

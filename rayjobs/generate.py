@@ -50,9 +50,9 @@ from blipinpaint.sources import SourceError, list_inputs, read_files
 from blipinpaint.storage import filesystem, write_text
 from blipinpaint.writer import CommitLog
 from rayjobs import models
-from rayjobs.common import actor_resources, connect, job_main, size_pools
+from rayjobs.common import connect, job_main, size_pools
 from rayjobs.progress import CommitProgress
-from rayjobs.stream import ErrorWriter, ModelStage, attempt_ledger, commit_stage, job_errors
+from rayjobs.stream import ErrorWriter, attempt_ledger, commit_stage, job_errors, model_stages
 
 log = logging.getLogger("blipinpaint.generate")
 
@@ -87,12 +87,8 @@ def build_dataset(cfg: Config, pending: list[dict], ledger, owner: str | None = 
     ds = ray.data.from_items(pending, override_num_blocks=blocks)
     ds = ds.map_batches(prepare, fn_kwargs={"cfg": cfg, "errors": errors}, batch_size=g.read.batch_size,
                         num_cpus=g.read.num_cpus)
-    for name in MODEL_STAGES:
-        build = functools.partial(MODEL_STAGES[name], cfg)
-        ds = ds.map_batches(ModelStage, fn_constructor_kwargs={"name": name, "build": build, "errors": errors,
-                                                               "retries": g.batch_retries, "ledger": ledger,
-                                                               "fault": g.inject_failure},
-                            **actor_resources(getattr(g, name)))
+    ds = model_stages(ds, {name: functools.partial(build, cfg) for name, build in MODEL_STAGES.items()}, g, errors,
+                      ledger)
     return commit_stage(ds, _out_dir(cfg), SAMPLE_SCHEMA, stages.model_ids(cfg), g.rows_per_file, g.read.num_cpus,
                         owner)
 

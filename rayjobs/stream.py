@@ -27,9 +27,10 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from blipinpaint.batches import Batch, Guarded, JobError, count_once, split_errors
-from blipinpaint.config import FaultConfig
+from blipinpaint.config import FaultConfig, GenerateConfig
 from blipinpaint.records import encode_rows
 from blipinpaint.writer import CommitLog, Superseded, part_name
+from rayjobs.common import actor_resources
 
 
 class StageStartError(JobError):
@@ -147,6 +148,18 @@ class ModelStage:
         if (f is not None and f.exit and f.stage == self.name and f.id in set(ids)
                 and (f.times is None or started <= f.times)):
             os._exit(1)
+
+
+def model_stages(ds: ray.data.Dataset, builders: dict[str, Callable[[], Callable[[Batch], Batch]]],
+                 g: GenerateConfig, errors: ErrorWriter, ledger) -> ray.data.Dataset:
+    """`ds` through a pool of `ModelStage` actors per entry of `builders` (stage name -> what
+    builds it), each pool as `generate.<name>` says."""
+    for name, build in builders.items():
+        ds = ds.map_batches(ModelStage, fn_constructor_kwargs={"name": name, "build": build, "errors": errors,
+                                                               "retries": g.batch_retries, "ledger": ledger,
+                                                               "fault": g.inject_failure},
+                            **actor_resources(getattr(g, name)))
+    return ds
 
 
 def commit_part(batch: Batch, out_dir: str, schema: pa.Schema, models: dict[str, str],
