@@ -75,6 +75,8 @@ class Guarded:
             failed = count_once({**batch, "error": np.full(n, reason, dtype=object)}, f"retries_{self.name}",
                                 self.retries)
             return split_errors(failed, self.on_errors)
-        out[f"seconds_{self.name}"] = np.full(len(out["id"]), (time.perf_counter() - start) / n, dtype=np.float64)
+        # Shared over the rows that leave: a stage may return more rows than it took (a row per caption candidate).
+        rows = max(len(out["id"]), 1)
+        out[f"seconds_{self.name}"] = np.full(len(out["id"]), (time.perf_counter() - start) / rows, dtype=np.float64)
         # A stage may fail single rows (an inpainting that came out NaN): they leave here.
         return split_errors(count_once(out, f"retries_{self.name}", attempt), self.on_errors)

@@ -74,6 +74,9 @@ class CandidateCaptioner:
         embeds = visible_embeddings(self.bundle, batch["image"], batch["mask"])
         ids = [str(i) for i in batch["id"]]
         captions = candidate_captions(self.bundle, embeds, ids, self.seed, self.candidates, **self.decoding)
+        if "caption" in batch:  # candidate 0 as generate gave it (half precision may decode it otherwise here)
+            for group, caption in zip(captions, batch["caption"]):
+                group[0] = str(caption)
         out, pairs = expand(batch)
         out["caption"] = np.array([captions[row][k] for row, k in pairs], dtype=object)
         return out
@@ -92,13 +95,17 @@ class SharedNoise:
         return {**out, "id": batch["id"]}
 
 
-def best_candidates(rows: dict[str, np.ndarray], weights: LossWeights) -> dict[str, dict]:
+def best_candidates(rows: dict[str, np.ndarray], weights: LossWeights,
+                    caption_max_mask_area: float | None = None) -> dict[str, dict]:
     """Per image (`image_id`), the candidate row with the lowest L_BLIP of its real metrics
     (`ssim`, `psnr`, `clip_score`); the lowest candidate index among equals. {image_id:
     {"candidate", "caption", "loss", "greedy_loss" (candidate 0's, None if it has no row),
     "candidates" (how many of its candidates have a row)}}.
 
-    A NaN loss ranks last; an infinite PSNR (a hole restored exactly) first."""
+    A NaN loss ranks last; an infinite PSNR (a hole restored exactly) first. An image whose
+    mask hides more than `caption_max_mask_area` (`mask_area` column) was inpainted without
+    text whatever its caption: its candidates differ only in CLIP score, against images they
+    did not guide, so the first (greedy) one stands."""
     def column(name):
         return torch.as_tensor(np.asarray(rows[name], dtype=np.float64))
 
@@ -110,7 +117,8 @@ def best_candidates(rows: dict[str, np.ndarray], weights: LossWeights) -> dict[s
     best = {}
     for image_id, js in groups.items():
         js = sorted(js, key=lambda j: int(rows["candidate"][j]))
-        j = js[int(np.argmin(losses[js]))]  # argmin: the first of equal minima
+        uncaptioned = caption_max_mask_area is not None and float(rows["mask_area"][js[0]]) > caption_max_mask_area
+        j = js[0] if uncaptioned else js[int(np.argmin(losses[js]))]  # argmin: the first of equal minima
         greedy = [i for i in js if int(rows["candidate"][i]) == 0]
         best[image_id] = {"candidate": int(rows["candidate"][j]), "caption": str(rows["caption"][j]),
                           "loss": float(losses[j]), "greedy_loss": float(losses[greedy[0]]) if greedy else None,

@@ -207,5 +207,11 @@ class Reranker:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         captions, losses = self.rank(batch)
-        best = [group[int(torch.argmin(loss))] for group, loss in zip(captions, losses)]  # the first of equals
+        picks = [int(torch.argmin(loss)) for loss in losses]  # the first of equals
+        best = [group[k] for group, k in zip(captions, picks)]
+        if "caption" in batch:
+            # The greedy pick as the row already has it (generate's): decoded again in another
+            # batch, half-precision kernels may change a token, and the pick must still read
+            # as the greedy caption (evaluate then reuses that variant's inpainting).
+            best = [str(c) if k == 0 else b for b, k, c in zip(best, picks, batch["caption"])]
         return {**batch, self.output: np.array(best, dtype=object)}

@@ -58,6 +58,16 @@ def read_text(uri: str) -> str:
         return f.read().decode()
 
 
+def digest(uri: str) -> str:
+    """SHA-256 of a file's bytes (e.g. a model's weights, to tell two trainings apart)."""
+    fs, path = filesystem(uri)
+    sha = hashlib.sha256()
+    with fs.open_input_stream(path) as f:
+        while chunk := f.read(1 << 20):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
 def read_jsonl(uri: str) -> list[dict]:
     if kind(uri) != "File":
         return []

@@ -58,10 +58,10 @@ from rayjobs.stream import ErrorWriter, attempt_ledger, commit_stage, job_errors
 
 log = logging.getLogger("blipinpaint.candidates")
 
-# What generate's training rows bring along (its caption is candidate 0 again, made here).
-INPUT_COLUMNS = ["id", "source", "mask_area", "noise_seed", "image_png", "mask_png"]
+# What generate's training rows bring along (its caption is candidate 0).
+INPUT_COLUMNS = ["id", "source", "caption", "mask_area", "noise_seed", "image_png", "mask_png"]
 # What ranking the candidates reads back.
-RANK_COLUMNS = ["id", "image_id", "candidate", "caption", "ssim", "psnr", "clip_score"]
+RANK_COLUMNS = ["id", "image_id", "candidate", "caption", "mask_area", "ssim", "psnr", "clip_score"]
 
 
 def _paths(cfg: Config) -> dict[str, str]:
@@ -149,7 +149,8 @@ def read_candidates(out_dir: str, image_ids: set[str] | None = None) -> dict[str
 def best_captions(cfg: Config, image_ids: set[str] | None = None) -> dict[str, dict]:
     """Per image with candidate rows (of `image_ids` only, if given): the candidate of lowest
     real L_BLIP, with the run's λs (`blipinpaint.candidates.best_candidates`)."""
-    return best_candidates(read_candidates(_paths(cfg)["out"], image_ids), stages.loss_weights(cfg))
+    return best_candidates(read_candidates(_paths(cfg)["out"], image_ids), stages.loss_weights(cfg),
+                           cfg.inpaint.caption_max_mask_area)
 
 
 def summarize(cfg: Config, images: list[str], commit_log: CommitLog, this_run: dict) -> dict:

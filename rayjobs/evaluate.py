@@ -84,7 +84,7 @@ from blipinpaint.records import EVAL_SCHEMA, METRICS, RERANKED_SCHEMA
 from blipinpaint.report import plot_grouped_bars, plot_image_grid, plot_scatter
 from blipinpaint.scorer import TARGETS, ScoreNet
 from blipinpaint.seeds import heldout, sample_seed
-from blipinpaint.storage import filesystem, kind, local_dir, read_text, write_text
+from blipinpaint.storage import digest, filesystem, kind, local_dir, read_text, write_text
 from blipinpaint.writer import CommitLog
 from rayjobs import models
 from rayjobs.common import (
@@ -589,7 +589,9 @@ def run(cfg: Config) -> dict:
     out_dir = paths["out"]
     # Rows made with another fine-tuned BLIP (or other generate settings) must not mix.
     decoder = json.loads(read_text(paths["check"])).get("decoder") if kind(paths["check"]) == "File" else None
-    check_fingerprint(out_dir, {**candidate_fingerprint(cfg), "finetuned_decoder": decoder})
+    # The reranked captions depend on the scorer too: rows picked by another one must not mix.
+    scorer = digest(f"{paths['scorer']}/model.safetensors") if cfg.caption.candidates > 1 else None
+    check_fingerprint(out_dir, {**candidate_fingerprint(cfg), "finetuned_decoder": decoder, "reranking_scorer": scorer})
     write_text(f"{out_dir}/config.yaml", to_yaml(cfg))
     models.run(cfg)  # the inpainter, CLIP and FID networks from the model store, never the hub
     commit_log = CommitLog(out_dir, eval_schema(cfg))

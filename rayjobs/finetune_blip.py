@@ -330,6 +330,8 @@ def best_candidates(cfg: Config, train_ids: list[str]) -> dict[str, dict] | None
     check_fingerprint(candidates_dir, candidate_fingerprint(cfg) if reward_ranked else fingerprint(cfg),
                       record=False)
     if reward_ranked:
+        if kind(f"{candidates_dir}/_SUCCESS") != "File":  # a killed run's parts may still be staged
+            raise ConfigError(f"{candidates_dir} is not complete: run rayjobs.candidates (again) first")
         done, n = CommitLog(candidates_dir).committed_ids(), cfg.caption.candidates
         missing = [i for i in train_ids if any(candidates.candidate_id(i, k) not in done for k in range(n))]
         if missing:

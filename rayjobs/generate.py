@@ -117,10 +117,10 @@ def fingerprint(cfg: Config) -> dict:
 
 
 def candidate_fingerprint(cfg: Config) -> dict:
-    """`fingerprint`, and the number of caption candidates where it is above 1 (at 1, as
-    before the key existed)."""
+    """`fingerprint`, and the number of caption candidates (None at 1: a folder made before
+    the key existed still matches, and one made with candidates refuses a run without)."""
     n = cfg.caption.candidates
-    return {**fingerprint(cfg), **({"caption.candidates": n} if n > 1 else {})}
+    return {**fingerprint(cfg), "caption.candidates": n if n > 1 else None}
 
 
 def check_fingerprint(out_dir: str, current: dict, record: bool = True) -> None:

@@ -255,3 +255,11 @@ def test_scorer_reranked_captions_add_a_variant_to_every_table_and_the_page(main
     assert titles[-1] == "scorer-reranked caption" and len(titles) == 6
     options = [o.text for o in browser.find_elements("css selector", "option")]
     assert "reranked − BLIP: SSIM" in options
+
+    # Rows picked with 4 candidates, or by this scorer, never mix with others.
+    with pytest.raises(evaluate.ConfigError, match=r"caption.candidates, reranking_scorer differ"):
+        evaluate.run(_evaluate_cfg(tmp_path, "train.val_fraction=0.9"))
+    weights = tmp_path / "scorer" / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes() + b" ")
+    with pytest.raises(evaluate.ConfigError, match=r"reranking_scorer differ"):
+        evaluate.run(cfg)

@@ -143,8 +143,15 @@ def test_a_run_folder_refuses_rows_made_with_other_settings(tmp_path):
     # Caption candidates change evaluate's and the candidate stream's rows only.
     candidates = load_config(overrides=[f"run_dir={tmp_path}", "caption.candidates=4"])
     generate.check_fingerprint(str(tmp_path), generate.fingerprint(candidates))
-    assert generate.candidate_fingerprint(cfg) == generate.fingerprint(cfg)
+    assert generate.candidate_fingerprint(cfg) == {**generate.fingerprint(cfg), "caption.candidates": None}
     assert generate.candidate_fingerprint(candidates)["caption.candidates"] == 4
+    # A folder made before the key existed matches the default; one made with candidates
+    # refuses a run without them, and the other way round.
+    generate.check_fingerprint(str(tmp_path), generate.candidate_fingerprint(cfg))
+    with_candidates = tmp_path / "with-candidates"
+    generate.check_fingerprint(str(with_candidates), generate.candidate_fingerprint(candidates))
+    with pytest.raises(ConfigError, match=r"caption.candidates differ"):
+        generate.check_fingerprint(str(with_candidates), generate.candidate_fingerprint(cfg))
 
 
 def test_a_failing_prepare_commits_each_bad_row_once(tmp_path, monkeypatch):

@@ -249,6 +249,10 @@ def test_reward_ranked_refuses_missing_or_other_candidates(candidates_run, tmp_p
     with pytest.raises(ConfigError, match="caption.candidates differ"):  # made with 4 per image, asked for 5
         finetune_blip.run(load_config(overrides=[f"run_dir={run_dir}", "caption.candidates=5",
                                                  "finetune.method=reward_ranked"]))
+    (run_dir / "candidates" / "_SUCCESS").unlink()  # as a killed candidates run leaves it
+    with pytest.raises(ConfigError, match="candidates is not complete: run rayjobs.candidates"):
+        finetune_blip.run(load_config(overrides=[f"run_dir={run_dir}", f"caption.candidates={N}",
+                                                 "finetune.method=reward_ranked"]))
 
 
 def test_the_pipeline_runs_the_candidates_before_reward_ranked_fine_tuning(main_run, candidates_run, tmp_path,
@@ -264,3 +268,14 @@ def test_the_pipeline_runs_the_candidates_before_reward_ranked_fine_tuning(main_
     assert f"4 training images x {N} candidates: {3 * N} scored, {N} errors {{'stage failed': {N}}}; this run " \
            "processed 0" in said
 
+
+
+def test_an_image_inpainted_without_text_keeps_its_greedy_caption():
+    """Above `inpaint.caption_max_mask_area` every candidate was inpainted without text: their
+    scores differ by chance, not by caption, so the greedy caption stays the target."""
+    rows = {"image_id": np.array(["a", "a", "b", "b"], dtype=object), "candidate": np.array([0, 1, 0, 1]),
+            "caption": np.array(["a0", "a1", "b0", "b1"], dtype=object), "mask_area": np.array([0.5, 0.5, 0.1, 0.1]),
+            "ssim": np.array([0.1, 0.9, 0.1, 0.9]), "psnr": np.zeros(4), "clip_score": np.zeros(4)}
+    policy = best_candidates(rows, LossWeights(), caption_max_mask_area=0.3)
+    assert (policy["a"]["candidate"], policy["b"]["candidate"]) == (0, 1)
+    assert best_candidates(rows, LossWeights())["a"]["candidate"] == 1  # without the policy: the better one
