@@ -14,13 +14,12 @@ from collections.abc import Callable
 
 import numpy as np
 
+from blipinpaint.errors import JobError
+
 Batch = dict[str, np.ndarray]
 ErrorSink = Callable[[Batch], None]
 log = logging.getLogger(__name__)
 
-
-class JobError(RuntimeError):
-    """A failure no retry can mend and no error row can record: it ends the job."""
 
 
 def take(batch: Batch, index) -> Batch:

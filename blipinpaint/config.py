@@ -17,6 +17,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from blipinpaint.errors import ConfigError
 from blipinpaint.masks import MASK_MODES
 from blipinpaint.models.presets import PRESET_NAMES, ModelRef
 from blipinpaint.seeds import raised_fraction
@@ -25,9 +26,6 @@ from blipinpaint.sources import SOURCE_KINDS
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
 FINETUNE_METHODS = ("scorer", "reward_ranked")
 
-
-class ConfigError(ValueError):
-    """A bad configuration, reported before any work starts."""
 
 
 def sample_images_dir() -> Path:

@@ -45,7 +45,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
-from blipinpaint.batches import JobError
+from blipinpaint.errors import JobError
 from blipinpaint.records import SAMPLE_SCHEMA, split_rows
 from blipinpaint.storage import filesystem, is_remote
 

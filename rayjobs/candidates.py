@@ -45,7 +45,8 @@ import ray
 from blipinpaint import stages
 from blipinpaint.batches import Batch, Guarded
 from blipinpaint.candidates import PENDING, SharedNoise, best_candidates, candidate_id, expand, pending_text
-from blipinpaint.config import Config, ConfigError, to_yaml
+from blipinpaint.config import Config, to_yaml
+from blipinpaint.errors import ConfigError
 from blipinpaint.io import decode_png
 from blipinpaint.records import CANDIDATE_SCHEMA
 from blipinpaint.storage import kind, write_text

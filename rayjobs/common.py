@@ -15,8 +15,8 @@ import ray
 from ray._private import ray_constants
 from ray.data import ActorPoolStrategy, DataContext
 
-from blipinpaint.batches import JobError
-from blipinpaint.config import AUTO, Config, ConfigError, GenerateConfig, StageConfig, parse_args
+from blipinpaint.config import AUTO, Config, GenerateConfig, StageConfig, parse_args
+from blipinpaint.errors import ConfigError, JobError
 from blipinpaint.storage import filesystem
 from blipinpaint.writer import CommitLog
 

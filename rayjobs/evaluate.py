@@ -48,8 +48,9 @@ import ray
 import torch
 
 from blipinpaint import report_page, stages
-from blipinpaint.batches import Guarded, JobError, take
-from blipinpaint.config import Config, ConfigError, dataset_name, heldout_fraction, to_yaml
+from blipinpaint.batches import Guarded, take
+from blipinpaint.config import Config, dataset_name, heldout_fraction, to_yaml
+from blipinpaint.errors import ConfigError, JobError
 from blipinpaint.evaluation import (
     ALL,
     DELTA_LABELS,

@@ -66,7 +66,8 @@ from blipinpaint.captioning import (
     encode_images,
     generate_captions,
 )
-from blipinpaint.config import Config, ConfigError, to_yaml
+from blipinpaint.config import Config, to_yaml
+from blipinpaint.errors import ConfigError
 from blipinpaint.io import decode_png
 from blipinpaint.losses import LossWeights, blip_loss, caption_kl, caption_lm_loss
 from blipinpaint.masks import masked_pixels

@@ -44,7 +44,8 @@ from pyarrow import fs as pafs
 
 from blipinpaint import stages
 from blipinpaint.batches import Guarded, split_errors
-from blipinpaint.config import Config, ConfigError, sample_images_dir, to_yaml
+from blipinpaint.config import Config, sample_images_dir, to_yaml
+from blipinpaint.errors import ConfigError
 from blipinpaint.records import METRIC_COLUMNS, SAMPLE_SCHEMA
 from blipinpaint.sources import SourceError, list_inputs, read_files
 from blipinpaint.storage import filesystem, write_text

@@ -26,8 +26,9 @@ import pyarrow as pa
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from blipinpaint.batches import Batch, Guarded, JobError, count_once, split_errors
+from blipinpaint.batches import Batch, Guarded, count_once, split_errors
 from blipinpaint.config import FaultConfig, GenerateConfig
+from blipinpaint.errors import JobError
 from blipinpaint.records import encode_rows
 from blipinpaint.writer import CommitLog, Superseded, part_name
 from rayjobs.common import actor_resources

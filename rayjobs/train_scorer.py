@@ -36,7 +36,8 @@ import ray.train
 import torch
 import torch.distributed as dist
 
-from blipinpaint.config import Config, ConfigError, to_yaml
+from blipinpaint.config import Config, to_yaml
+from blipinpaint.errors import ConfigError
 from blipinpaint.report import plot_curves, plot_scatter, write_tensorboard
 from blipinpaint.scorer import TARGETS, ScoreNet, ScoreNetConfig, regression_report
 from blipinpaint.seeds import sample_seed

@@ -33,8 +33,8 @@ from ray.train import (
 )
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from blipinpaint.batches import JobError
-from blipinpaint.config import Config, ConfigError, heldout_fraction
+from blipinpaint.config import Config, heldout_fraction
+from blipinpaint.errors import ConfigError, JobError
 from blipinpaint.models.loading import DTYPES
 from blipinpaint.seeds import heldout
 from blipinpaint.writer import CommitLog

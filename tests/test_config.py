@@ -1,6 +1,7 @@
 import pytest
 
-from blipinpaint.config import ConfigError, dataset_name, heldout_fraction, load_config, parse_args, to_yaml
+from blipinpaint.config import dataset_name, heldout_fraction, load_config, parse_args, to_yaml
+from blipinpaint.errors import ConfigError
 from blipinpaint.seeds import heldout
 
 

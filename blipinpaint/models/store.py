@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from blipinpaint.batches import JobError
+from blipinpaint.errors import JobError
 from blipinpaint.models.presets import FID_INCEPTION_SHA256, FID_INCEPTION_URL, FID_INCEPTION_V3, ModelRef
 from blipinpaint.storage import filesystem, is_remote, kind, read_text, upload_dir, write_text
 

@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import account, await_no_live_actors, encode, photo, print_figures
 
-from blipinpaint.config import ConfigError, load_config, sample_images_dir
+from blipinpaint.config import load_config, sample_images_dir
+from blipinpaint.errors import ConfigError
 from blipinpaint.records import ERROR_SCHEMA, METRIC_COLUMNS, SAMPLE_SCHEMA
 from rayjobs import generate
 

@@ -19,7 +19,8 @@ from helpers import account, copy_run, end_actors_of_dead_drivers, print_figures
 
 from blipinpaint import stages
 from blipinpaint.candidates import PENDING, best_candidates, expand
-from blipinpaint.config import ConfigError, load_config
+from blipinpaint.config import load_config
+from blipinpaint.errors import ConfigError
 from blipinpaint.io import decode_png
 from blipinpaint.losses import LossWeights, caption_lm_loss
 from blipinpaint.writer import CommitLog

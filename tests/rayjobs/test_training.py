@@ -8,7 +8,8 @@ from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchChe
 from deepspeed.runtime.config import DeepSpeedConfig
 from deepspeed.runtime.fp16.loss_scaler import CreateLossScaler, DynamicLossScaler
 
-from blipinpaint.config import ConfigError, load_config
+from blipinpaint.config import load_config
+from blipinpaint.errors import ConfigError
 from blipinpaint.seeds import heldout as heldout_of
 from rayjobs import training
 
