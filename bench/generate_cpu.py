@@ -40,7 +40,7 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from blipinpaint import stages  # noqa: E402
+from blipinpaint import builders  # noqa: E402
 from blipinpaint.config import load_config, sample_images_dir  # noqa: E402
 from blipinpaint.inpainting import composite  # noqa: E402
 from blipinpaint.records import encode_rows  # noqa: E402
@@ -90,10 +90,10 @@ class PipelinePerVariant:
 
 def plain_loop(cfg, folder: Path, out: Path) -> float:
     """Seconds for the authors' flow over every image of `folder`, one at a time (models built first)."""
-    decode, mask = stages.build_decoder(cfg), stages.build_masker(cfg)
-    caption, metrics = stages.build_captioner(cfg), stages.build_metrics(cfg)
-    inpaint = PipelinePerVariant(stages.build_inpainter(cfg))
-    models = stages.model_ids(cfg)
+    decode, mask = builders.build_decoder(cfg), builders.build_masker(cfg)
+    caption, metrics = builders.build_captioner(cfg), builders.build_metrics(cfg)
+    inpaint = PipelinePerVariant(builders.build_inpainter(cfg))
+    models = builders.model_ids(cfg)
     items = list_folder(str(folder))
     tables = []
     with torch.inference_mode():
@@ -110,8 +110,8 @@ def inpainting_stage(cfg, folder: Path, images: int = 64, rounds: int = 3) -> di
     the same captioned batches of `generate.inpainter.batch_size` (models built first): the
     best of `rounds` rounds over `images` images, the two taking turns, so that neither gets
     the warmer or the quieter machine."""
-    decode, mask, caption = stages.build_decoder(cfg), stages.build_masker(cfg), stages.build_captioner(cfg)
-    fused = stages.build_inpainter(cfg)
+    decode, mask, caption = builders.build_decoder(cfg), builders.build_masker(cfg), builders.build_captioner(cfg)
+    fused = builders.build_inpainter(cfg)
     size = cfg.generate.inpainter.batch_size
     items = list_folder(str(folder))[:images]
     stages_ = {"pipeline per variant": PipelinePerVariant(fused), "fused": fused}

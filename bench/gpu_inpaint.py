@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from blipinpaint import stages  # noqa: E402
+from blipinpaint import builders  # noqa: E402
 from blipinpaint.config import load_config, sample_images_dir  # noqa: E402
 from blipinpaint.inpainting import denoise  # noqa: E402
 from blipinpaint.sources import items_to_batch, list_folder, read_files  # noqa: E402
@@ -67,7 +67,7 @@ def masked_images(cfg, n: int) -> dict[str, np.ndarray]:
     """`n` decoded, masked images (the shipped photographs repeated) with a caption each."""
     items = list_folder(str(sample_images_dir()))
     items = [{**items[i % len(items)], "id": f"b{i:05d}"} for i in range(n)]
-    batch = stages.build_masker(cfg)(stages.build_decoder(cfg)(read_files(items_to_batch(items))))
+    batch = builders.build_masker(cfg)(builders.build_decoder(cfg)(read_files(items_to_batch(items))))
     batch["caption"] = np.array(["a photograph of a street with people and a car"] * n, dtype=object)
     return batch
 
@@ -135,7 +135,7 @@ class GuidedInpaint:
     """A Ray actor: the project's Inpainter stage, caption-guided only (the bare loop's work)."""
 
     def __init__(self, cfg):
-        self.stage = stages.build_inpainter(cfg, prompts={"inpainted": "caption"})
+        self.stage = builders.build_inpainter(cfg, prompts={"inpainted": "caption"})
 
     def __call__(self, batch):
         out = self.stage(batch)
@@ -190,7 +190,7 @@ def main() -> None:
     result["peak_tflops"] = float(f"{peak_tflops(device, dtype):.3g}")
     print(f"peak {cfg.models.dtype} matmul: {result['peak_tflops']} TFLOP/s")
 
-    inpainter = stages.build_inpainter(cfg)
+    inpainter = builders.build_inpainter(cfg)
     pipe = inpainter.pipe
     if device.type == "cuda":
         pipe.unet.to(memory_format=torch.channels_last)  # convolutions in NHWC: the tensor cores' layout
@@ -226,7 +226,7 @@ def main() -> None:
     result["ray"] = {"batch_size": best, "images_per_s": round(r, 3), "overhead": round(1 - r / bare, 3)}
     print(f"Ray actor pool, batch {best}: {r:.3f} img/s, {100 * (1 - r / bare):+.1f}% overhead against the bare loop")
 
-    captioner = stages.build_captioner(cfg)
+    captioner = builders.build_captioner(cfg)
     result["blip"] = {}
     for b in args.batch_sizes:
         if b > args.images:

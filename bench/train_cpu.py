@@ -25,7 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from blipinpaint import stages  # noqa: E402
+from blipinpaint import builders  # noqa: E402
 from blipinpaint.captioning import caption_features, caption_ids, encode_images  # noqa: E402
 from blipinpaint.config import load_config, sample_images_dir  # noqa: E402
 from blipinpaint.masks import masked_pixels  # noqa: E402
@@ -37,7 +37,7 @@ def samples(cfg, captioner, n: int) -> dict[str, np.ndarray]:
     """`n` masked images with captions: the shipped photographs repeated, each with its own mask."""
     items = list_folder(str(sample_images_dir()))
     items = [{**items[i % len(items)], "id": f"s{i:05d}"} for i in range(n)]
-    batch = stages.build_masker(cfg)(stages.build_decoder(cfg)(read_files(items_to_batch(items))))
+    batch = builders.build_masker(cfg)(builders.build_decoder(cfg)(read_files(items_to_batch(items))))
     return captioner(batch)
 
 
@@ -88,7 +88,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="config overrides (dotted.key=value)")
     args = parser.parse_args()
     cfg = load_config(overrides=args.overrides)
-    captioner = stages.build_captioner(cfg)  # loaded once: captions the samples, then the naive epochs
+    captioner = builders.build_captioner(cfg)  # loaded once: captions the samples, then the naive epochs
     batch = samples(cfg, captioner, args.samples)
     y_all = torch.randn(args.samples, len(TARGETS))  # the targets do not change the cost of a step
     size = cfg.scorer.batch_size

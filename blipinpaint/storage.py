@@ -38,10 +38,21 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     return _remote(f"{scheme}://{path.split('/', 1)[0]}"), path  # s3: "bucket/key"
 
 
-def kind(uri: str) -> str:
-    """`File`, `Directory` or `NotFound`."""
+def _type(uri: str) -> pafs.FileType:
     fs, path = filesystem(uri)
-    return fs.get_file_info(path).type.name
+    return fs.get_file_info(path).type
+
+
+def is_file(uri: str) -> bool:
+    return _type(uri) == pafs.FileType.File
+
+
+def is_dir(uri: str) -> bool:
+    return _type(uri) == pafs.FileType.Directory
+
+
+def exists(uri: str) -> bool:
+    return _type(uri) != pafs.FileType.NotFound
 
 
 def write_text(uri: str, text: str) -> None:
@@ -69,7 +80,7 @@ def digest(uri: str) -> str:
 
 
 def read_jsonl(uri: str) -> list[dict]:
-    if kind(uri) != "File":
+    if not is_file(uri):
         return []
     return [json.loads(line) for line in read_text(uri).splitlines() if line.strip()]
 

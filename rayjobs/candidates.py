@@ -42,14 +42,14 @@ from collections import Counter
 import numpy as np
 import ray
 
-from blipinpaint import stages
+from blipinpaint import builders
 from blipinpaint.batches import Batch, Guarded
 from blipinpaint.candidates import PENDING, SharedNoise, best_candidates, candidate_id, expand, pending_text
 from blipinpaint.config import Config, to_yaml
 from blipinpaint.errors import ConfigError
 from blipinpaint.io import decode_png
 from blipinpaint.records import CANDIDATE_SCHEMA
-from blipinpaint.storage import kind, write_text
+from blipinpaint.storage import is_dir, write_text
 from blipinpaint.writer import CommitLog
 from rayjobs import models, training
 from rayjobs.common import connect, job_main, read_rows, row_reads, size_pools
@@ -97,7 +97,7 @@ def prepare(batch: dict, errors: ErrorWriter, retries: int) -> dict:
 
 
 def _inpainter(cfg: Config) -> SharedNoise:
-    return SharedNoise(stages.build_inpainter(cfg, {"inpainted": "caption"}))
+    return SharedNoise(builders.build_inpainter(cfg, {"inpainted": "caption"}))
 
 
 def build_dataset(cfg: Config, reads: list[dict], ledger, owner: str | None = None) -> ray.data.Dataset:
@@ -105,16 +105,16 @@ def build_dataset(cfg: Config, reads: list[dict], ledger, owner: str | None = No
     candidate rows; every write carries the run's `owner` token."""
     g, out_dir = cfg.generate, _paths(cfg)["out"]
     errors = CandidateErrors(out_dir, owner)
-    builders = {
-        "captioner": functools.partial(stages.build_candidate_captioner, cfg),
+    pools = {
+        "captioner": functools.partial(builders.build_candidate_captioner, cfg),
         "inpainter": functools.partial(_inpainter, cfg),
-        "metrics": functools.partial(stages.build_metrics, cfg, {"": ("inpainted", "caption")}),
+        "metrics": functools.partial(builders.build_metrics, cfg, {"": ("inpainted", "caption")}),
     }
     ds = ray.data.from_items(reads, override_num_blocks=max(len(reads), 1))
     ds = ds.map_batches(prepare, fn_kwargs={"errors": errors, "retries": g.batch_retries},
                         batch_size=1, num_cpus=g.read.num_cpus)
-    ds = model_stages(ds, builders, g, errors, ledger)
-    return commit_stage(ds, out_dir, CANDIDATE_SCHEMA, stages.model_ids(cfg), g.rows_per_file, g.read.num_cpus,
+    ds = model_stages(ds, pools, g, errors, ledger)
+    return commit_stage(ds, out_dir, CANDIDATE_SCHEMA, builders.model_ids(cfg), g.rows_per_file, g.read.num_cpus,
                         owner)
 
 
@@ -150,7 +150,7 @@ def read_candidates(out_dir: str, image_ids: set[str] | None = None) -> dict[str
 def best_captions(cfg: Config, image_ids: set[str] | None = None) -> dict[str, dict]:
     """Per image with candidate rows (of `image_ids` only, if given): the candidate of lowest
     real L_BLIP, with the run's λs (`blipinpaint.candidates.best_candidates`)."""
-    return best_candidates(read_candidates(_paths(cfg)["out"], image_ids), stages.loss_weights(cfg),
+    return best_candidates(read_candidates(_paths(cfg)["out"], image_ids), builders.loss_weights(cfg),
                            cfg.inpaint.caption_max_mask_area)
 
 
@@ -169,7 +169,7 @@ def summarize(cfg: Config, images: list[str], commit_log: CommitLog, this_run: d
         seconds.update(m["seconds"])
         retries.update(m["retries"])
     rows = read_candidates(out_dir, set(images))
-    best = best_candidates(rows, stages.loss_weights(cfg))
+    best = best_candidates(rows, builders.loss_weights(cfg))
     means = {}
     if ok:
         for metric in ("ssim", "psnr", "clip_score"):
@@ -206,7 +206,7 @@ def run(cfg: Config) -> dict:
     started = time.perf_counter()
     paths = _paths(cfg)
     out_dir, n = paths["out"], cfg.caption.candidates
-    if kind(f"{paths['generate']}/samples") != "Directory":
+    if not is_dir(f"{paths['generate']}/samples"):
         raise ConfigError(f"{paths['generate']}/samples is missing: run rayjobs.generate first")
     if n < 2:
         raise ConfigError(f"caption.candidates={n}: candidates to rank need 2 or more per image")

@@ -47,7 +47,7 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from blipinpaint import report_page, stages
+from blipinpaint import builders, report_page
 from blipinpaint.batches import Guarded, take
 from blipinpaint.config import Config, dataset_name, heldout_fraction, to_yaml
 from blipinpaint.errors import ConfigError, JobError
@@ -81,11 +81,11 @@ from blipinpaint.fid import fid_table, merge_all
 from blipinpaint.io import decode_png
 from blipinpaint.models import ModelRef
 from blipinpaint.models.presets import FID_INCEPTION_V3
+from blipinpaint.plots import plot_grouped_bars, plot_image_grid, plot_scatter
 from blipinpaint.records import EVAL_SCHEMA, METRICS, RERANKED_SCHEMA
-from blipinpaint.report import plot_grouped_bars, plot_image_grid, plot_scatter
 from blipinpaint.scorer import TARGETS, ScoreNet
 from blipinpaint.seeds import heldout, sample_seed
-from blipinpaint.storage import digest, filesystem, kind, local_dir, read_text, write_text
+from blipinpaint.storage import digest, exists, filesystem, is_dir, is_file, local_dir, read_text, write_text
 from blipinpaint.writer import CommitLog
 from rayjobs import models
 from rayjobs.common import (
@@ -174,9 +174,9 @@ class Chain:
 
 def _captioners(cfg: Config, paths: dict[str, str]) -> Chain:
     """The fine-tuned BLIP's caption; with `caption.candidates` above 1, the reranked one too."""
-    out = [stages.build_captioner(cfg, ModelRef(local_dir(paths["blip"])), output=FINETUNED["caption"])]
+    out = [builders.build_captioner(cfg, ModelRef(local_dir(paths["blip"])), output=FINETUNED["caption"])]
     if cfg.caption.candidates > 1:
-        out.append(stages.build_reranker(cfg, paths["scorer"]))
+        out.append(builders.build_reranker(cfg, paths["scorer"]))
     return Chain(out)
 
 
@@ -216,14 +216,14 @@ def reuse_metrics(rows: dict, variant: Variant = VARIANTS["finetuned"]) -> dict:
 
 def _added_inpainters(cfg: Config, added: list[Variant]) -> Chain:
     """An `OnlyChanged` inpainter per added variant, all on one pipeline."""
-    inpainter = stages.build_inpainter(cfg, {})
+    inpainter = builders.build_inpainter(cfg, {})
     return Chain([OnlyChanged(inpainter.with_prompts({_image(v): v.caption}),
                               functools.partial(reuse_inpainting, variant=v), v.caption) for v in added])
 
 
 def _added_metrics(cfg: Config, added: list[Variant]) -> Chain:
     """An `OnlyChanged` metrics stage per added variant, all with one CLIP."""
-    metrics = stages.build_metrics(cfg)
+    metrics = builders.build_metrics(cfg)
     return Chain([OnlyChanged(metrics.with_variants({v.suffix: (_image(v), v.caption)}),
                               functools.partial(reuse_metrics, variant=v), v.caption) for v in added])
 
@@ -236,7 +236,7 @@ def build_dataset(cfg: Config, pending: list[str], ledger, owner: str | None = N
     g, paths = cfg.generate, _paths(cfg)
     errors = ErrorWriter(paths["out"], owner)
     added = [v for k, v in evaluated_variants(cfg).items() if k in ADDED]
-    builders = {
+    pools = {
         "captioner": functools.partial(_captioners, cfg, paths),
         "inpainter": functools.partial(_added_inpainters, cfg, added),
         "metrics": functools.partial(_added_metrics, cfg, added),
@@ -245,7 +245,7 @@ def build_dataset(cfg: Config, pending: list[str], ledger, owner: str | None = N
     ds = ray.data.from_items(reads, override_num_blocks=len(reads))
     ds = ds.map_batches(prepare, fn_kwargs={"errors": errors, "retries": g.batch_retries},
                         batch_size=1, num_cpus=g.read.num_cpus)
-    ds = model_stages(ds, builders, g, errors, ledger)
+    ds = model_stages(ds, pools, g, errors, ledger)
     return commit_stage(ds, paths["out"], eval_schema(cfg), {}, g.rows_per_file, g.read.num_cpus, owner)
 
 
@@ -255,7 +255,7 @@ class FidWorker:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.fid = stages.build_fid(cfg, fid_sets(evaluated_variants(cfg)))
+        self.fid = builders.build_fid(cfg, fid_sets(evaluated_variants(cfg)))
 
     def run(self, shard) -> dict:
         """{"stats": statistics per (image set, mask bucket), "ids" and "features": per row}."""
@@ -315,7 +315,7 @@ def scorer_on_changed(cfg: Config, out_dir: str, ids: list[str]) -> dict:
     (from the fine-tuned decoder's caption features) against what their inpaintings then
     scored. Fine-tuning follows the scorer's predictions; this says whether they held."""
     model_dir = f"{cfg.run_dir.rstrip('/')}/scorer/model"
-    if len(ids) < 1 or kind(model_dir) != "Directory":
+    if len(ids) < 1 or not is_dir(model_dir):
         return {"samples": len(ids), "pearson_r": {t: None for t in TARGETS}}
     rows = _read_eval_rows(out_dir, ids, [f"{FINETUNED['caption']}_features", *(t + "_finetuned" for t in TARGETS)])
     scorer = ScoreNet.from_pretrained(local_dir(model_dir))
@@ -333,12 +333,12 @@ def scorer_on_changed(cfg: Config, out_dir: str, ids: list[str]) -> dict:
 
 def fid_protocol(cfg: Config) -> str:
     """How the FID features were taken, for the report: numbers compare only under one protocol."""
-    fid = stages.stored_refs(cfg).get("fid")
+    fid = builders.stored_refs(cfg).get("fid")
     if fid is not None and fid.name_or_path == FID_INCEPTION_V3:
         return ("standard FID: Inception v3 pool3 (2048-d) with the TensorFlow FID weights, images resized to "
                 "299x299 with TensorFlow 1.x's bilinear resize and no antialiasing (as torch-fidelity and "
                 "the original FID; torchmetrics' default antialiasing is off), from the decoded uint8 PNG pixels")
-    return (f"features of `{stages.model_ids(cfg)['fid']}` (not the standard Inception): "
+    return (f"features of `{builders.model_ids(cfg)['fid']}` (not the standard Inception): "
             "these FID values do not compare with published ones")
 
 
@@ -415,7 +415,7 @@ def write_report(cfg: Config, summary: dict, ids: list[str], out_dir: str) -> di
     datasets = {name: summary}
     for other in cfg.evaluate.other_runs:
         path = f"{other.rstrip('/')}/eval/report.json"
-        if kind(path) != "File":  # e.g. that run is still going: this report is still useful
+        if not is_file(path):  # e.g. that run is still going: this report is still useful
             log.warning("evaluate.other_runs: %s does not exist yet; left out of Table 1", path)
             continue
         report = json.loads(read_text(path))
@@ -450,7 +450,7 @@ def write_report(cfg: Config, summary: dict, ids: list[str], out_dir: str) -> di
     images = [x.image for x in variants.values()]
     rows = _read_eval_rows(out_dir, examples, ["image_png", "mask_png", *captions, *images])
     plot_image_grid(grid_rows(rows), grid_titles(variants), f"{out_dir}/grid.png")
-    fid_name = stages.model_ids(cfg).get("fid", "")
+    fid_name = builders.model_ids(cfg).get("fid", "")
     changed = summary["changed"]
     tables = {"table1": table1(datasets), "paired": paired_table(summary), "metrics": metrics_table(summary),
               "buckets": bucket_table(summary)}
@@ -562,7 +562,7 @@ def write_page(cfg: Config, report: dict, tables: dict[str, Table], out_dir: str
         "intervals_text": intervals_text(iv).replace("`", ""),
         "scorer_text": scorer_text(report["changed"]),
         "reranked_text": reranked_text(report).strip(),
-        "plots": [{"file": f, "title": t} for f, t in PLOTS.items() if kind(f"{out_dir}/{f}") == "File"
+        "plots": [{"file": f, "title": t} for f, t in PLOTS.items() if is_file(f"{out_dir}/{f}")
                   and (f != "scorer_changed.png" or report["changed"]["scorer"].get("samples"))],
         "gallery": {"cards": sorted(cards, key=lambda c: c["id"]), "shown": len(cards), "total": len(ids),
                     "limit": cfg.evaluate.gallery_limit, "sort_keys": report_page.sort_keys(report["variants"]),
@@ -578,9 +578,9 @@ def run(cfg: Config) -> dict:
     paths = _paths(cfg)
     for path, step in ((paths["samples"], "rayjobs.generate"), (f"{paths['blip']}/model.safetensors",
                                                                 "rayjobs.finetune_blip")):
-        if kind(path) == "NotFound":
+        if not exists(path):
             raise ConfigError(f"{path} is missing: run {step} first")
-    if cfg.caption.candidates > 1 and kind(paths["scorer"]) != "Directory":
+    if cfg.caption.candidates > 1 and not is_dir(paths["scorer"]):
         raise ConfigError(f"caption.candidates={cfg.caption.candidates} reranks captions with the trained scorer, "
                           f"and {paths['scorer']} is missing: run rayjobs.train_scorer first")
     ids = evaluation_ids(cfg)
@@ -589,7 +589,7 @@ def run(cfg: Config) -> dict:
                           f"(more inputs, or a larger train.val_fraction)")
     out_dir = paths["out"]
     # Rows made with another fine-tuned BLIP (or other generate settings) must not mix.
-    decoder = json.loads(read_text(paths["check"])).get("decoder") if kind(paths["check"]) == "File" else None
+    decoder = json.loads(read_text(paths["check"])).get("decoder") if is_file(paths["check"]) else None
     # The reranked captions depend on the scorer too: rows picked by another one must not mix.
     scorer = digest(f"{paths['scorer']}/model.safetensors") if cfg.caption.candidates > 1 else None
     check_fingerprint(out_dir, {**candidate_fingerprint(cfg), "finetuned_decoder": decoder, "reranking_scorer": scorer})
@@ -642,7 +642,7 @@ def run(cfg: Config) -> dict:
                            "selected": len(ids), "samples": len(sample_ids), "errors": sum(errors.values()),
                            "errors_by_reason": dict(errors),
                            "this_run": {"evaluated": len(pending), "retried": len(retried), **recovered}},
-        "models": {**stages.model_ids(cfg), "captioner_finetuned": paths["blip"]},
+        "models": {**builders.model_ids(cfg), "captioner_finetuned": paths["blip"]},
         "fid_protocol": fid_protocol(cfg),
         "mask_bucket_edges": list(cfg.evaluate.mask_buckets),
         **summary,

@@ -57,6 +57,7 @@ import ray
 import ray.train
 import torch
 
+from blipinpaint.builders import resolve_preset
 from blipinpaint.captioning import (
     caption_ids,
     caption_texts,
@@ -72,11 +73,10 @@ from blipinpaint.io import decode_png
 from blipinpaint.losses import LossWeights, blip_loss, caption_kl, caption_lm_loss
 from blipinpaint.masks import masked_pixels
 from blipinpaint.models import load_captioner
-from blipinpaint.report import plot_curves, write_tensorboard
+from blipinpaint.plots import plot_curves, write_tensorboard
 from blipinpaint.scorer import ScoreNet
 from blipinpaint.seeds import sample_seed
-from blipinpaint.stages import resolve_preset
-from blipinpaint.storage import kind, local_dir, read_jsonl, read_text, upload_dir, write_jsonl, write_text
+from blipinpaint.storage import is_dir, is_file, local_dir, read_jsonl, read_text, upload_dir, write_jsonl, write_text
 from blipinpaint.writer import CommitLog
 from rayjobs import candidates, models, training
 from rayjobs.common import connect, job_main, read_committed, read_rows
@@ -324,14 +324,14 @@ def best_candidates(cfg: Config, train_ids: list[str]) -> dict[str, dict] | None
     The scorer method only measures against them: the same generate settings suffice."""
     candidates_dir = f"{cfg.run_dir.rstrip('/')}/candidates"
     reward_ranked = cfg.finetune.method == "reward_ranked"
-    if kind(candidates_dir) != "Directory":
+    if not is_dir(candidates_dir):
         if reward_ranked:
             raise ConfigError(f"{candidates_dir} is missing: run rayjobs.candidates first")
         return None
     check_fingerprint(candidates_dir, candidate_fingerprint(cfg) if reward_ranked else fingerprint(cfg),
                       record=False)
     if reward_ranked:
-        if kind(f"{candidates_dir}/_SUCCESS") != "File":  # a killed run's parts may still be staged
+        if not is_file(f"{candidates_dir}/_SUCCESS"):  # a killed run's parts may still be staged
             raise ConfigError(f"{candidates_dir} is not complete: run rayjobs.candidates (again) first")
         done, n = CommitLog(candidates_dir).committed_ids(), cfg.caption.candidates
         missing = [i for i in train_ids if any(candidates.candidate_id(i, k) not in done for k in range(n))]
@@ -356,7 +356,7 @@ def run(cfg: Config) -> dict:
     needed = ((scorer_dir, "rayjobs.train_scorer") if method == "scorer"
               else (f"{root}/candidates", "rayjobs.candidates"))
     for path, step in ((samples, "rayjobs.generate"), needed):
-        if kind(path) != "Directory":
+        if not is_dir(path):
             raise ConfigError(f"{path} is missing: run {step} first")
     models.run(cfg)  # the captioner from the model store, never the hub
     # First, before anything waits for the cluster: the ranks of a run that is still going (its

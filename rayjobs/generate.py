@@ -42,7 +42,7 @@ import ray
 from omegaconf import OmegaConf
 from pyarrow import fs as pafs
 
-from blipinpaint import stages
+from blipinpaint import builders
 from blipinpaint.batches import Guarded, split_errors
 from blipinpaint.config import Config, sample_images_dir, to_yaml
 from blipinpaint.errors import ConfigError
@@ -57,8 +57,8 @@ from rayjobs.stream import ErrorWriter, attempt_ledger, commit_stage, job_errors
 
 log = logging.getLogger("blipinpaint.generate")
 
-MODEL_STAGES = {"captioner": stages.build_captioner, "inpainter": stages.build_inpainter,
-                "metrics": stages.build_metrics}
+MODEL_STAGES = {"captioner": builders.build_captioner, "inpainter": builders.build_inpainter,
+                "metrics": builders.build_metrics}
 # Sections whose change makes earlier rows incomparable with new ones.
 FINGERPRINT_KEYS = ("seed", "models.preset", "models.device", "models.dtype", "models.captioner", "models.inpainter",
                     "models.clip", "masks", "caption", "inpaint", "data.image_size", "data.min_side",
@@ -75,7 +75,7 @@ def prepare(batch, cfg: Config, errors: ErrorWriter):
     Unusable rows are committed after the guarded part, never inside it: a retried batch
     must not commit them twice.
     """
-    decode, mask = stages.build_decoder(cfg), stages.build_masker(cfg)
+    decode, mask = builders.build_decoder(cfg), builders.build_masker(cfg)
     read = functools.partial(read_files, max_mb=cfg.data.max_file_mb, image_column=cfg.data.image_column)
     out = Guarded("prepare", lambda b: mask(decode(read(b))), errors, cfg.generate.batch_retries)(batch)
     return split_errors(out, errors)
@@ -90,7 +90,7 @@ def build_dataset(cfg: Config, pending: list[dict], ledger, owner: str | None = 
                         num_cpus=g.read.num_cpus)
     ds = model_stages(ds, {name: functools.partial(build, cfg) for name, build in MODEL_STAGES.items()}, g, errors,
                       ledger)
-    return commit_stage(ds, _out_dir(cfg), SAMPLE_SCHEMA, stages.model_ids(cfg), g.rows_per_file, g.read.num_cpus,
+    return commit_stage(ds, _out_dir(cfg), SAMPLE_SCHEMA, builders.model_ids(cfg), g.rows_per_file, g.read.num_cpus,
                         owner)
 
 

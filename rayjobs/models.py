@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from blipinpaint import stages
+from blipinpaint import builders
 from blipinpaint.config import Config, model_store
 from blipinpaint.models import store
 from blipinpaint.models.offline import cache_root
@@ -44,7 +44,7 @@ def run(cfg: Config) -> dict:
     """Every stored role's entry (fetched now, or found complete): {role: {uri, source, files, reused}}."""
     root = model_store(cfg)
     entries = {}
-    for role, ref in stages.stored_refs(cfg).items():
+    for role, ref in builders.stored_refs(cfg).items():
         uri = store.entry_uri(root, ref)
         if ref.name_or_path == FID_INCEPTION_V3:
             entry = store.put_fid_inception(uri, downloads=cache_root() / "downloads")

@@ -35,7 +35,7 @@ import logging
 import sys
 
 from blipinpaint.config import Config
-from blipinpaint.storage import kind
+from blipinpaint.storage import is_file
 from rayjobs import candidates, evaluate, finetune_blip, generate, models, train_scorer
 from rayjobs.common import job_main
 
@@ -47,17 +47,17 @@ def run(cfg: Config) -> None:
     models.print_report(models.run(cfg))
     stats = generate.run(cfg)
     generate.print_summary(stats)
-    if kind(f"{root}/scorer/model/model.safetensors") == "File":
+    if is_file(f"{root}/scorer/model/model.safetensors"):
         log.info("scorer already trained in %s/scorer: skipped", root)
     else:
         train_scorer.print_report(train_scorer.run(cfg))
     if cfg.finetune.method == "reward_ranked":  # cheap when done: it skips what is committed
         candidates.print_report(candidates.run(cfg))
-    if kind(f"{root}/blip/model.safetensors") == "File":
+    if is_file(f"{root}/blip/model.safetensors"):
         log.info("BLIP already fine-tuned in %s/blip: skipped", root)
     else:
         finetune_blip.print_report(finetune_blip.run(cfg))
-    if kind(f"{root}/eval/report.json") == "File":
+    if is_file(f"{root}/eval/report.json"):
         log.info("already evaluated in %s/eval: skipped", root)
     else:
         evaluate.print_report(evaluate.run(cfg))

@@ -38,10 +38,10 @@ import torch.distributed as dist
 
 from blipinpaint.config import Config, to_yaml
 from blipinpaint.errors import ConfigError
-from blipinpaint.report import plot_curves, plot_scatter, write_tensorboard
+from blipinpaint.plots import plot_curves, plot_scatter, write_tensorboard
 from blipinpaint.scorer import TARGETS, ScoreNet, ScoreNetConfig, regression_report
 from blipinpaint.seeds import sample_seed
-from blipinpaint.storage import kind, local_dir, read_jsonl, upload_dir, write_jsonl, write_text
+from blipinpaint.storage import is_dir, local_dir, read_jsonl, upload_dir, write_jsonl, write_text
 from blipinpaint.writer import CommitLog
 from rayjobs import training
 from rayjobs.common import connect, job_main, read_rows
@@ -207,7 +207,7 @@ def evaluate(model_dir: str, reads: list[dict], out_dir: str, limit: int = 20_00
 def run(cfg: Config) -> dict:
     out_dir = f"{cfg.run_dir.rstrip('/')}/scorer"
     samples = f"{cfg.run_dir.rstrip('/')}/generate/samples"
-    if kind(samples) != "Directory":
+    if not is_dir(samples):
         raise ConfigError(f"no generated samples in {samples}: run rayjobs.generate first")
     # First, before anything waits for the cluster: the ranks of a run that is still going (its
     # driver killed, or the same command twice) stop writing here and free their resources.

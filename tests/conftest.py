@@ -29,7 +29,7 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from blipinpaint import stages  # noqa: E402
+from blipinpaint import builders  # noqa: E402
 from blipinpaint.config import load_config, sample_images_dir  # noqa: E402
 from blipinpaint.sources import items_to_batch, list_folder, read_files  # noqa: E402
 
@@ -63,26 +63,26 @@ def cfg(tmp_path_factory, model_cache):
 
 @pytest.fixture(scope="session")
 def captioner(cfg):
-    return stages.build_captioner(cfg)
+    return builders.build_captioner(cfg)
 
 
 @pytest.fixture(scope="session")
 def inpainter(cfg):
-    return stages.build_inpainter(cfg)
+    return builders.build_inpainter(cfg)
 
 
 @pytest.fixture(scope="session")
 def metrics(cfg):
-    return stages.build_metrics(cfg)
+    return builders.build_metrics(cfg)
 
 
 @pytest.fixture(scope="session")
 def sample_batch(cfg) -> dict[str, np.ndarray]:
     """The shipped photographs, decoded and masked: the input of the model stages."""
     items = list_folder(str(sample_images_dir()))[:4]
-    batch = stages.build_decoder(cfg)(read_files(items_to_batch(items)))
+    batch = builders.build_decoder(cfg)(read_files(items_to_batch(items)))
     assert not any(batch["error"]), batch["error"]
-    return stages.build_masker(cfg)(batch)
+    return builders.build_masker(cfg)(batch)
 
 
 @pytest.fixture(scope="session", autouse=True)

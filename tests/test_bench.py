@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from blipinpaint import stages
+from blipinpaint import builders
 from blipinpaint.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,8 +22,8 @@ def bench_cfg(model_cache):
 
 
 def test_unet_flops_count_guidance_and_steps(bench_cfg):
-    pipe = stages.build_inpainter(bench_cfg).pipe
-    size = stages.image_size(bench_cfg)
+    pipe = builders.build_inpainter(bench_cfg).pipe
+    size = builders.image_size(bench_cfg)
     one = gpu_inpaint.unet_tflop_per_image(pipe, size, steps=1, guided=False)
     assert one > 0
     assert gpu_inpaint.unet_tflop_per_image(pipe, size, steps=1, guided=True) == pytest.approx(2 * one)
@@ -33,7 +33,7 @@ def test_unet_flops_count_guidance_and_steps(bench_cfg):
 def test_bare_loop_and_ray_pool_run_and_the_pool_returns_every_image(bench_cfg, local_ray):
     batch = gpu_inpaint.masked_images(bench_cfg, 4)
     assert batch["image"].shape[0] == 4 and not any(batch["error"])
-    pipe = stages.build_inpainter(bench_cfg).pipe
+    pipe = builders.build_inpainter(bench_cfg).pipe
     assert gpu_inpaint.bare_loop(pipe, batch, 2, 2, 7.5, gpu_inpaint.torch.device("cpu")) > 0
     for fused in (False, True):
         assert gpu_inpaint.both_variants(pipe, batch, 2, 2, 7.5, gpu_inpaint.torch.device("cpu"), fused) > 0

@@ -112,16 +112,16 @@ def test_caption_settings_come_from_the_config(cfg, captioner, sample_batch):
     picks the features' layer."""
     from dataclasses import replace
 
-    from blipinpaint import stages
+    from blipinpaint import builders
 
     greedy = captioner(sample_batch)["caption"]
-    short = stages.build_captioner(replace(cfg, caption=replace(cfg.caption, max_new_tokens=3)))(sample_batch)
+    short = builders.build_captioner(replace(cfg, caption=replace(cfg.caption, max_new_tokens=3)))(sample_batch)
     # Greedy decoding cut after 3 tokens: the start of each full caption, and shorter.
     assert all(g.startswith(c) and len(c) < len(g) for c, g in zip(short["caption"], greedy)), short["caption"]
-    beams = stages.build_captioner(replace(cfg, caption=replace(cfg.caption, num_beams=4)))(sample_batch)["caption"]
+    beams = builders.build_captioner(replace(cfg, caption=replace(cfg.caption, num_beams=4)))(sample_batch)["caption"]
     assert list(beams) != list(greedy)
     # `scorer.feature_layer` picks the layer the stage's features pool.
-    last = stages.build_captioner(replace(cfg, scorer=replace(cfg.scorer, feature_layer=-1)))(sample_batch)
+    last = builders.build_captioner(replace(cfg, scorer=replace(cfg.scorer, feature_layer=-1)))(sample_batch)
     model, pixels = captioner.model, _pixels(captioner, sample_batch)
     with torch.inference_mode():
         embeds = encode_images(model, pixels)

@@ -3,7 +3,7 @@ import pytest
 import torch
 from helpers import take
 
-from blipinpaint import stages
+from blipinpaint import builders
 from blipinpaint.batches import Guarded
 from blipinpaint.config import load_config
 from blipinpaint.inpainting import Inpainter, denoise
@@ -68,7 +68,7 @@ def reference(pipe, batch, prompts, seeds, steps, guidance_scale) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def bf16_pipe(cfg):
-    return stages.build_inpainter(load_config(overrides=[f"run_dir={cfg.run_dir}", "models.dtype=bf16"])).pipe
+    return builders.build_inpainter(load_config(overrides=[f"run_dir={cfg.run_dir}", "models.dtype=bf16"])).pipe
 
 
 @pytest.mark.parametrize("scheduler", ["PNDMScheduler", "EulerDiscreteScheduler"])

@@ -132,7 +132,7 @@ def test_png_round_trip_is_lossless():
 
 def test_min_side_and_max_aspect_ratio_come_from_the_config(tmp_path):
     """`data.min_side` and `data.max_aspect_ratio` decide which inputs become error rows."""
-    from blipinpaint import stages
+    from blipinpaint import builders
     from blipinpaint.config import load_config
     from blipinpaint.sources import items_to_batch, list_folder, read_files
 
@@ -141,7 +141,7 @@ def test_min_side_and_max_aspect_ratio_come_from_the_config(tmp_path):
 
     def errors(*overrides):
         cfg = load_config(overrides=list(overrides))
-        batch = stages.build_decoder(cfg)(read_files(items_to_batch(list_folder(str(tmp_path)))))
+        batch = builders.build_decoder(cfg)(read_files(items_to_batch(list_folder(str(tmp_path)))))
         return {i: e.split(":")[0] for i, e in zip(batch["id"], batch["error"]) if e}
 
     assert errors() == {}  # the defaults (32, 4.0) take both

@@ -137,10 +137,10 @@ def test_models_clip_points_the_metrics_at_another_folder(cfg, metrics, sample_b
 
     from safetensors.torch import load_file, save_file
 
-    from blipinpaint import stages
+    from blipinpaint import builders
     from blipinpaint.config import load_config
 
-    tiny = stages.resolve_preset(cfg).clip.name_or_path
+    tiny = builders.resolve_preset(cfg).clip.name_or_path
     other = tmp_path / "other-clip"
     shutil.copytree(tiny, other)
     weights = load_file(other / "model.safetensors")
@@ -150,7 +150,7 @@ def test_models_clip_points_the_metrics_at_another_folder(cfg, metrics, sample_b
     batch = dict(sample_batch, caption=np.array(["a cat on a street", "a rocket", "a cup", "coins"], dtype=object),
                  inpainted=sample_batch["image"], inpainted_baseline=sample_batch["image"])
     ours = metrics(dict(batch))["clip_score"]
-    theirs = stages.build_metrics(load_config(overrides=[f"run_dir={cfg.run_dir}",
+    theirs = builders.build_metrics(load_config(overrides=[f"run_dir={cfg.run_dir}",
                                                          f"models.clip.name_or_path={other}"]))(dict(batch))["clip_score"]
     assert (ours > 0).any() and (theirs > 0).any()
     assert not np.allclose(ours, theirs)  # cosines change sign: what scored above the clamp now does not

@@ -15,7 +15,7 @@ def test_a_model_folder_goes_to_a_bucket_and_back(monkeypatch, tmp_path):
     model = ScoreNet(ScoreNetConfig(in_features=4, hidden=(8,)))
     model.save_pretrained(tmp_path / "saved")
     storage.upload_dir(tmp_path / "saved", "s3://bucket/run/scorer/model")
-    assert storage.kind("s3://bucket/run/scorer/model/model.safetensors") == "File"
+    assert storage.is_file("s3://bucket/run/scorer/model/model.safetensors")
     assert (tmp_path / "bucket" / "run" / "scorer" / "model" / "config.json").exists()
 
     local = storage.local_dir("s3://bucket/run/scorer/model")
@@ -32,7 +32,7 @@ def test_local_paths_are_used_in_place(tmp_path):
 
 def test_text_and_jsonl(tmp_path):
     uri = str(tmp_path / "a" / "log.jsonl")
-    assert storage.read_jsonl(uri) == [] and storage.kind(uri) == "NotFound"
+    assert storage.read_jsonl(uri) == [] and not storage.exists(uri)
     storage.write_jsonl(uri, [{"epoch": 0}, {"epoch": 1}])
     assert storage.read_jsonl(uri) == [{"epoch": 0}, {"epoch": 1}]
     assert storage.read_text(uri).count("\n") == 2

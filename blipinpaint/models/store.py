@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 
 from blipinpaint.errors import JobError
 from blipinpaint.models.presets import FID_INCEPTION_SHA256, FID_INCEPTION_URL, FID_INCEPTION_V3, ModelRef
-from blipinpaint.storage import filesystem, is_remote, kind, read_text, upload_dir, write_text
+from blipinpaint.storage import filesystem, is_file, is_remote, read_text, upload_dir, write_text
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def in_store(ref: ModelRef, store: str) -> ModelRef:
 
 
 def is_complete(uri: str) -> bool:
-    return kind(f"{uri}/{MANIFEST}") == "File"
+    return is_file(f"{uri}/{MANIFEST}")
 
 
 def manifest(uri: str) -> dict:

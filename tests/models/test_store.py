@@ -169,14 +169,14 @@ def test_the_fid_inception_weights_reach_the_store_verified(served, tmp_path):
 
 def test_workers_load_hub_checkpoints_from_the_store_only(tmp_path):
     cfg = load_config(overrides=["models.preset=paper", f"run_dir={tmp_path}"])
-    from blipinpaint import stages
+    from blipinpaint import builders
 
-    preset = stages.resolve_preset(cfg)
+    preset = builders.resolve_preset(cfg)
     for role in ("captioner", "inpainter", "clip", "fid"):
         assert getattr(preset, role).name_or_path.startswith(f"{tmp_path}/models/"), role
-    assert stages.stored_refs(cfg).keys() == {"captioner", "inpainter", "clip", "fid"}
+    assert builders.stored_refs(cfg).keys() == {"captioner", "inpainter", "clip", "fid"}
     cfg = load_config(overrides=[f"run_dir={tmp_path}", "models.store=/elsewhere"])  # the tiny preset
-    assert stages.stored_refs(cfg) == {} and stages.resolve_preset(cfg).captioner.name_or_path.endswith("captioner")
+    assert builders.stored_refs(cfg) == {} and builders.resolve_preset(cfg).captioner.name_or_path.endswith("captioner")
 
 
 @pytest.mark.parametrize("role", ["captioner", "inpainter", "clip"])

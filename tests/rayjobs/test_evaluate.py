@@ -210,7 +210,7 @@ def test_scorer_reranked_captions_add_a_variant_to_every_table_and_the_page(main
     the BLIP variant's inpainting and scores, the others are inpainted from the same noise;
     report.json records N and how often the pick differs; Table 1, the other tables, the
     plots' legends and the page's cards show the variant."""
-    from blipinpaint import stages
+    from blipinpaint import builders
     from blipinpaint.io import decode_png
 
     copy_run(main_run[1] / "run", tmp_path)
@@ -219,7 +219,7 @@ def test_scorer_reranked_captions_add_a_variant_to_every_table_and_the_page(main
     rows = sorted(pq.read_table(tmp_path / "eval" / "samples").to_pylist(), key=lambda r: r["id"])
     assert len(rows) == report["evaluation_set"]["samples"] >= 4
 
-    reranker = stages.build_reranker(cfg, str(tmp_path / "scorer" / "model"))
+    reranker = builders.build_reranker(cfg, str(tmp_path / "scorer" / "model"))
     batch = {"id": np.array([r["id"] for r in rows], dtype=object),
              "image": np.stack([decode_png(r["image_png"]) for r in rows]),
              "mask": np.stack([(decode_png(r["mask_png"]) > 127).astype(np.uint8) for r in rows])}

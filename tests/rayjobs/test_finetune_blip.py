@@ -9,7 +9,7 @@ from helpers import copy_run
 from safetensors.torch import load_file
 from transformers import BlipForConditionalGeneration
 
-from blipinpaint import stages
+from blipinpaint import builders
 from blipinpaint.config import load_config
 from blipinpaint.io import decode_png
 from blipinpaint.models import ModelRef
@@ -21,7 +21,7 @@ def test_only_the_text_decoder_changes(main_run):
     run_dir = main_run[1] / "run"
     cfg = load_config(overrides=[f"run_dir={run_dir}"])
     report = json.loads((run_dir / "finetune" / "report.json").read_text())
-    original = load_file(f"{stages.resolve_preset(cfg).captioner.name_or_path}/model.safetensors")
+    original = load_file(f"{builders.resolve_preset(cfg).captioner.name_or_path}/model.safetensors")
     tuned = load_file(run_dir / "blip" / "model.safetensors")
     assert original.keys() == tuned.keys()
     changed = {k for k in original if not torch.equal(original[k], tuned[k])}
@@ -80,8 +80,8 @@ def test_the_fine_tuned_folder_captions_as_the_trained_model_did(main_run):
              "image": np.stack([decode_png(r["image_png"]) for r in rows]),
              "mask": np.stack([decode_png(r["mask_png"]) > 127 for r in rows])}
     cfg = load_config(overrides=[f"models.captioner.name_or_path={folder}"])
-    assert stages.resolve_preset(cfg).captioner == ModelRef(str(folder))
-    out = stages.build_captioner(cfg)(batch)
+    assert builders.resolve_preset(cfg).captioner == ModelRef(str(folder))
+    out = builders.build_captioner(cfg)(batch)
     assert list(out["caption"]) == [probe[r["id"]]["fine_tuned"] for r in rows]
 
 

@@ -162,7 +162,7 @@ def test_a_failing_prepare_commits_each_bad_row_once(tmp_path, monkeypatch):
             raise RuntimeError("mask bug")
         return mask
 
-    monkeypatch.setattr(generate.stages, "build_masker", broken_masker)
+    monkeypatch.setattr(generate.builders, "build_masker", broken_masker)
     good, empty = tmp_path / "good.png", tmp_path / "empty.png"
     good.write_bytes(encode(photo(), "PNG"))
     empty.write_bytes(b"")

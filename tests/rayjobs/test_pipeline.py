@@ -7,7 +7,7 @@ from helpers import PIPELINE_ARGS
 from PIL import Image
 from transformers import BlipForConditionalGeneration
 
-from blipinpaint import stages
+from blipinpaint import builders
 from blipinpaint.config import load_config
 from blipinpaint.evaluation import ALL, FID_SETS, REAL, bucket_of
 from blipinpaint.fid import fid_table
@@ -116,7 +116,7 @@ def test_distributed_fid_equals_one_pass(main_run, monkeypatch):
     assert scopes["changed"] == intervals  # the changed scope's rows, here every one, in id order
 
     rows = pq.read_table(folder / "run" / "eval" / "samples").to_pydict()
-    one = stages.build_fid(cfg, FID_SETS)
+    one = builders.build_fid(cfg, FID_SETS)
     one.update({k: rows[k] for k in FID_SETS.values()}, bucket_of(rows["mask_area"], cfg.evaluate.mask_buckets))
     single = fid_table(one.stats, real=REAL)
     assert distributed.keys() == single.keys() == evaluate.evaluated_variants(cfg).keys()

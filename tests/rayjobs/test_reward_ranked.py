@@ -17,7 +17,7 @@ import pytest
 import torch
 from helpers import account, copy_run, end_actors_of_dead_drivers, print_figures
 
-from blipinpaint import stages
+from blipinpaint import builders
 from blipinpaint.candidates import PENDING, best_candidates, expand
 from blipinpaint.config import load_config
 from blipinpaint.errors import ConfigError
@@ -150,16 +150,16 @@ def test_a_candidates_metrics_are_those_of_its_inpainting(candidates_run):
              "mask": (decode_png(g["mask_png"]) > 127).astype(np.uint8)[None],
              "mask_area": np.array([g["mask_area"]], dtype=np.float32),
              "caption": np.array([row["caption"]], dtype=object)}
-    out = stages.build_inpainter(cfg, {"inpainted": "caption"})(batch)
+    out = builders.build_inpainter(cfg, {"inpainted": "caption"})(batch)
     assert out["noise_seed"][0] == row["noise_seed"]
-    scored = stages.build_metrics(cfg, {"": ("inpainted", "caption")})(out)
+    scored = builders.build_metrics(cfg, {"": ("inpainted", "caption")})(out)
     for m in ("ssim", "psnr", "ssim_hole", "psnr_hole", "clip_score"):
         assert float(scored[m][0]) == pytest.approx(row[m], rel=1e-4, abs=1e-5), m
 
 
 def test_the_best_caption_is_the_argmin_of_the_real_loss(candidates_run):
     run_dir, cfg = candidates_run["run_dir"], candidates_run["cfg"]
-    w = stages.loss_weights(cfg)
+    w = builders.loss_weights(cfg)
     expected = {}
     for r in _rows(run_dir):  # in candidate order: a later candidate must be strictly better to win
         loss = w.ssim * (1 - r["ssim"]) - w.psnr * r["psnr"] - w.clip * r["clip_score"]
