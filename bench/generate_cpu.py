@@ -47,7 +47,7 @@ from blipinpaint.records import encode_rows  # noqa: E402
 from blipinpaint.seeds import sample_seed  # noqa: E402
 from blipinpaint.sources import items_to_batch, list_folder, read_files  # noqa: E402
 from rayjobs import generate  # noqa: E402
-from rayjobs.common import connect  # noqa: E402
+from rayjobs.cluster import connect  # noqa: E402
 
 
 def make_inputs(folder: Path, n: int) -> None:

@@ -146,7 +146,7 @@ def ray_pool(cfg, batch, b: int, use_gpu: bool) -> float:
     """Images/s through a 1-GPU Ray Data actor pool, timed from the first batch out to the last."""
     import ray
 
-    from rayjobs.common import connect
+    from rayjobs.cluster import connect
 
     connect()
     rows = [{k: batch[k][i] for k in ("id", "image", "mask", "caption")} for i in range(len(batch["id"]))]

@@ -28,7 +28,7 @@ import torch
 
 from blipinpaint.config import load_config
 from rayjobs import candidates, finetune_blip, generate, models, train_scorer
-from rayjobs.common import connect
+from rayjobs.cluster import connect
 
 # The README's main command's scorer settings, 4 candidates per image, and a learning rate
 # and number of epochs at which the tiny decoder's captions move (the paper's lr 1e-6

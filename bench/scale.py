@@ -149,7 +149,7 @@ def main() -> None:
     import ray
     import torch
 
-    from rayjobs.common import connect
+    from rayjobs.cluster import connect
 
     work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     server = None

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from blipinpaint.config import load_config
 from rayjobs import train_scorer
-from rayjobs.common import connect
+from rayjobs.cluster import connect
 
 
 def write_samples(run_dir: Path, n: int, dim: int = 16, seed: int = 0) -> None:

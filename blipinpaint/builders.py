@@ -60,6 +60,18 @@ def stored_refs(cfg: Config) -> dict[str, ModelRef]:
     return {role: ref for role, ref in refs.items() if ref is not None and store.needs_store(ref)}
 
 
+def fill_store(cfg: Config) -> dict[str, dict]:
+    """Every stored role's checkpoint into the run's model store, fetched and verified once
+    (found complete, nothing is fetched): {role: {uri, source, files, reused}}. Runs on a
+    job's driver before any actor loads a model."""
+    root = model_store(cfg)
+    entries = {}
+    for role, ref in stored_refs(cfg).items():
+        uri = store.entry_uri(root, ref)
+        entries[role] = {"uri": uri, **store.put(ref, uri)}
+    return entries
+
+
 def configured_preset(cfg: Config) -> Preset:
     """The checkpoint of each role as configured (hub ids included)."""
     m = cfg.models

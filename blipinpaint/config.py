@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from blipinpaint.errors import ConfigError
+from blipinpaint.layout import RunLayout
 from blipinpaint.masks import MASK_MODES
 from blipinpaint.models.presets import PRESET_NAMES, ModelRef
 from blipinpaint.seeds import raised_fraction
@@ -383,7 +384,7 @@ def _stage_problems(key: str, stage: StageConfig) -> list[str]:
 
 def model_store(cfg: Config) -> str:
     """`models.store`, else `<run_dir>/models`."""
-    return cfg.models.store or f"{cfg.run_dir.rstrip('/')}/models"
+    return cfg.models.store or RunLayout(cfg.run_dir).models
 
 
 def heldout_fraction(cfg: Config, ids: Iterable[str] | None = None) -> float:

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 
 from blipinpaint.batches import Batch
-from blipinpaint.io import encode_png
+from blipinpaint.io import decode_png, encode_png
 
 METRICS = ("ssim", "psnr", "ssim_hole", "psnr_hole", "clip_score")
 METRIC_COLUMNS = tuple(m + s for s in ("", "_baseline") for m in METRICS)
@@ -103,6 +103,13 @@ def encode_rows(batch: Batch, models: dict[str, str], schema: pa.Schema = SAMPLE
         elif key.startswith("retries_"):
             columns[key] = pa.array(np.asarray(batch[key], dtype=np.int64))
     return pa.table(columns)
+
+
+def decode_images(rows: Batch) -> Batch:
+    """`rows` read back with their ground truth and mask as arrays again: `image` (uint8 HWC)
+    and `mask` ({0, 1}) from `image_png` and `mask_png`."""
+    return {**rows, "image": np.stack([decode_png(b) for b in rows["image_png"]]),
+            "mask": np.stack([(decode_png(b) > 127).astype(np.uint8) for b in rows["mask_png"]])}
 
 
 def split_rows(table: pa.Table, schema: pa.Schema = SAMPLE_SCHEMA) -> tuple[pa.Table, pa.Table]:

@@ -38,7 +38,9 @@ import logging
 import posixpath
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -46,8 +48,9 @@ import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
 from blipinpaint.errors import JobError
+from blipinpaint.layout import Folder
 from blipinpaint.records import SAMPLE_SCHEMA, split_rows
-from blipinpaint.storage import filesystem, is_remote
+from blipinpaint.storage import filesystem, is_remote, write_text
 
 DATA_DIRS = ("samples", "errors")
 OWNER = "_owner.json"
@@ -57,6 +60,55 @@ log = logging.getLogger(__name__)
 
 class Superseded(JobError):
     """Another run has taken over the output folder: this writer must not commit."""
+
+
+def stage_failure(marker: dict) -> bool:
+    """A part holding only rows of a batch a model stage failed on (raised, or its worker died)."""
+    kinds = marker["error_kinds"]
+    return not marker["samples"] and bool(kinds) and all(kind == "stage failed" for kind in kinds)
+
+
+@dataclass
+class Resumed:
+    """What a run found in its output folder when it took it over (`CommitLog.resume`)."""
+
+    owner: str  # this run's token
+    recovered: dict[str, int]  # what `recover` finished and undid
+    retried: list[str]  # ids of `stage failed` parts made pending again
+    done: set[str]  # ids committed (as samples or errors)
+
+
+@dataclass
+class Account:
+    """Where the ids a run listed stand in its output folder (`CommitLog.account`)."""
+
+    listed: int
+    ok: set[str]  # listed ids committed as samples
+    errors_by_reason: Counter  # listed ids committed as errors, by the kind of error
+    missing: list[str]  # listed ids committed nowhere
+    duplicates: int  # commits of an id beyond its first
+    rows: int  # rows of every part, listed or not
+    seconds: Counter = field(default_factory=Counter)  # busy seconds per stage over every part
+    retries: Counter = field(default_factory=Counter)  # failed attempts per stage over every part
+
+    @property
+    def errors(self) -> int:
+        return sum(self.errors_by_reason.values())
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing and not self.duplicates
+
+    def stages(self) -> dict[str, dict]:
+        """Busy time per stage over all committed rows: rows per second of one worker."""
+        return {s: {"busy_s": round(t, 3), "rows_per_s_per_worker": round(self.rows / t, 3) if t else None,
+                    "retries": self.retries[s]} for s, t in self.seconds.items()}
+
+    def check(self, out_dir: str, what: str) -> None:
+        """A `JobError` naming what is missing or duplicated, unless every listed id is there once."""
+        if not self.complete:
+            raise JobError(f"{out_dir}: {len(self.missing)} {what} missing, {self.duplicates} duplicated; "
+                           "run the same command again to finish")
 
 
 def part_name(ids: list[str]) -> str:
@@ -252,3 +304,32 @@ class CommitLog:
 
     def committed_ids(self) -> set[str]:
         return {i for m in self.markers() for i in (*m["samples"], *m["errors"])}
+
+    def resume(self, retry_failed: bool = False) -> Resumed:
+        """Start a run here: take the folder over (a killed run's stragglers stop committing),
+        finish or undo what it left, and with `retry_failed` make the parts of batches a
+        model stage failed on pending again (a preempted machine, not their images)."""
+        owner = self.take_over()  # before recovering
+        recovered = self.recover()
+        retried = self.uncommit(stage_failure) if retry_failed else []
+        return Resumed(owner, recovered, retried, self.committed_ids())
+
+    def account(self, listed: Collection[str]) -> Account:
+        """Where each of the `listed` ids stands: a sample, an error (and why), missing or duplicated."""
+        markers, listed = self.markers(), set(listed)
+        seen = Counter(i for m in markers for i in (*m["samples"], *m["errors"]))
+        account = Account(
+            listed=len(listed), ok={i for m in markers for i in m["samples"]} & listed,
+            errors_by_reason=Counter(k for m in markers for i, k in zip(m["errors"], m["error_kinds"]) if i in listed),
+            missing=sorted(listed - set(seen)), duplicates=sum(c - 1 for c in seen.values() if c > 1),
+            rows=sum(len(m["samples"]) + len(m["errors"]) for m in markers))
+        for m in markers:
+            account.seconds.update(m["seconds"])
+            account.retries.update(m["retries"])
+        return account
+
+    def finish(self, stats: dict, account: Account) -> None:
+        """Write the run's `stats.json`, and `_SUCCESS` when every listed id is accounted for."""
+        write_text(Folder(self.out_dir).stats, json.dumps(stats, indent=2))
+        if account.complete:
+            write_text(Folder(self.out_dir).success, "")

@@ -1,36 +1,19 @@
 """Evaluate: FID and CLIP score of baseline, BLIP-guided and fine-tuned-BLIP-guided inpainting.
 
-On a GPU cluster (README, "Running on a cluster"; `~/.ray/auth_token` made first):
+    python -m rayjobs.evaluate [--config CONFIG.yaml] [dotted.key=value ...]
 
-    ray up cluster.yaml && ray dashboard cluster.yaml &    # job API tunnelled to 127.0.0.1:8265
+On a cluster (the tunnel, the token, logs and stop: docs/cluster.md):
+
     RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . \\
         --runtime-env-json '{"env_vars": {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}}' \\
         -- python -m rayjobs.evaluate --config configs/paper-coco.yaml
-    RAY_AUTH_MODE=token ray job logs --address http://127.0.0.1:8265 --follow <submission id>
-    RAY_AUTH_MODE=token ray job stop --address http://127.0.0.1:8265 <submission id>
-    ray down cluster.yaml                                  # when every job is done
 
-Locally (a Ray on 127.0.0.1 when no address is given):
-
-    python -m rayjobs.evaluate [--config CONFIG.yaml] [dotted.key=value ...]
-
-The evaluation set is the held-out split of `run_dir/generate/samples` (a hash of
-(seed, id): never seen by the scorer or the fine-tuning), capped at `evaluate.limit`.
-The generate step already inpainted those samples without text and with the original
-BLIP's caption; this job adds the third variant from the same noise seed (and, with
-`caption.candidates` above 1, a fourth: the caption the frozen scorer `run_dir/scorer`
-predicts best among the original BLIP's candidates):
-1. Ray Data streams the held-out rows through the fine-tuned BLIP (`run_dir/blip`) and
-   the reranker, the inpainter and the metrics actors into `run_dir/eval/samples/`
-   (exactly once; a rerun does only what is missing).
-2. FID: `evaluate.fid.size` actors each fold the Inception features of their shard into
-   mergeable statistics (count, sum, sum of outer products) per image set and mask
-   bucket; the driver merges them and takes the Fréchet distance once per pair.
-3. The report in `run_dir/eval/`: `report.json`, `report.md` (Table 1 of the paper,
-   per-metric and per-mask-bucket tables), `metrics.png`, `mask_buckets.png`, `deltas.png`,
-   `grid.png`; and `report.html`, the page to open first: the same tables and plots, a
-   gallery of up to `evaluate.gallery_limit` samples that sorts and filters, the errors
-   (full-size images beside it in `report_files/`).
+On the held-out split of generate's rows (never seen by the scorer or the fine-tuning),
+capped at `evaluate.limit`, generate's two variants are joined by the fine-tuned BLIP's
+(and, with `caption.candidates` above 1, the scorer-reranked caption's), inpainted from
+the same noise and committed exactly once to `run_dir/eval/samples/`. FID workers fold
+Inception features into mergeable statistics; the report (`report.html` first, with
+`report.md`, `report.json` and the plots) holds Table 1 with bootstrap intervals.
 """
 
 from __future__ import annotations
@@ -40,14 +23,12 @@ import json
 import logging
 import sys
 import time
-from collections import Counter
 
 import numpy as np
-import pyarrow.parquet as pq
 import ray
 import torch
 
-from blipinpaint import builders, report_page
+from blipinpaint import builders, fingerprint, report_page
 from blipinpaint.batches import Guarded, take
 from blipinpaint.config import Config, dataset_name, heldout_fraction, to_yaml
 from blipinpaint.errors import ConfigError, JobError
@@ -79,27 +60,19 @@ from blipinpaint.evaluation import (
 )
 from blipinpaint.fid import fid_table, merge_all
 from blipinpaint.io import decode_png
+from blipinpaint.layout import RunLayout
 from blipinpaint.models import ModelRef
-from blipinpaint.models.presets import FID_INCEPTION_V3
+from blipinpaint.models.presets import is_standard_inception
 from blipinpaint.plots import plot_grouped_bars, plot_image_grid, plot_scatter
-from blipinpaint.records import EVAL_SCHEMA, METRICS, RERANKED_SCHEMA
+from blipinpaint.reader import committed_sample_ids, read_errors, read_rows, read_sorted, row_reads
+from blipinpaint.records import EVAL_SCHEMA, METRICS, RERANKED_SCHEMA, decode_images
 from blipinpaint.scorer import TARGETS, ScoreNet
 from blipinpaint.seeds import heldout, sample_seed
-from blipinpaint.storage import digest, exists, filesystem, is_dir, is_file, local_dir, read_text, write_text
+from blipinpaint.storage import digest, exists, is_dir, is_file, local_dir, read_text, write_text
 from blipinpaint.writer import CommitLog
-from rayjobs import models
-from rayjobs.common import (
-    connect,
-    generated_ids,
-    job_main,
-    read_committed,
-    read_rows,
-    row_reads,
-    size_pools,
-)
-from rayjobs.generate import candidate_fingerprint, check_fingerprint, stage_failure
-from rayjobs.progress import CommitProgress
-from rayjobs.stream import ErrorWriter, attempt_ledger, commit_stage, job_errors, model_stages
+from rayjobs.cli import job_main
+from rayjobs.cluster import connect
+from rayjobs.stream import ErrorWriter, commit_stage, model_stages, read_committed, run_stream
 
 log = logging.getLogger("blipinpaint.evaluate")
 
@@ -113,7 +86,6 @@ PLOTS = {"metrics.png": "SSIM, PSNR and CLIP score per variant", "mask_buckets.p
          "scorer_changed.png": "the scorer's prediction for the changed captions against their scores"}
 ERRORS_LISTED = 1000  # error rows on the page at most (the count says how many there are)
 METRIC_LABELS = {"ssim": "SSIM ↑", "psnr": "PSNR (dB) ↑", "clip_score": "CLIP score ↑"}
-FINETUNED = {"caption": "caption_finetuned", "image": "inpainted_finetuned"}
 # The variants this job adds to generate's two: each differs from the BLIP variant by its caption alone.
 ADDED = ("finetuned", "reranked")
 
@@ -130,15 +102,11 @@ def gallery_columns(variants: dict[str, Variant]) -> list[str]:
             *(v.image for v in variants.values()), *(m + v.suffix for v in variants.values() for m in PAIRED)]
 
 
-def _paths(cfg: Config) -> dict[str, str]:
-    root = cfg.run_dir.rstrip("/")
-    return {"samples": f"{root}/generate/samples", "blip": f"{root}/blip", "out": f"{root}/eval",
-            "check": f"{root}/finetune/check.json", "scorer": f"{root}/scorer/model"}
-
-
-def evaluation_ids(cfg: Config) -> list[str]:
-    """The held-out ids (the split every job uses), at most `evaluate.limit` of them by a hash."""
-    generated = generated_ids(cfg)
+def evaluation_ids(cfg: Config, generated: list[str] | None = None) -> list[str]:
+    """The held-out ids of the `generated` ones (default: generate's committed samples; the
+    split every job uses), at most `evaluate.limit` of them by a hash."""
+    if generated is None:
+        generated = committed_sample_ids(RunLayout(cfg.run_dir).generate)
     fraction = heldout_fraction(cfg, generated)
     chosen = [i for i in generated if heldout(cfg.seed, i, fraction)]
     if cfg.evaluate.limit is not None:
@@ -152,12 +120,9 @@ def prepare(batch: dict, errors: ErrorWriter, retries: int) -> dict:
     A row whose PNGs cannot be decoded becomes an error row; a part that cannot be read
     (storage, not data) fails the task, which Ray retries.
     """
-    def decode(rows):
-        return {**rows, "image": np.stack([decode_png(x) for x in rows["image_png"]]),
-                "mask": np.stack([(decode_png(x) > 127).astype(np.uint8) for x in rows["mask_png"]])}
     rows = read_rows(batch, INPUT_COLUMNS)
     rows["error"] = np.full(len(rows["id"]), "", dtype=object)
-    return Guarded("prepare", decode, errors, retries)(rows)
+    return Guarded("prepare", decode_images, errors, retries)(rows)
 
 
 class Chain:
@@ -172,11 +137,12 @@ class Chain:
         return batch
 
 
-def _captioners(cfg: Config, paths: dict[str, str]) -> Chain:
+def _captioners(cfg: Config) -> Chain:
     """The fine-tuned BLIP's caption; with `caption.candidates` above 1, the reranked one too."""
-    out = [builders.build_captioner(cfg, ModelRef(local_dir(paths["blip"])), output=FINETUNED["caption"])]
+    run_layout = RunLayout(cfg.run_dir)
+    out = [builders.build_captioner(cfg, ModelRef(local_dir(run_layout.blip)), output=VARIANTS["finetuned"].caption)]
     if cfg.caption.candidates > 1:
-        out.append(builders.build_reranker(cfg, paths["scorer"]))
+        out.append(builders.build_reranker(cfg, run_layout.scorer_model))
     return Chain(out)
 
 
@@ -192,7 +158,7 @@ class OnlyChanged:
     caption would still come out slightly different wherever kernels are not batch-invariant
     (fp16 on GPUs), and it would cost a third of this job's inpainting for nothing."""
 
-    def __init__(self, stage, reuse, caption: str = FINETUNED["caption"]):
+    def __init__(self, stage, reuse, caption: str = VARIANTS["finetuned"].caption):
         self.stage, self.reuse, self.caption = stage, reuse, caption
 
     def __call__(self, batch: dict) -> dict:
@@ -233,20 +199,21 @@ def eval_schema(cfg: Config):
 
 
 def build_dataset(cfg: Config, pending: list[str], ledger, owner: str | None = None) -> ray.data.Dataset:
-    g, paths = cfg.generate, _paths(cfg)
-    errors = ErrorWriter(paths["out"], owner)
+    stream, run_layout = cfg.generate, RunLayout(cfg.run_dir)
+    errors = ErrorWriter(run_layout.eval, owner)
     added = [v for k, v in evaluated_variants(cfg).items() if k in ADDED]
     pools = {
-        "captioner": functools.partial(_captioners, cfg, paths),
+        "captioner": functools.partial(_captioners, cfg),
         "inpainter": functools.partial(_added_inpainters, cfg, added),
         "metrics": functools.partial(_added_metrics, cfg, added),
     }
-    reads = row_reads(f"{cfg.run_dir.rstrip('/')}/generate", pending)
+    reads = row_reads(run_layout.generate, pending)
     ds = ray.data.from_items(reads, override_num_blocks=len(reads))
-    ds = ds.map_batches(prepare, fn_kwargs={"errors": errors, "retries": g.batch_retries},
-                        batch_size=1, num_cpus=g.read.num_cpus)
-    ds = model_stages(ds, pools, g, errors, ledger)
-    return commit_stage(ds, paths["out"], eval_schema(cfg), {}, g.rows_per_file, g.read.num_cpus, owner)
+    ds = ds.map_batches(prepare, fn_kwargs={"errors": errors, "retries": stream.batch_retries},
+                        batch_size=1, num_cpus=stream.read.num_cpus)
+    ds = model_stages(ds, pools, stream, errors, ledger)
+    return commit_stage(ds, run_layout.eval, eval_schema(cfg), {}, stream.rows_per_file, stream.read.num_cpus,
+                        owner)
 
 
 @ray.remote
@@ -282,7 +249,7 @@ def compute_fid(cfg: Config, ids: list[str], changed: list[str]) -> tuple[dict[s
     `changed` ones (`bootstrap_fid`)."""
     stage = cfg.evaluate.fid
     n = stage.size if stage.size is not None else stage.max_size
-    ds = read_committed(row_reads(_paths(cfg)["out"], ids), ["id", "mask_area",
+    ds = read_committed(row_reads(RunLayout(cfg.run_dir).eval, ids), ["id", "mask_area",
                                                              *fid_sets(evaluated_variants(cfg)).values()],
                         cfg.generate.read.num_cpus)
     shards = ds.streaming_split(n)
@@ -302,26 +269,19 @@ def compute_fid(cfg: Config, ids: list[str], changed: list[str]) -> tuple[dict[s
     return fid_table(merged, real=REAL), ray.get(intervals)
 
 
-def _read_eval_rows(out_dir: str, ids: list[str], columns: list[str]) -> dict[str, np.ndarray]:
-    """The evaluated rows of `ids` (only the parts that hold them), sorted by id."""
-    reads = row_reads(out_dir, ids)
-    rows = read_rows({"path": [r["path"] for r in reads], "ids": [r["ids"] for r in reads]}, ["id", *columns])
-    order = np.argsort(rows["id"])
-    return {c: v[order] for c, v in rows.items()}
-
-
 def scorer_on_changed(cfg: Config, out_dir: str, ids: list[str]) -> dict:
     """For the captions fine-tuning changed (`ids`): what the frozen scorer predicts for them
     (from the fine-tuned decoder's caption features) against what their inpaintings then
     scored. Fine-tuning follows the scorer's predictions; this says whether they held."""
-    model_dir = f"{cfg.run_dir.rstrip('/')}/scorer/model"
+    model_dir = RunLayout(cfg.run_dir).scorer_model
     if len(ids) < 1 or not is_dir(model_dir):
         return {"samples": len(ids), "pearson_r": {t: None for t in TARGETS}}
-    rows = _read_eval_rows(out_dir, ids, [f"{FINETUNED['caption']}_features", *(t + "_finetuned" for t in TARGETS)])
+    features = f"{VARIANTS['finetuned'].caption}_features"
+    rows = read_sorted(out_dir, ids, [features, *(t + "_finetuned" for t in TARGETS)])
     scorer = ScoreNet.from_pretrained(local_dir(model_dir))
     with torch.no_grad():
-        features = torch.as_tensor(np.stack(rows[f"{FINETUNED['caption']}_features"]), dtype=torch.float32)
-        predicted = scorer.destandardize(scorer(features)).numpy().astype(np.float64)
+        predicted = scorer.destandardize(scorer(torch.as_tensor(np.stack(rows[features]), dtype=torch.float32)))
+        predicted = predicted.numpy().astype(np.float64)
     true = np.stack([np.asarray(rows[t + "_finetuned"], dtype=np.float64) for t in TARGETS], axis=1)
     plot_scatter(predicted, true, TARGETS, f"{out_dir}/scorer_changed.png",
                  title=f"scorer's prediction for the {len(ids)} changed captions against their scores")
@@ -334,7 +294,7 @@ def scorer_on_changed(cfg: Config, out_dir: str, ids: list[str]) -> dict:
 def fid_protocol(cfg: Config) -> str:
     """How the FID features were taken, for the report: numbers compare only under one protocol."""
     fid = builders.stored_refs(cfg).get("fid")
-    if fid is not None and fid.name_or_path == FID_INCEPTION_V3:
+    if fid is not None and is_standard_inception(fid):
         return ("standard FID: Inception v3 pool3 (2048-d) with the TensorFlow FID weights, images resized to "
                 "299x299 with TensorFlow 1.x's bilinear resize and no antialiasing (as torch-fidelity and "
                 "the original FID; torchmetrics' default antialiasing is off), from the decoded uint8 PNG pixels")
@@ -414,7 +374,7 @@ def write_report(cfg: Config, summary: dict, ids: list[str], out_dir: str) -> di
     name = dataset_name(cfg)
     datasets = {name: summary}
     for other in cfg.evaluate.other_runs:
-        path = f"{other.rstrip('/')}/eval/report.json"
+        path = RunLayout(other).eval.report
         if not is_file(path):  # e.g. that run is still going: this report is still useful
             log.warning("evaluate.other_runs: %s does not exist yet; left out of Table 1", path)
             continue
@@ -448,7 +408,7 @@ def write_report(cfg: Config, summary: dict, ids: list[str], out_dir: str) -> di
     examples = sorted(ids, key=lambda i: sample_seed(cfg.seed, i, "grid"))[: cfg.evaluate.grid_rows]
     captions = [x.caption for x in variants.values() if x.caption]
     images = [x.image for x in variants.values()]
-    rows = _read_eval_rows(out_dir, examples, ["image_png", "mask_png", *captions, *images])
+    rows = read_sorted(out_dir, examples, ["image_png", "mask_png", *captions, *images])
     plot_image_grid(grid_rows(rows), grid_titles(variants), f"{out_dir}/grid.png")
     fid_name = builders.model_ids(cfg).get("fid", "")
     changed = summary["changed"]
@@ -508,21 +468,6 @@ changed samples.
     return tables
 
 
-def read_errors(out_dir: str, ids: set[str] | None = None, limit: int = ERRORS_LISTED) -> tuple[list[dict], int]:
-    """The committed error rows under `out_dir` (of `ids` only, if given): the first `limit`
-    in commit order, and how many there are (counted from the markers: only the parts
-    listed are read)."""
-    rows, total = [], 0
-    for marker in CommitLog(out_dir).markers():
-        failed = [i for i in marker["errors"] if ids is None or i in ids]
-        total += len(failed)
-        if failed and len(rows) < limit:
-            fs, path = filesystem(f"{out_dir}/errors/{marker['name']}.parquet")
-            table = pq.read_table(path, filesystem=fs, filters=[("id", "in", failed)])
-            rows += [{"id": r["id"], "source": r["source"], "reason": r["error"]} for r in table.to_pylist()]
-    return rows[:limit], total
-
-
 def write_page(cfg: Config, report: dict, tables: dict[str, Table], out_dir: str, ids: list[str],
                selected: list[str]) -> str:
     """`report.html` (`blipinpaint.report_page`): the tables, the plots, a gallery of up to
@@ -542,8 +487,8 @@ def write_page(cfg: Config, report: dict, tables: dict[str, Table], out_dir: str
             files.update(images)
         report_page.write_files(out_dir, files)
         written.update(files)
-    generate_errors, generate_count = read_errors(f"{cfg.run_dir.rstrip('/')}/generate")
-    evaluate_errors, _ = read_errors(out_dir, set(selected))
+    generate_errors, generate_count = read_errors(RunLayout(cfg.run_dir).generate, limit=ERRORS_LISTED)
+    evaluate_errors, _ = read_errors(out_dir, set(selected), limit=ERRORS_LISTED)
     errors = [{"job": "evaluate", **e} for e in evaluate_errors] + [{"job": "generate", **e} for e in generate_errors]
     s, iv = report["evaluation_set"], report["intervals"]
     settings = [("dataset", report["dataset"]), ("run_dir", cfg.run_dir), ("models preset", cfg.models.preset),
@@ -575,61 +520,60 @@ def write_page(cfg: Config, report: dict, tables: dict[str, Table], out_dir: str
 
 def run(cfg: Config) -> dict:
     started = time.perf_counter()
-    paths = _paths(cfg)
-    for path, step in ((paths["samples"], "rayjobs.generate"), (f"{paths['blip']}/model.safetensors",
-                                                                "rayjobs.finetune_blip")):
+    run_layout = RunLayout(cfg.run_dir)
+    out_dir, variants = run_layout.eval, evaluated_variants(cfg)
+    # 1. Check the inputs: generate's rows, the fine-tuned BLIP, the scorer that reranks.
+    for path, step in ((run_layout.generate.samples, "rayjobs.generate"),
+                       (run_layout.blip / "model.safetensors", "rayjobs.finetune_blip")):
         if not exists(path):
             raise ConfigError(f"{path} is missing: run {step} first")
-    if cfg.caption.candidates > 1 and not is_dir(paths["scorer"]):
+    if "reranked" in variants and not is_dir(run_layout.scorer_model):
         raise ConfigError(f"caption.candidates={cfg.caption.candidates} reranks captions with the trained scorer, "
-                          f"and {paths['scorer']} is missing: run rayjobs.train_scorer first")
-    ids = evaluation_ids(cfg)
+                          f"and {run_layout.scorer_model} is missing: run rayjobs.train_scorer first")
+    generated = committed_sample_ids(run_layout.generate)
+    ids = evaluation_ids(cfg, generated)
     if len(ids) < 2:
-        raise ConfigError(f"only {len(ids)} held-out samples in {paths['samples']}: FID needs at least 2 "
+        raise ConfigError(f"only {len(ids)} held-out samples in {run_layout.generate.samples}: FID needs at least 2 "
                           f"(more inputs, or a larger train.val_fraction)")
-    out_dir = paths["out"]
-    # Rows made with another fine-tuned BLIP (or other generate settings) must not mix.
-    decoder = json.loads(read_text(paths["check"])).get("decoder") if is_file(paths["check"]) else None
-    # The reranked captions depend on the scorer too: rows picked by another one must not mix.
-    scorer = digest(f"{paths['scorer']}/model.safetensors") if cfg.caption.candidates > 1 else None
-    check_fingerprint(out_dir, {**candidate_fingerprint(cfg), "finetuned_decoder": decoder, "reranking_scorer": scorer})
-    write_text(f"{out_dir}/config.yaml", to_yaml(cfg))
-    models.run(cfg)  # the inpainter, CLIP and FID networks from the model store, never the hub
+    # Rows made with another fine-tuned BLIP, another reranking scorer or other generate
+    # settings must not mix.
+    check = run_layout.finetune_check
+    decoder = json.loads(read_text(check)).get("decoder") if is_file(check) else None
+    scorer = digest(run_layout.scorer_model / "model.safetensors") if "reranked" in variants else None
+    fingerprint.check(out_dir, fingerprint.evaluate(cfg, decoder, scorer))
+    write_text(out_dir.config, to_yaml(cfg))
+    builders.fill_store(cfg)  # the inpainter, CLIP and FID networks from the model store, never the hub
+    # 2. Resume: the held-out samples not yet evaluated.
     commit_log = CommitLog(out_dir, eval_schema(cfg))
-    owner = commit_log.take_over()  # before recovering: a killed run's stragglers stop committing
-    recovered = commit_log.recover()
-    retried = commit_log.uncommit(stage_failure) if cfg.evaluate.retry_failed else []
-    done = commit_log.committed_ids()
-    pending = [i for i in ids if i not in done]
+    resumed = commit_log.resume(cfg.evaluate.retry_failed)
+    pending = [i for i in ids if i not in resumed.done]
     log.info("%d held-out samples to evaluate: %d already done, %d to do", len(ids), len(ids) - len(pending),
              len(pending))
-    connect(cfg.ray_address, cfg.ray_progress)
+    # 3. Stream them through the added variants' captioner, inpainter and metrics.
     if pending:
-        cfg = size_pools(cfg, len(pending))
-        with (attempt_ledger() as ledger, job_errors(),
-              CommitProgress("evaluate", out_dir, len(ids), len(ids) - len(pending), cfg.progress_s)):
-            build_dataset(cfg, pending, ledger, owner).materialize()
+        run_stream(cfg, "evaluate", out_dir, len(ids), len(ids) - len(pending), len(pending),
+                   lambda cfg, ledger: build_dataset(cfg, pending, ledger, resumed.owner))
     commit_log.release()
-
-    markers = commit_log.markers()
-    seen = Counter(i for m in markers for i in (*m["samples"], *m["errors"]))
-    sample_ids = sorted({i for m in markers for i in m["samples"]} & set(ids))
-    errors = Counter(k for m in markers for i, k in zip(m["errors"], m["error_kinds"]) if i in set(ids))
-    missing = [i for i in ids if i not in seen]
-    if missing:
-        raise JobError(f"{out_dir}: {len(missing)} samples not evaluated; run the same command again to finish")
+    # 4. Account for every held-out sample.
+    account = commit_log.account(ids)
+    account.check(out_dir, "samples")
+    sample_ids = sorted(account.ok)
     if len(sample_ids) < 2:
-        raise JobError(f"{out_dir}: only {len(sample_ids)} samples evaluated, FID needs 2 (errors: {dict(errors)}, "
-                       f"listed in {out_dir}/errors; evaluate.retry_failed=true tries `stage failed` rows again)")
-    variants = evaluated_variants(cfg)
-    columns = _read_eval_rows(out_dir, sample_ids, ["mask_area", *(v.caption for v in variants.values() if v.caption),
-                                                    *(m + v.suffix for v in variants.values() for m in METRICS)])
-    changed = [str(i) for i, a, c in zip(columns["id"], columns["caption"], columns[FINETUNED["caption"]]) if a != c]
+        raise JobError(f"{out_dir}: only {len(sample_ids)} samples evaluated, FID needs 2 (errors: "
+                       f"{dict(account.errors_by_reason)}, listed in {out_dir.errors}; evaluate.retry_failed=true "
+                       "tries `stage failed` rows again)")
+    columns = read_sorted(out_dir, sample_ids, ["mask_area", *(v.caption for v in variants.values() if v.caption),
+                                                *(m + v.suffix for v in variants.values() for m in METRICS)])
+    finetuned = VARIANTS["finetuned"].caption
+    changed = [str(i) for i, a, c in zip(columns["id"], columns["caption"], columns[finetuned]) if a != c]
+    # 5. FID of every variant, overall and per mask bucket, with bootstrap intervals.
+    connect(cfg.ray_address, cfg.ray_progress)
     fid, fid_bootstrap = compute_fid(cfg, sample_ids, changed)
-    b = cfg.evaluate.bootstrap
-    summary = summarize(columns, fid, list(cfg.evaluate.mask_buckets), (b.replicates, cfg.seed, b.confidence),
-                        fid_bootstrap)
-    summary["intervals"]["fid_replicates"] = b.fid_replicates
+    # 6. Summarize: means, paired differences and their intervals, where the caption helps.
+    bootstrap = cfg.evaluate.bootstrap
+    summary = summarize(columns, fid, list(cfg.evaluate.mask_buckets),
+                        (bootstrap.replicates, cfg.seed, bootstrap.confidence), fid_bootstrap)
+    summary["intervals"]["fid_replicates"] = bootstrap.fid_replicates
     summary["caption_effect"] = caption_effect(summary, list(cfg.evaluate.mask_buckets))
     summary["changed"]["scorer"] = scorer_on_changed(cfg, out_dir, changed)
     if "reranked" in variants:
@@ -638,20 +582,22 @@ def run(cfg: Config) -> dict:
                                "share": float(np.mean(differs))}
     report = {
         "dataset": dataset_name(cfg), "run_dir": cfg.run_dir, "out_dir": out_dir,
-        "evaluation_set": {"heldout_fraction": heldout_fraction(cfg, generated_ids(cfg)), "limit": cfg.evaluate.limit,
-                           "selected": len(ids), "samples": len(sample_ids), "errors": sum(errors.values()),
-                           "errors_by_reason": dict(errors),
-                           "this_run": {"evaluated": len(pending), "retried": len(retried), **recovered}},
-        "models": {**builders.model_ids(cfg), "captioner_finetuned": paths["blip"]},
+        "evaluation_set": {"heldout_fraction": heldout_fraction(cfg, generated), "limit": cfg.evaluate.limit,
+                           "selected": len(ids), "samples": len(sample_ids), "errors": account.errors,
+                           "errors_by_reason": dict(account.errors_by_reason),
+                           "this_run": {"evaluated": len(pending), "retried": len(resumed.retried),
+                                        **resumed.recovered}},
+        "models": {**builders.model_ids(cfg), "captioner_finetuned": run_layout.blip},
         "fid_protocol": fid_protocol(cfg),
         "mask_bucket_edges": list(cfg.evaluate.mask_buckets),
         **summary,
         "wall_s": round(time.perf_counter() - started, 2),
     }
+    # 7. Write report.md, report.html and their plots; report.json last: the pipeline skips
+    #    an evaluation whose report.json exists, so it means "all written".
     tables = write_report(cfg, summary, sample_ids, out_dir)
     write_page(cfg, report, tables, out_dir, sample_ids, ids)
-    # Last: the pipeline skips an evaluation whose report.json exists, so it means "all written".
-    write_text(f"{out_dir}/report.json", json.dumps(report, indent=2))
+    write_text(out_dir.report, json.dumps(report, indent=2))
     return report
 
 

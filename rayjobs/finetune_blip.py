@@ -1,45 +1,21 @@
 """Fine-tune BLIP's text decoder through the frozen scoring network.
 
-On a GPU cluster (README, "Running on a cluster"; `~/.ray/auth_token` made first):
+    python -m rayjobs.finetune_blip [--config CONFIG.yaml] [dotted.key=value ...]
 
-    ray up cluster.yaml && ray dashboard cluster.yaml &    # job API tunnelled to 127.0.0.1:8265
+On a cluster (the tunnel, the token, logs and stop: docs/cluster.md):
+
     RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . \\
         --runtime-env-json '{"env_vars": {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}}' \\
         -- python -m rayjobs.finetune_blip --config configs/paper-coco.yaml
-    RAY_AUTH_MODE=token ray job logs --address http://127.0.0.1:8265 --follow <submission id>
-    RAY_AUTH_MODE=token ray job stop --address http://127.0.0.1:8265 <submission id>
-    ray down cluster.yaml                                  # when every job is done
 
-Locally (a Ray on 127.0.0.1 when no address is given):
-
-    python -m rayjobs.finetune_blip [--config CONFIG.yaml] [dotted.key=value ...]
-
-For each training image (masked, as in generation) the caption BLIP gave it is
-teacher-forced through the text decoder; layer `scorer.feature_layer`'s states (the
-second-to-last) over its tokens feed the frozen scorer, and
-L_BLIP = λ1·(1 − SSIM) − λ2·PSNR − λ3·CLIP on the scorer's predictions (in metric units)
-is minimised. Only the text decoder trains; the vision encoder and the scorer stay
-bit-identical. Ray Train runs DeepSpeed ZeRO workers.
-
-With `finetune.method=reward_ranked` (after `python -m rayjobs.candidates`, same
-`caption.candidates`) each training image's caption is instead its candidate of lowest
-real L_BLIP (inpainted and scored, not predicted), and the decoder learns it by its
-language-model loss (next-token cross-entropy over the caption's tokens); no scorer is
-read. An image whose candidates all failed is left out (the report counts it). Whenever
-`run_dir/candidates/` exists, the probe records and the report say on what share of the
-probe set's training images the greedy caption is that best candidate, before and after.
-
-Outputs: `run_dir/blip/` (a Hugging Face folder, safetensors, that
-`BlipForConditionalGeneration.from_pretrained` loads and that generate/evaluate accept as
-`models.captioner.name_or_path`) and `run_dir/finetune/` (`metrics.jsonl`, `loss.png`, `probe.png`,
-`report.json`, `config.yaml`).
-
-A fixed probe set (`finetune.probe_size` training and as many held-out images, chosen by a
-hash of their ids) is captioned greedily, as generation captions, before training and
-after every epoch: `metrics.jsonl` records how many of its captions changed, their mean
-token edit distance to the captions before training, and what the frozen scorer predicts
-for the current captions. The last captions come from the decoder in memory; the saved
-folder must give the same (a test checks it).
+Each training image's caption is teacher-forced through the text decoder; layer
+`scorer.feature_layer`'s states over its tokens feed the frozen scorer, and L_BLIP =
+λ1·(1 − SSIM) − λ2·PSNR − λ3·CLIP on its predictions is minimised on Ray Train DeepSpeed
+ZeRO workers; only the text decoder trains. With `finetune.method=reward_ranked` the
+decoder instead learns each image's best candidate (`rayjobs.candidates`) by its
+language-model loss. A fixed probe set is captioned before training and after each epoch.
+Writes `run_dir/blip/` (a Hugging Face folder, safetensors) and `run_dir/finetune/`
+(`metrics.jsonl`, `loss.png`, `probe.png`, `report.json`, `config.yaml`).
 """
 
 from __future__ import annotations
@@ -57,7 +33,8 @@ import ray
 import ray.train
 import torch
 
-from blipinpaint.builders import resolve_preset
+from blipinpaint import builders, fingerprint
+from blipinpaint.candidates import best_candidates, candidate_id
 from blipinpaint.captioning import (
     caption_ids,
     caption_texts,
@@ -69,19 +46,22 @@ from blipinpaint.captioning import (
 )
 from blipinpaint.config import Config, to_yaml
 from blipinpaint.errors import ConfigError
-from blipinpaint.io import decode_png
+from blipinpaint.layout import RunLayout
 from blipinpaint.losses import LossWeights, blip_loss, caption_kl, caption_lm_loss
 from blipinpaint.masks import masked_pixels
 from blipinpaint.models import load_captioner
 from blipinpaint.plots import plot_curves, write_tensorboard
+from blipinpaint.reader import read_candidates, read_rows, split_reads
+from blipinpaint.records import decode_images
 from blipinpaint.scorer import ScoreNet
 from blipinpaint.seeds import sample_seed
 from blipinpaint.storage import is_dir, is_file, local_dir, read_jsonl, read_text, upload_dir, write_jsonl, write_text
 from blipinpaint.writer import CommitLog
-from rayjobs import candidates, models, training
-from rayjobs.common import connect, job_main, read_committed, read_rows
-from rayjobs.generate import candidate_fingerprint, check_fingerprint, fingerprint
+from rayjobs import training
+from rayjobs.cli import job_main
+from rayjobs.cluster import connect
 from rayjobs.progress import TrainProgress
+from rayjobs.stream import read_committed
 
 log = logging.getLogger("blipinpaint.finetune_blip")
 COLUMNS = ["id", "caption", "image_png", "mask_png"]
@@ -99,9 +79,8 @@ def checksum(module: torch.nn.Module, skip: str | None = None) -> str:
 
 
 def _pixels(batch: dict, image_processor, device, dtype) -> torch.Tensor:
-    images = np.stack([decode_png(b) for b in batch["image_png"]])
-    masks = np.stack([decode_png(b) > 127 for b in batch["mask_png"]])
-    visible = masked_pixels(images, masks)  # the captioner never sees the hole
+    rows = decode_images(batch)
+    visible = masked_pixels(rows["image"], rows["mask"])  # the captioner never sees the hole
     return image_processor(images=list(visible), return_tensors="pt").pixel_values.to(device, dtype)
 
 
@@ -315,30 +294,31 @@ def finetune_loop(config: dict) -> None:
                                                     "engine": training.engine_settings(engine)}))
 
 
-def best_candidates(cfg: Config, train_ids: list[str]) -> dict[str, dict] | None:
+def best_captions(cfg: Config, train_ids: list[str]) -> dict[str, dict] | None:
     """Each training image's best candidate by the real L_BLIP (`rayjobs.candidates`), of the
     images with candidate rows; None where the run has no `candidates/` (method `scorer`).
 
     reward_ranked trains on them: their rows must come from this run's settings (the number
     of candidates included) and every candidate of every training image be accounted for.
     The scorer method only measures against them: the same generate settings suffice."""
-    candidates_dir = f"{cfg.run_dir.rstrip('/')}/candidates"
+    candidates_dir = RunLayout(cfg.run_dir).candidates
     reward_ranked = cfg.finetune.method == "reward_ranked"
     if not is_dir(candidates_dir):
         if reward_ranked:
             raise ConfigError(f"{candidates_dir} is missing: run rayjobs.candidates first")
         return None
-    check_fingerprint(candidates_dir, candidate_fingerprint(cfg) if reward_ranked else fingerprint(cfg),
+    fingerprint.check(candidates_dir, fingerprint.candidates(cfg) if reward_ranked else fingerprint.generate(cfg),
                       record=False)
     if reward_ranked:
-        if not is_file(f"{candidates_dir}/_SUCCESS"):  # a killed run's parts may still be staged
+        if not is_file(candidates_dir.success):  # a killed run's parts may still be staged
             raise ConfigError(f"{candidates_dir} is not complete: run rayjobs.candidates (again) first")
         done, n = CommitLog(candidates_dir).committed_ids(), cfg.caption.candidates
-        missing = [i for i in train_ids if any(candidates.candidate_id(i, k) not in done for k in range(n))]
+        missing = [i for i in train_ids if any(candidate_id(i, k) not in done for k in range(n))]
         if missing:
             raise ConfigError(f"{candidates_dir}: {len(missing)} of {len(train_ids)} training images lack some of "
                               f"their {n} candidates: run rayjobs.candidates (again) first")
-    return candidates.best_captions(cfg, set(train_ids))
+    return best_candidates(read_candidates(candidates_dir, set(train_ids)), builders.loss_weights(cfg),
+                           cfg.inpaint.caption_max_mask_area)
 
 
 def with_captions(batch: dict, captions: dict[str, str]) -> dict:
@@ -347,27 +327,27 @@ def with_captions(batch: dict, captions: dict[str, str]) -> dict:
 
 
 def run(cfg: Config) -> dict:
-    root = cfg.run_dir.rstrip("/")
-    out_dir, scorer_dir, samples = f"{root}/finetune", f"{root}/scorer/model", f"{root}/generate/samples"
+    run_layout = RunLayout(cfg.run_dir)
+    out_dir, scorer_dir, samples = run_layout.finetune, run_layout.scorer_model, run_layout.generate.samples
     method = cfg.finetune.method
     if cfg.models.dtype == "fp16" and not cfg.train.use_gpu:
         # DeepSpeed trains in fp16 on GPUs only; falling back to fp32 silently would hide it.
         raise ConfigError("models.dtype=fp16 fine-tunes on GPUs only: set train.use_gpu=true (or models.dtype=bf16)")
     needed = ((scorer_dir, "rayjobs.train_scorer") if method == "scorer"
-              else (f"{root}/candidates", "rayjobs.candidates"))
+              else (run_layout.candidates, "rayjobs.candidates"))
     for path, step in ((samples, "rayjobs.generate"), needed):
         if not is_dir(path):
             raise ConfigError(f"{path} is missing: run {step} first")
-    models.run(cfg)  # the captioner from the model store, never the hub
+    builders.fill_store(cfg)  # the captioner from the model store, never the hub
     # First, before anything waits for the cluster: the ranks of a run that is still going (its
     # driver killed, or the same command twice) stop writing here and free their resources.
     fence = (out_dir, CommitLog(out_dir).take_over())
     connect(cfg.ray_address, cfg.ray_progress)
-    train_reads, val_reads = training.split_reads(cfg)
+    train_reads, val_reads = split_reads(cfg)
     train_ids = [i for r in train_reads for i in r["ids"]]
     # Every training image may be probed, whether or not it is trained on: the same probe set for both methods.
     probe = probe_set(cfg, train_reads, val_reads)
-    best = best_candidates(cfg, train_ids)
+    best = best_captions(cfg, train_ids)
     ranked = {}
     if method == "reward_ranked":
         # Each image's caption becomes its best candidate's; an image whose candidates all
@@ -375,7 +355,7 @@ def run(cfg: Config) -> dict:
         ranked = {i: b["caption"] for i, b in best.items()}
         if not ranked:
             raise ConfigError(f"none of the {len(train_ids)} training images has a scored candidate "
-                              f"(see {root}/candidates/errors): nothing to fine-tune on")
+                              f"(see {run_layout.candidates.errors}): nothing to fine-tune on")
         train_reads = [{"path": r["path"], "ids": chosen} for r in train_reads
                        if (chosen := [i for i in r["ids"] if i in ranked])]
         log.info("reward_ranked: %d training images, %d with a best candidate", len(train_ids), len(ranked))
@@ -385,30 +365,30 @@ def run(cfg: Config) -> dict:
                                   num_cpus=cfg.generate.read.num_cpus)
     log.info("batch of %d per optimizer step: %d on each of %d workers", cfg.finetune.batch_size,
              training.per_worker(cfg, cfg.finetune.batch_size), cfg.train.num_workers)
-    write_text(f"{out_dir}/config.yaml", to_yaml(cfg))
+    write_text(out_dir.config, to_yaml(cfg))
     trainer = training.make_trainer(
         finetune_loop,
-        {"cfg": cfg, "captioner": resolve_preset(cfg).captioner, "scorer_dir": scorer_dir, "fence": fence,
+        {"cfg": cfg, "captioner": builders.resolve_preset(cfg).captioner, "scorer_dir": scorer_dir, "fence": fence,
          "probe": probe,
          "best": None if best is None else {i: best[i]["caption"] for ids in probe["ids"] for i in ids if i in best},
          "steps_per_epoch": math.ceil(sum(len(r["ids"]) for r in train_reads) / cfg.finetune.batch_size),
-         "log_uri": f"{out_dir}/metrics.jsonl", "blip_dir": f"{root}/blip", "check_uri": f"{out_dir}/check.json"},
-        cfg, name="finetune_blip", storage=f"{out_dir}/ray_train", datasets={"train": train},
+         "log_uri": out_dir.metrics, "blip_dir": run_layout.blip, "check_uri": run_layout.finetune_check},
+        cfg, name="finetune_blip", storage=out_dir.ray_train, datasets={"train": train},
     )
     training.fit(trainer, cfg, fence)
-    records = read_jsonl(f"{out_dir}/metrics.jsonl")
+    records = read_jsonl(out_dir.metrics)
     probes = [r for r in records if "probe_changed" in r]
     records = [r for r in records if "loss" in r]
     series = {"loss": ("L_BLIP" if method == "scorer" else "LM loss on the best candidates")
               + (" (+ KL)" if cfg.finetune.kl_weight > 0 else "")}
-    plot_curves(records, "step", series, "BLIP fine-tuning loss (per step, rank 0)", f"{out_dir}/loss.png")
+    plot_curves(records, "step", series, "BLIP fine-tuning loss (per step, rank 0)", out_dir / "loss.png")
     if cfg.train.tensorboard:
-        write_tensorboard(records, "step", f"{out_dir}/tensorboard")
+        write_tensorboard(records, "step", out_dir / "tensorboard")
     plot_curves(probes, "epoch", {"probe_changed": "captions changed", "probe_changed_heldout": "... of them held out",
                                   "probe_edit_distance": "mean token edit distance"},
                 f"probe set ({2 * cfg.finetune.probe_size} images at most): captions against those before "
-                "training (epoch -1)", f"{out_dir}/probe.png")
-    check = json.loads(read_text(f"{out_dir}/check.json"))
+                "training (epoch -1)", out_dir / "probe.png")
+    check = json.loads(read_text(run_layout.finetune_check))
     report = {"method": method, "steps": check["steps"], "engine": check["engine"],
               "scorer_unchanged": (check["scorer_before"] == check["scorer_after"]
                                    if check["scorer_before"] is not None else None),  # None: no scorer used
@@ -417,7 +397,7 @@ def run(cfg: Config) -> dict:
               "probe_changed_heldout": sum(r["caption"] != r["fine_tuned"] for r in check["probe"] if r["heldout"]),
               "probe_by_epoch": [{k: v for k, v in r.items() if k != "probe_captions"} for r in probes],
               "first_loss": records[0]["loss"] if records else None,
-              "last_loss": records[-1]["loss"] if records else None, "blip_dir": f"{root}/blip"}
+              "last_loss": records[-1]["loss"] if records else None, "blip_dir": run_layout.blip}
     if method == "reward_ranked":
         report["reward_ranked"] = {"training_images": len(train_ids), "trained_on": len(ranked),
                                    "left_out_without_candidates": len(train_ids) - len(ranked),
@@ -431,7 +411,7 @@ def run(cfg: Config) -> dict:
         after = best_share([r["fine_tuned"] for r in rows], targets)
         report["best_caption_share"] = {"before": before["best_caption_share"],
                                         "after": after["best_caption_share"], "images": len(rows)}
-    write_text(f"{out_dir}/report.json", json.dumps(report, indent=2))
+    write_text(out_dir.report, json.dumps(report, indent=2))
     training.owner_log(fence).release()
     return report
 

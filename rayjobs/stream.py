@@ -1,5 +1,5 @@
-"""The streaming plumbing the generate and evaluate jobs share: guarded model actors and
-an exactly-once Parquet sink.
+"""The streaming plumbing the generate, candidates and evaluate jobs share: guarded model
+actors, an exactly-once Parquet sink, and the run of a stream with its progress line.
 
 Rows that fail leave the stream where they fail, committed at once as error rows; the
 rest reach `commit_part`, the last stage, where each batch becomes one committed part
@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -27,11 +28,15 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from blipinpaint.batches import Batch, Guarded, count_once, split_errors
-from blipinpaint.config import FaultConfig, GenerateConfig
+from blipinpaint.config import Config, FaultConfig, GenerateConfig
 from blipinpaint.errors import JobError
+from blipinpaint.layout import Folder
+from blipinpaint.reader import read_rows
 from blipinpaint.records import encode_rows
+from blipinpaint.storage import write_text
 from blipinpaint.writer import CommitLog, Superseded, part_name
-from rayjobs.common import actor_resources
+from rayjobs.cluster import actor_resources, connect, size_pools
+from rayjobs.progress import CommitProgress
 
 
 class StageStartError(JobError):
@@ -187,3 +192,27 @@ def commit_stage(ds: ray.data.Dataset, out_dir: str, schema: pa.Schema, models: 
     return ds.map_batches(commit_part, fn_kwargs={"out_dir": out_dir, "schema": schema, "models": models,
                                                   "owner": owner},
                           batch_size=rows_per_file, num_cpus=num_cpus)
+
+
+def read_committed(reads: list[dict], columns: list[str], num_cpus: float) -> ray.data.Dataset:
+    """A dataset of the committed rows `reads` (`reader.row_reads`) name: one read task per part."""
+    ds = ray.data.from_items(reads, override_num_blocks=max(len(reads), 1))
+    return ds.map_batches(read_rows, fn_kwargs={"columns": columns}, batch_size=1, num_cpus=num_cpus)
+
+
+def run_stream(cfg: Config, job: str, out_dir: str, total: int, done: int, pool_rows: int,
+               build: Callable[[Config, object], ray.data.Dataset]) -> float:
+    """Run a streaming job's dataset to its last commit; return its seconds.
+
+    `build(cfg, ledger)` makes the dataset, with `cfg`'s pools sized for the cluster and
+    `pool_rows` rows to do; the job's progress line counts commits of `total` ids into
+    `out_dir`, `done` of them before this run. Ray Data's statistics go to `ray_stats.txt`.
+    """
+    connect(cfg.ray_address, cfg.ray_progress)
+    cfg = size_pools(cfg, pool_rows)
+    started = time.perf_counter()
+    with attempt_ledger() as ledger, job_errors(), CommitProgress(job, out_dir, total, done, cfg.progress_s):
+        ds = build(cfg, ledger).materialize()  # {part, rows} per commit: nothing else reaches the driver
+    seconds = time.perf_counter() - started
+    write_text(Folder(out_dir).ray_stats, ds.stats())
+    return seconds

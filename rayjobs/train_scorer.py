@@ -1,25 +1,18 @@
 """Train the scoring network: cached caption features -> SSIM, PSNR, CLIP score.
 
-On a GPU cluster (README, "Running on a cluster"; `~/.ray/auth_token` made first):
+    python -m rayjobs.train_scorer [--config CONFIG.yaml] [dotted.key=value ...]
 
-    ray up cluster.yaml && ray dashboard cluster.yaml &    # job API tunnelled to 127.0.0.1:8265
+On a cluster (the tunnel, the token, logs and stop: docs/cluster.md):
+
     RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . \\
         --runtime-env-json '{"env_vars": {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}}' \\
         -- python -m rayjobs.train_scorer --config configs/paper-coco.yaml
-    RAY_AUTH_MODE=token ray job logs --address http://127.0.0.1:8265 --follow <submission id>
-    RAY_AUTH_MODE=token ray job stop --address http://127.0.0.1:8265 <submission id>
-    ray down cluster.yaml                                  # when every job is done
 
-Locally (a Ray on 127.0.0.1 when no address is given):
-
-    python -m rayjobs.train_scorer [--config CONFIG.yaml] [dotted.key=value ...]
-
-Reads `run_dir/generate/samples` (BLIP is not loaded: the generate job cached its
-features, so an epoch is a scan of a small table). Ray Train runs `train.num_workers`
-DeepSpeed ZeRO workers; targets are standardised with the training split's statistics.
-Outputs in `run_dir/scorer/`: the model (safetensors + config.json, with the
-standardisation), `metrics.jsonl`, `report.json` (MAE and R² per metric against a
-predict-the-mean baseline on the held-out split), `loss.png`, `scatter.png`, `config.yaml`.
+Reads generate's training rows (BLIP is not loaded: generate cached its features, so an
+epoch is a pass over a small table) on `train.num_workers` DeepSpeed ZeRO workers; the
+targets are standardised with the training split's statistics. Writes `run_dir/scorer/`:
+the model (safetensors + config.json), `metrics.jsonl`, `report.json` (held-out MAE and R²
+against predicting the mean), `loss.png`, `scatter.png`, `config.yaml`.
 """
 
 from __future__ import annotations
@@ -38,13 +31,16 @@ import torch.distributed as dist
 
 from blipinpaint.config import Config, to_yaml
 from blipinpaint.errors import ConfigError
+from blipinpaint.layout import RunLayout
 from blipinpaint.plots import plot_curves, plot_scatter, write_tensorboard
+from blipinpaint.reader import read_rows, split_reads
 from blipinpaint.scorer import TARGETS, ScoreNet, ScoreNetConfig, regression_report
 from blipinpaint.seeds import sample_seed
 from blipinpaint.storage import is_dir, local_dir, read_jsonl, upload_dir, write_jsonl, write_text
 from blipinpaint.writer import CommitLog
 from rayjobs import training
-from rayjobs.common import connect, job_main, read_rows
+from rayjobs.cli import job_main
+from rayjobs.cluster import connect
 from rayjobs.progress import TrainProgress
 
 log = logging.getLogger("blipinpaint.train_scorer")
@@ -205,33 +201,33 @@ def evaluate(model_dir: str, reads: list[dict], out_dir: str, limit: int = 20_00
 
 
 def run(cfg: Config) -> dict:
-    out_dir = f"{cfg.run_dir.rstrip('/')}/scorer"
-    samples = f"{cfg.run_dir.rstrip('/')}/generate/samples"
+    run_layout = RunLayout(cfg.run_dir)
+    out_dir, samples = run_layout.scorer, run_layout.generate.samples
     if not is_dir(samples):
         raise ConfigError(f"no generated samples in {samples}: run rayjobs.generate first")
     # First, before anything waits for the cluster: the ranks of a run that is still going (its
     # driver killed, or the same command twice) stop writing here and free their resources.
     fence = (out_dir, CommitLog(out_dir).take_over())
     connect(cfg.ray_address, cfg.ray_progress)
-    train_reads, val_reads = training.split_reads(cfg)
+    train_reads, val_reads = split_reads(cfg)
     log.info("batch of %d per optimizer step: %d on each of %d workers", cfg.scorer.batch_size,
              training.per_worker(cfg, cfg.scorer.batch_size), cfg.train.num_workers)
-    write_text(f"{out_dir}/config.yaml", to_yaml(cfg))
+    write_text(out_dir.config, to_yaml(cfg))
     trainer = training.make_trainer(
-        train_loop, {"cfg": cfg, "log_uri": f"{out_dir}/metrics.jsonl", "model_dir": f"{out_dir}/model",
+        train_loop, {"cfg": cfg, "log_uri": out_dir.metrics, "model_dir": run_layout.scorer_model,
                      "fence": fence, "train_reads": train_reads, "val_reads": val_reads},
-        cfg, name="train_scorer", storage=f"{out_dir}/ray_train",
+        cfg, name="train_scorer", storage=out_dir.ray_train,
     )
     training.fit(trainer, cfg, fence)
-    records = read_jsonl(f"{out_dir}/metrics.jsonl")
+    records = read_jsonl(out_dir.metrics)
     plot_curves(records, "epoch", {"train_loss": "train", "val_loss": "held-out",
                                    "val_loss_mean_baseline": "held-out, predict the mean"},
-                "scorer loss (MSE, standardised targets)", f"{out_dir}/loss.png")
+                "scorer loss (MSE, standardised targets)", out_dir / "loss.png")
     if cfg.train.tensorboard:
-        write_tensorboard(records, "epoch", f"{out_dir}/tensorboard")
+        write_tensorboard(records, "epoch", out_dir / "tensorboard")
     report = {"epochs": len(records), "final": records[-1] if records else {},
-              "heldout": evaluate(f"{out_dir}/model", val_reads, out_dir)}
-    write_text(f"{out_dir}/report.json", json.dumps(report, indent=2))
+              "heldout": evaluate(run_layout.scorer_model, val_reads, out_dir)}
+    write_text(out_dir.report, json.dumps(report, indent=2))
     training.owner_log(fence).release()
     return report
 

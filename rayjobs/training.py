@@ -33,13 +33,10 @@ from ray.train import (
 )
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from blipinpaint.config import Config, heldout_fraction
-from blipinpaint.errors import ConfigError, JobError
+from blipinpaint.config import Config
+from blipinpaint.errors import JobError
 from blipinpaint.models.loading import DTYPES
-from blipinpaint.seeds import heldout
 from blipinpaint.writer import CommitLog
-from rayjobs.common import row_reads
-from rayjobs.generate import check_fingerprint
 
 log = logging.getLogger(__name__)
 # DeepSpeed's ZeRO calls a torch collective that torch deprecates: a warning from every rank
@@ -157,29 +154,6 @@ def make_trainer(loop, loop_config: dict, cfg: Config, name: str, storage: str,
                              logging_config=LoggingConfig(log_level="WARNING")),
         datasets=datasets,
     )
-
-
-def split_reads(cfg: Config) -> tuple[list[dict], list[dict]]:
-    """(train, held-out) read tasks (`row_reads`) for the generate step's committed rows,
-    split by a hash of each id: the same split in every job and rerun.
-
-    The split is made here from the commit markers, and each read task reads its ids' rows
-    of one part: no listing, no footer scan and no per-row filter over the whole table.
-    """
-    generate_dir, seed = f"{cfg.run_dir.rstrip('/')}/generate", cfg.seed
-    # The rows' caption features came from one decoder layer: a scorer trained, or a decoder
-    # fine-tuned, on another layer's features would learn from numbers it never sees.
-    check_fingerprint(generate_dir, {"scorer.feature_layer": cfg.scorer.feature_layer}, record=False)
-    parts = CommitLog(generate_dir).committed_samples()
-    ids = [i for ids_here in parts.values() for i in ids_here]
-    fraction = heldout_fraction(cfg, ids)
-    held = {i for i in ids if heldout(seed, i, fraction)}
-    if len(held) == len(ids):
-        raise ConfigError(f"{len(ids)} generated samples, {len(held)} of them held out (train.val_fraction, raised "
-                          f"to {fraction:.3g} so that 2 are held out where 4 or more exist): none left to train on")
-    log.info("split: %d samples to train on, %d held out (fraction %.3g)", len(ids) - len(held), len(held), fraction)
-    return (row_reads(generate_dir, [i for i in ids if i not in held], parts),
-            row_reads(generate_dir, sorted(held), parts))
 
 
 class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):

@@ -119,7 +119,7 @@ def local_ray(model_cache, s3):
     the S3 endpoint: its workers see the AWS variables)."""
     import ray
 
-    from rayjobs.common import connect
+    from rayjobs.cluster import connect
 
     connect()
     yield ray

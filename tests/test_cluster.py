@@ -69,15 +69,14 @@ def test_shipped_configs_load_and_validate(path):
 
 @pytest.mark.parametrize("job", ["pipeline", "models", "generate", "candidates", "train_scorer", "finetune_blip",
                                  "evaluate"])
-def test_each_job_documents_the_readme_cluster_commands(job):
-    """A job's docstring gives the README's submit (runtime env included), logs, stop and down."""
+def test_each_job_gives_its_exact_submit_command(job):
+    """A job's docstring gives its `ray job submit` command as the cluster guide gives it
+    (runtime env included), and points to the guide for the rest (tunnel, token, logs, stop)."""
     import importlib
 
-    doc = importlib.import_module(f"rayjobs.{job}").__doc__
-    readme = (ROOT / "README.md").read_text()
-    runtime_env = re.search(r"--runtime-env-json '[^']+'", readme).group(0)
-    for line in ("ray up cluster.yaml", "ray dashboard cluster.yaml",
-                 "RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir .", runtime_env,
-                 f"-- python -m rayjobs.{job} --config configs/paper-coco.yaml", "ray job logs", "ray job stop",
-                 "ray down cluster.yaml"):
-        assert line in doc, (job, line)
+    doc = " ".join(importlib.import_module(f"rayjobs.{job}").__doc__.replace("\\\n", " ").split())
+    guide = (ROOT / "README.md").read_text()
+    runtime_env = re.search(r"--runtime-env-json '[^']+'", guide).group(0)
+    submit = "RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir ."
+    assert f"{submit} {runtime_env} -- python -m rayjobs.{job} --config configs/paper-coco.yaml" in doc, job
+    assert "docs/cluster.md" in doc, job

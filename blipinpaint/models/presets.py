@@ -34,6 +34,11 @@ class ModelRef:
     files: list[str] | None = None
 
 
+def is_standard_inception(ref: ModelRef) -> bool:
+    """Whether `ref` names the standard FID Inception (torch-fidelity's pinned weights)."""
+    return ref.name_or_path == FID_INCEPTION_V3
+
+
 @dataclass(frozen=True)
 class Preset:
     name: str

@@ -26,13 +26,22 @@ import re
 import shutil
 import tempfile
 import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from blipinpaint.errors import JobError
-from blipinpaint.models.presets import FID_INCEPTION_SHA256, FID_INCEPTION_URL, FID_INCEPTION_V3, ModelRef
+from blipinpaint.models.offline import cache_root
+from blipinpaint.models.presets import (
+    FID_INCEPTION_SHA256,
+    FID_INCEPTION_URL,
+    FID_INCEPTION_V3,
+    ModelRef,
+    is_standard_inception,
+)
 from blipinpaint.storage import filesystem, is_file, is_remote, read_text, upload_dir, write_text
 
 log = logging.getLogger(__name__)
@@ -67,19 +76,39 @@ def is_hub_ref(ref: ModelRef) -> bool:
     return bool(HUB_ID.fullmatch(name)) and not Path(name).exists()
 
 
+@dataclass(frozen=True)
+class Source:
+    """Where a stored checkpoint comes from, and how its files get into the store."""
+
+    folder: str  # the entry's folder below the store's root: named by what pins it, so entries never change
+    record: dict  # what the entry's manifest says it holds
+    fill: Callable[[Path], dict]  # writes the entry's files into a folder; returns their record
+
+
+def source_of(ref: ModelRef, downloads: Path | None = None) -> Source | None:
+    """What `ref` names, the one place that tells: a hub id at a pinned commit, the standard
+    FID Inception (a pickle at a pinned URL, fetched into `downloads`), or None for a local
+    folder, which is loaded as it is."""
+    if is_standard_inception(ref):
+        return inception_source(downloads or cache_root() / "downloads")
+    if is_hub_ref(ref):
+        return Source(f"{ref.name_or_path.replace('/', '--')}/{ref.revision}",
+                      {"repo": ref.name_or_path, "revision": ref.revision, "files": list(ref.files or [])},
+                      lambda staging: convert(*fetch(ref), staging))
+    return None
+
+
 def needs_store(ref: ModelRef) -> bool:
-    return is_hub_ref(ref) or ref.name_or_path == FID_INCEPTION_V3
+    return source_of(ref) is not None
 
 
 def entry_uri(store: str, ref: ModelRef) -> str:
-    """Where a checkpoint lives in the store: immutable entries, so runs may share one store."""
-    if ref.name_or_path == FID_INCEPTION_V3:
-        return f"{store.rstrip('/')}/torch-fidelity--inception-v3-compat/{FID_INCEPTION_SHA256[:16]}"
-    return f"{store.rstrip('/')}/{ref.name_or_path.replace('/', '--')}/{ref.revision}"
+    """Where a checkpoint lives in the store."""
+    return f"{store.rstrip('/')}/{source_of(ref).folder}"
 
 
 def in_store(ref: ModelRef, store: str) -> ModelRef:
-    """The ref a worker loads: a hub checkpoint's (or the FID Inception's) store folder, else `ref`."""
+    """The ref a worker loads: a stored checkpoint's store folder, else `ref` itself."""
     return ModelRef(entry_uri(store, ref)) if needs_store(ref) else ref
 
 
@@ -264,28 +293,24 @@ def _publish(uri: str, source: dict, make) -> dict:
     return {**entry, "reused": False}
 
 
-def put(ref: ModelRef, uri: str) -> dict:
-    """Fetch, verify and convert `ref` into the store entry `uri`, unless it is complete already."""
-    source = {"repo": ref.name_or_path, "revision": ref.revision, "files": list(ref.files or [])}
-    existing = _existing(uri, source)
+def put(ref: ModelRef, uri: str, source: Source | None = None) -> dict:
+    """Fill the store entry `uri` with `ref`'s checkpoint (`source`, default `source_of(ref)`),
+    unless it is complete already."""
+    source = source or source_of(ref)
+    existing = _existing(uri, source.record)
     if existing is not None:
         return existing
-    folder, files = fetch(ref)
-    entry = _publish(uri, source, lambda staging: convert(folder, files, staging))
-    log.info("model store: %s@%s -> %s (%d files)", ref.name_or_path, ref.revision, uri, len(entry["files"]))
+    entry = _publish(uri, source.record, source.fill)
+    log.info("model store: %s -> %s (%d files)", ref.name_or_path, uri, len(entry["files"]))
     return entry
 
 
-def put_fid_inception(uri: str, downloads: Path, url: str = FID_INCEPTION_URL,
-                      expected_sha256: str = FID_INCEPTION_SHA256) -> dict:
-    """The standard FID Inception's weights (a pickle at a pinned URL) into the store as safetensors."""
-    source = {"url": url, "sha256": expected_sha256}
-    existing = _existing(uri, source)
-    if existing is not None:
-        return existing
-    path = download(url, expected_sha256, downloads)
+def inception_source(downloads: Path, url: str = FID_INCEPTION_URL,
+                     expected_sha256: str = FID_INCEPTION_SHA256) -> Source:
+    """The standard FID Inception's weights (a pickle at a pinned URL) as safetensors."""
 
-    def make(staging: Path) -> dict:
+    def fill(staging: Path) -> dict:
+        path = download(url, expected_sha256, downloads)
         pickle_to_safetensors(path, staging / "model.safetensors")
         (staging / "config.json").write_text(json.dumps(STANDARD_INCEPTION, indent=2))
         return {"model.safetensors": {"from": url, "hub_id": expected_sha256,
@@ -293,4 +318,11 @@ def put_fid_inception(uri: str, downloads: Path, url: str = FID_INCEPTION_URL,
                                       "sha256": sha256(staging / "model.safetensors")},
                 "config.json": {"how": "written", "sha256": sha256(staging / "config.json")}}
 
-    return _publish(uri, source, make)
+    return Source(f"torch-fidelity--inception-v3-compat/{expected_sha256[:16]}",
+                  {"url": url, "sha256": expected_sha256}, fill)
+
+
+def put_fid_inception(uri: str, downloads: Path, url: str = FID_INCEPTION_URL,
+                      expected_sha256: str = FID_INCEPTION_SHA256) -> dict:
+    """The standard FID Inception into the store entry `uri` (from `url`, checked against `expected_sha256`)."""
+    return put(ModelRef(FID_INCEPTION_V3), uri, inception_source(downloads, url, expected_sha256))

@@ -18,11 +18,12 @@ import torch
 from helpers import account, copy_run, end_actors_of_dead_drivers, print_figures
 
 from blipinpaint import builders
-from blipinpaint.candidates import PENDING, best_candidates, expand
+from blipinpaint.candidates import PENDING, best_candidates, candidate_id, expand
 from blipinpaint.config import load_config
 from blipinpaint.errors import ConfigError
 from blipinpaint.io import decode_png
 from blipinpaint.losses import LossWeights, caption_lm_loss
+from blipinpaint.reader import split_reads
 from blipinpaint.writer import CommitLog
 from rayjobs import candidates, finetune_blip, pipeline
 
@@ -39,9 +40,7 @@ def _args(run_dir, *extra):
 
 
 def _training_ids(run_dir):
-    from rayjobs import training
-
-    train, _ = training.split_reads(load_config(overrides=[f"run_dir={run_dir}"]))
+    train, _ = split_reads(load_config(overrides=[f"run_dir={run_dir}"]))
     return sorted(i for r in train for i in r["ids"])
 
 
@@ -74,7 +73,7 @@ def candidates_run(main_run, local_ray, tmp_path_factory):
     cfg = load_config(overrides=args)
     rerun = candidates.run(cfg)
     again = candidates.run(cfg)
-    ids = [candidates.candidate_id(i, k) for i in _training_ids(run_dir) for k in range(N)]
+    ids = [candidate_id(i, k) for i in _training_ids(run_dir) for k in range(N)]
     figures = account(out, ids)
     print_figures("candidates: driver killed after its first commit, then the same command", figures,
                   time.perf_counter() - started, committed_before=committed_before,
@@ -165,7 +164,7 @@ def test_the_best_caption_is_the_argmin_of_the_real_loss(candidates_run):
         loss = w.ssim * (1 - r["ssim"]) - w.psnr * r["psnr"] - w.clip * r["clip_score"]
         if r["image_id"] not in expected or loss < expected[r["image_id"]][0] - 1e-9:
             expected[r["image_id"]] = (loss, r["candidate"], r["caption"])
-    best = candidates.best_captions(cfg)
+    best = finetune_blip.best_captions(cfg, _training_ids(run_dir))
     assert sorted(best) == sorted(expected)
     for image_id, (loss, k, caption) in expected.items():
         assert (best[image_id]["candidate"], best[image_id]["caption"]) == (k, caption)
@@ -224,7 +223,7 @@ def test_reward_ranked_fine_tuning_makes_the_best_candidates_the_greedy_captions
                                        "best_is_greedy": json.loads((run_dir / "candidates" / "stats.json")
                                                                     .read_text())["best_is_greedy"]}
     # The shares, from the captions themselves: before training the greedy captions are generate's.
-    best = candidates.best_captions(load_config(overrides=[f"run_dir={run_dir}"]))
+    best = finetune_blip.best_captions(load_config(overrides=[f"run_dir={run_dir}"]), _training_ids(run_dir))
     trained = [r for r in report["probe"] if not r["heldout"] and r["id"] != VICTIM]  # the victim: no best
     assert share["images"] == len(trained) == 3
     assert share["before"] == sum(r["caption"] == best[r["id"]]["caption"] for r in trained) / 3

@@ -8,8 +8,10 @@ from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchChe
 from deepspeed.runtime.config import DeepSpeedConfig
 from deepspeed.runtime.fp16.loss_scaler import CreateLossScaler, DynamicLossScaler
 
+from blipinpaint import fingerprint
 from blipinpaint.config import load_config
 from blipinpaint.errors import ConfigError
+from blipinpaint.reader import split_reads
 from blipinpaint.seeds import heldout as heldout_of
 from rayjobs import training
 
@@ -74,7 +76,7 @@ def test_fifteen_photographs_hold_two_out_in_every_job(tmp_path):
     ids = [f"p{k}" for k in range(15)]
     _generated(tmp_path, ids)
     cfg = load_config(overrides=[f"run_dir={tmp_path}", f"data.source={tmp_path}", f"seed={seed}"])
-    train, val = training.split_reads(cfg)
+    train, val = split_reads(cfg)
     held = sorted(i for read in val for i in read["ids"])
     assert len(held) == 2 and sum(len(read["ids"]) for read in train) == 13
     assert evaluate.evaluation_ids(cfg) == held  # the evaluation set is the same held-out split
@@ -85,21 +87,19 @@ def test_a_split_that_leaves_nothing_to_train_on_is_a_config_error(tmp_path):
     _generated(tmp_path, ["only"])
     cfg = load_config(overrides=[f"run_dir={tmp_path}", f"data.source={tmp_path}", f"seed={seed}"])
     with pytest.raises(ConfigError, match=r"1 generated samples, 1 of them held out \(train.val_fraction"):
-        training.split_reads(cfg)
+        split_reads(cfg)
 
 
 def test_training_refuses_rows_whose_features_came_from_another_layer(tmp_path):
     """The scorer and the fine-tuning read the caption features generate stored: from the
     decoder layer the run was generated with, and no other."""
-    from rayjobs import generate
-
     _generated(tmp_path, [f"p{k}" for k in range(8)])
     cfg = load_config(overrides=[f"run_dir={tmp_path}", f"data.source={tmp_path}"])
-    generate.check_fingerprint(str(tmp_path / "generate"), generate.fingerprint(cfg))  # as generate records it
-    assert training.split_reads(cfg)  # the same layer
+    fingerprint.check(str(tmp_path / "generate"), fingerprint.generate(cfg))  # as generate records it
+    assert split_reads(cfg)  # the same layer
     other = load_config(overrides=[f"run_dir={tmp_path}", f"data.source={tmp_path}", "scorer.feature_layer=-1"])
     with pytest.raises(ConfigError, match=r"holds rows generated with other settings \(scorer.feature_layer differ\)"):
-        training.split_reads(other)
+        split_reads(other)
 
 
 @pytest.mark.parametrize("name", ["paper-coco", "paper-vg"])

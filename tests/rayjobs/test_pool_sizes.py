@@ -5,7 +5,7 @@ import psutil
 import pytest
 
 from blipinpaint.config import GenerateConfig, StageConfig, load_config
-from rayjobs.common import actor_resources, auto_sizes, pool
+from rayjobs.cluster import actor_resources, auto_sizes, pool
 
 
 def test_fixed_and_autoscaling_pools():

@@ -1,4 +1,4 @@
-"""What every Ray job shares: connecting to Ray, and stage resources from the config."""
+"""Connecting to Ray, and the actor pools of the streaming jobs sized from the config and the cluster."""
 
 from __future__ import annotations
 
@@ -6,61 +6,17 @@ import copy
 import logging
 import math
 import os
-import sys
-from collections.abc import Callable
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 from ray._private import ray_constants
 from ray.data import ActorPoolStrategy, DataContext
 
-from blipinpaint.config import AUTO, Config, GenerateConfig, StageConfig, parse_args
-from blipinpaint.errors import ConfigError, JobError
-from blipinpaint.storage import filesystem
-from blipinpaint.writer import CommitLog
+from blipinpaint.config import AUTO, Config, GenerateConfig, StageConfig
 
 log = logging.getLogger(__name__)
 
 # Passed to workers of a local Ray, so they build and find models where the driver does.
 FORWARDED_ENV = ("BLIPINPAINT_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DS_ACCELERATOR")
-
-
-def generated_ids(cfg: Config) -> list[str]:
-    """The ids of the generate step's committed samples (from its commit markers)."""
-    return [i for ids in CommitLog(f"{cfg.run_dir.rstrip('/')}/generate").committed_samples().values() for i in ids]
-
-
-def row_reads(out_dir: str, ids: list[str], parts: dict[str, list[str]] | None = None) -> list[dict]:
-    """Read tasks for the committed rows of `ids` under `out_dir`: one per Parquet part.
-
-    The commit markers (or `parts`, what `CommitLog.committed_samples` read from them) say
-    which part holds which id, so nothing is listed or scanned to find them: no file-listing
-    or footer-reading task competes with the model actors or the training workers for CPU.
-    """
-    wanted = set(ids)
-    reads = []
-    for name, ids_here in (CommitLog(out_dir).committed_samples() if parts is None else parts).items():
-        chosen = sorted(wanted.intersection(ids_here))
-        if chosen:
-            reads.append({"path": f"{out_dir}/samples/{name}.parquet", "ids": chosen})
-    return reads
-
-
-def read_rows(batch: dict, columns: list[str]) -> dict:
-    """CPU task: the rows of `ids` from each `path` (a Parquet part), as one batch."""
-    tables = []
-    for path, ids in zip(batch["path"], batch["ids"]):
-        fs, local = filesystem(str(path))
-        tables.append(pq.read_table(local, filesystem=fs, columns=columns, filters=[("id", "in", list(ids))]))
-    table = pa.concat_tables(tables)
-    return {c: table.column(c).to_numpy(zero_copy_only=False) for c in columns}
-
-
-def read_committed(reads: list[dict], columns: list[str], num_cpus: float) -> ray.data.Dataset:
-    """A dataset of the rows `reads` (from `row_reads`) name: one read task per part."""
-    ds = ray.data.from_items(reads, override_num_blocks=max(len(reads), 1))
-    return ds.map_batches(read_rows, fn_kwargs={"columns": columns}, batch_size=1, num_cpus=num_cpus)
 
 
 def connect(address: str | None = None, ray_progress: bool = False) -> None:
@@ -174,18 +130,3 @@ def actor_resources(stage: StageConfig) -> dict:
                 num_gpus=stage.num_gpus or None)
 
 
-def job_main(name: str, doc: str, run: Callable[[Config], object], report: Callable[[object], None],
-             argv: list[str] | None = None) -> int:
-    """A job's command line: parse the config, run, print the report; a bad config exits 2."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    cfg = parse_args(argv, description=doc.split("\n")[0])
-    try:
-        result = run(cfg)
-    except ConfigError as err:
-        print(f"{name}: {err}", file=sys.stderr)
-        return 2
-    except JobError as err:
-        print(f"{name}: {err}", file=sys.stderr)
-        return 1
-    report(result)
-    return 0

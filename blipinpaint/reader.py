@@ -1,0 +1,115 @@
+"""Reading committed rows: by the commit markers, one read per part, never a listing or a scan.
+
+The markers (`writer.CommitLog`) say which part holds which id, so a reader asks for the
+rows it needs part by part. A read task here is `{"path": part, "ids": [...]}`; a batch
+of them (`read_rows`) is what the Ray jobs hand to a CPU task each.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from blipinpaint import fingerprint
+from blipinpaint.config import Config, heldout_fraction
+from blipinpaint.errors import ConfigError
+from blipinpaint.layout import Folder, RunLayout
+from blipinpaint.seeds import heldout
+from blipinpaint.storage import filesystem
+from blipinpaint.writer import CommitLog
+
+log = logging.getLogger(__name__)
+
+
+def row_reads(out_dir: str, ids: list[str], parts: dict[str, list[str]] | None = None) -> list[dict]:
+    """Read tasks for the committed rows of `ids` under `out_dir`: one per Parquet part that
+    holds some. `parts` (from `CommitLog.committed_samples`) saves reading the markers again."""
+    wanted = set(ids)
+    reads = []
+    for name, ids_here in (CommitLog(out_dir).committed_samples() if parts is None else parts).items():
+        chosen = sorted(wanted.intersection(ids_here))
+        if chosen:
+            reads.append({"path": f"{Folder(out_dir).samples}/{name}.parquet", "ids": chosen})
+    return reads
+
+
+def read_rows(batch: dict, columns: list[str]) -> dict[str, np.ndarray]:
+    """The rows of `ids` from each `path` (a batch of read tasks), as one batch of `columns`."""
+    tables = []
+    for path, ids in zip(batch["path"], batch["ids"]):
+        fs, local = filesystem(str(path))
+        tables.append(pq.read_table(local, filesystem=fs, columns=columns, filters=[("id", "in", list(ids))]))
+    table = pa.concat_tables(tables)
+    return {c: table.column(c).to_numpy(zero_copy_only=False) for c in columns}
+
+
+def as_batch(reads: list[dict]) -> dict:
+    """Read tasks as one `read_rows` batch."""
+    return {"path": [r["path"] for r in reads], "ids": [r["ids"] for r in reads]}
+
+
+def read_sorted(out_dir: str, ids: list[str], columns: list[str]) -> dict[str, np.ndarray]:
+    """The committed rows of `ids` under `out_dir` (only the parts that hold them), sorted by id."""
+    reads = row_reads(out_dir, ids)
+    if not reads:
+        return {c: np.array([], dtype=object) for c in ("id", *columns)}
+    rows = read_rows(as_batch(reads), ["id", *columns])
+    order = np.argsort(rows["id"])
+    return {c: v[order] for c, v in rows.items()}
+
+
+def committed_sample_ids(out_dir: str) -> list[str]:
+    """The ids of the samples committed under `out_dir` (from its commit markers)."""
+    return [i for ids in CommitLog(out_dir).committed_samples().values() for i in ids]
+
+
+def split_reads(cfg: Config) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) read tasks for generate's committed rows, split by a hash of each id:
+    the same split in every job and rerun."""
+    generated, seed = RunLayout(cfg.run_dir).generate, cfg.seed
+    # The rows' caption features came from one decoder layer: a scorer trained, or a decoder
+    # fine-tuned, on another layer's features would learn from numbers it never sees.
+    fingerprint.check(generated, {"scorer.feature_layer": cfg.scorer.feature_layer}, record=False)
+    parts = CommitLog(generated).committed_samples()
+    ids = [i for ids_here in parts.values() for i in ids_here]
+    fraction = heldout_fraction(cfg, ids)
+    held = {i for i in ids if heldout(seed, i, fraction)}
+    if len(held) == len(ids):
+        raise ConfigError(f"{len(ids)} generated samples, {len(held)} of them held out (train.val_fraction, raised "
+                          f"to {fraction:.3g} so that 2 are held out where 4 or more exist): none left to train on")
+    log.info("split: %d samples to train on, %d held out (fraction %.3g)", len(ids) - len(held), len(held), fraction)
+    return (row_reads(generated, [i for i in ids if i not in held], parts),
+            row_reads(generated, sorted(held), parts))
+
+
+def read_errors(out_dir: str, ids: set[str] | None = None, limit: int = 1000) -> tuple[list[dict], int]:
+    """The committed error rows under `out_dir` (of `ids` only, if given): the first `limit`
+    in commit order, and how many there are (counted from the markers: only the parts
+    listed are read)."""
+    rows, total = [], 0
+    for marker in CommitLog(out_dir).markers():
+        failed = [i for i in marker["errors"] if ids is None or i in ids]
+        total += len(failed)
+        if failed and len(rows) < limit:
+            fs, path = filesystem(f"{Folder(out_dir).errors}/{marker['name']}.parquet")
+            table = pq.read_table(path, filesystem=fs, filters=[("id", "in", failed)])
+            rows += [{"id": r["id"], "source": r["source"], "reason": r["error"]} for r in table.to_pylist()]
+    return rows[:limit], total
+
+
+# What ranking caption candidates reads back (`rayjobs.candidates`' rows).
+CANDIDATE_COLUMNS = ["id", "image_id", "candidate", "caption", "mask_area", "ssim", "psnr", "clip_score"]
+
+
+def read_candidates(out_dir: str, image_ids: set[str] | None = None) -> dict[str, np.ndarray]:
+    """The committed candidate rows (`CANDIDATE_COLUMNS`), of the images `image_ids` only if given."""
+    parts = CommitLog(out_dir).committed_samples()
+    ids = [i for ids_here in parts.values() for i in ids_here
+           if image_ids is None or i.rsplit("#", 1)[0] in image_ids]
+    reads = row_reads(out_dir, ids, parts)
+    if not reads:
+        return {c: np.array([], dtype=object) for c in CANDIDATE_COLUMNS}
+    return read_rows(as_batch(reads), CANDIDATE_COLUMNS)
