@@ -45,7 +45,8 @@ from blipinpaint.config import load_config, sample_images_dir  # noqa: E402
 from blipinpaint.inpainting import composite  # noqa: E402
 from blipinpaint.records import encode_rows  # noqa: E402
 from blipinpaint.seeds import sample_seed  # noqa: E402
-from blipinpaint.sources import items_to_batch, list_folder, read_files  # noqa: E402
+from blipinpaint.source_reads import read_files  # noqa: E402
+from blipinpaint.sources import items_to_batch, list_folder  # noqa: E402
 from rayjobs import generate  # noqa: E402
 from rayjobs.cluster import connect  # noqa: E402
 

@@ -41,7 +41,8 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from blipinpaint import builders  # noqa: E402
 from blipinpaint.config import load_config, sample_images_dir  # noqa: E402
 from blipinpaint.inpainting import denoise  # noqa: E402
-from blipinpaint.sources import items_to_batch, list_folder, read_files  # noqa: E402
+from blipinpaint.source_reads import read_files  # noqa: E402
+from blipinpaint.sources import items_to_batch, list_folder  # noqa: E402
 
 
 def sync(device: torch.device) -> None:

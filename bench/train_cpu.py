@@ -30,7 +30,8 @@ from blipinpaint.captioning import caption_features, caption_ids, encode_images 
 from blipinpaint.config import load_config, sample_images_dir  # noqa: E402
 from blipinpaint.masks import masked_pixels  # noqa: E402
 from blipinpaint.scorer import TARGETS, ScoreNet, ScoreNetConfig  # noqa: E402
-from blipinpaint.sources import items_to_batch, list_folder, read_files  # noqa: E402
+from blipinpaint.source_reads import read_files  # noqa: E402
+from blipinpaint.sources import items_to_batch, list_folder  # noqa: E402
 
 
 def samples(cfg, captioner, n: int) -> dict[str, np.ndarray]:

@@ -1,8 +1,8 @@
 """Job configuration: dataclass defaults, then a YAML file, then dotted overrides.
 
 OmegaConf merges the three against the dataclass schema, so an unknown key or a value
-of the wrong type is an error naming the key. `validate` then checks what types cannot
-(choices, ranges, fp16 without CUDA, a missing source) before any work starts.
+of the wrong type is an error naming the key. `config_checks.validate` then checks what
+types cannot (choices, ranges, fp16 without CUDA, a missing source) before any work starts.
 The defaults are the embedded default run: the `tiny` preset on the shipped samples.
 """
 
@@ -17,16 +17,11 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from blipinpaint.config_checks import AUTO, validate
 from blipinpaint.errors import ConfigError
 from blipinpaint.layout import RunLayout
-from blipinpaint.masks import MASK_MODES
-from blipinpaint.models.presets import PRESET_NAMES, ModelRef
+from blipinpaint.models.presets import ModelRef
 from blipinpaint.seeds import raised_fraction
-from blipinpaint.sources import SOURCE_KINDS
-
-DTYPE_NAMES = ("fp32", "fp16", "bf16")
-FINETUNE_METHODS = ("scorer", "reward_ranked")
-
 
 
 def sample_images_dir() -> Path:
@@ -87,9 +82,6 @@ class InpaintConfig:
     # in every variant (the paper's failure case: a caption of what little is left misleads
     # the inpainter). None: always with the caption.
     caption_max_mask_area: float | None = None
-
-
-AUTO = "auto"  # a pool size the job works out from the cluster
 
 
 @dataclass
@@ -237,7 +229,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             if not Path(path).is_file():
                 raise ConfigError(f"config file {str(path)!r} does not exist")
             layers.append(OmegaConf.load(path))
-        bad = [o for o in overrides if "=" not in o]
+        bad = [override for override in overrides if "=" not in override]
         if bad:
             raise ConfigError(f"overrides must look like dotted.key=value, got {bad}")
         layers.append(OmegaConf.from_dotlist(list(overrides)))
@@ -261,125 +253,11 @@ def _absolute_paths(cfg: Config) -> None:
     cfg.run_dir = absolute(cfg.run_dir)
     cfg.data.source = absolute(cfg.data.source)
     cfg.data.image_root = absolute(cfg.data.image_root)
-    cfg.evaluate.other_runs = [absolute(r) for r in cfg.evaluate.other_runs]
+    cfg.evaluate.other_runs = [absolute(run) for run in cfg.evaluate.other_runs]
     cfg.models.store = absolute(cfg.models.store)
     for ref in (cfg.models.captioner, cfg.models.inpainter, cfg.models.clip, cfg.models.fid):
         if ref.name_or_path and Path(ref.name_or_path).expanduser().exists():
             ref.name_or_path = absolute(ref.name_or_path)
-
-
-def validate(cfg: Config) -> None:
-    problems = []
-    if cfg.models.preset not in PRESET_NAMES:
-        problems.append(f"models.preset={cfg.models.preset!r} is not one of {list(PRESET_NAMES)}")
-    if cfg.models.device.split(":")[0] not in ("cpu", "cuda"):
-        problems.append(f"models.device={cfg.models.device!r} must be 'cpu' or 'cuda'")
-    if cfg.models.dtype not in DTYPE_NAMES:
-        problems.append(f"models.dtype={cfg.models.dtype!r} is not one of {list(DTYPE_NAMES)}")
-    elif cfg.models.dtype == "fp16" and not cfg.models.device.startswith("cuda"):
-        # fp16 kernels and DeepSpeed's fp16 training exist on CUDA only; bf16 runs on CPUs too.
-        problems.append("models.dtype=fp16 needs models.device=cuda (on CPU use bf16 or fp32)")
-    if cfg.masks.kind not in MASK_MODES:
-        problems.append(f"masks.kind={cfg.masks.kind!r} is not one of {list(MASK_MODES)}")
-    if cfg.data.limit is not None and cfg.data.limit < 1:
-        problems.append(f"data.limit={cfg.data.limit} must be at least 1")
-    if cfg.data.max_file_mb <= 0:
-        problems.append(f"data.max_file_mb={cfg.data.max_file_mb} must be above 0")
-    if cfg.data.image_size is not None and (cfg.data.image_size < 64 or cfg.data.image_size % 8):
-        problems.append(f"data.image_size={cfg.data.image_size} must be a multiple of 8, at least 64")
-    if cfg.inpaint.num_inference_steps is not None and cfg.inpaint.num_inference_steps < 1:
-        problems.append(f"inpaint.num_inference_steps={cfg.inpaint.num_inference_steps} must be at least 1")
-    if cfg.inpaint.guidance_scale < 1:
-        problems.append(f"inpaint.guidance_scale={cfg.inpaint.guidance_scale} must be at least 1 (1 = no guidance)")
-    area = cfg.inpaint.caption_max_mask_area
-    if area is not None and not 0 < area < 1:
-        problems.append(f"inpaint.caption_max_mask_area={area} must be a share of the image between 0 and 1 "
-                        "(or null: always caption)")
-    if cfg.caption.max_new_tokens < 1 or cfg.caption.num_beams < 1:
-        problems.append("caption.max_new_tokens and caption.num_beams must be at least 1")
-    if cfg.caption.candidates < 1:
-        problems.append(f"caption.candidates={cfg.caption.candidates} must be at least 1 (1: the greedy caption only)")
-    if cfg.finetune.method not in FINETUNE_METHODS:
-        problems.append(f"finetune.method={cfg.finetune.method!r} is not one of {list(FINETUNE_METHODS)}")
-    elif cfg.finetune.method == "reward_ranked" and cfg.caption.candidates < 2:
-        problems.append(f"finetune.method=reward_ranked ranks caption.candidates captions per image: set it to 2 or "
-                        f"more (it is {cfg.caption.candidates})")
-    source = cfg.data.source
-    if source is not None and "://" not in source and "{" not in source and not Path(source).exists():
-        problems.append(f"data.source={source!r} does not exist")  # (a brace pattern is checked shard by shard)
-    if cfg.data.kind not in SOURCE_KINDS:
-        problems.append(f"data.kind={cfg.data.kind!r} is not one of {list(SOURCE_KINDS)}")
-    for name in ("captioner", "inpainter", "metrics"):
-        problems += _stage_problems(f"generate.{name}", getattr(cfg.generate, name))
-    if cfg.generate.read.batch_size < 1 or cfg.generate.read.num_cpus <= 0:
-        problems.append("generate.read.batch_size must be at least 1 and generate.read.num_cpus above 0")
-    if cfg.generate.rows_per_file < 1 or cfg.generate.batch_retries < 0:
-        problems.append("generate.rows_per_file must be at least 1 and generate.batch_retries at least 0")
-    fault = cfg.generate.inject_failure
-    if fault.stage is not None and fault.stage not in ("captioner", "inpainter", "metrics"):
-        problems.append(f"generate.inject_failure.stage={fault.stage!r} is not a model stage")
-    t = cfg.train
-    if cfg.scorer.feature_layer == 0:
-        problems.append("scorer.feature_layer=0 is the embeddings, not a layer: -1 is the last layer, -2 the one "
-                        "before it")
-    if t.zero_stage not in (2, 3):
-        problems.append(f"train.zero_stage={t.zero_stage} must be 2 or 3")
-    if t.num_workers < 1:
-        problems.append(f"train.num_workers={t.num_workers} must be at least 1")
-    if t.val_fraction is not None and not 0 < t.val_fraction < 1:
-        problems.append(f"train.val_fraction={t.val_fraction} must be between 0 and 1")
-    if t.use_gpu and not cfg.models.device.startswith("cuda"):
-        problems.append("train.use_gpu=true needs models.device=cuda")
-    for key, value in (("scorer.lr", cfg.scorer.lr), ("finetune.lr", cfg.finetune.lr)):
-        if value <= 0:
-            problems.append(f"{key}={value} must be positive")
-    for key, value in (("scorer.epochs", cfg.scorer.epochs), ("scorer.batch_size", cfg.scorer.batch_size),
-                       ("scorer.checkpoint_every", cfg.scorer.checkpoint_every),
-                       ("finetune.epochs", cfg.finetune.epochs), ("finetune.batch_size", cfg.finetune.batch_size),
-                       ("finetune.probe_size", cfg.finetune.probe_size)):
-        if value < 1:
-            problems.append(f"{key}={value} must be at least 1")
-    for key, value in (("scorer.batch_size", cfg.scorer.batch_size), ("finetune.batch_size", cfg.finetune.batch_size)):
-        if value >= 1 and t.num_workers >= 1 and value % t.num_workers:
-            problems.append(f"{key}={value} is the batch per optimizer step over all train.num_workers="
-                            f"{t.num_workers}: it must be a multiple of them (each worker takes an equal share)")
-    if not cfg.progress_s > 0:
-        problems.append(f"progress_s={cfg.progress_s} must be a positive number of seconds")
-    e = cfg.evaluate
-    problems += _stage_problems("evaluate.fid", e.fid)
-    if e.limit is not None and e.limit < 2:
-        problems.append(f"evaluate.limit={e.limit} must be at least 2 (FID needs two images per set)")
-    if list(e.mask_buckets) != sorted(set(e.mask_buckets)) or not all(0 < b < 1 for b in e.mask_buckets):
-        problems.append(f"evaluate.mask_buckets={list(e.mask_buckets)} must be increasing fractions between 0 and 1")
-    if min(e.bootstrap.replicates, e.bootstrap.fid_replicates) < 2 or not 0 < e.bootstrap.confidence < 1:
-        problems.append(f"evaluate.bootstrap: replicates={e.bootstrap.replicates} and fid_replicates="
-                        f"{e.bootstrap.fid_replicates} must be at least 2 and confidence={e.bootstrap.confidence} "
-                        "between 0 and 1")
-    if e.grid_rows < 1:
-        problems.append(f"evaluate.grid_rows={e.grid_rows} must be at least 1")
-    if e.gallery_limit < 0:
-        problems.append(f"evaluate.gallery_limit={e.gallery_limit} must be 0 (no gallery) or more")
-    if problems:
-        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
-
-
-def _stage_problems(key: str, stage: StageConfig) -> list[str]:
-    problems = []
-    if stage.batch_size < 1:
-        problems.append(f"{key}.batch_size={stage.batch_size} must be at least 1")
-    if stage.num_cpus < 0 or stage.num_gpus < 0:
-        problems.append(f"{key}: num_cpus and num_gpus cannot be negative")
-    autoscaling = stage.min_size is not None or stage.max_size is not None
-    if autoscaling:
-        if stage.min_size is None or stage.max_size is None or not 0 < stage.min_size <= stage.max_size:
-            problems.append(f"{key}: an autoscaling pool needs 1 <= min_size <= max_size, "
-                            f"got min_size={stage.min_size}, max_size={stage.max_size}")
-    elif stage.size == AUTO:
-        if not key.startswith("generate."):
-            problems.append(f"{key}.size=auto: only the generate stages size themselves; give a number")
-    elif not isinstance(stage.size, int) or stage.size < 1:
-        problems.append(f"{key}.size={stage.size} must be at least 1, or auto (or set min_size and max_size)")
-    return problems
 
 
 def model_store(cfg: Config) -> str:

@@ -1,31 +1,13 @@
-"""Input listings: which images a run uses, each with a stable id derived from the source.
+"""Input listings: which inputs a run uses, each with a stable id derived from the source.
 
-Kinds of source (`data.kind`, detected when `auto`):
-- `folder`: every image file below a folder; the id is the path relative to it.
-- `coco`: an MSCOCO annotations JSON (its `images` list); the id is `file_name`.
-- `visualgenome`: VisualGenome's `image_data.json`; the id is `image_id`, the file is
-  `<image root>/<last two parts of its url>` (`VG_100K/1.jpg`), as the download unpacks.
-- `manifest`: a Parquet file with `id` and `path` columns.
-- `webdataset`: tar shards (one `.tar`, a brace pattern `shards/{00000..00099}.tar`, or a
-  folder of `.tar` files), as img2dataset writes them: the members of one sample share a
-  key (the name up to the first dot of its base name); the id is `<shard>/<key>`, the
-  image is the key's first image member, its `.txt` and `.json` members are carried along
-  (`annotations`). Listing reads each shard once (the headers, in parallel); the image is
-  then read by its byte range.
-- `parquet_images`: Parquet files (one, a brace pattern, or a folder of `.parquet`) whose
-  `data.image_column` holds the encoded image: bytes, or Hugging Face's `{bytes, path}`
-  struct. The id is `data.id_column`'s value, or `<file>/<row>`. Listing reads footers
-  (and the id column); a batch reads each row group it needs once.
-
-Local paths and URIs (`s3://...`) both go through pyarrow's filesystems. Paths from an
-annotations file or manifest must stay inside the image root: one that escapes it (`..`,
-an absolute path or URI elsewhere) becomes an error row, never a read. The check is on
-the path's text: links inside the root are followed, since whoever can place a link there
-already controls the files.
-
-A local file name that is not valid UTF-8 keeps its undecodable bytes spelled out in its
-id (`caf\\xe9.png`) and is read through its raw bytes (`raw_path`): ids and Parquet
-strings are UTF-8 text.
+`list_inputs` takes `data.source` and its kind (`data.kind`, detected when `auto`): a folder
+of images, COCO annotations, VisualGenome's image_data.json, a Parquet manifest of paths,
+WebDataset tar shards, or Parquet files of encoded images. Each input is an item that says
+where its bytes are (a file, a byte range of a shard, a Parquet row), which
+`source_reads.read_files` reads later, batch by batch. An input that cannot be used is an
+error row, so every input is accounted for exactly once; `SourceError` is for a source
+that cannot be listed at all. Local paths and URIs (`s3://...`) both go through pyarrow's
+filesystems.
 """
 
 from __future__ import annotations
@@ -34,7 +16,6 @@ import json
 import os
 import posixpath
 import tarfile
-from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import PurePosixPath
 
@@ -67,7 +48,12 @@ def _join(base: str, path: str) -> str:
 
 
 def contained(root: str, path: str) -> str | None:
-    """`path` resolved against `root`, or None when it points outside `root`."""
+    """`path` resolved against `root`, or None when it points outside `root`.
+
+    Paths from an annotations file or manifest must stay inside the image root: one that
+    escapes it (`..`, an absolute path or URI elsewhere) becomes an error row, never a read.
+    The check is on the path's text: links inside the root are followed, since whoever can
+    place a link there already controls the files."""
     root = _join(root, ".")
     full = path if ("://" in path or path.startswith("/")) else _join(root, path)
     full = _join(full, ".")  # normalise `..` in absolute paths too
@@ -131,7 +117,9 @@ ITEM_FIELDS = tuple(_item(""))
 
 
 def _text(name: str) -> str:
-    """A local file name as UTF-8 text: bytes that are not UTF-8 spelled out as `\\xNN`."""
+    """A local file name as UTF-8 text: bytes that are not UTF-8 spelled out as `\\xNN`
+    (`caf\\xe9.png`), since ids and Parquet strings are UTF-8 text; the file is then read
+    through its raw bytes (the item's `raw_path`)."""
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
@@ -152,6 +140,7 @@ def _walk_local(path: str) -> list[str]:
 
 
 def list_folder(root: str) -> list[dict]:
+    """`folder`: every image file below `root`; the id is the path relative to it."""
     fs, path = filesystem(root)
     if not is_remote(root):
         if not os.path.isdir(path):
@@ -208,6 +197,7 @@ def _from_pairs(pairs, root: str, what: str) -> list[dict]:
 
 
 def list_coco(annotations: str, root: str) -> list[dict[str, str]]:
+    """`coco`: an MSCOCO annotations JSON (its `images` list); the id is `file_name`."""
     data = _read_json(annotations)
     try:
         pairs = [(img["file_name"], img["file_name"]) for img in data["images"]]
@@ -217,6 +207,8 @@ def list_coco(annotations: str, root: str) -> list[dict[str, str]]:
 
 
 def list_visualgenome(image_data: str, root: str) -> list[dict[str, str]]:
+    """`visualgenome`: VisualGenome's `image_data.json`; the id is `image_id`, the file is
+    `<image root>/<last two parts of its url>` (`VG_100K/1.jpg`), as the download unpacks."""
     data = _read_json(image_data)
     try:
         pairs = [(img["image_id"], "/".join(str(img["url"]).rstrip("/").split("/")[-2:])) for img in data]
@@ -226,6 +218,7 @@ def list_visualgenome(image_data: str, root: str) -> list[dict[str, str]]:
 
 
 def list_manifest(manifest: str, root: str) -> list[dict[str, str]]:
+    """`manifest`: a Parquet file with `id` and `path` columns."""
     fs, path = filesystem(manifest)
     try:
         table = pq.read_table(path, filesystem=fs, columns=["id", "path"])
@@ -311,13 +304,22 @@ def scan_shard(shard: str, shard_id: str) -> list[dict]:
 
 
 def list_webdataset(source: str) -> list[dict]:
+    """`webdataset`: tar shards (one `.tar`, a brace pattern `shards/{00000..00099}.tar`, or a
+    folder of `.tar` files), as img2dataset writes them. The members of one sample share a key
+    (`_member_key`); the id is `<shard>/<key>`, the image is the key's first image member, its
+    `.txt` and `.json` members are carried along (`annotations`). Each shard is read once (the
+    headers, shards in parallel); the image is then read by its byte range."""
     root, shards = expand(source, ".tar")
     with ThreadPoolExecutor(LIST_THREADS) as pool:
-        found = pool.map(lambda s: scan_shard(s, _relative(root, s)), shards)
+        found = pool.map(lambda shard: scan_shard(shard, _relative(root, shard)), shards)
         return _unique([it for items in found for it in items], source)
 
 
 def list_parquet_images(source: str, image_column: str = "image", id_column: str | None = None) -> list[dict]:
+    """`parquet_images`: Parquet files (one, a brace pattern, or a folder of `.parquet`) whose
+    `image_column` holds the encoded image: bytes, or Hugging Face's `{bytes, path}` struct.
+    The id is `id_column`'s value, or `<file>/<row>`. Listing reads footers (and the id
+    column); a batch reads each row group it needs once."""
     root, files = expand(source, ".parquet")
 
     def scan(file: str) -> list[dict]:
@@ -372,96 +374,5 @@ def list_inputs(source: str, kind: str = "auto", image_root: str | None = None,
 
 
 def items_to_batch(items: list[dict]) -> dict[str, np.ndarray]:
+    """Listed items as one batch of columns (`ITEM_FIELDS`), the form the stages take."""
     return {key: np.array([it[key] for it in items], dtype=object) for key in ITEM_FIELDS}
-
-
-def _open(source: str, raw_path: bytes):
-    """A readable file: through its raw bytes (a local name that is not UTF-8), else pyarrow."""
-    if raw_path:
-        return open(raw_path, "rb")
-    fs, path = filesystem(source)
-    return fs.open_input_stream(path)
-
-
-def _cell_bytes(value) -> bytes | None:
-    """An image cell: bytes, or Hugging Face's `{bytes, path}` struct."""
-    if isinstance(value, dict):
-        value = value.get("bytes")
-    return value if isinstance(value, bytes) else None  # b"": the decoder's `empty file`
-
-
-def _read_cells(batch: dict[str, np.ndarray], wanted: list[int], column: str) -> dict[int, bytes | str]:
-    """The image cells of the rows `wanted` (Parquet items): each row group read once.
-    A row's value is its bytes, or the reason it has none."""
-    by_file = defaultdict(list)
-    for i in wanted:
-        by_file[batch["file"][i]].append(i)
-    out: dict[int, bytes | str] = {}
-    for file, rows in by_file.items():
-        fs, path = filesystem(file)
-        try:
-            parquet = pq.ParquetFile(path, filesystem=fs)
-            starts = np.cumsum([0] + [parquet.metadata.row_group(g).num_rows
-                                      for g in range(parquet.num_row_groups)])
-            groups = defaultdict(list)
-            for i in rows:
-                groups[int(np.searchsorted(starts, batch["row"][i], side="right") - 1)].append(i)
-            for group, members in groups.items():
-                cells = parquet.read_row_group(group, columns=[column]).column(0)
-                for i in members:
-                    value = _cell_bytes(cells[int(batch["row"][i] - starts[group])].as_py())
-                    out[i] = value if value is not None else f"bad cell: {file} row {batch['row'][i]}: " \
-                                                             f"{column!r} holds no image bytes"
-        except (OSError, ValueError, pa.ArrowException) as err:
-            out.update({i: f"read failed: {file}: {err}" for i in rows if i not in out})
-    return out
-
-
-def _read_range(file: str, offset: int, size: int) -> bytes:
-    """`size` bytes at `offset` of `file` (a shard member): one ranged read."""
-    fs, path = filesystem(file)
-    with fs.open_input_file(path) as f:
-        data = f.read_at(size, offset)
-    if len(data) < size:
-        raise OSError(f"{file} ends {size - len(data)} bytes into the member at byte {offset}")
-    return data
-
-
-def read_files(batch: dict[str, np.ndarray], max_mb: float | None = None,
-               image_column: str = "image") -> dict[str, np.ndarray]:
-    """Stage: each input's encoded image -> `bytes` (a file, a shard member's byte range, or a
-    Parquet cell); one that cannot be read, or is over `max_mb`, is an error row.
-
-    At most `max_mb` MB and one byte are read: a huge file never fills a worker's memory.
-    """
-    errors = np.array(batch["error"], dtype=object)
-    n = len(errors)
-    data = np.full(n, b"", dtype=object)
-    raw_paths = batch.get("raw_path", [b""] * n)
-    offsets, sizes, rows = (batch.get(k, [-1] * n) for k in ("offset", "size", "row"))
-    limit = int(max_mb * 2**20) if max_mb is not None else -1
-    cells = _read_cells(batch, [i for i in range(n) if not errors[i] and rows[i] >= 0], image_column)
-    for i, (source, raw) in enumerate(zip(batch["source"], raw_paths)):
-        if errors[i]:
-            continue
-        if 0 <= limit < sizes[i]:
-            errors[i] = f"too large: more than data.max_file_mb={max_mb:g} MB"
-            continue
-        try:
-            if i in cells:
-                if isinstance(cells[i], str):
-                    errors[i] = cells[i]
-                    continue
-                data[i] = cells[i]
-            elif offsets[i] >= 0:
-                data[i] = _read_range(batch["file"][i], int(offsets[i]), int(sizes[i]))
-            else:
-                with _open(source, raw) as f:
-                    data[i] = f.read(limit + 1) if limit >= 0 else f.read()
-        except (OSError, ValueError) as err:  # missing, unreadable, or a path the filesystem refuses
-            errors[i] = f"read failed: {err}"
-            continue
-        if 0 <= limit < len(data[i]):
-            data[i] = b""
-            errors[i] = f"too large: more than data.max_file_mb={max_mb:g} MB"
-    return {**batch, "bytes": data, "error": errors}

@@ -35,7 +35,8 @@ from blipinpaint.config import Config, sample_images_dir, to_yaml
 from blipinpaint.errors import ConfigError
 from blipinpaint.layout import RunLayout
 from blipinpaint.records import METRIC_COLUMNS, SAMPLE_SCHEMA
-from blipinpaint.sources import SourceError, list_inputs, read_files
+from blipinpaint.source_reads import read_files
+from blipinpaint.sources import SourceError, list_inputs
 from blipinpaint.storage import filesystem, write_text
 from blipinpaint.writer import Account, CommitLog
 from rayjobs.cli import job_main

@@ -31,7 +31,8 @@ import pytest  # noqa: E402
 
 from blipinpaint import builders  # noqa: E402
 from blipinpaint.config import load_config, sample_images_dir  # noqa: E402
-from blipinpaint.sources import items_to_batch, list_folder, read_files  # noqa: E402
+from blipinpaint.source_reads import read_files  # noqa: E402
+from blipinpaint.sources import items_to_batch, list_folder  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)

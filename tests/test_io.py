@@ -134,7 +134,8 @@ def test_min_side_and_max_aspect_ratio_come_from_the_config(tmp_path):
     """`data.min_side` and `data.max_aspect_ratio` decide which inputs become error rows."""
     from blipinpaint import builders
     from blipinpaint.config import load_config
-    from blipinpaint.sources import items_to_batch, list_folder, read_files
+    from blipinpaint.source_reads import read_files
+    from blipinpaint.sources import items_to_batch, list_folder
 
     (tmp_path / "small.png").write_bytes(encode(photo(40, 40), "PNG"))
     (tmp_path / "wide.png").write_bytes(encode(photo(120, 40), "PNG"))  # 3:1

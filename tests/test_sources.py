@@ -5,7 +5,8 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import encode, photo, write_shard
 
-from blipinpaint.sources import SourceError, contained, items_to_batch, list_inputs, read_files
+from blipinpaint.source_reads import read_files
+from blipinpaint.sources import SourceError, contained, items_to_batch, list_inputs
 from blipinpaint.storage import upload_dir
 
 
