@@ -149,7 +149,7 @@ class TrainConfig:
 @dataclass
 class ScorerConfig:
     # The text decoder's layer whose output feeds the scorer: -2, the second-to-last, as the
-    # paper says (README, "Which layer feeds the scorer"). Generation, scorer training and
+    # paper says (docs/method.md, "Which layer feeds the scorer"). Generation, scorer training and
     # fine-tuning must use the same; a run folder refuses another.
     feature_layer: int = -2
     hidden: list[int] = field(default_factory=lambda: [512, 256])

@@ -75,8 +75,19 @@ def test_each_job_gives_its_exact_submit_command(job):
     import importlib
 
     doc = " ".join(importlib.import_module(f"rayjobs.{job}").__doc__.replace("\\\n", " ").split())
-    guide = (ROOT / "README.md").read_text()
+    guide = " ".join((ROOT / "docs" / "cluster.md").read_text().replace("\\\n", " ").split())
     runtime_env = re.search(r"--runtime-env-json '[^']+'", guide).group(0)
     submit = "RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir ."
+    assert f"{submit} {runtime_env} -- python -m rayjobs.pipeline --config configs/paper-coco.yaml" in guide
     assert f"{submit} {runtime_env} -- python -m rayjobs.{job} --config configs/paper-coco.yaml" in doc, job
     assert "docs/cluster.md" in doc, job
+
+
+def test_the_cluster_guide_gives_the_whole_cycle():
+    """The one place the cluster's commands are written in full: up, the tunnel, submit, logs, stop, down."""
+    guide = (ROOT / "docs" / "cluster.md").read_text()
+    for line in ("ray up --yes cluster.yaml", "ray dashboard cluster.yaml &",
+                 "RAY_AUTH_MODE=token ray job logs --address http://127.0.0.1:8265 --follow <submission id>",
+                 "RAY_AUTH_MODE=token ray job stop --address http://127.0.0.1:8265 <submission id>",
+                 "ray down cluster.yaml"):
+        assert line in guide, line
