@@ -74,8 +74,9 @@ def fill_store(cfg: Config) -> dict[str, dict]:
 
 def configured_preset(cfg: Config) -> Preset:
     """The checkpoint of each role as configured (hub ids included)."""
-    m = cfg.models
-    return with_overrides(get_preset(m.preset), captioner=m.captioner, inpainter=m.inpainter, clip=m.clip, fid=m.fid)
+    models = cfg.models
+    return with_overrides(get_preset(models.preset), captioner=models.captioner, inpainter=models.inpainter,
+                          clip=models.clip, fid=models.fid)
 
 
 def resolve_preset(cfg: Config) -> Preset:
@@ -123,17 +124,17 @@ def build_reranker(cfg: Config, scorer_dir: str) -> Reranker:
     device, dtype = _device_dtype(cfg)
     model = load_captioner(resolve_preset(cfg).captioner, device, dtype)
     scorer = ScoreNet.from_pretrained(local_dir(scorer_dir))
-    c = cfg.caption
-    return Reranker(model, scorer, loss_weights(cfg), c.candidates, cfg.seed, c.max_new_tokens, c.num_beams,
-                    cfg.scorer.feature_layer)
+    caption = cfg.caption
+    return Reranker(model, scorer, loss_weights(cfg), caption.candidates, cfg.seed, caption.max_new_tokens,
+                    caption.num_beams, cfg.scorer.feature_layer)
 
 
 def build_candidate_captioner(cfg: Config) -> CandidateCaptioner:
     """The original BLIP proposing `caption.candidates` captions per image, a row each."""
     device, dtype = _device_dtype(cfg)
     model = load_captioner(resolve_preset(cfg).captioner, device, dtype)
-    c = cfg.caption
-    return CandidateCaptioner(model, c.candidates, cfg.seed, c.max_new_tokens, c.num_beams)
+    caption = cfg.caption
+    return CandidateCaptioner(model, caption.candidates, cfg.seed, caption.max_new_tokens, caption.num_beams)
 
 
 def build_inpainter(cfg: Config, prompts: dict[str, str | None] | None = None) -> Inpainter:

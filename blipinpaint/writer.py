@@ -1,33 +1,13 @@
 """Exactly-once Parquet output: staged files, a commit marker, then the move into place.
 
-Layout under the output folder (local or s3://):
-
-    samples/<name>.parquet   errors/<name>.parquet   the data; only committed files appear here
-    _commits/<name>.json     the commit marker: the ids in <name>, per-stage timings and retries
-    _staging/...             files being written; never read as data
-    _owner.json              the run that writes here now (see `take_over`)
-    _released.json           the last run that finished here
-
-A part is committed when its marker exists. The marker is written after the staged files
-and before they are moved, so `recover()` can always finish or undo a part interrupted at
-any point: it moves the staged files its marker names into place (roll forward) and
-deletes staged files no marker names (roll back). The part name is a hash of its ids, so a
-retried write of the same rows replaces, never duplicates; each attempt stages under its
-own file name, so two attempts never write into one file.
-
-What it assumes of the store (a local disk, S3, MinIO, GCS):
-- a small file written whole appears complete or not at all: an object store's PUT does
-  that; on a disk markers and the owner file are written beside and renamed into place;
-- a move of one file may be a copy and then a delete (S3 has no rename), and is never
-  needed to be atomic: a publish cut between the two leaves the staged file, and
-  `recover` copies it again (the same bytes under the same name);
-- a listing shows every write that completed before it (S3 and MinIO are strongly
-  consistent); pages of a long listing are followed by pyarrow.
-Nothing relies on renaming a folder or on an atomic rename of a data file.
-
-One run writes to a folder at a time. A driver that dies leaves tasks in flight that still
-commit for a while; a new run therefore takes the folder over (`take_over`), and a writer
-of an earlier run checks the owner before its commit point and gives up (`Superseded`).
+An output folder (local or s3://) holds `samples/` and `errors/` (committed parts only),
+`_commits/<part>.json` (a part is committed when its marker exists), `_staging/` (files
+being written), `_owner.json` (the run that writes here now) and `_released.json`. The
+marker is written after the staged files and before they move, so `recover()` can finish
+or undo a part cut at any point; a part's name is a hash of its ids, so a retried write
+replaces, never duplicates. A new run takes the folder over, and a writer of an earlier
+run checks the owner before its commit point and gives up (`Superseded`). What this
+assumes of the store: docs/inputs-outputs.md, "Exactly once".
 """
 
 from __future__ import annotations

@@ -58,9 +58,9 @@ def connect(address: str | None = None, ray_progress: bool = False) -> None:
 MODEL_STAGES = ("captioner", "inpainter", "metrics")
 
 
-def auto_sizes(g: GenerateConfig, now: dict[str, float], most: dict[str, float] | None,
+def auto_sizes(stream: GenerateConfig, now: dict[str, float], most: dict[str, float] | None,
                rows: int | None = None) -> GenerateConfig:
-    """`g` with each `size: auto` model stage sized from the cluster's resources: `now`, what
+    """`stream` with each `size: auto` model stage sized from the cluster's resources: `now`, what
     it has, and `most`, what an autoscaling cluster may grow to (None: it does not scale).
     With `rows` to do, no more inpainters than the batches they arrive in (the read tasks'
     or the inpainter's, whichever is larger): an actor with nothing to do only costs a start.
@@ -71,32 +71,32 @@ def auto_sizes(g: GenerateConfig, now: dict[str, float], most: dict[str, float] 
     autoscales, from what fits now up to what fits at the cluster's largest. A size given
     in the config (a number, or min_size and max_size) is kept.
     """
-    g = copy.deepcopy(g)
+    stream = copy.deepcopy(stream)
     for name in ("captioner", "metrics"):
-        stage = getattr(g, name)
+        stage = getattr(stream, name)
         if stage.size == AUTO and stage.min_size is None:
             stage.size = 1
-    inpainter = g.inpainter
+    inpainter = stream.inpainter
     if inpainter.size != AUTO or inpainter.min_size is not None:
-        return g
+        return stream
     resource, each = ("GPU", inpainter.num_gpus) if inpainter.num_gpus else ("CPU", inpainter.num_cpus)
 
     def fits(resources: dict[str, float]) -> int:
         taken = sum((s.max_size or s.size) * (s.num_gpus if resource == "GPU" else s.num_cpus)
-                    for s in (g.captioner, g.metrics))
-        left = resources.get(resource, 0.0) - taken - (g.read.num_cpus if resource == "CPU" else 0.0)
+                    for s in (stream.captioner, stream.metrics))
+        left = resources.get(resource, 0.0) - taken - (stream.read.num_cpus if resource == "CPU" else 0.0)
         return max(1, math.floor(left / each + 1e-9)) if each > 0 else 1
 
     smallest = fits(now)
     largest = fits(most) if most else smallest
     if rows is not None:
-        batches = max(1, math.ceil(rows / max(g.read.batch_size, inpainter.batch_size)))
+        batches = max(1, math.ceil(rows / max(stream.read.batch_size, inpainter.batch_size)))
         smallest, largest = min(smallest, batches), min(largest, batches)
     if largest > smallest:
         inpainter.size, inpainter.min_size, inpainter.max_size = None, smallest, largest
     else:
         inpainter.size = smallest
-    return g
+    return stream
 
 
 def size_pools(cfg: Config, rows: int) -> Config:

@@ -1,17 +1,11 @@
-"""The streaming plumbing the generate, candidates and evaluate jobs share: guarded model
+"""The streaming plumbing of the generate, candidates and evaluate jobs: guarded model
 actors, an exactly-once Parquet sink, and the run of a stream with its progress line.
 
 Rows that fail leave the stream where they fail, committed at once as error rows; the
-rest reach `commit_part`, the last stage, where each batch becomes one committed part
-(see `blipinpaint.writer`). A rerun skips every id already committed. Every writer carries the
-run's owner token, so tasks left in flight by a killed driver cannot commit into the run
-that resumed it.
-
-Two kinds of failure are bounded here. A stage that raises on a batch is retried in place
-(`Guarded`). A batch on which the worker process itself dies (a segfault, the OOM killer,
-a lost spot node) is retried by Ray on a restarted actor, without limit; `AttemptLedger`
-counts those starts, so after `retries` deaths the batch becomes error rows instead of
-killing actors forever.
+rest reach `commit_part`, where each batch becomes one committed part. Failures are
+bounded: a stage that raises on a batch is retried in place (`Guarded`); a batch on which
+the worker process itself dies is retried by Ray on a restarted actor, and `AttemptLedger`
+counts those starts, so after `retries` deaths the batch becomes error rows.
 """
 
 from __future__ import annotations
@@ -150,21 +144,21 @@ class ModelStage:
 
     def _maybe_die(self, ids, started: int) -> None:
         """Fault injection (tests): this process exits, as a segfault or the OOM killer would end it."""
-        f = self.fault
-        if (f is not None and f.exit and f.stage == self.name and f.id in set(ids)
-                and (f.times is None or started <= f.times)):
+        fault = self.fault
+        if (fault is not None and fault.exit and fault.stage == self.name and fault.id in set(ids)
+                and (fault.times is None or started <= fault.times)):
             os._exit(1)
 
 
 def model_stages(ds: ray.data.Dataset, builders: dict[str, Callable[[], Callable[[Batch], Batch]]],
-                 g: GenerateConfig, errors: ErrorWriter, ledger) -> ray.data.Dataset:
+                 stream: GenerateConfig, errors: ErrorWriter, ledger) -> ray.data.Dataset:
     """`ds` through a pool of `ModelStage` actors per entry of `builders` (stage name -> what
     builds it), each pool as `generate.<name>` says."""
     for name, build in builders.items():
         ds = ds.map_batches(ModelStage, fn_constructor_kwargs={"name": name, "build": build, "errors": errors,
-                                                               "retries": g.batch_retries, "ledger": ledger,
-                                                               "fault": g.inject_failure},
-                            **actor_resources(getattr(g, name)))
+                                                               "retries": stream.batch_retries, "ledger": ledger,
+                                                               "fault": stream.inject_failure},
+                            **actor_resources(getattr(stream, name)))
     return ds
 
 

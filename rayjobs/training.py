@@ -138,15 +138,15 @@ def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_conf
 
 def make_trainer(loop, loop_config: dict, cfg: Config, name: str, storage: str,
                  datasets: dict | None = None) -> TorchTrainer:
-    t = cfg.train
+    train = cfg.train
     return TorchTrainer(
         loop,
         train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                     resources_per_worker={"CPU": t.cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
+                                     resources_per_worker={"CPU": train.cpus_per_worker}),
         run_config=RunConfig(name=name, storage_path=os.path.abspath(storage) if "://" not in storage else storage,
-                             failure_config=FailureConfig(max_failures=t.max_failures),
+                             failure_config=FailureConfig(max_failures=train.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              # Ray Train's own INFO lines (worker groups, every checkpoint and
                              # report, from every rank) stay in its log files: a job's log holds

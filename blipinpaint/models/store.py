@@ -1,17 +1,12 @@
 """The run's model store: each pinned checkpoint fetched once, verified, kept as safetensors.
 
 Workers never reach for the hub. Before any actor loads a model, `put` runs once per
-checkpoint (the `rayjobs.models` job):
-1. fetch the files the ref names (`ModelRef.files`) at its pinned commit, through
-   huggingface_hub's own cache (a download on a cluster, a cache hit when rehearsed);
-2. verify each file against the hash the hub lists for it at that commit: its blob in
-   the cache is named by it (sha256 for LFS files, the git blob sha1 for the others);
-3. convert: safetensors are copied (an `fp16` variant under the plain name); a pickle
-   (`*.bin`, `*.pth`), verified first, is read with `torch.load(weights_only=True)` and
-   written as safetensors; configs and tokenizer files are copied;
-4. write the folder to `<store>/<repo>/<revision>/` (a bucket or a disk) and its manifest
-   last: an entry without `_store.json` is incomplete and is redone.
-Workers then load that folder with `use_safetensors=True`, like any local checkpoint.
+checkpoint on the job's driver: it fetches the files the ref names at its pinned commit
+through huggingface_hub's cache, checks each against the hash the hub lists for it (its
+cache blob is named by it), keeps safetensors and configs as they are and converts a
+pickle with `torch.load(weights_only=True)`, and writes the folder to
+`<store>/<repo>/<revision>/` with its manifest `_store.json` last: an entry without it is
+incomplete and is redone. Workers then load that folder like any local checkpoint.
 """
 
 from __future__ import annotations
@@ -281,7 +276,7 @@ def _publish(uri: str, source: dict, make) -> dict:
         else:
             (staging / MANIFEST).write_text(text)
             if target.exists() and not is_complete(uri):
-                shutil.rmtree(target)  # an entry left incomplete (older versions wrote in place)
+                shutil.rmtree(target)  # an entry left incomplete
             try:
                 os.rename(staging, target)
             except OSError:
