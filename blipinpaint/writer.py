@@ -308,8 +308,11 @@ class CommitLog:
             account.retries.update(m["retries"])
         return account
 
-    def finish(self, stats: dict, account: Account) -> None:
-        """Write the run's `stats.json`, and `_SUCCESS` when every listed id is accounted for."""
+    def finish(self, stats: dict, account: Account, what: str) -> None:
+        """End the run: its `stats.json`, `_SUCCESS` when every listed id is accounted for, the
+        folder released; a `JobError` naming the `what` (e.g. "inputs") missing or duplicated."""
         write_text(Folder(self.out_dir).stats, json.dumps(stats, indent=2))
         if account.complete:
             write_text(Folder(self.out_dir).success, "")
+        self.release()
+        account.check(self.out_dir, what)

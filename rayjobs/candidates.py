@@ -182,9 +182,7 @@ def run(cfg: Config) -> dict:
                 "rows_per_s": round(rows / pipeline_s, 3) if pipeline_s else None}
     account = commit_log.account([candidate_id(i, k) for i in images for k in range(n)])
     stats = summarize(cfg, images, account, this_run)
-    commit_log.finish(stats, account)
-    commit_log.release()
-    account.check(out_dir, "candidates")
+    commit_log.finish(stats, account, "candidates")
     return stats
 
 

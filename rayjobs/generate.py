@@ -135,9 +135,7 @@ def run(cfg: Config) -> dict:
     }
     account = commit_log.account([it["id"] for it in items])
     stats = summarize(out_dir, account, this_run)
-    commit_log.finish(stats, account)
-    commit_log.release()
-    account.check(out_dir, "inputs")
+    commit_log.finish(stats, account, "inputs")
     return stats
 
 

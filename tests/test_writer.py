@@ -7,6 +7,7 @@ import pytest
 from helpers import sample_rows as _rows
 from pyarrow import fs as pafs
 
+from blipinpaint.errors import JobError
 from blipinpaint.records import ERROR_SCHEMA, SAMPLE_SCHEMA
 from blipinpaint.storage import filesystem
 from blipinpaint.writer import CommitLog, Superseded
@@ -211,3 +212,44 @@ def test_recover_keeps_one_part_per_id_and_frees_the_rest(out):
     assert log.recover()["parts_dropped"] == 1
     assert log.committed_ids() == {"a", "b"}  # c is to be redone
     assert out.ids("samples") == ["a", "b"] and out.ids("errors") == []
+
+
+def test_account_places_every_listed_id_once(out):
+    """A sample, an error by its kind, missing, or duplicated: where each listed id stands."""
+    log = CommitLog(out.uri)
+    log.commit(_rows(["a", "b"], ["", "not an image: x"]))
+    log.commit(_rows(["b", "c"], ["too small: 4x4 pixels", ""]))  # `b` a second time
+    account = log.account(["a", "b", "c", "d"])
+    assert account.ok == {"a", "c"} and account.missing == ["d"] and account.duplicates == 1
+    assert dict(account.errors_by_reason) == {"not an image": 1, "too small": 1} and account.errors == 2
+    assert not account.complete and account.rows == 4
+    assert account.seconds["captioner"] == pytest.approx(4 * 0.5) and account.retries["captioner"] == 2
+    assert account.stages()["captioner"] == {"busy_s": 2.0, "rows_per_s_per_worker": 2.0, "retries": 2}
+    assert log.account(["a", "c"]).ok == {"a", "c"}  # ids not listed do not count as errors
+    assert dict(log.account(["a", "c"]).errors_by_reason) == {}
+
+
+def test_finish_marks_success_only_when_every_id_is_there(out):
+    log = CommitLog(out.uri)
+    log.take_over()
+    log.commit(_rows(["a", "b"], ["", ""]))
+    with pytest.raises(JobError, match=r"1 inputs missing, 0 duplicated; run the same command again"):
+        log.finish({"n": 1}, log.account(["a", "b", "c"]), "inputs")
+    assert "_SUCCESS" not in out.files("") and json.loads(out.fs.open_input_stream(out.path("stats.json")).read())
+    assert "_released.json" in out.files("")  # released either way: the next run need not wait
+    log.finish({"n": 2}, log.account(["a", "b"]), "inputs")
+    assert "_SUCCESS" in out.files("")
+
+
+def test_resume_makes_failed_batches_pending_again_only_when_asked(out):
+    log = CommitLog(out.uri)
+    log.commit(_rows(["a"], [""]))
+    log.commit(_rows(["b", "c"], ["stage failed: inpainter raised RuntimeError: x"] * 2))
+    log.commit(_rows(["d"], ["not an image: x"]))  # the image's fault: never retried
+    first = CommitLog(out.uri)
+    kept = first.resume(retry_failed=False)
+    first.release()  # a finished run: the next one need not wait for its stragglers
+    assert kept.done == {"a", "b", "c", "d"} and kept.retried == [] and kept.recovered["committed_parts"] == 3
+    retried = CommitLog(out.uri).resume(retry_failed=True)
+    assert sorted(retried.retried) == ["b", "c"] and retried.done == {"a", "d"}
+    assert retried.owner != kept.owner and CommitLog(out.uri, owner=retried.owner).owns()
