@@ -4,6 +4,7 @@ import fnmatch
 import hashlib
 import http.server
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 from hub_rehearsal import listing
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from blipinpaint.config import load_config
 from blipinpaint.models import ModelRef, load_captioner, load_clip, load_inpaint_pipeline, store
@@ -63,15 +65,39 @@ def test_clip_loads_from_its_safetensors_and_nothing_else_is_fetched(stored):
     assert load_clip(ModelRef(entry["uri"]), CPU).tokenizer.eos_token_id == 49407
 
 
-def test_each_entry_is_exactly_what_its_manifest_lists(stored):
-    """The manifest is the entry's record for the workers' nodes: every file, its origin, its sha256."""
+def snapshot(hub: Path, ref: ModelRef) -> Path:
+    """The folder of `ref`'s pinned commit in the rehearsal's hub cache: the files the store read."""
+    return hub / f"models--{ref.name_or_path.replace('/', '--')}" / "snapshots" / ref.revision
+
+
+def test_each_entry_is_exactly_what_its_manifest_lists(stored, paper_hub):
+    """The manifest is the entry's record for the workers' nodes: every file, its origin, its sha256.
+
+    Checked with digests computed here (hashlib, not the store's helper) on the bytes as they lie
+    in the store and in the hub cache they came from: a wrong hash recorded, or wrong bytes written
+    under a right-looking record, fails.
+    """
     for role, entry in stored.items():
-        folder = Path(entry["uri"])
+        ref, folder = getattr(PAPER, role), Path(entry["uri"])
+        hub = snapshot(paper_hub, ref)
         files = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - {store.MANIFEST}
         assert files == set(entry["files"]), role
+        # Made from exactly the files of the revision that the preset names, each once.
+        named = {p.relative_to(hub).as_posix() for p in hub.rglob("*") if p.is_file()
+                 and any(fnmatch.fnmatchcase(p.relative_to(hub).as_posix(), pattern) for pattern in ref.files)}
+        origins = [record["from"] for record in entry["files"].values()]
+        assert sorted(origins) == sorted(named), role
         for name, record in entry["files"].items():
-            assert store.sha256(folder / name) == record["sha256"], (role, name)
-            assert record["from"] in getattr(PAPER, role).files or record["from"].startswith("tokenizer/"), name
+            content, source = (folder / name).read_bytes(), hub / record["from"]
+            assert record["sha256"] == hashlib.sha256(content).hexdigest(), (role, name)
+            assert record["hub_id"] == Path(os.path.realpath(source)).name, (role, name)  # its blob's name
+            if source.name.endswith((".bin", ".pth", ".pt")):  # a pickle: the same tensors, now as safetensors
+                original = torch.load(source, map_location="cpu", weights_only=True)
+                converted = load_file(folder / name)
+                assert converted.keys() == original.keys(), (role, name)
+                assert all(torch.equal(converted[k], original[k]) for k in original), (role, name)
+            else:  # copied: the hub's bytes, unchanged
+                assert content == source.read_bytes(), (role, name)
 
 
 def test_drivers_filling_one_store_at_once_publish_one_whole_entry(paper_hub, tmp_path):
