@@ -205,15 +205,91 @@ def test_workers_load_hub_checkpoints_from_the_store_only(tmp_path):
     assert stages.stored_refs(cfg) == {} and stages.resolve_preset(cfg).captioner.name_or_path.endswith("captioner")
 
 
+# What public records show of each pinned revision, read again from the records themselves (a public
+# code search, 2026-12) and written here with where each was read: for BLIP the manifest its listing
+# also cites, for SD and CLIP records their listings do not cite. The listings (tests/data/hub/<repo>/
+# listing.json, sources under `read_from`) are the whole record of each revision's tree; these facts
+# are partial and must agree with them. Known values of a file: its byte size and sha256 there.
+HUB_FACTS = {
+    "captioner": {
+        "source": "kurtvalcorza/blip-captioning-pipeline @849c17f: weights/blip-image-captioning-base/"
+                  "dimer-base-manifest.json, a manifest of a snapshot of this revision (path, bytes, sha256 of "
+                  "each file it loads), and src/blip_captioning_pipeline/pipeline.py: 'Upstream ships no "
+                  "SafeTensors at this revision: the PyTorch weights are pytorch_model.bin (a pickle)'",
+        "present": {
+            "config.json": {"size": 4563,
+                            "sha256": "f7846f82f4e2c4a2ccbab9ae8b0e44873540a271a76a1288effd078180c13a82"},
+            "preprocessor_config.json": {"size": 287,
+                                         "sha256": "065c10ec97edc5081fbd9655b3d9d25e2647ea6d5dab873325e88eed12d80a7d"},
+            "special_tokens_map.json": {"size": 125,
+                                        "sha256": "b6d346be366a7d1d48332dbc9fdf3bf8960b5d879522b7799ddba59e76237ee3"},
+            "tokenizer.json": {"size": 711396,
+                               "sha256": "d241a60d5e8f04cc1b2b3e9ef7a4921b27bf526d9f6050ab90f9267a1f9e5c66"},
+            "tokenizer_config.json": {"size": 506,
+                                      "sha256": "5c7f96096284c55e539eff95f4451c19efc34258ddb975a4400d052b77301e5e"},
+            "vocab.txt": {"size": 231508, "sha256": "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"},
+            "pytorch_model.bin": {"size": 989820849,
+                                  "sha256": "d6638651a5526cc2ede56f2b5104d6851b0755816d220e5e046870430180c767"},
+        },
+        "absent": ["model.safetensors"],
+    },
+    "inpainter": {
+        "source": "public code pinning this revision: a setup script's snapshot_download(revision=8a4288a7..., "
+                  "allow_patterns=[..., 'text_encoder/model.fp16.safetensors', 'unet/diffusion_pytorch_model.fp16."
+                  "safetensors', 'vae/diffusion_pytorch_model.fp16.safetensors']); hub links at this revision to "
+                  "unet/config.json and unet/diffusion_pytorch_model.fp16.safetensors; a model-provenance table "
+                  "(sd-v1-5-inpainting.ckpt: 4,265,437,280 bytes, its LFS sha256); a transfer log (unet/"
+                  "diffusion_pytorch_model.bin: 3,438,412,325 bytes); diffusers on a snapshot of this revision: 'no "
+                  "file named diffusion_pytorch_model.safetensors found in directory .../8a4288a7.../vae'. The "
+                  "team's notes (TRAPS.md, 'The real checkpoints', 'A real hub cache'): no fp32 safetensors in "
+                  "unet/, vae/, text_encoder/; no tokenizer/tokenizer.json",
+        "present": {
+            "text_encoder/model.fp16.safetensors": {},
+            "unet/diffusion_pytorch_model.fp16.safetensors": {},
+            "vae/diffusion_pytorch_model.fp16.safetensors": {},
+            "unet/config.json": {},
+            "unet/diffusion_pytorch_model.bin": {"size": 3438412325},
+            "sd-v1-5-inpainting.ckpt": {"size": 4265437280,
+                                        "sha256": "c6bbc15e3224e6973459ba78de4998b80b50112b0ae5b5c67113d56b4e366b19"},
+        },
+        "absent": ["text_encoder/model.safetensors", "unet/diffusion_pytorch_model.safetensors",
+                   "vae/diffusion_pytorch_model.safetensors", "tokenizer/tokenizer.json"],
+    },
+    "clip": {
+        "source": "public code loading files from a hub cache's models--openai--clip-vit-large-patch14/snapshots/"
+                  "32bd6428.../ (model.safetensors, tokenizer.json) and a hub link to blob/32bd6428.../tokenizer.json; "
+                  "the team's notes (TRAPS.md, 'A real hub cache'): all three repos ship special_tokens_map.json",
+        "present": {"model.safetensors": {}, "tokenizer.json": {}, "special_tokens_map.json": {}},
+        "absent": [],
+    },
+}
+
+
 @pytest.mark.parametrize("role", ["captioner", "inpainter", "clip"])
 def test_the_preset_names_files_its_pinned_revision_holds(role):
-    """Against the real listings (tests/data/hub), not the rehearsal built from them: every file the
-    preset asks for exists at its revision, and no pickle is taken where safetensors exist beside it."""
-    ref = getattr(PAPER, role)
+    """Every file the preset asks for exists at its pinned revision on the hub, and no pickle is
+    taken where safetensors exist beside it.
+
+    The hub is out of reach here. Its record is each revision's listing (tests/data/hub, read from
+    the sources its `read_from` names), held to the facts other public records give (HUB_FACTS);
+    the weights the preset takes must be in both. Not the rehearsal cache: it is built from the
+    listings, so it would agree with them whatever they say.
+    """
+    ref, facts = getattr(PAPER, role), HUB_FACTS[role]
     real = listing(ref.name_or_path.replace("/", "--"))
-    assert real["revision"] == ref.revision
+    assert (real["repo"], real["revision"]) == (ref.name_or_path, ref.revision)
+    assert real["read_from"], f"{ref.name_or_path}: the listing names no source"
+    # The listing agrees with the records read apart from it.
+    for path, known in facts["present"].items():
+        assert path in real["files"], (path, facts["source"])
+        assert {key: real["files"][path][key] for key in known} == known, (path, facts["source"])
+    for path in facts["absent"]:
+        assert path not in real["files"], (path, facts["source"])
+    # Every file the preset names is in the revision's listing; its weights in the other records too.
     for pattern in ref.files:
-        assert [p for p in real["files"] if fnmatch.fnmatchcase(p, pattern)], pattern
+        assert [p for p in real["files"] if fnmatch.fnmatchcase(p, pattern)], (pattern, real["read_from"])
+        if pattern.endswith(WEIGHT_SUFFIXES):
+            assert pattern in facts["present"], (pattern, f"in no record of {ref.name_or_path} but its listing")
     for name in ref.files:
         if name.endswith(".bin"):
             folder = name.rpartition("/")[0]
