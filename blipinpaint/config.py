@@ -88,7 +88,7 @@ class InpaintConfig:
 class StageConfig:
     """Resources of one actor-pool stage: a fixed `size`, `min_size`..`max_size` (autoscaling),
     or (the generate stages) `size: auto`, sized from the cluster when the job starts
-    (`rayjobs.common.size_pools`)."""
+    (`rayjobs.cluster.size_pools`)."""
 
     batch_size: int = 4
     num_cpus: float = 0.5  # fractions let several small actors share a core

@@ -1,7 +1,8 @@
 """cluster.yaml: valid for Ray's launcher (offline), pinned, and closed by default."""
 
 import re
-from pathlib import Path
+import subprocess
+from pathlib import Path, PurePosixPath
 
 import pytest
 import ray
@@ -54,21 +55,56 @@ def test_workers_scale_from_zero(cluster):
     assert inference["InstanceMarketOptions"]["MarketType"] == "spot"
 
 
+def git(*args: str) -> list[str]:
+    """The lines of a git command run in the repository (a test that needs git fails without it)."""
+    done = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
+    assert done.returncode == 0, f"git {' '.join(args)}: {done.stderr.strip()} (these tests need a git checkout)"
+    return [line for line in done.stdout.split("\n") if line]
+
+
+def tracked(*pathspecs: str) -> list[str]:
+    """Paths in git's index (what is committed, or will be): an untracked or ignored file in the
+    working tree is not one of them, and a tracked file deleted from the tree still is."""
+    return sorted(git("ls-files", "--", *pathspecs))
+
+
+def is_token(path: str) -> bool:
+    """Ray's token file: `ray start` writes `~/.ray/auth_token`, cluster.yaml mounts it on the nodes."""
+    return PurePosixPath(path).name.startswith("auth_token")
+
+
 def test_no_token_is_committed():
-    tracked = [p for p in ROOT.rglob("auth_token*") if ".venv" not in p.parts]
-    assert not tracked
+    """Neither in the index nor in any commit behind HEAD: a token removed from the tree but
+    committed once still ships with every clone."""
+    assert not [p for p in tracked() if is_token(p)]
+    assert not [p for p in git("log", "HEAD", "--format=", "--name-only", "--no-renames") if is_token(p)]
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+SHIPPED_CONFIGS = tracked(":(glob)configs/*.yaml")
+JOBS = ["pipeline", "models", "generate", "candidates", "train_scorer", "finetune_blip", "evaluate"]
+
+
+@pytest.mark.parametrize("path", SHIPPED_CONFIGS)
 def test_shipped_configs_load_and_validate(path):
     from blipinpaint.config import load_config
 
-    cfg = load_config(path)
+    cfg = load_config(ROOT / path)  # a tracked config missing from the checkout fails here
     assert cfg.run_dir.startswith("s3://") and cfg.models.preset == "paper" and cfg.models.dtype == "fp16"
 
 
-@pytest.mark.parametrize("job", ["pipeline", "models", "generate", "candidates", "train_scorer", "finetune_blip",
-                                 "evaluate"])
+def test_every_config_the_docs_name_is_shipped():
+    """The README, the docs and the jobs' docstrings tell users to run `--config configs/<name>.yaml`:
+    each one they name is tracked (so validated above), not only present in one working tree."""
+    import importlib
+
+    docs = [(ROOT / path).read_text() for path in ["README.md", *tracked(":(glob)docs/*.md")]]
+    docs += [importlib.import_module(f"rayjobs.{job}").__doc__ for job in JOBS]
+    named = {name for doc in docs for name in re.findall(r"configs/[\w.-]+\.yaml", doc)}
+    assert named, "the README names no config"
+    assert named <= set(SHIPPED_CONFIGS), sorted(named - set(SHIPPED_CONFIGS))
+
+
+@pytest.mark.parametrize("job", JOBS)
 def test_each_job_gives_its_exact_submit_command(job):
     """A job's docstring gives its `ray job submit` command as the cluster guide gives it
     (runtime env included), and points to the guide for the rest (tunnel, token, logs, stop)."""

@@ -4,6 +4,7 @@ import fnmatch
 import hashlib
 import http.server
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 from hub_rehearsal import listing
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from blipinpaint.config import load_config
 from blipinpaint.models import ModelRef, load_captioner, load_clip, load_inpaint_pipeline, store
@@ -63,15 +65,39 @@ def test_clip_loads_from_its_safetensors_and_nothing_else_is_fetched(stored):
     assert load_clip(ModelRef(entry["uri"]), CPU).tokenizer.eos_token_id == 49407
 
 
-def test_each_entry_is_exactly_what_its_manifest_lists(stored):
-    """The manifest is the entry's record for the workers' nodes: every file, its origin, its sha256."""
+def snapshot(hub: Path, ref: ModelRef) -> Path:
+    """The folder of `ref`'s pinned commit in the rehearsal's hub cache: the files the store read."""
+    return hub / f"models--{ref.name_or_path.replace('/', '--')}" / "snapshots" / ref.revision
+
+
+def test_each_entry_is_exactly_what_its_manifest_lists(stored, paper_hub):
+    """The manifest is the entry's record for the workers' nodes: every file, its origin, its sha256.
+
+    Checked with digests computed here (hashlib, not the store's helper) on the bytes as they lie
+    in the store and in the hub cache they came from: a wrong hash recorded, or wrong bytes written
+    under a right-looking record, fails.
+    """
     for role, entry in stored.items():
-        folder = Path(entry["uri"])
+        ref, folder = getattr(PAPER, role), Path(entry["uri"])
+        hub = snapshot(paper_hub, ref)
         files = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - {store.MANIFEST}
         assert files == set(entry["files"]), role
+        # Made from exactly the files of the revision that the preset names, each once.
+        named = {p.relative_to(hub).as_posix() for p in hub.rglob("*") if p.is_file()
+                 and any(fnmatch.fnmatchcase(p.relative_to(hub).as_posix(), pattern) for pattern in ref.files)}
+        origins = [record["from"] for record in entry["files"].values()]
+        assert sorted(origins) == sorted(named), role
         for name, record in entry["files"].items():
-            assert store.sha256(folder / name) == record["sha256"], (role, name)
-            assert record["from"] in getattr(PAPER, role).files or record["from"].startswith("tokenizer/"), name
+            content, source = (folder / name).read_bytes(), hub / record["from"]
+            assert record["sha256"] == hashlib.sha256(content).hexdigest(), (role, name)
+            assert record["hub_id"] == Path(os.path.realpath(source)).name, (role, name)  # its blob's name
+            if source.name.endswith((".bin", ".pth", ".pt")):  # a pickle: the same tensors, now as safetensors
+                original = torch.load(source, map_location="cpu", weights_only=True)
+                converted = load_file(folder / name)
+                assert converted.keys() == original.keys(), (role, name)
+                assert all(torch.equal(converted[k], original[k]) for k in original), (role, name)
+            else:  # copied: the hub's bytes, unchanged
+                assert content == source.read_bytes(), (role, name)
 
 
 def test_drivers_filling_one_store_at_once_publish_one_whole_entry(paper_hub, tmp_path):
@@ -179,15 +205,91 @@ def test_workers_load_hub_checkpoints_from_the_store_only(tmp_path):
     assert builders.stored_refs(cfg) == {} and builders.resolve_preset(cfg).captioner.name_or_path.endswith("captioner")
 
 
+# What public records show of each pinned revision, read again from the records themselves (a public
+# code search, 2026-12) and written here with where each was read: for BLIP the manifest its listing
+# also cites, for SD and CLIP records their listings do not cite. The listings (tests/data/hub/<repo>/
+# listing.json, sources under `read_from`) are the whole record of each revision's tree; these facts
+# are partial and must agree with them. Known values of a file: its byte size and sha256 there.
+HUB_FACTS = {
+    "captioner": {
+        "source": "kurtvalcorza/blip-captioning-pipeline @849c17f: weights/blip-image-captioning-base/"
+                  "dimer-base-manifest.json, a manifest of a snapshot of this revision (path, bytes, sha256 of "
+                  "each file it loads), and src/blip_captioning_pipeline/pipeline.py: 'Upstream ships no "
+                  "SafeTensors at this revision: the PyTorch weights are pytorch_model.bin (a pickle)'",
+        "present": {
+            "config.json": {"size": 4563,
+                            "sha256": "f7846f82f4e2c4a2ccbab9ae8b0e44873540a271a76a1288effd078180c13a82"},
+            "preprocessor_config.json": {"size": 287,
+                                         "sha256": "065c10ec97edc5081fbd9655b3d9d25e2647ea6d5dab873325e88eed12d80a7d"},
+            "special_tokens_map.json": {"size": 125,
+                                        "sha256": "b6d346be366a7d1d48332dbc9fdf3bf8960b5d879522b7799ddba59e76237ee3"},
+            "tokenizer.json": {"size": 711396,
+                               "sha256": "d241a60d5e8f04cc1b2b3e9ef7a4921b27bf526d9f6050ab90f9267a1f9e5c66"},
+            "tokenizer_config.json": {"size": 506,
+                                      "sha256": "5c7f96096284c55e539eff95f4451c19efc34258ddb975a4400d052b77301e5e"},
+            "vocab.txt": {"size": 231508, "sha256": "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"},
+            "pytorch_model.bin": {"size": 989820849,
+                                  "sha256": "d6638651a5526cc2ede56f2b5104d6851b0755816d220e5e046870430180c767"},
+        },
+        "absent": ["model.safetensors"],
+    },
+    "inpainter": {
+        "source": "public code pinning this revision: a setup script's snapshot_download(revision=8a4288a7..., "
+                  "allow_patterns=[..., 'text_encoder/model.fp16.safetensors', 'unet/diffusion_pytorch_model.fp16."
+                  "safetensors', 'vae/diffusion_pytorch_model.fp16.safetensors']); hub links at this revision to "
+                  "unet/config.json and unet/diffusion_pytorch_model.fp16.safetensors; a model-provenance table "
+                  "(sd-v1-5-inpainting.ckpt: 4,265,437,280 bytes, its LFS sha256); a transfer log (unet/"
+                  "diffusion_pytorch_model.bin: 3,438,412,325 bytes); diffusers on a snapshot of this revision: 'no "
+                  "file named diffusion_pytorch_model.safetensors found in directory .../8a4288a7.../vae'. The "
+                  "team's notes (TRAPS.md, 'The real checkpoints', 'A real hub cache'): no fp32 safetensors in "
+                  "unet/, vae/, text_encoder/; no tokenizer/tokenizer.json",
+        "present": {
+            "text_encoder/model.fp16.safetensors": {},
+            "unet/diffusion_pytorch_model.fp16.safetensors": {},
+            "vae/diffusion_pytorch_model.fp16.safetensors": {},
+            "unet/config.json": {},
+            "unet/diffusion_pytorch_model.bin": {"size": 3438412325},
+            "sd-v1-5-inpainting.ckpt": {"size": 4265437280,
+                                        "sha256": "c6bbc15e3224e6973459ba78de4998b80b50112b0ae5b5c67113d56b4e366b19"},
+        },
+        "absent": ["text_encoder/model.safetensors", "unet/diffusion_pytorch_model.safetensors",
+                   "vae/diffusion_pytorch_model.safetensors", "tokenizer/tokenizer.json"],
+    },
+    "clip": {
+        "source": "public code loading files from a hub cache's models--openai--clip-vit-large-patch14/snapshots/"
+                  "32bd6428.../ (model.safetensors, tokenizer.json) and a hub link to blob/32bd6428.../tokenizer.json; "
+                  "the team's notes (TRAPS.md, 'A real hub cache'): all three repos ship special_tokens_map.json",
+        "present": {"model.safetensors": {}, "tokenizer.json": {}, "special_tokens_map.json": {}},
+        "absent": [],
+    },
+}
+
+
 @pytest.mark.parametrize("role", ["captioner", "inpainter", "clip"])
 def test_the_preset_names_files_its_pinned_revision_holds(role):
-    """Against the real listings (tests/data/hub), not the rehearsal built from them: every file the
-    preset asks for exists at its revision, and no pickle is taken where safetensors exist beside it."""
-    ref = getattr(PAPER, role)
+    """Every file the preset asks for exists at its pinned revision on the hub, and no pickle is
+    taken where safetensors exist beside it.
+
+    The hub is out of reach here. Its record is each revision's listing (tests/data/hub, read from
+    the sources its `read_from` names), held to the facts other public records give (HUB_FACTS);
+    the weights the preset takes must be in both. Not the rehearsal cache: it is built from the
+    listings, so it would agree with them whatever they say.
+    """
+    ref, facts = getattr(PAPER, role), HUB_FACTS[role]
     real = listing(ref.name_or_path.replace("/", "--"))
-    assert real["revision"] == ref.revision
+    assert (real["repo"], real["revision"]) == (ref.name_or_path, ref.revision)
+    assert real["read_from"], f"{ref.name_or_path}: the listing names no source"
+    # The listing agrees with the records read apart from it.
+    for path, known in facts["present"].items():
+        assert path in real["files"], (path, facts["source"])
+        assert {key: real["files"][path][key] for key in known} == known, (path, facts["source"])
+    for path in facts["absent"]:
+        assert path not in real["files"], (path, facts["source"])
+    # Every file the preset names is in the revision's listing; its weights in the other records too.
     for pattern in ref.files:
-        assert [p for p in real["files"] if fnmatch.fnmatchcase(p, pattern)], pattern
+        assert [p for p in real["files"] if fnmatch.fnmatchcase(p, pattern)], (pattern, real["read_from"])
+        if pattern.endswith(WEIGHT_SUFFIXES):
+            assert pattern in facts["present"], (pattern, f"in no record of {ref.name_or_path} but its listing")
     for name in ref.files:
         if name.endswith(".bin"):
             folder = name.rpartition("/")[0]
