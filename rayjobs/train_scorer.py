@@ -74,6 +74,14 @@ def _load(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor
     return _xy(read_rows(batch, COLUMNS), device)
 
 
+def finite_rows(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The rows whose targets are all finite, and how many were left out: a hole restored
+    exactly has an infinite PSNR, and one such target would make the standardisation and
+    every loss after it infinite or NaN."""
+    keep = torch.isfinite(y).all(dim=1)
+    return x[keep], y[keep], int((~keep).sum())
+
+
 def _all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(t, op=op)
@@ -108,6 +116,14 @@ def train_loop(config: dict) -> None:
     width = int(_all_reduce(torch.tensor(max(x_train.shape[1], x_val.shape[1]), device=device),
                             dist.ReduceOp.MAX).item())
     x_train, x_val = x_train.reshape(-1, width), x_val.reshape(-1, width)
+    x_train, y_train, train_left_out = finite_rows(x_train, y_train)
+    x_val, y_val, val_left_out = finite_rows(x_val, y_val)
+    # Every rank takes the same number of optimizer steps (DeepSpeed's collectives need
+    # that): the training shares, equal before, are cut to the smallest that is left.
+    rows = int(_all_reduce(torch.tensor(len(x_train), device=device), dist.ReduceOp.MIN).item())
+    x_train, y_train = x_train[:rows], y_train[:rows]
+    left_out = {"train": int(_all_reduce(torch.tensor(train_left_out, device=device)).item()),
+                "heldout": int(_all_reduce(torch.tensor(val_left_out, device=device)).item())}
     torch.manual_seed(cfg.seed)
     model = ScoreNet(ScoreNetConfig(in_features=width, hidden=tuple(cfg.scorer.hidden))).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.scorer.lr)
@@ -158,7 +174,8 @@ def train_loop(config: dict) -> None:
                    "train_loss": (total[0] / total[1].clamp(min=1)).item(),
                    # None without held-out rows (a handful of inputs may hash none there)
                    "val_loss": (val[0] / val[2]).item() if val[2] else None,
-                   "val_loss_mean_baseline": (val[1] / val[2]).item() if val[2] else None}
+                   "val_loss_mean_baseline": (val[1] / val[2]).item() if val[2] else None,
+                   "non_finite_left_out": left_out}
         if not training.still_owner(config["fence"]):
             return
         if rank == 0:
@@ -187,13 +204,14 @@ def evaluate(model_dir: str, reads: list[dict], out_dir: str, limit: int = 20_00
             break
         x, y = _xy(read_rows({"path": [read["path"]], "ids": [read["ids"][:limit - rows]]}, COLUMNS),
                    torch.device("cpu"))
+        x, y, _ = finite_rows(x, y)  # counted by the training job's log
         with torch.no_grad():
             preds.append(model.destandardize(model(x)))
         trues.append(y)
         rows += len(x)
     if rows < 2:
-        return {"missing": f"{rows} held-out samples: R² needs at least 2 (more inputs, or a larger "
-                           "train.val_fraction)"}
+        return {"missing": f"{rows} held-out samples with finite targets: R² needs at least 2 (more inputs, or a "
+                           "larger train.val_fraction)"}
     pred, true = torch.cat(preds), torch.cat(trues)
     report = regression_report(pred, true, model.mean)
     plot_scatter(pred.numpy(), true.numpy(), TARGETS, f"{out_dir}/scatter.png")
@@ -225,7 +243,9 @@ def run(cfg: Config) -> dict:
                 "scorer loss (MSE, standardised targets)", out_dir / "loss.png")
     if cfg.train.tensorboard:
         write_tensorboard(records, "epoch", out_dir / "tensorboard")
-    report = {"epochs": len(records), "final": records[-1] if records else {},
+    final = records[-1] if records else {}
+    report = {"epochs": len(records), "final": final,
+              "non_finite_left_out": final.get("non_finite_left_out"),
               "heldout": evaluate(run_layout.scorer_model, val_reads, out_dir)}
     write_text(out_dir.report, json.dumps(report, indent=2))
     training.owner_log(fence).release()
@@ -250,6 +270,10 @@ def print_report(report: dict) -> None:
     for name, r in report["heldout"].items():
         print(f"  {name:<11} MAE {r['mae']:.4f} (mean baseline {r['mae_mean_baseline']:.4f})  "
               f"R² {r['r2']:.3f} (baseline {r['r2_mean_baseline']:.3f})")
+    left_out = report.get("non_finite_left_out") or {}
+    if any(left_out.values()):
+        print(f"  left out for a non-finite target (a hole restored exactly: infinite PSNR): "
+              f"{left_out['train']} training rows, {left_out['heldout']} held-out rows")
 
 
 if __name__ == "__main__":

@@ -22,18 +22,21 @@ from blipinpaint.seeds import heldout
 from rayjobs import train_scorer
 
 
-def write_samples(run_dir, n=400, dim=16, seed=0):
-    """Caption features with a learnable, noisy relation to the three targets."""
+def write_samples(run_dir, n=400, dim=16, seed=0, restored_exactly=()):
+    """Caption features with a learnable, noisy relation to the three targets; the rows
+    `restored_exactly` have an infinite PSNR (an inpainting equal to the ground truth)."""
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, dim)).astype(np.float32)
     w = rng.normal(size=(dim, 3))
     z = x @ w / np.sqrt(dim) + 0.3 * rng.normal(size=(n, 3))
+    psnr = (20 + 5 * z[:, 1]).astype(np.float32)
+    psnr[list(restored_exactly)] = np.inf
     out = run_dir / "generate" / "samples"
     out.mkdir(parents=True)
     pq.write_table(pa.table({
         "id": [f"img{i:04d}" for i in range(n)], "caption_features": list(x),
         "ssim": (1 / (1 + np.exp(-z[:, 0]))).astype(np.float32),
-        "psnr": (20 + 5 * z[:, 1]).astype(np.float32),
+        "psnr": psnr,
         "clip_score": (10 + 3 * z[:, 2]).astype(np.float32),
     }), out / "part-0.parquet")
     # The generate step's commit marker: the jobs after it read which samples exist from it.
@@ -47,9 +50,11 @@ def test_scorer_learns_a_learnable_signal(local_ray, tmp_path):
     """At ZeRO-3 with the optimizer state offloaded to CPU memory (DeepSpeed refused a torch
     optimizer there), on 3 workers of a quarter CPU each, with a layer large enough (120k
     weights) that ZeRO-3 splits it over the ranks: the saved model must hold it whole. (The
-    default, ZeRO-2 on 2 workers, trains in the main run and the resume tests.)"""
+    default, ZeRO-2 on 2 workers, trains in the main run and the resume tests.) Eight rows
+    have an infinite PSNR: they are left out, counted, and poison nothing."""
     zero_stage, offload, workers, hidden, cpus = 3, True, 3, "[400,300]", 0.25
-    write_samples(tmp_path)
+    restored = range(0, 400, 50)
+    write_samples(tmp_path, restored_exactly=restored)
     cfg = load_config(overrides=[f"run_dir={tmp_path}", f"train.zero_stage={zero_stage}", "scorer.epochs=6",
                                  f"train.offload_optimizer={str(offload).lower()}", f"train.num_workers={workers}",
                                  f"train.cpus_per_worker={cpus}",
@@ -73,10 +78,20 @@ def test_scorer_learns_a_learnable_signal(local_ray, tmp_path):
     # equal shares may leave out up to 2 rows; one rank's own would be ~0.1 spread off).
     fraction = heldout_fraction(cfg, [f"img{i:04d}" for i in range(400)])
     rows = pq.read_table(tmp_path / "generate" / "samples").to_pylist()
-    train_targets = np.array([[r[t] for t in TARGETS] for r in rows if not heldout(cfg.seed, r["id"], fraction)])
+    infinite = {f"img{i:04d}" for i in restored}
+    held = {r["id"] for r in rows if heldout(cfg.seed, r["id"], fraction)}
+    assert report["non_finite_left_out"] == {"train": len(infinite - held), "heldout": len(infinite & held)}
+    assert 0 < len(infinite & held) < len(infinite)  # both splits hold some
+    assert all(math.isfinite(r["train_loss"]) and math.isfinite(r["val_loss"]) for r in records)
+    train_targets = np.array([[r[t] for t in TARGETS] for r in rows if r["id"] not in held | infinite])
     spread = train_targets.std(0, ddof=1)
-    # The batch of 96 is per optimizer step, over the 3 workers: each takes 32 of its equal share per step.
-    assert records[-1]["step"] == 6 * math.ceil(len(train_targets) // workers / 32)
+    # The batch of 96 is per optimizer step, over the 3 workers: each takes 32 of its share per
+    # step, the shares equal (cut to the smallest once the infinite rows are out).
+    train_ids = sorted(r["id"] for r in rows if r["id"] not in held)
+    shares = train_ids[:len(train_ids) - len(train_ids) % workers]
+    per_rank = [len([i for i in shares[k * len(shares) // workers:(k + 1) * len(shares) // workers]
+                     if i not in infinite]) for k in range(workers)]
+    assert records[-1]["step"] == 6 * math.ceil(min(per_rank) / 32)
     assert (np.abs(np.array(model.config.mean) - train_targets.mean(0)) < 0.02 * spread).all()
     assert (np.abs(np.array(model.config.std) / spread - 1) < 0.02).all()
     for png in ("loss.png", "scatter.png"):
@@ -120,10 +135,11 @@ def test_too_few_held_out_rows_give_a_report_that_says_why(tmp_path, capsys):
         pq.write_table(pa.Table.from_pylist(rows), path)
         return [{"path": str(path), "ids": [r["id"] for r in rows]}] if rows else []
 
-    for rows in ([], [row]):
+    restored = {**row, "id": "c", "psnr": float("inf")}  # a row with an infinite target does not count
+    for rows in ([], [row], [row, restored]):
         heldout_ = train_scorer.evaluate(str(tmp_path / "model"), reads(rows), str(tmp_path))
-        assert heldout_ == {"missing": f"{len(rows)} held-out samples: R² needs at least 2 (more inputs, or a "
-                                       "larger train.val_fraction)"}
+        assert heldout_ == {"missing": f"{min(len(rows), 1)} held-out samples with finite targets: R² needs at "
+                                       "least 2 (more inputs, or a larger train.val_fraction)"}
     two = train_scorer.evaluate(str(tmp_path / "model"), reads([row, {**row, "id": "b", "ssim": 0.7}]), str(tmp_path))
     assert set(two) == {"ssim", "psnr", "clip_score"}
     assert train_scorer.evaluate(str(tmp_path / "model"), reads([row, {**row, "id": "b", "ssim": 0.7}]),
