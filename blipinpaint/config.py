@@ -110,7 +110,7 @@ class ReadConfig:
 class FaultConfig:
     """Fault injection for the reliability tests: `stage` fails on every batch holding input `id`."""
 
-    stage: str | None = None  # captioner | inpainter | metrics
+    stage: str | None = None  # prepare | captioner | inpainter | metrics
     id: str | None = None
     exit: bool = False  # the worker process dies (a crash), instead of the stage raising
     times: int | None = None  # with `exit`: die on the first `times` starts of that batch only (None: every start)

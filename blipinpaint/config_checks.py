@@ -118,8 +118,9 @@ def _generate_problems(generate: GenerateConfig) -> list[str]:
     if generate.rows_per_file < 1 or generate.batch_retries < 0:
         problems.append("generate.rows_per_file must be at least 1 and generate.batch_retries at least 0")
     fault = generate.inject_failure
-    if fault.stage is not None and fault.stage not in ("captioner", "inpainter", "metrics"):
-        problems.append(f"generate.inject_failure.stage={fault.stage!r} is not a model stage")
+    if fault.stage is not None and fault.stage not in ("prepare", "captioner", "inpainter", "metrics"):
+        problems.append(f"generate.inject_failure.stage={fault.stage!r} is not a stage (prepare, captioner, "
+                        "inpainter or metrics)")
     return problems
 
 

@@ -37,7 +37,7 @@ from blipinpaint.records import CANDIDATE_SCHEMA, decode_images
 from blipinpaint.storage import is_dir, write_text
 from blipinpaint.writer import Account, CommitLog
 from rayjobs.cli import job_main
-from rayjobs.stream import ErrorWriter, commit_stage, model_stages, run_stream
+from rayjobs.stream import TASK_RETRIES, ErrorWriter, commit_stage, model_stages, run_stream
 
 log = logging.getLogger("blipinpaint.candidates")
 
@@ -82,8 +82,10 @@ def build_dataset(cfg: Config, reads: list[dict], ledger, owner: str | None = No
         "metrics": functools.partial(builders.build_metrics, cfg, {"": ("inpainted", "caption")}),
     }
     ds = ray.data.from_items(reads, override_num_blocks=max(len(reads), 1))
+    # Reads of generate's own parts (a dying reader is the machine's fault, not an input's):
+    # retried a bounded number of times.
     ds = ds.map_batches(prepare, fn_kwargs={"errors": errors, "retries": stream.batch_retries},
-                        batch_size=1, num_cpus=stream.read.num_cpus)
+                        batch_size=1, num_cpus=stream.read.num_cpus, max_retries=TASK_RETRIES)
     ds = model_stages(ds, pools, stream, errors, ledger)
     return commit_stage(ds, out_dir, CANDIDATE_SCHEMA, builders.model_ids(cfg), stream.rows_per_file,
                         stream.read.num_cpus, owner)

@@ -40,7 +40,7 @@ from blipinpaint.sources import SourceError, list_inputs
 from blipinpaint.storage import filesystem, write_text
 from blipinpaint.writer import Account, CommitLog
 from rayjobs.cli import job_main
-from rayjobs.stream import ErrorWriter, commit_stage, model_stages, run_stream
+from rayjobs.stream import ErrorWriter, commit_stage, counted_task, model_stages, run_stream
 
 log = logging.getLogger("blipinpaint.generate")
 
@@ -66,8 +66,13 @@ def build_dataset(cfg: Config, pending: list[dict], ledger, owner: str | None = 
     errors = ErrorWriter(out_dir, owner)
     blocks = max(1, math.ceil(len(pending) / stream.read.batch_size))
     ds = ray.data.from_items(pending, override_num_blocks=blocks)
-    ds = ds.map_batches(prepare, fn_kwargs={"cfg": cfg, "errors": errors}, batch_size=stream.read.batch_size,
-                        num_cpus=stream.read.num_cpus)
+    # The reads counted in the run's ledger: an input that kills its reader (a decoder crash,
+    # the OOM killer) becomes error rows after `batch_retries` deaths, instead of a retry loop.
+    ds = ds.map_batches(counted_task, fn_kwargs={"name": "prepare", "run": functools.partial(prepare, cfg=cfg,
+                                                                                             errors=errors),
+                                                 "ledger": ledger, "retries": stream.batch_retries, "errors": errors,
+                                                 "fault": stream.inject_failure},
+                        batch_size=stream.read.batch_size, num_cpus=stream.read.num_cpus)
     pools = {name: functools.partial(build, cfg) for name, build in MODEL_STAGES.items()}
     ds = model_stages(ds, pools, stream, errors, ledger)
     return commit_stage(ds, out_dir, SAMPLE_SCHEMA, builders.model_ids(cfg), stream.rows_per_file,

@@ -38,6 +38,9 @@ class StageStartError(JobError):
 
 
 JOB_ERRORS = (StageStartError, Superseded)  # what ends a job with one line and exit code 1
+# Deaths of a task's worker Ray retries, where no ledger counts them (Ray Data's default is
+# without limit): a part that cannot be committed or read after that ends the job.
+TASK_RETRIES = 3
 
 
 @contextlib.contextmanager
@@ -125,29 +128,43 @@ class ModelStage:
         self.run = Guarded(name, raising(name, stage, fault), errors, retries)
 
     def __call__(self, batch: Batch) -> Batch:
-        ids = batch["id"]
-        if not len(ids):
-            return batch
-        key = f"{self.name}-{part_name(list(ids))}"
-        started = ray.get(self.ledger.start.remote(key))
-        if started > self.retries + 1:
-            reason = f"stage failed: {self.name} worker died on this batch {started - 1} times"
-            failed = {**batch, "error": np.full(len(ids), reason, dtype=object)}
-            out = split_errors(count_once(failed, f"retries_{self.name}", started - 1), self.errors)
-        else:
-            self._maybe_die(ids, started)
-            out = self.run(batch)
-            if started > 1:  # the restarts of workers that died on this batch
-                count_once(out, f"retries_{self.name}", started - 1)
-        self.ledger.done.remote(key)
-        return out
+        return counted(self.name, self.run, batch, self.ledger, self.retries, self.errors, self.fault)
 
-    def _maybe_die(self, ids, started: int) -> None:
-        """Fault injection (tests): this process exits, as a segfault or the OOM killer would end it."""
-        fault = self.fault
-        if (fault is not None and fault.exit and fault.stage == self.name and fault.id in set(ids)
-                and (fault.times is None or started <= fault.times)):
-            os._exit(1)
+
+def counted(name: str, run: Callable[[Batch], Batch], batch: Batch, ledger, retries: int, errors: ErrorWriter,
+            fault: FaultConfig | None = None) -> Batch:
+    """`run(batch)`, each start recorded in the run's ledger: once the workers running `name`
+    have died on this batch `retries` times, its rows become error rows instead."""
+    ids = batch["id"]
+    if not len(ids):
+        return batch
+    key = f"{name}-{part_name([str(i) for i in ids])}"
+    started = ray.get(ledger.start.remote(key))
+    if started > retries + 1:
+        reason = f"stage failed: {name} worker died on this batch {started - 1} times"
+        failed = {**batch, "error": np.full(len(ids), reason, dtype=object)}
+        out = split_errors(count_once(failed, f"retries_{name}", started - 1), errors)
+    else:
+        _maybe_die(fault, name, ids, started)
+        out = run(batch)
+        if started > 1:  # the restarts of workers that died on this batch
+            count_once(out, f"retries_{name}", started - 1)
+    ledger.done.remote(key)
+    return out
+
+
+def counted_task(batch: Batch, name: str, run: Callable[[Batch], Batch], ledger, retries: int,
+                 errors: ErrorWriter, fault: FaultConfig | None = None) -> Batch:
+    """A CPU task's `run` through `counted`: Ray retries a task whose worker died without
+    limit, so an input that kills its reader every time would otherwise stall the run."""
+    return counted(name, run, batch, ledger, retries, errors, fault)
+
+
+def _maybe_die(fault: FaultConfig | None, name: str, ids, started: int) -> None:
+    """Fault injection (tests): this process exits, as a segfault or the OOM killer would end it."""
+    if (fault is not None and fault.exit and fault.stage == name and fault.id in set(ids)
+            and (fault.times is None or started <= fault.times)):
+        os._exit(1)
 
 
 def model_stages(ds: ray.data.Dataset, builders: dict[str, Callable[[], Callable[[Batch], Batch]]],
@@ -185,13 +202,14 @@ def commit_stage(ds: ray.data.Dataset, out_dir: str, schema: pa.Schema, models: 
     """`ds` committed in parts of at most `rows_per_file` rows (`commit_part`)."""
     return ds.map_batches(commit_part, fn_kwargs={"out_dir": out_dir, "schema": schema, "models": models,
                                                   "owner": owner},
-                          batch_size=rows_per_file, num_cpus=num_cpus)
+                          batch_size=rows_per_file, num_cpus=num_cpus, max_retries=TASK_RETRIES)
 
 
 def read_committed(reads: list[dict], columns: list[str], num_cpus: float) -> ray.data.Dataset:
     """A dataset of the committed rows `reads` (`reader.row_reads`) name: one read task per part."""
     ds = ray.data.from_items(reads, override_num_blocks=max(len(reads), 1))
-    return ds.map_batches(read_rows, fn_kwargs={"columns": columns}, batch_size=1, num_cpus=num_cpus)
+    return ds.map_batches(read_rows, fn_kwargs={"columns": columns}, batch_size=1, num_cpus=num_cpus,
+                          max_retries=TASK_RETRIES)
 
 
 def run_stream(cfg: Config, job: str, out_dir: str, total: int, done: int, pool_rows: int,

@@ -104,6 +104,25 @@ def test_a_batch_that_kills_its_worker_every_time_becomes_error_rows(local_ray, 
     assert figures["retries"] == 3
 
 
+def test_an_input_that_kills_its_reader_every_time_becomes_error_rows(local_ray, source, tmp_path):
+    """A read task whose worker dies on one batch every time (a decoder crash, the OOM killer):
+    Ray retries tasks without limit, so the run's ledger counts the starts and the batch's
+    inputs become error rows after `generate.batch_retries` deaths; the job finishes."""
+    victim = _ids(source)[3]
+    args = _args(tmp_path, source, "generate.inject_failure.stage=prepare", f"generate.inject_failure.id={victim}",
+                 "generate.inject_failure.exit=true", f"ray_address={local_ray.get_runtime_context().gcs_address}")
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "rayjobs.generate", *args], capture_output=True, text=True,
+                          timeout=300, env=os.environ.copy())
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = account(tmp_path / "generate", _ids(source))
+    print_figures("the read task's process dies on every try of one batch", figures, time.perf_counter() - started)
+    errors = _errors(tmp_path)
+    assert victim in errors and 1 <= len(errors) <= 2  # the read batch of two (or one) that held it
+    assert set(errors.values()) == {"stage failed: prepare worker died on this batch 3 times"}
+    assert (figures["committed"], figures["lost"], figures["duplicated"], figures["orphans"]) == (8, 0, 0, 0)
+
+
 def test_the_same_command_again_takes_the_folder_over_and_does_the_rest_once(local_ray, source, s3):
     """A job still running (or its driver killed, its actors alive) when the same command runs
     again, right after its first commit: the new run takes the folder over, skips what was
