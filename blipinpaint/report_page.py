@@ -22,9 +22,10 @@ import numpy as np
 from PIL import Image
 from pyarrow.fs import FileSelector, FileType
 
-from blipinpaint.evaluation import DELTA_LABELS, PAIRED, VARIANTS, deltas_in, fmt, variants_in
+from blipinpaint.evaluation import DELTA_LABELS, PAIRED, VARIANTS, deltas_in, variants_in
 from blipinpaint.io import decode_png, encode_png
 from blipinpaint.masks import masked_pixels
+from blipinpaint.report_tables import fmt
 from blipinpaint.storage import filesystem, write_text
 
 FILES = "report_files"

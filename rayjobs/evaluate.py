@@ -38,24 +38,17 @@ from blipinpaint.evaluation import (
     PAIRED,
     REAL,
     VARIANTS,
-    Table,
     Variant,
     bucket_names,
     bucket_of,
-    bucket_table,
     caption_effect,
     correlation,
     deltas_in,
     fid_scopes,
     fid_sets,
-    fmt,
-    fmt_interval,
     grid_rows,
     grid_titles,
-    metrics_table,
-    paired_table,
     summarize,
-    table1,
     variants_in,
 )
 from blipinpaint.fid import fid_table, merge_all
@@ -66,6 +59,7 @@ from blipinpaint.models.presets import is_standard_inception
 from blipinpaint.plots import plot_grouped_bars, plot_image_grid, plot_scatter
 from blipinpaint.reader import committed_sample_ids, read_errors, read_rows, read_sorted, row_reads
 from blipinpaint.records import EVAL_SCHEMA, METRICS, RERANKED_SCHEMA, decode_images
+from blipinpaint.report_tables import Table, bucket_table, fmt, fmt_interval, metrics_table, paired_table, table1
 from blipinpaint.scorer import TARGETS, ScoreNet
 from blipinpaint.seeds import heldout, sample_seed
 from blipinpaint.storage import digest, exists, is_dir, is_file, local_dir, read_text, write_text
