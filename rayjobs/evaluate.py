@@ -29,7 +29,7 @@ import ray
 import torch
 
 from blipinpaint import builders, fingerprint, report_page
-from blipinpaint.batches import Guarded, take
+from blipinpaint.batches import Guarded
 from blipinpaint.config import Config, dataset_name, heldout_fraction, to_yaml
 from blipinpaint.errors import ConfigError, JobError
 from blipinpaint.evaluation import (
@@ -52,9 +52,7 @@ from blipinpaint.evaluation import (
     variants_in,
 )
 from blipinpaint.fid import fid_table, merge_all
-from blipinpaint.io import decode_png
 from blipinpaint.layout import RunLayout
-from blipinpaint.models import ModelRef
 from blipinpaint.models.presets import is_standard_inception
 from blipinpaint.plots import plot_grouped_bars, plot_image_grid, plot_scatter
 from blipinpaint.reader import committed_sample_ids, read_errors, read_rows, read_sorted, row_reads
@@ -63,6 +61,7 @@ from blipinpaint.report_tables import Table, bucket_table, fmt, fmt_interval, me
 from blipinpaint.scorer import TARGETS, ScoreNet
 from blipinpaint.seeds import heldout, sample_seed
 from blipinpaint.storage import digest, exists, is_dir, is_file, local_dir, read_text, write_text
+from blipinpaint.variant_stages import ADDED, build_added_captioners, build_added_inpainters, build_added_metrics
 from blipinpaint.writer import CommitLog
 from rayjobs.cli import job_main
 from rayjobs.cluster import connect
@@ -80,8 +79,6 @@ PLOTS = {"metrics.png": "SSIM, PSNR and CLIP score per variant", "mask_buckets.p
          "scorer_changed.png": "the scorer's prediction for the changed captions against their scores"}
 ERRORS_LISTED = 1000  # error rows on the page at most (the count says how many there are)
 METRIC_LABELS = {"ssim": "SSIM ↑", "psnr": "PSNR (dB) ↑", "clip_score": "CLIP score ↑"}
-# The variants this job adds to generate's two: each differs from the BLIP variant by its caption alone.
-ADDED = ("finetuned", "reranked")
 
 
 def evaluated_variants(cfg: Config) -> dict[str, Variant]:
@@ -119,75 +116,6 @@ def prepare(batch: dict, errors: ErrorWriter, retries: int) -> dict:
     return Guarded("prepare", decode_images, errors, retries)(rows)
 
 
-class Chain:
-    """Stage: `stages` one after the other, in one actor."""
-
-    def __init__(self, stages_: list):
-        self.stages = stages_
-
-    def __call__(self, batch: dict) -> dict:
-        for stage in self.stages:
-            batch = stage(batch)
-        return batch
-
-
-def _captioners(cfg: Config) -> Chain:
-    """The fine-tuned BLIP's caption; with `caption.candidates` above 1, the reranked one too."""
-    run_layout = RunLayout(cfg.run_dir)
-    out = [builders.build_captioner(cfg, ModelRef(local_dir(run_layout.blip)), output=VARIANTS["finetuned"].caption)]
-    if cfg.caption.candidates > 1:
-        out.append(builders.build_reranker(cfg, run_layout.scorer_model))
-    return Chain(out)
-
-
-def _image(variant: Variant) -> str:
-    """The variant's image column in the stream (its PNG column before encoding)."""
-    return variant.image.removesuffix("_png")
-
-
-class OnlyChanged:
-    """Stage: runs `stage` on the rows whose `caption` column differs from BLIP's caption;
-    `reuse` gives the others the BLIP variant's outputs. An added variant then differs from
-    the BLIP variant by its prompt alone: inpainted again from the same noise, an unchanged
-    caption would still come out slightly different wherever kernels are not batch-invariant
-    (fp16 on GPUs), and it would cost a third of this job's inpainting for nothing."""
-
-    def __init__(self, stage, reuse, caption: str = VARIANTS["finetuned"].caption):
-        self.stage, self.reuse, self.caption = stage, reuse, caption
-
-    def __call__(self, batch: dict) -> dict:
-        changed = np.array([a != b for a, b in zip(batch[self.caption], batch["caption"])], dtype=bool)
-        if changed.all():
-            return self.stage(batch)
-        if not changed.any():
-            return self.reuse(batch)
-        parts = [self.stage(take(batch, changed)), self.reuse(take(batch, ~changed))]
-        order = np.argsort(np.concatenate([np.flatnonzero(changed), np.flatnonzero(~changed)]), kind="stable")
-        return {k: np.concatenate([np.asarray(p[k]) for p in parts])[order] for k in parts[0]}
-
-
-def reuse_inpainting(rows: dict, variant: Variant = VARIANTS["finetuned"]) -> dict:
-    return {**rows, _image(variant): np.stack([decode_png(b) for b in rows["inpainted_png"]])}
-
-
-def reuse_metrics(rows: dict, variant: Variant = VARIANTS["finetuned"]) -> dict:
-    return {**rows, **{m + variant.suffix: np.asarray(rows[m]) for m in METRICS}}
-
-
-def _added_inpainters(cfg: Config, added: list[Variant]) -> Chain:
-    """An `OnlyChanged` inpainter per added variant, all on one pipeline."""
-    inpainter = builders.build_inpainter(cfg, {})
-    return Chain([OnlyChanged(inpainter.with_prompts({_image(v): v.caption}),
-                              functools.partial(reuse_inpainting, variant=v), v.caption) for v in added])
-
-
-def _added_metrics(cfg: Config, added: list[Variant]) -> Chain:
-    """An `OnlyChanged` metrics stage per added variant, all with one CLIP."""
-    metrics = builders.build_metrics(cfg)
-    return Chain([OnlyChanged(metrics.with_variants({v.suffix: (_image(v), v.caption)}),
-                              functools.partial(reuse_metrics, variant=v), v.caption) for v in added])
-
-
 def eval_schema(cfg: Config):
     return RERANKED_SCHEMA if "reranked" in evaluated_variants(cfg) else EVAL_SCHEMA
 
@@ -197,9 +125,9 @@ def build_dataset(cfg: Config, pending: list[str], ledger, owner: str | None = N
     errors = ErrorWriter(run_layout.eval, owner)
     added = [v for k, v in evaluated_variants(cfg).items() if k in ADDED]
     pools = {
-        "captioner": functools.partial(_captioners, cfg),
-        "inpainter": functools.partial(_added_inpainters, cfg, added),
-        "metrics": functools.partial(_added_metrics, cfg, added),
+        "captioner": functools.partial(build_added_captioners, cfg),
+        "inpainter": functools.partial(build_added_inpainters, cfg, added),
+        "metrics": functools.partial(build_added_metrics, cfg, added),
     }
     reads = row_reads(run_layout.generate, pending)
     ds = ray.data.from_items(reads, override_num_blocks=len(reads))

@@ -12,7 +12,6 @@ import torch
 from helpers import PIPELINE_ARGS, account, copy_run, end_actors_of_dead_drivers, open_page
 from PIL import Image
 
-from blipinpaint.io import encode_png
 from blipinpaint.records import METRICS
 from blipinpaint.seeds import sample_seed
 from blipinpaint.writer import CommitLog
@@ -42,35 +41,6 @@ def _evaluate_cfg(run_dir, *extra):
     from blipinpaint.config import load_config
 
     return load_config(overrides=[*PIPELINE_ARGS, f"run_dir={run_dir}", *extra])
-
-
-def test_an_unchanged_caption_reuses_the_blip_inpainting_and_metrics():
-    """Only the rows whose fine-tuned caption changed reach the inpainter and the metrics; the
-    others take the BLIP variant's image and scores, and the batch keeps its order."""
-    seen = []
-
-    def inpaint(rows):
-        seen.append(list(rows["id"]))
-        return {**rows, "inpainted_finetuned": np.full((len(rows["id"]), 4, 4, 3), 7, np.uint8)}
-
-    def score(rows):
-        seen.append(list(rows["id"]))
-        return {**rows, **{m + "_finetuned": np.full(len(rows["id"]), 99.0, np.float32) for m in METRICS}}
-
-    batch = {"id": np.array(list("abcd"), dtype=object), "caption": np.array(list("wxyz"), dtype=object),
-             "caption_finetuned": np.array(["w", "X", "y", "Z"], dtype=object),
-             "inpainted_png": np.array([encode_png(np.full((4, 4, 3), i, np.uint8)) for i in range(4)], dtype=object),
-             **{m: np.arange(4, dtype=np.float32) for m in METRICS}}
-    out = evaluate.OnlyChanged(inpaint, evaluate.reuse_inpainting)(batch)
-    out = evaluate.OnlyChanged(score, evaluate.reuse_metrics)(out)
-    assert seen == [["b", "d"], ["b", "d"]]
-    assert list(out["id"]) == list("abcd") and list(out["caption_finetuned"]) == ["w", "X", "y", "Z"]
-    assert [int(image[0, 0, 0]) for image in out["inpainted_finetuned"]] == [0, 7, 2, 7]
-    assert list(out["ssim_finetuned"]) == [0.0, 99.0, 2.0, 99.0]
-    seen.clear()
-    unchanged = {**batch, "caption_finetuned": batch["caption"]}
-    out = evaluate.OnlyChanged(inpaint, evaluate.reuse_inpainting)(unchanged)
-    assert seen == [] and [int(image[0, 0, 0]) for image in out["inpainted_finetuned"]] == [0, 1, 2, 3]
 
 
 def test_the_scorer_is_held_to_what_the_changed_captions_scored(main_run, tmp_path):
