@@ -36,7 +36,6 @@ from blipinpaint.evaluation import (
     ALL,
     DELTA_LABELS,
     PAIRED,
-    REAL,
     VARIANTS,
     Variant,
     bucket_names,
@@ -44,14 +43,12 @@ from blipinpaint.evaluation import (
     caption_effect,
     correlation,
     deltas_in,
-    fid_scopes,
     fid_sets,
     grid_rows,
     grid_titles,
     summarize,
     variants_in,
 )
-from blipinpaint.fid import fid_table, merge_all
 from blipinpaint.layout import RunLayout
 from blipinpaint.models.presets import is_standard_inception
 from blipinpaint.plots import plot_grouped_bars, plot_image_grid, plot_scatter
@@ -65,7 +62,8 @@ from blipinpaint.variant_stages import ADDED, build_added_captioners, build_adde
 from blipinpaint.writer import CommitLog
 from rayjobs.cli import job_main
 from rayjobs.cluster import connect
-from rayjobs.stream import ErrorWriter, commit_stage, model_stages, read_committed, run_stream
+from rayjobs.fid_pass import compute_fid
+from rayjobs.stream import ErrorWriter, commit_stage, model_stages, run_stream
 
 log = logging.getLogger("blipinpaint.evaluate")
 
@@ -136,59 +134,6 @@ def build_dataset(cfg: Config, pending: list[str], ledger, owner: str | None = N
     ds = model_stages(ds, pools, stream, errors, ledger)
     return commit_stage(ds, run_layout.eval, eval_schema(cfg), {}, stream.rows_per_file, stream.read.num_cpus,
                         owner)
-
-
-@ray.remote
-class FidWorker:
-    """Folds the FID features of its shard into statistics per (image set, mask bucket)."""
-
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
-        self.fid = builders.build_fid(cfg, fid_sets(evaluated_variants(cfg)))
-
-    def run(self, shard) -> dict:
-        """{"stats": statistics per (image set, mask bucket), "ids" and "features": per row}."""
-        for batch in shard.iter_batches(batch_size=self.cfg.evaluate.fid.batch_size, batch_format="numpy"):
-            self.fid.update(batch, bucket_of(batch["mask_area"], list(self.cfg.evaluate.mask_buckets)))
-        return {"stats": self.fid.stats, "ids": self.fid.ids, "features": self.fid.features}
-
-
-@ray.remote
-def bootstrap_fid(ids: list[str], features: list[dict[str, np.ndarray]], scopes: dict[str, list[str]],
-                  cfg: Config) -> dict:
-    """`evaluation.fid_scopes` on the rows of every FID worker, on this task's GPU if it has
-    one: each draw takes a covariance and an eigendecomposition per image set."""
-    device = torch.device("cuda" if cfg.evaluate.fid.num_gpus and torch.cuda.is_available() else "cpu")
-    rows = {name: torch.as_tensor(np.concatenate([f[name] for f in features]), dtype=torch.float64, device=device)
-            for name in features[0]}
-    b = cfg.evaluate.bootstrap
-    return fid_scopes(ids, rows, scopes, b.fid_replicates, cfg.seed, b.confidence)
-
-
-def compute_fid(cfg: Config, ids: list[str], changed: list[str]) -> tuple[dict[str, dict], dict[str, dict]]:
-    """FID of each variant against the ground truth, overall and per mask bucket; and the
-    bootstrap intervals of the FIDs and of their differences, on all samples and on the
-    `changed` ones (`bootstrap_fid`)."""
-    stage = cfg.evaluate.fid
-    n = stage.size if stage.size is not None else stage.max_size
-    ds = read_committed(row_reads(RunLayout(cfg.run_dir).eval, ids), ["id", "mask_area",
-                                                             *fid_sets(evaluated_variants(cfg)).values()],
-                        cfg.generate.read.num_cpus)
-    shards = ds.streaming_split(n)
-    workers = [FidWorker.options(num_cpus=stage.num_cpus, num_gpus=stage.num_gpus or None).remote(cfg)
-               for _ in range(n)]
-    pending = [w.run.remote(s) for w, s in zip(workers, shards)]
-    merged, ids_seen, features = {}, [], []
-    while pending:  # merge as workers finish: one worker's statistics in memory at a time
-        done, pending = ray.wait(pending)
-        part = ray.get(done[0])
-        merged = merge_all([merged, part["stats"]])
-        ids_seen += part["ids"]
-        features.append(part["features"])
-    features = [f for f in features if f]  # a worker whose shard came out empty
-    intervals = bootstrap_fid.options(num_cpus=stage.num_cpus, num_gpus=stage.num_gpus or None).remote(
-        ids_seen, features, {ALL: ids, "changed": changed}, cfg)
-    return fid_table(merged, real=REAL), ray.get(intervals)
 
 
 def scorer_on_changed(cfg: Config, out_dir: str, ids: list[str]) -> dict:
@@ -490,7 +435,7 @@ def run(cfg: Config) -> dict:
     changed = [str(i) for i, a, c in zip(columns["id"], columns["caption"], columns[finetuned]) if a != c]
     # 5. FID of every variant, overall and per mask bucket, with bootstrap intervals.
     connect(cfg.ray_address, cfg.ray_progress)
-    fid, fid_bootstrap = compute_fid(cfg, sample_ids, changed)
+    fid, fid_bootstrap = compute_fid(cfg, out_dir, fid_sets(variants), sample_ids, changed)
     # 6. Summarize: means, paired differences and their intervals, where the caption helps.
     bootstrap = cfg.evaluate.bootstrap
     summary = summarize(columns, fid, list(cfg.evaluate.mask_buckets),

@@ -151,29 +151,6 @@ def test_a_killed_driver_error_rows_then_retry_failed_and_another_run_in_table1(
     assert "second: CLIP score ↑" in header and "samples: CLIP score ↑" in header  # a column group per dataset
 
 
-def test_fid_workers_fold_their_shard_in_batches_of_the_configured_size(local_ray, cfg, monkeypatch):
-    """`evaluate.fid.batch_size` bounds a FID worker's memory: each batch it folds holds at most
-    that many rows, and every row is folded once."""
-    import ray
-    from helpers import encode, photo
-
-    from blipinpaint.config import load_config
-    from blipinpaint.evaluation import FID_SETS
-
-    rows = [{"id": f"s{i}", "mask_area": 0.2, **{c: encode(photo(64, 64, seed=i), "PNG") for c in FID_SETS.values()}}
-            for i in range(5)]
-    cfg = load_config(overrides=[f"run_dir={cfg.run_dir}", "evaluate.fid.batch_size=2"])
-    worker = evaluate.FidWorker.__ray_actor_class__(cfg)  # the actor's class, run in this process
-    sizes, update = [], worker.fid.update
-    monkeypatch.setattr(worker.fid, "update", lambda batch, groups: (sizes.append(len(groups)), update(batch, groups)))
-    out = worker.run(ray.data.from_items(rows))
-    assert sorted(sizes, reverse=True) == [2, 2, 1]
-    assert {count for count in (s.count for s in out["stats"].values())} == {5}
-    # Each row's features too, for the FID intervals: a row per id, in the same order in every set.
-    assert sorted(out["ids"]) == [f"s{i}" for i in range(5)]
-    assert {name: len(f) for name, f in out["features"].items()} == {name: 5 for name in FID_SETS}
-
-
 def test_scorer_reranked_captions_add_a_variant_to_every_table_and_the_page(main_run, local_ray, tmp_path, browser):
     """`caption.candidates=4`: the stream's reranked caption is the Reranker's own pick (seeded
     per sample: the same in a worker as here); a sample whose pick is the greedy caption reuses
