@@ -18,8 +18,6 @@ import torch
 
 from blipinpaint.bootstrap import mean_intervals, statistic_intervals
 from blipinpaint.fid import fid_draw
-from blipinpaint.io import decode_png
-from blipinpaint.masks import masked_pixels
 from blipinpaint.records import METRICS
 
 
@@ -227,26 +225,3 @@ def caption_effect(summary: dict, edges: list[float], metrics: tuple[str, ...] =
     edge = edges[bucket_names(edges).index(stops) - 1] if stops else None
     return {"metrics": list(metrics), "buckets": verdicts, "stops_helping_from": stops,
             "caption_max_mask_area": edge}
-
-
-def grid_rows(rows: dict[str, np.ndarray]) -> list[dict]:
-    """Decoded images and captions of the example rows: ground truth, masked, each variant
-    whose images `rows` holds (`grid_titles`)."""
-    variants = [v for v in VARIANTS.values() if v.image in rows]
-    out = []
-    for i in range(len(rows["id"])):
-        image, mask = decode_png(rows["image_png"][i]), decode_png(rows["mask_png"][i]) > 127
-        out.append({
-            "id": str(rows["id"][i]),
-            "images": [image, masked_pixels(image[None], mask[None])[0],
-                       *(decode_png(rows[v.image][i]) for v in variants)],
-            "captions": ["", "", *("" if v.caption is None else str(rows[v.caption][i]) for v in variants)],
-        })
-    return out
-
-
-def grid_titles(names) -> list[str]:
-    return ["ground truth", "masked", *(v.short for v in variants_in(names).values())]
-
-
-GRID_TITLES = grid_titles(["baseline", "blip", "finetuned"])

@@ -28,7 +28,7 @@ import numpy as np
 import ray
 import torch
 
-from blipinpaint import builders, fingerprint, report_page
+from blipinpaint import builders, fingerprint
 from blipinpaint.batches import Guarded
 from blipinpaint.config import Config, dataset_name, heldout_fraction, to_yaml
 from blipinpaint.errors import ConfigError, JobError
@@ -38,23 +38,20 @@ from blipinpaint.evaluation import (
     PAIRED,
     VARIANTS,
     Variant,
-    bucket_names,
-    bucket_of,
     caption_effect,
     correlation,
     deltas_in,
     fid_sets,
-    grid_rows,
-    grid_titles,
     summarize,
     variants_in,
 )
 from blipinpaint.layout import RunLayout
-from blipinpaint.models.presets import is_standard_inception
-from blipinpaint.plots import plot_grouped_bars, plot_image_grid, plot_scatter
-from blipinpaint.reader import committed_sample_ids, read_errors, read_rows, read_sorted, row_reads
+from blipinpaint.plots import plot_scatter
+from blipinpaint.reader import committed_sample_ids, read_rows, read_sorted, row_reads
 from blipinpaint.records import EVAL_SCHEMA, METRICS, RERANKED_SCHEMA, decode_images
-from blipinpaint.report_tables import Table, bucket_table, fmt, fmt_interval, metrics_table, paired_table, table1
+from blipinpaint.report_markdown import fid_protocol, plot_figures, write_report
+from blipinpaint.report_page import write_report_page
+from blipinpaint.report_tables import fmt, fmt_interval
 from blipinpaint.scorer import TARGETS, ScoreNet
 from blipinpaint.seeds import heldout, sample_seed
 from blipinpaint.storage import digest, exists, is_dir, is_file, local_dir, read_text, write_text
@@ -71,24 +68,12 @@ log = logging.getLogger("blipinpaint.evaluate")
 INPUT_COLUMNS = ["id", "source", "caption", "mask_area", "noise_seed",
                  *(m + s for s in ("", "_baseline") for m in METRICS),
                  "image_png", "mask_png", "inpainted_png", "inpainted_baseline_png"]
-# The page's plots, beside it: {file: title}.
-PLOTS = {"metrics.png": "SSIM, PSNR and CLIP score per variant", "mask_buckets.png": "by mask area",
-         "deltas.png": "paired differences per sample, by mask area", "grid.png": "examples (paper, Figure 4)",
-         "scorer_changed.png": "the scorer's prediction for the changed captions against their scores"}
-ERRORS_LISTED = 1000  # error rows on the page at most (the count says how many there are)
-METRIC_LABELS = {"ssim": "SSIM ↑", "psnr": "PSNR (dB) ↑", "clip_score": "CLIP score ↑"}
 
 
 def evaluated_variants(cfg: Config) -> dict[str, Variant]:
     """The variants this configuration evaluates: the paper's three, and the scorer-reranked
     caption's with `caption.candidates` above 1."""
     return variants_in(["baseline", "blip", "finetuned", *(["reranked"] if cfg.caption.candidates > 1 else [])])
-
-
-def gallery_columns(variants: dict[str, Variant]) -> list[str]:
-    """What a gallery card shows of an evaluated row."""
-    return ["source", "mask_area", "image_png", "mask_png", *(v.caption for v in variants.values() if v.caption),
-            *(v.image for v in variants.values()), *(m + v.suffix for v in variants.values() for m in PAIRED)]
 
 
 def evaluation_ids(cfg: Config, generated: list[str] | None = None) -> list[str]:
@@ -158,231 +143,17 @@ def scorer_on_changed(cfg: Config, out_dir: str, ids: list[str]) -> dict:
             "mean_scored": {t: float(np.mean(true[np.isfinite(true[:, j]), j])) for j, t in enumerate(TARGETS)}}
 
 
-def fid_protocol(cfg: Config) -> str:
-    """How the FID features were taken, for the report: numbers compare only under one protocol."""
-    fid = builders.stored_refs(cfg).get("fid")
-    if fid is not None and is_standard_inception(fid):
-        return ("standard FID: Inception v3 pool3 (2048-d) with the TensorFlow FID weights, images resized to "
-                "299x299 with TensorFlow 1.x's bilinear resize and no antialiasing (as torch-fidelity and "
-                "the original FID; torchmetrics' default antialiasing is off), from the decoded uint8 PNG pixels")
-    return (f"features of `{builders.model_ids(cfg)['fid']}` (not the standard Inception): "
-            "these FID values do not compare with published ones")
-
-
-def scorer_text(changed: dict) -> str:
-    """The scorer's predictions for the changed captions against their scores, in words."""
-    scorer = changed.get("scorer", {})
-    if not scorer.get("samples"):
-        return "No caption changed: nothing to compare the scorer's predictions with."
-    r = ", ".join(f"{t} {fmt(v)}" for t, v in scorer["pearson_r"].items())
-    means = ", ".join(f"{t} {fmt(scorer['mean_predicted'][t], 3)} predicted, {fmt(scorer['mean_scored'][t], 3)} "
-                      f"scored" for t in TARGETS)
-    return (f"For the {scorer['samples']} changed captions, the frozen scorer's prediction (from the fine-tuned "
-            f"decoder's features) against what their inpaintings scored: Pearson r {r} (n/a under 3 samples); "
-            f"means {means}.")
-
-
-def reranked_text(summary: dict) -> str:
-    """The scorer-reranked variant in words (with `caption.candidates` above 1), or ""."""
-    r = summary.get("reranked")
-    if not r:
-        return ""
-    return (f"A fourth time with the scorer-reranked caption: the original BLIP proposed {r['candidates']} captions "
-            f"per sample (its greedy one and {r['candidates'] - 1} sampled), and the frozen scorer picked the one it "
-            f"predicts the lowest L_BLIP for; it differs from the greedy caption on {r['differs']} of {r['of']} "
-            f"samples ({fmt(100 * (r['share'] or 0), 1)} %), and elsewhere reuses the BLIP variant's inpainting.\n")
-
-
-def caption_effect_text(summary: dict) -> str:
-    """`evaluation.caption_effect` in words, with its table: how to set `inpaint.caption_max_mask_area`."""
-    words, table = caption_effect_parts(summary)
-    return f"{words}\n\n{table}"
-
-
-def caption_effect_parts(summary: dict) -> tuple[str, Table]:
-    """`caption_effect_text`'s words and table apart (report.html shows them too)."""
-    effect, iv = summary["caption_effect"], summary["intervals"]["mask_buckets"]
-    rows = [[b, str(summary["mask_buckets"][b]["blip"]["samples"]),
-             *(f"{verdicts[m]}: {fmt_interval(iv[b]['blip_vs_baseline'].get(m), 3, sign=True)}"
-               for m in effect["metrics"])] for b, verdicts in effect["buckets"].items()]
-    table = Table(["mask area", "n", *(f"BLIP − baseline, {m}" for m in effect["metrics"])], rows)
-    helping = [b for b, v in effect["buckets"].items() if "helps" in v.values()]
-    if effect["stops_helping_from"] is not None:
-        advice = (f"The caption helps no more from mask area {effect['stops_helping_from']} on: "
-                  f"`inpaint.caption_max_mask_area={effect['caption_max_mask_area']}` inpaints those samples "
-                  "without text.")
-    elif helping:
-        advice = "The caption helps up to the largest masks here: leave `inpaint.caption_max_mask_area` unset."
-    else:
-        advice = ("No bucket shows the caption helping (every interval holds 0, or none could be taken): "
-                  "more samples are needed to choose `inpaint.caption_max_mask_area`.")
-    return (f"The paired BLIP − baseline difference on {', '.join(effect['metrics'])} per bucket (\"helps\": its "
-            f"interval lies above 0). {advice} The plot is `deltas.png`.", table)
-
-
-def intervals_text(iv: dict) -> str:
-    """How the intervals were taken, in words."""
-    return f"""Intervals: {round(100 * iv['confidence'])} % percentile bootstrap over samples
-({iv['replicates']} draws of the samples with replacement, seed {iv['seed']}), every statistic
-resampled with the same draws. A difference (`BLIP − baseline`, `fine-tuned − BLIP`) is
-paired: the mean over samples of each sample's two scores, so the two inpaintings of a
-sample stay together in every draw. A sample whose PSNR is infinite (a hole restored
-exactly) is left out of that column. Means get the percentile interval. FID gets the normal
-interval, FID ± z times the spread of {iv['fid_replicates']} draws' FIDs: FID is biased upwards on
-fewer distinct images, so the draws (with repeats) sit above the estimate and their
-percentiles would miss it; FID differences are paired the same way. FID and its interval
-are taken on all samples and on the changed ones (from 2 up; a small subset's FID is far
-above the whole set's, so compare the variants within a subset, not across)."""
-
-
-def write_report(cfg: Config, summary: dict, ids: list[str], out_dir: str) -> dict[str, Table]:
-    """`report.md` with its tables and figures (also those of `evaluate.other_runs`); returns
-    its tables, which `report.html` shows too."""
-    name = dataset_name(cfg)
-    datasets = {name: summary}
+def other_reports(cfg: Config) -> dict[str, dict]:
+    """The reports of `evaluate.other_runs` by dataset, for Table 1's other column groups."""
+    reports = {}
     for other in cfg.evaluate.other_runs:
         path = RunLayout(other).eval.report
         if not is_file(path):  # e.g. that run is still going: this report is still useful
             log.warning("evaluate.other_runs: %s does not exist yet; left out of Table 1", path)
             continue
         report = json.loads(read_text(path))
-        datasets[report["dataset"]] = report
-    v, buckets = summary["variants"], summary["mask_buckets"]
-    variants, deltas = variants_in(v), deltas_in(v)
-
-    def bars(block: dict, metric: str) -> dict:
-        return {x.short: (block[k][metric]["mean"], block[k][metric]["std"]) for k, x in variants.items()}
-
-    panels = {label: {"": bars(v, m)} for m, label in METRIC_LABELS.items()}
-    plot_grouped_bars(panels, f"{name}: mean ± std over {v['blip']['samples']} held-out samples",
-                      f"{out_dir}/metrics.png")
-    panels = {"CLIP score ↑": {b: bars(blk, "clip_score") for b, blk in buckets.items()},
-              "FID ↓": {b: {x.short: (blk[k]["fid"], None) for k, x in variants.items()} for b, blk in buckets.items()},
-              "PSNR (dB) ↑": {b: bars(blk, "psnr") for b, blk in buckets.items()}}
-    plot_grouped_bars(panels, f"{name}: by mask area (share of the image hidden)", f"{out_dir}/mask_buckets.png")
-    iv = summary["intervals"]
-    scopes = {"all": iv[ALL], **iv["mask_buckets"]}
-
-    def delta(group: dict | None) -> tuple:
-        return (None, None) if group is None or group["estimate"] is None else (
-            group["estimate"], None if group["low"] is None else (group["low"], group["high"]))
-
-    panels = {f"{label.split(' ')[0]} difference": {s: {DELTA_LABELS[k]: delta(g[k][m]) for k in deltas}
-                                                    for s, g in scopes.items()}
-              for m, label in METRIC_LABELS.items()}
-    plot_grouped_bars(panels, f"{name}: paired differences per sample, {round(100 * iv['confidence'])} % bootstrap "
-                      "intervals, by mask area", f"{out_dir}/deltas.png")
-    examples = sorted(ids, key=lambda i: sample_seed(cfg.seed, i, "grid"))[: cfg.evaluate.grid_rows]
-    captions = [x.caption for x in variants.values() if x.caption]
-    images = [x.image for x in variants.values()]
-    rows = read_sorted(out_dir, examples, ["image_png", "mask_png", *captions, *images])
-    plot_image_grid(grid_rows(rows), grid_titles(variants), f"{out_dir}/grid.png")
-    fid_name = builders.model_ids(cfg).get("fid", "")
-    changed = summary["changed"]
-    tables = {"table1": table1(datasets), "paired": paired_table(summary), "metrics": metrics_table(summary),
-              "buckets": bucket_table(summary)}
-    scorer_plot = ("\n\n![scorer on the changed captions](scorer_changed.png)"
-                   if changed["scorer"].get("samples") else "")
-    markdown = f"""# Evaluation: {name}
-
-{v['blip']['samples']} held-out samples of `{cfg.run_dir}` (never seen by the scorer or the
-fine-tuning), models preset `{cfg.models.preset}`{f', FID features `{fid_name}`' if fid_name else ''}.
-Each sample is inpainted three times from the same noise: without text (the paper's
-baseline), with the original BLIP's caption, and with the fine-tuned BLIP's caption.
-{reranked_text(summary)}CLIP score is taken against the caption that guided the image (the baseline against
-BLIP's); FID against the ground-truth images. FID protocol: {fid_protocol(cfg)}.
-
-Fine-tuning changed the caption of {changed['captions']} of {changed['of']} samples
-({fmt(100 * (changed['share'] or 0), 1)} %). Where it did not, the fine-tuned variant reuses the
-BLIP variant's inpainting and metrics: the fine-tuned and BLIP rows can differ only on the
-changed samples.
-
-{intervals_text(iv)}
-
-{scorer_text(changed)}{scorer_plot}
-
-## Table 1
-
-{tables["table1"]}
-
-## Paired differences per sample
-
-{tables["paired"]}
-
-![paired differences](deltas.png)
-
-## SSIM, PSNR and CLIP score (paper, Figures 2-3)
-
-{tables["metrics"]}
-
-![metrics](metrics.png)
-
-## By mask area
-
-{tables["buckets"]}
-
-![mask buckets](mask_buckets.png)
-
-## Where the caption helps, by mask area
-
-{caption_effect_text(summary)}
-
-## Examples (paper, Figure 4)
-
-![examples](grid.png)
-"""
-    write_text(f"{out_dir}/report.md", markdown)
-    return tables
-
-
-def write_page(cfg: Config, report: dict, tables: dict[str, Table], out_dir: str, ids: list[str],
-               selected: list[str]) -> str:
-    """`report.html` (`blipinpaint.report_page`): the tables, the plots, a gallery of up to
-    `evaluate.gallery_limit` of the evaluated samples `ids` (chosen by a hash, as
-    `evaluate.limit`), the errors of generate and those of evaluate among the `selected`
-    held-out ids. Reads a part at a time, so that only that part's chosen rows are in memory."""
-    edges = list(cfg.evaluate.mask_buckets)
-    chosen = sorted(ids, key=lambda i: sample_seed(cfg.seed, i, "gallery"))[: cfg.evaluate.gallery_limit]
-    cards, written = [], set()
-    columns = gallery_columns(variants_in(report["variants"]))
-    for part in row_reads(out_dir, chosen):
-        rows = read_rows({"path": [part["path"]], "ids": [part["ids"]]}, ["id", *columns])
-        files = {}
-        for k, bucket in enumerate(bucket_of(rows["mask_area"], edges)):
-            card, images = report_page.card({c: v[k] for c, v in rows.items()}, len(cards), bucket)
-            cards.append(card)
-            files.update(images)
-        report_page.write_files(out_dir, files)
-        written.update(files)
-    generate_errors, generate_count = read_errors(RunLayout(cfg.run_dir).generate, limit=ERRORS_LISTED)
-    evaluate_errors, _ = read_errors(out_dir, set(selected), limit=ERRORS_LISTED)
-    errors = [{"job": "evaluate", **e} for e in evaluate_errors] + [{"job": "generate", **e} for e in generate_errors]
-    s, iv = report["evaluation_set"], report["intervals"]
-    settings = [("dataset", report["dataset"]), ("run_dir", cfg.run_dir), ("models preset", cfg.models.preset),
-                *((f"model: {k}", v) for k, v in report["models"].items()), ("FID protocol", report["fid_protocol"]),
-                ("held-out share", fmt(s["heldout_fraction"], 3)), ("evaluate.limit", str(s["limit"])),
-                ("mask-area bucket edges", ", ".join(map(str, edges))),
-                ("bootstrap", f"{iv['replicates']} draws ({iv['fid_replicates']} for FID), "
-                              f"{round(100 * iv['confidence'])} % intervals, seed {iv['seed']}"),
-                ("seed", str(cfg.seed)), ("evaluate's wall time", f"{report['wall_s']} s")]
-    page = report_page.write_page(out_dir, {
-        "dataset": report["dataset"], "run_dir": cfg.run_dir,
-        "counts": {"samples": s["samples"], "errors": s["errors"], "generate_errors": generate_count,
-                   "changed": report["changed"]["captions"]},
-        "tables": {**tables, "caption_effect": caption_effect_parts(report)[1]},
-        "caption_effect_text": caption_effect_parts(report)[0].replace("`", ""),
-        "intervals_text": intervals_text(iv).replace("`", ""),
-        "scorer_text": scorer_text(report["changed"]),
-        "reranked_text": reranked_text(report).strip(),
-        "plots": [{"file": f, "title": t} for f, t in PLOTS.items() if is_file(f"{out_dir}/{f}")
-                  and (f != "scorer_changed.png" or report["changed"]["scorer"].get("samples"))],
-        "gallery": {"cards": sorted(cards, key=lambda c: c["id"]), "shown": len(cards), "total": len(ids),
-                    "limit": cfg.evaluate.gallery_limit, "sort_keys": report_page.sort_keys(report["variants"]),
-                    "buckets": [b for b in bucket_names(edges) if b in report["mask_buckets"]]},
-        "errors": {"rows": errors[:ERRORS_LISTED], "total": s["errors"] + generate_count},
-        "settings": settings, "config_yaml": to_yaml(cfg)})
-    report_page.prune_files(out_dir, written)
-    return page
+        reports[report["dataset"]] = report
+    return reports
 
 
 def run(cfg: Config) -> dict:
@@ -462,8 +233,9 @@ def run(cfg: Config) -> dict:
     }
     # 7. Write report.md, report.html and their plots; report.json last: the pipeline skips
     #    an evaluation whose report.json exists, so it means "all written".
-    tables = write_report(cfg, summary, sample_ids, out_dir)
-    write_page(cfg, report, tables, out_dir, sample_ids, ids)
+    plot_figures(cfg, report, sample_ids, out_dir)
+    tables = write_report(cfg, report, other_reports(cfg), out_dir)
+    write_report_page(cfg, run_layout, report, tables, sample_ids, ids)
     write_text(out_dir.report, json.dumps(report, indent=2))
     return report
 

@@ -27,16 +27,6 @@ def test_missing_steps_are_named(tmp_path, capsys):
     assert not (tmp_path / "eval").exists()
 
 
-def test_the_report_states_the_fid_protocol():
-    """Point 8: the standard FID resizes like TensorFlow 1.x, without antialiasing; the report says
-    which protocol its numbers follow, and that the offline network's do not compare."""
-    from blipinpaint.config import load_config
-
-    standard = evaluate.fid_protocol(load_config(overrides=["models.preset=paper"]))
-    assert "TensorFlow 1.x's bilinear resize and no antialiasing" in standard and "299x299" in standard
-    assert "do not compare with published ones" in evaluate.fid_protocol(load_config())
-
-
 def _evaluate_cfg(run_dir, *extra):
     from blipinpaint.config import load_config
 
