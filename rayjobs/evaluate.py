@@ -8,12 +8,9 @@ On a cluster (the tunnel, the token, logs and stop: docs/cluster.md):
         --runtime-env-json '{"env_vars": {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}}' \\
         -- python -m rayjobs.evaluate --config configs/paper-coco.yaml
 
-On the held-out split of generate's rows (never seen by the scorer or the fine-tuning),
-capped at `evaluate.limit`, generate's two variants are joined by the fine-tuned BLIP's
-(and, with `caption.candidates` above 1, the scorer-reranked caption's), inpainted from
-the same noise and committed exactly once to `run_dir/eval/samples/`. FID workers fold
-Inception features into mergeable statistics; the report (`report.html` first, with
-`report.md`, `report.json` and the plots) holds Table 1 with bootstrap intervals.
+Adds the fine-tuned (and scorer-reranked) captions' variants to generate's held-out rows,
+inpainted from the same noise and committed once to `run_dir/eval/samples/`; then FID and
+Table 1 with bootstrap intervals in `report.html`, `report.md`, `report.json` and plots.
 """
 
 from __future__ import annotations
@@ -45,7 +42,7 @@ from blipinpaint.evaluation import (
     summarize,
     variants_in,
 )
-from blipinpaint.layout import RunLayout
+from blipinpaint.layout import Folder, RunLayout
 from blipinpaint.plots import plot_scatter
 from blipinpaint.reader import committed_sample_ids, read_rows, read_sorted, row_reads
 from blipinpaint.records import EVAL_SCHEMA, METRICS, RERANKED_SCHEMA, decode_images
@@ -56,7 +53,7 @@ from blipinpaint.scorer import TARGETS, ScoreNet
 from blipinpaint.seeds import heldout, sample_seed
 from blipinpaint.storage import digest, exists, is_dir, is_file, local_dir, read_text, write_text
 from blipinpaint.variant_stages import ADDED, build_added_captioners, build_added_inpainters, build_added_metrics
-from blipinpaint.writer import CommitLog
+from blipinpaint.writer import Account, CommitLog
 from rayjobs.cli import job_main
 from rayjobs.cluster import connect
 from rayjobs.fid_pass import compute_fid
@@ -99,14 +96,17 @@ def prepare(batch: dict, errors: ErrorWriter, retries: int) -> dict:
     return Guarded("prepare", decode_images, errors, retries)(rows)
 
 
-def eval_schema(cfg: Config):
-    return RERANKED_SCHEMA if "reranked" in evaluated_variants(cfg) else EVAL_SCHEMA
+def eval_schema(variants: dict[str, Variant]):
+    return RERANKED_SCHEMA if "reranked" in variants else EVAL_SCHEMA
 
 
-def build_dataset(cfg: Config, pending: list[str], ledger, owner: str | None = None) -> ray.data.Dataset:
-    stream, run_layout = cfg.generate, RunLayout(cfg.run_dir)
+def build_dataset(cfg: Config, ledger, run_layout: RunLayout, variants: dict[str, Variant], pending: list[str],
+                  owner: str | None = None) -> ray.data.Dataset:
+    """The `pending` held-out rows through the added `variants`' captioner, inpainter and
+    metrics pools, committed to `run_layout.eval` (`cfg`'s pools sized by `run_stream`)."""
+    stream = cfg.generate
     errors = ErrorWriter(run_layout.eval, owner)
-    added = [v for k, v in evaluated_variants(cfg).items() if k in ADDED]
+    added = [v for k, v in variants.items() if k in ADDED]
     pools = {
         "captioner": functools.partial(build_added_captioners, cfg),
         "inpainter": functools.partial(build_added_inpainters, cfg, added),
@@ -117,15 +117,68 @@ def build_dataset(cfg: Config, pending: list[str], ledger, owner: str | None = N
     ds = ds.map_batches(prepare, fn_kwargs={"errors": errors, "retries": stream.batch_retries},
                         batch_size=1, num_cpus=stream.read.num_cpus)
     ds = model_stages(ds, pools, stream, errors, ledger)
-    return commit_stage(ds, run_layout.eval, eval_schema(cfg), {}, stream.rows_per_file, stream.read.num_cpus,
+    return commit_stage(ds, run_layout.eval, eval_schema(variants), {}, stream.rows_per_file, stream.read.num_cpus,
                         owner)
 
 
-def scorer_on_changed(cfg: Config, out_dir: str, ids: list[str]) -> dict:
+def check_inputs(cfg: Config, run_layout: RunLayout, variants: dict[str, Variant]) -> None:
+    """Generate's rows, the fine-tuned BLIP and, to rerank captions, the trained scorer."""
+    for path, step in ((run_layout.generate.samples, "rayjobs.generate"),
+                       (run_layout.blip / "model.safetensors", "rayjobs.finetune_blip")):
+        if not exists(path):
+            raise ConfigError(f"{path} is missing: run {step} first")
+    if "reranked" in variants and not is_dir(run_layout.scorer_model):
+        raise ConfigError(f"caption.candidates={cfg.caption.candidates} reranks captions with the trained scorer, "
+                          f"and {run_layout.scorer_model} is missing: run rayjobs.train_scorer first")
+
+
+def held_out_ids(cfg: Config, run_layout: RunLayout, generated: list[str]) -> list[str]:
+    """`evaluation_ids`, at least 2 of them (FID's covariance needs 2 images)."""
+    ids = evaluation_ids(cfg, generated)
+    if len(ids) < 2:
+        raise ConfigError(f"only {len(ids)} held-out samples in {run_layout.generate.samples}: FID needs at least 2 "
+                          f"(more inputs, or a larger train.val_fraction)")
+    return ids
+
+
+def check_fingerprint(cfg: Config, run_layout: RunLayout, variants: dict[str, Variant]) -> None:
+    """Rows made with another fine-tuned BLIP, another reranking scorer or other generate
+    settings must not mix."""
+    check = run_layout.finetune_check
+    decoder = json.loads(read_text(check)).get("decoder") if is_file(check) else None
+    scorer = digest(run_layout.scorer_model / "model.safetensors") if "reranked" in variants else None
+    fingerprint.check(run_layout.eval, fingerprint.evaluate(cfg, decoder, scorer))
+
+
+def evaluated_ids(out_dir: Folder, account: Account) -> list[str]:
+    """The held-out samples evaluated, once every one is accounted for; at least 2 (FID)."""
+    account.check(out_dir, "samples")
+    sample_ids = sorted(account.ok)
+    if len(sample_ids) < 2:
+        raise JobError(f"{out_dir}: only {len(sample_ids)} samples evaluated, FID needs 2 (errors: "
+                       f"{dict(account.errors_by_reason)}, listed in {out_dir.errors}; evaluate.retry_failed=true "
+                       "tries `stage failed` rows again)")
+    return sample_ids
+
+
+def read_metrics(out_dir: str, ids: list[str], variants: dict[str, Variant]) -> dict[str, np.ndarray]:
+    """The evaluated rows' mask area, captions and every variant's metrics, in id order."""
+    return read_sorted(out_dir, ids, ["mask_area", *(v.caption for v in variants.values() if v.caption),
+                                      *(m + v.suffix for v in variants.values() for m in METRICS)])
+
+
+def changed_ids(columns: dict[str, np.ndarray]) -> list[str]:
+    """The samples whose caption fine-tuning changed."""
+    finetuned = VARIANTS["finetuned"].caption
+    return [str(i) for i, a, c in zip(columns["id"], columns["caption"], columns[finetuned]) if a != c]
+
+
+def scorer_on_changed(run_layout: RunLayout, ids: list[str]) -> dict:
     """For the captions fine-tuning changed (`ids`): what the frozen scorer predicts for them
     (from the fine-tuned decoder's caption features) against what their inpaintings then
-    scored. Fine-tuning follows the scorer's predictions; this says whether they held."""
-    model_dir = RunLayout(cfg.run_dir).scorer_model
+    scored, with its plot. Fine-tuning follows the scorer's predictions; this says whether
+    they held."""
+    out_dir, model_dir = run_layout.eval, run_layout.scorer_model
     if len(ids) < 1 or not is_dir(model_dir):
         return {"samples": len(ids), "pearson_r": {t: None for t in TARGETS}}
     features = f"{VARIANTS['finetuned'].caption}_features"
@@ -135,7 +188,7 @@ def scorer_on_changed(cfg: Config, out_dir: str, ids: list[str]) -> dict:
         predicted = scorer.destandardize(scorer(torch.as_tensor(np.stack(rows[features]), dtype=torch.float32)))
         predicted = predicted.numpy().astype(np.float64)
     true = np.stack([np.asarray(rows[t + "_finetuned"], dtype=np.float64) for t in TARGETS], axis=1)
-    plot_scatter(predicted, true, TARGETS, f"{out_dir}/scorer_changed.png",
+    plot_scatter(predicted, true, TARGETS, out_dir / "scorer_changed.png",
                  title=f"scorer's prediction for the {len(ids)} changed captions against their scores")
     return {"samples": len(ids),
             "pearson_r": {t: correlation(predicted[:, j], true[:, j]) for j, t in enumerate(TARGETS)},
@@ -156,33 +209,36 @@ def other_reports(cfg: Config) -> dict[str, dict]:
     return reports
 
 
+def summarize_run(cfg: Config, run_layout: RunLayout, variants: dict[str, Variant], columns: dict[str, np.ndarray],
+                  fids: tuple[dict, dict], changed: list[str]) -> dict:
+    """`evaluation.summarize` of the evaluated rows' `columns` and their `fids` (`compute_fid`),
+    with where the caption helps, the scorer on the `changed` captions and how often the
+    reranked caption differs from BLIP's."""
+    bootstrap, edges = cfg.evaluate.bootstrap, list(cfg.evaluate.mask_buckets)
+    summary = summarize(columns, fids[0], edges, (bootstrap.replicates, cfg.seed, bootstrap.confidence), fids[1])
+    summary["intervals"]["fid_replicates"] = bootstrap.fid_replicates
+    summary["caption_effect"] = caption_effect(summary, edges)
+    summary["changed"]["scorer"] = scorer_on_changed(run_layout, changed)
+    if "reranked" in variants:
+        differs = [a != b for a, b in zip(columns["caption_reranked"], columns["caption"])]
+        summary["reranked"] = {"candidates": cfg.caption.candidates, "differs": int(sum(differs)), "of": len(differs),
+                               "share": float(np.mean(differs))}
+    return summary
+
+
 def run(cfg: Config) -> dict:
     started = time.perf_counter()
-    run_layout = RunLayout(cfg.run_dir)
-    out_dir, variants = run_layout.eval, evaluated_variants(cfg)
-    # 1. Check the inputs: generate's rows, the fine-tuned BLIP, the scorer that reranks.
-    for path, step in ((run_layout.generate.samples, "rayjobs.generate"),
-                       (run_layout.blip / "model.safetensors", "rayjobs.finetune_blip")):
-        if not exists(path):
-            raise ConfigError(f"{path} is missing: run {step} first")
-    if "reranked" in variants and not is_dir(run_layout.scorer_model):
-        raise ConfigError(f"caption.candidates={cfg.caption.candidates} reranks captions with the trained scorer, "
-                          f"and {run_layout.scorer_model} is missing: run rayjobs.train_scorer first")
+    run_layout, variants = RunLayout(cfg.run_dir), evaluated_variants(cfg)
+    out_dir = run_layout.eval
+    # 1. Check the inputs, choose the held-out samples, refuse rows of other settings.
+    check_inputs(cfg, run_layout, variants)
     generated = committed_sample_ids(run_layout.generate)
-    ids = evaluation_ids(cfg, generated)
-    if len(ids) < 2:
-        raise ConfigError(f"only {len(ids)} held-out samples in {run_layout.generate.samples}: FID needs at least 2 "
-                          f"(more inputs, or a larger train.val_fraction)")
-    # Rows made with another fine-tuned BLIP, another reranking scorer or other generate
-    # settings must not mix.
-    check = run_layout.finetune_check
-    decoder = json.loads(read_text(check)).get("decoder") if is_file(check) else None
-    scorer = digest(run_layout.scorer_model / "model.safetensors") if "reranked" in variants else None
-    fingerprint.check(out_dir, fingerprint.evaluate(cfg, decoder, scorer))
+    ids = held_out_ids(cfg, run_layout, generated)
+    check_fingerprint(cfg, run_layout, variants)
     write_text(out_dir.config, to_yaml(cfg))
     builders.fill_store(cfg)  # the inpainter, CLIP and FID networks from the model store, never the hub
     # 2. Resume: the held-out samples not yet evaluated.
-    commit_log = CommitLog(out_dir, eval_schema(cfg))
+    commit_log = CommitLog(out_dir, eval_schema(variants))
     resumed = commit_log.resume(cfg.evaluate.retry_failed)
     pending = [i for i in ids if i not in resumed.done]
     log.info("%d held-out samples to evaluate: %d already done, %d to do", len(ids), len(ids) - len(pending),
@@ -190,34 +246,19 @@ def run(cfg: Config) -> dict:
     # 3. Stream them through the added variants' captioner, inpainter and metrics.
     if pending:
         run_stream(cfg, "evaluate", out_dir, len(ids), len(ids) - len(pending), len(pending),
-                   lambda cfg, ledger: build_dataset(cfg, pending, ledger, resumed.owner))
+                   functools.partial(build_dataset, run_layout=run_layout, variants=variants, pending=pending,
+                                     owner=resumed.owner))
     commit_log.release()
-    # 4. Account for every held-out sample.
+    # 4. Account for every held-out sample; read the metrics of those evaluated.
     account = commit_log.account(ids)
-    account.check(out_dir, "samples")
-    sample_ids = sorted(account.ok)
-    if len(sample_ids) < 2:
-        raise JobError(f"{out_dir}: only {len(sample_ids)} samples evaluated, FID needs 2 (errors: "
-                       f"{dict(account.errors_by_reason)}, listed in {out_dir.errors}; evaluate.retry_failed=true "
-                       "tries `stage failed` rows again)")
-    columns = read_sorted(out_dir, sample_ids, ["mask_area", *(v.caption for v in variants.values() if v.caption),
-                                                *(m + v.suffix for v in variants.values() for m in METRICS)])
-    finetuned = VARIANTS["finetuned"].caption
-    changed = [str(i) for i, a, c in zip(columns["id"], columns["caption"], columns[finetuned]) if a != c]
+    sample_ids = evaluated_ids(out_dir, account)
+    columns = read_metrics(out_dir, sample_ids, variants)
+    changed = changed_ids(columns)
     # 5. FID of every variant, overall and per mask bucket, with bootstrap intervals.
     connect(cfg.ray_address, cfg.ray_progress)
-    fid, fid_bootstrap = compute_fid(cfg, out_dir, fid_sets(variants), sample_ids, changed)
+    fids = compute_fid(cfg, out_dir, fid_sets(variants), sample_ids, changed)
     # 6. Summarize: means, paired differences and their intervals, where the caption helps.
-    bootstrap = cfg.evaluate.bootstrap
-    summary = summarize(columns, fid, list(cfg.evaluate.mask_buckets),
-                        (bootstrap.replicates, cfg.seed, bootstrap.confidence), fid_bootstrap)
-    summary["intervals"]["fid_replicates"] = bootstrap.fid_replicates
-    summary["caption_effect"] = caption_effect(summary, list(cfg.evaluate.mask_buckets))
-    summary["changed"]["scorer"] = scorer_on_changed(cfg, out_dir, changed)
-    if "reranked" in variants:
-        differs = [a != b for a, b in zip(columns["caption_reranked"], columns["caption"])]
-        summary["reranked"] = {"candidates": cfg.caption.candidates, "differs": int(sum(differs)), "of": len(differs),
-                               "share": float(np.mean(differs))}
+    summary = summarize_run(cfg, run_layout, variants, columns, fids, changed)
     report = {
         "dataset": dataset_name(cfg), "run_dir": cfg.run_dir, "out_dir": out_dir,
         "evaluation_set": {"heldout_fraction": heldout_fraction(cfg, generated), "limit": cfg.evaluate.limit,
@@ -231,8 +272,8 @@ def run(cfg: Config) -> dict:
         **summary,
         "wall_s": round(time.perf_counter() - started, 2),
     }
-    # 7. Write report.md, report.html and their plots; report.json last: the pipeline skips
-    #    an evaluation whose report.json exists, so it means "all written".
+    # 7. Write the plots, report.md and report.html; report.json last: the pipeline skips an
+    #    evaluation whose report.json exists, so it means "all written".
     plot_figures(cfg, report, sample_ids, out_dir)
     tables = write_report(cfg, report, other_reports(cfg), out_dir)
     write_report_page(cfg, run_layout, report, tables, sample_ids, ids)
@@ -241,24 +282,24 @@ def run(cfg: Config) -> dict:
 
 
 def print_report(report: dict) -> None:
-    s = report["evaluation_set"]
-    print(f"\nevaluation of {report['dataset']}: {s['samples']} held-out samples ({s['errors']} errors), "
-          f"this run evaluated {s['this_run']['evaluated']}")
+    evaluation_set, intervals = report["evaluation_set"], report["intervals"]
+    print(f"\nevaluation of {report['dataset']}: {evaluation_set['samples']} held-out samples "
+          f"({evaluation_set['errors']} errors), this run evaluated {evaluation_set['this_run']['evaluated']}")
     print(f"{'':<40}{'CLIP score':>12}{'FID':>10}{'SSIM':>8}{'PSNR':>8}")
-    for key, v in variants_in(report["variants"]).items():
-        e = report["variants"][key]
-        print(f"{v.label:<40}{fmt(e['clip_score']['mean']):>12}{fmt(e['fid']):>10}{fmt(e['ssim']['mean'], 3):>8}"
-              f"{fmt(e['psnr']['mean']):>8}")
-    iv = report["intervals"]
+    for key, variant in variants_in(report["variants"]).items():
+        block = report["variants"][key]
+        print(f"{variant.label:<40}{fmt(block['clip_score']['mean']):>12}{fmt(block['fid']):>10}"
+              f"{fmt(block['ssim']['mean'], 3):>8}{fmt(block['psnr']['mean']):>8}")
     for key in deltas_in(report["variants"]):
-        print(f"{DELTA_LABELS[key]} (paired, {round(100 * iv['confidence'])} % interval): " + ", ".join(
-            f"{m} {fmt_interval(iv[ALL][key][m], 3, sign=True)}" for m in (*PAIRED, "fid") if m in iv[ALL][key]))
+        overall = intervals[ALL][key]
+        print(f"{DELTA_LABELS[key]} (paired, {round(100 * intervals['confidence'])} % interval): " + ", ".join(
+            f"{m} {fmt_interval(overall[m], 3, sign=True)}" for m in (*PAIRED, "fid") if m in overall))
     changed = report["changed"]
     print(f"fine-tuning changed {changed['captions']} of {changed['of']} held-out captions")
     if report.get("reranked"):
-        r = report["reranked"]
-        print(f"the scorer-reranked caption (of {r['candidates']} candidates) differs from the greedy one on "
-              f"{r['differs']} of {r['of']}")
+        reranked = report["reranked"]
+        print(f"the scorer-reranked caption (of {reranked['candidates']} candidates) differs from the greedy one on "
+              f"{reranked['differs']} of {reranked['of']}")
     print(f"report: {report['out_dir']}/report.html (tables also in report.md)")
 
 

@@ -12,6 +12,7 @@ import torch
 from helpers import PIPELINE_ARGS, account, copy_run, end_actors_of_dead_drivers, open_page
 from PIL import Image
 
+from blipinpaint.layout import RunLayout
 from blipinpaint.records import METRICS
 from blipinpaint.seeds import sample_seed
 from blipinpaint.writer import CommitLog
@@ -41,7 +42,7 @@ def test_the_scorer_is_held_to_what_the_changed_captions_scored(main_run, tmp_pa
     copy_run(main_run[1] / "run", tmp_path, ("eval", "scorer/model"))
     rows = pq.read_table(tmp_path / "eval" / "samples").to_pylist()
     ids = sorted(r["id"] for r in rows)  # as if every caption had changed
-    found = evaluate.scorer_on_changed(_evaluate_cfg(tmp_path), str(tmp_path / "eval"), ids)
+    found = evaluate.scorer_on_changed(RunLayout(str(tmp_path)), ids)
     scorer = ScoreNet.from_pretrained(tmp_path / "scorer" / "model")
     features = np.array([r["caption_finetuned_features"] for r in sorted(rows, key=lambda r: r["id"])])
     assert features.shape == (len(ids), scorer.config.in_features)
@@ -51,7 +52,7 @@ def test_the_scorer_is_held_to_what_the_changed_captions_scored(main_run, tmp_pa
     assert found["mean_scored"]["ssim"] == pytest.approx(np.mean([r["ssim_finetuned"] for r in rows]))
     assert found["pearson_r"] == {t: None for t in TARGETS}  # two samples: no correlation worth a number
     assert (tmp_path / "eval" / "scorer_changed.png").stat().st_size > 1000
-    none = evaluate.scorer_on_changed(_evaluate_cfg(tmp_path), str(tmp_path / "eval"), [])
+    none = evaluate.scorer_on_changed(RunLayout(str(tmp_path)), [])
     assert none["samples"] == 0
 
 
