@@ -42,11 +42,11 @@ def scorer_text(changed: dict) -> str:
     scorer = changed.get("scorer", {})
     if not scorer.get("samples"):
         return "No caption changed: nothing to compare the scorer's predictions with."
-    r = ", ".join(f"{t} {fmt(v)}" for t, v in scorer["pearson_r"].items())
+    pearson = ", ".join(f"{t} {fmt(v)}" for t, v in scorer["pearson_r"].items())
     means = ", ".join(f"{t} {fmt(scorer['mean_predicted'][t], 3)} predicted, {fmt(scorer['mean_scored'][t], 3)} "
                       f"scored" for t in TARGETS)
     return (f"For the {scorer['samples']} changed captions, the frozen scorer's prediction (from the fine-tuned "
-            f"decoder's features) against what their inpaintings scored: Pearson r {r} (n/a under 3 samples); "
+            f"decoder's features) against what their inpaintings scored: Pearson r {pearson} (n/a under 3 samples); "
             f"means {means}.")
 
 

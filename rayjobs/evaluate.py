@@ -300,7 +300,7 @@ def print_report(report: dict) -> None:
         reranked = report["reranked"]
         print(f"the scorer-reranked caption (of {reranked['candidates']} candidates) differs from the greedy one on "
               f"{reranked['differs']} of {reranked['of']}")
-    print(f"report: {report['out_dir']}/report.html (tables also in report.md)")
+    print(f"report: {Folder(report['out_dir']) / 'report.html'} (tables also in report.md)")
 
 
 def main(argv: list[str] | None = None) -> int:
