@@ -26,8 +26,8 @@ from PIL import Image
 
 from blipinpaint import report_page
 from blipinpaint.config import sample_images_dir
-from blipinpaint.evaluation import Table
 from blipinpaint.io import encode_png
+from blipinpaint.report_tables import Table
 
 
 def synthetic_page(folder: Path, cards: int) -> Path:

@@ -6,7 +6,7 @@ caption under its image, each sample's metrics) that sorts and filters in the pa
 errors table. Thumbnails are inline (WebP data URIs), so the page alone shows everything;
 the full-size images sit beside it in `report_files/`, a click away. Nothing is fetched from
 anywhere else, and every value is escaped (captions come from models, ids and errors from
-users' data).
+users' data). `write_report_page` gathers the evaluate job's page from its report and rows.
 """
 
 from __future__ import annotations
@@ -22,14 +22,34 @@ import numpy as np
 from PIL import Image
 from pyarrow.fs import FileSelector, FileType
 
-from blipinpaint.evaluation import DELTA_LABELS, PAIRED, VARIANTS, deltas_in, fmt, variants_in
+from blipinpaint.config import Config, to_yaml
+from blipinpaint.evaluation import (
+    DELTA_LABELS,
+    PAIRED,
+    VARIANTS,
+    Variant,
+    bucket_names,
+    bucket_of,
+    deltas_in,
+    variants_in,
+)
 from blipinpaint.io import decode_png, encode_png
+from blipinpaint.layout import Folder, RunLayout
 from blipinpaint.masks import masked_pixels
-from blipinpaint.storage import filesystem, write_text
+from blipinpaint.reader import read_errors, read_rows, row_reads
+from blipinpaint.report_markdown import caption_effect_parts, intervals_text, reranked_text, scorer_text
+from blipinpaint.report_tables import Table, fmt
+from blipinpaint.seeds import sample_seed
+from blipinpaint.storage import filesystem, is_file, write_text
 
 FILES = "report_files"
 THUMB = 128  # px, the longer side: a 512² sample's five thumbnails take about 25 kB of the page
 METRIC_NAMES = {"clip_score": "CLIP score", "ssim": "SSIM", "psnr": "PSNR (dB)"}
+# The page's plots, beside it: {file: title}.
+PLOTS = {"metrics.png": "SSIM, PSNR and CLIP score per variant", "mask_buckets.png": "by mask area",
+         "deltas.png": "paired differences per sample, by mask area", "grid.png": "examples (paper, Figure 4)",
+         "scorer_changed.png": "the scorer's prediction for the changed captions against their scores"}
+ERRORS_LISTED = 1000  # error rows on the page at most (the count says how many there are)
 # The images of a card, left to right: (key, title, PNG column or None for the masked input);
 # a variant's only where the row has it.
 IMAGES = [("truth", "ground truth", "image_png"), ("masked", "masked input", None),
@@ -95,7 +115,7 @@ def card(row: dict, index: int, bucket: str) -> tuple[dict, dict[str, bytes]]:
 def write_files(out_dir: str, files: dict[str, bytes]) -> None:
     """The full-size images into `out_dir/report_files/`, in parallel (a bucket's PUTs); an
     earlier page's image of the same name is replaced."""
-    fs, root = filesystem(f"{out_dir.rstrip('/')}/{FILES}")
+    fs, root = filesystem(Folder(out_dir) / FILES)
     fs.create_dir(root, recursive=True)
 
     def put(item):
@@ -110,14 +130,14 @@ def prune_files(out_dir: str, keep: set[str]) -> None:
     """Deletes the images of `report_files/` that the page does not link (an earlier page's:
     a rerun may show other or fewer samples); after the new page is written, so that the
     old page stays whole until then."""
-    fs, root = filesystem(f"{out_dir.rstrip('/')}/{FILES}")
+    fs, root = filesystem(Folder(out_dir) / FILES)
     for info in fs.get_file_info(FileSelector(root, allow_not_found=True)):
         if info.type == FileType.File and info.base_name not in keep:
             fs.delete_file(info.path)
 
 
 def render(context: dict) -> str:
-    """The page: `templates/report.html` with `context` (see `evaluate.write_page`), every
+    """The page: `templates/report.html` with `context` (see `write_report_page`), every
     value escaped. The page's inline style and script carry a fresh nonce, and its content
     security policy runs nothing else: an escape that failed still could not run a script."""
     return _env.get_template("report.html").render(**context, nonce=secrets.token_urlsafe(16),
@@ -125,7 +145,78 @@ def render(context: dict) -> str:
 
 
 def write_page(out_dir: str, context: dict) -> str:
-    uri = f"{out_dir.rstrip('/')}/report.html"
+    uri = Folder(out_dir) / "report.html"
     write_text(uri, render(context))
     return uri
+
+
+def gallery_columns(variants: dict[str, Variant]) -> list[str]:
+    """What a gallery card shows of an evaluated row."""
+    return ["source", "mask_area", "image_png", "mask_png", *(v.caption for v in variants.values() if v.caption),
+            *(v.image for v in variants.values()), *(m + v.suffix for v in variants.values() for m in PAIRED)]
+
+
+def write_gallery(out_dir: str, ids: list[str], variants: dict[str, Variant],
+                  edges: list[float]) -> tuple[list[dict], set[str]]:
+    """The cards of the evaluated rows `ids` of `out_dir`, their full-size images written
+    beside the page; returns the cards and the names of the images. Reads a part at a time,
+    so that only that part's chosen rows are in memory."""
+    cards, written = [], set()
+    columns = gallery_columns(variants)
+    for part in row_reads(out_dir, ids):
+        rows = read_rows({"path": [part["path"]], "ids": [part["ids"]]}, ["id", *columns])
+        files = {}
+        for k, bucket in enumerate(bucket_of(rows["mask_area"], edges)):
+            entry, images = card({c: v[k] for c, v in rows.items()}, len(cards), bucket)
+            cards.append(entry)
+            files.update(images)
+        write_files(out_dir, files)
+        written.update(files)
+    return cards, written
+
+
+def settings(cfg: Config, report: dict) -> list[tuple[str, str]]:
+    """What the evaluation ran with, for the page's settings table."""
+    evaluation_set, intervals = report["evaluation_set"], report["intervals"]
+    return [("dataset", report["dataset"]), ("run_dir", cfg.run_dir), ("models preset", cfg.models.preset),
+            *((f"model: {k}", v) for k, v in report["models"].items()), ("FID protocol", report["fid_protocol"]),
+            ("held-out share", fmt(evaluation_set["heldout_fraction"], 3)),
+            ("evaluate.limit", str(evaluation_set["limit"])),
+            ("mask-area bucket edges", ", ".join(map(str, report["mask_bucket_edges"]))),
+            ("bootstrap", f"{intervals['replicates']} draws ({intervals['fid_replicates']} for FID), "
+                          f"{round(100 * intervals['confidence'])} % intervals, seed {intervals['seed']}"),
+            ("seed", str(cfg.seed)), ("evaluate's wall time", f"{report['wall_s']} s")]
+
+
+def write_report_page(cfg: Config, run_layout: RunLayout, report: dict, tables: dict[str, Table], ids: list[str],
+                      selected: list[str]) -> str:
+    """`report.html` of the evaluation `report`: its tables (`report.md`'s), the plots, a
+    gallery of up to `evaluate.gallery_limit` of the evaluated samples `ids` (chosen by a
+    hash, as `evaluate.limit`), the errors of generate and those of evaluate among the
+    `selected` held-out ids."""
+    out_dir, edges, evaluation_set = run_layout.eval, report["mask_bucket_edges"], report["evaluation_set"]
+    chosen = sorted(ids, key=lambda i: sample_seed(cfg.seed, i, "gallery"))[: cfg.evaluate.gallery_limit]
+    cards, written = write_gallery(out_dir, chosen, variants_in(report["variants"]), edges)
+    generate_errors, generate_count = read_errors(run_layout.generate, limit=ERRORS_LISTED)
+    evaluate_errors, _ = read_errors(out_dir, set(selected), limit=ERRORS_LISTED)
+    errors = [{"job": "evaluate", **e} for e in evaluate_errors] + [{"job": "generate", **e} for e in generate_errors]
+    effect_words, effect_table = caption_effect_parts(report)
+    page = write_page(out_dir, {
+        "dataset": report["dataset"], "run_dir": cfg.run_dir,
+        "counts": {"samples": evaluation_set["samples"], "errors": evaluation_set["errors"],
+                   "generate_errors": generate_count, "changed": report["changed"]["captions"]},
+        "tables": {**tables, "caption_effect": effect_table},
+        "caption_effect_text": effect_words.replace("`", ""),
+        "intervals_text": intervals_text(report["intervals"]).replace("`", ""),
+        "scorer_text": scorer_text(report["changed"]),
+        "reranked_text": reranked_text(report).strip(),
+        "plots": [{"file": f, "title": t} for f, t in PLOTS.items() if is_file(out_dir / f)
+                  and (f != "scorer_changed.png" or report["changed"]["scorer"].get("samples"))],
+        "gallery": {"cards": sorted(cards, key=lambda c: c["id"]), "shown": len(cards), "total": len(ids),
+                    "limit": cfg.evaluate.gallery_limit, "sort_keys": sort_keys(report["variants"]),
+                    "buckets": [b for b in bucket_names(edges) if b in report["mask_buckets"]]},
+        "errors": {"rows": errors[:ERRORS_LISTED], "total": evaluation_set["errors"] + generate_count},
+        "settings": settings(cfg, report), "config_yaml": to_yaml(cfg)})
+    prune_files(out_dir, written)
+    return page
 

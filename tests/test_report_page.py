@@ -15,8 +15,8 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select
 
 from blipinpaint import report_page
-from blipinpaint.evaluation import Table
 from blipinpaint.io import decode_png, encode_png
+from blipinpaint.report_tables import Table
 
 HOSTILE = '<script>window.pwned = 1</script><img src=x onerror="window.pwned = 2">'
 

@@ -12,7 +12,7 @@ import torch
 from helpers import PIPELINE_ARGS, account, copy_run, end_actors_of_dead_drivers, open_page
 from PIL import Image
 
-from blipinpaint.io import encode_png
+from blipinpaint.layout import RunLayout
 from blipinpaint.records import METRICS
 from blipinpaint.seeds import sample_seed
 from blipinpaint.writer import CommitLog
@@ -28,49 +28,10 @@ def test_missing_steps_are_named(tmp_path, capsys):
     assert not (tmp_path / "eval").exists()
 
 
-def test_the_report_states_the_fid_protocol():
-    """Point 8: the standard FID resizes like TensorFlow 1.x, without antialiasing; the report says
-    which protocol its numbers follow, and that the offline network's do not compare."""
-    from blipinpaint.config import load_config
-
-    standard = evaluate.fid_protocol(load_config(overrides=["models.preset=paper"]))
-    assert "TensorFlow 1.x's bilinear resize and no antialiasing" in standard and "299x299" in standard
-    assert "do not compare with published ones" in evaluate.fid_protocol(load_config())
-
-
 def _evaluate_cfg(run_dir, *extra):
     from blipinpaint.config import load_config
 
     return load_config(overrides=[*PIPELINE_ARGS, f"run_dir={run_dir}", *extra])
-
-
-def test_an_unchanged_caption_reuses_the_blip_inpainting_and_metrics():
-    """Only the rows whose fine-tuned caption changed reach the inpainter and the metrics; the
-    others take the BLIP variant's image and scores, and the batch keeps its order."""
-    seen = []
-
-    def inpaint(rows):
-        seen.append(list(rows["id"]))
-        return {**rows, "inpainted_finetuned": np.full((len(rows["id"]), 4, 4, 3), 7, np.uint8)}
-
-    def score(rows):
-        seen.append(list(rows["id"]))
-        return {**rows, **{m + "_finetuned": np.full(len(rows["id"]), 99.0, np.float32) for m in METRICS}}
-
-    batch = {"id": np.array(list("abcd"), dtype=object), "caption": np.array(list("wxyz"), dtype=object),
-             "caption_finetuned": np.array(["w", "X", "y", "Z"], dtype=object),
-             "inpainted_png": np.array([encode_png(np.full((4, 4, 3), i, np.uint8)) for i in range(4)], dtype=object),
-             **{m: np.arange(4, dtype=np.float32) for m in METRICS}}
-    out = evaluate.OnlyChanged(inpaint, evaluate.reuse_inpainting)(batch)
-    out = evaluate.OnlyChanged(score, evaluate.reuse_metrics)(out)
-    assert seen == [["b", "d"], ["b", "d"]]
-    assert list(out["id"]) == list("abcd") and list(out["caption_finetuned"]) == ["w", "X", "y", "Z"]
-    assert [int(image[0, 0, 0]) for image in out["inpainted_finetuned"]] == [0, 7, 2, 7]
-    assert list(out["ssim_finetuned"]) == [0.0, 99.0, 2.0, 99.0]
-    seen.clear()
-    unchanged = {**batch, "caption_finetuned": batch["caption"]}
-    out = evaluate.OnlyChanged(inpaint, evaluate.reuse_inpainting)(unchanged)
-    assert seen == [] and [int(image[0, 0, 0]) for image in out["inpainted_finetuned"]] == [0, 1, 2, 3]
 
 
 def test_the_scorer_is_held_to_what_the_changed_captions_scored(main_run, tmp_path):
@@ -81,7 +42,7 @@ def test_the_scorer_is_held_to_what_the_changed_captions_scored(main_run, tmp_pa
     copy_run(main_run[1] / "run", tmp_path, ("eval", "scorer/model"))
     rows = pq.read_table(tmp_path / "eval" / "samples").to_pylist()
     ids = sorted(r["id"] for r in rows)  # as if every caption had changed
-    found = evaluate.scorer_on_changed(_evaluate_cfg(tmp_path), str(tmp_path / "eval"), ids)
+    found = evaluate.scorer_on_changed(RunLayout(str(tmp_path)), ids)
     scorer = ScoreNet.from_pretrained(tmp_path / "scorer" / "model")
     features = np.array([r["caption_finetuned_features"] for r in sorted(rows, key=lambda r: r["id"])])
     assert features.shape == (len(ids), scorer.config.in_features)
@@ -91,7 +52,7 @@ def test_the_scorer_is_held_to_what_the_changed_captions_scored(main_run, tmp_pa
     assert found["mean_scored"]["ssim"] == pytest.approx(np.mean([r["ssim_finetuned"] for r in rows]))
     assert found["pearson_r"] == {t: None for t in TARGETS}  # two samples: no correlation worth a number
     assert (tmp_path / "eval" / "scorer_changed.png").stat().st_size > 1000
-    none = evaluate.scorer_on_changed(_evaluate_cfg(tmp_path), str(tmp_path / "eval"), [])
+    none = evaluate.scorer_on_changed(RunLayout(str(tmp_path)), [])
     assert none["samples"] == 0
 
 
@@ -179,29 +140,6 @@ def test_a_killed_driver_error_rows_then_retry_failed_and_another_run_in_table1(
     table = (tmp_path / "eval" / "report.md").read_text().split("## Table 1")[1].split("\n## ")[0]
     header = next(line for line in table.splitlines() if line.startswith("|"))
     assert "second: CLIP score ↑" in header and "samples: CLIP score ↑" in header  # a column group per dataset
-
-
-def test_fid_workers_fold_their_shard_in_batches_of_the_configured_size(local_ray, cfg, monkeypatch):
-    """`evaluate.fid.batch_size` bounds a FID worker's memory: each batch it folds holds at most
-    that many rows, and every row is folded once."""
-    import ray
-    from helpers import encode, photo
-
-    from blipinpaint.config import load_config
-    from blipinpaint.evaluation import FID_SETS
-
-    rows = [{"id": f"s{i}", "mask_area": 0.2, **{c: encode(photo(64, 64, seed=i), "PNG") for c in FID_SETS.values()}}
-            for i in range(5)]
-    cfg = load_config(overrides=[f"run_dir={cfg.run_dir}", "evaluate.fid.batch_size=2"])
-    worker = evaluate.FidWorker.__ray_actor_class__(cfg)  # the actor's class, run in this process
-    sizes, update = [], worker.fid.update
-    monkeypatch.setattr(worker.fid, "update", lambda batch, groups: (sizes.append(len(groups)), update(batch, groups)))
-    out = worker.run(ray.data.from_items(rows))
-    assert sorted(sizes, reverse=True) == [2, 2, 1]
-    assert {count for count in (s.count for s in out["stats"].values())} == {5}
-    # Each row's features too, for the FID intervals: a row per id, in the same order in every set.
-    assert sorted(out["ids"]) == [f"s{i}" for i in range(5)]
-    assert {name: len(f) for name, f in out["features"].items()} == {name: 5 for name in FID_SETS}
 
 
 def test_scorer_reranked_captions_add_a_variant_to_every_table_and_the_page(main_run, local_ray, tmp_path, browser):

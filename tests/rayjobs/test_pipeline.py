@@ -11,9 +11,10 @@ from blipinpaint import builders
 from blipinpaint.config import load_config
 from blipinpaint.evaluation import ALL, FID_SETS, REAL, bucket_of
 from blipinpaint.fid import fid_table
+from blipinpaint.layout import RunLayout
 from blipinpaint.records import METRICS
 from blipinpaint.seeds import heldout
-from rayjobs import evaluate, pipeline
+from rayjobs import evaluate, fid_pass, pipeline
 
 ARGS = PIPELINE_ARGS
 
@@ -111,7 +112,7 @@ def test_distributed_fid_equals_one_pass(main_run, monkeypatch):
     monkeypatch.chdir(folder)
     cfg = load_config(overrides=ARGS)
     ids = evaluate.evaluation_ids(cfg)
-    distributed, scopes = evaluate.compute_fid(cfg, ids, changed=ids[::-1])
+    distributed, scopes = fid_pass.compute_fid(cfg, RunLayout(cfg.run_dir).eval, FID_SETS, ids, changed=ids[::-1])
     intervals = scopes[ALL]
     assert scopes["changed"] == intervals  # the changed scope's rows, here every one, in id order
 

@@ -1,0 +1,46 @@
+"""report.md's words and tables from a made-up evaluation."""
+
+from test_evaluation import columns, fid
+
+from blipinpaint.config import load_config
+from blipinpaint.evaluation import caption_effect, summarize
+from blipinpaint.report_markdown import fid_protocol, reranked_text, write_report
+
+
+def test_the_report_states_the_fid_protocol():
+    """Point 8: the standard FID resizes like TensorFlow 1.x, without antialiasing; the report says
+    which protocol its numbers follow, and that the offline network's do not compare."""
+    standard = fid_protocol(load_config(overrides=["models.preset=paper"]))
+    assert "TensorFlow 1.x's bilinear resize and no antialiasing" in standard and "299x299" in standard
+    assert "do not compare with published ones" in fid_protocol(load_config())
+
+
+def report(**extra) -> dict:
+    summary = summarize(columns(), fid(3.0), [0.1, 0.3], (100, 0, 0.95))
+    summary["intervals"]["fid_replicates"] = 50
+    summary["caption_effect"] = caption_effect(summary, [0.1, 0.3])
+    summary["changed"]["scorer"] = {"samples": 0, "pearson_r": {}}
+    return {"dataset": "MSCOCO", "models": {"fid": "offline:tiny/fid"}, "fid_protocol": "a protocol", **summary,
+            **extra}
+
+
+def test_report_md_holds_every_section_and_table1_a_column_group_per_dataset(tmp_path):
+    cfg = load_config(overrides=[f"run_dir={tmp_path}"])
+    tables = write_report(cfg, report(), {"VisualGenome": report(dataset="VisualGenome")}, str(tmp_path))
+    markdown = (tmp_path / "report.md").read_text()
+    assert markdown.startswith("# Evaluation: MSCOCO\n\n6 held-out samples of ")
+    assert "FID features `offline:tiny/fid`" in markdown and "FID protocol: a protocol." in markdown
+    assert "Fine-tuning changed the caption of 2 of 6 samples\n(33.3 %)" in markdown
+    assert "nothing to compare the scorer's predictions with" in markdown and "scorer_changed.png" not in markdown
+    for heading, table in (("Table 1", "table1"), ("Paired differences per sample", "paired"),
+                           ("By mask area", "buckets")):
+        assert f"## {heading}\n\n{tables[table]}\n" in markdown
+    assert "MSCOCO: CLIP score ↑" in tables["table1"] and "VisualGenome: CLIP score ↑" in tables["table1"]
+    assert "| mask area | n | BLIP − baseline, ssim | BLIP − baseline, psnr |" in markdown
+
+
+def test_the_reranked_caption_is_named_only_where_it_was_taken():
+    assert reranked_text(report()) == ""
+    words = reranked_text(report(reranked={"candidates": 4, "differs": 3, "of": 6, "share": 0.5}))
+    assert "proposed 4 captions per sample (its greedy one and 3 sampled)" in words
+    assert "on 3 of 6 samples (50.0 %)" in words and words.endswith("\n")
