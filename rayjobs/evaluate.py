@@ -57,7 +57,7 @@ from blipinpaint.writer import Account, CommitLog
 from rayjobs.cli import job_main
 from rayjobs.cluster import connect
 from rayjobs.fid_pass import compute_fid
-from rayjobs.stream import ErrorWriter, commit_stage, model_stages, run_stream
+from rayjobs.stream import TASK_RETRIES, ErrorWriter, commit_stage, model_stages, run_stream
 
 log = logging.getLogger("blipinpaint.evaluate")
 
@@ -115,7 +115,7 @@ def build_dataset(cfg: Config, ledger, run_layout: RunLayout, variants: dict[str
     reads = row_reads(run_layout.generate, pending)
     ds = ray.data.from_items(reads, override_num_blocks=len(reads))
     ds = ds.map_batches(prepare, fn_kwargs={"errors": errors, "retries": stream.batch_retries},
-                        batch_size=1, num_cpus=stream.read.num_cpus)
+                        batch_size=1, num_cpus=stream.read.num_cpus, max_retries=TASK_RETRIES)
     ds = model_stages(ds, pools, stream, errors, ledger)
     return commit_stage(ds, run_layout.eval, eval_schema(variants), {}, stream.rows_per_file, stream.read.num_cpus,
                         owner)
