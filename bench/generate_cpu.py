@@ -14,7 +14,7 @@ Per image count this prints images/s of both and their ratio; with two counts it
 prints the marginal (steady-state) rate, (n2 - n1) / (t2 - t1), which cancels every fixed
 cost (actor start, model load, the first batch) on both sides. Then the inpainting stage
 alone, in this process, on the largest count's captioned images in batches of
-`generate.inpainter.batch_size`: busy seconds per image of the pipeline called once per
+`stream.inpainter.batch_size`: busy seconds per image of the pipeline called once per
 variant (the stage before the fused loop) against the fused loop (`inpainting.denoise`).
 """
 
@@ -108,12 +108,12 @@ def plain_loop(cfg, folder: Path, out: Path) -> float:
 
 def inpainting_stage(cfg, folder: Path, images: int = 64, rounds: int = 3) -> dict:
     """Busy seconds per image of the inpainting stage alone, per variant call and fused, on
-    the same captioned batches of `generate.inpainter.batch_size` (models built first): the
+    the same captioned batches of `stream.inpainter.batch_size` (models built first): the
     best of `rounds` rounds over `images` images, the two taking turns, so that neither gets
     the warmer or the quieter machine."""
     decode, mask, caption = builders.build_decoder(cfg), builders.build_masker(cfg), builders.build_captioner(cfg)
     fused = builders.build_inpainter(cfg)
-    size = cfg.generate.inpainter.batch_size
+    size = cfg.stream.inpainter.batch_size
     items = list_folder(str(folder))[:images]
     stages_ = {"pipeline per variant": PipelinePerVariant(fused), "fused": fused}
     seconds = {name: [] for name in stages_}

@@ -36,8 +36,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 LEAST_WORK = ["data.image_size=64", "inpaint.num_inference_steps=1", "caption.max_new_tokens=3",
-              "generate.read.batch_size=32", "generate.captioner.batch_size=32", "generate.inpainter.batch_size=16",
-              "generate.metrics.batch_size=32", "generate.rows_per_file=256"]
+              "stream.read.batch_size=32", "stream.captioner.batch_size=32", "stream.inpainter.batch_size=16",
+              "stream.metrics.batch_size=32", "stream.rows_per_file=256"]
 
 # One run, in a process of its own: prints one JSON line.
 RUN = """

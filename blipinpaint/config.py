@@ -9,6 +9,7 @@ The defaults are the embedded default run: the `tiny` preset on the shipped samp
 from __future__ import annotations
 
 import argparse
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import resources
@@ -22,6 +23,8 @@ from blipinpaint.errors import ConfigError
 from blipinpaint.layout import RunLayout
 from blipinpaint.models.presets import ModelRef
 from blipinpaint.seeds import raised_fraction
+
+log = logging.getLogger(__name__)
 
 
 def sample_images_dir() -> Path:
@@ -87,7 +90,7 @@ class InpaintConfig:
 @dataclass
 class StageConfig:
     """Resources of one actor-pool stage: a fixed `size`, `min_size`..`max_size` (autoscaling),
-    or (the generate stages) `size: auto`, sized from the cluster when the job starts
+    or (the stream's model stages) `size: auto`, sized from the cluster when the job starts
     (`rayjobs.cluster.size_pools`)."""
 
     batch_size: int = 4
@@ -117,7 +120,10 @@ class FaultConfig:
 
 
 @dataclass
-class GenerateConfig:
+class StreamConfig:
+    """The streams of the generate, candidates and evaluate jobs: read tasks, model actor
+    pools, commits (the config key was `generate`, which still works)."""
+
     read: ReadConfig = field(default_factory=ReadConfig)
     # The inpainter is nearly all the work: BLIP and CLIP take a quarter of a core each, and
     # the inpainter pool what they and the read tasks leave (`size: auto`).
@@ -214,7 +220,7 @@ class Config:
     masks: MaskConfig = field(default_factory=MaskConfig)
     caption: CaptionConfig = field(default_factory=CaptionConfig)
     inpaint: InpaintConfig = field(default_factory=InpaintConfig)
-    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     scorer: ScorerConfig = field(default_factory=ScorerConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
@@ -228,11 +234,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if path is not None:
             if not Path(path).is_file():
                 raise ConfigError(f"config file {str(path)!r} does not exist")
-            layers.append(OmegaConf.load(path))
+            layers.append(_renamed(OmegaConf.load(path), str(path)))
         bad = [override for override in overrides if "=" not in override]
         if bad:
             raise ConfigError(f"overrides must look like dotted.key=value, got {bad}")
-        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        layers.append(_renamed(OmegaConf.from_dotlist(list(overrides)), "the overrides"))
         cfg = OmegaConf.to_object(OmegaConf.merge(*layers))
     except OmegaConfBaseException as err:
         where = f" in {path}" if path else ""
@@ -242,6 +248,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     _absolute_paths(cfg)
     validate(cfg)
     return cfg
+
+
+# Config sections that were renamed: {old: new}. The old name keeps working, with a notice.
+RENAMED = {"generate": "stream"}  # it sets the streams of generate, candidates and evaluate
+
+
+def _renamed(layer, where: str):
+    """`layer` (a YAML file's or the overrides' config) with renamed sections under their new names."""
+    for old, new in RENAMED.items():
+        if old not in layer:
+            continue
+        if new in layer:
+            raise ConfigError(f"both `{old}` and `{new}` are set in {where}: `{old}` is the old name of `{new}`; "
+                              "keep one")
+        log.warning("%s: the config section `%s` is now `%s` (read as `%s`)", where, old, new, new)
+        layer[new] = layer.pop(old)
+    return layer
 
 
 def _absolute_paths(cfg: Config) -> None:

@@ -24,11 +24,11 @@ if TYPE_CHECKING:
         Config,
         DataConfig,
         EvaluateConfig,
-        GenerateConfig,
         InpaintConfig,
         MaskConfig,
         ModelsConfig,
         StageConfig,
+        StreamConfig,
     )
 
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
@@ -43,7 +43,7 @@ def validate(cfg: Config) -> None:
         *_data_problems(cfg.data),
         *_model_problems(cfg.models),
         *_mask_caption_inpaint_problems(cfg.masks, cfg.caption, cfg.inpaint),
-        *_generate_problems(cfg.generate),
+        *_stream_problems(cfg.stream),
         *_training_problems(cfg),
         *_evaluate_problems(cfg.evaluate),
     ]
@@ -108,18 +108,18 @@ def _mask_caption_inpaint_problems(masks: MaskConfig, caption: CaptionConfig, in
     return problems
 
 
-def _generate_problems(generate: GenerateConfig) -> list[str]:
-    """The stages of the generate stream: the read tasks, the model pools, the commits."""
+def _stream_problems(stream: StreamConfig) -> list[str]:
+    """The streams' stages: the read tasks, the model pools, the commits."""
     problems = []
     for name in ("captioner", "inpainter", "metrics"):
-        problems += _stage_problems(f"generate.{name}", getattr(generate, name))
-    if generate.read.batch_size < 1 or generate.read.num_cpus <= 0:
-        problems.append("generate.read.batch_size must be at least 1 and generate.read.num_cpus above 0")
-    if generate.rows_per_file < 1 or generate.batch_retries < 0:
-        problems.append("generate.rows_per_file must be at least 1 and generate.batch_retries at least 0")
-    fault = generate.inject_failure
+        problems += _stage_problems(f"stream.{name}", getattr(stream, name))
+    if stream.read.batch_size < 1 or stream.read.num_cpus <= 0:
+        problems.append("stream.read.batch_size must be at least 1 and stream.read.num_cpus above 0")
+    if stream.rows_per_file < 1 or stream.batch_retries < 0:
+        problems.append("stream.rows_per_file must be at least 1 and stream.batch_retries at least 0")
+    fault = stream.inject_failure
     if fault.stage is not None and fault.stage not in ("prepare", "captioner", "inpainter", "metrics"):
-        problems.append(f"generate.inject_failure.stage={fault.stage!r} is not a stage (prepare, captioner, "
+        problems.append(f"stream.inject_failure.stage={fault.stage!r} is not a stage (prepare, captioner, "
                         "inpainter or metrics)")
     return problems
 
@@ -191,8 +191,8 @@ def _stage_problems(key: str, stage: StageConfig) -> list[str]:
             problems.append(f"{key}: an autoscaling pool needs 1 <= min_size <= max_size, "
                             f"got min_size={stage.min_size}, max_size={stage.max_size}")
     elif stage.size == AUTO:
-        if not key.startswith("generate."):
-            problems.append(f"{key}.size=auto: only the generate stages size themselves; give a number")
+        if not key.startswith("stream."):
+            problems.append(f"{key}.size=auto: only the stream's model stages size themselves; give a number")
     elif not isinstance(stage.size, int) or stage.size < 1:
         problems.append(f"{key}.size={stage.size} must be at least 1, or auto (or set min_size and max_size)")
     return problems

@@ -74,7 +74,7 @@ def _inpainter(cfg: Config) -> SharedNoise:
 def build_dataset(cfg: Config, reads: list[dict], ledger, owner: str | None = None) -> ray.data.Dataset:
     """The stream from generate's parts (`reads`: path, ids, pending candidates) to committed
     candidate rows; every write carries the run's `owner` token."""
-    stream, out_dir = cfg.generate, RunLayout(cfg.run_dir).candidates
+    stream, out_dir = cfg.stream, RunLayout(cfg.run_dir).candidates
     errors = CandidateErrors(out_dir, owner)
     pools = {
         "captioner": functools.partial(builders.build_candidate_captioner, cfg),
@@ -163,7 +163,7 @@ def run(cfg: Config) -> dict:
     builders.fill_store(cfg)  # the captioner, inpainter and CLIP from the model store, never the hub
     # 2. Resume, pending per candidate (a killed run may have committed some of an image's).
     commit_log = CommitLog(out_dir, CANDIDATE_SCHEMA)
-    resumed = commit_log.resume(cfg.generate.retry_failed)
+    resumed = commit_log.resume(cfg.stream.retry_failed)
     images = sorted(i for r in train_reads for i in r["ids"])
     pending = {i: [k for k in range(n) if candidate_id(i, k) not in resumed.done] for i in images}
     pending = {i: ks for i, ks in pending.items() if ks}
@@ -174,7 +174,7 @@ def run(cfg: Config) -> dict:
     #    (`read_tasks`) reaches one inpainter with all its images' candidates.
     pipeline_s = 0.0
     if pending:
-        reads = read_tasks(train_reads, pending, cfg.generate.read.batch_size)
+        reads = read_tasks(train_reads, pending, cfg.stream.read.batch_size)
         pipeline_s = run_stream(cfg, "candidates", out_dir, total, total - rows, len(pending),
                                 lambda cfg, ledger: build_dataset(cfg, reads, ledger, resumed.owner))
     # 4. Account for every pair.

@@ -11,7 +11,7 @@ import ray
 from ray._private import ray_constants
 from ray.data import ActorPoolStrategy, DataContext
 
-from blipinpaint.config import AUTO, Config, GenerateConfig, StageConfig
+from blipinpaint.config import AUTO, Config, StageConfig, StreamConfig
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +58,8 @@ def connect(address: str | None = None, ray_progress: bool = False) -> None:
 MODEL_STAGES = ("captioner", "inpainter", "metrics")
 
 
-def auto_sizes(stream: GenerateConfig, now: dict[str, float], most: dict[str, float] | None,
-               rows: int | None = None) -> GenerateConfig:
+def auto_sizes(stream: StreamConfig, now: dict[str, float], most: dict[str, float] | None,
+               rows: int | None = None) -> StreamConfig:
     """`stream` with each `size: auto` model stage sized from the cluster's resources: `now`, what
     it has, and `most`, what an autoscaling cluster may grow to (None: it does not scale).
     With `rows` to do, no more inpainters than the batches they arrive in (the read tasks'
@@ -106,9 +106,9 @@ def size_pools(cfg: Config, rows: int) -> Config:
     # cluster without an autoscaler).
     most = ray._private.state.state.get_max_resources_from_cluster_config()
     cfg = copy.deepcopy(cfg)
-    cfg.generate = auto_sizes(cfg.generate, ray.cluster_resources(), most, rows)
+    cfg.stream = auto_sizes(cfg.stream, ray.cluster_resources(), most, rows)
     log.info("actor pools: %s", ", ".join(
-        f"{name} {describe(getattr(cfg.generate, name))}" for name in MODEL_STAGES))
+        f"{name} {describe(getattr(cfg.stream, name))}" for name in MODEL_STAGES))
     return cfg
 
 

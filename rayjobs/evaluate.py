@@ -104,7 +104,7 @@ def build_dataset(cfg: Config, ledger, run_layout: RunLayout, variants: dict[str
                   owner: str | None = None) -> ray.data.Dataset:
     """The `pending` held-out rows through the added `variants`' captioner, inpainter and
     metrics pools, committed to `run_layout.eval` (`cfg`'s pools sized by `run_stream`)."""
-    stream = cfg.generate
+    stream = cfg.stream
     errors = ErrorWriter(run_layout.eval, owner)
     added = [v for k, v in variants.items() if k in ADDED]
     pools = {

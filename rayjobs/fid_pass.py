@@ -53,7 +53,7 @@ def compute_fid(cfg: Config, eval_dir: str, sets: dict[str, str], ids: list[str]
     of their differences, on all samples and on the `changed` ones (`bootstrap_fid`)."""
     stage = cfg.evaluate.fid
     n = stage.size if stage.size is not None else stage.max_size
-    ds = read_committed(row_reads(eval_dir, ids), ["id", "mask_area", *sets.values()], cfg.generate.read.num_cpus)
+    ds = read_committed(row_reads(eval_dir, ids), ["id", "mask_area", *sets.values()], cfg.stream.read.num_cpus)
     shards = ds.streaming_split(n)
     workers = [FidWorker.options(num_cpus=stage.num_cpus, num_gpus=stage.num_gpus or None).remote(cfg, sets)
                for _ in range(n)]

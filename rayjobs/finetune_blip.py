@@ -359,10 +359,10 @@ def run(cfg: Config) -> dict:
         train_reads = [{"path": r["path"], "ids": chosen} for r in train_reads
                        if (chosen := [i for i in r["ids"] if i in ranked])]
         log.info("reward_ranked: %d training images, %d with a best candidate", len(train_ids), len(ranked))
-    train = read_committed(train_reads, COLUMNS, cfg.generate.read.num_cpus)
+    train = read_committed(train_reads, COLUMNS, cfg.stream.read.num_cpus)
     if ranked:
         train = train.map_batches(with_captions, fn_kwargs={"captions": ranked}, batch_size=None,
-                                  num_cpus=cfg.generate.read.num_cpus)
+                                  num_cpus=cfg.stream.read.num_cpus)
     log.info("batch of %d per optimizer step: %d on each of %d workers", cfg.finetune.batch_size,
              training.per_worker(cfg, cfg.finetune.batch_size), cfg.train.num_workers)
     write_text(out_dir.config, to_yaml(cfg))

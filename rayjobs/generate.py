@@ -56,13 +56,13 @@ def prepare(batch, cfg: Config, errors: ErrorWriter):
     """
     decode, mask = builders.build_decoder(cfg), builders.build_masker(cfg)
     read = functools.partial(read_files, max_mb=cfg.data.max_file_mb, image_column=cfg.data.image_column)
-    out = Guarded("prepare", lambda b: mask(decode(read(b))), errors, cfg.generate.batch_retries)(batch)
+    out = Guarded("prepare", lambda b: mask(decode(read(b))), errors, cfg.stream.batch_retries)(batch)
     return split_errors(out, errors)
 
 
 def build_dataset(cfg: Config, pending: list[dict], ledger, owner: str | None = None) -> ray.data.Dataset:
     """The stream from `pending` inputs to committed rows; every write carries the run's `owner` token."""
-    stream, out_dir = cfg.generate, RunLayout(cfg.run_dir).generate
+    stream, out_dir = cfg.stream, RunLayout(cfg.run_dir).generate
     errors = ErrorWriter(out_dir, owner)
     blocks = max(1, math.ceil(len(pending) / stream.read.batch_size))
     ds = ray.data.from_items(pending, override_num_blocks=blocks)
@@ -123,7 +123,7 @@ def run(cfg: Config) -> dict:
     builders.fill_store(cfg)
     # 3. Resume: what a killed run left is finished or undone; the committed ids are skipped.
     commit_log = CommitLog(out_dir)
-    resumed = commit_log.resume(cfg.generate.retry_failed)
+    resumed = commit_log.resume(cfg.stream.retry_failed)
     pending = [it for it in items if it["id"] not in resumed.done]
     log.info("%d inputs: %d already committed, %d to do", len(items), len(items) - len(pending), len(pending))
     # 4. Stream what is left.

@@ -22,7 +22,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from blipinpaint.batches import Batch, Guarded, count_once, split_errors
-from blipinpaint.config import Config, FaultConfig, GenerateConfig
+from blipinpaint.config import Config, FaultConfig, StreamConfig
 from blipinpaint.errors import JobError
 from blipinpaint.layout import Folder
 from blipinpaint.reader import read_rows
@@ -168,9 +168,9 @@ def _maybe_die(fault: FaultConfig | None, name: str, ids, started: int) -> None:
 
 
 def model_stages(ds: ray.data.Dataset, builders: dict[str, Callable[[], Callable[[Batch], Batch]]],
-                 stream: GenerateConfig, errors: ErrorWriter, ledger) -> ray.data.Dataset:
+                 stream: StreamConfig, errors: ErrorWriter, ledger) -> ray.data.Dataset:
     """`ds` through a pool of `ModelStage` actors per entry of `builders` (stage name -> what
-    builds it), each pool as `generate.<name>` says."""
+    builds it), each pool as `stream.<name>` says."""
     for name, build in builders.items():
         ds = ds.map_batches(ModelStage, fn_constructor_kwargs={"name": name, "build": build, "errors": errors,
                                                                "retries": stream.batch_retries, "ledger": ledger,

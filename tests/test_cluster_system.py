@@ -182,7 +182,7 @@ def test_a_submitted_job_scales_a_closed_cluster_up_from_zero(model_cache, tmp_p
         # half each). The nodes have no CUDA device, so this config computes on CPU in fp32.
         out = succeeded(head.submit(
             "rayjobs.generate", f"run_dir={run_dir}", "data.limit=4", "models.device=cpu", "models.dtype=fp32",
-            "generate.inpainter.num_gpus=1", "generate.captioner.num_gpus=0.5", "generate.metrics.num_gpus=0.5",
+            "stream.inpainter.num_gpus=1", "stream.captioner.num_gpus=0.5", "stream.metrics.num_gpus=0.5",
             timeout=540), head)
         assert "4 inputs: 4 samples, 0 errors" in out and "succeeded" in out
         # Closed by default: the job API refuses a client without the token.

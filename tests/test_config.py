@@ -40,10 +40,10 @@ def test_resolved_config_round_trips(tmp_path):
     (["models.device=tpu"], "models.device='tpu'"),
     (["seed"], "dotted.key=value"),
     (["data.kind=zip"], "data.kind='zip'"),
-    (["generate.inpainter.min_size=3", "generate.inpainter.max_size=2"], "generate.inpainter: an autoscaling pool"),
-    (["generate.captioner.min_size=1"], "generate.captioner: an autoscaling pool"),
-    (["generate.metrics.size=0"], "generate.metrics.size=0"),
-    (["generate.inpainter.num_gpus=-1"], "generate.inpainter: num_cpus and num_gpus"),
+    (["stream.inpainter.min_size=3", "stream.inpainter.max_size=2"], "stream.inpainter: an autoscaling pool"),
+    (["stream.captioner.min_size=1"], "stream.captioner: an autoscaling pool"),
+    (["stream.metrics.size=0"], "stream.metrics.size=0"),
+    (["stream.inpainter.num_gpus=-1"], "stream.inpainter: num_cpus and num_gpus"),
     (["train.val_fraction=1.5"], "train.val_fraction=1.5"),
     (["evaluate.limit=1"], "evaluate.limit=1 must be at least 2"),
     (["evaluate.gallery_limit=-1"], "evaluate.gallery_limit=-1 must be 0"),
@@ -54,8 +54,8 @@ def test_resolved_config_round_trips(tmp_path):
                                         "set it to 2 or more"),
     (["evaluate.mask_buckets=[0.3,0.1]"], "mask_buckets=\\[0.3, 0.1\\] must be increasing"),
     (["evaluate.fid.size=0"], "evaluate.fid.size=0"),
-    (["evaluate.fid.size=auto"], "evaluate.fid.size=auto: only the generate stages size themselves"),
-    (["generate.inpainter.size=many"], "generate.inpainter.size=many must be at least 1, or auto"),
+    (["evaluate.fid.size=auto"], "evaluate.fid.size=auto: only the stream's model stages size themselves"),
+    (["stream.inpainter.size=many"], "stream.inpainter.size=many must be at least 1, or auto"),
     (["train.num_workers=3"], "finetune.batch_size=8 is the batch per optimizer step over all train.num_workers=3: "
                               "it must be a multiple of them"),
     (["train.num_workers=3", "finetune.batch_size=9"], "scorer.batch_size=64 is the batch per optimizer step"),
@@ -147,3 +147,16 @@ def test_reading_a_config_or_a_stream_job_imports_no_model_library():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]"
+
+
+def test_the_old_name_of_the_stream_section_still_works(tmp_path, caplog):
+    """`generate` was the section's name (it sets the candidates' and evaluate's streams too):
+    configs that use it keep working, with a notice, and setting both names is an error."""
+    old = tmp_path / "old.yaml"
+    old.write_text("generate:\n  rows_per_file: 7\n  inpainter: {batch_size: 3}\n")
+    cfg = load_config(old, ["generate.batch_retries=5"])
+    assert (cfg.stream.rows_per_file, cfg.stream.inpainter.batch_size, cfg.stream.batch_retries) == (7, 3, 5)
+    assert "the config section `generate` is now `stream`" in caplog.text
+    assert load_config(overrides=["stream.rows_per_file=9"]).stream.rows_per_file == 9
+    with pytest.raises(ConfigError, match=r"both `generate` and `stream` are set in the overrides"):
+        load_config(overrides=["generate.rows_per_file=5", "stream.batch_retries=1"])

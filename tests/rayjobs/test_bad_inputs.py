@@ -51,8 +51,8 @@ def _files() -> dict[str, tuple[bytes, str]]:
 
 
 def _run(run_dir, source, *extra):
-    cfg = load_config(overrides=[f"run_dir={run_dir}", f"data.source={source}", "generate.read.batch_size=4",
-                                 "generate.rows_per_file=8", *extra])
+    cfg = load_config(overrides=[f"run_dir={run_dir}", f"data.source={source}", "stream.read.batch_size=4",
+                                 "stream.rows_per_file=8", *extra])
     return generate.run(cfg)
 
 

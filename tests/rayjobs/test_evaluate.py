@@ -86,12 +86,12 @@ def test_a_killed_driver_error_rows_then_retry_failed_and_another_run_in_table1(
     folder = main_run[1]
     copy_run(folder / "run", tmp_path)
     args = [*PIPELINE_ARGS, f"run_dir={tmp_path}", "train.val_fraction=0.9", "evaluate.fid.size=1",
-            "generate.rows_per_file=1", "data.name=second",
-            "generate.captioner.batch_size=1"]  # the victim's batch holds the victim alone
+            "stream.rows_per_file=1", "data.name=second",
+            "stream.captioner.batch_size=1"]  # the victim's batch holds the victim alone
     ids = evaluate.evaluation_ids(_evaluate_cfg(tmp_path, *args))
     victim = ids[-1]  # late in the run: the driver is killed before its row commits
-    failing = [*args, "generate.inject_failure.stage=captioner", f"generate.inject_failure.id={victim}",
-               "generate.batch_retries=0"]
+    failing = [*args, "stream.inject_failure.stage=captioner", f"stream.inject_failure.id={victim}",
+               "stream.batch_retries=0"]
     driver = subprocess.Popen([sys.executable, "-m", "rayjobs.evaluate", *failing,
                                f"ray_address={local_ray.get_runtime_context().gcs_address}"],
                               start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -42,8 +42,8 @@ def _ids(source):
 
 def _args(run_dir, source, *extra):
     # Small batches: several batches in flight, so a fault lands mid-run with work on both sides.
-    return [f"run_dir={run_dir}", f"data.source={source}", "generate.rows_per_file=2", "generate.read.batch_size=2",
-            "generate.captioner.batch_size=2", "generate.inpainter.batch_size=1", "generate.metrics.batch_size=2",
+    return [f"run_dir={run_dir}", f"data.source={source}", "stream.rows_per_file=2", "stream.read.batch_size=2",
+            "stream.captioner.batch_size=2", "stream.inpainter.batch_size=1", "stream.metrics.batch_size=2",
             *extra]
 
 
@@ -62,23 +62,23 @@ def _errors(run_dir):
 
 def test_a_stage_raising_on_one_batch_makes_that_batch_error_rows(local_ray, source, tmp_path):
     """A stage raising on every attempt of one batch: that batch becomes error rows. The same
-    command with `generate.retry_failed=true` does them again, and the inpainter's process
+    command with `stream.retry_failed=true` does them again, and the inpainter's process
     exits while it holds the victim's batch: Ray restarts it and the batch is retried."""
     victim = _ids(source)[2]
     stats, figures = _run("captioner raises on one batch", source, tmp_path,
-                          "generate.inject_failure.stage=captioner", f"generate.inject_failure.id={victim}")
+                          "stream.inject_failure.stage=captioner", f"stream.inject_failure.id={victim}")
     errors = _errors(tmp_path)
     assert victim in errors and 1 <= len(errors) <= 2  # the batch of two (or one) that held it
     assert set(errors.values()) == {f"stage failed: captioner raised RuntimeError: injected failure on {victim!r}"}
-    assert stats["stages"]["captioner"]["retries"] == 2  # the configured generate.batch_retries, no more
+    assert stats["stages"]["captioner"]["retries"] == 2  # the configured stream.batch_retries, no more
     assert (figures["committed"], figures["lost"], figures["duplicated"], figures["orphans"]) == (8, 0, 0, 0)
     assert stats["ok"] == 8 - len(errors)
 
     # What a user does once the cause is gone: the same command, asking for failed batches again.
-    stats, figures = _run("the same command with generate.retry_failed=true; the inpainter process exits on "
-                          "the victim once", source, tmp_path, "generate.retry_failed=true",
-                          "generate.inject_failure.stage=inpainter", f"generate.inject_failure.id={victim}",
-                          "generate.inject_failure.exit=true", "generate.inject_failure.times=1")
+    stats, figures = _run("the same command with stream.retry_failed=true; the inpainter process exits on "
+                          "the victim once", source, tmp_path, "stream.retry_failed=true",
+                          "stream.inject_failure.stage=inpainter", f"stream.inject_failure.id={victim}",
+                          "stream.inject_failure.exit=true", "stream.inject_failure.times=1")
     assert stats["this_run"]["retried_failed"] == len(errors) == stats["this_run"]["processed"]
     assert stats["ok"] == 8 and stats["errors"] == 0 and not list((tmp_path / "generate" / "errors").iterdir())
     assert (figures["committed"], figures["lost"], figures["duplicated"], figures["orphans"]) == (8, 0, 0, 0)
@@ -91,8 +91,8 @@ def test_a_batch_that_kills_its_worker_every_time_becomes_error_rows(local_ray, 
 
     A separate driver with a deadline, so a hang fails the test instead of stalling the suite."""
     victim = _ids(source)[5]
-    args = _args(tmp_path, source, "generate.inject_failure.stage=inpainter", f"generate.inject_failure.id={victim}",
-                 "generate.inject_failure.exit=true", f"ray_address={local_ray.get_runtime_context().gcs_address}")
+    args = _args(tmp_path, source, "stream.inject_failure.stage=inpainter", f"stream.inject_failure.id={victim}",
+                 "stream.inject_failure.exit=true", f"ray_address={local_ray.get_runtime_context().gcs_address}")
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "rayjobs.generate", *args], capture_output=True, text=True,
                           timeout=300, env=os.environ.copy())
@@ -107,10 +107,10 @@ def test_a_batch_that_kills_its_worker_every_time_becomes_error_rows(local_ray, 
 def test_an_input_that_kills_its_reader_every_time_becomes_error_rows(local_ray, source, tmp_path):
     """A read task whose worker dies on one batch every time (a decoder crash, the OOM killer):
     Ray retries tasks without limit, so the run's ledger counts the starts and the batch's
-    inputs become error rows after `generate.batch_retries` deaths; the job finishes."""
+    inputs become error rows after `stream.batch_retries` deaths; the job finishes."""
     victim = _ids(source)[3]
-    args = _args(tmp_path, source, "generate.inject_failure.stage=prepare", f"generate.inject_failure.id={victim}",
-                 "generate.inject_failure.exit=true", f"ray_address={local_ray.get_runtime_context().gcs_address}")
+    args = _args(tmp_path, source, "stream.inject_failure.stage=prepare", f"stream.inject_failure.id={victim}",
+                 "stream.inject_failure.exit=true", f"ray_address={local_ray.get_runtime_context().gcs_address}")
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "rayjobs.generate", *args], capture_output=True, text=True,
                           timeout=300, env=os.environ.copy())
@@ -132,8 +132,8 @@ def test_the_same_command_again_takes_the_folder_over_and_does_the_rest_once(loc
     run_dir = f"{s3('take-over')}/run"
     # One row at a time through every stage, the stages taking every CPU (as on a cluster):
     # parts commit while later rows are still being inpainted, not all in one burst at the end.
-    args = _args(run_dir, source, "generate.rows_per_file=1", "generate.read.batch_size=1",
-                 "generate.captioner.batch_size=1", "generate.metrics.batch_size=1")
+    args = _args(run_dir, source, "stream.rows_per_file=1", "stream.read.batch_size=1",
+                 "stream.captioner.batch_size=1", "stream.metrics.batch_size=1")
     old = subprocess.Popen([sys.executable, "-m", "rayjobs.generate", *args,
                             f"ray_address={local_ray.get_runtime_context().gcs_address}"],
                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,

@@ -34,8 +34,8 @@ def source(tmp_path_factory):
 
 
 def _cfg(run_dir, source, *extra):
-    return load_config(overrides=[f"run_dir={run_dir}", f"data.source={source}", "generate.rows_per_file=3",
-                                  "generate.read.batch_size=3", *extra])
+    return load_config(overrides=[f"run_dir={run_dir}", f"data.source={source}", "stream.rows_per_file=3",
+                                  "stream.read.batch_size=3", *extra])
 
 
 def _tables(run_dir):
@@ -47,7 +47,7 @@ def _tables(run_dir):
 def first_run(local_ray, source, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("gen")
     # An autoscaling captioner pool (min/max) next to fixed ones.
-    cfg = _cfg(run_dir, source, "generate.captioner.min_size=1", "generate.captioner.max_size=2", "masks.kind=mixed")
+    cfg = _cfg(run_dir, source, "stream.captioner.min_size=1", "stream.captioner.max_size=2", "masks.kind=mixed")
     return run_dir, cfg, generate.run(cfg)
 
 
@@ -141,7 +141,7 @@ def test_a_failing_prepare_commits_each_bad_row_once(tmp_path, monkeypatch):
     sunk = []
     batch = {"id": np.array(["empty.png", "good.png"], dtype=object), "error": np.array(["", ""], dtype=object),
              "source": np.array([str(empty), str(good)], dtype=object), "raw_path": np.array([b"", b""], dtype=object)}
-    out = generate.prepare(batch, load_config(overrides=[f"run_dir={tmp_path}", "generate.batch_retries=1"]),
+    out = generate.prepare(batch, load_config(overrides=[f"run_dir={tmp_path}", "stream.batch_retries=1"]),
                            sunk.append)
     assert len(out["id"]) == 0
     committed = [i for rows in sunk for i in rows["id"]]

@@ -4,7 +4,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from blipinpaint.config import GenerateConfig, StageConfig, load_config
+from blipinpaint.config import StageConfig, StreamConfig, load_config
 from rayjobs.cluster import actor_resources, auto_sizes, pool
 
 
@@ -15,7 +15,7 @@ def test_fixed_and_autoscaling_pools():
     assert (scaling.min_size, scaling.max_size) == (1, 8)
 
 
-def sizes(g: GenerateConfig) -> dict:
+def sizes(g: StreamConfig) -> dict:
     return {name: (s.size, s.min_size, s.max_size) for name in ("captioner", "inpainter", "metrics")
             for s in [getattr(g, name)]}
 
@@ -24,25 +24,25 @@ def sizes(g: GenerateConfig) -> dict:
 def test_default_pools_fill_a_cpu_machine_with_inpainters(cpus, inpainters):
     """BLIP and CLIP a quarter core each, the read tasks half a core: the inpainters, half a
     core each, take the rest (at least one)."""
-    g = auto_sizes(load_config().generate, {"CPU": cpus}, None)
+    g = auto_sizes(load_config().stream, {"CPU": cpus}, None)
     assert sizes(g) == {"captioner": (1, None, None), "inpainter": (inpainters, None, None),
                         "metrics": (1, None, None)}
-    assert load_config().generate.inpainter.size == "auto"  # the config it came from is left as it was
+    assert load_config().stream.inpainter.size == "auto"  # the config it came from is left as it was
     # A few rows arrive in one read batch (8 rows): one inpainter, not an idle second one.
-    assert sizes(auto_sizes(load_config().generate, {"CPU": cpus}, None, rows=6))["inpainter"] == (1, None, None)
-    assert sizes(auto_sizes(load_config().generate, {"CPU": cpus}, None, rows=10_000))["inpainter"] == (
+    assert sizes(auto_sizes(load_config().stream, {"CPU": cpus}, None, rows=6))["inpainter"] == (1, None, None)
+    assert sizes(auto_sizes(load_config().stream, {"CPU": cpus}, None, rows=10_000))["inpainter"] == (
         inpainters, None, None)
 
 
 def test_default_pools_on_gpus_and_on_an_autoscaling_cluster():
     """An inpainter per GPU that BLIP and CLIP (half a GPU each) leave; an autoscaling pool up
     to what the cluster's largest size holds. Sizes given in the config are kept."""
-    gpu = ["generate.inpainter.num_gpus=1", "generate.captioner.num_gpus=0.5", "generate.metrics.num_gpus=0.5"]
-    g = load_config(overrides=gpu).generate
+    gpu = ["stream.inpainter.num_gpus=1", "stream.captioner.num_gpus=0.5", "stream.metrics.num_gpus=0.5"]
+    g = load_config(overrides=gpu).stream
     assert sizes(auto_sizes(g, {"CPU": 32, "GPU": 4}, None))["inpainter"] == (3, None, None)
     assert sizes(auto_sizes(g, {"CPU": 32, "GPU": 4}, {"CPU": 256, "GPU": 16}))["inpainter"] == (None, 3, 15)
-    explicit = load_config(overrides=[*gpu, "generate.inpainter.size=2", "generate.captioner.min_size=1",
-                                      "generate.captioner.max_size=2"]).generate
+    explicit = load_config(overrides=[*gpu, "stream.inpainter.size=2", "stream.captioner.min_size=1",
+                                      "stream.captioner.max_size=2"]).stream
     out = sizes(auto_sizes(explicit, {"CPU": 32, "GPU": 4}, {"CPU": 256, "GPU": 16}))
     assert out["inpainter"] == (2, None, None) and out["captioner"] == ("auto", 1, 2)
 

@@ -34,9 +34,9 @@ VICTIM = "chelsea.jpg"  # a training image of the main run
 def _args(run_dir, *extra):
     # One image at a time through every stage, each candidate into its own part: parts commit
     # while later candidates are still being inpainted, so a kill lands with work on both sides.
-    return [f"run_dir={run_dir}", f"caption.candidates={N}", "generate.rows_per_file=1", "generate.read.batch_size=1",
-            "generate.captioner.batch_size=1", "generate.inpainter.batch_size=1", "generate.metrics.batch_size=1",
-            "generate.inject_failure.stage=captioner", f"generate.inject_failure.id={VICTIM}", *extra]
+    return [f"run_dir={run_dir}", f"caption.candidates={N}", "stream.rows_per_file=1", "stream.read.batch_size=1",
+            "stream.captioner.batch_size=1", "stream.inpainter.batch_size=1", "stream.metrics.batch_size=1",
+            "stream.inject_failure.stage=captioner", f"stream.inject_failure.id={VICTIM}", *extra]
 
 
 def _training_ids(run_dir):
