@@ -1,3 +1,5 @@
+from pathlib import Path
+
 from pyarrow import fs as pafs
 
 from blipinpaint import storage
@@ -36,3 +38,24 @@ def test_text_and_jsonl(tmp_path):
     storage.write_jsonl(uri, [{"epoch": 0}, {"epoch": 1}])
     assert storage.read_jsonl(uri) == [{"epoch": 0}, {"epoch": 1}]
     assert storage.read_text(uri).count("\n") == 2
+
+
+def _model_folder(path, weights: bytes):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text('{"hidden": [8]}')
+    (path / "model.safetensors").write_bytes(weights)
+    return path
+
+
+def test_a_folder_retrained_in_its_bucket_is_loaded_anew(s3, tmp_path, monkeypatch):
+    """The docs' retraining: delete `run_dir/scorer` in the bucket, train again. A node that
+    loaded the first model must load the second, not its copy of the first."""
+    monkeypatch.setenv("BLIPINPAINT_CACHE", str(tmp_path / "cache"))
+    uri = f"{s3('retrained')}/run/scorer/model"
+    storage.upload_dir(_model_folder(tmp_path / "first", b"first training"), uri)
+    assert (Path(storage.local_dir(uri)) / "model.safetensors").read_bytes() == b"first training"
+
+    fs, path = storage.filesystem(uri)
+    fs.delete_dir(path)
+    storage.upload_dir(_model_folder(tmp_path / "second", b"second training"), uri)
+    assert (Path(storage.local_dir(uri)) / "model.safetensors").read_bytes() == b"second training"
