@@ -37,7 +37,7 @@ from blipinpaint.models.presets import (
     ModelRef,
     is_standard_inception,
 )
-from blipinpaint.storage import filesystem, is_file, is_remote, read_text, upload_dir, write_text
+from blipinpaint.storage import filesystem, is_file, is_published, is_remote, read_text, upload_dir, write_text
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,9 @@ def in_store(ref: ModelRef, store: str) -> ModelRef:
 
 
 def is_complete(uri: str) -> bool:
-    return is_file(f"{uri}/{MANIFEST}")
+    """An entry whose manifest was written last; in a bucket also the folder's content
+    manifest (`storage.upload_dir`), which node copies are verified against."""
+    return is_file(f"{uri}/{MANIFEST}") and (not is_remote(uri) or is_published(uri))
 
 
 def manifest(uri: str) -> dict:

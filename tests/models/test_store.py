@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from blipinpaint.config import load_config
 from blipinpaint.models import ModelRef, load_captioner, load_clip, load_inpaint_pipeline, store
 from blipinpaint.models.presets import PAPER
+from blipinpaint.storage import filesystem
 
 CPU = torch.device("cpu")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt", ".h5", ".msgpack")
@@ -313,3 +314,17 @@ def test_a_store_in_a_bucket_is_published_manifest_last_and_loads_on_a_node(pape
     assert store.put(PAPER.captioner, uri)["reused"]
     captioner = load_captioner(ModelRef(uri), CPU)  # copied once to this node's cache, then loaded
     assert captioner.model.config.text_config.bos_token_id == len(captioner.tokenizer)
+
+
+def test_a_bucket_entry_without_its_content_manifest_is_redone_not_trusted(paper_hub, bucket):
+    """A store entry in a bucket is complete only with both manifests: `_store.json` and the
+    folder's content manifest that node copies are verified against (an entry cut between
+    the two, or published before content manifests existed, is fetched again)."""
+    uri = store.entry_uri(f"{bucket}/runs/cut/models", PAPER.captioner)
+    store.put(PAPER.captioner, uri)
+    fs, path = filesystem(f"{uri}/_manifest.json")
+    fs.delete_file(path)
+    assert not store.is_complete(uri)
+    again = store.put(PAPER.captioner, uri)
+    assert not again["reused"] and store.is_complete(uri)
+    assert load_captioner(ModelRef(uri), CPU).model is not None
