@@ -92,7 +92,10 @@ class Account:
 
 
 def part_name(ids: list[str]) -> str:
-    digest = hashlib.blake2b("\n".join(sorted(ids)).encode(), digest_size=10).hexdigest()
+    """A part's name: a digest of its ids, in any order. The ids are encoded as a JSON list,
+    so that no two lists share an encoding (ids joined by newlines did: an id may hold one).
+    Parts committed under that earlier naming keep their names: each marker carries its own."""
+    digest = hashlib.blake2b(json.dumps(sorted(ids)).encode(), digest_size=10).hexdigest()
     return f"part-{digest}"
 
 

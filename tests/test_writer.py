@@ -7,10 +7,12 @@ import pytest
 from helpers import sample_rows as _rows
 from pyarrow import fs as pafs
 
+from blipinpaint import writer
 from blipinpaint.errors import JobError
+from blipinpaint.reader import read_sorted
 from blipinpaint.records import ERROR_SCHEMA, SAMPLE_SCHEMA
 from blipinpaint.storage import filesystem
-from blipinpaint.writer import CommitLog, Superseded
+from blipinpaint.writer import CommitLog, Superseded, part_name
 
 
 class Out:
@@ -253,3 +255,39 @@ def test_resume_makes_failed_batches_pending_again_only_when_asked(out):
     retried = CommitLog(out.uri).resume(retry_failed=True)
     assert sorted(retried.retried) == ["b", "c"] and retried.done == {"a", "d"}
     assert retried.owner != kept.owner and CommitLog(out.uri, owner=retried.owner).owns()
+
+
+def test_parts_of_different_ids_never_share_a_name(out):
+    """A part's name is a digest of its ids, unambiguous even for ids holding a newline (a
+    file name may): two batches never replace each other."""
+    assert part_name(["a.jpg", "b.jpg"]) != part_name(["a.jpg\nb.jpg"])
+    assert part_name(["b", "a"]) == part_name(["a", "b"])  # a retried batch, in any order: the same part
+    log = CommitLog(out.uri)
+    log.commit(_rows(["a.jpg", "b.jpg"], ["", ""]))
+    log.commit(_rows(["a.jpg\nb.jpg"], [""]))
+    assert out.ids("samples") == ["a.jpg", "a.jpg\nb.jpg", "b.jpg"] and len(log.markers()) == 2
+    assert log.account(["a.jpg", "b.jpg", "a.jpg\nb.jpg"]).complete
+
+
+def test_a_folder_written_under_the_earlier_part_names_resumes(out, monkeypatch):
+    """Parts committed under the earlier naming (a digest of the ids joined by newlines) are
+    found by their markers, which carry their names: nothing recomputes a committed part's name."""
+    import hashlib
+
+    def earlier(ids):
+        return "part-" + hashlib.blake2b("\n".join(sorted(ids)).encode(), digest_size=10).hexdigest()
+
+    monkeypatch.setattr(writer, "part_name", earlier)
+    log = CommitLog(out.uri)
+    log.take_over(grace_s=0)
+    log.commit(_rows(["a", "b"], ["", ""]))
+    failed = log.commit(_rows(["c"], ["stage failed: x"]))
+    monkeypatch.undo()
+    assert failed["name"] == earlier(["c"]) != part_name(["c"])
+    log = CommitLog(out.uri)
+    resumed = log.resume(retry_failed=True)
+    assert resumed.recovered["committed_parts"] == 2 and resumed.retried == ["c"] and resumed.done == {"a", "b"}
+    log.commit(_rows(["c"], [""]))
+    assert read_sorted(out.uri, ["a", "b", "c"], ["caption"])["id"].tolist() == ["a", "b", "c"]
+    log.finish({}, log.account(["a", "b", "c"]), "inputs")
+    assert "_SUCCESS" in out.files("") and out.ids("errors") == []
