@@ -205,7 +205,17 @@ class CommitLog:
         self.fs.create_dir(self._path("_commits"), recursive=True)
         self._put("_commits", f"{name}.json", json.dumps(marker).encode())  # the commit point
         self._publish(marker)
+        for folder in DATA_DIRS:  # this part committed before with rows in the other folder: not any more
+            if folder not in marker["staged"]:
+                self._delete(self._path(folder, f"{name}.parquet"))
         return marker
+
+    def _delete(self, path: str) -> None:
+        """Delete a file that may not be there (one request on S3, as a check first would be)."""
+        try:
+            self.fs.delete_file(path)
+        except FileNotFoundError:
+            pass
 
     def _publish(self, marker: dict) -> None:
         for folder, staged in marker["staged"].items():
@@ -257,6 +267,9 @@ class CommitLog:
                     self.fs.create_dir(self._path(folder), recursive=True)
                     self.fs.move(self._path("_staging", folder, name), self._path(folder, f"{marker['name']}.parquet"))
                     staged[folder].discard(name)
+            for folder in DATA_DIRS:  # a re-commit cut short before the other folder's file went
+                if folder not in marker["staged"] and f"{marker['name']}.parquet" in published[folder]:
+                    self.fs.delete_file(self._path(folder, f"{marker['name']}.parquet"))
         self._remove(dropped)
         named = {(folder, name) for m in kept for folder, name in m["staged"].items()}
         removed = [self._path("_staging", f, name) for f in DATA_DIRS for name in staged[f] if (f, name) not in named]
@@ -267,12 +280,13 @@ class CommitLog:
         return {"committed_parts": len(kept), "orphans_removed": len(removed), "parts_dropped": len(dropped)}
 
     def _remove(self, markers: list[dict]) -> None:
-        """Delete parts: data first, the marker last (a cut-short removal is finished by `recover`)."""
+        """Delete parts: data first (in both folders: a re-commit may have been cut short before
+        its other folder's file went), the marker last (a cut-short removal is finished by `recover`)."""
         for marker in markers:
-            for folder, name in marker["staged"].items():
-                for path in (self._path(folder, f"{marker['name']}.parquet"), self._path("_staging", folder, name)):
-                    if self.fs.get_file_info(path).type == pafs.FileType.File:
-                        self.fs.delete_file(path)
+            paths = [self._path(folder, f"{marker['name']}.parquet") for folder in DATA_DIRS]
+            paths += [self._path("_staging", folder, name) for folder, name in marker["staged"].items()]
+            for path in paths:
+                self._delete(path)
             self.fs.delete_file(self._path("_commits", f"{marker['name']}.json"))
 
     def uncommit(self, matches: Callable[[dict], bool]) -> list[str]:

@@ -291,3 +291,21 @@ def test_a_folder_written_under_the_earlier_part_names_resumes(out, monkeypatch)
     assert read_sorted(out.uri, ["a", "b", "c"], ["caption"])["id"].tolist() == ["a", "b", "c"]
     log.finish({}, log.account(["a", "b", "c"]), "inputs")
     assert "_SUCCESS" in out.files("") and out.ids("errors") == []
+
+
+def test_a_part_committed_again_in_the_other_folder_leaves_nothing_behind(out):
+    """A batch committed as error rows, then again as samples (the same part: a task retried
+    after its stage recovered): its ids stand in one folder only. A commit cut short before
+    the other folder's file went is finished by `recover`, and `uncommit` removes both."""
+    log = CommitLog(out.uri)
+    first = log.commit(_rows(["a", "b"], ["stage failed: x"] * 2))
+    out.copy(f"errors/{first['name']}.parquet", "earlier.parquet")
+    again = log.commit(_rows(["a", "b"], ["", ""]))
+    assert again["name"] == first["name"]
+    assert out.ids("samples") == ["a", "b"] and out.ids("errors") == []
+    out.copy("earlier.parquet", f"errors/{first['name']}.parquet")  # killed before it went
+    log.recover()
+    assert out.ids("samples") == ["a", "b"] and out.ids("errors") == []
+    out.copy("earlier.parquet", f"errors/{first['name']}.parquet")
+    assert sorted(log.uncommit(lambda m: True)) == ["a", "b"]
+    assert out.ids("samples") == out.ids("errors") == [] and log.markers() == []
