@@ -20,7 +20,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -70,6 +70,7 @@ class Account:
     rows: int  # rows of every part, listed or not
     seconds: Counter = field(default_factory=Counter)  # busy seconds per stage over every part
     retries: Counter = field(default_factory=Counter)  # failed attempts per stage over every part
+    files: dict[str, list[str]] = field(default_factory=dict, repr=False)  # "folder/name" of data -> its part's ids
 
     @property
     def errors(self) -> int:
@@ -218,11 +219,19 @@ class CommitLog:
             pass
 
     def _publish(self, marker: dict) -> None:
+        """Move a committed part's files into place. A file a recovery moved already is in place;
+        one in neither place was removed by a recovery that did not see the marker (it landed
+        after that recovery listed the markers): the part is lost, and said so."""
         for folder, staged in marker["staged"].items():
-            source = self._path("_staging", folder, staged)
+            source, target = self._path("_staging", folder, staged), self._path(folder, f"{marker['name']}.parquet")
             if self.fs.get_file_info(source).type == pafs.FileType.File:
                 self.fs.create_dir(self._path(folder), recursive=True)
-                self.fs.move(source, self._path(folder, f"{marker['name']}.parquet"))
+                self.fs.move(source, target)
+            elif self.fs.get_file_info(target).type != pafs.FileType.File:
+                lost = (f"{self.out_dir}: part {marker['name']} committed, but its staged {folder} file is gone (a "
+                        "recovery removed it before the marker landed); the next recovery drops the part and its "
+                        "rows are done again")
+                raise (JobError if self.owns() else Superseded)(lost)
 
     def markers(self, skip: Collection[str] = ()) -> list[dict]:
         """The commit markers in name order, but those of the parts named in `skip`."""
@@ -244,11 +253,12 @@ class CommitLog:
     def recover(self) -> dict[str, int]:
         """Finish committed parts, undo uncommitted ones; return what was done.
 
-        A marker whose data is gone both staged and published (an `uncommit` cut short, or
-        files deleted by hand) is dropped: its ids are pending again, never silently lost.
-        So is a part sharing an id with a part kept before it (parts with samples first):
-        only a writer that outlived the owner check can cause that, and the ids of the
-        dropped part that are nowhere else are redone.
+        A marker whose data is gone both staged and published (an `uncommit` cut short, a
+        recovery that removed a straggler's staged file before its marker landed, or files
+        deleted by hand) is dropped: its ids are pending again, never silently lost. So is a
+        part sharing an id with a part kept before it (parts with samples first): only a
+        writer that outlived the owner check can cause that, and the ids of the dropped part
+        that are nowhere else are redone.
         """
         staged = {folder: self._files(f"_staging/{folder}") for folder in DATA_DIRS}
         published = {folder: self._files(folder) for folder in DATA_DIRS}
@@ -312,22 +322,35 @@ class CommitLog:
         return Resumed(owner, recovered, retried, self.committed_ids())
 
     def account(self, listed: Collection[str]) -> Account:
-        """Where each of the `listed` ids stands: a sample, an error (and why), missing or duplicated."""
+        """Where each of the `listed` ids stands: a sample, an error (and why), missing or duplicated.
+        The ids of a part whose files are not all in place count as missing (its marker names
+        data a recovery removed, or that was deleted): the next `recover` drops it."""
         markers, listed = self.markers(), set(listed)
         seen = Counter(i for m in markers for i in (*m["samples"], *m["errors"]))
+        published = {folder: self._files(folder) for folder in DATA_DIRS}
+        placed = [m for m in markers if all(f"{m['name']}.parquet" in published[f] for f in m["staged"])]
         account = Account(
-            listed=len(listed), ok={i for m in markers for i in m["samples"]} & listed,
-            errors_by_reason=Counter(k for m in markers for i, k in zip(m["errors"], m["error_kinds"]) if i in listed),
-            missing=sorted(listed - set(seen)), duplicates=sum(c - 1 for c in seen.values() if c > 1),
-            rows=sum(len(m["samples"]) + len(m["errors"]) for m in markers))
+            listed=len(listed), ok={i for m in placed for i in m["samples"]} & listed,
+            errors_by_reason=Counter(k for m in placed for i, k in zip(m["errors"], m["error_kinds"]) if i in listed),
+            missing=sorted(listed - {i for m in placed for i in (*m["samples"], *m["errors"])}),
+            duplicates=sum(c - 1 for c in seen.values() if c > 1),
+            rows=sum(len(m["samples"]) + len(m["errors"]) for m in markers),
+            files={f"{f}/{m['name']}.parquet": [i for i in (*m["samples"], *m["errors"]) if i in listed]
+                   for m in placed for f in m["staged"]})
         for m in markers:
             account.seconds.update(m["seconds"])
             account.retries.update(m["retries"])
         return account
 
     def finish(self, stats: dict, account: Account, what: str) -> None:
-        """End the run: its `stats.json`, `_SUCCESS` when every listed id is accounted for, the
-        folder released; a `JobError` naming the `what` (e.g. "inputs") missing or duplicated."""
+        """End the run: its `stats.json`, `_SUCCESS` when every listed id is accounted for and
+        the files `account` found are still in place (one listing per folder), the folder
+        released; a `JobError` naming the `what` (e.g. "inputs") missing or duplicated."""
+        if account.complete:
+            published = {folder: self._files(folder) for folder in DATA_DIRS}
+            gone = {i for path, ids in account.files.items() if posixpath.basename(path)
+                    not in published[posixpath.dirname(path)] for i in ids}
+            account = replace(account, missing=sorted(set(account.missing) | gone))
         write_text(Folder(self.out_dir).stats, json.dumps(stats, indent=2))
         if account.complete:
             write_text(Folder(self.out_dir).success, "")
