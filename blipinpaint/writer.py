@@ -140,6 +140,7 @@ class CommitLog:
         return token
 
     _wait = staticmethod(time.sleep)  # (tests record the waits instead)
+    _now = staticmethod(time.time)  # what the stores' file times are compared with (tests set the clock)
 
     def release(self) -> None:
         """Say that the owner's run finished: the next run need not wait for stragglers.
@@ -199,9 +200,10 @@ class CommitLog:
             self.check_owner()
         except Superseded:
             # Its staged files would outlive the new owner's `recover()` (done when it took over):
-            # take them back. A writer killed right here leaves them to the next recovery.
+            # take them back (that recovery may have removed them already). A writer killed right
+            # here leaves them to the next recovery.
             for folder, staged in marker["staged"].items():
-                self.fs.delete_file(self._path("_staging", folder, staged))
+                self._delete(self._path("_staging", folder, staged))
             raise
         self.fs.create_dir(self._path("_commits"), recursive=True)
         self._put("_commits", f"{name}.json", json.dumps(marker).encode())  # the commit point
@@ -245,12 +247,17 @@ class CommitLog:
                 markers.append(json.loads(f.read()))
         return markers
 
-    def _files(self, folder: str) -> set[str]:
-        """Names of the files in a folder of the output: one listing, not a request per file."""
-        selector = pafs.FileSelector(self._path(folder), allow_not_found=True)
-        return {i.base_name for i in self.fs.get_file_info(selector) if i.type == pafs.FileType.File}
+    def _listing(self, folder: str) -> dict[str, float]:
+        """The files in a folder of the output, by name, with their ages in seconds (by the
+        store's file times): one listing, not a request per file."""
+        selector, now = pafs.FileSelector(self._path(folder), allow_not_found=True), self._now()
+        return {i.base_name: now - i.mtime.timestamp() for i in self.fs.get_file_info(selector)
+                if i.type == pafs.FileType.File}
 
-    def recover(self) -> dict[str, int]:
+    def _files(self, folder: str) -> set[str]:
+        return set(self._listing(folder))
+
+    def recover(self, grace_s: float = 0.0) -> dict[str, int]:
         """Finish committed parts, undo uncommitted ones; return what was done.
 
         A marker whose data is gone both staged and published (an `uncommit` cut short, a
@@ -258,9 +265,11 @@ class CommitLog:
         deleted by hand) is dropped: its ids are pending again, never silently lost. So is a
         part sharing an id with a part kept before it (parts with samples first): only a
         writer that outlived the owner check can cause that, and the ids of the dropped part
-        that are nowhere else are redone.
+        that are nowhere else are redone. Files no marker names that are younger than
+        `grace_s` (by the store's file times) are left to the writer that may still commit
+        or take them back.
         """
-        staged = {folder: self._files(f"_staging/{folder}") for folder in DATA_DIRS}
+        staged = {folder: self._listing(f"_staging/{folder}") for folder in DATA_DIRS}
         published = {folder: self._files(folder) for folder in DATA_DIRS}
         kept, dropped, seen = [], [], set()
         for marker in sorted(self.markers(), key=lambda m: (not m["samples"], m["name"])):
@@ -276,17 +285,22 @@ class CommitLog:
                 if name in staged[folder]:
                     self.fs.create_dir(self._path(folder), recursive=True)
                     self.fs.move(self._path("_staging", folder, name), self._path(folder, f"{marker['name']}.parquet"))
-                    staged[folder].discard(name)
+                    staged[folder].pop(name)
             for folder in DATA_DIRS:  # a re-commit cut short before the other folder's file went
                 if folder not in marker["staged"] and f"{marker['name']}.parquet" in published[folder]:
                     self.fs.delete_file(self._path(folder, f"{marker['name']}.parquet"))
         self._remove(dropped)
         named = {(folder, name) for m in kept for folder, name in m["staged"].items()}
-        removed = [self._path("_staging", f, name) for f in DATA_DIRS for name in staged[f] if (f, name) not in named]
-        removed += [self._path("_commits", name) for name in self._files("_commits") if name.endswith(".tmp")]
-        removed += [self._path(name) for name in self._files("") if name.startswith(".") and name.endswith(".tmp")]
+        unnamed = {self._path("_staging", f, name): age for f in DATA_DIRS for name, age in staged[f].items()
+                   if (f, name) not in named}
+        unnamed |= {self._path(folder, name): age for folder in ("_commits", "") for name, age in
+                    self._listing(folder).items() if name.startswith(".") and name.endswith(".tmp")}
+        removed = [path for path, age in unnamed.items() if age >= grace_s]
         for path in removed:
             self.fs.delete_file(path)
+        if len(removed) < len(unnamed):
+            log.info("%s: %d staged files younger than %.0f s left to their writers", self.out_dir,
+                     len(unnamed) - len(removed), grace_s)
         return {"committed_parts": len(kept), "orphans_removed": len(removed), "parts_dropped": len(dropped)}
 
     def _remove(self, markers: list[dict]) -> None:
@@ -312,12 +326,12 @@ class CommitLog:
     def committed_ids(self) -> set[str]:
         return {i for m in self.markers() for i in (*m["samples"], *m["errors"])}
 
-    def resume(self, retry_failed: bool = False) -> Resumed:
+    def resume(self, retry_failed: bool = False, grace_s: float = 5.0) -> Resumed:
         """Start a run here: take the folder over (a killed run's stragglers stop committing),
         finish or undo what it left, and with `retry_failed` make the parts of batches a
         model stage failed on pending again (a preempted machine, not their images)."""
-        owner = self.take_over()  # before recovering
-        recovered = self.recover()
+        owner = self.take_over(grace_s)  # before recovering
+        recovered = self.recover(grace_s)
         retried = self.uncommit(stage_failure) if retry_failed else []
         return Resumed(owner, recovered, retried, self.committed_ids())
 

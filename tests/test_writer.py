@@ -360,6 +360,42 @@ def test_a_marker_whose_data_a_recovery_removed_is_never_taken_for_done(out, mon
     assert "_SUCCESS" in out.files("") and out.ids("samples") == ["a", "b"]
 
 
+def test_a_staged_file_younger_than_the_grace_outlives_the_recovery_that_races_its_writer(out, monkeypatch):
+    """A task of the previous run stages its file during the take-over's wait and has not yet
+    checked the owner when the recovery runs: the recovery leaves the file (younger than the
+    grace) to its writer, which is refused at its check and takes the file back itself."""
+    straggler = _Straggler(out.uri, pause="before check")
+    new = CommitLog(out.uri)
+    waits = []
+
+    def wait(seconds):  # the straggler stages during the take-over's wait, which ends a second later
+        straggler.start(_rows(["a"], [""]))
+        _clock(monkeypatch, out, age_s=1)
+        waits.append(seconds)
+
+    monkeypatch.setattr(CommitLog, "_wait", staticmethod(wait))
+    resumed = new.resume()
+    assert waits == [5] and resumed.done == set()
+    assert len(out.files("_staging/samples")) == 1  # left to its writer
+    straggler.finish_commit()
+    assert isinstance(straggler.error, Superseded)
+    assert out.files("_staging/samples") == [] and new.committed_ids() == set() and out.ids("samples") == []
+
+
+def test_a_straggler_whose_staged_file_a_recovery_removed_is_still_refused(out, monkeypatch):
+    """The same, with the file staged before the take-over: older than the grace when the
+    recovery runs, so removed there; the writer is refused at its check all the same."""
+    straggler = _Straggler(out.uri, pause="before check")
+    straggler.start(_rows(["a"], [""]))
+    _clock(monkeypatch, out, age_s=5 + 1)
+    waits = []
+    monkeypatch.setattr(CommitLog, "_wait", staticmethod(waits.append))
+    CommitLog(out.uri).resume()
+    assert waits == [5] and out.files("_staging/samples") == []
+    straggler.finish_commit()
+    assert isinstance(straggler.error, Superseded)  # not the FileNotFoundError of taking back a removed file
+
+
 def test_finish_checks_the_data_is_still_there(out):
     """`_SUCCESS` only when every committed part's files are in place when it is written."""
     log = CommitLog(out.uri)
