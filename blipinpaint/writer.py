@@ -20,7 +20,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -70,6 +70,7 @@ class Account:
     rows: int  # rows of every part, listed or not
     seconds: Counter = field(default_factory=Counter)  # busy seconds per stage over every part
     retries: Counter = field(default_factory=Counter)  # failed attempts per stage over every part
+    files: dict[str, list[str]] = field(default_factory=dict, repr=False)  # "folder/name" of data -> its part's ids
 
     @property
     def errors(self) -> int:
@@ -92,7 +93,10 @@ class Account:
 
 
 def part_name(ids: list[str]) -> str:
-    digest = hashlib.blake2b("\n".join(sorted(ids)).encode(), digest_size=10).hexdigest()
+    """A part's name: a digest of its ids, in any order. The ids are encoded as a JSON list,
+    so that no two lists share an encoding (ids joined by newlines did: an id may hold one).
+    Parts committed under that earlier naming keep their names: each marker carries its own."""
+    digest = hashlib.blake2b(json.dumps(sorted(ids)).encode(), digest_size=10).hexdigest()
     return f"part-{digest}"
 
 
@@ -136,6 +140,7 @@ class CommitLog:
         return token
 
     _wait = staticmethod(time.sleep)  # (tests record the waits instead)
+    _now = staticmethod(time.time)  # what the stores' file times are compared with (tests set the clock)
 
     def release(self) -> None:
         """Say that the owner's run finished: the next run need not wait for stragglers.
@@ -195,21 +200,40 @@ class CommitLog:
             self.check_owner()
         except Superseded:
             # Its staged files would outlive the new owner's `recover()` (done when it took over):
-            # take them back. A writer killed right here leaves them to the next recovery.
+            # take them back (that recovery may have removed them already). A writer killed right
+            # here leaves them to the next recovery.
             for folder, staged in marker["staged"].items():
-                self.fs.delete_file(self._path("_staging", folder, staged))
+                self._delete(self._path("_staging", folder, staged))
             raise
         self.fs.create_dir(self._path("_commits"), recursive=True)
         self._put("_commits", f"{name}.json", json.dumps(marker).encode())  # the commit point
         self._publish(marker)
+        for folder in DATA_DIRS:  # this part committed before with rows in the other folder: not any more
+            if folder not in marker["staged"]:
+                self._delete(self._path(folder, f"{name}.parquet"))
         return marker
 
+    def _delete(self, path: str) -> None:
+        """Delete a file that may not be there (one request on S3, as a check first would be)."""
+        try:
+            self.fs.delete_file(path)
+        except FileNotFoundError:
+            pass
+
     def _publish(self, marker: dict) -> None:
+        """Move a committed part's files into place. A file a recovery moved already is in place;
+        one in neither place was removed by a recovery that did not see the marker (it landed
+        after that recovery listed the markers): the part is lost, and said so."""
         for folder, staged in marker["staged"].items():
-            source = self._path("_staging", folder, staged)
+            source, target = self._path("_staging", folder, staged), self._path(folder, f"{marker['name']}.parquet")
             if self.fs.get_file_info(source).type == pafs.FileType.File:
                 self.fs.create_dir(self._path(folder), recursive=True)
-                self.fs.move(source, self._path(folder, f"{marker['name']}.parquet"))
+                self.fs.move(source, target)
+            elif self.fs.get_file_info(target).type != pafs.FileType.File:
+                lost = (f"{self.out_dir}: part {marker['name']} committed, but its staged {folder} file is gone (a "
+                        "recovery removed it before the marker landed); the next recovery drops the part and its "
+                        "rows are done again")
+                raise (JobError if self.owns() else Superseded)(lost)
 
     def markers(self, skip: Collection[str] = ()) -> list[dict]:
         """The commit markers in name order, but those of the parts named in `skip`."""
@@ -223,21 +247,29 @@ class CommitLog:
                 markers.append(json.loads(f.read()))
         return markers
 
-    def _files(self, folder: str) -> set[str]:
-        """Names of the files in a folder of the output: one listing, not a request per file."""
-        selector = pafs.FileSelector(self._path(folder), allow_not_found=True)
-        return {i.base_name for i in self.fs.get_file_info(selector) if i.type == pafs.FileType.File}
+    def _listing(self, folder: str) -> dict[str, float]:
+        """The files in a folder of the output, by name, with their ages in seconds (by the
+        store's file times): one listing, not a request per file."""
+        selector, now = pafs.FileSelector(self._path(folder), allow_not_found=True), self._now()
+        return {i.base_name: now - i.mtime.timestamp() for i in self.fs.get_file_info(selector)
+                if i.type == pafs.FileType.File}
 
-    def recover(self) -> dict[str, int]:
+    def _files(self, folder: str) -> set[str]:
+        return set(self._listing(folder))
+
+    def recover(self, grace_s: float = 0.0) -> dict[str, int]:
         """Finish committed parts, undo uncommitted ones; return what was done.
 
-        A marker whose data is gone both staged and published (an `uncommit` cut short, or
-        files deleted by hand) is dropped: its ids are pending again, never silently lost.
-        So is a part sharing an id with a part kept before it (parts with samples first):
-        only a writer that outlived the owner check can cause that, and the ids of the
-        dropped part that are nowhere else are redone.
+        A marker whose data is gone both staged and published (an `uncommit` cut short, a
+        recovery that removed a straggler's staged file before its marker landed, or files
+        deleted by hand) is dropped: its ids are pending again, never silently lost. So is a
+        part sharing an id with a part kept before it (parts with samples first): only a
+        writer that outlived the owner check can cause that, and the ids of the dropped part
+        that are nowhere else are redone. Files no marker names that are younger than
+        `grace_s` (by the store's file times) are left to the writer that may still commit
+        or take them back.
         """
-        staged = {folder: self._files(f"_staging/{folder}") for folder in DATA_DIRS}
+        staged = {folder: self._listing(f"_staging/{folder}") for folder in DATA_DIRS}
         published = {folder: self._files(folder) for folder in DATA_DIRS}
         kept, dropped, seen = [], [], set()
         for marker in sorted(self.markers(), key=lambda m: (not m["samples"], m["name"])):
@@ -253,23 +285,32 @@ class CommitLog:
                 if name in staged[folder]:
                     self.fs.create_dir(self._path(folder), recursive=True)
                     self.fs.move(self._path("_staging", folder, name), self._path(folder, f"{marker['name']}.parquet"))
-                    staged[folder].discard(name)
+                    staged[folder].pop(name)
+            for folder in DATA_DIRS:  # a re-commit cut short before the other folder's file went
+                if folder not in marker["staged"] and f"{marker['name']}.parquet" in published[folder]:
+                    self.fs.delete_file(self._path(folder, f"{marker['name']}.parquet"))
         self._remove(dropped)
         named = {(folder, name) for m in kept for folder, name in m["staged"].items()}
-        removed = [self._path("_staging", f, name) for f in DATA_DIRS for name in staged[f] if (f, name) not in named]
-        removed += [self._path("_commits", name) for name in self._files("_commits") if name.endswith(".tmp")]
-        removed += [self._path(name) for name in self._files("") if name.startswith(".") and name.endswith(".tmp")]
+        unnamed = {self._path("_staging", f, name): age for f in DATA_DIRS for name, age in staged[f].items()
+                   if (f, name) not in named}
+        unnamed |= {self._path(folder, name): age for folder in ("_commits", "") for name, age in
+                    self._listing(folder).items() if name.startswith(".") and name.endswith(".tmp")}
+        removed = [path for path, age in unnamed.items() if age >= grace_s]
         for path in removed:
             self.fs.delete_file(path)
+        if len(removed) < len(unnamed):
+            log.info("%s: %d staged files younger than %.0f s left to their writers", self.out_dir,
+                     len(unnamed) - len(removed), grace_s)
         return {"committed_parts": len(kept), "orphans_removed": len(removed), "parts_dropped": len(dropped)}
 
     def _remove(self, markers: list[dict]) -> None:
-        """Delete parts: data first, the marker last (a cut-short removal is finished by `recover`)."""
+        """Delete parts: data first (in both folders: a re-commit may have been cut short before
+        its other folder's file went), the marker last (a cut-short removal is finished by `recover`)."""
         for marker in markers:
-            for folder, name in marker["staged"].items():
-                for path in (self._path(folder, f"{marker['name']}.parquet"), self._path("_staging", folder, name)):
-                    if self.fs.get_file_info(path).type == pafs.FileType.File:
-                        self.fs.delete_file(path)
+            paths = [self._path(folder, f"{marker['name']}.parquet") for folder in DATA_DIRS]
+            paths += [self._path("_staging", folder, name) for folder, name in marker["staged"].items()]
+            for path in paths:
+                self._delete(path)
             self.fs.delete_file(self._path("_commits", f"{marker['name']}.json"))
 
     def uncommit(self, matches: Callable[[dict], bool]) -> list[str]:
@@ -285,32 +326,45 @@ class CommitLog:
     def committed_ids(self) -> set[str]:
         return {i for m in self.markers() for i in (*m["samples"], *m["errors"])}
 
-    def resume(self, retry_failed: bool = False) -> Resumed:
+    def resume(self, retry_failed: bool = False, grace_s: float = 5.0) -> Resumed:
         """Start a run here: take the folder over (a killed run's stragglers stop committing),
         finish or undo what it left, and with `retry_failed` make the parts of batches a
         model stage failed on pending again (a preempted machine, not their images)."""
-        owner = self.take_over()  # before recovering
-        recovered = self.recover()
+        owner = self.take_over(grace_s)  # before recovering
+        recovered = self.recover(grace_s)
         retried = self.uncommit(stage_failure) if retry_failed else []
         return Resumed(owner, recovered, retried, self.committed_ids())
 
     def account(self, listed: Collection[str]) -> Account:
-        """Where each of the `listed` ids stands: a sample, an error (and why), missing or duplicated."""
+        """Where each of the `listed` ids stands: a sample, an error (and why), missing or duplicated.
+        The ids of a part whose files are not all in place count as missing (its marker names
+        data a recovery removed, or that was deleted): the next `recover` drops it."""
         markers, listed = self.markers(), set(listed)
         seen = Counter(i for m in markers for i in (*m["samples"], *m["errors"]))
+        published = {folder: self._files(folder) for folder in DATA_DIRS}
+        placed = [m for m in markers if all(f"{m['name']}.parquet" in published[f] for f in m["staged"])]
         account = Account(
-            listed=len(listed), ok={i for m in markers for i in m["samples"]} & listed,
-            errors_by_reason=Counter(k for m in markers for i, k in zip(m["errors"], m["error_kinds"]) if i in listed),
-            missing=sorted(listed - set(seen)), duplicates=sum(c - 1 for c in seen.values() if c > 1),
-            rows=sum(len(m["samples"]) + len(m["errors"]) for m in markers))
+            listed=len(listed), ok={i for m in placed for i in m["samples"]} & listed,
+            errors_by_reason=Counter(k for m in placed for i, k in zip(m["errors"], m["error_kinds"]) if i in listed),
+            missing=sorted(listed - {i for m in placed for i in (*m["samples"], *m["errors"])}),
+            duplicates=sum(c - 1 for c in seen.values() if c > 1),
+            rows=sum(len(m["samples"]) + len(m["errors"]) for m in markers),
+            files={f"{f}/{m['name']}.parquet": [i for i in (*m["samples"], *m["errors"]) if i in listed]
+                   for m in placed for f in m["staged"]})
         for m in markers:
             account.seconds.update(m["seconds"])
             account.retries.update(m["retries"])
         return account
 
     def finish(self, stats: dict, account: Account, what: str) -> None:
-        """End the run: its `stats.json`, `_SUCCESS` when every listed id is accounted for, the
-        folder released; a `JobError` naming the `what` (e.g. "inputs") missing or duplicated."""
+        """End the run: its `stats.json`, `_SUCCESS` when every listed id is accounted for and
+        the files `account` found are still in place (one listing per folder), the folder
+        released; a `JobError` naming the `what` (e.g. "inputs") missing or duplicated."""
+        if account.complete:
+            published = {folder: self._files(folder) for folder in DATA_DIRS}
+            gone = {i for path, ids in account.files.items() if posixpath.basename(path)
+                    not in published[posixpath.dirname(path)] for i in ids}
+            account = replace(account, missing=sorted(set(account.missing) | gone))
         write_text(Folder(self.out_dir).stats, json.dumps(stats, indent=2))
         if account.complete:
             write_text(Folder(self.out_dir).success, "")

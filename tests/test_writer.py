@@ -1,16 +1,20 @@
 import json
 import posixpath
+import threading
 import uuid
+from collections import Counter
 
 import pyarrow.parquet as pq
 import pytest
 from helpers import sample_rows as _rows
 from pyarrow import fs as pafs
 
+from blipinpaint import writer
 from blipinpaint.errors import JobError
+from blipinpaint.reader import read_sorted
 from blipinpaint.records import ERROR_SCHEMA, SAMPLE_SCHEMA
 from blipinpaint.storage import filesystem
-from blipinpaint.writer import CommitLog, Superseded
+from blipinpaint.writer import CommitLog, Superseded, part_name
 
 
 class Out:
@@ -253,3 +257,240 @@ def test_resume_makes_failed_batches_pending_again_only_when_asked(out):
     retried = CommitLog(out.uri).resume(retry_failed=True)
     assert sorted(retried.retried) == ["b", "c"] and retried.done == {"a", "d"}
     assert retried.owner != kept.owner and CommitLog(out.uri, owner=retried.owner).owns()
+
+
+class _Straggler(CommitLog):
+    """A writer of a run that is being taken over, stopped where a slow task stops: before its
+    owner check (`pause="before check"`) or right after it passed (`"after check"`), until
+    `go`; then, with its marker written, before its files move, until `publish`. Its commit
+    runs in a thread (`start`); what it raised is `error`."""
+
+    def __init__(self, uri: str, pause: str):
+        super().__init__(uri)
+        self.take_over(grace_s=0)  # the run the straggler belongs to owns the folder
+        self.pause, self.error, self.thread = pause, None, None
+        self.paused, self.go, self.marked, self.publish = (threading.Event() for _ in range(4))
+
+    def start(self, table) -> None:
+        def run():
+            try:
+                self.commit(table)
+            except Exception as err:  # noqa: BLE001 - what the task would raise, looked at by the test
+                self.error = err
+            finally:
+                self.paused.set()
+                self.marked.set()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        assert self.paused.wait(30)
+
+    def check_owner(self) -> None:
+        if self.pause == "before check":
+            self._stop()
+        super().check_owner()
+        if self.pause == "after check":
+            self._stop()
+
+    def _stop(self) -> None:
+        self.paused.set()
+        assert self.go.wait(30)
+
+    def _publish(self, marker: dict) -> None:
+        self.marked.set()
+        assert self.publish.wait(30)
+        super()._publish(marker)
+
+    def finish_commit(self) -> None:
+        self.go.set()
+        self.publish.set()
+        self.thread.join(30)
+        assert not self.thread.is_alive()
+
+
+class _RacedRecovery(CommitLog):
+    """A new run whose recovery lists the markers, and the straggler's marker lands right
+    after that listing, before the staged files no listed marker names are removed."""
+
+    def __init__(self, uri: str, straggler: _Straggler):
+        super().__init__(uri)
+        self.straggler, self.raced = straggler, False
+
+    def markers(self, skip=()):
+        found = super().markers(skip)
+        if not self.raced:
+            self.raced = True
+            self.straggler.go.set()
+            assert self.straggler.marked.wait(30)
+        return found
+
+
+def _clock(monkeypatch, out: Out, age_s: float) -> None:
+    """The clock a recovery reads: `age_s` after the one staged sample file was written (by
+    the store's time for it). No test waits for real: the take-over's waits are recorded."""
+    (info,) = out.fs.get_file_info(pafs.FileSelector(out.path("_staging/samples")))
+    monkeypatch.setattr(CommitLog, "_now", staticmethod(lambda: info.mtime.timestamp() + age_s), raising=False)
+
+
+def test_a_marker_whose_data_a_recovery_removed_is_never_taken_for_done(out, monkeypatch):
+    """A task of a killed run passes its owner check, then stalls past the take-over's wait;
+    its marker lands after the new run's recovery listed the markers, so the recovery
+    removes its staged file as an orphan. The marker then names data that exists nowhere:
+    the straggler says so, the new run ends without `_SUCCESS` and with those ids missing,
+    and the next run drops the marker and redoes them."""
+    straggler = _Straggler(out.uri, pause="after check")
+    straggler.start(_rows(["a", "b"], ["", ""]))
+    _clock(monkeypatch, out, age_s=5 + 1)  # staged before its check, so before the take-over's wait
+    waits = []
+    monkeypatch.setattr(CommitLog, "_wait", staticmethod(waits.append))
+    new = _RacedRecovery(out.uri, straggler)
+    resumed = new.resume()
+    assert waits == [5] and out.files("_staging/samples") == []  # old enough: removed as an orphan
+    straggler.finish_commit()
+    assert isinstance(straggler.error, JobError) and "gone" in str(straggler.error)  # not a silent skip
+    assert resumed.done == {"a", "b"} and out.ids("samples") == []  # its marker landed before this listing
+    with pytest.raises(JobError, match="2 inputs missing, 0 duplicated"):
+        new.finish({}, new.account(["a", "b"]), "inputs")
+    assert "_SUCCESS" not in out.files("")
+    again = CommitLog(out.uri)
+    redo = again.resume()
+    assert redo.recovered["parts_dropped"] == 1 and redo.done == set()
+    again.commit(_rows(["a", "b"], ["", ""]))
+    again.finish({}, again.account(["a", "b"]), "inputs")
+    assert "_SUCCESS" in out.files("") and out.ids("samples") == ["a", "b"]
+
+
+def test_a_staged_file_younger_than_the_grace_outlives_the_recovery_that_races_its_writer(out, monkeypatch):
+    """A task of the previous run stages its file during the take-over's wait and has not yet
+    checked the owner when the recovery runs: the recovery leaves the file (younger than the
+    grace) to its writer, which is refused at its check and takes the file back itself."""
+    straggler = _Straggler(out.uri, pause="before check")
+    new = CommitLog(out.uri)
+    waits = []
+
+    def wait(seconds):  # the straggler stages during the take-over's wait, which ends a second later
+        straggler.start(_rows(["a"], [""]))
+        _clock(monkeypatch, out, age_s=1)
+        waits.append(seconds)
+
+    monkeypatch.setattr(CommitLog, "_wait", staticmethod(wait))
+    resumed = new.resume()
+    assert waits == [5] and resumed.done == set()
+    assert len(out.files("_staging/samples")) == 1  # left to its writer
+    straggler.finish_commit()
+    assert isinstance(straggler.error, Superseded)
+    assert out.files("_staging/samples") == [] and new.committed_ids() == set() and out.ids("samples") == []
+
+
+def test_a_straggler_whose_staged_file_a_recovery_removed_is_still_refused(out, monkeypatch):
+    """The same, with the file staged before the take-over: older than the grace when the
+    recovery runs, so removed there; the writer is refused at its check all the same."""
+    straggler = _Straggler(out.uri, pause="before check")
+    straggler.start(_rows(["a"], [""]))
+    _clock(monkeypatch, out, age_s=5 + 1)
+    waits = []
+    monkeypatch.setattr(CommitLog, "_wait", staticmethod(waits.append))
+    CommitLog(out.uri).resume()
+    assert waits == [5] and out.files("_staging/samples") == []
+    straggler.finish_commit()
+    assert isinstance(straggler.error, Superseded)  # not the FileNotFoundError of taking back a removed file
+
+
+def test_finish_checks_the_data_is_still_there(out):
+    """`_SUCCESS` only when every committed part's files are in place when it is written."""
+    log = CommitLog(out.uri)
+    log.take_over(grace_s=0)
+    marker = log.commit(_rows(["a", "b"], ["", "not an image: x"]))
+    log.commit(_rows(["c"], [""]))
+    account = log.account(["a", "b", "c"])
+    assert account.complete
+    out.delete(f"errors/{marker['name']}.parquet")  # gone between the account and the end of the run
+    with pytest.raises(JobError, match="2 inputs missing"):
+        log.finish({}, account, "inputs")
+    assert "_SUCCESS" not in out.files("")
+
+
+class _CountsRequests:
+    """A filesystem that counts what is asked of it, by kind of request."""
+
+    def __init__(self, fs):
+        self._fs, self.calls = fs, Counter()
+
+    def __getattr__(self, name):
+        return getattr(self._fs, name)
+
+    def get_file_info(self, what):
+        self.calls["listing" if isinstance(what, pafs.FileSelector) else "file info"] += 1
+        return self._fs.get_file_info(what)
+
+    def open_input_stream(self, path, *args, **kwargs):
+        self.calls["read " + posixpath.basename(posixpath.dirname(path))] += 1
+        return self._fs.open_input_stream(path, *args, **kwargs)
+
+
+def test_account_counts_the_ids_of_parts_whose_data_is_gone_as_missing(out):
+    log = CommitLog(out.uri)
+    gone = log.commit(_rows(["a", "b"], ["", "not an image: x"]))
+    log.commit(_rows(["c"], [""]))
+    out.delete(f"samples/{gone['name']}.parquet")
+    log.fs = _CountsRequests(log.fs)
+    account = log.account(["a", "b", "c"])
+    assert account.missing == ["a", "b"] and account.ok == {"c"} and not account.complete
+    # The markers, and one listing per folder of data: no request per file.
+    assert log.fs.calls == {"listing": 3, "read _commits": 2}
+    assert CommitLog(out.uri).recover()["parts_dropped"] == 1  # the next run redoes them
+    assert log.committed_ids() == {"c"} and out.ids("errors") == []
+
+
+def test_parts_of_different_ids_never_share_a_name(out):
+    """A part's name is a digest of its ids, unambiguous even for ids holding a newline (a
+    file name may): two batches never replace each other."""
+    assert part_name(["a.jpg", "b.jpg"]) != part_name(["a.jpg\nb.jpg"])
+    assert part_name(["b", "a"]) == part_name(["a", "b"])  # a retried batch, in any order: the same part
+    log = CommitLog(out.uri)
+    log.commit(_rows(["a.jpg", "b.jpg"], ["", ""]))
+    log.commit(_rows(["a.jpg\nb.jpg"], [""]))
+    assert out.ids("samples") == ["a.jpg", "a.jpg\nb.jpg", "b.jpg"] and len(log.markers()) == 2
+    assert log.account(["a.jpg", "b.jpg", "a.jpg\nb.jpg"]).complete
+
+
+def test_a_folder_written_under_the_earlier_part_names_resumes(out, monkeypatch):
+    """Parts committed under the earlier naming (a digest of the ids joined by newlines) are
+    found by their markers, which carry their names: nothing recomputes a committed part's name."""
+    import hashlib
+
+    def earlier(ids):
+        return "part-" + hashlib.blake2b("\n".join(sorted(ids)).encode(), digest_size=10).hexdigest()
+
+    monkeypatch.setattr(writer, "part_name", earlier)
+    log = CommitLog(out.uri)
+    log.take_over(grace_s=0)
+    log.commit(_rows(["a", "b"], ["", ""]))
+    failed = log.commit(_rows(["c"], ["stage failed: x"]))
+    monkeypatch.undo()
+    assert failed["name"] == earlier(["c"]) != part_name(["c"])
+    log = CommitLog(out.uri)
+    resumed = log.resume(retry_failed=True)
+    assert resumed.recovered["committed_parts"] == 2 and resumed.retried == ["c"] and resumed.done == {"a", "b"}
+    log.commit(_rows(["c"], [""]))
+    assert read_sorted(out.uri, ["a", "b", "c"], ["caption"])["id"].tolist() == ["a", "b", "c"]
+    log.finish({}, log.account(["a", "b", "c"]), "inputs")
+    assert "_SUCCESS" in out.files("") and out.ids("errors") == []
+
+
+def test_a_part_committed_again_in_the_other_folder_leaves_nothing_behind(out):
+    """A batch committed as error rows, then again as samples (the same part: a task retried
+    after its stage recovered): its ids stand in one folder only. A commit cut short before
+    the other folder's file went is finished by `recover`, and `uncommit` removes both."""
+    log = CommitLog(out.uri)
+    first = log.commit(_rows(["a", "b"], ["stage failed: x"] * 2))
+    out.copy(f"errors/{first['name']}.parquet", "earlier.parquet")
+    again = log.commit(_rows(["a", "b"], ["", ""]))
+    assert again["name"] == first["name"]
+    assert out.ids("samples") == ["a", "b"] and out.ids("errors") == []
+    out.copy("earlier.parquet", f"errors/{first['name']}.parquet")  # killed before it went
+    log.recover()
+    assert out.ids("samples") == ["a", "b"] and out.ids("errors") == []
+    out.copy("earlier.parquet", f"errors/{first['name']}.parquet")
+    assert sorted(log.uncommit(lambda m: True)) == ["a", "b"]
+    assert out.ids("samples") == out.ids("errors") == [] and log.markers() == []
