@@ -35,15 +35,7 @@ import torch
 
 from blipinpaint import builders, fingerprint
 from blipinpaint.candidates import best_candidates, candidate_id
-from blipinpaint.captioning import (
-    caption_ids,
-    caption_texts,
-    caption_token_mask,
-    decode_caption,
-    edit_distance,
-    encode_images,
-    generate_captions,
-)
+from blipinpaint.captioning import caption_ids, caption_token_mask, decode_caption, encode_images
 from blipinpaint.config import Config, to_yaml
 from blipinpaint.errors import ConfigError
 from blipinpaint.layout import RunLayout
@@ -51,10 +43,10 @@ from blipinpaint.losses import LossWeights, blip_loss, caption_kl, caption_lm_lo
 from blipinpaint.masks import masked_pixels
 from blipinpaint.models import load_captioner
 from blipinpaint.plots import plot_curves, write_tensorboard
+from blipinpaint.probe import Probe, best_share, probe_set
 from blipinpaint.reader import read_candidates, read_rows, split_reads
 from blipinpaint.records import decode_images
 from blipinpaint.scorer import ScoreNet
-from blipinpaint.seeds import sample_seed
 from blipinpaint.storage import is_dir, is_file, local_dir, read_jsonl, read_text, upload_dir, write_jsonl, write_text
 from blipinpaint.writer import CommitLog
 from rayjobs import training
@@ -82,52 +74,6 @@ def _pixels(batch: dict, image_processor, device, dtype) -> torch.Tensor:
     rows = decode_images(batch)
     visible = masked_pixels(rows["image"], rows["mask"])  # the captioner never sees the hole
     return image_processor(images=list(visible), return_tensors="pt").pixel_values.to(device, dtype)
-
-
-@torch.no_grad()
-def probe_captions(model, tokenizer, image_embeds: torch.Tensor, cfg: Config, synced: bool) -> list[str]:
-    """Greedy (or beam) captions as generation decodes them, from the model being trained.
-
-    `synced`: every rank calls this, and each keeps running the decoder until all ranks are done
-    (ZeRO-3 gathers each layer's weights from every rank at every step)."""
-    ids = generate_captions(model, image_embeds, max_new_tokens=cfg.caption.max_new_tokens,
-                            num_beams=cfg.caption.num_beams, do_sample=False, synced_gpus=synced)
-    return caption_texts(tokenizer, ids)
-
-
-def probe_set(cfg: Config, train_reads: list[dict], val_reads: list[dict]) -> dict:
-    """`finetune.probe_size` training and as many held-out ids, chosen by a hash of each id (the
-    same in every run), as a `read_rows` batch, and which of them are held out."""
-    def pick(reads):
-        ids = sorted((i for r in reads for i in r["ids"]), key=lambda i: sample_seed(cfg.seed, i, "probe"))
-        return set(ids[: cfg.finetune.probe_size])
-
-    train, held = pick(train_reads), pick(val_reads)
-    reads = [(r["path"], sorted(set(r["ids"]) & (train | held))) for r in (*train_reads, *val_reads)]
-    reads = [(path, ids) for path, ids in reads if ids]
-    return {"path": [p for p, _ in reads], "ids": [i for _, i in reads], "heldout": sorted(held)}
-
-
-def probe_record(epoch: int, step: int, captions: list[str], before: list[str], heldout: list[bool],
-                 tokenize, predicted: list[float], best: list[str | None] | None = None) -> dict:
-    """What fine-tuning did to the probe set's captions so far (`before`: before training);
-    with `best` (each probe image's best candidate, None where it has none), how many of
-    them the greedy caption now equals (`best_caption_share`)."""
-    changed = [a != b for a, b in zip(captions, before)]
-    return {"epoch": epoch, "step": step, "probe_changed": sum(changed),
-            "probe_changed_heldout": sum(c and h for c, h in zip(changed, heldout)),
-            "probe_edit_distance": float(np.mean([edit_distance(tokenize(a), tokenize(b))
-                                                  for a, b in zip(captions, before)])),
-            **{f"probe_pred_{name}": value for name, value in zip(("ssim", "psnr", "clip"), predicted)},
-            **({} if best is None else best_share(captions, best)),
-            "probe_captions": captions}
-
-
-def best_share(captions: list[str], best: list[str | None]) -> dict:
-    """The share of images with a best candidate (`best`, None elsewhere) whose caption equals it."""
-    pairs = [(c, b) for c, b in zip(captions, best) if b is not None]
-    return {"best_caption_share": sum(c == b for c, b in pairs) / len(pairs) if pairs else None,
-            "best_caption_images": len(pairs)}
 
 
 def finetune_loop(config: dict) -> None:
@@ -177,40 +123,19 @@ def finetune_loop(config: dict) -> None:
         write_jsonl(log_uri, [r for r in read_jsonl(log_uri) if r["epoch"] < start])
 
     # The probe set, on every rank: under ZeRO-3 decoding gathers each layer from all of them.
-    probe = read_rows(config["probe"], COLUMNS)
-    probe_ids = [str(i) for i in probe["id"]]
-    probe_held = [i in set(config["probe"]["heldout"]) for i in probe_ids]
-    # Each probe image's best candidate (training images with candidate rows; None elsewhere).
-    probe_best = None if config["best"] is None else [config["best"].get(i) for i in probe_ids]
+    rows = read_rows(config["probe"], COLUMNS)
     with torch.no_grad():  # the vision encoder is frozen: its embeddings of the probe set, once
-        probe_embeds = encode_images(model, _pixels(probe, bundle.image_processor, device, model.vision_model.dtype))
-
-    def tokenize(caption: str) -> list[int]:
-        return bundle.tokenizer(caption, add_special_tokens=False).input_ids
-
-    def look() -> tuple[list[str], list[float]]:
-        """The probe set's greedy captions from the decoder as it is now, and the scorer's
-        mean prediction (SSIM, PSNR, CLIP) for them (none without a scorer)."""
-        engine.eval()
-        captions = probe_captions(model, bundle.tokenizer, probe_embeds, cfg, synced=ctx.get_world_size() > 1)
-        if scorer is None:
-            engine.train()
-            return captions, []
-        with torch.no_grad():
-            features, _ = decode_caption(model, probe_embeds, caption_ids(model, bundle.tokenizer, captions).to(device),
-                                         decoder=engine, layer=cfg.scorer.feature_layer)
-            predicted = scorer.destandardize(scorer(features.float())).mean(dim=0).tolist()
-        engine.train()
-        return captions, predicted
+        embeds = encode_images(model, _pixels(rows, bundle.image_processor, device, model.vision_model.dtype))
+    probe = Probe(rows, embeds, bundle.tokenizer, cfg, config["probe"]["heldout"], config["best"],
+                  synced=ctx.get_world_size() > 1)
 
     before = None
     if start == 0:
-        before, predicted = look()
+        before, predicted = probe.caption(model, engine, scorer)
         if rank == 0:
-            write_jsonl(log_uri, [probe_record(-1, 0, before, before, probe_held, tokenize, predicted, probe_best)])
+            write_jsonl(log_uri, [probe.record(-1, 0, before, before, predicted)])
     elif rank == 0:  # a resumed run: the captions before training are in the log (else: generate's)
-        before = next((r["probe_captions"] for r in read_jsonl(log_uri) if r["epoch"] == -1),
-                      [str(c) for c in probe["caption"]])
+        before = next((r["probe_captions"] for r in read_jsonl(log_uri) if r["epoch"] == -1), probe.generated)
     now = None
 
     shard = ray.train.get_dataset_shard("train")
@@ -251,9 +176,9 @@ def finetune_loop(config: dict) -> None:
         if not training.still_owner(config["fence"]):
             return
         mean_loss = float(np.mean([r["loss"] for r in records])) if records else float("nan")
-        now, predicted = look()
+        now, predicted = probe.caption(model, engine, scorer)
         if rank == 0:
-            probed = probe_record(epoch, engine.global_steps, now, before, probe_held, tokenize, predicted, probe_best)
+            probed = probe.record(epoch, engine.global_steps, now, before, predicted)
             write_jsonl(log_uri, [*read_jsonl(log_uri), *records, probed])
             progress.epoch(epoch, {"loss": mean_loss, "probe captions changed": probed["probe_changed"],
                                    "share of greedy = best candidate": probed.get("best_caption_share")})
@@ -262,10 +187,9 @@ def finetune_loop(config: dict) -> None:
 
     # The captions the trained decoder gives now, decoded in memory: the saved folder must give the same.
     if now is None:  # a rerun with no epoch left (every rank alike)
-        now, _ = look()
+        now, _ = probe.caption(model, engine, scorer)
     engine.eval()
-    probe_rows = [{"id": i, "heldout": h, "caption": b, "fine_tuned": a}
-                  for i, h, b, a in zip(probe_ids, probe_held, before or now, now)]
+    probe_rows = probe.rows(before or now, now)
 
     # The fp32 master weights, gathered from every rank's partition (a collective: every rank
     # calls it; rank 0 keeps them). The half-precision copy would drop each update below
