@@ -21,7 +21,6 @@ Writes `run_dir/blip/` (a Hugging Face folder, safetensors) and `run_dir/finetun
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import math
@@ -59,17 +58,6 @@ log = logging.getLogger("blipinpaint.finetune_blip")
 COLUMNS = ["id", "caption", "image_png", "mask_png"]
 
 
-def checksum(module: torch.nn.Module, skip: str | None = None) -> str:
-    """A digest of the module's weights (without those whose names start with `skip`)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        if skip is not None and name.startswith(skip):
-            continue
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # any dtype
-    return digest.hexdigest()
-
-
 def _pixels(batch: dict, image_processor, device, dtype) -> torch.Tensor:
     rows = decode_images(batch)
     visible = masked_pixels(rows["image"], rows["mask"])  # the captioner never sees the hole
@@ -92,7 +80,7 @@ def finetune_loop(config: dict) -> None:
     reward_ranked = cfg.finetune.method == "reward_ranked"
     scorer = (None if reward_ranked else
               ScoreNet.from_pretrained(local_dir(config["scorer_dir"])).to(device).requires_grad_(False))
-    scorer_before = None if scorer is None else checksum(scorer)
+    scorer_before = None if scorer is None else training.checksum(scorer)
     # Copied before DeepSpeed partitions (ZeRO-3) and casts the decoder; cast with it below.
     reference = copy.deepcopy(model.text_decoder).requires_grad_(False) if cfg.finetune.kl_weight > 0 else None
     half = training.half_dtype(cfg)
@@ -113,7 +101,7 @@ def finetune_loop(config: dict) -> None:
         training.set_fp32_masters(engine, initial)
     del initial
     # Everything but the text decoder (in the dtype it runs in): it must come out of training as it went in.
-    frozen_before = checksum(model, skip="text_decoder.")
+    frozen_before = training.checksum(model, skip="text_decoder.")
     state = training.restore(engine)
     if not training.still_owner(config["fence"]):  # a straggler of a run taken over
         return
@@ -209,10 +197,10 @@ def finetune_loop(config: dict) -> None:
             for part in (original.model, original.tokenizer, original.image_processor):
                 part.save_pretrained(folder)
             upload_dir(folder, config["blip_dir"])
-        write_text(config["check_uri"], json.dumps({"scorer_before": scorer_before,
-                                                    "scorer_after": None if scorer is None else checksum(scorer),
-                                                    "decoder": checksum(original.model.text_decoder),
-                                                    "frozen_unchanged": checksum(model, skip="text_decoder.")
+        scorer_after = None if scorer is None else training.checksum(scorer)
+        write_text(config["check_uri"], json.dumps({"scorer_before": scorer_before, "scorer_after": scorer_after,
+                                                    "decoder": training.checksum(original.model.text_decoder),
+                                                    "frozen_unchanged": training.checksum(model, skip="text_decoder.")
                                                     == frozen_before,
                                                     "steps": engine.global_steps, "probe": probe_rows,
                                                     "engine": training.engine_settings(engine)}))
