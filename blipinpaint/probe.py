@@ -53,6 +53,21 @@ def best_share(captions: list[str], best: list[str | None]) -> dict:
             "best_caption_images": len(pairs)}
 
 
+def changed_counts(rows: list[dict]) -> dict:
+    """How many of the probe images' captions (`Probe.rows`) fine-tuning changed, and how many of them held out."""
+    return {"probe_changed": sum(r["caption"] != r["fine_tuned"] for r in rows),
+            "probe_changed_heldout": sum(r["caption"] != r["fine_tuned"] for r in rows if r["heldout"])}
+
+
+def best_share_change(rows: list[dict], best: dict[str, str]) -> dict:
+    """Over the probe images (`Probe.rows`) with a best candidate (`best`, by id): how often
+    the greedy caption is that candidate, before fine-tuning and after."""
+    rows = [r for r in rows if r["id"] in best]
+    targets = [best[r["id"]] for r in rows]
+    return {"before": best_share([r["caption"] for r in rows], targets)["best_caption_share"],
+            "after": best_share([r["fine_tuned"] for r in rows], targets)["best_caption_share"], "images": len(rows)}
+
+
 class Probe:
     """The probe set on one rank, built once from its rows (`read_rows` of `probe_set`).
 
