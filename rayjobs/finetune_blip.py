@@ -8,25 +8,24 @@ On a cluster (the tunnel, the token, logs and stop: docs/cluster.md):
         --runtime-env-json '{"env_vars": {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}}' \\
         -- python -m rayjobs.finetune_blip --config configs/paper-coco.yaml
 
-Each training image's caption is teacher-forced through the text decoder; layer
-`scorer.feature_layer`'s states over its tokens feed the frozen scorer, and L_BLIP =
-λ1·(1 − SSIM) − λ2·PSNR − λ3·CLIP on its predictions is minimised on Ray Train DeepSpeed
-ZeRO workers; only the text decoder trains. With `finetune.method=reward_ranked` the
-decoder instead learns each image's best candidate (`rayjobs.candidates`) by its
-language-model loss. A fixed probe set is captioned before training and after each epoch.
-Writes `run_dir/blip/` (a Hugging Face folder, safetensors) and `run_dir/finetune/`
-(`metrics.jsonl`, `loss.png`, `probe.png`, `report.json`, `config.yaml`).
+Only the text decoder trains, on Ray Train DeepSpeed ZeRO workers, by the loss of
+`finetune.method`: `scorer` (the paper's) minimises L_BLIP on the frozen scorer's predictions
+from each training caption's decoder states; `reward_ranked` the language-model loss of each
+image's best candidate (`rayjobs.candidates`). The probe set (`blipinpaint.probe`) shows the
+captions changing epoch by epoch. Writes `run_dir/blip/` (a Hugging Face folder) and
+`run_dir/finetune/` (`metrics.jsonl`, `check.json`, `report.json`, plots, `config.yaml`).
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import math
 import sys
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import ray
@@ -35,26 +34,18 @@ import torch
 
 from blipinpaint import builders, fingerprint
 from blipinpaint.candidates import best_candidates, candidate_id
-from blipinpaint.captioning import (
-    caption_ids,
-    caption_texts,
-    caption_token_mask,
-    decode_caption,
-    edit_distance,
-    encode_images,
-    generate_captions,
-)
+from blipinpaint.captioning import caption_ids, caption_token_mask, decode_caption, encode_images
 from blipinpaint.config import Config, to_yaml
 from blipinpaint.errors import ConfigError
 from blipinpaint.layout import RunLayout
 from blipinpaint.losses import LossWeights, blip_loss, caption_kl, caption_lm_loss
 from blipinpaint.masks import masked_pixels
-from blipinpaint.models import load_captioner
+from blipinpaint.models import CaptionerModel, ModelRef, load_captioner
 from blipinpaint.plots import plot_curves, write_tensorboard
+from blipinpaint.probe import Probe, best_share_change, changed_counts, probe_set
 from blipinpaint.reader import read_candidates, read_rows, split_reads
 from blipinpaint.records import decode_images
 from blipinpaint.scorer import ScoreNet
-from blipinpaint.seeds import sample_seed
 from blipinpaint.storage import is_dir, is_file, local_dir, read_jsonl, read_text, upload_dir, write_jsonl, write_text
 from blipinpaint.writer import CommitLog
 from rayjobs import training
@@ -65,17 +56,28 @@ from rayjobs.stream import read_committed
 
 log = logging.getLogger("blipinpaint.finetune_blip")
 COLUMNS = ["id", "caption", "image_png", "mask_png"]
+# The batch's loss and the figures the log records of it, from the batch's caption token ids,
+# image embeddings, caption features and next-token logits.
+Loss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]]
 
 
-def checksum(module: torch.nn.Module, skip: str | None = None) -> str:
-    """A digest of the module's weights (without those whose names start with `skip`)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        if skip is not None and name.startswith(skip):
-            continue
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # any dtype
-    return digest.hexdigest()
+@dataclass
+class Parts:
+    """What one rank fine-tunes with: the captioner, whose text decoder trains inside `engine`
+    (DeepSpeed's) while the rest stays frozen, and the digests of what must not change."""
+
+    bundle: CaptionerModel
+    engine: torch.nn.Module
+    scorer: ScoreNet | None  # frozen; None for reward_ranked, which has no need of one
+    reference: torch.nn.Module | None  # the decoder as it was, for the KL term (None: no KL term)
+    device: torch.device
+    rank: int
+    scorer_before: str | None
+    frozen_before: str  # everything but the text decoder, in the dtype it runs in
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.bundle.model
 
 
 def _pixels(batch: dict, image_processor, device, dtype) -> torch.Tensor:
@@ -84,75 +86,21 @@ def _pixels(batch: dict, image_processor, device, dtype) -> torch.Tensor:
     return image_processor(images=list(visible), return_tensors="pt").pixel_values.to(device, dtype)
 
 
-@torch.no_grad()
-def probe_captions(model, tokenizer, image_embeds: torch.Tensor, cfg: Config, synced: bool) -> list[str]:
-    """Greedy (or beam) captions as generation decodes them, from the model being trained.
-
-    `synced`: every rank calls this, and each keeps running the decoder until all ranks are done
-    (ZeRO-3 gathers each layer's weights from every rank at every step)."""
-    ids = generate_captions(model, image_embeds, max_new_tokens=cfg.caption.max_new_tokens,
-                            num_beams=cfg.caption.num_beams, do_sample=False, synced_gpus=synced)
-    return caption_texts(tokenizer, ids)
-
-
-def probe_set(cfg: Config, train_reads: list[dict], val_reads: list[dict]) -> dict:
-    """`finetune.probe_size` training and as many held-out ids, chosen by a hash of each id (the
-    same in every run), as a `read_rows` batch, and which of them are held out."""
-    def pick(reads):
-        ids = sorted((i for r in reads for i in r["ids"]), key=lambda i: sample_seed(cfg.seed, i, "probe"))
-        return set(ids[: cfg.finetune.probe_size])
-
-    train, held = pick(train_reads), pick(val_reads)
-    reads = [(r["path"], sorted(set(r["ids"]) & (train | held))) for r in (*train_reads, *val_reads)]
-    reads = [(path, ids) for path, ids in reads if ids]
-    return {"path": [p for p, _ in reads], "ids": [i for _, i in reads], "heldout": sorted(held)}
-
-
-def probe_record(epoch: int, step: int, captions: list[str], before: list[str], heldout: list[bool],
-                 tokenize, predicted: list[float], best: list[str | None] | None = None) -> dict:
-    """What fine-tuning did to the probe set's captions so far (`before`: before training);
-    with `best` (each probe image's best candidate, None where it has none), how many of
-    them the greedy caption now equals (`best_caption_share`)."""
-    changed = [a != b for a, b in zip(captions, before)]
-    return {"epoch": epoch, "step": step, "probe_changed": sum(changed),
-            "probe_changed_heldout": sum(c and h for c, h in zip(changed, heldout)),
-            "probe_edit_distance": float(np.mean([edit_distance(tokenize(a), tokenize(b))
-                                                  for a, b in zip(captions, before)])),
-            **{f"probe_pred_{name}": value for name, value in zip(("ssim", "psnr", "clip"), predicted)},
-            **({} if best is None else best_share(captions, best)),
-            "probe_captions": captions}
-
-
-def best_share(captions: list[str], best: list[str | None]) -> dict:
-    """The share of images with a best candidate (`best`, None elsewhere) whose caption equals it."""
-    pairs = [(c, b) for c, b in zip(captions, best) if b is not None]
-    return {"best_caption_share": sum(c == b for c, b in pairs) / len(pairs) if pairs else None,
-            "best_caption_images": len(pairs)}
-
-
-def finetune_loop(config: dict) -> None:
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    cfg: Config = config["cfg"]
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
-    device = ray.train.torch.get_device()
-    torch.manual_seed(cfg.seed)
-    bundle = load_captioner(config["captioner"], device)
+def build_parts(cfg: Config, captioner: ModelRef, rank: int, device: torch.device) -> Parts:
+    """The captioner with its text decoder in a DeepSpeed engine (in `models.dtype`, its fp32
+    masters the exact original weights), the frozen scorer and the KL reference."""
+    bundle = load_captioner(captioner, device)
     model = bundle.model
     model.requires_grad_(False)
     model.text_decoder.requires_grad_(True)
-    # reward_ranked trains on the best candidates' captions: no scorer (nor need of one).
-    reward_ranked = cfg.finetune.method == "reward_ranked"
-    scorer = (None if reward_ranked else
-              ScoreNet.from_pretrained(local_dir(config["scorer_dir"])).to(device).requires_grad_(False))
-    scorer_before = None if scorer is None else checksum(scorer)
+    scorer = (None if cfg.finetune.method == "reward_ranked" else
+              ScoreNet.from_pretrained(local_dir(RunLayout(cfg.run_dir).scorer_model)).to(device).requires_grad_(False))
+    scorer_before = None if scorer is None else training.checksum(scorer)
     # Copied before DeepSpeed partitions (ZeRO-3) and casts the decoder; cast with it below.
     reference = copy.deepcopy(model.text_decoder).requires_grad_(False) if cfg.finetune.kl_weight > 0 else None
     half = training.half_dtype(cfg)
     # The fp32 weights, before DeepSpeed casts the decoder to `half` (see below).
-    initial = {name: p.detach().clone() for name, p in model.text_decoder.named_parameters()} if half else {}
-    weights = LossWeights(cfg.finetune.lambda_ssim, cfg.finetune.lambda_psnr, cfg.finetune.lambda_clip)
+    initial = {name: param.detach().clone() for name, param in model.text_decoder.named_parameters()} if half else {}
     optimizer = torch.optim.Adam(model.text_decoder.parameters(), lr=cfg.finetune.lr)
     engine = training.initialize(model.text_decoder, optimizer, training.deepspeed_config(cfg, cfg.finetune.batch_size))
     if half is not None:
@@ -165,133 +113,170 @@ def finetune_loop(config: dict) -> None:
         # weight would move by up to half an ulp of bf16 (~0.4 % of it), far more than lr
         # 1e-6 ever moves it.
         training.set_fp32_masters(engine, initial)
-    del initial
-    # Everything but the text decoder (in the dtype it runs in): it must come out of training as it went in.
-    frozen_before = checksum(model, skip="text_decoder.")
-    state = training.restore(engine)
+    return Parts(bundle, engine, scorer, reference, device, rank, scorer_before,
+                 frozen_before=training.checksum(model, skip="text_decoder."))
+
+
+def pick_loss(cfg: Config, parts: Parts) -> Loss:
+    """The loss of `finetune.method`, plus the KL term to the original decoder when `finetune.kl_weight` > 0."""
+    loss = (lm_loss(parts.model) if cfg.finetune.method == "reward_ranked"
+            else scorer_loss(parts.scorer, builders.loss_weights(cfg)))
+    return loss if parts.reference is None else with_kl(loss, parts.model, parts.reference, cfg.finetune.kl_weight)
+
+
+def scorer_loss(scorer: ScoreNet, weights: LossWeights) -> Loss:
+    """L_BLIP on the frozen scorer's predictions from the caption features (the paper's)."""
+    def loss(ids, embeds, features, logits):
+        ssim, psnr, clip = scorer.destandardize(scorer(features.float())).unbind(dim=1)
+        value = blip_loss(ssim, psnr, clip, weights)
+        return value, {"loss_blip": value.item(), "pred_ssim": ssim.mean().item(),
+                       "pred_psnr": psnr.mean().item(), "pred_clip": clip.mean().item()}
+    return loss
+
+
+def lm_loss(model) -> Loss:
+    """reward_ranked's: each image's `caption` is its best candidate, and the decoder learns to say it."""
+    def loss(ids, embeds, features, logits):
+        value = caption_lm_loss(logits, ids, caption_token_mask(model, ids))
+        return value, {"loss_lm": value.item()}
+    return loss
+
+
+def with_kl(loss: Loss, model, reference: torch.nn.Module, kl_weight: float) -> Loss:
+    """`loss` + `kl_weight` · KL(original decoder ‖ fine-tuned) over the caption's tokens."""
+    pad = model.config.text_config.pad_token_id
+
+    def loss_and_kl(ids, embeds, features, logits):
+        value, figures = loss(ids, embeds, features, logits)
+        with torch.no_grad():
+            ref_logits = reference(input_ids=ids, attention_mask=(ids != pad).long(),
+                                   encoder_hidden_states=embeds, return_dict=True).logits
+        kl = caption_kl(logits, ref_logits, caption_token_mask(model, ids))
+        return value + kl_weight * kl, {**figures, "kl": kl.item()}
+    return loss_and_kl
+
+
+def build_probe(cfg: Config, config: dict, parts: Parts, synced: bool) -> Probe:
+    """The probe set on this rank (on every rank: under ZeRO-3 decoding gathers each layer from all)."""
+    rows = read_rows(config["probe"], COLUMNS)
+    with torch.no_grad():  # the vision encoder is frozen: its embeddings of the probe set, once
+        embeds = encode_images(parts.model, _pixels(rows, parts.bundle.image_processor, parts.device,
+                                                    parts.model.vision_model.dtype))
+    return Probe(rows, embeds, parts.bundle.tokenizer, cfg, config["probe"]["heldout"], config["best"], synced=synced)
+
+
+def probe_before(probe: Probe, parts: Parts, start: int, log_uri: str) -> list[str] | None:
+    """The probe set's captions before training, on rank 0 (None elsewhere on a resumed run):
+    decoded and logged on a fresh run, else read from the log (failing that, generate's)."""
+    if start == 0:
+        before, predicted = probe.caption(parts.model, parts.engine, parts.scorer)
+        if parts.rank == 0:
+            write_jsonl(log_uri, [probe.record(-1, 0, before, before, predicted)])
+        return before
+    return (next((r["probe_captions"] for r in read_jsonl(log_uri) if r["epoch"] == -1), probe.generated)
+            if parts.rank == 0 else None)
+
+
+def train_epoch(cfg: Config, parts: Parts, loss: Loss, shard, epoch: int, resumed_at: int | None,
+                progress: TrainProgress) -> list[dict]:
+    """One pass over this rank's shard, one optimizer step a batch: the steps' log records."""
+    model, engine = parts.model, parts.engine
+    engine.train()
+    records = []
+    per_worker = training.per_worker(cfg, cfg.finetune.batch_size)
+    for batch in shard.iter_batches(batch_size=per_worker, batch_format="numpy"):
+        pixels = _pixels(batch, parts.bundle.image_processor, parts.device, model.vision_model.dtype)
+        with torch.no_grad():
+            embeds = encode_images(model, pixels)
+        ids = caption_ids(model, parts.bundle.tokenizer, [str(c) for c in batch["caption"]]).to(parts.device)
+        features, logits = decode_caption(model, embeds, ids, decoder=engine, layer=cfg.scorer.feature_layer)
+        value, figures = loss(ids, embeds, features, logits)
+        engine.backward(value)
+        engine.step()
+        records.append({"epoch": epoch, "resumed_at_epoch": resumed_at, **figures, "step": engine.global_steps,
+                        "loss": value.item()})
+        if parts.rank == 0:
+            progress.step(epoch, len(records), value.item())
+        training.maybe_fail(cfg, engine.global_steps, resumed=resumed_at is not None)
+    return records
+
+
+def close_epoch(parts: Parts, probe: Probe, before: list[str] | None, records: list[dict], epoch: int,
+                log_uri: str, progress: TrainProgress) -> list[str]:
+    """After an epoch: the probe set captioned, rank 0's log lines, every rank's checkpoint.
+    The probe's captions now."""
+    engine = parts.engine
+    mean_loss = float(np.mean([r["loss"] for r in records])) if records else float("nan")
+    now, predicted = probe.caption(parts.model, engine, parts.scorer)
+    if parts.rank == 0:
+        probed = probe.record(epoch, engine.global_steps, now, before, predicted)
+        write_jsonl(log_uri, [*read_jsonl(log_uri), *records, probed])
+        progress.epoch(epoch, {"loss": mean_loss, "probe captions changed": probed["probe_changed"],
+                               "share of greedy = best candidate": probed.get("best_caption_share")})
+    training.save_and_report(engine, {"epoch": epoch, "step": engine.global_steps, "loss": mean_loss},
+                             {"epoch": epoch})
+    return now
+
+
+def save(parts: Parts, config: dict, probe_rows: list[dict]) -> None:
+    """The trained decoder's fp32 masters gathered (every rank), then on rank 0, while this
+    run still owns its folder, `run_dir/blip/` and `finetune/check.json`."""
+    decoder_state = training.gather_fp32_masters(parts.engine)
+    if parts.rank != 0 or not training.owner_log(config["fence"]).owns():  # the last write: checked once more
+        return
+    run_layout = RunLayout(config["cfg"].run_dir)
+    decoder = write_blip(config["captioner"], decoder_state, run_layout.blip)
+    scorer_after = None if parts.scorer is None else training.checksum(parts.scorer)
+    write_text(run_layout.finetune_check, json.dumps({
+        "scorer_before": parts.scorer_before, "scorer_after": scorer_after, "decoder": training.checksum(decoder),
+        "frozen_unchanged": training.checksum(parts.model, skip="text_decoder.") == parts.frozen_before,
+        "steps": parts.engine.global_steps, "probe": probe_rows, "engine": training.engine_settings(parts.engine)}))
+
+
+def write_blip(captioner: ModelRef, decoder_state: dict[str, torch.Tensor], blip_dir: str) -> torch.nn.Module:
+    """The original captioner with `decoder_state` as its text decoder, saved to `blip_dir`: that decoder."""
+    original = load_captioner(captioner, torch.device("cpu"))
+    parameters = dict(original.model.text_decoder.named_parameters())
+    with torch.no_grad():
+        for name, value in decoder_state.items():
+            parameters[name].copy_(value)
+    with tempfile.TemporaryDirectory() as folder:  # from_pretrained-able, then to run_dir (maybe a bucket)
+        for part in (original.model, original.tokenizer, original.image_processor):
+            part.save_pretrained(folder)
+        upload_dir(folder, blip_dir)
+    return original.model.text_decoder
+
+
+def finetune_loop(config: dict) -> None:
+    cfg: Config = config["cfg"]
+    context = ray.train.get_context()
+    log_uri = RunLayout(cfg.run_dir).finetune.metrics
+    torch.manual_seed(cfg.seed)
+    parts = build_parts(cfg, config["captioner"], context.get_world_rank(), ray.train.torch.get_device())
+    state = training.restore(parts.engine)
     if not training.still_owner(config["fence"]):  # a straggler of a run taken over
         return
     start = state["epoch"] + 1 if state else 0
-    log_uri = config["log_uri"]
-    if rank == 0 and start > 0:  # a resumed run redoes the epochs after its checkpoint
+    if parts.rank == 0 and start > 0:  # a resumed run redoes the epochs after its checkpoint
         write_jsonl(log_uri, [r for r in read_jsonl(log_uri) if r["epoch"] < start])
-
-    # The probe set, on every rank: under ZeRO-3 decoding gathers each layer from all of them.
-    probe = read_rows(config["probe"], COLUMNS)
-    probe_ids = [str(i) for i in probe["id"]]
-    probe_held = [i in set(config["probe"]["heldout"]) for i in probe_ids]
-    # Each probe image's best candidate (training images with candidate rows; None elsewhere).
-    probe_best = None if config["best"] is None else [config["best"].get(i) for i in probe_ids]
-    with torch.no_grad():  # the vision encoder is frozen: its embeddings of the probe set, once
-        probe_embeds = encode_images(model, _pixels(probe, bundle.image_processor, device, model.vision_model.dtype))
-
-    def tokenize(caption: str) -> list[int]:
-        return bundle.tokenizer(caption, add_special_tokens=False).input_ids
-
-    def look() -> tuple[list[str], list[float]]:
-        """The probe set's greedy captions from the decoder as it is now, and the scorer's
-        mean prediction (SSIM, PSNR, CLIP) for them (none without a scorer)."""
-        engine.eval()
-        captions = probe_captions(model, bundle.tokenizer, probe_embeds, cfg, synced=ctx.get_world_size() > 1)
-        if scorer is None:
-            engine.train()
-            return captions, []
-        with torch.no_grad():
-            features, _ = decode_caption(model, probe_embeds, caption_ids(model, bundle.tokenizer, captions).to(device),
-                                         decoder=engine, layer=cfg.scorer.feature_layer)
-            predicted = scorer.destandardize(scorer(features.float())).mean(dim=0).tolist()
-        engine.train()
-        return captions, predicted
-
-    before = None
-    if start == 0:
-        before, predicted = look()
-        if rank == 0:
-            write_jsonl(log_uri, [probe_record(-1, 0, before, before, probe_held, tokenize, predicted, probe_best)])
-    elif rank == 0:  # a resumed run: the captions before training are in the log (else: generate's)
-        before = next((r["probe_captions"] for r in read_jsonl(log_uri) if r["epoch"] == -1),
-                      [str(c) for c in probe["caption"]])
-    now = None
+    probe = build_probe(cfg, config, parts, synced=context.get_world_size() > 1)
+    before = probe_before(probe, parts, start, log_uri)
+    loss = pick_loss(cfg, parts)
 
     shard = ray.train.get_dataset_shard("train")
     progress = TrainProgress("finetune_blip", cfg.finetune.epochs, start, cfg.progress_s, config["steps_per_epoch"])
+    now = None
     for epoch in range(start, cfg.finetune.epochs):
-        engine.train()
-        records = []
-        per_worker = training.per_worker(cfg, cfg.finetune.batch_size)
-        for batch in shard.iter_batches(batch_size=per_worker, batch_format="numpy"):
-            pixels = _pixels(batch, bundle.image_processor, device, model.vision_model.dtype)
-            with torch.no_grad():
-                embeds = encode_images(model, pixels)
-            ids = caption_ids(model, bundle.tokenizer, [str(c) for c in batch["caption"]]).to(device)
-            features, logits = decode_caption(model, embeds, ids, decoder=engine, layer=cfg.scorer.feature_layer)
-            if reward_ranked:  # `caption` is each image's best candidate: learn to say it
-                loss = caption_lm_loss(logits, ids, caption_token_mask(model, ids))
-                record = {"epoch": epoch, "resumed_at_epoch": start if state else None, "loss_lm": loss.item()}
-            else:
-                ssim, psnr, clip = scorer.destandardize(scorer(features.float())).unbind(dim=1)
-                loss = blip_loss(ssim, psnr, clip, weights)
-                record = {"epoch": epoch, "resumed_at_epoch": start if state else None, "loss_blip": loss.item(),
-                          "pred_ssim": ssim.mean().item(),
-                          "pred_psnr": psnr.mean().item(), "pred_clip": clip.mean().item()}
-            if reference is not None:
-                with torch.no_grad():
-                    pad = model.config.text_config.pad_token_id
-                    ref_logits = reference(input_ids=ids, attention_mask=(ids != pad).long(),
-                                           encoder_hidden_states=embeds, return_dict=True).logits
-                kl = caption_kl(logits, ref_logits, caption_token_mask(model, ids))
-                loss = loss + cfg.finetune.kl_weight * kl
-                record["kl"] = kl.item()
-            engine.backward(loss)
-            engine.step()
-            records.append({**record, "step": engine.global_steps, "loss": loss.item()})
-            if rank == 0:
-                progress.step(epoch, len(records), loss.item())
-            training.maybe_fail(cfg, engine.global_steps, resumed=state is not None)
+        records = train_epoch(cfg, parts, loss, shard, epoch, start if state else None, progress)
         if not training.still_owner(config["fence"]):
             return
-        mean_loss = float(np.mean([r["loss"] for r in records])) if records else float("nan")
-        now, predicted = look()
-        if rank == 0:
-            probed = probe_record(epoch, engine.global_steps, now, before, probe_held, tokenize, predicted, probe_best)
-            write_jsonl(log_uri, [*read_jsonl(log_uri), *records, probed])
-            progress.epoch(epoch, {"loss": mean_loss, "probe captions changed": probed["probe_changed"],
-                                   "share of greedy = best candidate": probed.get("best_caption_share")})
-        training.save_and_report(engine, {"epoch": epoch, "step": engine.global_steps, "loss": mean_loss},
-                                 {"epoch": epoch})
+        now = close_epoch(parts, probe, before, records, epoch, log_uri, progress)
 
     # The captions the trained decoder gives now, decoded in memory: the saved folder must give the same.
     if now is None:  # a rerun with no epoch left (every rank alike)
-        now, _ = look()
-    engine.eval()
-    probe_rows = [{"id": i, "heldout": h, "caption": b, "fine_tuned": a}
-                  for i, h, b, a in zip(probe_ids, probe_held, before or now, now)]
-
-    # The fp32 master weights, gathered from every rank's partition (a collective: every rank
-    # calls it; rank 0 keeps them). The half-precision copy would drop each update below
-    # half an ulp.
-    decoder_state = {}
-    for name, param in engine.module.named_parameters():
-        full = safe_get_full_fp32_param(param)
-        if rank == 0:
-            decoder_state[name] = full.detach().cpu()
-    if rank == 0 and training.owner_log(config["fence"]).owns():  # the last write: checked once more
-        original = load_captioner(config["captioner"], torch.device("cpu"))
-        parameters = dict(original.model.text_decoder.named_parameters())
-        with torch.no_grad():
-            for name, value in decoder_state.items():
-                parameters[name].copy_(value)
-        with tempfile.TemporaryDirectory() as folder:  # from_pretrained-able, then to run_dir (maybe a bucket)
-            for part in (original.model, original.tokenizer, original.image_processor):
-                part.save_pretrained(folder)
-            upload_dir(folder, config["blip_dir"])
-        write_text(config["check_uri"], json.dumps({"scorer_before": scorer_before,
-                                                    "scorer_after": None if scorer is None else checksum(scorer),
-                                                    "decoder": checksum(original.model.text_decoder),
-                                                    "frozen_unchanged": checksum(model, skip="text_decoder.")
-                                                    == frozen_before,
-                                                    "steps": engine.global_steps, "probe": probe_rows,
-                                                    "engine": training.engine_settings(engine)}))
+        now, _ = probe.caption(parts.model, parts.engine, parts.scorer)
+    parts.engine.eval()
+    save(parts, config, probe.rows(before or now, now))
 
 
 def best_captions(cfg: Config, train_ids: list[str]) -> dict[str, dict] | None:
@@ -312,11 +297,11 @@ def best_captions(cfg: Config, train_ids: list[str]) -> dict[str, dict] | None:
     if reward_ranked:
         if not is_file(candidates_dir.success):  # a killed run's parts may still be staged
             raise ConfigError(f"{candidates_dir} is not complete: run rayjobs.candidates (again) first")
-        done, n = CommitLog(candidates_dir).committed_ids(), cfg.caption.candidates
-        missing = [i for i in train_ids if any(candidate_id(i, k) not in done for k in range(n))]
+        done, per_image = CommitLog(candidates_dir).committed_ids(), cfg.caption.candidates
+        missing = [i for i in train_ids if any(candidate_id(i, k) not in done for k in range(per_image))]
         if missing:
             raise ConfigError(f"{candidates_dir}: {len(missing)} of {len(train_ids)} training images lack some of "
-                              f"their {n} candidates: run rayjobs.candidates (again) first")
+                              f"their {per_image} candidates: run rayjobs.candidates (again) first")
     return best_candidates(read_candidates(candidates_dir, set(train_ids)), builders.loss_weights(cfg),
                            cfg.inpaint.caption_max_mask_area)
 
@@ -368,11 +353,9 @@ def run(cfg: Config) -> dict:
     write_text(out_dir.config, to_yaml(cfg))
     trainer = training.make_trainer(
         finetune_loop,
-        {"cfg": cfg, "captioner": builders.resolve_preset(cfg).captioner, "scorer_dir": scorer_dir, "fence": fence,
-         "probe": probe,
+        {"cfg": cfg, "captioner": builders.resolve_preset(cfg).captioner, "fence": fence, "probe": probe,
          "best": None if best is None else {i: best[i]["caption"] for ids in probe["ids"] for i in ids if i in best},
-         "steps_per_epoch": math.ceil(sum(len(r["ids"]) for r in train_reads) / cfg.finetune.batch_size),
-         "log_uri": out_dir.metrics, "blip_dir": run_layout.blip, "check_uri": run_layout.finetune_check},
+         "steps_per_epoch": math.ceil(sum(len(r["ids"]) for r in train_reads) / cfg.finetune.batch_size)},
         cfg, name="finetune_blip", storage=out_dir.ray_train, datasets={"train": train},
     )
     training.fit(trainer, cfg, fence)
@@ -392,9 +375,7 @@ def run(cfg: Config) -> dict:
     report = {"method": method, "steps": check["steps"], "engine": check["engine"],
               "scorer_unchanged": (check["scorer_before"] == check["scorer_after"]
                                    if check["scorer_before"] is not None else None),  # None: no scorer used
-              "frozen_unchanged": check["frozen_unchanged"], "probe": check["probe"],
-              "probe_changed": sum(r["caption"] != r["fine_tuned"] for r in check["probe"]),
-              "probe_changed_heldout": sum(r["caption"] != r["fine_tuned"] for r in check["probe"] if r["heldout"]),
+              "frozen_unchanged": check["frozen_unchanged"], "probe": check["probe"], **changed_counts(check["probe"]),
               "probe_by_epoch": [{k: v for k, v in r.items() if k != "probe_captions"} for r in probes],
               "first_loss": records[0]["loss"] if records else None,
               "last_loss": records[-1]["loss"] if records else None, "blip_dir": run_layout.blip}
@@ -403,14 +384,7 @@ def run(cfg: Config) -> dict:
                                    "left_out_without_candidates": len(train_ids) - len(ranked),
                                    "best_is_greedy": sum(b["candidate"] == 0 for b in best.values())}
     if best is not None:
-        # Over the probe set's training images with candidates: how often greedy decoding
-        # gives the best candidate, before fine-tuning and after.
-        rows = [r for r in check["probe"] if r["id"] in best]
-        targets = [best[r["id"]]["caption"] for r in rows]
-        before = best_share([r["caption"] for r in rows], targets)
-        after = best_share([r["fine_tuned"] for r in rows], targets)
-        report["best_caption_share"] = {"before": before["best_caption_share"],
-                                        "after": after["best_caption_share"], "images": len(rows)}
+        report["best_caption_share"] = best_share_change(check["probe"], {i: b["caption"] for i, b in best.items()})
     write_text(out_dir.report, json.dumps(report, indent=2))
     training.owner_log(fence).release()
     return report
@@ -427,14 +401,14 @@ def print_report(report: dict) -> None:
           f"{report['probe_changed']} of {len(report['probe'])} probe captions changed "
           f"({report['probe_changed_heldout']} of them held out)")
     if "reward_ranked" in report:
-        r = report["reward_ranked"]
-        print(f"trained on the best candidate of {r['trained_on']} of {r['training_images']} training images "
-              f"({r['left_out_without_candidates']} left out: no scored candidate; the greedy caption was already "
-              f"the best for {r['best_is_greedy']})")
+        ranked = report["reward_ranked"]
+        print(f"trained on the best candidate of {ranked['trained_on']} of {ranked['training_images']} training "
+              f"images ({ranked['left_out_without_candidates']} left out: no scored candidate; the greedy caption "
+              f"was already the best for {ranked['best_is_greedy']})")
     share = report.get("best_caption_share")
     if share is not None:
-        def pct(x):
-            return "n/a" if x is None else f"{100 * x:.0f} %"
+        def pct(fraction):
+            return "n/a" if fraction is None else f"{100 * fraction:.0f} %"
         print(f"greedy caption = best candidate on {pct(share['before'])} of {share['images']} probe training "
               f"images before fine-tuning, {pct(share['after'])} after")
 

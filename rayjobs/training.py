@@ -7,6 +7,7 @@ latest reported checkpoint, because the run's name and storage are fixed by `run
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -112,6 +113,32 @@ def set_fp32_masters(engine, weights: dict[str, torch.Tensor]) -> None:
         padded = torch.zeros_like(local)  # the last rank's partition is padded
         padded[:part.numel()] = part.to(local)
         safe_set_local_fp32_param(param, padded)
+
+
+def gather_fp32_masters(engine) -> dict[str, torch.Tensor]:
+    """The fp32 master weights of the engine's module, gathered from every rank's partition (a
+    collective: every rank calls it; rank 0 gets them on the CPU, the others {}). Its
+    half-precision copy would drop each update below half an ulp."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    weights = {}
+    for name, param in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(param)
+        if dist.get_rank() == 0:
+            weights[name] = full.detach().cpu()
+    return weights
+
+
+def checksum(module: torch.nn.Module, skip: str | None = None) -> str:
+    """A digest of the module's weights (without those whose names start with `skip`): what a
+    training job records of the parts it must leave unchanged, and of what it trained."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        if skip is not None and name.startswith(skip):
+            continue
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # any dtype
+    return digest.hexdigest()
 
 
 def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict):
