@@ -36,7 +36,7 @@ from blipinpaint.models import (
 from blipinpaint.models.offline import BUILD_VERSION, SPECS
 from blipinpaint.models.presets import PAPER
 from blipinpaint.scorer import ScoreNet
-from blipinpaint.storage import local_dir
+from blipinpaint.storage import folder_digest, local_dir
 
 ROLES = ("captioner", "inpainter", "clip", "fid")
 
@@ -165,3 +165,11 @@ def model_ids(cfg: Config) -> dict[str, str]:
         else:
             ids[role] = ref.name_or_path + (f"@{ref.revision}" if ref.revision else "")
     return ids
+
+
+def model_digests(cfg: Config, roles: tuple[str, ...] = ROLES) -> dict[str, str]:
+    """The content digest of the checkpoint each role loads (`storage.folder_digest`): what a
+    fingerprint records, so that other bytes under the same name never pass for the same model.
+    Run after `fill_store`: a stored checkpoint is digested where the workers load it."""
+    preset = resolve_preset(cfg)
+    return {role: folder_digest(getattr(preset, role).name_or_path) for role in roles}

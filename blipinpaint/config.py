@@ -215,6 +215,10 @@ class Config:
     # training step or epoch line at most this often); a bar instead when the output is a terminal.
     progress_s: float = 30.0
     ray_progress: bool = False  # Ray Data's per-operator progress bars too (a line per redraw in a log)
+    # Steps whose output may be replaced when it was made under other settings or inputs: it is
+    # moved aside under a dated name and redone, with what reads it (generate, candidates,
+    # scorer, finetune, eval). Without, such a step refuses to run.
+    restart: list[str] = field(default_factory=list)
     data: DataConfig = field(default_factory=DataConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
     masks: MaskConfig = field(default_factory=MaskConfig)

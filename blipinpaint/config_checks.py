@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from blipinpaint.errors import ConfigError
+from blipinpaint.layout import STEPS
 from blipinpaint.masks import MASK_MODES
 from blipinpaint.models.presets import PRESET_NAMES
 from blipinpaint.sources import SOURCE_KINDS
@@ -56,6 +57,10 @@ def _job_problems(cfg: Config) -> list[str]:
     problems = []
     if not cfg.progress_s > 0:
         problems.append(f"progress_s={cfg.progress_s} must be a positive number of seconds")
+    unknown = [step for step in cfg.restart if step not in STEPS]
+    if unknown:
+        problems.append(f"restart={list(cfg.restart)}: {', '.join(map(repr, unknown))} is not a step; the steps "
+                        f"are {list(STEPS)}")
     return problems
 
 

@@ -7,6 +7,9 @@ instead of building the string, so a folder's name is written once.
 
 from __future__ import annotations
 
+# The steps of a run whose outputs `restart` may replace, in the order the pipeline runs them.
+STEPS = ("generate", "candidates", "scorer", "finetune", "eval")
+
 
 class Folder(str):
     """A folder of the run (a path or URI string), whose files are named here."""

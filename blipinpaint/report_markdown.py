@@ -42,6 +42,8 @@ def scorer_text(changed: dict) -> str:
     scorer = changed.get("scorer", {})
     if not scorer.get("samples"):
         return "No caption changed: nothing to compare the scorer's predictions with."
+    if "mean_predicted" not in scorer:  # e.g. reward_ranked fine-tuning, run without a scorer
+        return f"{scorer['samples']} captions changed; this run has no trained scorer to compare predictions with."
     pearson = ", ".join(f"{t} {fmt(v)}" for t, v in scorer["pearson_r"].items())
     means = ", ".join(f"{t} {fmt(scorer['mean_predicted'][t], 3)} predicted, {fmt(scorer['mean_scored'][t], 3)} "
                       f"scored" for t in TARGETS)

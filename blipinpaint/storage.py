@@ -98,6 +98,24 @@ def digest(uri: str) -> str:
     return sha.hexdigest()
 
 
+def move_aside(uri: str, suffix: str) -> str | None:
+    """Move the folder `uri` to `<uri>.<suffix>` and return that, or None when there is no
+    folder: old outputs are kept, never deleted. On a disk a rename; in a bucket each object
+    is copied and then the folder deleted (a cut-short move leaves both, never neither)."""
+    fs, path = filesystem(uri)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return None
+    target = f"{path.rstrip('/')}.{suffix}"
+    if fs.get_file_info(target).type != pafs.FileType.NotFound:
+        raise FileExistsError(f"{target} exists already: cannot move {uri} aside")
+    if fs is _LOCAL:
+        os.rename(path, target)
+    else:
+        pafs.copy_files(path, target, source_filesystem=fs, destination_filesystem=fs)
+        fs.delete_dir(path)
+    return f"{uri.rstrip('/')}.{suffix}"
+
+
 def read_jsonl(uri: str) -> list[dict]:
     if not is_file(uri):
         return []

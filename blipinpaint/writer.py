@@ -356,10 +356,11 @@ class CommitLog:
             account.retries.update(m["retries"])
         return account
 
-    def finish(self, stats: dict, account: Account, what: str) -> None:
-        """End the run: its `stats.json`, `_SUCCESS` when every listed id is accounted for and
-        the files `account` found are still in place (one listing per folder), the folder
-        released; a `JobError` naming the `what` (e.g. "inputs") missing or duplicated."""
+    def finish(self, stats: dict, account: Account, what: str, success: str = "") -> None:
+        """End the run: its `stats.json`, `_SUCCESS` (holding `success`) when every listed id is
+        accounted for and the files `account` found are still in place (one listing per
+        folder), the folder released; a `JobError` naming the `what` (e.g. "inputs") missing
+        or duplicated."""
         if account.complete:
             published = {folder: self._files(folder) for folder in DATA_DIRS}
             gone = {i for path, ids in account.files.items() if posixpath.basename(path)
@@ -367,6 +368,6 @@ class CommitLog:
             account = replace(account, missing=sorted(set(account.missing) | gone))
         write_text(Folder(self.out_dir).stats, json.dumps(stats, indent=2))
         if account.complete:
-            write_text(Folder(self.out_dir).success, "")
+            write_text(Folder(self.out_dir).success, success)
         self.release()
         account.check(self.out_dir, what)

@@ -34,7 +34,7 @@ from blipinpaint.errors import ConfigError
 from blipinpaint.layout import RunLayout
 from blipinpaint.reader import read_candidates, read_rows, split_reads
 from blipinpaint.records import CANDIDATE_SCHEMA, decode_images
-from blipinpaint.storage import is_dir, write_text
+from blipinpaint.storage import is_file, write_text
 from blipinpaint.writer import Account, CommitLog
 from rayjobs.cli import job_main
 from rayjobs.stream import TASK_RETRIES, ErrorWriter, commit_stage, model_stages, run_stream
@@ -152,15 +152,16 @@ def run(cfg: Config) -> dict:
     out_dir = run_layout.candidates
     # 1. Check the inputs: generate's rows, made with these settings (candidate 0 repeats
     #    generate's caption from generate's noise), and candidates to rank.
-    if not is_dir(run_layout.generate.samples):
-        raise ConfigError(f"{run_layout.generate.samples} is missing: run rayjobs.generate first")
+    if not is_file(run_layout.generate.success):
+        raise ConfigError(f"{run_layout.generate} is not complete (no _SUCCESS): run rayjobs.generate (again) first")
     if n < 2:
         raise ConfigError(f"caption.candidates={n}: candidates to rank need 2 or more per image")
+    builders.fill_store(cfg)  # the captioner, inpainter and CLIP from the model store, never the hub
     fingerprint.check(run_layout.generate, fingerprint.generate(cfg), record=False)
     train_reads, _ = split_reads(cfg)
-    fingerprint.check(out_dir, fingerprint.candidates(cfg))
+    current = fingerprint.candidates(cfg)
+    fingerprint.claim(cfg, "candidates", (out_dir,), current)
     write_text(out_dir.config, to_yaml(cfg))
-    builders.fill_store(cfg)  # the captioner, inpainter and CLIP from the model store, never the hub
     # 2. Resume, pending per candidate (a killed run may have committed some of an image's).
     commit_log = CommitLog(out_dir, CANDIDATE_SCHEMA)
     resumed = commit_log.resume(cfg.stream.retry_failed)
@@ -183,8 +184,8 @@ def run(cfg: Config) -> dict:
                 "wall_s": round(time.perf_counter() - started, 2),
                 "rows_per_s": round(rows / pipeline_s, 3) if pipeline_s else None}
     account = commit_log.account([candidate_id(i, k) for i in images for k in range(n)])
-    stats = summarize(cfg, images, account, this_run)
-    commit_log.finish(stats, account, "candidates")
+    stats = {**summarize(cfg, images, account, this_run), "fingerprint": current}
+    commit_log.finish(stats, account, "candidates", success=json.dumps(current, indent=2))
     return stats
 
 

@@ -51,7 +51,7 @@ from blipinpaint.report_page import write_report_page
 from blipinpaint.report_tables import fmt, fmt_interval
 from blipinpaint.scorer import TARGETS, ScoreNet
 from blipinpaint.seeds import heldout, sample_seed
-from blipinpaint.storage import digest, exists, is_dir, is_file, local_dir, read_text, write_text
+from blipinpaint.storage import is_dir, is_file, local_dir, read_text, write_text
 from blipinpaint.variant_stages import ADDED, build_added_captioners, build_added_inpainters, build_added_metrics
 from blipinpaint.writer import Account, CommitLog
 from rayjobs.cli import job_main
@@ -122,14 +122,14 @@ def build_dataset(cfg: Config, ledger, run_layout: RunLayout, variants: dict[str
 
 
 def check_inputs(cfg: Config, run_layout: RunLayout, variants: dict[str, Variant]) -> None:
-    """Generate's rows, the fine-tuned BLIP and, to rerank captions, the trained scorer."""
-    for path, step in ((run_layout.generate.samples, "rayjobs.generate"),
-                       (run_layout.blip / "model.safetensors", "rayjobs.finetune_blip")):
-        if not exists(path):
-            raise ConfigError(f"{path} is missing: run {step} first")
-    if "reranked" in variants and not is_dir(run_layout.scorer_model):
-        raise ConfigError(f"caption.candidates={cfg.caption.candidates} reranks captions with the trained scorer, "
-                          f"and {run_layout.scorer_model} is missing: run rayjobs.train_scorer first")
+    """Generate's rows, the fine-tuned BLIP and, to rerank captions, the trained scorer, each
+    finished (its `_SUCCESS`): a step cut short leaves outputs that look whole."""
+    needed = [(run_layout.generate, "rayjobs.generate"), (run_layout.finetune, "rayjobs.finetune_blip")]
+    if "reranked" in variants:  # caption.candidates above 1: the trained scorer reranks them
+        needed.append((run_layout.scorer, "rayjobs.train_scorer"))
+    for folder, step in needed:
+        if not is_file(folder.success):
+            raise ConfigError(f"{folder} is not complete (no _SUCCESS): run {step} (again) first")
 
 
 def held_out_ids(cfg: Config, run_layout: RunLayout, generated: list[str]) -> list[str]:
@@ -139,15 +139,6 @@ def held_out_ids(cfg: Config, run_layout: RunLayout, generated: list[str]) -> li
         raise ConfigError(f"only {len(ids)} held-out samples in {run_layout.generate.samples}: FID needs at least 2 "
                           f"(more inputs, or a larger train.val_fraction)")
     return ids
-
-
-def check_fingerprint(cfg: Config, run_layout: RunLayout, variants: dict[str, Variant]) -> None:
-    """Rows made with another fine-tuned BLIP, another reranking scorer or other generate
-    settings must not mix."""
-    check = run_layout.finetune_check
-    decoder = json.loads(read_text(check)).get("decoder") if is_file(check) else None
-    scorer = digest(run_layout.scorer_model / "model.safetensors") if "reranked" in variants else None
-    fingerprint.check(run_layout.eval, fingerprint.evaluate(cfg, decoder, scorer))
 
 
 def evaluated_ids(out_dir: Folder, account: Account) -> list[str]:
@@ -230,13 +221,13 @@ def run(cfg: Config) -> dict:
     started = time.perf_counter()
     run_layout, variants = RunLayout(cfg.run_dir), evaluated_variants(cfg)
     out_dir = run_layout.eval
-    # 1. Check the inputs, choose the held-out samples, refuse rows of other settings.
+    # 1. Check the inputs, choose the held-out samples, refuse rows of other settings or models.
     check_inputs(cfg, run_layout, variants)
     generated = committed_sample_ids(run_layout.generate)
     ids = held_out_ids(cfg, run_layout, generated)
-    check_fingerprint(cfg, run_layout, variants)
-    write_text(out_dir.config, to_yaml(cfg))
     builders.fill_store(cfg)  # the inpainter, CLIP and FID networks from the model store, never the hub
+    fingerprint.claim(cfg, "eval", (out_dir,), fingerprint.evaluate(cfg))
+    write_text(out_dir.config, to_yaml(cfg))
     # 2. Resume: the held-out samples not yet evaluated.
     commit_log = CommitLog(out_dir, eval_schema(variants))
     resumed = commit_log.resume(cfg.evaluate.retry_failed)
@@ -270,14 +261,16 @@ def run(cfg: Config) -> dict:
         "fid_protocol": fid_protocol(cfg),
         "mask_bucket_edges": list(cfg.evaluate.mask_buckets),
         **summary,
+        "fingerprint": fingerprint.report(cfg),
         "wall_s": round(time.perf_counter() - started, 2),
     }
-    # 7. Write the plots, report.md and report.html; report.json last: the pipeline skips an
-    #    evaluation whose report.json exists, so it means "all written".
+    # 7. Write the plots, report.md, report.html and report.json; `_SUCCESS` last, holding the
+    #    report's fingerprint: the pipeline skips an evaluation only when it matches.
     plot_figures(cfg, report, sample_ids, out_dir)
     tables = write_report(cfg, report, other_reports(cfg), out_dir)
     write_report_page(cfg, run_layout, report, tables, sample_ids, ids)
     write_text(out_dir.report, json.dumps(report, indent=2))
+    fingerprint.finish(out_dir, report["fingerprint"])
     return report
 
 

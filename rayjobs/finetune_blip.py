@@ -24,7 +24,6 @@ import logging
 import math
 import sys
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,13 +33,13 @@ import torch
 
 from blipinpaint import builders, fingerprint
 from blipinpaint.candidates import best_candidates, candidate_id
-from blipinpaint.captioning import caption_ids, caption_token_mask, decode_caption, encode_images
+from blipinpaint.captioning import caption_ids, decode_caption, encode_images
 from blipinpaint.config import Config, to_yaml
 from blipinpaint.errors import ConfigError
 from blipinpaint.layout import RunLayout
-from blipinpaint.losses import LossWeights, blip_loss, caption_kl, caption_lm_loss
 from blipinpaint.masks import masked_pixels
 from blipinpaint.models import CaptionerModel, ModelRef, load_captioner
+from blipinpaint.objectives import Loss, lm_loss, scorer_loss, with_kl
 from blipinpaint.plots import plot_curves, write_tensorboard
 from blipinpaint.probe import Probe, best_share_change, changed_counts, probe_set
 from blipinpaint.reader import read_candidates, read_rows, split_reads
@@ -52,13 +51,10 @@ from rayjobs import training
 from rayjobs.cli import job_main
 from rayjobs.cluster import connect
 from rayjobs.progress import TrainProgress
-from rayjobs.stream import read_committed
+from rayjobs.stream import TASK_RETRIES, read_committed
 
 log = logging.getLogger("blipinpaint.finetune_blip")
 COLUMNS = ["id", "caption", "image_png", "mask_png"]
-# The batch's loss and the figures the log records of it, from the batch's caption token ids,
-# image embeddings, caption features and next-token logits.
-Loss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]]
 
 
 @dataclass
@@ -122,38 +118,6 @@ def pick_loss(cfg: Config, parts: Parts) -> Loss:
     loss = (lm_loss(parts.model) if cfg.finetune.method == "reward_ranked"
             else scorer_loss(parts.scorer, builders.loss_weights(cfg)))
     return loss if parts.reference is None else with_kl(loss, parts.model, parts.reference, cfg.finetune.kl_weight)
-
-
-def scorer_loss(scorer: ScoreNet, weights: LossWeights) -> Loss:
-    """L_BLIP on the frozen scorer's predictions from the caption features (the paper's)."""
-    def loss(ids, embeds, features, logits):
-        ssim, psnr, clip = scorer.destandardize(scorer(features.float())).unbind(dim=1)
-        value = blip_loss(ssim, psnr, clip, weights)
-        return value, {"loss_blip": value.item(), "pred_ssim": ssim.mean().item(),
-                       "pred_psnr": psnr.mean().item(), "pred_clip": clip.mean().item()}
-    return loss
-
-
-def lm_loss(model) -> Loss:
-    """reward_ranked's: each image's `caption` is its best candidate, and the decoder learns to say it."""
-    def loss(ids, embeds, features, logits):
-        value = caption_lm_loss(logits, ids, caption_token_mask(model, ids))
-        return value, {"loss_lm": value.item()}
-    return loss
-
-
-def with_kl(loss: Loss, model, reference: torch.nn.Module, kl_weight: float) -> Loss:
-    """`loss` + `kl_weight` · KL(original decoder ‖ fine-tuned) over the caption's tokens."""
-    pad = model.config.text_config.pad_token_id
-
-    def loss_and_kl(ids, embeds, features, logits):
-        value, figures = loss(ids, embeds, features, logits)
-        with torch.no_grad():
-            ref_logits = reference(input_ids=ids, attention_mask=(ids != pad).long(),
-                                   encoder_hidden_states=embeds, return_dict=True).logits
-        kl = caption_kl(logits, ref_logits, caption_token_mask(model, ids))
-        return value + kl_weight * kl, {**figures, "kl": kl.item()}
-    return loss_and_kl
 
 
 def build_probe(cfg: Config, config: dict, parts: Parts, synced: bool) -> Probe:
@@ -313,26 +277,30 @@ def with_captions(batch: dict, captions: dict[str, str]) -> dict:
 
 def run(cfg: Config) -> dict:
     run_layout = RunLayout(cfg.run_dir)
-    out_dir, scorer_dir, samples = run_layout.finetune, run_layout.scorer_model, run_layout.generate.samples
+    out_dir = run_layout.finetune
     method = cfg.finetune.method
     if cfg.models.dtype == "fp16" and not cfg.train.use_gpu:
         # DeepSpeed trains in fp16 on GPUs only; falling back to fp32 silently would hide it.
         raise ConfigError("models.dtype=fp16 fine-tunes on GPUs only: set train.use_gpu=true (or models.dtype=bf16)")
-    needed = ((scorer_dir, "rayjobs.train_scorer") if method == "scorer"
+    # What it reads, each finished (`_SUCCESS`): a step cut short leaves outputs that look whole.
+    needed = ((run_layout.scorer, "rayjobs.train_scorer") if method == "scorer"
               else (run_layout.candidates, "rayjobs.candidates"))
-    for path, step in ((samples, "rayjobs.generate"), needed):
-        if not is_dir(path):
-            raise ConfigError(f"{path} is missing: run {step} first")
+    for folder, step in ((run_layout.generate, "rayjobs.generate"), needed):
+        if not is_file(folder.success):
+            raise ConfigError(f"{folder} is not complete (no _SUCCESS): run {step} (again) first")
     builders.fill_store(cfg)  # the captioner from the model store, never the hub
-    # First, before anything waits for the cluster: the ranks of a run that is still going (its
+    train_reads, val_reads = split_reads(cfg)
+    train_ids = [i for r in train_reads for i in r["ids"]]
+    best = best_captions(cfg, train_ids)  # the candidates checked before anything is written
+    # The folders are this run's only if they hold this fingerprint (or, with `restart`, are moved aside).
+    current = fingerprint.finetune(cfg)
+    fingerprint.claim(cfg, "finetune", (out_dir, run_layout.blip), current)
+    # Then, before anything waits for the cluster: the ranks of a run that is still going (its
     # driver killed, or the same command twice) stop writing here and free their resources.
     fence = (out_dir, CommitLog(out_dir).take_over())
     connect(cfg.ray_address, cfg.ray_progress)
-    train_reads, val_reads = split_reads(cfg)
-    train_ids = [i for r in train_reads for i in r["ids"]]
     # Every training image may be probed, whether or not it is trained on: the same probe set for both methods.
     probe = probe_set(cfg, train_reads, val_reads)
-    best = best_captions(cfg, train_ids)
     ranked = {}
     if method == "reward_ranked":
         # Each image's caption becomes its best candidate's; an image whose candidates all
@@ -347,7 +315,7 @@ def run(cfg: Config) -> dict:
     train = read_committed(train_reads, COLUMNS, cfg.stream.read.num_cpus)
     if ranked:
         train = train.map_batches(with_captions, fn_kwargs={"captions": ranked}, batch_size=None,
-                                  num_cpus=cfg.stream.read.num_cpus)
+                                  num_cpus=cfg.stream.read.num_cpus, max_retries=TASK_RETRIES)
     log.info("batch of %d per optimizer step: %d on each of %d workers", cfg.finetune.batch_size,
              training.per_worker(cfg, cfg.finetune.batch_size), cfg.train.num_workers)
     write_text(out_dir.config, to_yaml(cfg))
@@ -385,7 +353,9 @@ def run(cfg: Config) -> dict:
                                    "best_is_greedy": sum(b["candidate"] == 0 for b in best.values())}
     if best is not None:
         report["best_caption_share"] = best_share_change(check["probe"], {i: b["caption"] for i, b in best.items()})
+    report["fingerprint"] = current
     write_text(out_dir.report, json.dumps(report, indent=2))
+    fingerprint.finish(out_dir, current)  # last: BLIP is fine-tuned, under these settings and inputs
     training.owner_log(fence).release()
     return report
 

@@ -18,6 +18,7 @@ and `_SUCCESS` once every input is accounted for.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import sys
@@ -117,10 +118,12 @@ def run(cfg: Config) -> dict:
                             cfg.data.limit, cfg.seed, cfg.data.image_column, cfg.data.id_column)
     except SourceError as err:
         raise ConfigError(str(err)) from None
-    # 2. Refuse rows of other settings; models into the store before any actor loads one.
-    fingerprint.check(out_dir, fingerprint.generate(cfg))
-    write_text(out_dir.config, to_yaml(cfg))
+    # 2. Models into the store before any actor loads one; refuse rows of other settings or
+    #    models (or, with `restart`, move them aside).
     builders.fill_store(cfg)
+    current = fingerprint.generate(cfg)
+    fingerprint.claim(cfg, "generate", (out_dir,), current)
+    write_text(out_dir.config, to_yaml(cfg))
     # 3. Resume: what a killed run left is finished or undone; the committed ids are skipped.
     commit_log = CommitLog(out_dir)
     resumed = commit_log.resume(cfg.stream.retry_failed)
@@ -139,8 +142,8 @@ def run(cfg: Config) -> dict:
         "images_per_s": round(len(pending) / pipeline_s, 3) if pipeline_s else None,
     }
     account = commit_log.account([it["id"] for it in items])
-    stats = summarize(out_dir, account, this_run)
-    commit_log.finish(stats, account, "inputs")
+    stats = {**summarize(out_dir, account, this_run), "fingerprint": current}
+    commit_log.finish(stats, account, "inputs", success=json.dumps(current, indent=2))
     return stats
 
 

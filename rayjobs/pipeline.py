@@ -12,8 +12,9 @@ With no `--config` the embedded default runs: the `tiny` preset on the sample im
 ship with blipinpaint, on a local Ray bound to 127.0.0.1. The steps: `rayjobs.models`
 (pinned checkpoints into the model store), `rayjobs.generate` (a rerun does only what is
 not committed), `rayjobs.train_scorer`, with `finetune.method=reward_ranked`
-`rayjobs.candidates`, `rayjobs.finetune_blip`, `rayjobs.evaluate`; a training or
-evaluation step whose output exists is skipped (run its job to redo it).
+`rayjobs.candidates`, `rayjobs.finetune_blip`, `rayjobs.evaluate`. A step is skipped only
+when it finished under the fingerprint it would have now; `restart=[step]` replaces an
+output made under other settings or inputs (docs/inputs-outputs.md, "Reruns").
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from __future__ import annotations
 import logging
 import sys
 
+from blipinpaint import fingerprint
 from blipinpaint.config import Config
 from blipinpaint.layout import RunLayout
-from blipinpaint.storage import is_file
 from rayjobs import candidates, evaluate, finetune_blip, generate, models, train_scorer
 from rayjobs.cli import job_main
 
@@ -35,18 +36,21 @@ def run(cfg: Config) -> None:
     models.print_report(models.run(cfg))
     stats = generate.run(cfg)
     generate.print_summary(stats)
-    if is_file(run_layout.scorer_model / "model.safetensors"):
-        log.info("scorer already trained in %s: skipped", run_layout.scorer)
+    # A training or evaluation step is skipped only when it finished under the fingerprint it
+    # would have now (settings, models, the rows and models it reads); else its job runs, and
+    # resumes, refuses other settings, or with `restart` replaces the old output.
+    if fingerprint.done(run_layout.scorer, fingerprint.scorer(cfg)):
+        log.info("scorer already trained in %s under these settings and rows: skipped", run_layout.scorer)
     else:
         train_scorer.print_report(train_scorer.run(cfg))
     if cfg.finetune.method == "reward_ranked":  # cheap when done: it skips what is committed
         candidates.print_report(candidates.run(cfg))
-    if is_file(run_layout.blip / "model.safetensors"):
-        log.info("BLIP already fine-tuned in %s: skipped", run_layout.blip)
+    if fingerprint.done(run_layout.finetune, fingerprint.finetune(cfg)):
+        log.info("BLIP already fine-tuned in %s under these settings and inputs: skipped", run_layout.blip)
     else:
         finetune_blip.print_report(finetune_blip.run(cfg))
-    if is_file(run_layout.eval.report):
-        log.info("already evaluated in %s: skipped", run_layout.eval)
+    if fingerprint.done(run_layout.eval, fingerprint.report(cfg)):
+        log.info("already evaluated in %s under these settings and inputs: skipped", run_layout.eval)
     else:
         evaluate.print_report(evaluate.run(cfg))
 

@@ -29,6 +29,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 
+from blipinpaint import fingerprint
 from blipinpaint.config import Config, to_yaml
 from blipinpaint.errors import ConfigError
 from blipinpaint.layout import RunLayout
@@ -36,7 +37,7 @@ from blipinpaint.plots import plot_curves, plot_scatter, write_tensorboard
 from blipinpaint.reader import read_rows, split_reads
 from blipinpaint.scorer import TARGETS, ScoreNet, ScoreNetConfig, regression_report
 from blipinpaint.seeds import sample_seed
-from blipinpaint.storage import is_dir, local_dir, read_jsonl, upload_dir, write_jsonl, write_text
+from blipinpaint.storage import is_file, local_dir, read_jsonl, upload_dir, write_jsonl, write_text
 from blipinpaint.writer import CommitLog
 from rayjobs import training
 from rayjobs.cli import job_main
@@ -220,14 +221,17 @@ def evaluate(model_dir: str, reads: list[dict], out_dir: str, limit: int = 20_00
 
 def run(cfg: Config) -> dict:
     run_layout = RunLayout(cfg.run_dir)
-    out_dir, samples = run_layout.scorer, run_layout.generate.samples
-    if not is_dir(samples):
-        raise ConfigError(f"no generated samples in {samples}: run rayjobs.generate first")
-    # First, before anything waits for the cluster: the ranks of a run that is still going (its
+    out_dir = run_layout.scorer
+    if not is_file(run_layout.generate.success):  # a partial folder would train on what happens to be there
+        raise ConfigError(f"{run_layout.generate} is not complete (no _SUCCESS): run rayjobs.generate (again) first")
+    train_reads, val_reads = split_reads(cfg)
+    # The folder is this run's only if it holds this fingerprint (or, with `restart`, is moved aside).
+    current = fingerprint.scorer(cfg)
+    fingerprint.claim(cfg, "scorer", (out_dir,), current)
+    # Then, before anything waits for the cluster: the ranks of a run that is still going (its
     # driver killed, or the same command twice) stop writing here and free their resources.
     fence = (out_dir, CommitLog(out_dir).take_over())
     connect(cfg.ray_address, cfg.ray_progress)
-    train_reads, val_reads = split_reads(cfg)
     log.info("batch of %d per optimizer step: %d on each of %d workers", cfg.scorer.batch_size,
              training.per_worker(cfg, cfg.scorer.batch_size), cfg.train.num_workers)
     write_text(out_dir.config, to_yaml(cfg))
@@ -246,8 +250,9 @@ def run(cfg: Config) -> dict:
     final = records[-1] if records else {}
     report = {"epochs": len(records), "final": final,
               "non_finite_left_out": final.get("non_finite_left_out"),
-              "heldout": evaluate(run_layout.scorer_model, val_reads, out_dir)}
+              "heldout": evaluate(run_layout.scorer_model, val_reads, out_dir), "fingerprint": current}
     write_text(out_dir.report, json.dumps(report, indent=2))
+    fingerprint.finish(out_dir, current)  # last: the scorer is done, under these settings and rows
     training.owner_log(fence).release()
     return report
 

@@ -18,7 +18,7 @@ PIPELINE_ARGS = ["run_dir=run", "scorer.epochs=2", "finetune.epochs=2", "finetun
                  "evaluate.fid.size=2"]
 
 
-def copy_run(run_dir, to, parts=("generate", "scorer/model", "finetune", "blip")) -> None:
+def copy_run(run_dir, to, parts=("generate", "scorer", "finetune", "blip")) -> None:
     """A copy of a run's folders, for a test that changes or adds to them."""
     import shutil
 

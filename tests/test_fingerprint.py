@@ -1,10 +1,16 @@
-"""Fingerprints: the settings each step's rows depend on, and the refusal to mix them."""
+"""Fingerprints: what each step's output depends on, the refusal to mix or reuse other
+outputs, and `restart`, which moves an old output aside instead."""
+
+import json
+import uuid
 
 import pytest
 
 from blipinpaint import fingerprint
 from blipinpaint.config import load_config
 from blipinpaint.errors import ConfigError
+from blipinpaint.layout import Folder
+from blipinpaint.storage import is_dir, is_file, read_text, write_text
 
 
 def test_a_run_folder_refuses_rows_made_with_other_settings(tmp_path):
@@ -13,12 +19,10 @@ def test_a_run_folder_refuses_rows_made_with_other_settings(tmp_path):
     same = load_config(overrides=[f"run_dir={tmp_path}", "models.fid.name_or_path=/elsewhere", "evaluate.limit=4"])
     fingerprint.check(str(tmp_path), fingerprint.generate(same))  # FID and evaluation: rows unaffected
     other = load_config(overrides=[f"run_dir={tmp_path}", "seed=1", "masks.kind=thin", "scorer.feature_layer=-1"])
-    with pytest.raises(ConfigError, match=r"masks, scorer.feature_layer, seed differ"):
+    with pytest.raises(ConfigError, match=r"masks.kind, scorer.feature_layer, seed differ"):
         fingerprint.check(str(tmp_path), fingerprint.generate(other))
-    # The large-mask policy changes rows: recorded when set, left out at its default.
-    assert "caption_max_mask_area" not in fingerprint.generate(cfg)["inpaint"]
     policy = load_config(overrides=[f"run_dir={tmp_path}", "inpaint.caption_max_mask_area=0.3"])
-    with pytest.raises(ConfigError, match=r"inpaint differ"):
+    with pytest.raises(ConfigError, match=r"inpaint.caption_max_mask_area differ"):
         fingerprint.check(str(tmp_path), fingerprint.generate(policy))
     # Caption candidates change evaluate's and the candidate stream's rows only.
     candidates = load_config(overrides=[f"run_dir={tmp_path}", "caption.candidates=4"])
@@ -26,8 +30,83 @@ def test_a_run_folder_refuses_rows_made_with_other_settings(tmp_path):
     assert fingerprint.candidates(cfg) == {**fingerprint.generate(cfg), "caption.candidates": None}
     assert fingerprint.candidates(candidates)["caption.candidates"] == 4
     # A folder made with candidates refuses a run without them, and the other way round.
-    fingerprint.check(str(tmp_path), fingerprint.candidates(cfg))
     with_candidates = tmp_path / "with-candidates"
     fingerprint.check(str(with_candidates), fingerprint.candidates(candidates))
     with pytest.raises(ConfigError, match=r"caption.candidates differ"):
         fingerprint.check(str(with_candidates), fingerprint.candidates(cfg))
+
+
+def test_generate_records_the_bytes_of_its_models_not_their_names(tmp_path):
+    """Another checkpoint in the same folder is another model (finding 9): the fingerprint
+    holds each model's content digest, so rows of the two never mix."""
+    import shutil
+
+    from blipinpaint import builders
+
+    folder = tmp_path / "captioner"
+    shutil.copytree(builders.resolve_preset(load_config()).captioner.name_or_path, folder)
+    cfg = load_config(overrides=[f"run_dir={tmp_path}", f"models.captioner.name_or_path={folder}"])
+    fingerprint.check(str(tmp_path), fingerprint.generate(cfg))
+    (folder / "config.json").write_text((folder / "config.json").read_text().replace("\n", "\n "))  # other bytes
+    with pytest.raises(ConfigError, match=r"model_digests differ"):
+        fingerprint.check(str(tmp_path), fingerprint.generate(cfg))
+
+
+def _claim(cfg, step, folder, current):
+    return fingerprint.claim(cfg, step, (Folder(folder),), current)
+
+
+@pytest.fixture(params=["disk", "bucket"])
+def run_root(request, tmp_path):
+    if request.param == "disk":
+        return str(tmp_path)
+    return request.getfixturevalue("s3")(f"fp-{uuid.uuid4().hex[:12]}") + "/run"
+
+
+def test_a_step_refuses_another_fingerprint_and_restart_moves_the_old_output_aside(run_root):
+    folder = f"{run_root}/scorer"
+    cfg = load_config(overrides=[f"run_dir={run_root}"])
+    first = {"scorer.lr": 1e-4, "generate": {"rows": "a"}}
+    assert _claim(cfg, "scorer", folder, first) == []
+    write_text(f"{folder}/model/weights", "first training")
+    assert _claim(cfg, "scorer", folder, first) == []  # the same: resumed as it is
+    assert read_text(f"{folder}/model/weights") == "first training"
+    second = {"scorer.lr": 1e-3, "generate": {"rows": "a"}}
+    with pytest.raises(ConfigError, match=r"\(scorer.lr differ\): restart=\[scorer\] moves it aside"):
+        _claim(cfg, "scorer", folder, second)
+    restart = load_config(overrides=[f"run_dir={run_root}", "restart=[scorer]"])
+    (moved,) = _claim(restart, "scorer", folder, second)
+    assert moved.startswith(f"{folder}.replaced-") and read_text(f"{moved}/model/weights") == "first training"
+    assert json.loads(read_text(f"{moved}/fingerprint.json")) == first  # kept whole, never deleted
+    assert json.loads(read_text(f"{folder}/fingerprint.json")) == second and not is_file(f"{folder}/model/weights")
+    assert not is_dir(f"{folder}/model")
+
+
+def test_restart_reaches_the_steps_that_read_the_restarted_one(tmp_path):
+    cfg = load_config(overrides=[f"run_dir={tmp_path}", "restart=[scorer]"])
+    assert [s for s in fingerprint.STEPS if fingerprint.restarting(cfg, s)] == ["scorer", "finetune", "eval"]
+    cfg = load_config(overrides=[f"run_dir={tmp_path}", "restart=[generate]"])
+    assert all(fingerprint.restarting(cfg, s) for s in fingerprint.STEPS)
+    with pytest.raises(ConfigError, match=r"restart=\['scorr'\]: 'scorr' is not a step"):
+        load_config(overrides=[f"run_dir={tmp_path}", "restart=[scorr]"])
+
+
+def test_output_of_unknown_origin_is_not_adopted(tmp_path):
+    """A folder holding output but no fingerprint (written before fingerprints, or by hand)."""
+    write_text(f"{tmp_path}/finetune/metrics.jsonl", "{}\n")
+    cfg = load_config(overrides=[f"run_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"holds the finetune step's output of other settings or inputs"):
+        fingerprint.claim(cfg, "finetune", (Folder(f"{tmp_path}/finetune"), Folder(f"{tmp_path}/blip")), {"a": 1})
+    cfg = load_config(overrides=[f"run_dir={tmp_path}", "restart=[finetune]"])
+    moved = fingerprint.claim(cfg, "finetune", (Folder(f"{tmp_path}/finetune"), Folder(f"{tmp_path}/blip")),
+                              {"a": 1})
+    assert len(moved) == 1 and is_file(f"{moved[0]}/metrics.jsonl")  # blip/ did not exist: nothing to move
+
+
+def test_a_step_is_done_only_with_its_fingerprint_in_success(tmp_path):
+    folder = Folder(f"{tmp_path}/scorer")
+    assert not fingerprint.done(folder, {"a": 1})
+    write_text(folder.success, "")  # a marker that says nothing of what made it
+    assert not fingerprint.done(folder, {"a": 1})
+    fingerprint.finish(folder, {"a": 1})
+    assert fingerprint.done(folder, {"a": 1}) and not fingerprint.done(folder, {"a": 2})

@@ -1,4 +1,3 @@
-import json
 import os
 import signal
 import subprocess
@@ -20,11 +19,15 @@ from rayjobs import evaluate
 
 
 def test_missing_steps_are_named(tmp_path, capsys):
+    """Each step the evaluation reads must have finished (its `_SUCCESS`): a step cut short
+    leaves outputs that look whole."""
     assert evaluate.main([f"run_dir={tmp_path}"]) == 2
-    assert "generate/samples is missing: run rayjobs.generate first" in capsys.readouterr().err
+    assert "generate is not complete (no _SUCCESS): run rayjobs.generate (again) first" in capsys.readouterr().err
     (tmp_path / "generate" / "samples").mkdir(parents=True)
+    (tmp_path / "generate" / "_SUCCESS").write_text("")
+    (tmp_path / "blip").mkdir()  # a fine-tune cut short: its folder, no _SUCCESS
     assert evaluate.main([f"run_dir={tmp_path}"]) == 2
-    assert "blip/model.safetensors is missing: run rayjobs.finetune_blip first" in capsys.readouterr().err
+    assert "finetune is not complete (no _SUCCESS): run rayjobs.finetune_blip (again) first" in capsys.readouterr().err
     assert not (tmp_path / "eval").exists()
 
 
@@ -39,7 +42,7 @@ def test_the_scorer_is_held_to_what_the_changed_captions_scored(main_run, tmp_pa
     fine-tuned BLIP stored with each row, against the metrics those rows scored."""
     from blipinpaint.scorer import TARGETS, ScoreNet
 
-    copy_run(main_run[1] / "run", tmp_path, ("eval", "scorer/model"))
+    copy_run(main_run[1] / "run", tmp_path, ("eval", "scorer"))
     rows = pq.read_table(tmp_path / "eval" / "samples").to_pylist()
     ids = sorted(r["id"] for r in rows)  # as if every caption had changed
     found = evaluate.scorer_on_changed(RunLayout(str(tmp_path)), ids)
@@ -67,13 +70,18 @@ def test_limit_picks_a_stable_subset_of_the_held_out_split(main_run):
 
 
 def test_rows_of_another_fine_tuned_decoder_are_refused(main_run, tmp_path, capsys):
-    """Evaluated rows made with one fine-tuned BLIP never mix with another's."""
+    """Evaluated rows made with one fine-tuned BLIP never mix with another's: the fingerprint
+    holds the BLIP folder's content digest, so other bytes under the same path are another model."""
+    from blipinpaint.storage import write_manifest
+
     folder = main_run[1]
-    copy_run(folder / "run", tmp_path, ("generate", "finetune", "blip", "eval"))
-    check = json.loads((tmp_path / "finetune" / "check.json").read_text())
-    (tmp_path / "finetune" / "check.json").write_text(json.dumps({**check, "decoder": "another decoder"}))
+    copy_run(folder / "run", tmp_path, ("generate", "scorer", "finetune", "blip", "eval"))
+    config = tmp_path / "blip" / "config.json"
+    config.write_text(config.read_text().replace("\n", "\n "))  # another BLIP, published in its place
+    write_manifest(str(tmp_path / "blip"))
     assert evaluate.main([*PIPELINE_ARGS, f"run_dir={tmp_path}"]) == 2
-    assert "holds rows generated with other settings (finetuned_decoder differ)" in capsys.readouterr().err
+    said = capsys.readouterr().err
+    assert "holds the eval step's output of other settings or inputs (finetuned_decoder differ)" in said, said
 
 
 def test_a_killed_driver_error_rows_then_retry_failed_and_another_run_in_table1(main_run, local_ray, tmp_path,
@@ -150,6 +158,7 @@ def test_scorer_reranked_captions_add_a_variant_to_every_table_and_the_page(main
     plots' legends and the page's cards show the variant."""
     from blipinpaint import builders
     from blipinpaint.io import decode_png
+    from blipinpaint.storage import write_manifest
 
     copy_run(main_run[1] / "run", tmp_path)
     cfg = _evaluate_cfg(tmp_path, "caption.candidates=4", "train.val_fraction=0.9")
@@ -197,7 +206,8 @@ def test_scorer_reranked_captions_add_a_variant_to_every_table_and_the_page(main
     # Rows picked with 4 candidates, or by this scorer, never mix with others.
     with pytest.raises(evaluate.ConfigError, match=r"caption.candidates, reranking_scorer differ"):
         evaluate.run(_evaluate_cfg(tmp_path, "train.val_fraction=0.9"))
-    weights = tmp_path / "scorer" / "model" / "model.safetensors"
+    weights = tmp_path / "scorer" / "model" / "model.safetensors"  # another scorer, published in its place
     weights.write_bytes(weights.read_bytes() + b" ")
+    write_manifest(str(tmp_path / "scorer" / "model"))
     with pytest.raises(evaluate.ConfigError, match=r"reranking_scorer differ"):
         evaluate.run(cfg)

@@ -91,7 +91,7 @@ def test_zero3_in_bf16_with_a_kl_term_and_offload_resumes_after_a_worker_death(m
     The optimizer state lives in CPU memory (DeepSpeed refused a torch optimizer there). Rank 0
     dies at the second step: each rank reloads its own partition, through the weights-only loader."""
     run_dir = tmp_path / "run"  # the main run's samples and scorer, so this run writes its own blip/ and finetune/
-    copy_run(main_run[1] / "run", run_dir, ("generate", "scorer/model"))
+    copy_run(main_run[1] / "run", run_dir, ("generate", "scorer"))
     report = finetune_blip.run(load_config(overrides=[
         f"run_dir={run_dir}", "finetune.batch_size=4", "finetune.lr=1e-3", "train.zero_stage=3", "models.dtype=bf16",
         "finetune.epochs=2", "finetune.kl_weight=0.1", "train.offload_optimizer=true", "train.inject_failure_at_step=2",

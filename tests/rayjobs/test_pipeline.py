@@ -133,3 +133,29 @@ def test_bad_config_fails_before_any_work(tmp_path, capsys):
     assert pipeline.main([f"run_dir={run_dir}", "data.kind=coco"]) == 2  # COCO without data.image_root
     assert "data.image_root must be set" in capsys.readouterr().err
     assert not run_dir.exists()
+
+
+def test_a_changed_training_setting_is_refused_or_replaced_never_taken_as_done(main_run, tmp_path, capsys):
+    """A rerun of a finished run with another fine-tuning rate (issue 31, finding 2): it once
+    trained nothing, rewrote config.yaml and reported the new setting. Now it refuses, naming
+    the key and the way forward; with `restart=[finetune]` the old fine-tune (and the
+    evaluation that read it) moves aside under a dated name, and both are redone."""
+    import shutil
+
+    shutil.copytree(main_run[1] / "run", tmp_path / "run")
+    run = RunLayout(str(tmp_path / "run"))
+    args = [f"run_dir={run.root}", *ARGS[1:], "finetune.lr=2e-3"]
+    steps = [Path(folder) for folder in (run.scorer, run.finetune, run.blip, run.eval)]
+    kept = {p: p.stat().st_mtime_ns for folder in steps for p in folder.rglob("*") if p.is_file()}
+    assert pipeline.main(args) == 2
+    said = capsys.readouterr().err
+    assert "finetune.lr differ" in said and "restart=[finetune] moves it aside" in said, said
+    assert {p: p.stat().st_mtime_ns for folder in steps for p in folder.rglob("*") if p.is_file()} == kept
+
+    assert pipeline.main([*args, "restart=[finetune]"]) == 0
+    aside = sorted(p.name.split(".replaced-")[0] for p in Path(run.root).iterdir() if ".replaced-" in p.name)
+    assert aside == ["blip", "eval", "finetune"]  # the scorer and generate were not touched
+    assert json.loads(Path(run.finetune.success).read_text())["finetune.lr"] == 2e-3
+    assert json.loads(Path(run.eval.report).read_text())["fingerprint"]["finetuned_decoder"] != json.loads(
+        next(Path(run.root).glob("eval.replaced-*/report.json")).read_text())["fingerprint"]["finetuned_decoder"]
+    assert all(p.stat().st_mtime_ns == kept[p] for p in kept if "/scorer/" in str(p))

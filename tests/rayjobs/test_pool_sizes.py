@@ -65,10 +65,11 @@ def test_local_ray_stays_on_loopback_with_token_auth(local_ray):
     assert addresses == {"127.0.0.1"}
     gcs_host = local_ray.get_runtime_context().gcs_address.rsplit(":", 1)[0]
     assert gcs_host == "127.0.0.1"
-    # Every socket that the Ray processes started by this session listen on is on loopback.
+    # Every socket that the processes this session started (Ray's, and the report page tests'
+    # chromedriver) listen on is on loopback, IPv4 or IPv6.
     listening = {conn.laddr.ip for child in psutil.Process().children(recursive=True)
                  for conn in _connections(child) if conn.status == psutil.CONN_LISTEN}
-    assert listening and listening <= {"127.0.0.1", "::ffff:127.0.0.1"}, listening
+    assert listening and listening <= {"127.0.0.1", "::ffff:127.0.0.1", "::1"}, listening
     assert os.environ.get("RAY_AUTH_MODE") != "disabled"
     # Written by this session's Ray (the tests' home starts empty) because token auth is on.
     assert Path.home().name.startswith("blipinpaint-home-")

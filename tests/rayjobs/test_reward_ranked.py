@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import account, copy_run, end_actors_of_dead_drivers, print_figures
+from helpers import PIPELINE_ARGS, account, copy_run, end_actors_of_dead_drivers, print_figures
 
 from blipinpaint import builders
 from blipinpaint.candidates import PENDING, best_candidates, candidate_id, expand
@@ -242,7 +242,7 @@ def test_reward_ranked_fine_tuning_makes_the_best_candidates_the_greedy_captions
 def test_reward_ranked_refuses_missing_or_other_candidates(candidates_run, tmp_path):
     run_dir = tmp_path / "run"
     copy_run(candidates_run["run_dir"], run_dir, ("generate",))
-    with pytest.raises(ConfigError, match="candidates is missing: run rayjobs.candidates first"):
+    with pytest.raises(ConfigError, match=r"candidates is not complete \(no _SUCCESS\): run rayjobs.candidates"):
         finetune_blip.run(load_config(overrides=[f"run_dir={run_dir}", f"caption.candidates={N}",
                                                  "finetune.method=reward_ranked"]))
     copy_run(candidates_run["run_dir"], run_dir, ("candidates",))
@@ -250,7 +250,7 @@ def test_reward_ranked_refuses_missing_or_other_candidates(candidates_run, tmp_p
         finetune_blip.run(load_config(overrides=[f"run_dir={run_dir}", "caption.candidates=5",
                                                  "finetune.method=reward_ranked"]))
     (run_dir / "candidates" / "_SUCCESS").unlink()  # as a killed candidates run leaves it
-    with pytest.raises(ConfigError, match="candidates is not complete: run rayjobs.candidates"):
+    with pytest.raises(ConfigError, match=r"candidates is not complete \(no _SUCCESS\): run rayjobs.candidates"):
         finetune_blip.run(load_config(overrides=[f"run_dir={run_dir}", f"caption.candidates={N}",
                                                  "finetune.method=reward_ranked"]))
 
@@ -258,12 +258,14 @@ def test_reward_ranked_refuses_missing_or_other_candidates(candidates_run, tmp_p
 def test_the_pipeline_runs_the_candidates_before_reward_ranked_fine_tuning(main_run, candidates_run, tmp_path,
                                                                           capsys):
     """The main run, done, with its candidates committed: the pipeline in reward_ranked mode
-    passes through the candidates step, which finds nothing to do."""
+    passes through the candidates step, which finds nothing to do; the fine-tune made with
+    the scorer method is then not taken for this one: it is refused, naming the method."""
     run_dir = tmp_path / "run"
-    copy_run(main_run[1] / "run", run_dir, ("generate", "scorer/model", "finetune", "blip", "eval"))
+    copy_run(main_run[1] / "run", run_dir, ("generate", "scorer", "finetune", "blip", "eval"))
     copy_run(candidates_run["run_dir"], run_dir, ("candidates",))
-    pipeline.run(load_config(overrides=[f"run_dir={run_dir}", f"caption.candidates={N}",
-                                        "finetune.method=reward_ranked"]))
+    with pytest.raises(ConfigError, match=r"finetune.method.* differ\): restart=\[finetune\]"):
+        pipeline.run(load_config(overrides=[*PIPELINE_ARGS[1:], f"run_dir={run_dir}", f"caption.candidates={N}",
+                                            "finetune.method=reward_ranked"]))
     said = capsys.readouterr().out
     assert f"4 training images x {N} candidates: {3 * N} scored, {N} errors {{'stage failed': {N}}}; this run " \
            "processed 0" in said

@@ -44,6 +44,7 @@ def write_samples(run_dir, n=400, dim=16, seed=0, restored_exactly=()):
     (run_dir / "generate" / "_commits" / "part-0.json").write_text(json.dumps(
         {"name": "part-0", "samples": [f"img{i:04d}" for i in range(n)], "errors": [], "error_kinds": [],
          "staged": {"samples": "part-0.parquet"}}))
+    (run_dir / "generate" / "_SUCCESS").write_text("")  # every input accounted for
 
 
 def test_scorer_learns_a_learnable_signal(local_ray, tmp_path):

@@ -109,3 +109,15 @@ def test_the_paper_configs_fine_tune_at_the_papers_batch_of_8_on_8_workers(name)
     assert cfg.train.num_workers == 8
     assert (settings["train_batch_size"], settings["train_micro_batch_size_per_gpu"],
             settings["gradient_accumulation_steps"]) == (8, 1, 1)
+
+
+def test_training_refuses_a_generate_folder_that_is_not_complete(tmp_path):
+    """A killed generate leaves committed parts but no `_SUCCESS`: a scorer trained then would
+    learn from whatever happened to be committed, without a word (issue 31, finding 2)."""
+    from rayjobs import train_scorer
+
+    _generated(tmp_path, [f"p{k}" for k in range(8)])
+    cfg = load_config(overrides=[f"run_dir={tmp_path}", f"data.source={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"generate is not complete \(no _SUCCESS\): run rayjobs.generate"):
+        train_scorer.run(cfg)
+    assert not (tmp_path / "scorer").exists()  # refused before writing anything
