@@ -94,7 +94,7 @@ def parquet_with_a_large_cell(path: Path, paged: bool) -> None:
 
     rng = np.random.default_rng(0)
     cells = [rng.bytes(1 << 20) for _ in range(60)] + [rng.bytes(40 << 20)]
-    layout = {"use_dictionary": False, "write_batch_size": 1} if paged else {}
+    layout = {"use_dictionary": False, "write_batch_size": 1, "data_page_size": 1} if paged else {}
     pq.write_table(pa.table({"image": pa.array(cells, pa.binary())}), path, **layout)
 
 
