@@ -297,7 +297,9 @@ def read_files(batch: dict[str, np.ndarray], max_mb: float | None = None,
     """Stage: each input's encoded image -> `bytes` (a file, a shard member's byte range, or a
     Parquet cell); one that cannot be read, or is over `max_mb`, is an error row.
 
-    At most `max_mb` MB and one byte are read: a huge file never fills a worker's memory.
+    Of a file or a shard member, at most `max_mb` MB and one byte are read; of a Parquet file,
+    no page over `max_mb` (a page of one cell) or `PAGE_FILES` x `max_mb` (of several): a huge
+    input never fills a worker's memory.
     """
     errors = np.array(batch["error"], dtype=object)
     n = len(errors)
