@@ -1,9 +1,17 @@
+import io
+import json
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
 import numpy as np
 import pytest
 from helpers import encode, photo, png_with_size, with_exif_orientation
-from PIL import Image
+from PIL import Image, ImageOps
 
-from blipinpaint.io import ImageDecoder, decode_png, encode_png, fit_square, open_image
+from blipinpaint.io import ImageDecoder, decode_png, encode_png, fit_square, open_image, to_rgb
 
 # EXIF orientation -> how the stored pixels must be turned to display upright (numpy ops,
 # independent of Pillow's own table).
@@ -65,6 +73,14 @@ def test_sixteen_bit_png_is_scaled_not_clipped():
     assert out[0, 0].tolist() == [0, 0, 0]
     assert out[0, 20].tolist() == [128, 128, 128]
     assert out[0, 59].tolist() == [255, 255, 255]
+
+
+def test_sixteen_bit_samples_become_the_nearest_eight_bit_value():
+    every = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    out = np.asarray(open_image(encode(Image.fromarray(every), "PNG")))[..., 0]
+    assert np.array_equal(out, np.rint(every / 257.0).astype(np.uint8))
+    wide = Image.fromarray(np.array([[-5, 0, 128, 129, 65535, 70000]], dtype=np.int32))  # mode I: 32-bit
+    assert np.asarray(to_rgb(wide))[0, :, 0].tolist() == [0, 0, 0, 1, 255, 255]
 
 
 def test_animated_gif_uses_its_first_frame():
@@ -148,3 +164,126 @@ def test_min_side_and_max_aspect_ratio_come_from_the_config(tmp_path):
     assert errors() == {}  # the defaults (32, 4.0) take both
     assert set(errors("data.min_side=48")) == {"small.png", "wide.png"}
     assert set(errors("data.max_aspect_ratio=2.5")) == {"wide.png"}
+
+
+# Limits on what one input may cost to decode: a small file must not expand to gigabytes,
+# and a large JPEG is decoded near the working size, not at full size.
+
+SAMPLES = Path(__file__).resolve().parents[1] / "blipinpaint" / "samples"
+
+PEAK = """
+import json, sys
+import numpy as np
+from blipinpaint.io import ImageDecoder
+def peak_mb():  # this process image's own peak (ru_maxrss would start at pytest's)
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+data = open(sys.argv[1], "rb").read()
+batch = {"id": np.array(["x"], dtype=object), "bytes": np.array([data], dtype=object)}
+decoder = ImageDecoder(int(sys.argv[2]))
+before = peak_mb()
+out = decoder(batch)
+print(json.dumps({"growth_mb": peak_mb() - before, "error": out["error"][0]}))
+"""
+
+
+def decode_in_a_fresh_process(path, size: int) -> tuple[float, str]:
+    """(growth of the peak resident memory in MB, error) of decoding one file, in a new process."""
+    out = subprocess.run([sys.executable, "-c", PEAK, str(path), str(size)], capture_output=True, text=True,
+                         check=True, timeout=120)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    return result["growth_mb"], result["error"]
+
+
+def png_bomb(width: int, height: int) -> bytes:
+    """A valid, fully decodable PNG of `width`x`height` transparent RGBA pixels, built in a
+    fraction of a second: every row is the same raw deflate block (no reference outside it)."""
+    row = b"\x00" + bytes(4 * width)  # filter byte, then the row's pixels
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
+    block = deflate.compress(row) + deflate.flush(zlib.Z_SYNC_FLUSH)
+    adler = 1
+    for _ in range(height):
+        adler = zlib.adler32(row, adler)
+    idat = b"\x78\xda" + block * height + b"\x03\x00" + struct.pack(">I", adler)  # + an empty final block
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0)  # 8-bit RGBA
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def collage(width: int, height: int) -> Image.Image:
+    """The shipped photographs tiled at their own resolution: real detail at every scale, and
+    no symmetry, so a wrong turn shows."""
+    tiles = [Image.open(p).convert("RGB") for p in sorted(SAMPLES.glob("*.jpg"))]
+    canvas = Image.new("RGB", (width, height))
+    x = y = k = 0
+    while y < height:
+        canvas.paste(tiles[k % len(tiles)], (x, y))
+        x, k = x + tiles[k % len(tiles)].width, k + 1
+        if x >= width:
+            x, y = 0, y + max(t.height for t in tiles)
+    return canvas
+
+
+def test_a_small_file_that_decodes_to_gigabytes_is_refused_from_its_header(tmp_path):
+    """0.5 MB of PNG, 9400x9400 RGBA: under Pillow's decompression-bomb limit (89 MP), it
+    took 1.7 GB and 3 s to decode. Its header says what it would cost: refused before."""
+    bomb = png_bomb(9400, 9400)
+    assert len(bomb) < 2**20 and Image.open(io.BytesIO(bomb)).size == (9400, 9400)
+    (tmp_path / "bomb.png").write_bytes(bomb)
+    growth, error = decode_in_a_fresh_process(tmp_path / "bomb.png", 64)
+    assert error.startswith("too large: 9400x9400 pixels decode to 337 MB"), error
+    assert growth < 50, f"{growth:.0f} MB to refuse it"
+    # The same from the header alone (no pixel data): the kind is `too large`, for any format.
+    assert kind(png_with_size(9400, 9400)) == "too large"
+    assert kind(encode(Image.new("RGB", (6000, 6000)), "GIF")) == "too large"
+    assert kind(png_with_size(5000, 5000)) == "corrupt image"  # 25 MP may be decoded (and is cut short here)
+
+
+@pytest.mark.parametrize("size", [64, 512])
+def test_a_large_jpeg_is_decoded_near_the_working_size(size, tmp_path):
+    """A 27 MP JPEG took 209 MB to decode at full size; libjpeg's draft mode decodes it at 1/8
+    or 1/4 scale instead, and the result matches the full decode's within resizing noise."""
+    big = collage(6000, 4500)
+    data = encode(big, "JPEG", quality=90)
+    (tmp_path / "big.jpg").write_bytes(data)
+    growth, error = decode_in_a_fresh_process(tmp_path / "big.jpg", size)
+    assert error == "" and growth < 40, f"{growth:.0f} MB"
+    out = ImageDecoder(size)({"id": np.array(["x"], dtype=object), "bytes": np.array([data], dtype=object)})
+    assert (out["width"][0], out["height"][0]) == (6000, 4500)  # the input's size, not the draft's
+    full = fit_square(open_image(data), size, min_side=32, max_aspect_ratio=4).astype(np.float32)
+    diff = np.abs(out["image"][0].astype(np.float32) - full)
+    assert diff.mean() < 0.5 and np.percentile(diff, 99) <= 4, (diff.mean(), np.percentile(diff, 99))
+
+
+@pytest.mark.parametrize("orientation", sorted(ORIENTATIONS))
+def test_exif_orientation_is_applied_to_a_draft_decoded_jpeg(orientation):
+    """A JPEG large enough to be decoded at half scale is still turned upright, its centre crop
+    is the same region (2401x1601: the draft's last row and column cover half a pixel each),
+    and its reported size is its upright full size."""
+    stored = collage(2401, 1601)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    tagged = encode(stored, "JPEG", quality=95, exif=exif.tobytes())
+    out = ImageDecoder(64)({"id": np.array(["x"], dtype=object), "bytes": np.array([tagged], dtype=object)})
+    upright = (1601, 2401) if orientation >= 5 else (2401, 1601)
+    assert out["error"][0] == "" and (out["width"][0], out["height"][0]) == upright
+    decoded = out["image"][0].astype(np.float32)
+    full = fit_square(open_image(tagged), 64, min_side=32, max_aspect_ratio=4)  # full decode, turned, resized
+    assert np.abs(decoded - full).mean() < 0.2
+    plain = fit_square(open_image(encode(stored, "JPEG", quality=95)), 64, min_side=32, max_aspect_ratio=4)
+    assert np.abs(decoded - ORIENTATIONS[orientation](plain.astype(np.float32))).mean() < 1
+
+
+@pytest.mark.parametrize("size", [64, 512])
+def test_shipped_samples_decode_exactly_as_a_full_decode_and_resize(size):
+    """The default run's inputs are small: no draft, no other path; the arrays are the full
+    decode's, resized by Pillow's own centre-crop fit, byte for byte."""
+    for path in sorted(p for p in SAMPLES.iterdir() if p.suffix in (".jpg", ".png")):
+        data = path.read_bytes()
+        out = ImageDecoder(size)({"id": np.array([path.name], dtype=object), "bytes": np.array([data], dtype=object)})
+        full = open_image(data)
+        assert out["error"][0] == "" and (out["width"][0], out["height"][0]) == full.size
+        assert np.array_equal(out["image"][0], np.asarray(ImageOps.fit(full, (size, size), Image.Resampling.BICUBIC)))

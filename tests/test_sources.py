@@ -1,5 +1,8 @@
 import json
+import subprocess
+import sys
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -187,3 +190,128 @@ def test_shards_and_parquet_images_in_a_bucket(shards, tmp_path, s3):
     assert items[0]["source"] == f"{bucket}/shards/00000.tar#000.jpg"
     batch = read_files(items_to_batch(list_inputs(f"{bucket}/images")))
     assert list(batch["id"]) == ["x.parquet/0", "x.parquet/1"] and list(batch["bytes"]) == JPEGS[:2]
+    # A limit below the row group's size: its page headers are read from the bucket, then its rows.
+    limited = read_files(items_to_batch(list_inputs(f"{bucket}/images")), max_mb=max(map(len, JPEGS[:2])) / MB)
+    assert list(limited["error"]) == ["", ""] and list(limited["bytes"]) == JPEGS[:2]
+
+
+# A Parquet page that would bring more than the limit into memory is refused before it is read,
+# as a file over data.max_file_mb is: its header says what it would take. A reader decodes a
+# page whole, and pyarrow writes up to 1024 cells in one (the dictionary page): so a page of
+# several cells may take up to PAGE_FILES x the limit, a page of one cell the limit.
+
+READ = """
+import json, sys
+from blipinpaint.source_reads import read_files
+from blipinpaint.sources import items_to_batch, list_inputs
+def peak_mb():  # this process image's own peak (ru_maxrss would start at pytest's)
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+batch = items_to_batch(list_inputs(sys.argv[1], kind="parquet_images"))
+before = peak_mb()
+out = read_files(batch, max_mb=float(sys.argv[2]))
+print(json.dumps({"growth_mb": peak_mb() - before,
+                  "rows": {i: [len(b), e] for i, b, e in zip(out["id"], out["bytes"], out["error"])}}))
+"""
+
+MB = 2**20
+
+
+def read_in_a_fresh_process(source, max_mb: float) -> tuple[float, dict[str, list]]:
+    """(growth of the peak resident memory in MB, id -> [bytes read, error]) of reading every
+    cell of `source` in one batch, in a new process."""
+    out = subprocess.run([sys.executable, "-c", READ, str(source), str(max_mb)], capture_output=True, text=True,
+                         check=True, timeout=120)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    return result["growth_mb"], result["rows"]
+
+
+def cells(*sizes_mb: float, seed: int = 0) -> list[bytes]:
+    rng = np.random.default_rng(seed)  # random bytes: they do not compress, as images do not
+    return [rng.bytes(int(mb * MB)) for mb in sizes_mb]
+
+
+def test_parquet_cells_over_the_limit_are_refused_before_their_pages_are_read(tmp_path):
+    """data.max_file_mb=4. pyarrow's default layout (a row group's cells in one dictionary
+    page): a 60 MB cell beside three of 1 MB is refused with its row group, unread; a 5 MB cell
+    beside three of 1 MB (an 8 MB page) is read and refused alone. A page a cell (as
+    parquet-mr and others write; v1 and v2 pages): an 80 MB cell is refused unread; the rows
+    after it in its row group cannot be reached without it; the rest are read. Reading this
+    batch took 690 MB; now about 40 (the 8 MB page, and the 13 cells of 1 MB it keeps)."""
+    root = tmp_path / "data"
+    root.mkdir()
+    with pq.ParquetWriter(root / "a-default.parquet", pa.schema({"image": pa.binary()})) as writer:
+        writer.write_table(pa.table({"image": cells(1, 1, 60, 1)}))
+        writer.write_table(pa.table({"image": cells(1, 5, 1, 1, seed=1)}))
+    paged = {"use_dictionary": False, "write_batch_size": 1, "data_page_size": 1}  # a page a cell
+    pq.write_table(pa.table({"image": cells(1, 1, 1, 80, 1, 1, 1, 1, seed=2)}), root / "b-paged-v1.parquet",
+                   row_group_size=6, **paged)
+    hub = [{"bytes": c, "path": f"{k}.jpg"} for k, c in enumerate(cells(1, 80, 1, seed=3))]
+    pq.write_table(pa.table({"image": hub}), root / "c-paged-v2.parquet", data_page_version="2.0",
+                   compression="zstd", **paged)
+
+    growth, rows = read_in_a_fresh_process(root, 4)
+
+    def outcome(name: str, row: int):
+        size, error = rows[f"{name}.parquet/{row}"]
+        return size if not error else error.replace(f"{root}/{name}.parquet row {row}: ", "")
+
+    assert [outcome("a-default", r) for r in range(4)] == 4 * [
+        "too large: its row group's 4 cells are one 63.0 MB dictionary page, more than the 4 x data.max_file_mb=4 MB "
+        "a page may take; write smaller row groups"]
+    assert [outcome("a-default", r) for r in range(4, 8)] == [MB, "too large: more than data.max_file_mb=4 MB", MB, MB]
+    assert [outcome("b-paged-v1", r) for r in range(8)] == [
+        MB, MB, MB, "too large: its cell is 80.0 MB, more than data.max_file_mb=4 MB",
+        "too large: reading it means decoding row 3's 80.0 MB page first, more than data.max_file_mb=4 MB",
+        "too large: reading it means decoding row 3's 80.0 MB page first, more than data.max_file_mb=4 MB",
+        MB, MB]  # the last two: the next row group
+    assert [outcome("c-paged-v2", r) for r in range(3)] == [
+        MB, "too large: its cell is 80.0 MB, more than data.max_file_mb=4 MB",
+        "too large: reading it means decoding row 1's 80.0 MB page first, more than data.max_file_mb=4 MB"]
+    assert growth < 60, f"{growth:.0f} MB to read 13 cells of 1 MB"
+
+
+def test_a_parquet_page_header_that_is_not_one_is_a_read_failure(tmp_path):
+    """The page headers are read from untrusted bytes: garbage where one should be fails the
+    rows that need it, with the file named, and the rows before it are read."""
+    from blipinpaint.source_reads import _page_header
+
+    root = tmp_path / "data"
+    root.mkdir()
+    pq.write_table(pa.table({"image": cells(*[0.01] * 6)}), root / "x.parquet", row_group_size=3,
+                   use_dictionary=False, write_batch_size=1)
+    second = pq.ParquetFile(root / "x.parquet").metadata.row_group(1).column(0).data_page_offset
+    data = bytearray((root / "x.parquet").read_bytes())
+    header = bytes(data[second:second + 64])
+    data[second:second + 8] = b"\xff" * 8
+    (root / "x.parquet").write_bytes(bytes(data))
+    batch = read_files(items_to_batch(list_inputs(str(root))), max_mb=0.015)  # row groups of 30 kB: looked into
+    assert [len(b) for b in batch["bytes"][:3]] == [int(0.01 * MB)] * 3 and list(batch["error"][:3]) == [""] * 3
+    assert all(e.startswith(f"read failed: {root}/x.parquet: ") for e in batch["error"][3:])
+    # Any change to a real header ends in a header, ValueError or EOFError (more bytes wanted): nothing else.
+    rng = np.random.default_rng(0)
+    for _ in range(3000):
+        mutated = bytearray(header)
+        for at in rng.integers(0, len(header), size=rng.integers(1, 4)):
+            mutated[at] = rng.integers(0, 256)
+        try:
+            _page_header(bytes(mutated[:rng.integers(1, len(header) + 1)]))
+        except (ValueError, EOFError):
+            pass
+
+
+def test_a_parquet_cell_of_exactly_the_limit_is_read(tmp_path):
+    """The limit is on the cell, as on a file: one of max_file_mb bytes is read; one byte more
+    is read and refused (its page's own bytes are within the page's allowance); a cell 10% over
+    is refused from its page header, unread."""
+    root = tmp_path / "data"
+    root.mkdir()
+    limit = 100_000
+    sizes = [limit, limit + 1, int(limit * 1.1)]
+    pq.write_table(pa.table({"image": [bytes(n) for n in sizes]}), root / "x.parquet", use_dictionary=False,
+                   write_batch_size=1, data_page_size=1, compression="none")  # a page a cell
+    batch = read_files(items_to_batch(list_inputs(str(root))), max_mb=limit / MB)
+    assert [len(b) for b in batch["bytes"]] == [limit, 0, 0]
+    assert batch["error"][0] == "" and batch["error"][1] == f"too large: more than data.max_file_mb={limit / MB:g} MB"
+    assert batch["error"][2] == (f"too large: {root}/x.parquet row 2: its cell is 0.1 MB, "
+                                 f"more than data.max_file_mb={limit / MB:g} MB")
