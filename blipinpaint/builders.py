@@ -99,7 +99,8 @@ def _device_dtype(cfg: Config):
 
 
 def build_decoder(cfg: Config) -> ImageDecoder:
-    return ImageDecoder(image_size(cfg), cfg.data.min_side, cfg.data.max_aspect_ratio)
+    return ImageDecoder(image_size(cfg), cfg.data.min_side, cfg.data.max_aspect_ratio,
+                        round(cfg.data.max_image_mp * 1e6))
 
 
 def build_masker(cfg: Config) -> MaskGenerator:

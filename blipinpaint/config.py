@@ -44,6 +44,9 @@ class DataConfig:
     min_side: int = 32  # shorter sides below this are an error, not an upscale
     max_aspect_ratio: float = 4.0  # wider images are an error, not a sliver crop
     max_file_mb: float = 50.0  # larger files are an error row, never read into a worker's memory
+    # Images of more pixels are an error row, told from the header before any pixel is decoded:
+    # a small file can decode to gigabytes (a 0.3 MB PNG to 9400x9400 RGBA). 8K frames fit.
+    max_image_mp: float = 33.5
     name: str | None = None  # the dataset's name in reports; None: from the source's file or folder name
 
 

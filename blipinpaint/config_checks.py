@@ -70,6 +70,8 @@ def _data_problems(data: DataConfig) -> list[str]:
         problems.append(f"data.limit={data.limit} must be at least 1")
     if data.max_file_mb <= 0:
         problems.append(f"data.max_file_mb={data.max_file_mb} must be above 0")
+    if data.max_image_mp <= 0:
+        problems.append(f"data.max_image_mp={data.max_image_mp} must be above 0 (megapixels)")
     if data.image_size is not None and (data.image_size < 64 or data.image_size % 8):
         problems.append(f"data.image_size={data.image_size} must be a multiple of 8, at least 64")
     source = data.source

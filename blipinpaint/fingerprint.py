@@ -30,7 +30,7 @@ assert tuple(DEPENDS) == STEPS
 # Generate's rows: the settings whose change makes earlier rows incomparable with new ones.
 GENERATE_KEYS = ("seed", "models.preset", "models.device", "models.dtype", "models.captioner", "models.inpainter",
                  "models.clip", "masks", "caption", "inpaint", "data.image_size", "data.min_side",
-                 "data.max_aspect_ratio", "data.max_file_mb", "scorer.feature_layer")
+                 "data.max_aspect_ratio", "data.max_file_mb", "data.max_image_mp", "scorer.feature_layer")
 # What a training job's numbers depend on besides its own section (not its pools or retries).
 TRAINING_KEYS = ("seed", "models.device", "train.num_workers", "train.zero_stage", "train.offload_optimizer",
                  "train.val_fraction", "train.use_gpu")

@@ -60,12 +60,12 @@ class Decoded:
         return self.size[::-1] if self.orientation >= 5 else self.size
 
 
-def decode(data: bytes, at_least: int | None = None) -> Decoded:
+def decode(data: bytes, at_least: int | None = None, max_pixels: int = MAX_DECODED_PIXELS) -> Decoded:
     """Decode to RGB, not yet turned upright; raise `ImageError` otherwise.
 
     Pillow's pixel limit (`Image.MAX_IMAGE_PIXELS`) is kept: above it Pillow only warns
     (up to twice the limit), so the warning is raised as an error too. Then the header's size
-    is checked against `MAX_DECODED_PIXELS` before any pixel is decoded. With `at_least`, a
+    is checked against `max_pixels` before any pixel is decoded. With `at_least`, a
     JPEG whose shorter side is at least twice it is decoded at reduced scale, its shorter side
     still at least `at_least`.
     """
@@ -80,7 +80,7 @@ def decode(data: bytes, at_least: int | None = None) -> Decoded:
                 drafted = img.draft(None, (at_least, at_least))
                 if drafted is not None:
                     scale = size[0] / drafted[1][2]  # the box of the input in the draft's pixels
-            _check_decoded_size(img)
+            _check_decoded_size(img, max_pixels)
             img.load()  # decode now: truncation and bad CRCs surface here, not later
             orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
     except ImageError:
@@ -94,14 +94,14 @@ def decode(data: bytes, at_least: int | None = None) -> Decoded:
     return Decoded(to_rgb(img), size, scale, orientation if orientation in UPRIGHT else 1)
 
 
-def _check_decoded_size(img: Image.Image) -> None:
-    """Refuse, from the header, an image whose pixels would not fit `MAX_DECODED_PIXELS`."""
+def _check_decoded_size(img: Image.Image, max_pixels: int) -> None:
+    """Refuse, from the header, an image of more than `max_pixels` pixels."""
     w, h = img.size
-    if w * h > MAX_DECODED_PIXELS:
+    if w * h > max_pixels:
         mode = ImageMode.getmode(img.mode)
         mb = w * h * len(mode.bands) * np.dtype(mode.typestr).itemsize / 2**20
         raise ImageError("too large", f"{w}x{h} pixels decode to {mb:.0f} MB ({img.mode}), more than the "
-                                      f"{MAX_DECODED_PIXELS / 1e6:.1f} megapixels an input may have")
+                                      f"{max_pixels / 1e6:.1f} megapixels an input may have (data.max_image_mp)")
 
 
 def open_image(data: bytes) -> Image.Image:
@@ -184,10 +184,11 @@ class ImageDecoder:
     `error` already set (e.g. the file could not be read) passes through untouched.
     """
 
-    def __init__(self, size: int, min_side: int = 32, max_aspect_ratio: float = 4.0):
+    def __init__(self, size: int, min_side: int = 32, max_aspect_ratio: float = 4.0,
+                 max_pixels: int = MAX_DECODED_PIXELS):
         if size % 8:
             raise ValueError(f"image size must be a multiple of 8 (the VAE's stride), got {size}")
-        self.size = size
+        self.size, self.max_pixels = size, max_pixels
         self.draft_side = max(2 * size, DRAFT_MIN_SIDE)
         self.min_side = min_side
         self.max_aspect_ratio = max_aspect_ratio
@@ -202,7 +203,7 @@ class ImageDecoder:
             if errors[i]:
                 continue
             try:
-                decoded = decode(data, self.draft_side)
+                decoded = decode(data, self.draft_side, self.max_pixels)
                 widths[i], heights[i] = decoded.upright_size
                 check_shape(*decoded.upright_size, self.min_side, self.max_aspect_ratio)
                 images[i] = fit_decoded(decoded, self.size)

@@ -287,3 +287,16 @@ def test_shipped_samples_decode_exactly_as_a_full_decode_and_resize(size):
         full = open_image(data)
         assert out["error"][0] == "" and (out["width"][0], out["height"][0]) == full.size
         assert np.array_equal(out["image"][0], np.asarray(ImageOps.fit(full, (size, size), Image.Resampling.BICUBIC)))
+
+
+def test_the_pixel_limit_is_the_configs(tmp_path):
+    """`data.max_image_mp` sets the limit the decoder applies from the header."""
+    from blipinpaint import builders
+    from blipinpaint.config import load_config
+
+    data = encode_png(np.zeros((120, 100, 3), np.uint8))  # 0.012 megapixels
+    batch = {"id": np.array(["x"], dtype=object), "bytes": np.array([data], dtype=object)}
+    strict = builders.build_decoder(load_config(overrides=[f"run_dir={tmp_path}", "data.max_image_mp=0.01"]))
+    assert str(strict(dict(batch))["error"][0]).startswith("too large: 100x120 pixels decode to")
+    assert "(data.max_image_mp)" in strict(dict(batch))["error"][0]
+    assert builders.build_decoder(load_config(overrides=[f"run_dir={tmp_path}"]))(dict(batch))["error"][0] == ""
