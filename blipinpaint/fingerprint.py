@@ -101,7 +101,8 @@ def scorer(cfg: Config) -> dict:
 
 def finetune(cfg: Config) -> dict:
     """The fine-tune's settings, the captioner it starts from, generate's rows, the scorer it
-    follows (method `scorer`) and the candidates it learns or measures against."""
+    follows (method `scorer`) or the candidates it learns (`reward_ranked`; the scorer method
+    only measures against them, in its report)."""
     run = RunLayout(cfg.run_dir)
     keys = ("finetune", "caption.max_new_tokens", "caption.num_beams", "caption.candidates",
             "inpaint.caption_max_mask_area", "scorer.feature_layer", "models.dtype", *TRAINING_KEYS)
@@ -109,7 +110,7 @@ def finetune(cfg: Config) -> dict:
     return {**settings(cfg, keys), "generate": _rows(run.generate),
             "captioner": builders.model_digests(cfg, ("captioner",))["captioner"],
             "scorer": folder_digest(run.scorer_model) if uses_scorer and is_dir(run.scorer_model) else None,
-            "candidates": _rows(run.candidates) if is_dir(run.candidates) else None}
+            "candidates": None if uses_scorer else _rows(run.candidates)}
 
 
 def evaluate(cfg: Config) -> dict:

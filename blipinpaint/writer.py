@@ -290,18 +290,24 @@ class CommitLog:
                 if folder not in marker["staged"] and f"{marker['name']}.parquet" in published[folder]:
                     self.fs.delete_file(self._path(folder, f"{marker['name']}.parquet"))
         self._remove(dropped)
-        named = {(folder, name) for m in kept for folder, name in m["staged"].items()}
+        removed = self._remove_unnamed(kept, staged, grace_s)
+        return {"committed_parts": len(kept), "orphans_removed": removed, "parts_dropped": len(dropped)}
+
+    def _remove_unnamed(self, markers: list[dict], staged: dict[str, dict[str, float]], grace_s: float) -> int:
+        """Delete the staged files (`staged`: folder -> name -> age) and temporary files that no
+        marker of `markers` names, but those younger than `grace_s`; return how many went."""
+        named = {(folder, name) for m in markers for folder, name in m["staged"].items()}
         unnamed = {self._path("_staging", f, name): age for f in DATA_DIRS for name, age in staged[f].items()
                    if (f, name) not in named}
         unnamed |= {self._path(folder, name): age for folder in ("_commits", "") for name, age in
                     self._listing(folder).items() if name.startswith(".") and name.endswith(".tmp")}
         removed = [path for path, age in unnamed.items() if age >= grace_s]
         for path in removed:
-            self.fs.delete_file(path)
+            self._delete(path)
         if len(removed) < len(unnamed):
             log.info("%s: %d staged files younger than %.0f s left to their writers", self.out_dir,
                      len(unnamed) - len(removed), grace_s)
-        return {"committed_parts": len(kept), "orphans_removed": len(removed), "parts_dropped": len(dropped)}
+        return len(removed)
 
     def _remove(self, markers: list[dict]) -> None:
         """Delete parts: data first (in both folders: a re-commit may have been cut short before
@@ -356,11 +362,13 @@ class CommitLog:
             account.retries.update(m["retries"])
         return account
 
-    def finish(self, stats: dict, account: Account, what: str, success: str = "") -> None:
+    def finish(self, stats: dict, account: Account, what: str, success: str = "", grace_s: float = 5.0) -> None:
         """End the run: its `stats.json`, `_SUCCESS` (holding `success`) when every listed id is
         accounted for and the files `account` found are still in place (one listing per
         folder), the folder released; a `JobError` naming the `what` (e.g. "inputs") missing
-        or duplicated."""
+        or duplicated. Staged files of an earlier run that its writer never committed nor
+        took back (it died after the recovery left them, younger than the grace) go first."""
+        self._remove_unnamed(self.markers(), {f: self._listing(f"_staging/{f}") for f in DATA_DIRS}, grace_s)
         if account.complete:
             published = {folder: self._files(folder) for folder in DATA_DIRS}
             gone = {i for path, ids in account.files.items() if posixpath.basename(path)

@@ -382,6 +382,26 @@ def test_a_staged_file_younger_than_the_grace_outlives_the_recovery_that_races_i
     assert out.files("_staging/samples") == [] and new.committed_ids() == set() and out.ids("samples") == []
 
 
+def test_a_file_left_to_a_writer_that_then_died_is_gone_by_the_end_of_the_run(out, monkeypatch):
+    """The same, but the writer dies before its check (its job's processes killed): the file
+    the recovery left to it is removed when the new run finishes, before `_SUCCESS`, so a
+    finished folder holds no staged file of anyone's."""
+    straggler = _Straggler(out.uri, pause="before check")
+    new = CommitLog(out.uri)
+
+    def wait(seconds):
+        straggler.start(_rows(["a"], [""]))
+        _clock(monkeypatch, out, age_s=1)
+
+    monkeypatch.setattr(CommitLog, "_wait", staticmethod(wait))
+    new.resume()
+    assert len(out.files("_staging/samples")) == 1  # left to its writer, which never comes back
+    new.commit(_rows(["a"], [""]))
+    _clock(monkeypatch, out, age_s=60)  # the end of the run: long past the grace
+    new.finish({}, new.account(["a"]), "inputs")
+    assert out.files("_staging/samples") == [] and "_SUCCESS" in out.files("") and out.ids("samples") == ["a"]
+
+
 def test_a_straggler_whose_staged_file_a_recovery_removed_is_still_refused(out, monkeypatch):
     """The same, with the file staged before the take-over: older than the grace when the
     recovery runs, so removed there; the writer is refused at its check all the same."""
