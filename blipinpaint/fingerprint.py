@@ -16,11 +16,10 @@ import time
 
 from omegaconf import OmegaConf
 
-from blipinpaint import builders
 from blipinpaint.config import Config
 from blipinpaint.errors import ConfigError
 from blipinpaint.layout import STEPS, Folder, RunLayout
-from blipinpaint.storage import folder_digest, is_dir, is_file, move_aside, read_text, write_text
+from blipinpaint.storage import delete, folder_digest, is_dir, is_file, move_aside, read_text, write_text
 from blipinpaint.writer import CommitLog
 
 # The steps each step reads (`layout.STEPS` names them, as `restart` does).
@@ -78,20 +77,29 @@ def _rows(folder: Folder) -> dict:
     return {"fingerprint": _recorded(folder), "rows": digest_of(parts)}
 
 
+def _model_digests(cfg: Config, roles: tuple[str, ...]) -> dict[str, str]:
+    # Imported here: the builders import torch, and every task that reads committed rows
+    # imports this module (through `reader`) without needing them.
+    from blipinpaint.builders import model_digests
+
+    return model_digests(cfg, roles)
+
+
 def generate(cfg: Config) -> dict:
     """What a generated row depends on: its settings and the bytes of the three models."""
     out = settings(cfg, GENERATE_KEYS)
     # Candidates change evaluate's and the candidate stream's rows, not these (`candidates`).
     del out["caption.candidates"]
-    out["model_digests"] = builders.model_digests(cfg, ("captioner", "inpainter", "clip"))
+    out["model_digests"] = _model_digests(cfg, ("captioner", "inpainter", "clip"))
     return out
 
 
-def candidates(cfg: Config) -> dict:
-    """`generate`'s, and the number of caption candidates (None at 1, so a folder made with
-    candidates refuses a run without them, and the other way round)."""
+def candidates(cfg: Config, generated: dict | None = None) -> dict:
+    """`generate`'s (`generated`, when the caller has it), and the number of caption candidates
+    (None at 1, so a folder made with candidates refuses a run without them, and the other
+    way round)."""
     n = cfg.caption.candidates
-    return {**generate(cfg), "caption.candidates": n if n > 1 else None}
+    return {**(generated or generate(cfg)), "caption.candidates": n if n > 1 else None}
 
 
 def scorer(cfg: Config) -> dict:
@@ -104,32 +112,32 @@ def finetune(cfg: Config) -> dict:
     follows (method `scorer`) or the candidates it learns (`reward_ranked`; the scorer method
     only measures against them, in its report)."""
     run = RunLayout(cfg.run_dir)
-    keys = ("finetune", "caption.max_new_tokens", "caption.num_beams", "caption.candidates",
-            "inpaint.caption_max_mask_area", "scorer.feature_layer", "models.dtype", *TRAINING_KEYS)
+    keys = ("finetune", "caption.max_new_tokens", "caption.num_beams", "inpaint.caption_max_mask_area",
+            "scorer.feature_layer", "models.dtype", *TRAINING_KEYS)
     uses_scorer = cfg.finetune.method == "scorer"
     return {**settings(cfg, keys), "generate": _rows(run.generate),
-            "captioner": builders.model_digests(cfg, ("captioner",))["captioner"],
+            "captioner": _model_digests(cfg, ("captioner",))["captioner"],
             "scorer": folder_digest(run.scorer_model) if uses_scorer and is_dir(run.scorer_model) else None,
             "candidates": None if uses_scorer else _rows(run.candidates)}
 
 
-def evaluate(cfg: Config) -> dict:
+def evaluate(cfg: Config, generated: dict | None = None) -> dict:
     """What an evaluated row depends on: `candidates`', the fine-tuned BLIP and, with
     candidates, the scorer that reranks them."""
     run = RunLayout(cfg.run_dir)
     reranking = cfg.caption.candidates > 1 and is_dir(run.scorer_model)
-    return {**candidates(cfg), "finetuned_decoder": folder_digest(run.blip) if is_dir(run.blip) else None,
+    return {**candidates(cfg, generated), "finetuned_decoder": folder_digest(run.blip) if is_dir(run.blip) else None,
             "reranking_scorer": folder_digest(run.scorer_model) if reranking else None}
 
 
-def report(cfg: Config) -> dict:
-    """What evaluate's report depends on: its rows', its settings, the FID network, the
-    evaluation set (generate's rows) and the other runs it joins."""
+def report(cfg: Config, rows: dict | None = None) -> dict:
+    """What evaluate's report depends on: its rows' (`rows`, when the caller has them), its
+    settings, the FID network, the evaluation set (generate's rows) and the other runs it joins."""
     run = RunLayout(cfg.run_dir)
     others = {other: (digest_of(read_text(RunLayout(other).eval.report))
                       if is_file(RunLayout(other).eval.report) else None) for other in cfg.evaluate.other_runs}
-    return {**evaluate(cfg), **settings(cfg, REPORT_KEYS), "generate": _rows(run.generate),
-            "fid": builders.model_digests(cfg, ("fid",))["fid"], "other_runs": others}
+    return {**(rows or evaluate(cfg)), **settings(cfg, REPORT_KEYS), "generate": _rows(run.generate),
+            "fid": _model_digests(cfg, ("fid",))["fid"], "other_runs": others}
 
 
 def differing(previous: dict, current: dict) -> list[str]:
@@ -146,7 +154,8 @@ def check(out_dir: str, current: dict, record: bool = True) -> None:
     a folder without a fingerprint yet records `current` (unless `record` is False: a reader's check)."""
     path = Folder(out_dir).fingerprint
     if is_file(path):
-        changed = [k for k in current if json.loads(read_text(path)).get(k) != current[k]]
+        previous = json.loads(read_text(path))
+        changed = [k for k in current if previous.get(k) != current[k]]
         if changed:
             raise ConfigError(f"{out_dir} holds rows generated with other settings ({', '.join(sorted(changed))} "
                               "differ); use another run_dir, or restore those settings to resume")
@@ -165,19 +174,22 @@ def claim(cfg: Config, step: str, folders: tuple[Folder, ...], current: dict) ->
     path = folders[0].fingerprint
     if is_file(path):
         changed = differing(json.loads(read_text(path)), current)
+        reason = f"{', '.join(changed)} differ"
     else:  # nothing here yet, or output written before fingerprints: of unknown origin
         changed = sorted(current) if any(is_dir(f) for f in folders) else []
+        reason = "it has no fingerprint.json"
     moved = []
     if changed:
         if not restarting(cfg, step):
             raise ConfigError(
-                f"{folders[0]} holds the {step} step's output of other settings or inputs ({', '.join(changed)} "
-                f"differ): restart=[{step}] moves it aside and redoes it (and what reads it); or use another "
-                "run_dir, or restore those settings to resume")
+                f"{folders[0]} holds the {step} step's output of other settings or inputs ({reason}): "
+                f"restart=[{step}] moves it aside and redoes it (and what reads it); or use another run_dir, or "
+                "restore those settings to resume")
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         moved = [m for m in (move_aside(f, f"replaced-{stamp}") for f in folders) if m]
     if changed or not is_file(path):
         write_text(path, json.dumps(current, indent=2))
+    delete(folders[0].success)  # until this run finishes: a run cut short must not look done
     return moved
 
 

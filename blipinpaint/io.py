@@ -18,12 +18,12 @@ ERROR_KINDS = (
     "aspect ratio",
 )
 
-# The most pixels an input may decode to (a proposed `data.max_image_mp`). A PNG of 0.5 MB can
-# hold 9400x9400 RGBA pixels, under Pillow's decompression-bomb limit (89 MP), and decoding one
-# took 1.7 GB and 3 s: about 20 bytes a pixel at the peak. 2^25 (33.5 MP) bounds that near
-# 650 MB and still takes 8K UHD frames (7680x4320). Large JPEGs are decoded at reduced scale
-# (`DRAFT_MIN_SIDE`), so their decoded size is what counts.
-MAX_DECODED_PIXELS = 1 << 25
+# The most pixels an input may decode to, by default (`data.max_image_mp` sets it). A PNG of
+# 0.5 MB can hold 9400x9400 RGBA pixels, under Pillow's decompression-bomb limit (89 MP), and
+# decoding one took 1.7 GB and 3 s: about 20 bytes a pixel at the peak. 33.5 MP bounds that
+# near 650 MB and still takes 8K UHD frames (7680x4320). Large JPEGs are decoded at reduced
+# scale (`DRAFT_MIN_SIDE`), so their decoded size is what counts.
+MAX_DECODED_PIXELS = 33_500_000
 # A JPEG is decoded by libjpeg at 1/2, 1/4 or 1/8 scale when its shorter side stays at least
 # max(2 x the working size, DRAFT_MIN_SIDE): twice the working size keeps the final resize a
 # downscale (its result matches the full decode's within resizing noise), and below 1024 pixels a

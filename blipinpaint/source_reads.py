@@ -178,12 +178,13 @@ def _allowance(cells: int, limit: int) -> int:
     return most + most // 100 + 4 * cells + 4096
 
 
-def _unreadable(f, meta, group: int, column: str, limit: int) -> dict[int, str] | None:
+def _unreadable(f, meta, group: int, column: str, limit: int, last: int) -> dict[int, str] | None:
     """None when row group `group`'s `column` is within `limit` (it may be read whole). Else the
     rows (numbered within the group) that cannot be read without a page over the limit, each
     with the reason: a page of one cell over `limit` (that cell), or a page of several cells
     over `PAGE_FILES * limit` (see `_allowance`); then the rows that need that page too (those
-    after it in the column chunk, or all of them for a dictionary page)."""
+    after it in the column chunk, or all of them for a dictionary page). The headers are read
+    up to row `last` only: the batch wants no row after it."""
     rows = meta.row_group(group).num_rows
     limits = f"data.max_file_mb={limit / 2**20:g} MB"
     out: dict[int, str] | None = None
@@ -204,6 +205,8 @@ def _unreadable(f, meta, group: int, column: str, limit: int) -> dict[int, str] 
                 continue  # an index page: never read
             if size <= _allowance(cells, limit):
                 row += cells if kind in DATA_PAGES else 0
+                if row > last:
+                    break
                 continue
             page = f"{size / 2**20:.1f} MB"
             inside = range(rows) if kind == DICTIONARY_PAGE or repeated else range(row, min(row + cells, rows))
@@ -243,7 +246,7 @@ def _read_cells(batch: dict[str, np.ndarray], wanted: list[int], column: str,
                     group = int(np.searchsorted(starts, batch["row"][i], side="right") - 1)
                     groups[group][int(batch["row"][i] - starts[group])].append(i)
                 for group, members in sorted(groups.items()):
-                    blocked = _unreadable(f, meta, group, column, limit) if limit >= 0 else None
+                    blocked = _unreadable(f, meta, group, column, limit, max(members)) if limit >= 0 else None
                     for row in sorted(set(members) & set(blocked or ())):
                         out.update({i: f"too large: {file} row {starts[group] + row}: {blocked[row]}"
                                     for i in members.pop(row)})

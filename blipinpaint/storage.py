@@ -88,14 +88,13 @@ def read_text(uri: str) -> str:
         return f.read().decode()
 
 
-def digest(uri: str) -> str:
-    """SHA-256 of a file's bytes (e.g. a model's weights, to tell two trainings apart)."""
+def delete(uri: str) -> None:
+    """Delete a file if it is there."""
     fs, path = filesystem(uri)
-    sha = hashlib.sha256()
-    with fs.open_input_stream(path) as f:
-        while chunk := f.read(1 << 20):
-            sha.update(chunk)
-    return sha.hexdigest()
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        pass
 
 
 def move_aside(uri: str, suffix: str) -> str | None:

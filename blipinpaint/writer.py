@@ -368,7 +368,9 @@ class CommitLog:
         folder), the folder released; a `JobError` naming the `what` (e.g. "inputs") missing
         or duplicated. Staged files of an earlier run that its writer never committed nor
         took back (it died after the recovery left them, younger than the grace) go first."""
-        self._remove_unnamed(self.markers(), {f: self._listing(f"_staging/{f}") for f in DATA_DIRS}, grace_s)
+        staged = {f: self._listing(f"_staging/{f}") for f in DATA_DIRS}  # listed first, as `recover` does
+        if any(staged.values()):  # usually nothing: the markers are read only when there is
+            self._remove_unnamed(self.markers(), staged, grace_s)
         if account.complete:
             published = {folder: self._files(folder) for folder in DATA_DIRS}
             gone = {i for path, ids in account.files.items() if posixpath.basename(path)

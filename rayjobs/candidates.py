@@ -157,9 +157,10 @@ def run(cfg: Config) -> dict:
     if n < 2:
         raise ConfigError(f"caption.candidates={n}: candidates to rank need 2 or more per image")
     builders.fill_store(cfg)  # the captioner, inpainter and CLIP from the model store, never the hub
-    fingerprint.check(run_layout.generate, fingerprint.generate(cfg), record=False)
+    generated = fingerprint.generate(cfg)  # the models hashed once for both checks
+    fingerprint.check(run_layout.generate, generated, record=False)
     train_reads, _ = split_reads(cfg)
-    current = fingerprint.candidates(cfg)
+    current = fingerprint.candidates(cfg, generated)
     fingerprint.claim(cfg, "candidates", (out_dir,), current)
     write_text(out_dir.config, to_yaml(cfg))
     # 2. Resume, pending per candidate (a killed run may have committed some of an image's).

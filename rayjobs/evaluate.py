@@ -226,7 +226,11 @@ def run(cfg: Config) -> dict:
     generated = committed_sample_ids(run_layout.generate)
     ids = held_out_ids(cfg, run_layout, generated)
     builders.fill_store(cfg)  # the inpainter, CLIP and FID networks from the model store, never the hub
-    fingerprint.claim(cfg, "eval", (out_dir,), fingerprint.evaluate(cfg))
+    # Its rows pair with generate's: the command's generate settings and models must be theirs.
+    generated_fp = fingerprint.generate(cfg)
+    fingerprint.check(run_layout.generate, generated_fp, record=False)
+    rows_fp = fingerprint.evaluate(cfg, generated_fp)
+    fingerprint.claim(cfg, "eval", (out_dir,), rows_fp)
     write_text(out_dir.config, to_yaml(cfg))
     # 2. Resume: the held-out samples not yet evaluated.
     commit_log = CommitLog(out_dir, eval_schema(variants))
@@ -261,7 +265,7 @@ def run(cfg: Config) -> dict:
         "fid_protocol": fid_protocol(cfg),
         "mask_bucket_edges": list(cfg.evaluate.mask_buckets),
         **summary,
-        "fingerprint": fingerprint.report(cfg),
+        "fingerprint": fingerprint.report(cfg, rows_fp),
         "wall_s": round(time.perf_counter() - started, 2),
     }
     # 7. Write the plots, report.md, report.html and report.json; `_SUCCESS` last, holding the

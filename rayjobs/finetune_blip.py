@@ -292,13 +292,6 @@ def run(cfg: Config) -> dict:
     train_reads, val_reads = split_reads(cfg)
     train_ids = [i for r in train_reads for i in r["ids"]]
     best = best_captions(cfg, train_ids)  # the candidates checked before anything is written
-    # The folders are this run's only if they hold this fingerprint (or, with `restart`, are moved aside).
-    current = fingerprint.finetune(cfg)
-    fingerprint.claim(cfg, "finetune", (out_dir, run_layout.blip), current)
-    # Then, before anything waits for the cluster: the ranks of a run that is still going (its
-    # driver killed, or the same command twice) stop writing here and free their resources.
-    fence = (out_dir, CommitLog(out_dir).take_over())
-    connect(cfg.ray_address, cfg.ray_progress)
     # Every training image may be probed, whether or not it is trained on: the same probe set for both methods.
     probe = probe_set(cfg, train_reads, val_reads)
     ranked = {}
@@ -312,6 +305,13 @@ def run(cfg: Config) -> dict:
         train_reads = [{"path": r["path"], "ids": chosen} for r in train_reads
                        if (chosen := [i for i in r["ids"] if i in ranked])]
         log.info("reward_ranked: %d training images, %d with a best candidate", len(train_ids), len(ranked))
+    # The folders are this run's only if they hold this fingerprint (or, with `restart`, are moved aside).
+    current = fingerprint.finetune(cfg)
+    fingerprint.claim(cfg, "finetune", (out_dir, run_layout.blip), current)
+    # Then, before anything waits for the cluster: the ranks of a run that is still going (its
+    # driver killed, or the same command twice) stop writing here and free their resources.
+    fence = (out_dir, CommitLog(out_dir).take_over())
+    connect(cfg.ray_address, cfg.ray_progress)
     train = read_committed(train_reads, COLUMNS, cfg.stream.read.num_cpus)
     if ranked:
         train = train.map_batches(with_captions, fn_kwargs={"captions": ranked}, batch_size=None,

@@ -110,3 +110,18 @@ def test_a_step_is_done_only_with_its_fingerprint_in_success(tmp_path):
     assert not fingerprint.done(folder, {"a": 1})
     fingerprint.finish(folder, {"a": 1})
     assert fingerprint.done(folder, {"a": 1}) and not fingerprint.done(folder, {"a": 2})
+
+
+def test_a_run_that_starts_takes_the_done_marker_away_and_a_refused_one_does_not(tmp_path):
+    """A finished step run again (more inputs, retried rows) is not done until it finishes
+    again: a run cut short must not leave the old `_SUCCESS` for the next step to trust. A
+    refused run writes nothing."""
+    folder = Folder(f"{tmp_path}/generate")
+    cfg = load_config(overrides=[f"run_dir={tmp_path}"])
+    fingerprint.claim(cfg, "generate", (folder,), {"a": 1})
+    fingerprint.finish(folder, {"a": 1})
+    with pytest.raises(ConfigError):
+        fingerprint.claim(cfg, "generate", (folder,), {"a": 2})
+    assert fingerprint.done(folder, {"a": 1})
+    fingerprint.claim(cfg, "generate", (folder,), {"a": 1})
+    assert not is_file(folder.success)

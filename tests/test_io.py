@@ -11,7 +11,7 @@ import pytest
 from helpers import encode, photo, png_with_size, with_exif_orientation
 from PIL import Image, ImageOps
 
-from blipinpaint.io import ImageDecoder, decode_png, encode_png, fit_square, open_image, to_rgb
+from blipinpaint.io import ImageDecoder, decode, decode_png, encode_png, fit_square, open_image, to_rgb
 
 # EXIF orientation -> how the stored pixels must be turned to display upright (numpy ops,
 # independent of Pillow's own table).
@@ -255,7 +255,9 @@ def test_a_large_jpeg_is_decoded_near_the_working_size(size, tmp_path):
     assert (out["width"][0], out["height"][0]) == (6000, 4500)  # the input's size, not the draft's
     full = fit_square(open_image(data), size, min_side=32, max_aspect_ratio=4).astype(np.float32)
     diff = np.abs(out["image"][0].astype(np.float32) - full)
-    assert diff.mean() < 0.5 and np.percentile(diff, 99) <= 4, (diff.mean(), np.percentile(diff, 99))
+    # Resizing noise of libjpeg's scaled decoding (measured: mean 0.09-0.36, p99 1-3), with room
+    # for another libjpeg build.
+    assert diff.mean() < 1.0 and np.percentile(diff, 99) <= 6, (diff.mean(), np.percentile(diff, 99))
 
 
 @pytest.mark.parametrize("orientation", sorted(ORIENTATIONS))
@@ -267,6 +269,7 @@ def test_exif_orientation_is_applied_to_a_draft_decoded_jpeg(orientation):
     exif = Image.Exif()
     exif[0x0112] = orientation
     tagged = encode(stored, "JPEG", quality=95, exif=exif.tobytes())
+    assert decode(tagged, ImageDecoder(64).draft_side).scale == 2  # decoded at half scale, not whole
     out = ImageDecoder(64)({"id": np.array(["x"], dtype=object), "bytes": np.array([tagged], dtype=object)})
     upright = (1601, 2401) if orientation >= 5 else (2401, 1601)
     assert out["error"][0] == "" and (out["width"][0], out["height"][0]) == upright
