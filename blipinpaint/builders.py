@@ -13,7 +13,7 @@ from dataclasses import replace
 from blipinpaint.candidates import CandidateCaptioner
 from blipinpaint.captioning import Captioner, Reranker
 from blipinpaint.config import Config, model_store
-from blipinpaint.fid import FidAccumulator
+from blipinpaint.fid import FidFeatures
 from blipinpaint.inpainting import Inpainter
 from blipinpaint.io import ImageDecoder
 from blipinpaint.losses import LossWeights
@@ -150,10 +150,11 @@ def build_metrics(cfg: Config, variants: dict[str, tuple[str, str]] | None = Non
     return InpaintMetrics(load_clip(resolve_preset(cfg).clip, device, dtype), variants)
 
 
-def build_fid(cfg: Config, sets: dict[str, str]) -> FidAccumulator:
-    """FID statistics of the PNG columns `sets` (the feature network runs in fp32)."""
+def build_fid(cfg: Config, sets: dict[str, str]) -> FidFeatures:
+    """FID features of the PNG columns `sets`, in chunks of `evaluate.fid.batch_size` rows
+    (the feature network runs in fp32)."""
     device = torch_device(cfg.models.device)
-    return FidAccumulator(load_fid_features(resolve_preset(cfg).fid, device), device, sets)
+    return FidFeatures(load_fid_features(resolve_preset(cfg).fid, device), device, sets, cfg.evaluate.fid.batch_size)
 
 
 def model_ids(cfg: Config) -> dict[str, str]:

@@ -116,10 +116,13 @@ class ReadConfig:
 class FaultConfig:
     """Fault injection for the reliability tests: `stage` fails on every batch holding input `id`."""
 
-    stage: str | None = None  # prepare | captioner | inpainter | metrics
+    stage: str | None = None  # prepare | captioner | inpainter | metrics | fid
     id: str | None = None
     exit: bool = False  # the worker process dies (a crash), instead of the stage raising
     times: int | None = None  # with `exit`: die on the first `times` starts of that batch only (None: every start)
+    # Node-loss tests: the stage's worker, on the batch holding `id`, writes `<hold>.reached`
+    # and waits until the local file `hold` exists: a node can be removed at a known point.
+    hold: str | None = None
 
 
 @dataclass

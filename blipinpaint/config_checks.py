@@ -125,9 +125,9 @@ def _stream_problems(stream: StreamConfig) -> list[str]:
     if stream.rows_per_file < 1 or stream.batch_retries < 0:
         problems.append("stream.rows_per_file must be at least 1 and stream.batch_retries at least 0")
     fault = stream.inject_failure
-    if fault.stage is not None and fault.stage not in ("prepare", "captioner", "inpainter", "metrics"):
+    if fault.stage is not None and fault.stage not in ("prepare", "captioner", "inpainter", "metrics", "fid"):
         problems.append(f"stream.inject_failure.stage={fault.stage!r} is not a stage (prepare, captioner, "
-                        "inpainter or metrics)")
+                        "inpainter, metrics or fid)")
     return problems
 
 

@@ -1,8 +1,8 @@
 """FID at scale: mergeable feature statistics, and the Fréchet distance taken once.
 
-Each worker folds the features of its shard into `FeatureStats` (count, sum, sum of
-outer products, in float64); statistics of shards add up, so the driver merges them and
-computes the distance once: the same number a single pass over all images gives.
+Workers turn images into features (`FidFeatures`); features fold into `FeatureStats`
+(count, sum, sum of outer products, in float64), which add up: statistics of shards merge
+into the number a single pass over all images gives, and the distance is taken once.
 The covariance and distance follow torchmetrics' `FrechetInceptionDistance`.
 """
 
@@ -71,48 +71,62 @@ def fid_draw(features: dict[str, torch.Tensor], real: str, index: torch.Tensor |
     return {name: _frechet(*reference, *moments(x)) for name, x in features.items() if name != real}
 
 
-class FidAccumulator:
-    """A worker's share of FID: PNG image columns -> feature statistics per (image set, group).
+class FidFeatures:
+    """A stage: PNG image columns -> each row's FID features, per image set.
 
-    `sets` maps a set name (e.g. "ground_truth", "baseline") to its PNG column; `group`
-    names each row's group (e.g. its mask-area bucket). Statistics are kept per group only:
-    a set's overall statistics are the merge of its groups. Each row's features are kept
-    too (`ids`, `features`: float32, 8 KB a set per sample at 2048-d), for the bootstrap
-    intervals (`fid_draw`).
+    `sets` maps a set name (e.g. "ground_truth", "baseline") to its PNG column. The rows
+    come out in the order of their ids, and go through the network in chunks of
+    `batch_size` rows taken in that order: float32 convolutions round differently at
+    another batch size, so the chunks depend on the batch's ids alone, never on how its
+    rows arrived. A batch done again (after a lost worker) gives the same features bit for
+    bit, and so the same FID (this tiny network's FIDs are so near zero that the last bits
+    decide their digits). Features are float32, 8 KB a set per sample at 2048-d.
     """
 
-    def __init__(self, net: torch.nn.Module, device: torch.device, sets: dict[str, str]):
-        self.net, self.device, self.sets = net, device, sets
-        self.stats: dict[tuple[str, str], FeatureStats] = {}
-        self.ids: list[str] = []
-        self.kept: dict[str, list[torch.Tensor]] = {}
+    def __init__(self, net: torch.nn.Module, device: torch.device, sets: dict[str, str], batch_size: int):
+        if batch_size < 1:
+            raise ValueError(f"evaluate.fid.batch_size must be at least 1, got {batch_size}")
+        self.net, self.device, self.sets, self.batch_size = net, device, sets, batch_size
 
     @torch.inference_mode()
-    def update(self, batch: dict[str, np.ndarray], groups: list[str]) -> None:
-        self.ids.extend(str(i) for i in batch.get("id", [""] * len(groups)))
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """{"id", "mask_area" (when the batch has it), and a (rows, features) array per set}."""
+        ids = np.asarray(batch["id"]).astype(str)
+        order = np.argsort(ids, kind="stable")
+        out = {"id": ids[order].astype(object)}
+        if "mask_area" in batch:
+            out["mask_area"] = np.asarray(batch["mask_area"])[order]
         for name, column in self.sets.items():
-            # Decoded PNG, uint8 (B, 3, H, W): the exact pixels that were scored.
-            images = torch.from_numpy(np.stack([decode_png(b) for b in batch[column]])).permute(0, 3, 1, 2)
-            features = self.net(images.to(self.device))
-            self.kept.setdefault(name, []).append(features.detach().to("cpu", torch.float32))
-            for group in sorted(set(groups)):
-                rows = torch.tensor([g == group for g in groups])
-                key = (name, group)
-                if key not in self.stats:
-                    self.stats[key] = FeatureStats.empty(features.shape[1])
-                self.stats[key].update(features[rows.to(features.device)])
+            chunks = []
+            for start in range(0, len(order), self.batch_size):
+                rows = order[start:start + self.batch_size]
+                # Decoded PNG, uint8 (B, 3, H, W): the exact pixels that were scored.
+                images = torch.from_numpy(np.stack([decode_png(batch[column][i]) for i in rows])).permute(0, 3, 1, 2)
+                chunks.append(self.net(images.to(self.device)).detach().to("cpu", torch.float32))
+            out[name] = torch.cat(chunks).numpy() if chunks else np.zeros((0, 0), np.float32)
+        return out
 
 
-    @property
-    def features(self) -> dict[str, np.ndarray]:
-        """Each set's per-row features, in the order of `ids`."""
-        return {name: torch.cat(parts).numpy() for name, parts in self.kept.items()}
+# Rows folded into the statistics at a time: bounds the float64 copy (8 MB a chunk at 2048-d).
+FOLD_ROWS = 512
 
 
-def merge_all(parts: list[dict[tuple[str, str], FeatureStats]]) -> dict[tuple[str, str], FeatureStats]:
-    """Merge the statistics of every worker, key by key."""
-    keys = {key for part in parts for key in part}
-    return {key: reduce(FeatureStats.merge, [p[key] for p in parts if key in p]) for key in keys}
+def fold(features: dict[str, np.ndarray], groups: list[str]) -> dict[tuple[str, str], FeatureStats]:
+    """Statistics per (image set, group) of per-row `features` (rows aligned across sets,
+    `groups` naming each row's group, e.g. its mask-area bucket). Statistics are kept per
+    group only: a set's overall statistics are the merge of its groups.
+
+    Folded in the rows' order, in fixed chunks: the same rows in the same order give the
+    same statistics bit for bit (float64 sums depend on their order in the last bits)."""
+    groups_arr = np.asarray(groups, dtype=object)
+    stats = {}
+    for name, x in features.items():
+        for group in sorted(set(groups)):
+            rows = x[groups_arr == group]
+            key = stats[(name, group)] = FeatureStats.empty(x.shape[1])
+            for start in range(0, len(rows), FOLD_ROWS):
+                key.update(torch.from_numpy(rows[start:start + FOLD_ROWS]))
+    return stats
 
 
 def fid_table(stats: dict[tuple[str, str], FeatureStats], real: str) -> dict[str, dict]:

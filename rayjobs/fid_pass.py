@@ -1,10 +1,22 @@
-"""The FID pass over evaluated rows: Ray actors fold Inception features into mergeable
-statistics, and one task bootstraps the FID intervals from every row's features.
+"""The FID pass over evaluated rows: a pool of FID actors turns each committed part into its
+rows' Inception features, the driver folds them into statistics, and one task bootstraps
+the FID intervals from every row's features.
+
+It survives the loss of a worker or a whole node by itself. Each unit of work is one
+committed part, read again by whichever actor takes it: the pool's actors restart, a part
+whose actor died runs again elsewhere (Ray Data's retries), and the features of a part
+depend on its ids alone (`fid.FidFeatures`), so a part done twice gives the same numbers
+as once. The driver keys features by id and folds them in id order: the figures of a run
+that lost a node are those of a run that did not. The bootstrap task is retried too.
+Where Ray gives up (retries spent), the job stops with one line; the evaluated rows are
+committed, and the same command redoes only this pass and the report.
 
 Shared Ray plumbing below the jobs (the evaluate job runs it); it imports no job.
 """
 
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 import ray
@@ -12,38 +24,86 @@ import torch
 
 from blipinpaint import builders
 from blipinpaint.config import Config
+from blipinpaint.errors import JobError
 from blipinpaint.evaluation import ALL, REAL, bucket_of, fid_scopes
-from blipinpaint.fid import fid_table, merge_all
-from blipinpaint.reader import row_reads
-from rayjobs.stream import read_committed
+from blipinpaint.fid import fid_table, fold
+from blipinpaint.reader import read_rows, row_reads
+from rayjobs.stream import JOB_ERRORS, TASK_RETRIES, attempt_ledger, hold, job_errors
+
+log = logging.getLogger(__name__)
 
 
-@ray.remote
-class FidWorker:
-    """Folds the FID features of its shard into statistics per (image set, mask bucket);
-    `sets` names each image set's PNG column (`evaluation.fid_sets`)."""
-
-    def __init__(self, cfg: Config, sets: dict[str, str]):
-        self.cfg = cfg
-        self.fid = builders.build_fid(cfg, sets)
-
-    def run(self, shard) -> dict:
-        """{"stats": statistics per (image set, mask bucket), "ids" and "features": per row}."""
-        for batch in shard.iter_batches(batch_size=self.cfg.evaluate.fid.batch_size, batch_format="numpy"):
-            self.fid.update(batch, bucket_of(batch["mask_area"], list(self.cfg.evaluate.mask_buckets)))
-        return {"stats": self.fid.stats, "ids": self.fid.ids, "features": self.fid.features}
+class PartFailed(JobError):
+    """A part on which the FID workers died again and again (not a node lost under them)."""
 
 
-@ray.remote
-def bootstrap_fid(ids: list[str], features: list[dict[str, np.ndarray]], scopes: dict[str, list[str]],
-                  cfg: Config) -> dict:
-    """`evaluation.fid_scopes` on the rows of every FID worker, on this task's GPU if it has
-    one: each draw takes a covariance and an eigendecomposition per image set."""
+class FidStage:
+    """One actor of the FID pool: builds the feature network once, then takes committed parts
+    (read tasks, `reader.row_reads`) and returns their rows' features (`fid.FidFeatures`)."""
+
+    def __init__(self, cfg: Config, sets: dict[str, str], ledger):
+        self.features = builders.build_fid(cfg, sets)
+        self.columns = ["id", "mask_area", *sets.values()]
+        self.fault, self.ledger = cfg.stream.inject_failure, ledger
+
+    def __call__(self, batch: dict) -> dict[str, np.ndarray]:
+        key = "fid-" + ",".join(str(p) for p in batch["path"])
+        started = ray.get(self.ledger.start.remote(key))
+        if started > TASK_RETRIES + 1:  # deaths, not a lost node's refused calls: those never start it
+            raise PartFailed(f"the FID workers died on {key[4:]} {started - 1} times")
+        hold(self.fault, "fid", [i for ids in batch["ids"] for i in ids])
+        # The actor reads its part itself (not a read task before it): Ray Data may split or
+        # merge blocks on the way, and the chunks the network sees must not depend on that.
+        out = self.features(read_rows(batch, self.columns))
+        self.ledger.done.remote(key)
+        return out
+
+
+@ray.remote(max_retries=TASK_RETRIES)
+def bootstrap_fid(ids: list[str], features: dict[str, np.ndarray], scopes: dict[str, list[str]], cfg: Config) -> dict:
+    """`evaluation.fid_scopes` on every row's features (`ids` names the rows), on this task's
+    GPU if it has one: each draw takes a covariance and an eigendecomposition per image set.
+    Retried where its worker or node dies (its inputs are the driver's)."""
     device = torch.device("cuda" if cfg.evaluate.fid.num_gpus and torch.cuda.is_available() else "cpu")
-    rows = {name: torch.as_tensor(np.concatenate([f[name] for f in features]), dtype=torch.float64, device=device)
-            for name in features[0]}
+    rows = {name: torch.as_tensor(x, dtype=torch.float64, device=device) for name, x in features.items()}
     bootstrap = cfg.evaluate.bootstrap
     return fid_scopes(ids, rows, scopes, bootstrap.fid_replicates, cfg.seed, bootstrap.confidence)
+
+
+def pool_size(cfg: Config) -> int:
+    stage = cfg.evaluate.fid
+    return stage.size if stage.size is not None else stage.max_size
+
+
+def row_features(cfg: Config, eval_dir: str, sets: dict[str, str],
+                 ids: list[str]) -> tuple[list[str], np.ndarray, dict[str, np.ndarray]]:
+    """The FID features of the committed rows `ids` in `eval_dir`, from a restartable pool of
+    `evaluate.fid.size` actors: (ids sorted, their mask areas, features per set in that order)."""
+    stage = cfg.evaluate.fid
+    reads = row_reads(eval_dir, ids)
+    ds = ray.data.from_items(reads, override_num_blocks=max(len(reads), 1))
+    found: dict[str, tuple[float, dict[str, np.ndarray]]] = {}
+    with attempt_ledger() as ledger:
+        # The pool comes back after a lost node: its actors start again where there is room
+        # (max_restarts=-1), and a part whose actor died is sent again until one takes it
+        # (max_task_retries=-1: calls to an actor on a node not yet declared dead fail at
+        # once, several times a second). The ledger bounds the deaths a part may cause.
+        ds = ds.map_batches(FidStage, fn_constructor_kwargs={"cfg": cfg, "sets": sets, "ledger": ledger},
+                            batch_size=1, compute=ray.data.ActorPoolStrategy(size=pool_size(cfg)),
+                            num_cpus=stage.num_cpus, num_gpus=stage.num_gpus or None, max_restarts=-1,
+                            max_task_retries=-1)
+        with job_errors((*JOB_ERRORS, PartFailed)):
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                for k, i in enumerate(batch["id"]):  # by id: a part delivered twice counts once
+                    found[str(i)] = (float(batch["mask_area"][k]), {name: batch[name][k] for name in sets})
+    missing = sorted(set(ids) - set(found))
+    if missing:
+        raise JobError(f"the FID pass got no features for {len(missing)} of {len(ids)} evaluated rows in {eval_dir} "
+                       f"(first: {missing[0]}); run the same command again")
+    order = sorted(ids)
+    areas = np.array([found[i][0] for i in order], dtype=np.float64)
+    features = {name: np.stack([found[i][1][name] for i in order]) for name in sets}
+    return order, areas, features
 
 
 def compute_fid(cfg: Config, eval_dir: str, sets: dict[str, str], ids: list[str],
@@ -52,20 +112,14 @@ def compute_fid(cfg: Config, eval_dir: str, sets: dict[str, str], ids: list[str]
     in `eval_dir`, overall and per mask bucket; and the bootstrap intervals of the FIDs and
     of their differences, on all samples and on the `changed` ones (`bootstrap_fid`)."""
     stage = cfg.evaluate.fid
-    n = stage.size if stage.size is not None else stage.max_size
-    ds = read_committed(row_reads(eval_dir, ids), ["id", "mask_area", *sets.values()], cfg.stream.read.num_cpus)
-    shards = ds.streaming_split(n)
-    workers = [FidWorker.options(num_cpus=stage.num_cpus, num_gpus=stage.num_gpus or None).remote(cfg, sets)
-               for _ in range(n)]
-    pending = [w.run.remote(s) for w, s in zip(workers, shards)]
-    merged, ids_seen, features = {}, [], []
-    while pending:  # merge as workers finish: one worker's statistics in memory at a time
-        done, pending = ray.wait(pending)
-        part = ray.get(done[0])
-        merged = merge_all([merged, part["stats"]])
-        ids_seen += part["ids"]
-        features.append(part["features"])
-    features = [f for f in features if f]  # a worker whose shard came out empty
-    intervals = bootstrap_fid.options(num_cpus=stage.num_cpus, num_gpus=stage.num_gpus or None).remote(
-        ids_seen, features, {ALL: ids, "changed": changed}, cfg)
-    return fid_table(merged, real=REAL), ray.get(intervals)
+    try:
+        order, areas, features = row_features(cfg, eval_dir, sets, ids)
+        stats = fold(features, bucket_of(areas, list(cfg.evaluate.mask_buckets)))
+        intervals = bootstrap_fid.options(num_cpus=stage.num_cpus, num_gpus=stage.num_gpus or None).remote(
+            order, ray.put(features), {ALL: ids, "changed": changed}, cfg)
+        return fid_table(stats, real=REAL), ray.get(intervals)
+    except ray.exceptions.RayError as err:  # retries spent: one line, not Ray's traceback
+        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise JobError(f"the FID pass failed ({type(err).__name__}: {first.strip()[:300]}); the evaluated rows in "
+                       f"{eval_dir} are committed: the same command again redoes only the FID pass and the "
+                       "report") from None

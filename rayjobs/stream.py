@@ -44,13 +44,13 @@ TASK_RETRIES = 3
 
 
 @contextlib.contextmanager
-def job_errors():
-    """Re-raise a `JOB_ERRORS` error that reaches the driver wrapped in Ray's errors (whose
-    text is a remote traceback, even where the type matches) as itself, in one line."""
+def job_errors(errors: tuple[type[JobError], ...] = JOB_ERRORS):
+    """Re-raise one of `errors` that reaches the driver wrapped in Ray's errors (whose text
+    is a remote traceback, even where the type matches) as itself, in one line."""
     try:
         yield
     except Exception as err:
-        for error in JOB_ERRORS:
+        for error in errors:
             found = re.search(rf"{error.__name__}: (.+)", str(err))
             if found is not None:
                 raise error(found.group(1).strip()) from None
@@ -102,9 +102,21 @@ def attempt_ledger():
         ray.kill(ledger)
 
 
+def hold(fault: FaultConfig | None, name: str, ids) -> None:
+    """Node-loss tests: on the batch holding `fault.id` in stage `name`, say so in
+    `<fault.hold>.reached` and wait until the file `fault.hold` exists (the test removes this
+    worker's node meanwhile, then lets the batch's retry through)."""
+    if fault is None or fault.hold is None or fault.stage != name or fault.id not in {str(i) for i in ids}:
+        return
+    with open(f"{fault.hold}.reached", "a") as f:
+        f.write(f"{os.getpid()}\n")
+    while not os.path.exists(fault.hold):
+        time.sleep(0.05)
+
+
 def raising(name: str, stage: Callable[[Batch], Batch], fault: FaultConfig | None) -> Callable[[Batch], Batch]:
     """`stage`, raising on every batch that holds `fault.id` when `fault.stage` is `name` (tests)."""
-    if fault is None or fault.stage != name or fault.exit:
+    if fault is None or fault.stage != name or fault.exit or fault.hold is not None:
         return stage
 
     def faulty(batch: Batch) -> Batch:
@@ -146,6 +158,7 @@ def counted(name: str, run: Callable[[Batch], Batch], batch: Batch, ledger, retr
         out = split_errors(count_once(failed, f"retries_{name}", started - 1), errors)
     else:
         _maybe_die(fault, name, ids, started)
+        hold(fault, name, ids)
         out = run(batch)
         if started > 1:  # the restarts of workers that died on this batch
             count_once(out, f"retries_{name}", started - 1)

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from blipinpaint.fid import FeatureStats, FidAccumulator, fid_draw, fid_table, frechet_distance, merge_all
+from blipinpaint.fid import FeatureStats, FidFeatures, fid_draw, fid_table, fold, frechet_distance
 from blipinpaint.io import encode_png
 from blipinpaint.models.inception import InceptionConfig, InceptionFeatures
 
@@ -60,20 +60,21 @@ def test_covariance_needs_two_vectors():
         stats_of(torch.ones(1, 4)).mean_cov()
 
 
-def test_accumulators_per_group_merge_into_the_table(net):
-    """Two workers, rows in two groups: per-group FIDs, and `all` from the merged groups."""
+def test_features_fold_per_group_into_the_table(net):
+    """Rows in two groups: per-group FIDs, and `all` from the merged groups; the network sees
+    the rows in chunks of the batch size, in id order."""
     gt, fake = images(12, 3), images(12, 4, shift=60)
     png = lambda t: np.array([encode_png(i.permute(1, 2, 0).numpy()) for i in t], dtype=object)  # noqa: E731
-    batch = {"gt_png": png(gt), "fake_png": png(fake)}
+    ids = np.array([f"s{i:02d}" for i in range(12)], dtype=object)
+    batch = {"id": ids, "gt_png": png(gt), "fake_png": png(fake)}
     groups = ["small"] * 5 + ["large"] * 7
-    workers = [FidAccumulator(net, torch.device("cpu"), {"real": "gt_png", "fake": "fake_png"}) for _ in range(2)]
-    workers[0].update({k: v[:6] for k, v in batch.items()}, groups[:6])
-    workers[1].update({k: v[6:] for k, v in batch.items()}, groups[6:])
-    table = fid_table(merge_all([w.stats for w in workers]), real="real")
+    out = FidFeatures(net, torch.device("cpu"), {"real": "gt_png", "fake": "fake_png"}, batch_size=6)(batch)
+    assert list(out["id"]) == list(ids) and out["real"].shape == (12, 16)
+    table = fid_table(fold({k: out[k] for k in ("real", "fake")}, groups), real="real")
 
-    # The features of one pass, in the workers' batches: float32 convolutions round differently
+    # The features of one pass, in the stage's chunks: float32 convolutions round differently
     # at another batch size, and this tiny network's FID is so near zero that the last bits
-    # of the features decide its digits. What is compared is the merging.
+    # of the features decide its digits. What is compared is the folding.
     with torch.no_grad():
         fg, ff = (torch.cat([net(t[:6]), net(t[6:])]) for t in (gt, fake))
     assert table["fake"]["all"] == pytest.approx(frechet_distance(stats_of(fg), stats_of(ff)), rel=1e-6)
@@ -81,12 +82,27 @@ def test_accumulators_per_group_merge_into_the_table(net):
     assert set(table) == {"fake"}
 
 
+def test_features_depend_on_the_ids_alone_not_on_the_order_rows_arrive_in(net):
+    """A part done again after a lost worker may arrive in another order: the stage sorts its
+    rows by id before chunking them, so its features are the same bit for bit, and so the
+    folded statistics (issue 35: a node loss must not change the report's figures)."""
+    gt = images(10, 6)
+    png = np.array([encode_png(i.permute(1, 2, 0).numpy()) for i in gt], dtype=object)
+    ids = np.array([f"s{i}" for i in range(10)], dtype=object)
+    stage = FidFeatures(net, torch.device("cpu"), {"real": "a"}, batch_size=4)
+    shuffled = np.random.default_rng(1).permutation(10)
+    first, again = stage({"id": ids, "a": png}), stage({"id": ids[shuffled], "a": png[shuffled]})
+    assert list(again["id"]) == list(first["id"]) and np.array_equal(again["real"], first["real"])
+    stats = [fold({"real": f["real"]}, ["g"] * 10)[("real", "g")] for f in (first, again)]
+    assert torch.equal(stats[0].outer, stats[1].outer) and torch.equal(stats[0].total, stats[1].total)
+
+
 def test_a_group_with_one_image_has_no_fid(net):
     gt = images(3, 5)
     png = np.array([encode_png(i.permute(1, 2, 0).numpy()) for i in gt], dtype=object)
-    acc = FidAccumulator(net, torch.device("cpu"), {"real": "a", "fake": "b"})
-    acc.update({"a": png, "b": png}, ["one", "two", "two"])
-    table = fid_table(acc.stats, real="real")
+    out = FidFeatures(net, torch.device("cpu"), {"real": "a", "fake": "b"}, batch_size=2)(
+        {"id": np.array(["x", "y", "z"], dtype=object), "a": png, "b": png})
+    table = fid_table(fold({k: out[k] for k in ("real", "fake")}, ["one", "two", "two"]), real="real")
     assert table["fake"]["one"] is None and table["fake"]["two"] is not None
 
 

@@ -22,3 +22,46 @@ def main_run(local_ray, tmp_path_factory):
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=1200,
                           env=os.environ.copy())
     return done.returncode, folder, done.stdout
+
+
+class SpotCluster:
+    """A Ray cluster of several raylets on 127.0.0.1 (`ray.cluster_utils.Cluster`): a head with
+    no CPU (where a job's driver attaches, as on a cluster whose head runs no work) and one
+    worker node of 2 CPUs, which a test removes without grace, as a spot preemption does,
+    and replaces. Next to the session's own Ray: jobs join it by `ray_address` in processes
+    of their own, never from the test's process (already joined to the session's Ray)."""
+
+    def __init__(self):
+        from ray.cluster_utils import Cluster
+
+        self.cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": False,
+            "object_store_memory": 200 * 1024**2})
+        self.worker = self.add()
+        self.lost = 0
+
+    @property
+    def address(self) -> str:
+        return self.cluster.address
+
+    def add(self):
+        return self.cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1", object_store_memory=200 * 1024**2)
+
+    def lose_worker(self) -> None:
+        """The worker node gone at once (its raylet, object store and workers), and a
+        replacement joined, as an autoscaler brings one after a preemption."""
+        self.cluster.remove_node(self.worker, allow_graceful=False)
+        self.lost += 1
+        self.worker = self.add()
+
+    def shutdown(self) -> None:
+        self.cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def spot_cluster(local_ray):
+    """The node-loss tests' `SpotCluster`, started after the session's Ray (its workers see the
+    same AWS variables and model cache); every raylet it started is ended with it."""
+    cluster = SpotCluster()
+    yield cluster
+    cluster.shutdown()

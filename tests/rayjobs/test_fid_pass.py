@@ -1,25 +1,29 @@
-"""The FID pass's actors, run in this process on a small dataset of the session's Ray."""
+"""The FID pass's stage, run in this process on a small committed part."""
 
-import ray
+import numpy as np
 from helpers import encode, photo
 
 from blipinpaint.config import load_config
 from blipinpaint.evaluation import FID_SETS
-from rayjobs.fid_pass import FidWorker
+from rayjobs.fid_pass import FidStage
 
 
-def test_fid_workers_fold_their_shard_in_batches_of_the_configured_size(local_ray, cfg, monkeypatch):
-    """`evaluate.fid.batch_size` bounds a FID worker's memory: each batch it folds holds at most
-    that many rows, and every row is folded once."""
+def test_a_fid_actor_reads_its_part_and_runs_the_network_in_batches_of_the_configured_size(cfg, tmp_path,
+                                                                                            monkeypatch):
+    """`evaluate.fid.batch_size` bounds a FID actor's memory: the network sees at most that
+    many rows at a time, and every row of the part once, in id order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     rows = [{"id": f"s{i}", "mask_area": 0.2, **{c: encode(photo(64, 64, seed=i), "PNG") for c in FID_SETS.values()}}
-            for i in range(5)]
+            for i in (3, 0, 4, 1, 2)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "part.parquet")
     cfg = load_config(overrides=[f"run_dir={cfg.run_dir}", "evaluate.fid.batch_size=2"])
-    worker = FidWorker.__ray_actor_class__(cfg, FID_SETS)  # the actor's class, run in this process
-    sizes, update = [], worker.fid.update
-    monkeypatch.setattr(worker.fid, "update", lambda batch, groups: (sizes.append(len(groups)), update(batch, groups)))
-    out = worker.run(ray.data.from_items(rows))
-    assert sorted(sizes, reverse=True) == [2, 2, 1]
-    assert {count for count in (s.count for s in out["stats"].values())} == {5}
-    # Each row's features too, for the FID intervals: a row per id, in the same order in every set.
-    assert sorted(out["ids"]) == [f"s{i}" for i in range(5)]
-    assert {name: len(f) for name, f in out["features"].items()} == {name: 5 for name in FID_SETS}
+    stage = FidStage(cfg, FID_SETS)
+    sizes, net = [], stage.features.net
+    monkeypatch.setattr(stage.features, "net", lambda images: (sizes.append(len(images)), net(images))[1])
+    out = stage({"path": [str(tmp_path / "part.parquet")], "ids": [["s0", "s1", "s2", "s3"]]})  # s4: not asked for
+    assert sizes == [2, 2] * len(FID_SETS)
+    assert list(out["id"]) == ["s0", "s1", "s2", "s3"]
+    assert {name: out[name].shape[0] for name in FID_SETS} == {name: 4 for name in FID_SETS}
+    assert np.allclose(out["mask_area"], 0.2)

@@ -10,7 +10,7 @@ from transformers import BlipForConditionalGeneration
 from blipinpaint import builders
 from blipinpaint.config import load_config
 from blipinpaint.evaluation import ALL, FID_SETS, REAL, bucket_of
-from blipinpaint.fid import fid_table
+from blipinpaint.fid import fid_table, fold
 from blipinpaint.layout import RunLayout
 from blipinpaint.records import METRICS
 from blipinpaint.seeds import heldout
@@ -117,9 +117,10 @@ def test_distributed_fid_equals_one_pass(main_run, monkeypatch):
     assert scopes["changed"] == intervals  # the changed scope's rows, here every one, in id order
 
     rows = pq.read_table(folder / "run" / "eval" / "samples").to_pydict()
-    one = builders.build_fid(cfg, FID_SETS)
-    one.update({k: rows[k] for k in FID_SETS.values()}, bucket_of(rows["mask_area"], cfg.evaluate.mask_buckets))
-    single = fid_table(one.stats, real=REAL)
+    one = builders.build_fid(cfg, FID_SETS)({"id": rows["id"], **{k: rows[k] for k in FID_SETS.values()}})
+    areas = dict(zip(rows["id"], rows["mask_area"]))
+    single = fid_table(fold({name: one[name] for name in FID_SETS},
+                            bucket_of([areas[i] for i in one["id"]], cfg.evaluate.mask_buckets)), real=REAL)
     assert distributed.keys() == single.keys() == evaluate.evaluated_variants(cfg).keys()
     for name in distributed:
         assert distributed[name]["all"] == pytest.approx(single[name]["all"], rel=1e-4)
