@@ -217,3 +217,33 @@ def open_page(driver, path) -> dict:
             "broken_images": driver.execute_script(
                 "return Array.from(document.images).filter(i => !i.complete || i.naturalWidth === 0).map(i => i.alt)"),
             "images": driver.execute_script("return document.images.length")}
+
+
+def write_samples(run_dir, n=400, dim=16, seed=0, restored_exactly=()):
+    """Caption features with a learnable, noisy relation to the three targets; the rows
+    `restored_exactly` have an infinite PSNR (an inpainting equal to the ground truth)."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, dim)).astype(np.float32)
+    w = rng.normal(size=(dim, 3))
+    z = x @ w / np.sqrt(dim) + 0.3 * rng.normal(size=(n, 3))
+    psnr = (20 + 5 * z[:, 1]).astype(np.float32)
+    psnr[list(restored_exactly)] = np.inf
+    out = run_dir / "generate" / "samples"
+    out.mkdir(parents=True)
+    pq.write_table(pa.table({
+        "id": [f"img{i:04d}" for i in range(n)], "caption_features": list(x),
+        "ssim": (1 / (1 + np.exp(-z[:, 0]))).astype(np.float32),
+        "psnr": psnr,
+        "clip_score": (10 + 3 * z[:, 2]).astype(np.float32),
+    }), out / "part-0.parquet")
+    # The generate step's commit marker: the jobs after it read which samples exist from it.
+    (run_dir / "generate" / "_commits").mkdir()
+    (run_dir / "generate" / "_commits" / "part-0.json").write_text(json.dumps(
+        {"name": "part-0", "samples": [f"img{i:04d}" for i in range(n)], "errors": [], "error_kinds": [],
+         "staged": {"samples": "part-0.parquet"}}))
+    (run_dir / "generate" / "_SUCCESS").write_text("")  # every input accounted for

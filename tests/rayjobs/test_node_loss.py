@@ -11,9 +11,10 @@ import sys
 import time
 
 import pytest
-from helpers import PIPELINE_ARGS, copy_run, print_figures
+from helpers import PIPELINE_ARGS, account, copy_run, encode, photo, print_figures, write_samples
 
-from blipinpaint.config import load_config
+from blipinpaint.config import load_config, sample_images_dir
+from blipinpaint.writer import CommitLog
 from rayjobs import evaluate
 
 
@@ -86,3 +87,92 @@ def test_evaluate_survives_the_loss_of_the_node_running_its_fid_pass(main_run, s
     assert figures and figures.keys() == expected.keys()
     for key, value in expected.items():
         assert figures[key] == pytest.approx(value, rel=1e-9, abs=1e-15), key
+
+
+def test_generate_survives_the_loss_of_its_node_with_its_run_in_a_bucket(spot_cluster, tmp_path, s3):
+    """Generate, `run_dir` in a bucket: the worker node removed after the first commit. Its
+    pools start again on the replacement and the job finishes: rc 0, every input exactly
+    once (samples and errors read back from the bucket, no orphan files)."""
+    import shutil
+
+    source = tmp_path / "photos"
+    source.mkdir()
+    for path in sample_images_dir().iterdir():
+        if path.suffix in (".jpg", ".png"):
+            shutil.copy(path, source / path.name)
+    for seed in (1, 2):
+        (source / f"made-{seed}.png").write_bytes(encode(photo(120, 90, seed=seed), "PNG"))
+    inputs = sorted(p.name for p in source.iterdir())
+    out = f"{s3('node-loss')}/run/generate"
+    # One row at a time through every stage: commits land while later rows are still in the pools.
+    args = [f"run_dir={out.rsplit('/', 1)[0]}", f"data.source={source}", "stream.rows_per_file=1",
+            "stream.read.batch_size=1", "stream.captioner.batch_size=1", "stream.inpainter.batch_size=1",
+            "stream.metrics.batch_size=1"]
+    job = start("generate", args, spot_cluster, tmp_path)
+    started = time.perf_counter()
+    wait_for(lambda: CommitLog(out).markers(), job, "the first commit")
+    before = len(CommitLog(out).committed_ids())
+    spot_cluster.lose_worker()
+    code, said = finish(job)
+    figures = account(out, inputs)
+    print_figures("generate, node lost after its first commit (S3)", figures, time.perf_counter() - started,
+                  committed_before=before)
+    assert code == 0, said[-3000:]
+    assert before < len(inputs)  # the loss came mid-run
+    assert (figures["committed"], figures["lost"], figures["duplicated"], figures["orphans"]) == (len(inputs), 0, 0, 0)
+    assert "Traceback" not in said
+
+
+def read_log(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_scorer_training_survives_the_loss_of_its_node_and_resumes_from_its_checkpoint(spot_cluster, tmp_path):
+    """The scorer's two Ray Train workers lost with their node after epoch 1's checkpoint
+    was registered: the run restarts on the replacement from that checkpoint (the log says
+    where) and logs every epoch once, with the optimizer steps of an undisturbed run."""
+    write_samples(tmp_path)
+    epochs = 6
+    job = start("train_scorer", [f"run_dir={tmp_path}", f"scorer.epochs={epochs}", "scorer.batch_size=64",
+                                 "scorer.hidden=[16]", "scorer.checkpoint_every=1"], spot_cluster, tmp_path)
+    log = tmp_path / "scorer" / "metrics.jsonl"
+    started = time.perf_counter()
+    # Epoch k's line is logged before its report, which waits until report k-1 was collected:
+    # at 3 lines a checkpoint is registered.
+    wait_for(lambda: len(read_log(log)) >= 3, job, "three epochs logged")
+    before = len(read_log(log))
+    spot_cluster.lose_worker()
+    code, said = finish(job)
+    records = read_log(log)
+    print_figures("train_scorer, node lost after its third epoch", {"epochs": len(records)},
+                  time.perf_counter() - started, epochs_logged_before=before,
+                  resumed_at_epoch=records[-1]["resumed_at_epoch"])
+    assert code == 0, said[-3000:]
+    assert before < epochs
+    assert [r["epoch"] for r in records] == list(range(epochs))  # every epoch, once
+    resumed = records[-1]["resumed_at_epoch"]
+    assert resumed is not None and 1 <= resumed <= before
+    assert records[-1]["step"] == epochs * records[0]["step"]
+
+
+def test_fine_tuning_survives_the_loss_of_its_node_and_resumes_from_its_checkpoint(main_run, spot_cluster,
+                                                                                    tmp_path):
+    """The fine-tune's workers lost with their node after its first epoch: it resumes from
+    its checkpoint on the replacement, logs every epoch and publishes the decoder."""
+    copy_run(main_run[1] / "run", tmp_path, ("generate", "scorer"))
+    epochs = 3
+    args = [*PIPELINE_ARGS, f"run_dir={tmp_path}", f"finetune.epochs={epochs}"]
+    job = start("finetune_blip", args, spot_cluster, tmp_path)
+    log = tmp_path / "finetune" / "metrics.jsonl"
+    started = time.perf_counter()
+    wait_for(lambda: any(r["epoch"] >= 1 for r in read_log(log)), job, "the first epoch logged")
+    spot_cluster.lose_worker()
+    code, said = finish(job)
+    records = [r for r in read_log(log) if r["epoch"] >= 0]
+    resumed = {r["resumed_at_epoch"] for r in records} - {None}
+    print_figures("finetune_blip, node lost after its first epoch", {"epochs": len({r["epoch"] for r in records})},
+                  time.perf_counter() - started, resumed_at_epoch=sorted(resumed))
+    assert code == 0, said[-3000:]
+    assert sorted({r["epoch"] for r in records}) == list(range(epochs))
+    assert resumed and min(resumed) >= 1  # it went on from a checkpoint, not from the start
+    assert (tmp_path / "blip" / "_SUCCESS").exists() or (tmp_path / "finetune" / "_SUCCESS").exists()
