@@ -1,5 +1,7 @@
-"""The embedded default run through the whole pipeline, shared by the tests that read it."""
+"""The embedded default run through the whole pipeline, shared by the tests that read it;
+the simulated cluster of the node-loss tests."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -49,8 +51,21 @@ class SpotCluster:
 
     def lose_worker(self) -> None:
         """The worker node gone at once (its raylet, object store and workers), and a
-        replacement joined, as an autoscaler brings one after a preemption."""
+        replacement joined, as an autoscaler brings one after a preemption.
+
+        `remove_node` kills the node's own processes only: a worker busy in Python (a Ray
+        Train rank in its loop) notices its raylet gone only at its next call to it, and
+        went on training and writing for seconds. A preempted machine's processes end
+        with it: every process the raylet started is killed too."""
+        import psutil
+
+        raylet = self.worker.all_processes["raylet"][0].process.pid
+        workers = psutil.Process(raylet).children(recursive=True)
         self.cluster.remove_node(self.worker, allow_graceful=False)
+        for process in workers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+        psutil.wait_procs(workers, timeout=30)
         self.lost += 1
         self.worker = self.add()
 

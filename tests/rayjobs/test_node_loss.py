@@ -161,20 +161,22 @@ def test_fine_tuning_survives_the_loss_of_its_node_and_resumes_from_its_checkpoi
     first one's checkpoint registered): it resumes from a checkpoint on the replacement, logs
     every epoch and optimizer step once and publishes the decoder."""
     copy_run(main_run[1] / "run", tmp_path, ("generate", "scorer"))
-    epochs = 3
+    epochs = 6  # an epoch is a step and a probe here: the loss must land with epochs still to do
     args = [*PIPELINE_ARGS, f"run_dir={tmp_path}", f"finetune.epochs={epochs}"]
     job = start("finetune_blip", args, spot_cluster, tmp_path)
     log = tmp_path / "finetune" / "metrics.jsonl"
     started = time.perf_counter()
     wait_for(lambda: any(r["epoch"] >= 1 for r in read_log(log)), job, "the second epoch logged")
+    before = max(r["epoch"] for r in read_log(log)) + 1
     spot_cluster.lose_worker()
     code, said = finish(job)
     logged = read_log(log)
     steps = [r for r in logged if "loss" in r]  # a line per optimizer step; the probe's lines apart
     resumed = {r["resumed_at_epoch"] for r in steps} - {None}
-    print_figures("finetune_blip, node lost after its second epoch", {"epochs": len({r["epoch"] for r in steps})},
-                  time.perf_counter() - started, resumed_at_epoch=sorted(resumed))
+    print_figures("finetune_blip, node lost once its second of 6 epochs was logged", {"epochs": len({r["epoch"] for r in steps})},
+                  time.perf_counter() - started, epochs_logged_before=before, resumed_at_epoch=sorted(resumed))
     assert code == 0, said[-3000:]
+    assert before < epochs
     assert [r["epoch"] for r in logged if "probe_changed" in r] == list(range(-1, epochs))  # each epoch once
     assert [r["step"] for r in steps] == list(range(1, len(steps) + 1))  # each optimizer step once
     assert sorted({r["epoch"] for r in steps}) == list(range(epochs))
