@@ -296,8 +296,8 @@ def print_report(report: dict) -> None:
         print(f"{DELTA_LABELS[key]} (paired, {round(100 * intervals['confidence'])} % interval): " + ", ".join(
             f"{m} {fmt_interval(overall[m], 3, sign=True)}" for m in (*PAIRED, "fid") if m in overall))
     changed = report["changed"]
-    print(f"fine-tuning changed {changed['captions']} of {changed['of']} held-out captions "
-          f"(BLIP's and the fine-tuned {survival_line(report['decoder_precision'])})")
+    print(f"fine-tuning changed {changed['captions']} of {changed['of']} held-out captions; BLIP's and the "
+          f"fine-tuned {survival_line(report['decoder_precision'])}")
     if report.get("reranked"):
         reranked = report["reranked"]
         print(f"the scorer-reranked caption (of {reranked['candidates']} candidates) differs from the greedy one on "

@@ -171,10 +171,11 @@ def loss_scaling(engine) -> dict:
 
 def check_trained(job: str, steps: int, skipped: int, loss_scale: float | None, log_uri: str) -> None:
     """End `job` with one line when DeepSpeed skipped every one of its `steps` optimizer steps:
-    nothing was trained, and the output must not pass for a trained model."""
+    nothing was trained, and the output must not pass for a trained model (some skipped: a
+    warning)."""
     if steps > 0 and skipped >= steps:
         scale = f"; the fp16 loss scale fell to {loss_scale:g}" if loss_scale is not None else ""
-        raise JobError(f"{job}: DeepSpeed skipped all {steps} optimizer steps (an inf or NaN gradient at every "
+        raise JobError(f"DeepSpeed skipped all {steps} optimizer steps (an inf or NaN gradient at every "
                        f"step{scale}): nothing was trained, the output is not marked done; each epoch's "
                        f"skipped_steps and loss_scale are in {log_uri}")
     if skipped:

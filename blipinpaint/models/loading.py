@@ -102,8 +102,8 @@ def load_captioner(ref: ModelRef, device: torch.device, dtype: torch.dtype = tor
     mixed = decoder_dtype is not None and decoder_dtype != dtype
     model = BlipForConditionalGeneration.from_pretrained(**src, dtype=torch.float32 if mixed else dtype,
                                                          use_safetensors=True)
-    if mixed:
-        model.to(dtype)
+    if mixed:  # BLIP is these two parts; each cast once, from fp32
+        model.vision_model.to(dtype)
         model.text_decoder.to(decoder_dtype)
     return CaptionerModel(
         model=model.to(device).eval(),
