@@ -151,8 +151,10 @@ def test_zero2_in_bf16_saves_the_decoder_that_reloads_as_the_engine_held_it(zero
     # The engine's fp32 masters, and the bf16 weights its module computed with: both what the folder holds.
     assert training.digest(reloaded) == check["masters"]
     assert training.digest({k: v.to(torch.bfloat16) for k, v in reloaded.items()}) == check["module"]
+    # The masters, not their bf16 copy: Adam moves a weight by ~lr a step, a bf16 rounding by ~1e-4.
     original, tuned = _decoder_files(run_dir)
-    assert any(not torch.equal(original[k], tuned[k]) for k in original)
+    moved = max((tuned[k] - original[k]).abs().max().item() for k in original)
+    assert 0 < moved <= 1.5 * 1e-6 * report["steps"], moved
 
 
 def test_each_epoch_logs_the_skipped_steps_and_that_bf16_runs_no_loss_scale(zero2_bf16):
