@@ -175,7 +175,8 @@ def test_a_fine_tune_a_bf16_cast_would_erase_is_evaluated_in_fp32(zero2_bf16, sa
     changed = sum(int((original[k] != tuned[k]).sum()) for k in original)
     at_bf16 = sum(int(((original[k] != tuned[k])
                        & (original[k].bfloat16() != tuned[k].bfloat16())).sum()) for k in original)
-    assert changed > 0 and at_bf16 < 0.1 * changed  # lr 1e-6: a bf16 cast erases nearly all of it
+    # lr 1e-6: a bf16 cast erases most of it (it keeps changes of weights near 0: their ulp is small).
+    assert changed > 0 and at_bf16 < 0.25 * changed
     assert report["decoder_precision"] == {"dtype": "fp32", "weights": report["decoder_precision"]["weights"],
                                            "changed": changed, "survived": changed, "survived_share": 1.0}
     cfg = load_config(overrides=overrides)
