@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import torch
+
 from blipinpaint.candidates import CandidateCaptioner
 from blipinpaint.captioning import Captioner, Reranker
 from blipinpaint.config import Config, model_store
@@ -20,6 +22,7 @@ from blipinpaint.losses import LossWeights
 from blipinpaint.masks import MaskGenerator
 from blipinpaint.metrics import InpaintMetrics
 from blipinpaint.models import (
+    CaptionerModel,
     ModelRef,
     Preset,
     get_preset,
@@ -33,8 +36,10 @@ from blipinpaint.models import (
     torch_dtype,
     with_overrides,
 )
+from blipinpaint.models.loading import DTYPES
 from blipinpaint.models.offline import BUILD_VERSION, SPECS
 from blipinpaint.models.presets import PAPER
+from blipinpaint.precision import surviving_changes
 from blipinpaint.scorer import ScoreNet
 from blipinpaint.storage import folder_digest, local_dir
 
@@ -107,10 +112,32 @@ def build_masker(cfg: Config) -> MaskGenerator:
     return MaskGenerator(cfg.masks.kind, image_size(cfg), cfg.seed)
 
 
+def decoder_dtype(cfg: Config) -> torch.dtype:
+    """The precision BLIP's text decoder captions in (`caption.decoder_dtype`)."""
+    return torch_dtype(cfg.caption.decoder_dtype, torch_device(cfg.models.device))
+
+
+def load_blip(cfg: Config, ref: ModelRef | None = None) -> CaptionerModel:
+    """BLIP from the preset, or from `ref` (e.g. the fine-tuned folder): its vision encoder in
+    `models.dtype`, its text decoder in `caption.decoder_dtype`. Every captioner of every job
+    loads it so: the original and the fine-tuned captions compare at one precision."""
+    device, dtype = _device_dtype(cfg)
+    return load_captioner(ref or resolve_preset(cfg).captioner, device, dtype, decoder_dtype(cfg))
+
+
+def decoder_survival(cfg: Config, tuned: ModelRef) -> dict:
+    """`precision.surviving_changes` of the text decoder of `tuned` (the fine-tuned BLIP)
+    against the configured captioner's, at `caption.decoder_dtype`: both loaded in fp32 on
+    the CPU, through the captioner's own loading (the names its weights load under)."""
+    cpu = torch.device("cpu")
+    original, fine_tuned = (dict(load_captioner(ref, cpu).model.text_decoder.named_parameters())
+                            for ref in (resolve_preset(cfg).captioner, tuned))
+    return surviving_changes(original, fine_tuned, DTYPES[cfg.caption.decoder_dtype])
+
+
 def build_captioner(cfg: Config, ref: ModelRef | None = None, output: str = "caption") -> Captioner:
     """BLIP from the preset, or from `ref` (e.g. the fine-tuned folder), writing `output`."""
-    device, dtype = _device_dtype(cfg)
-    model = load_captioner(ref or resolve_preset(cfg).captioner, device, dtype)
+    model = load_blip(cfg, ref)
     return Captioner(model, cfg.caption.max_new_tokens, cfg.caption.num_beams, output, cfg.scorer.feature_layer)
 
 
@@ -122,8 +149,7 @@ def loss_weights(cfg: Config) -> LossWeights:
 def build_reranker(cfg: Config, scorer_dir: str) -> Reranker:
     """The original BLIP proposing `caption.candidates` captions, ranked by the trained scorer
     in `scorer_dir` (a folder or a bucket prefix)."""
-    device, dtype = _device_dtype(cfg)
-    model = load_captioner(resolve_preset(cfg).captioner, device, dtype)
+    model = load_blip(cfg)
     scorer = ScoreNet.from_pretrained(local_dir(scorer_dir))
     caption = cfg.caption
     return Reranker(model, scorer, loss_weights(cfg), caption.candidates, cfg.seed, caption.max_new_tokens,
@@ -132,8 +158,7 @@ def build_reranker(cfg: Config, scorer_dir: str) -> Reranker:
 
 def build_candidate_captioner(cfg: Config) -> CandidateCaptioner:
     """The original BLIP proposing `caption.candidates` captions per image, a row each."""
-    device, dtype = _device_dtype(cfg)
-    model = load_captioner(resolve_preset(cfg).captioner, device, dtype)
+    model = load_blip(cfg)
     caption = cfg.caption
     return CandidateCaptioner(model, caption.candidates, cfg.seed, caption.max_new_tokens, caption.num_beams)
 

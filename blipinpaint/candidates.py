@@ -12,10 +12,17 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from blipinpaint import fingerprint
 from blipinpaint.batches import Batch
 from blipinpaint.captioning import candidate_captions, visible_embeddings
+from blipinpaint.config import Config
+from blipinpaint.errors import ConfigError
+from blipinpaint.layout import RunLayout
 from blipinpaint.losses import LossWeights, blip_losses
 from blipinpaint.models import CaptionerModel
+from blipinpaint.reader import read_candidates
+from blipinpaint.storage import is_dir, is_file
+from blipinpaint.writer import CommitLog
 
 PENDING = "pending_candidates"  # the candidates still to do of each image, as "0,1,3"
 
@@ -124,3 +131,30 @@ def best_candidates(rows: dict[str, np.ndarray], weights: LossWeights,
                           "loss": float(losses[j]), "greedy_loss": float(losses[greedy[0]]) if greedy else None,
                           "candidates": len(js)}
     return best
+
+
+def best_captions(cfg: Config, train_ids: list[str], weights: LossWeights) -> dict[str, dict] | None:
+    """Each training image's best candidate by the real L_BLIP (`weights`) of the candidates
+    job's rows, of the images with candidate rows; None where the run has no `candidates/`
+    (method `scorer`).
+
+    reward_ranked trains on them: their rows must come from this run's settings (the number
+    of candidates included) and every candidate of every training image be accounted for.
+    The scorer method only measures against them: the same generate settings suffice."""
+    candidates_dir = RunLayout(cfg.run_dir).candidates
+    reward_ranked = cfg.finetune.method == "reward_ranked"
+    if not is_dir(candidates_dir):
+        if reward_ranked:
+            raise ConfigError(f"{candidates_dir} is missing: run rayjobs.candidates first")
+        return None
+    fingerprint.check(candidates_dir, fingerprint.candidates(cfg) if reward_ranked else fingerprint.generate(cfg),
+                      record=False)
+    if reward_ranked:
+        if not is_file(candidates_dir.success):  # a killed run's parts may still be staged
+            raise ConfigError(f"{candidates_dir} is not complete: run rayjobs.candidates (again) first")
+        done, per_image = CommitLog(candidates_dir).committed_ids(), cfg.caption.candidates
+        missing = [i for i in train_ids if any(candidate_id(i, k) not in done for k in range(per_image))]
+        if missing:
+            raise ConfigError(f"{candidates_dir}: {len(missing)} of {len(train_ids)} training images lack some of "
+                              f"their {per_image} candidates: run rayjobs.candidates (again) first")
+    return best_candidates(read_candidates(candidates_dir, set(train_ids)), weights, cfg.inpaint.caption_max_mask_area)

@@ -30,21 +30,31 @@ def encode_images(model: BlipForConditionalGeneration, pixel_values: torch.Tenso
     return model.vision_model(pixel_values=pixel_values).last_hidden_state
 
 
+def weights_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype of a module's floating-point weights (a DeepSpeed engine's: its module's)."""
+    return next(p.dtype for p in module.parameters() if p.is_floating_point())
+
+
 def generate_captions(
-    model: BlipForConditionalGeneration, image_embeds: torch.Tensor, **generate_kwargs
+    model: BlipForConditionalGeneration, image_embeds: torch.Tensor, decoder: torch.nn.Module | None = None,
+    **generate_kwargs,
 ) -> torch.Tensor:
     """Token ids ([DEC] caption... [SEP] [PAD]...) from precomputed image embeddings.
 
     Same decoding as `BlipForConditionalGeneration.generate`, but reusing the vision
     pass that the feature computation needs as well (the ViT is most of BLIP's cost).
+    `decoder`: another text decoder than the model's own (e.g. a copy in another precision).
+    The embeddings enter the decoder in its own dtype (`caption.decoder_dtype` may differ
+    from the vision encoder's `models.dtype`).
     """
+    decoder = decoder or model.text_decoder
     text_config = model.config.text_config
     start = torch.full((image_embeds.shape[0], 1), text_config.bos_token_id, device=image_embeds.device)
-    return model.text_decoder.generate(
+    return decoder.generate(
         input_ids=start,
         eos_token_id=text_config.sep_token_id,
         pad_token_id=text_config.pad_token_id,
-        encoder_hidden_states=image_embeds,
+        encoder_hidden_states=image_embeds.to(weights_dtype(decoder)),
         encoder_attention_mask=torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device),
         **generate_kwargs,
     )
@@ -53,7 +63,8 @@ def generate_captions(
 def visible_embeddings(bundle: CaptionerModel, images: np.ndarray, masks: np.ndarray) -> torch.Tensor:
     """The vision encoder's states of the masked images (the hole gray: never seen)."""
     pixels = bundle.image_processor(images=list(masked_pixels(images, masks)), return_tensors="pt").pixel_values
-    return encode_images(bundle.model, pixels.to(bundle.model.device, bundle.model.dtype))
+    vision = bundle.model.vision_model
+    return encode_images(bundle.model, pixels.to(bundle.model.device, weights_dtype(vision)))
 
 
 def caption_texts(tokenizer, ids: torch.Tensor) -> list[str]:
@@ -84,10 +95,11 @@ def decode_caption(
         raise ValueError(f"scorer.feature_layer={layer}: the text decoder has {layers} layers "
                          f"(-1 is the last, -{layers} the first; or 1..{layers})")
     tokens = caption_token_mask(model, input_ids)
-    out = (decoder or model.text_decoder)(
+    decoder = decoder or model.text_decoder
+    out = decoder(
         input_ids=input_ids,
         attention_mask=(input_ids != model.config.text_config.pad_token_id).long(),
-        encoder_hidden_states=image_embeds,
+        encoder_hidden_states=image_embeds.to(weights_dtype(decoder)),
         output_hidden_states=True,
         return_dict=True,
     )

@@ -78,6 +78,11 @@ class CaptionConfig:
     # sample). Above 1, evaluate adds the "+ scorer-reranked caption" variant (the frozen
     # scorer picks among them) and `finetune.method=reward_ranked` inpaints and scores them.
     candidates: int = 1
+    # The precision BLIP's text decoder captions in, in every job (generate, candidates,
+    # evaluate, the fine-tune's probe set); the vision encoder stays at `models.dtype`. fp32,
+    # the fine-tune's master weights': at lr 1e-6 a half-precision cast rounds most of the
+    # fine-tune back to the original weights (docs/models.md, "Precision").
+    decoder_dtype: str = "fp32"
 
 
 @dataclass

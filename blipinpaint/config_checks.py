@@ -43,7 +43,7 @@ def validate(cfg: Config) -> None:
         *_job_problems(cfg),
         *_data_problems(cfg.data),
         *_model_problems(cfg.models),
-        *_mask_caption_inpaint_problems(cfg.masks, cfg.caption, cfg.inpaint),
+        *_mask_caption_inpaint_problems(cfg.masks, cfg.caption, cfg.inpaint, cfg.models.device),
         *_stream_problems(cfg.stream),
         *_training_problems(cfg),
         *_evaluate_problems(cfg.evaluate),
@@ -96,7 +96,8 @@ def _model_problems(models: ModelsConfig) -> list[str]:
     return problems
 
 
-def _mask_caption_inpaint_problems(masks: MaskConfig, caption: CaptionConfig, inpaint: InpaintConfig) -> list[str]:
+def _mask_caption_inpaint_problems(masks: MaskConfig, caption: CaptionConfig, inpaint: InpaintConfig,
+                                   device: str) -> list[str]:
     problems = []
     if masks.kind not in MASK_MODES:
         problems.append(f"masks.kind={masks.kind!r} is not one of {list(MASK_MODES)}")
@@ -112,6 +113,10 @@ def _mask_caption_inpaint_problems(masks: MaskConfig, caption: CaptionConfig, in
         problems.append("caption.max_new_tokens and caption.num_beams must be at least 1")
     if caption.candidates < 1:
         problems.append(f"caption.candidates={caption.candidates} must be at least 1 (1: the greedy caption only)")
+    if caption.decoder_dtype not in DTYPE_NAMES:
+        problems.append(f"caption.decoder_dtype={caption.decoder_dtype!r} is not one of {list(DTYPE_NAMES)}")
+    elif caption.decoder_dtype == "fp16" and not device.startswith("cuda"):
+        problems.append("caption.decoder_dtype=fp16 needs models.device=cuda (on CPU use bf16 or fp32)")
     return problems
 
 

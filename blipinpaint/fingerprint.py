@@ -112,8 +112,8 @@ def finetune(cfg: Config) -> dict:
     follows (method `scorer`) or the candidates it learns (`reward_ranked`; the scorer method
     only measures against them, in its report)."""
     run = RunLayout(cfg.run_dir)
-    keys = ("finetune", "caption.max_new_tokens", "caption.num_beams", "inpaint.caption_max_mask_area",
-            "scorer.feature_layer", "models.dtype", *TRAINING_KEYS)
+    keys = ("finetune", "caption.max_new_tokens", "caption.num_beams", "caption.decoder_dtype",
+            "inpaint.caption_max_mask_area", "scorer.feature_layer", "models.dtype", *TRAINING_KEYS)
     uses_scorer = cfg.finetune.method == "scorer"
     return {**settings(cfg, keys), "generate": _rows(run.generate),
             "captioner": _model_digests(cfg, ("captioner",))["captioner"],

@@ -93,22 +93,25 @@ class Probe:
         return self.tokenizer(caption, add_special_tokens=False).input_ids
 
     @torch.no_grad()
-    def caption(self, model, decoder: torch.nn.Module, scorer: ScoreNet | None = None) -> tuple[list[str], list[float]]:
+    def caption(self, model, engine: torch.nn.Module, scorer: ScoreNet | None = None,
+                decoder: torch.nn.Module | None = None) -> tuple[list[str], list[float]]:
         """The probe set's captions as generation decodes them (greedy, or beam search), from
         `model` as it is now, and the scorer's mean prediction (SSIM, PSNR, CLIP) for them (none
-        without a scorer). `decoder`: the text decoder as wrapped for training, in eval mode
-        meanwhile and in train mode after."""
-        decoder.eval()
-        ids = generate_captions(model, self.image_embeds, max_new_tokens=self.max_new_tokens,
-                                num_beams=self.num_beams, do_sample=False, synced_gpus=self.synced)
+        without a scorer). `engine`: the text decoder as wrapped for training, in eval mode
+        meanwhile and in train mode after; `decoder`: a plain copy of it to decode with
+        instead (in the evaluation's precision: this rank alone decodes then)."""
+        engine.eval()
+        generator, synced = (model.text_decoder, self.synced) if decoder is None else (decoder, False)
+        ids = generate_captions(model, self.image_embeds, decoder=generator, max_new_tokens=self.max_new_tokens,
+                                num_beams=self.num_beams, do_sample=False, synced_gpus=synced)
         captions = caption_texts(self.tokenizer, ids)
         predicted = []
         if scorer is not None:
             caption_tokens = caption_ids(model, self.tokenizer, captions).to(self.image_embeds.device)
-            features, _ = decode_caption(model, self.image_embeds, caption_tokens, decoder=decoder,
+            features, _ = decode_caption(model, self.image_embeds, caption_tokens, decoder=decoder or engine,
                                          layer=self.feature_layer)
             predicted = scorer.destandardize(scorer(features.float())).mean(dim=0).tolist()
-        decoder.train()
+        engine.train()
         return captions, predicted
 
     def record(self, epoch: int, step: int, captions: list[str], before: list[str], predicted: list[float]) -> dict:

@@ -37,6 +37,16 @@ def fid_protocol(cfg: Config) -> str:
             "these FID values do not compare with published ones")
 
 
+def precision_text(report: dict) -> str:
+    """At what precision both BLIP captions were decoded, and how much of the fine-tune survived it."""
+    survival = report["decoder_precision"]
+    share = survival["survived_share"]
+    share = "none changed" if share is None else f"{fmt(100 * share, 1)} %"
+    return (f"Both captions' text decoders ran in {survival['dtype']} (`caption.decoder_dtype`): "
+            f"{survival['survived']} of the {survival['changed']} decoder weights fine-tuning changed survive that "
+            f"cast ({share}; a weight whose change rounds away is the original BLIP's again).")
+
+
 def scorer_text(changed: dict) -> str:
     """The scorer's predictions for the changed captions against their scores, in words."""
     scorer = changed.get("scorer", {})
@@ -186,7 +196,7 @@ BLIP's); FID against the ground-truth images. FID protocol: {report['fid_protoco
 Fine-tuning changed the caption of {changed['captions']} of {changed['of']} samples
 ({fmt(100 * (changed['share'] or 0), 1)} %). Where it did not, the fine-tuned variant reuses the
 BLIP variant's inpainting and metrics: the fine-tuned and BLIP rows can differ only on the
-changed samples.
+changed samples. {precision_text(report)}
 
 {intervals_text(report['intervals'])}
 

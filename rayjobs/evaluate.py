@@ -43,7 +43,9 @@ from blipinpaint.evaluation import (
     variants_in,
 )
 from blipinpaint.layout import Folder, RunLayout
+from blipinpaint.models import ModelRef
 from blipinpaint.plots import plot_scatter
+from blipinpaint.precision import survival_line
 from blipinpaint.reader import committed_sample_ids, read_rows, read_sorted, row_reads
 from blipinpaint.records import EVAL_SCHEMA, METRICS, RERANKED_SCHEMA, decode_images
 from blipinpaint.report_markdown import fid_protocol, plot_figures, write_report
@@ -262,6 +264,8 @@ def run(cfg: Config) -> dict:
                            "this_run": {"evaluated": len(pending), "retried": len(resumed.retried),
                                         **resumed.recovered}},
         "models": {**builders.model_ids(cfg), "captioner_finetuned": run_layout.blip},
+        # Both BLIP captions' decoders ran in `caption.decoder_dtype`: how much of the fine-tune it kept.
+        "decoder_precision": builders.decoder_survival(cfg, ModelRef(local_dir(run_layout.blip))),
         "fid_protocol": fid_protocol(cfg),
         "mask_bucket_edges": list(cfg.evaluate.mask_buckets),
         **summary,
@@ -292,7 +296,8 @@ def print_report(report: dict) -> None:
         print(f"{DELTA_LABELS[key]} (paired, {round(100 * intervals['confidence'])} % interval): " + ", ".join(
             f"{m} {fmt_interval(overall[m], 3, sign=True)}" for m in (*PAIRED, "fid") if m in overall))
     changed = report["changed"]
-    print(f"fine-tuning changed {changed['captions']} of {changed['of']} held-out captions")
+    print(f"fine-tuning changed {changed['captions']} of {changed['of']} held-out captions; BLIP's and the "
+          f"fine-tuned {survival_line(report['decoder_precision'])}")
     if report.get("reranked"):
         reranked = report["reranked"]
         print(f"the scorer-reranked caption (of {reranked['candidates']} candidates) differs from the greedy one on "

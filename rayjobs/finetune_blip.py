@@ -32,20 +32,22 @@ import ray.train
 import torch
 
 from blipinpaint import builders, fingerprint
-from blipinpaint.candidates import best_candidates, candidate_id
+from blipinpaint.candidates import best_captions
 from blipinpaint.captioning import caption_ids, decode_caption, encode_images
 from blipinpaint.config import Config, to_yaml
 from blipinpaint.errors import ConfigError
 from blipinpaint.layout import RunLayout
 from blipinpaint.masks import masked_pixels
 from blipinpaint.models import CaptionerModel, ModelRef, load_captioner
+from blipinpaint.models.loading import DTYPES
 from blipinpaint.objectives import Loss, lm_loss, scorer_loss, with_kl
 from blipinpaint.plots import plot_curves, write_tensorboard
+from blipinpaint.precision import survival_line, surviving_changes
 from blipinpaint.probe import Probe, best_share_change, changed_counts, probe_set
-from blipinpaint.reader import read_candidates, read_rows, split_reads
+from blipinpaint.reader import read_rows, split_reads
 from blipinpaint.records import decode_images
 from blipinpaint.scorer import ScoreNet
-from blipinpaint.storage import is_dir, is_file, local_dir, read_jsonl, read_text, upload_dir, write_jsonl, write_text
+from blipinpaint.storage import is_file, local_dir, read_jsonl, read_text, upload_dir, write_jsonl, write_text
 from blipinpaint.writer import CommitLog
 from rayjobs import training
 from rayjobs.cli import job_main
@@ -70,6 +72,11 @@ class Parts:
     rank: int
     scorer_before: str | None
     frozen_before: str  # everything but the text decoder, in the dtype it runs in
+    # The probe decodes as evaluate will, in `caption.decoder_dtype`. Where the engine trains
+    # in another precision, every rank gathers the fp32 masters before each probe and rank 0
+    # decodes with its copy of the decoder in that dtype (`probe_decoder`; None elsewhere).
+    separate_probe: bool = False
+    probe_decoder: torch.nn.Module | None = None
 
     @property
     def model(self) -> torch.nn.Module:
@@ -97,6 +104,10 @@ def build_parts(cfg: Config, captioner: ModelRef, rank: int, device: torch.devic
     half = training.half_dtype(cfg)
     # The fp32 weights, before DeepSpeed casts the decoder to `half` (see below).
     initial = {name: param.detach().clone() for name, param in model.text_decoder.named_parameters()} if half else {}
+    evaluated = builders.decoder_dtype(cfg)
+    separate = evaluated != (half or torch.float32)
+    probe_decoder = (copy.deepcopy(model.text_decoder).to(evaluated).requires_grad_(False).eval()
+                     if separate and rank == 0 else None)
     optimizer = torch.optim.Adam(model.text_decoder.parameters(), lr=cfg.finetune.lr)
     engine = training.initialize(model.text_decoder, optimizer, training.deepspeed_config(cfg, cfg.finetune.batch_size))
     if half is not None:
@@ -110,7 +121,8 @@ def build_parts(cfg: Config, captioner: ModelRef, rank: int, device: torch.devic
         # 1e-6 ever moves it.
         training.set_fp32_masters(engine, initial)
     return Parts(bundle, engine, scorer, reference, device, rank, scorer_before,
-                 frozen_before=training.checksum(model, skip="text_decoder."))
+                 frozen_before=training.checksum(model, skip="text_decoder."), separate_probe=separate,
+                 probe_decoder=probe_decoder)
 
 
 def pick_loss(cfg: Config, parts: Parts) -> Loss:
@@ -129,13 +141,29 @@ def build_probe(cfg: Config, config: dict, parts: Parts, synced: bool) -> Probe:
     return Probe(rows, embeds, parts.bundle.tokenizer, cfg, config["probe"]["heldout"], config["best"], synced=synced)
 
 
+def probe_captions(probe: Probe, parts: Parts) -> tuple[list[str], list[float]]:
+    """The probe set's captions and the scorer's predictions for them, from the decoder as
+    trained so far, in `caption.decoder_dtype` (every rank calls it; with a separate probe
+    decoder, rank 0 alone decodes and the others get nothing)."""
+    if not parts.separate_probe:
+        return probe.caption(parts.model, parts.engine, parts.scorer)
+    masters = training.gather_fp32_masters(parts.engine)  # a collective
+    if parts.rank != 0:
+        return [], []
+    with torch.no_grad():
+        for name, param in parts.probe_decoder.named_parameters():
+            param.copy_(masters[name])
+    return probe.caption(parts.model, parts.engine, parts.scorer, decoder=parts.probe_decoder)
+
+
 def probe_before(probe: Probe, parts: Parts, start: int, log_uri: str) -> list[str] | None:
     """The probe set's captions before training, on rank 0 (None elsewhere on a resumed run):
     decoded and logged on a fresh run, else read from the log (failing that, generate's)."""
     if start == 0:
-        before, predicted = probe.caption(parts.model, parts.engine, parts.scorer)
+        before, predicted = probe_captions(probe, parts)
         if parts.rank == 0:
-            write_jsonl(log_uri, [probe.record(-1, 0, before, before, predicted)])
+            write_jsonl(log_uri, [{**probe.record(-1, 0, before, before, predicted),
+                                   **training.loss_scaling(parts.engine)}])
         return before
     return (next((r["probe_captions"] for r in read_jsonl(log_uri) if r["epoch"] == -1), probe.generated)
             if parts.rank == 0 else None)
@@ -171,9 +199,10 @@ def close_epoch(parts: Parts, probe: Probe, before: list[str] | None, records: l
     The probe's captions now."""
     engine = parts.engine
     mean_loss = float(np.mean([r["loss"] for r in records])) if records else float("nan")
-    now, predicted = probe.caption(parts.model, engine, parts.scorer)
-    if parts.rank == 0:
-        probed = probe.record(epoch, engine.global_steps, now, before, predicted)
+    now, predicted = probe_captions(probe, parts)
+    if parts.rank == 0:  # the epoch's line: the probe's figures, and the steps DeepSpeed skipped so far
+        probed = {**probe.record(epoch, engine.global_steps, now, before, predicted),
+                  **training.loss_scaling(engine)}
         write_jsonl(log_uri, [*read_jsonl(log_uri), *records, probed])
         progress.epoch(epoch, {"loss": mean_loss, "probe captions changed": probed["probe_changed"],
                                "share of greedy = best candidate": probed.get("best_caption_share")})
@@ -184,22 +213,31 @@ def close_epoch(parts: Parts, probe: Probe, before: list[str] | None, records: l
 
 def save(parts: Parts, config: dict, probe_rows: list[dict]) -> None:
     """The trained decoder's fp32 masters gathered (every rank), then on rank 0, while this
-    run still owns its folder, `run_dir/blip/` and `finetune/check.json`."""
+    run still owns its folder, `run_dir/blip/` and `finetune/check.json`: with digests of the
+    masters and of the engine's own (maybe half-precision) weights, what a saved folder must
+    reload as, and how many of the changes survive `caption.decoder_dtype`."""
+    cfg: Config = config["cfg"]
     decoder_state = training.gather_fp32_masters(parts.engine)
+    module = training.module_digest(parts.engine)  # a collective too
     if parts.rank != 0 or not training.owner_log(config["fence"]).owns():  # the last write: checked once more
         return
-    run_layout = RunLayout(config["cfg"].run_dir)
-    decoder = write_blip(config["captioner"], decoder_state, run_layout.blip)
+    run_layout = RunLayout(cfg.run_dir)
+    original = load_captioner(config["captioner"], torch.device("cpu"))
+    survival = surviving_changes(dict(original.model.text_decoder.named_parameters()), decoder_state,
+                                 DTYPES[cfg.caption.decoder_dtype])
+    decoder = write_blip(original, decoder_state, run_layout.blip)
     scorer_after = None if parts.scorer is None else training.checksum(parts.scorer)
     write_text(run_layout.finetune_check, json.dumps({
         "scorer_before": parts.scorer_before, "scorer_after": scorer_after, "decoder": training.checksum(decoder),
+        "masters": training.digest(decoder_state), "module": module, "decoder_precision": survival,
         "frozen_unchanged": training.checksum(parts.model, skip="text_decoder.") == parts.frozen_before,
-        "steps": parts.engine.global_steps, "probe": probe_rows, "engine": training.engine_settings(parts.engine)}))
+        "steps": parts.engine.global_steps, **training.loss_scaling(parts.engine), "probe": probe_rows,
+        "engine": training.engine_settings(parts.engine)}))
 
 
-def write_blip(captioner: ModelRef, decoder_state: dict[str, torch.Tensor], blip_dir: str) -> torch.nn.Module:
-    """The original captioner with `decoder_state` as its text decoder, saved to `blip_dir`: that decoder."""
-    original = load_captioner(captioner, torch.device("cpu"))
+def write_blip(original: CaptionerModel, decoder_state: dict[str, torch.Tensor], blip_dir: str) -> torch.nn.Module:
+    """The `original` captioner (fp32, on the CPU) with `decoder_state` as its text decoder,
+    saved to `blip_dir`: that decoder."""
     parameters = dict(original.model.text_decoder.named_parameters())
     with torch.no_grad():
         for name, value in decoder_state.items():
@@ -238,36 +276,9 @@ def finetune_loop(config: dict) -> None:
 
     # The captions the trained decoder gives now, decoded in memory: the saved folder must give the same.
     if now is None:  # a rerun with no epoch left (every rank alike)
-        now, _ = probe.caption(parts.model, parts.engine, parts.scorer)
+        now, _ = probe_captions(probe, parts)
     parts.engine.eval()
     save(parts, config, probe.rows(before or now, now))
-
-
-def best_captions(cfg: Config, train_ids: list[str]) -> dict[str, dict] | None:
-    """Each training image's best candidate by the real L_BLIP (`rayjobs.candidates`), of the
-    images with candidate rows; None where the run has no `candidates/` (method `scorer`).
-
-    reward_ranked trains on them: their rows must come from this run's settings (the number
-    of candidates included) and every candidate of every training image be accounted for.
-    The scorer method only measures against them: the same generate settings suffice."""
-    candidates_dir = RunLayout(cfg.run_dir).candidates
-    reward_ranked = cfg.finetune.method == "reward_ranked"
-    if not is_dir(candidates_dir):
-        if reward_ranked:
-            raise ConfigError(f"{candidates_dir} is missing: run rayjobs.candidates first")
-        return None
-    fingerprint.check(candidates_dir, fingerprint.candidates(cfg) if reward_ranked else fingerprint.generate(cfg),
-                      record=False)
-    if reward_ranked:
-        if not is_file(candidates_dir.success):  # a killed run's parts may still be staged
-            raise ConfigError(f"{candidates_dir} is not complete: run rayjobs.candidates (again) first")
-        done, per_image = CommitLog(candidates_dir).committed_ids(), cfg.caption.candidates
-        missing = [i for i in train_ids if any(candidate_id(i, k) not in done for k in range(per_image))]
-        if missing:
-            raise ConfigError(f"{candidates_dir}: {len(missing)} of {len(train_ids)} training images lack some of "
-                              f"their {per_image} candidates: run rayjobs.candidates (again) first")
-    return best_candidates(read_candidates(candidates_dir, set(train_ids)), builders.loss_weights(cfg),
-                           cfg.inpaint.caption_max_mask_area)
 
 
 def with_captions(batch: dict, captions: dict[str, str]) -> dict:
@@ -291,7 +302,8 @@ def run(cfg: Config) -> dict:
     builders.fill_store(cfg)  # the captioner from the model store, never the hub
     train_reads, val_reads = split_reads(cfg)
     train_ids = [i for r in train_reads for i in r["ids"]]
-    best = best_captions(cfg, train_ids)  # the candidates checked before anything is written
+    # The candidates checked before anything is written.
+    best = best_captions(cfg, train_ids, builders.loss_weights(cfg))
     # Every training image may be probed, whether or not it is trained on: the same probe set for both methods.
     probe = probe_set(cfg, train_reads, val_reads)
     ranked = {}
@@ -340,7 +352,11 @@ def run(cfg: Config) -> dict:
                 f"probe set ({2 * cfg.finetune.probe_size} images at most): captions against those before "
                 "training (epoch -1)", out_dir / "probe.png")
     check = json.loads(read_text(run_layout.finetune_check))
-    report = {"method": method, "steps": check["steps"], "engine": check["engine"],
+    training.check_trained("finetune_blip", check["steps"], check["skipped_steps"], check["loss_scale"],
+                           out_dir.metrics)
+    report = {"method": method, "steps": check["steps"], "skipped_steps": check["skipped_steps"],
+              "loss_scale": check["loss_scale"], "engine": check["engine"],
+              "decoder_precision": check["decoder_precision"],
               "scorer_unchanged": (check["scorer_before"] == check["scorer_after"]
                                    if check["scorer_before"] is not None else None),  # None: no scorer used
               "frozen_unchanged": check["frozen_unchanged"], "probe": check["probe"], **changed_counts(check["probe"]),
@@ -367,9 +383,11 @@ def main(argv: list[str] | None = None) -> int:
 def print_report(report: dict) -> None:
     losses = (f" (loss {report['first_loss']:.4f} -> {report['last_loss']:.4f})"
               if report["first_loss"] is not None else "")
-    print(f"\nfine-tuned BLIP ({report['method']}) in {report['blip_dir']} after {report['steps']} steps{losses}; "
-          f"{report['probe_changed']} of {len(report['probe'])} probe captions changed "
+    skipped = f", {report['skipped_steps']} of them skipped by DeepSpeed" if report["skipped_steps"] else ""
+    print(f"\nfine-tuned BLIP ({report['method']}) in {report['blip_dir']} after {report['steps']} steps{skipped}"
+          f"{losses}; {report['probe_changed']} of {len(report['probe'])} probe captions changed "
           f"({report['probe_changed_heldout']} of them held out)")
+    print(survival_line(report["decoder_precision"]))
     if "reward_ranked" in report:
         ranked = report["reward_ranked"]
         print(f"trained on the best candidate of {ranked['trained_on']} of {ranked['training_images']} training "

@@ -176,7 +176,7 @@ def train_loop(config: dict) -> None:
                    # None without held-out rows (a handful of inputs may hash none there)
                    "val_loss": (val[0] / val[2]).item() if val[2] else None,
                    "val_loss_mean_baseline": (val[1] / val[2]).item() if val[2] else None,
-                   "non_finite_left_out": left_out}
+                   "non_finite_left_out": left_out, **training.loss_scaling(engine)}
         if not training.still_owner(config["fence"]):
             return
         if rank == 0:
@@ -248,7 +248,10 @@ def run(cfg: Config) -> dict:
     if cfg.train.tensorboard:
         write_tensorboard(records, "epoch", out_dir / "tensorboard")
     final = records[-1] if records else {}
-    report = {"epochs": len(records), "final": final,
+    training.check_trained("train_scorer", final.get("step", 0), final.get("skipped_steps", 0),
+                           final.get("loss_scale"), out_dir.metrics)
+    report = {"epochs": len(records), "final": final, "steps": final.get("step", 0),
+              "skipped_steps": final.get("skipped_steps", 0), "loss_scale": final.get("loss_scale"),
               "non_finite_left_out": final.get("non_finite_left_out"),
               "heldout": evaluate(run_layout.scorer_model, val_reads, out_dir), "fingerprint": current}
     write_text(out_dir.report, json.dumps(report, indent=2))
@@ -269,6 +272,9 @@ def print_report(report: dict) -> None:
     else:
         print(f"\nscorer: {report['epochs']} epochs, held-out loss {final['val_loss']:.4f} "
               f"(predict-the-mean {final['val_loss_mean_baseline']:.4f})")
+    if report.get("skipped_steps"):
+        print(f"  DeepSpeed skipped {report['skipped_steps']} of {report['steps']} optimizer steps (an inf or NaN "
+              "gradient)")
     if "missing" in report["heldout"]:
         print(f"  no held-out figures: {report['heldout']['missing']}")
         return

@@ -129,16 +129,57 @@ def gather_fp32_masters(engine) -> dict[str, torch.Tensor]:
     return weights
 
 
+def digest(tensors: dict[str, torch.Tensor]) -> str:
+    """A digest of named tensors, their bytes in their own dtype."""
+    hasher = hashlib.sha256()
+    for name, tensor in sorted(tensors.items()):
+        hasher.update(name.encode())
+        hasher.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # any dtype
+    return hasher.hexdigest()
+
+
 def checksum(module: torch.nn.Module, skip: str | None = None) -> str:
     """A digest of the module's weights (without those whose names start with `skip`): what a
     training job records of the parts it must leave unchanged, and of what it trained."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        if skip is not None and name.startswith(skip):
-            continue
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # any dtype
-    return digest.hexdigest()
+    return digest({name: tensor for name, tensor in module.state_dict().items()
+                   if skip is None or not name.startswith(skip)})
+
+
+def module_digest(engine) -> str | None:
+    """A digest of the weights the engine's module computes with (in half precision, its
+    copy of the fp32 masters), gathered under ZeRO-3: a collective, every rank calls it;
+    rank 0 gets the digest, the others None."""
+    import deepspeed
+
+    named = list(engine.module.named_parameters())
+    with deepspeed.zero.GatheredParameters([p for _, p in named], enabled=engine.zero_optimization_stage() == 3):
+        return digest(dict(named)) if dist.get_rank() == 0 else None
+
+
+def loss_scaling(engine) -> dict:
+    """The optimizer steps DeepSpeed skipped so far and its loss scale now.
+
+    A step is skipped when a gradient holds an inf or a NaN: in fp16 an overflow, after which
+    the dynamic loss scale halves; in bf16 and fp32 no loss scaling runs (`loss_scale` None,
+    not an invented 1) but such a step is dropped all the same. DeepSpeed counts skipped steps
+    in `global_steps` too, and restores both from a checkpoint."""
+    optimizer = engine.optimizer
+    dynamic = bool(getattr(optimizer, "dynamic_loss_scale", False))
+    return {"skipped_steps": int(engine.skipped_steps),
+            "loss_scale": float(optimizer.loss_scale) if dynamic else None}
+
+
+def check_trained(job: str, steps: int, skipped: int, loss_scale: float | None, log_uri: str) -> None:
+    """End `job` with one line when DeepSpeed skipped every one of its `steps` optimizer steps:
+    nothing was trained, and the output must not pass for a trained model (some skipped: a
+    warning)."""
+    if steps > 0 and skipped >= steps:
+        scale = f"; the fp16 loss scale fell to {loss_scale:g}" if loss_scale is not None else ""
+        raise JobError(f"DeepSpeed skipped all {steps} optimizer steps (an inf or NaN gradient at every "
+                       f"step{scale}): nothing was trained, the output is not marked done; each epoch's "
+                       f"skipped_steps and loss_scale are in {log_uri}")
+    if skipped:
+        log.warning("%s: DeepSpeed skipped %d of %d optimizer steps (an inf or NaN gradient)", job, skipped, steps)
 
 
 def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict):

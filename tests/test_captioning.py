@@ -130,6 +130,25 @@ def test_caption_settings_come_from_the_config(cfg, captioner, sample_batch):
     assert not np.allclose(last["caption_features"], captioner(sample_batch)["caption_features"])
 
 
+def test_the_decoder_runs_at_its_own_precision_beside_a_half_precision_encoder(cfg, captioner, sample_batch):
+    """`models.dtype=bf16` casts the vision encoder; the text decoder keeps `caption.decoder_dtype`
+    (fp32 unless set), its weights the checkpoint's own, not a round trip through bf16."""
+    from dataclasses import replace
+
+    from blipinpaint import builders
+
+    half = replace(cfg, models=replace(cfg.models, dtype="bf16"))
+    mixed = builders.build_captioner(half)
+    assert {p.dtype for p in mixed.model.vision_model.parameters()} == {torch.bfloat16}
+    fp32 = dict(captioner.model.text_decoder.named_parameters())
+    assert all(torch.equal(p, fp32[k]) for k, p in mixed.model.text_decoder.named_parameters())
+    out = mixed(sample_batch)
+    assert out["caption_features"].dtype == np.float32 and all(out["caption"])
+    both = builders.build_captioner(replace(half, caption=replace(half.caption, decoder_dtype="bf16")))
+    assert {p.dtype for p in both.model.text_decoder.parameters()} == {torch.bfloat16}
+    assert not np.array_equal(both(sample_batch)["caption_features"], out["caption_features"])
+
+
 def test_edit_distance_counts_token_insertions_deletions_and_substitutions():
     assert edit_distance([1, 2, 3], [1, 2, 3]) == 0
     assert edit_distance([1, 2, 3], [1, 3]) == 1

@@ -135,6 +135,16 @@ def test_bf16_runs_on_cpu_and_fp16_needs_cuda():
         load_config(overrides=["models.dtype=fp16"])
 
 
+def test_the_decoder_precision_is_fp32_unless_set_and_fp16_only_on_cuda():
+    assert load_config().caption.decoder_dtype == "fp32"
+    assert load_config(overrides=["caption.decoder_dtype=bf16"]).caption.decoder_dtype == "bf16"
+    assert load_config(overrides=["caption.decoder_dtype=fp16", "models.device=cuda"]).caption.decoder_dtype == "fp16"
+    with pytest.raises(ConfigError, match=r"caption.decoder_dtype=fp16 needs models.device=cuda"):
+        load_config(overrides=["caption.decoder_dtype=fp16"])
+    with pytest.raises(ConfigError, match=r"caption.decoder_dtype='half' is not one of \['fp32', 'fp16', 'bf16'\]"):
+        load_config(overrides=["caption.decoder_dtype=half"])
+
+
 def test_reading_a_config_or_a_stream_job_imports_no_model_library():
     """Every Ray task and actor that unpickles a config or a stream's function imports these
     modules first: transformers, diffusers and torchmetrics (seconds each) load only where a

@@ -36,6 +36,16 @@ def test_a_run_folder_refuses_rows_made_with_other_settings(tmp_path):
         fingerprint.check(str(with_candidates), fingerprint.candidates(cfg))
 
 
+def test_the_decoders_precision_is_in_every_fingerprint_of_a_caption(tmp_path):
+    """`caption.decoder_dtype` changes generate's captions (so candidates' and evaluate's rows)
+    and the fine-tune's probe captions and report: their fingerprints hold it."""
+    cfg = load_config(overrides=[f"run_dir={tmp_path}"])
+    half = load_config(overrides=[f"run_dir={tmp_path}", "caption.decoder_dtype=bf16"])
+    for step in (fingerprint.generate, fingerprint.candidates, fingerprint.evaluate, fingerprint.finetune):
+        assert fingerprint.differing(step(cfg), step(half)) == ["caption.decoder_dtype"], step.__name__
+    assert fingerprint.generate(cfg)["caption.decoder_dtype"] == "fp32"
+
+
 def test_generate_records_the_bytes_of_its_models_not_their_names(tmp_path):
     """Another checkpoint in the same folder is another model (finding 9): the fingerprint
     holds each model's content digest, so rows of the two never mix."""

@@ -20,8 +20,9 @@ def report(**extra) -> dict:
     summary["intervals"]["fid_replicates"] = 50
     summary["caption_effect"] = caption_effect(summary, [0.1, 0.3])
     summary["changed"]["scorer"] = {"samples": 0, "pearson_r": {}}
+    precision = {"dtype": "fp32", "weights": 1000, "changed": 400, "survived": 400, "survived_share": 1.0}
     return {"dataset": "MSCOCO", "models": {"fid": "offline:tiny/fid"}, "fid_protocol": "a protocol", **summary,
-            **extra}
+            "decoder_precision": precision, **extra}
 
 
 def test_report_md_holds_every_section_and_table1_a_column_group_per_dataset(tmp_path):
@@ -31,6 +32,8 @@ def test_report_md_holds_every_section_and_table1_a_column_group_per_dataset(tmp
     assert markdown.startswith("# Evaluation: MSCOCO\n\n6 held-out samples of ")
     assert "FID features `offline:tiny/fid`" in markdown and "FID protocol: a protocol." in markdown
     assert "Fine-tuning changed the caption of 2 of 6 samples\n(33.3 %)" in markdown
+    assert ("text decoders ran in fp32 (`caption.decoder_dtype`): 400 of the 400 decoder weights fine-tuning "
+            "changed survive that cast (100.0 %;") in markdown
     assert "nothing to compare the scorer's predictions with" in markdown and "scorer_changed.png" not in markdown
     for heading, table in (("Table 1", "table1"), ("Paired differences per sample", "paired"),
                            ("By mask area", "buckets")):

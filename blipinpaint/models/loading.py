@@ -88,12 +88,23 @@ def _quiet_transformers() -> None:
     transformers_logging.disable_progress_bar()
 
 
-def load_captioner(ref: ModelRef, device: torch.device, dtype: torch.dtype = torch.float32) -> CaptionerModel:
+def load_captioner(ref: ModelRef, device: torch.device, dtype: torch.dtype = torch.float32,
+                   decoder_dtype: torch.dtype | None = None) -> CaptionerModel:
+    """BLIP in `dtype`, its text decoder in `decoder_dtype` (default: `dtype` too).
+
+    Two precisions load the checkpoint in fp32 and cast each part from there: a decoder
+    loaded in half precision and cast up would have lost what a fine-tune's fp32 weights hold.
+    """
     from transformers import AutoTokenizer, BlipForConditionalGeneration, BlipImageProcessorPil
 
     _quiet_transformers()
     src = _source(ref)
-    model = BlipForConditionalGeneration.from_pretrained(**src, dtype=dtype, use_safetensors=True)
+    mixed = decoder_dtype is not None and decoder_dtype != dtype
+    model = BlipForConditionalGeneration.from_pretrained(**src, dtype=torch.float32 if mixed else dtype,
+                                                         use_safetensors=True)
+    if mixed:  # BLIP is these two parts; each cast once, from fp32
+        model.vision_model.to(dtype)
+        model.text_decoder.to(decoder_dtype)
     return CaptionerModel(
         model=model.to(device).eval(),
         # The PIL processor: the default one needs torchvision, which is not a dependency.

@@ -12,6 +12,7 @@ from blipinpaint.config import load_config
 from blipinpaint.evaluation import ALL, FID_SETS, REAL, bucket_of
 from blipinpaint.fid import fid_table, fold
 from blipinpaint.layout import RunLayout
+from blipinpaint.precision import survival_line
 from blipinpaint.records import METRICS
 from blipinpaint.seeds import heldout
 from rayjobs import evaluate, fid_pass, pipeline
@@ -58,6 +59,12 @@ def test_main_job_runs_every_step_and_reuses_them(main_run, capsys, monkeypatch)
     assert report["changed"]["scorer"]["samples"] == changed
     delta = report["intervals"]["all"]["blip_vs_baseline"]["clip_score"]
     assert delta["n"] == 2 and delta["low"] <= delta["estimate"] <= delta["high"]
+    # Both captions' decoders ran in fp32 (issue 32): every change the fine-tune made survives, as
+    # the fine-tune's own report counted, and both jobs' last lines say so.
+    precision = report["decoder_precision"]
+    assert precision == json.loads((run / "finetune" / "report.json").read_text())["decoder_precision"]
+    assert precision["dtype"] == "fp32" and precision["changed"] > 0 and precision["survived_share"] == 1.0
+    assert output.count(survival_line(precision)) == 2
     # The defaults evaluate the paper's three variants, no more (no scorer-reranked caption).
     assert list(report["variants"]) == ["baseline", "blip", "finetuned"] and "reranked" not in report
     for name in report["variants"]:

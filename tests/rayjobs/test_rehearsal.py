@@ -122,3 +122,22 @@ def test_bf16_zero3_fine_tuning_with_the_kl_term(rehearsal):
     assert report["engine"]["zero_stage"] == 3 and report["engine"]["dtype"] == "bfloat16"
     assert records and all(r["kl"] >= 0 and r["loss"] == pytest.approx(r["loss_blip"] + 0.1 * r["kl"], rel=1e-5,
                                                                        abs=1e-6) for r in records)
+
+
+def test_the_bf16_fine_tune_is_evaluated_at_the_precision_it_learned_in(rehearsal):
+    """Issue 32: beside the bf16 vision encoder and inpainter, BLIP's decoder captions in fp32
+    (`caption.decoder_dtype`) in generate and evaluate: every change the lr 1e-6 fine-tune made
+    survives, where a bf16 cast would keep a few of them. Both reports count them as the files do."""
+    _, run_dir, _ = rehearsal
+    original = load_file(next((run_dir / "models").glob("Salesforce--*/*/model.safetensors")))
+    tuned = load_file(run_dir / "blip" / "model.safetensors")
+    decoder = [k for k in tuned if k.startswith("text_decoder.") and k in original and tuned[k].is_floating_point()]
+    changed = sum(int((tuned[k] != original[k]).sum()) for k in decoder)
+    at_bf16 = sum(int(((tuned[k] != original[k]) & (tuned[k].bfloat16() != original[k].bfloat16())).sum())
+                  for k in decoder)
+    evaluation = json.loads((run_dir / "eval" / "report.json").read_text())["decoder_precision"]
+    assert json.loads((run_dir / "finetune" / "report.json").read_text())["decoder_precision"] == evaluation
+    assert (evaluation["dtype"], evaluation["changed"], evaluation["survived"]) == ("fp32", changed, changed)
+    # bf16 keeps about a tenth here: weights near 0 (biases start at 0), whose ulp is small.
+    assert changed > 0 and at_bf16 < 0.25 * changed
+    assert "Both captions' text decoders ran in fp32" in (run_dir / "eval" / "report.md").read_text()

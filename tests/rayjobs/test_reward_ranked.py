@@ -18,7 +18,7 @@ import torch
 from helpers import PIPELINE_ARGS, account, copy_run, end_actors_of_dead_drivers, print_figures
 
 from blipinpaint import builders
-from blipinpaint.candidates import PENDING, best_candidates, candidate_id, expand
+from blipinpaint.candidates import PENDING, best_candidates, best_captions, candidate_id, expand
 from blipinpaint.config import load_config
 from blipinpaint.errors import ConfigError
 from blipinpaint.io import decode_png
@@ -164,7 +164,7 @@ def test_the_best_caption_is_the_argmin_of_the_real_loss(candidates_run):
         loss = w.ssim * (1 - r["ssim"]) - w.psnr * r["psnr"] - w.clip * r["clip_score"]
         if r["image_id"] not in expected or loss < expected[r["image_id"]][0] - 1e-9:
             expected[r["image_id"]] = (loss, r["candidate"], r["caption"])
-    best = finetune_blip.best_captions(cfg, _training_ids(run_dir))
+    best = best_captions(cfg, _training_ids(run_dir), w)
     assert sorted(best) == sorted(expected)
     for image_id, (loss, k, caption) in expected.items():
         assert (best[image_id]["candidate"], best[image_id]["caption"]) == (k, caption)
@@ -223,7 +223,8 @@ def test_reward_ranked_fine_tuning_makes_the_best_candidates_the_greedy_captions
                                        "best_is_greedy": json.loads((run_dir / "candidates" / "stats.json")
                                                                     .read_text())["best_is_greedy"]}
     # The shares, from the captions themselves: before training the greedy captions are generate's.
-    best = finetune_blip.best_captions(load_config(overrides=[f"run_dir={run_dir}"]), _training_ids(run_dir))
+    cfg = load_config(overrides=[f"run_dir={run_dir}"])
+    best = best_captions(cfg, _training_ids(run_dir), builders.loss_weights(cfg))
     trained = [r for r in report["probe"] if not r["heldout"] and r["id"] != VICTIM]  # the victim: no best
     assert share["images"] == len(trained) == 3
     assert share["before"] == sum(r["caption"] == best[r["id"]]["caption"] for r in trained) / 3

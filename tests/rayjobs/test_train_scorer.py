@@ -73,6 +73,9 @@ def test_scorer_learns_a_learnable_signal(local_ray, tmp_path):
     for png in ("loss.png", "scatter.png"):
         assert Image.open(out / png).size[0] > 100
     assert list((out / "tensorboard").glob("events.out.tfevents*"))
+    # No step skipped; fp32 runs no loss scaling, so there is no scale to report.
+    assert all(r["skipped_steps"] == 0 and r["loss_scale"] is None for r in records)
+    assert (report["steps"], report["skipped_steps"], report["loss_scale"]) == (records[-1]["step"], 0, None)
 
 
 def test_each_rank_reads_its_own_run_of_the_rows():
@@ -198,3 +201,26 @@ def test_used_up_restarts_end_the_job_with_one_line_and_the_same_command_continu
     assert [r["resumed_at_epoch"] for r in records] == [None, 1, 1]  # the second run loaded epoch 0
     assert steps_per_epoch < 6 < 2 * steps_per_epoch  # ~300 training rows / 2 workers / 32 each: dies mid epoch 1
     assert records[-1]["step"] == 3 * steps_per_epoch
+
+
+def test_a_training_whose_steps_were_all_skipped_is_an_error_not_a_scorer(local_ray, tmp_path, capsys):
+    """Caption features holding NaN make every gradient NaN: DeepSpeed drops each such step (as
+    it drops an fp16 overflow) but still counts it in `global_steps`. The job says so in one
+    line, and the folder is not marked done (no report, no `_SUCCESS`) for the next step."""
+    write_samples(tmp_path, n=64)
+    part = tmp_path / "generate" / "samples" / "part-0.parquet"
+    table = pq.read_table(part)
+    nan = [np.full(16, np.nan, np.float32)] * len(table)
+    pq.write_table(table.set_column(table.schema.get_field_index("caption_features"), "caption_features",
+                                    pa.array(nan, type=table.schema.field("caption_features").type)), part)
+    code = train_scorer.main([f"run_dir={tmp_path}", "scorer.epochs=2", "scorer.batch_size=16", "scorer.hidden=[8]",
+                              "scorer.checkpoint_every=2"])
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train_scorer: ")]
+    records = [json.loads(line) for line in (tmp_path / "scorer" / "metrics.jsonl").read_text().splitlines()]
+    steps = records[-1]["step"]
+    assert code == 1 and steps > 0
+    assert [(r["skipped_steps"], r["loss_scale"]) for r in records] == [(steps // 2, None), (steps, None)]
+    assert said == [f"train_scorer: DeepSpeed skipped all {steps} optimizer steps (an inf or NaN gradient at every "
+                    f"step): nothing was trained, the output is not marked done; each epoch's skipped_steps and "
+                    f"loss_scale are in {tmp_path}/scorer/metrics.jsonl"]
+    assert not (tmp_path / "scorer" / "_SUCCESS").exists() and not (tmp_path / "scorer" / "report.json").exists()

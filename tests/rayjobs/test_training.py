@@ -10,7 +10,7 @@ from deepspeed.runtime.fp16.loss_scaler import CreateLossScaler, DynamicLossScal
 
 from blipinpaint import fingerprint
 from blipinpaint.config import load_config
-from blipinpaint.errors import ConfigError
+from blipinpaint.errors import ConfigError, JobError
 from blipinpaint.reader import split_reads
 from blipinpaint.seeds import heldout as heldout_of
 from rayjobs import training
@@ -121,3 +121,38 @@ def test_training_refuses_a_generate_folder_that_is_not_complete(tmp_path):
     with pytest.raises(ConfigError, match=r"generate is not complete \(no _SUCCESS\): run rayjobs.generate"):
         train_scorer.run(cfg)
     assert not (tmp_path / "scorer").exists()  # refused before writing anything
+
+
+def test_a_training_whose_every_step_was_skipped_ends_the_job():
+    """DeepSpeed counts a skipped step (an fp16 overflow, any inf or NaN gradient) in
+    `global_steps`: a run of skipped steps only would look trained. Some skipped steps are a
+    warning; none, or no step at all (nothing to train on), pass."""
+    with pytest.raises(JobError, match=r"^DeepSpeed skipped all 6 optimizer steps \(an inf or NaN "
+                                       r"gradient at every step; the fp16 loss scale fell to 0.5\): nothing was "
+                                       r"trained, the output is not marked done; each epoch's skipped_steps and "
+                                       r"loss_scale are in run/finetune/metrics.jsonl$"):
+        training.check_trained("finetune_blip", 6, 6, 0.5, "run/finetune/metrics.jsonl")
+    with pytest.raises(JobError, match=r"skipped all 3 optimizer steps \(an inf or NaN gradient at every step\): "):
+        training.check_trained("train_scorer", 3, 3, None, "log")
+    for steps, skipped in ((6, 5), (6, 0), (0, 0)):
+        training.check_trained("finetune_blip", steps, skipped, None, "log")
+
+
+def test_the_loss_scale_is_the_fp16_optimizers_and_none_without_dynamic_scaling():
+    """On a GPU an fp16 engine's ZeRO-1/2 optimizer holds a dynamic loss scaler; bf16 and fp32 a
+    static one of scale 1, reported as None (no scaling runs). The ZeRO optimizer's own
+    `loss_scale` is read (DeepSpeed builds no fp16 optimizer on a CPU: its state is set here
+    as its constructor sets it)."""
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    settings = DeepSpeedConfig({"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+                                "fp16": {"enabled": True}}, mpu=None).float16_config
+    for dtype, scale in ((torch.float16, 2.0 ** 16), (torch.bfloat16, None), (torch.float32, None)):
+        optimizer = DeepSpeedZeroOptimizer.__new__(DeepSpeedZeroOptimizer)
+        optimizer.custom_loss_scaler = False
+        optimizer.loss_scaler = CreateLossScaler(dtype, 0, True, settings.dynamic_loss_scale_args())
+        optimizer.dynamic_loss_scale = optimizer.loss_scaler.dynamic
+        engine = SimpleNamespace(optimizer=optimizer, skipped_steps=3)
+        assert training.loss_scaling(engine) == {"skipped_steps": 3, "loss_scale": scale}
