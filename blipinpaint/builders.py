@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import torch
+
 from blipinpaint.candidates import CandidateCaptioner
 from blipinpaint.captioning import Captioner, Reranker
 from blipinpaint.config import Config, model_store
@@ -22,6 +24,7 @@ from blipinpaint.metrics import InpaintMetrics
 from blipinpaint.models import (
     ModelRef,
     Preset,
+    describe_fid_features,
     get_preset,
     load_captioner,
     load_clip,
@@ -150,10 +153,30 @@ def build_metrics(cfg: Config, variants: dict[str, tuple[str, str]] | None = Non
     return InpaintMetrics(load_clip(resolve_preset(cfg).clip, device, dtype), variants)
 
 
+def fid_device(cfg: Config) -> torch.device:
+    """The device of the FID workers and the bootstrap task: CUDA when `models.device` or
+    `evaluate.fid.num_gpus` (the workers hold a GPU) asks for it, and then an error where
+    there is none, never a silent CPU."""
+    name = cfg.models.device
+    if cfg.evaluate.fid.num_gpus > 0 and not name.startswith("cuda"):
+        name = "cuda"
+    try:
+        return torch_device(name)
+    except RuntimeError:
+        raise RuntimeError(f"models.device={cfg.models.device!r} and evaluate.fid.num_gpus="
+                           f"{cfg.evaluate.fid.num_gpus} ask for CUDA for FID, but this worker has no CUDA "
+                           "device") from None
+
+
 def build_fid(cfg: Config, sets: dict[str, str]) -> FidAccumulator:
     """FID statistics of the PNG columns `sets` (the feature network runs in fp32)."""
-    device = torch_device(cfg.models.device)
+    device = fid_device(cfg)
     return FidAccumulator(load_fid_features(resolve_preset(cfg).fid, device), device, sets)
+
+
+def fid_network(cfg: Config) -> dict:
+    """Which FID network the workers load (`describe_fid_features` of its folder); after `fill_store`."""
+    return describe_fid_features(resolve_preset(cfg).fid)
 
 
 def model_ids(cfg: Config) -> dict[str, str]:

@@ -37,9 +37,9 @@ class FidWorker:
 @ray.remote
 def bootstrap_fid(ids: list[str], features: list[dict[str, np.ndarray]], scopes: dict[str, list[str]],
                   cfg: Config) -> dict:
-    """`evaluation.fid_scopes` on the rows of every FID worker, on this task's GPU if it has
-    one: each draw takes a covariance and an eigendecomposition per image set."""
-    device = torch.device("cuda" if cfg.evaluate.fid.num_gpus and torch.cuda.is_available() else "cpu")
+    """`evaluation.fid_scopes` on the rows of every FID worker, on the FID workers' device
+    (`builders.fid_device`): each draw takes a covariance and an eigendecomposition per image set."""
+    device = builders.fid_device(cfg)
     rows = {name: torch.as_tensor(np.concatenate([f[name] for f in features]), dtype=torch.float64, device=device)
             for name in features[0]}
     bootstrap = cfg.evaluate.bootstrap
