@@ -24,6 +24,7 @@ from blipinpaint.models import ModelRef, describe_fid_features, fid_store, load_
 from blipinpaint.models.fid_inception import FidInceptionV3, expected_shapes, resize_like_tf1
 from blipinpaint.models.presets import FID_INCEPTION_SHA256, FID_INCEPTION_URL
 from blipinpaint.report_markdown import fid_protocol
+from blipinpaint.storage import filesystem
 
 CPU = torch.device("cpu")
 
@@ -176,6 +177,20 @@ def test_a_folder_of_the_network_is_labelled_by_its_record_not_its_name(entry, f
     (folder / "_store.json").unlink()
     unrecorded = describe_fid_features(ModelRef(str(folder)), pinned_sha256=sha)
     assert not unrecorded["standard"] and "no model store record" in unrecorded["evidence"]
+
+
+def test_the_weights_file_may_lie_in_a_bucket(fid_weights, s3, tmp_path):
+    """A mirror in a bucket: the driver copies the file, checks it, and keeps it by its sha256."""
+    path, sha = fid_weights
+    bucket = s3("fid-mirror")
+    fs, where = filesystem(f"{bucket}/weights/inception.pth")
+    with fs.open_output_stream(where) as f, open(path, "rb") as source:
+        shutil.copyfileobj(source, f, length=1 << 24)
+    uri = str(tmp_path / "entry")
+    store.put(ModelRef(f"{bucket}/weights/inception.pth"), uri,
+              fid_store.weights_file_source(f"{bucket}/weights/inception.pth", sha, tmp_path / "dl", pinned_sha256=sha))
+    assert [p.name for p in (tmp_path / "dl").iterdir()] == [sha]  # no partial copy left
+    assert describe_fid_features(ModelRef(uri), pinned_sha256=sha)["standard"]
 
 
 def test_a_folder_holding_the_weights_file_stands_for_the_file(fid_weights, tmp_path):
