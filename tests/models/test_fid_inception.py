@@ -179,18 +179,19 @@ def test_a_folder_of_the_network_is_labelled_by_its_record_not_its_name(entry, f
     assert not unrecorded["standard"] and "no model store record" in unrecorded["evidence"]
 
 
-def test_the_weights_file_may_lie_in_a_bucket(fid_weights, s3, tmp_path):
-    """A mirror in a bucket: the driver copies the file, checks it, and keeps it by its sha256."""
-    path, sha = fid_weights
+def test_the_weights_file_may_lie_in_a_bucket(s3, tmp_path):
+    """A mirror in a bucket: the driver copies the file, checks its sha256 and keeps it by it
+    (then converts it as any local file); other bytes leave nothing behind."""
     bucket = s3("fid-mirror")
     fs, where = filesystem(f"{bucket}/weights/inception.pth")
-    with fs.open_output_stream(where) as f, open(path, "rb") as source:
-        shutil.copyfileobj(source, f, length=1 << 24)
-    uri = str(tmp_path / "entry")
-    store.put(ModelRef(f"{bucket}/weights/inception.pth"), uri,
-              fid_store.weights_file_source(f"{bucket}/weights/inception.pth", sha, tmp_path / "dl", pinned_sha256=sha))
-    assert [p.name for p in (tmp_path / "dl").iterdir()] == [sha]  # no partial copy left
-    assert describe_fid_features(ModelRef(uri), pinned_sha256=sha)["standard"]
+    with fs.open_output_stream(where) as f:
+        f.write(b"the weights")
+    sha = hashlib.sha256(b"the weights").hexdigest()
+    with pytest.raises(store.StoreError, match="not the standard FID Inception weights"):
+        fid_store.local_weights(f"{bucket}/weights/inception.pth", FID_INCEPTION_SHA256, tmp_path / "dl")
+    assert list((tmp_path / "dl").iterdir()) == []
+    kept = fid_store.local_weights(f"{bucket}/weights/inception.pth", sha, tmp_path / "dl", pinned_sha256=sha)
+    assert kept == tmp_path / "dl" / sha and kept.read_bytes() == b"the weights"
 
 
 def test_a_folder_holding_the_weights_file_stands_for_the_file(fid_weights, tmp_path):
