@@ -25,6 +25,7 @@ from blipinpaint.models import (
     CaptionerModel,
     ModelRef,
     Preset,
+    describe_fid_features,
     get_preset,
     load_captioner,
     load_clip,
@@ -175,11 +176,31 @@ def build_metrics(cfg: Config, variants: dict[str, tuple[str, str]] | None = Non
     return InpaintMetrics(load_clip(resolve_preset(cfg).clip, device, dtype), variants)
 
 
+def fid_device(cfg: Config) -> torch.device:
+    """The device of the FID workers and the bootstrap task: CUDA when `models.device` or
+    `evaluate.fid.num_gpus` (the workers hold a GPU) asks for it, and then an error where
+    there is none, never a silent CPU."""
+    name = cfg.models.device
+    if cfg.evaluate.fid.num_gpus > 0 and not name.startswith("cuda"):
+        name = "cuda"
+    try:
+        return torch_device(name)
+    except RuntimeError:
+        raise RuntimeError(f"models.device={cfg.models.device!r} and evaluate.fid.num_gpus="
+                           f"{cfg.evaluate.fid.num_gpus} ask for CUDA for FID, but this worker has no CUDA "
+                           "device") from None
+
+
 def build_fid(cfg: Config, sets: dict[str, str]) -> FidFeatures:
     """FID features of the PNG columns `sets`, in chunks of `evaluate.fid.batch_size` rows
-    (the feature network runs in fp32)."""
-    device = torch_device(cfg.models.device)
+    (the feature network runs in fp32, on `fid_device`)."""
+    device = fid_device(cfg)
     return FidFeatures(load_fid_features(resolve_preset(cfg).fid, device), device, sets, cfg.evaluate.fid.batch_size)
+
+
+def fid_network(cfg: Config) -> dict:
+    """Which FID network the workers load (`describe_fid_features` of its folder); after `fill_store`."""
+    return describe_fid_features(resolve_preset(cfg).fid)
 
 
 def model_ids(cfg: Config) -> dict[str, str]:

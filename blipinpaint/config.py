@@ -21,7 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 from blipinpaint.config_checks import AUTO, validate
 from blipinpaint.errors import ConfigError
 from blipinpaint.layout import RunLayout
-from blipinpaint.models.presets import ModelRef
+from blipinpaint.models.presets import ModelRef, weights_file_in
 from blipinpaint.seeds import raised_fraction
 
 log = logging.getLogger(__name__)
@@ -296,6 +296,11 @@ def _absolute_paths(cfg: Config) -> None:
     for ref in (cfg.models.captioner, cfg.models.inpainter, cfg.models.clip, cfg.models.fid):
         if ref.name_or_path and Path(ref.name_or_path).expanduser().exists():
             ref.name_or_path = absolute(ref.name_or_path)
+    # A folder holding the FID Inception's weights file stands for that file, here on the
+    # driver: workers, which may not see the folder, find the file's store entry by its name.
+    weights = weights_file_in(Path(cfg.models.fid.name_or_path)) if cfg.models.fid.name_or_path else None
+    if weights is not None:
+        cfg.models.fid.name_or_path = str(weights)
 
 
 def model_store(cfg: Config) -> str:

@@ -10,13 +10,14 @@ module and this module needs `config` for its annotations only.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from blipinpaint.errors import ConfigError
 from blipinpaint.layout import STEPS
 from blipinpaint.masks import MASK_MODES
-from blipinpaint.models.presets import PRESET_NAMES
+from blipinpaint.models.presets import PRESET_NAMES, is_inception_weights_file
 from blipinpaint.sources import SOURCE_KINDS
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     )
 
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
+SHA256 = re.compile(r"[0-9a-f]{64}")
 FINETUNE_METHODS = ("scorer", "reward_ranked")
 AUTO = "auto"  # a pool size the job works out from the cluster
 
@@ -93,6 +95,14 @@ def _model_problems(models: ModelsConfig) -> list[str]:
     elif models.dtype == "fp16" and not models.device.startswith("cuda"):
         # fp16 kernels and DeepSpeed's fp16 training exist on CUDA only; bf16 runs on CPUs too.
         problems.append("models.dtype=fp16 needs models.device=cuda (on CPU use bf16 or fp32)")
+    for role in ("captioner", "inpainter", "clip"):
+        if is_inception_weights_file(getattr(models, role)):
+            problems.append(f"models.{role}.name_or_path={getattr(models, role).name_or_path!r}: a weights file; "
+                            "give a model folder or a hub id (only models.fid takes a .pth file)")
+    revision = models.fid.revision
+    if is_inception_weights_file(models.fid) and revision is not None and not SHA256.fullmatch(str(revision)):
+        problems.append(f"models.fid.revision={revision!r}: for a weights file it is the file's sha256 "
+                        "(64 hex digits), or unset for the standard FID weights")
     return problems
 
 

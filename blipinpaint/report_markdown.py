@@ -15,7 +15,7 @@ from blipinpaint.evaluation import ALL, DELTA_LABELS, VARIANTS, deltas_in, varia
 from blipinpaint.io import decode_png
 from blipinpaint.layout import Folder
 from blipinpaint.masks import masked_pixels
-from blipinpaint.models.presets import is_standard_inception
+from blipinpaint.models import fid_inception
 from blipinpaint.plots import plot_grouped_bars, plot_image_grid
 from blipinpaint.reader import read_sorted
 from blipinpaint.report_tables import Table, bucket_table, fmt, fmt_interval, metrics_table, paired_table, table1
@@ -26,15 +26,22 @@ from blipinpaint.storage import write_text
 METRIC_LABELS = {"ssim": "SSIM ↑", "psnr": "PSNR (dB) ↑", "clip_score": "CLIP score ↑"}
 
 
-def fid_protocol(cfg: Config) -> str:
-    """How the FID features were taken, for the report: numbers compare only under one protocol."""
-    fid = builders.stored_refs(cfg).get("fid")
-    if fid is not None and is_standard_inception(fid):
-        return ("standard FID: Inception v3 pool3 (2048-d) with the TensorFlow FID weights, images resized to "
-                "299x299 with TensorFlow 1.x's bilinear resize and no antialiasing (as torch-fidelity and "
-                "the original FID; torchmetrics' default antialiasing is off), from the decoded uint8 PNG pixels")
-    return (f"features of `{builders.model_ids(cfg)['fid']}` (not the standard Inception): "
-            "these FID values do not compare with published ones")
+def fid_protocol(cfg: Config, network: dict | None = None) -> str:
+    """How the FID features were taken, for the report: numbers compare only under one protocol.
+    Told from the network the FID workers load (`network`, default `builders.fid_network`),
+    never from the config's name for it."""
+    network = network or builders.fid_network(cfg)
+    weights = f"model.safetensors sha256 {network['weights_sha256'][:16]}…"
+    if network["standard"]:
+        return ("standard FID: Inception v3 pool3 (2048-d) with the TensorFlow FID weights (" + network["evidence"]
+                + f"; {weights}), images resized to 299x299 with TensorFlow 1.x's bilinear resize and no "
+                "antialiasing (as torch-fidelity and the original FID), from the decoded uint8 PNG pixels")
+    if network["network"] == fid_inception.FEATURE_EXTRACTOR:
+        return ("Inception v3 pool3 (2048-d) with the standard FID resize and input scaling, but not the standard "
+                f"Inception weights: {network['evidence']} ({weights}); these FID values do not compare with "
+                "published ones")
+    return (f"features of `{builders.model_ids(cfg)['fid']}` ({network['num_features']}-d, {weights}; not the "
+            "standard Inception): these FID values do not compare with published ones")
 
 
 def precision_text(report: dict) -> str:

@@ -61,10 +61,10 @@ class FidStage:
 
 @ray.remote(max_retries=TASK_RETRIES)
 def bootstrap_fid(ids: list[str], features: dict[str, np.ndarray], scopes: dict[str, list[str]], cfg: Config) -> dict:
-    """`evaluation.fid_scopes` on every row's features (`ids` names the rows), on this task's
-    GPU if it has one: each draw takes a covariance and an eigendecomposition per image set.
-    Retried where its worker or node dies (its inputs are the driver's)."""
-    device = torch.device("cuda" if cfg.evaluate.fid.num_gpus and torch.cuda.is_available() else "cpu")
+    """`evaluation.fid_scopes` on every row's features (`ids` names the rows), on
+    the FID workers' device (`builders.fid_device`): each draw takes a covariance and an
+    eigendecomposition per image set. Retried where its worker or node dies (its inputs are the driver's)."""
+    device = builders.fid_device(cfg)
     rows = {name: torch.as_tensor(x, dtype=torch.float64, device=device) for name, x in features.items()}
     bootstrap = cfg.evaluate.bootstrap
     return fid_scopes(ids, rows, scopes, bootstrap.fid_replicates, cfg.seed, bootstrap.confidence)

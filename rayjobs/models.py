@@ -8,12 +8,14 @@ On a cluster (the tunnel, the token, logs and stop: docs/cluster.md):
         --runtime-env-json '{"env_vars": {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}}' \\
         -- python -m rayjobs.models --config configs/paper-coco.yaml
 
-Each role whose checkpoint is a hub id (every role of `paper`), and the standard FID
-Inception, is fetched at its pinned commit, checked against the hashes the hub lists,
-converted to safetensors (pickles read with `torch.load(weights_only=True)`) and written
-to `models.store` (default `run_dir/models`), its manifest last. Workers load only these
-folders: no node downloads from the hub and no worker reads a pickle. Every job that
-loads models runs this step first on its driver; local folders are loaded as they are.
+Each role whose checkpoint is a hub id (every role of `paper`) is fetched at its pinned
+commit and checked against the hashes the hub lists; the standard FID Inception's weights
+come from their pinned URL or the local copy `models.fid.name_or_path` names, checked
+against their pinned sha256 (docs/models.md). Each is converted to safetensors (pickles
+read with `torch.load(weights_only=True)`) and written to `models.store` (default
+`run_dir/models`), its manifest last. Workers load only these folders: no node downloads
+from the hub and no worker reads a pickle. Every job that loads models runs this step
+first on its driver; local folders are loaded as they are.
 """
 
 from __future__ import annotations

@@ -9,10 +9,18 @@ from blipinpaint.report_markdown import fid_protocol, reranked_text, write_repor
 
 def test_the_report_states_the_fid_protocol():
     """Point 8: the standard FID resizes like TensorFlow 1.x, without antialiasing; the report says
-    which protocol its numbers follow, and that the offline network's do not compare."""
-    standard = fid_protocol(load_config(overrides=["models.preset=paper"]))
+    which protocol its numbers follow, and that the offline network's do not compare. The line
+    follows the network loaded (`describe_fid_features`), not the config's name for it."""
+    network = {"network": "inception-v3-compat", "num_features": 2048, "weights_sha256": "ab" * 32}
+    standard = fid_protocol(load_config(), {**network, "standard": True, "evidence": "checked: the pinned 6726"})
     assert "TensorFlow 1.x's bilinear resize and no antialiasing" in standard and "299x299" in standard
-    assert "do not compare with published ones" in fid_protocol(load_config())
+    assert "checked: the pinned 6726" in standard and "sha256 abababab" in standard
+    other = fid_protocol(load_config(overrides=["models.preset=paper"]),
+                         {**network, "standard": False, "evidence": "converted from a file of sha256 0000"})
+    assert other.startswith("Inception v3 pool3 (2048-d) with the standard FID resize")
+    assert "converted from a file of sha256 0000" in other and "do not compare with published ones" in other
+    offline = fid_protocol(load_config())  # the tiny preset's network, described from its folder
+    assert "offline:tiny" in offline and "64-d" in offline and "do not compare with published ones" in offline
 
 
 def report(**extra) -> dict:

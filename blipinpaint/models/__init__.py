@@ -15,8 +15,8 @@ from blipinpaint.models.presets import (
     with_overrides,
 )
 
-_LOADING = ("CaptionerModel", "ClipModel", "load_captioner", "load_clip", "load_fid_features",
-            "load_inpaint_pipeline", "torch_device", "torch_dtype")
+_LOADING = ("CaptionerModel", "ClipModel", "describe_fid_features", "load_captioner", "load_clip",
+            "load_fid_features", "load_inpaint_pipeline", "torch_device", "torch_dtype")
 
 __all__ = ["ModelRef", "PRESET_NAMES", "Preset", "get_preset", "native_image_size", "with_overrides", *_LOADING]
 

@@ -9,20 +9,16 @@ caller asks otherwise; device and dtype are always explicit.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors.torch import load_file
 
+from blipinpaint.models import fid_inception, store
 from blipinpaint.models.inception import InceptionFeatures
-from blipinpaint.models.presets import ModelRef
-from blipinpaint.models.store import STANDARD_INCEPTION
+from blipinpaint.models.presets import FID_INCEPTION_SHA256, ModelRef
 from blipinpaint.storage import filesystem, is_remote, local_dir
 
 # transformers is imported by the loader that needs it: a process that only reads a config
@@ -142,48 +138,49 @@ def load_inpaint_pipeline(ref: ModelRef, device: torch.device, dtype: torch.dtyp
 
 
 def load_fid_features(ref: ModelRef, device: torch.device) -> torch.nn.Module:
-    """An uint8-image -> feature network with `num_features`, as torchmetrics' FID expects."""
+    """An uint8-image -> feature network with `num_features`, as torchmetrics' FID expects:
+    the FID Inception v3 for a folder that holds one (the model store's entries), else the
+    offline Inception-style network."""
     folder = Path(model_folder(ref))
-    config = json.loads((folder / "config.json").read_text())
-    if config.get("feature_extractor") == STANDARD_INCEPTION["feature_extractor"]:
-        return _standard_inception(folder).to(device).eval()
+    if _fid_config(folder).get("feature_extractor") == fid_inception.FEATURE_EXTRACTOR:
+        return fid_inception.FidInceptionV3.from_pretrained(folder).to(device)
     return InceptionFeatures.from_pretrained(folder).to(device)
 
 
-@contextlib.contextmanager
-def _weights_only_loads():
-    """Every `torch.load` in this block reads tensors only, whatever its caller asked for.
-
-    Process-wide while it lasts (torch reads the variable at each load): it only ever makes
-    a load stricter, and an actor builds its model before it runs anything else."""
-    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
-    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
-        else:
-            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
+def _fid_config(folder: Path) -> dict:
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"FID network {folder}: no config.json, not a model folder (for torch-fidelity's weights "
+                         "file, give the file itself as models.fid.name_or_path)")
+    return json.loads((folder / "config.json").read_text())
 
 
-def _standard_inception(folder: Path) -> torch.nn.Module:
-    """torchmetrics' FID Inception with the store's weights, resizing as standard FID does.
+def describe_fid_features(ref: ModelRef, pinned_sha256: str = FID_INCEPTION_SHA256) -> dict:
+    """Which FID network `ref`'s folder holds, told from what `load_fid_features` loads from it:
+    its architecture, its weights' sha256, and whether they are the standard FID weights.
 
-    torchmetrics resizes with antialiasing by default, which its docs note differs from the
-    original FID; `antialias=False` resizes like TensorFlow 1.x, as torch-fidelity and the
-    published FID numbers do. torch-fidelity's constructor only takes weights through
-    `torch.load(path)`: it gets a file of this worker's own making, from the store's
-    safetensors, and the load is forced to weights only.
+    Standard means: the FID Inception v3, whose `model.safetensors` is the file the model
+    store wrote (its record's sha256) from a weights file whose sha256 it checked against
+    `pinned_sha256`. A folder's name or config.json alone never makes a network standard.
     """
-    try:
-        from torchmetrics.image.fid import NoTrainInceptionV3
-
-        state = load_file(str(folder / "model.safetensors"))
-        with tempfile.TemporaryDirectory() as tmp, _weights_only_loads():
-            path = os.path.join(tmp, "inception.pt")
-            torch.save(state, path)
-            return NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
-                                      feature_extractor_weights_path=path, antialias=False)
-    except ModuleNotFoundError as err:
-        raise RuntimeError("the standard FID Inception needs torch-fidelity: pip install 'blipinpaint[fid]'") from err
+    folder = Path(model_folder(ref))
+    config = _fid_config(folder)
+    weights = store.sha256(folder / fid_inception.WEIGHTS_NAME)
+    if config.get("feature_extractor") != fid_inception.FEATURE_EXTRACTOR:
+        return {"network": "inception-style (offline)", "num_features": config.get("num_features"),
+                "weights_sha256": weights, "standard": False,
+                "evidence": "not the Inception v3 architecture of FID"}
+    record = store.manifest(ref.name_or_path) if store.is_complete(ref.name_or_path) else None
+    converted = (record or {}).get("files", {}).get(fid_inception.WEIGHTS_NAME, {})
+    standard = False
+    if record is None:
+        evidence = "no model store record (_store.json) says where these weights came from"
+    elif converted.get("sha256") != weights:
+        evidence = f"{fid_inception.WEIGHTS_NAME} is not the file the model store wrote ({converted.get('sha256')})"
+    elif record["source"].get("sha256") != pinned_sha256:
+        evidence = (f"the model store converted them from a file of sha256 {record['source'].get('sha256')}, "
+                    f"not the pinned standard {pinned_sha256}")
+    else:
+        standard = True
+        evidence = f"the model store converted them from a file whose sha256 it checked: the pinned {pinned_sha256}"
+    return {"network": fid_inception.FEATURE_EXTRACTOR, "num_features": fid_inception.NUM_FEATURES,
+            "weights_sha256": weights, "standard": standard, "evidence": evidence}

@@ -13,12 +13,14 @@ from pathlib import Path
 from blipinpaint.models import offline
 
 # FID on real runs: the standard Inception v3 (pool3, 2048-d, the TensorFlow weights FID
-# is defined with) through torchmetrics (the `fid` extra: torch-fidelity). Its weights come
-# from torch-fidelity's pinned release file, through the model store like every checkpoint.
-FID_INCEPTION_V3 = "torchmetrics:inception-v3-compat"
+# is defined with; `models.fid_inception`, torch-fidelity's `inception-v3-compat` without
+# torchvision). Its weights come from torch-fidelity's pinned release file, through the model
+# store like every checkpoint; a local copy of that file can stand in for the URL.
+FID_INCEPTION_V3 = "torchmetrics:inception-v3-compat"  # the name predates our own loader; kept for configs
 FID_INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                      "weights-inception-2015-12-05-6726825d.pth")
 FID_INCEPTION_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
+FID_WEIGHTS_SUFFIXES = (".pth", ".pt")  # torch-fidelity's release format: a pickled state dict
 
 
 @dataclass
@@ -37,6 +39,26 @@ class ModelRef:
 def is_standard_inception(ref: ModelRef) -> bool:
     """Whether `ref` names the standard FID Inception (torch-fidelity's pinned weights)."""
     return ref.name_or_path == FID_INCEPTION_V3
+
+
+def is_inception_weights_file(ref: ModelRef) -> bool:
+    """Whether `ref` names a file of FID Inception weights (torch-fidelity's `.pth`) for the
+    model store to take. Told by the name alone: a worker finds the store entry without the
+    file, which only the driver reads."""
+    return ref.name_or_path.endswith(FID_WEIGHTS_SUFFIXES)
+
+
+def weights_file_in(folder: Path) -> Path | None:
+    """The FID Inception weights file a folder without a config.json holds (e.g. torch's hub
+    cache): torch-fidelity's release file by its name, else the folder's only `.pth`/`.pt`.
+    None for a model folder, or a folder with no such file or several."""
+    if not folder.is_dir() or (folder / "config.json").exists():
+        return None
+    release = folder / FID_INCEPTION_URL.rsplit("/", 1)[1]
+    if release.is_file():
+        return release
+    found = [p for p in folder.iterdir() if p.is_file() and p.suffix in FID_WEIGHTS_SUFFIXES]
+    return found[0] if len(found) == 1 else None
 
 
 @dataclass(frozen=True)

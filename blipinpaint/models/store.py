@@ -30,13 +30,7 @@ from safetensors.torch import save_file
 
 from blipinpaint.errors import JobError
 from blipinpaint.models.offline import cache_root
-from blipinpaint.models.presets import (
-    FID_INCEPTION_SHA256,
-    FID_INCEPTION_URL,
-    FID_INCEPTION_V3,
-    ModelRef,
-    is_standard_inception,
-)
+from blipinpaint.models.presets import ModelRef, is_inception_weights_file, is_standard_inception
 from blipinpaint.storage import filesystem, is_file, is_published, is_remote, read_text, upload_dir, write_text
 
 log = logging.getLogger(__name__)
@@ -46,12 +40,6 @@ COMMIT = re.compile(r"[0-9a-f]{40}")
 PICKLE_SUFFIXES = (".bin", ".pth", ".pt")
 TEXT_SUFFIXES = (".json", ".txt", ".model")  # configs, vocabularies, sentencepiece models
 VARIANT = re.compile(r"\.(fp16|bf16)(?=\.[a-z]+$)")  # `x.fp16.safetensors` -> `x.safetensors`
-
-
-# The store's config.json for the standard FID Inception: what `load_fid_features` builds.
-STANDARD_INCEPTION = {"feature_extractor": "inception-v3-compat", "num_features": 2048,
-                      "resize": "to 299x299, bilinear as TensorFlow 1.x (no antialiasing)",
-                      "weights": FID_INCEPTION_URL}
 
 
 class StoreError(JobError):
@@ -82,10 +70,13 @@ class Source:
 
 def source_of(ref: ModelRef, downloads: Path | None = None) -> Source | None:
     """What `ref` names, the one place that tells: a hub id at a pinned commit, the standard
-    FID Inception (a pickle at a pinned URL, fetched into `downloads`), or None for a local
-    folder, which is loaded as it is."""
-    if is_standard_inception(ref):
-        return inception_source(downloads or cache_root() / "downloads")
+    FID Inception (a pickle at a pinned URL, fetched into `downloads`), a file of FID
+    Inception weights (torch-fidelity's `.pth`, checked against its pinned sha256 or the one
+    `ref.revision` names), or None for a local folder, which is loaded as it is."""
+    if is_standard_inception(ref) or is_inception_weights_file(ref):
+        from blipinpaint.models import fid_store  # it builds on this module's entries
+
+        return fid_store.source_of(ref, downloads or cache_root() / "downloads")
     if is_hub_ref(ref):
         return Source(f"{ref.name_or_path.replace('/', '--')}/{ref.revision}",
                       {"repo": ref.name_or_path, "revision": ref.revision, "files": list(ref.files or [])},
@@ -186,8 +177,9 @@ def stored_name(name: str) -> str:
     return name
 
 
-def pickle_to_safetensors(source: Path, target: Path) -> None:
-    """A pickled state dict as safetensors; unpickled with `weights_only=True` (never runs code)."""
+def pickle_to_safetensors(source: Path, target: Path, check: Callable[[dict], list[str]] | None = None) -> None:
+    """A pickled state dict as safetensors; unpickled with `weights_only=True` (never runs code).
+    `check(state)` names what makes the state dict unfit (nothing is written then)."""
     try:
         # No mmap: it needs torch's zip format, which pickles saved before torch 1.6 lack.
         state = torch.load(source, map_location="cpu", weights_only=True)
@@ -196,6 +188,9 @@ def pickle_to_safetensors(source: Path, target: Path) -> None:
                          f"{str(err).splitlines()[0]}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise StoreError(f"{source.name} is not a flat state dict of tensors")
+    problems = check(state) if check else []
+    if problems:
+        raise StoreError(f"{source}: {'; '.join(problems)}")
     # Tied weights share storage in a pickle; safetensors stores each tensor on its own.
     save_file({k: v.contiguous().clone() for k, v in state.items()}, str(target), metadata={"format": "pt"})
 
@@ -228,17 +223,24 @@ def convert(folder: Path, files: list[str], out: Path) -> dict[str, dict]:
 
 def download(url: str, expected_sha256: str, directory: Path) -> Path:
     """A file from a pinned URL into `directory`, kept only if its sha256 is the expected one."""
+    return keep_checked(directory, expected_sha256, lambda: urllib.request.urlopen(url, timeout=60),
+                         lambda actual: f"{url}: sha256 {actual} is not the pinned {expected_sha256}")
+
+
+def keep_checked(directory: Path, expected_sha256: str, open_stream, mismatch: Callable[[str], str]) -> Path:
+    """`directory/<expected_sha256>`: found there, or the stream's bytes once their sha256 is
+    the expected one (else a StoreError, `mismatch(actual sha256)`, and nothing kept)."""
     target = directory / expected_sha256
     if target.is_file() and sha256(target) == expected_sha256:
         return target
     directory.mkdir(parents=True, exist_ok=True)
     fd, partial = tempfile.mkstemp(dir=directory, suffix=".partial")
     try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=60) as response:
-            shutil.copyfileobj(response, f, length=1 << 24)
+        with os.fdopen(fd, "wb") as f, open_stream() as stream:
+            shutil.copyfileobj(stream, f, length=1 << 24)
         actual = sha256(Path(partial))
         if actual != expected_sha256:
-            raise StoreError(f"{url}: sha256 {actual} is not the pinned {expected_sha256}")
+            raise StoreError(mismatch(actual))
         os.replace(partial, target)
     finally:
         if os.path.exists(partial):
@@ -300,26 +302,3 @@ def put(ref: ModelRef, uri: str, source: Source | None = None) -> dict:
     entry = _publish(uri, source.record, source.fill)
     log.info("model store: %s -> %s (%d files)", ref.name_or_path, uri, len(entry["files"]))
     return entry
-
-
-def inception_source(downloads: Path, url: str = FID_INCEPTION_URL,
-                     expected_sha256: str = FID_INCEPTION_SHA256) -> Source:
-    """The standard FID Inception's weights (a pickle at a pinned URL) as safetensors."""
-
-    def fill(staging: Path) -> dict:
-        path = download(url, expected_sha256, downloads)
-        pickle_to_safetensors(path, staging / "model.safetensors")
-        (staging / "config.json").write_text(json.dumps(STANDARD_INCEPTION, indent=2))
-        return {"model.safetensors": {"from": url, "hub_id": expected_sha256,
-                                      "how": "pickle converted to safetensors (torch.load weights_only=True)",
-                                      "sha256": sha256(staging / "model.safetensors")},
-                "config.json": {"how": "written", "sha256": sha256(staging / "config.json")}}
-
-    return Source(f"torch-fidelity--inception-v3-compat/{expected_sha256[:16]}",
-                  {"url": url, "sha256": expected_sha256}, fill)
-
-
-def put_fid_inception(uri: str, downloads: Path, url: str = FID_INCEPTION_URL,
-                      expected_sha256: str = FID_INCEPTION_SHA256) -> dict:
-    """The standard FID Inception into the store entry `uri` (from `url`, checked against `expected_sha256`)."""
-    return put(ModelRef(FID_INCEPTION_V3), uri, inception_source(downloads, url, expected_sha256))

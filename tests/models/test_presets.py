@@ -1,4 +1,3 @@
-import importlib.util
 import json
 import re
 
@@ -8,6 +7,7 @@ from safetensors.torch import load_file, save_file
 
 from blipinpaint.models import (
     ModelRef,
+    fid_store,
     get_preset,
     load_captioner,
     load_clip,
@@ -115,10 +115,10 @@ def test_unknown_preset_is_an_error():
         get_preset("huge")
 
 
-def test_standard_fid_inception_says_what_it_needs(tmp_path):
-    if importlib.util.find_spec("torch_fidelity") is not None:
-        pytest.skip("torch-fidelity is installed here: the network would load instead")
-    (tmp_path / "config.json").write_text(json.dumps(store.STANDARD_INCEPTION))  # a store entry's
+def test_the_fid_inception_loads_without_torch_fidelity_and_names_weights_it_cannot_take(tmp_path):
+    """A folder whose config.json names the FID Inception loads our network (no torchvision,
+    no torch-fidelity); weights of other names are refused naming the folder and what is wrong."""
+    (tmp_path / "config.json").write_text(json.dumps(fid_store.STANDARD_INCEPTION))  # a store entry's
     save_file({"fc.bias": torch.zeros(1008)}, str(tmp_path / "model.safetensors"))
-    with pytest.raises(RuntimeError, match=r"pip install 'blipinpaint\[fid\]'"):
+    with pytest.raises(ValueError, match=f"{tmp_path}: not the FID Inception's weights: 471 missing weights"):
         load_fid_features(ModelRef(str(tmp_path)), CPU)

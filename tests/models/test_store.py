@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from blipinpaint.config import load_config
-from blipinpaint.models import ModelRef, load_captioner, load_clip, load_inpaint_pipeline, store
+from blipinpaint.models import ModelRef, fid_store, load_captioner, load_clip, load_inpaint_pipeline, store
 from blipinpaint.models.presets import PAPER
 from blipinpaint.storage import filesystem
 
@@ -170,28 +170,38 @@ def test_a_pickle_holding_code_is_refused_unrun(tmp_path, capsys):
 
 
 @pytest.fixture
-def served(tmp_path):
-    """A file server on 127.0.0.1 standing in for the FID Inception's release URL."""
+def served(tmp_path, fid_weights):
+    """A file server on 127.0.0.1 standing in for the FID Inception's release URL: the weights
+    (`fid_weights`, the release file's names and shapes) and a small state dict of other names."""
     (tmp_path / "www").mkdir()
-    torch.save({"fc.weight": torch.ones(3, 2), "fc.bias": torch.zeros(3)}, tmp_path / "www" / "weights.pth")
+    os.symlink(fid_weights[0], tmp_path / "www" / "weights.pth")
+    torch.save({"fc.weight": torch.ones(3, 2), "fc.bias": torch.zeros(3)}, tmp_path / "www" / "other.pth")
     handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path / "www"))  # noqa: E731
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}/weights.pth", (tmp_path / "www" / "weights.pth").read_bytes()
+    yield f"http://127.0.0.1:{server.server_port}", tmp_path / "www"
     server.shutdown()
 
 
 def test_the_fid_inception_weights_reach_the_store_verified(served, tmp_path):
-    url, content = served
+    url, www = served
     uri = str(tmp_path / "store" / "fid")
     with pytest.raises(store.StoreError, match="is not the pinned"):
-        store.put_fid_inception(uri, tmp_path / "dl", url=url, expected_sha256="0" * 64)
+        fid_store.put_fid_inception(uri, tmp_path / "dl", url=f"{url}/weights.pth", expected_sha256="0" * 64)
     assert not store.is_complete(uri)
-    entry = store.put_fid_inception(uri, tmp_path / "dl", url=url, expected_sha256=hashlib.sha256(content).hexdigest())
+    # The pinned sha256 of a file that is not the network's state dict: refused before any worker loads it.
+    other = hashlib.sha256((www / "other.pth").read_bytes()).hexdigest()
+    with pytest.raises(store.StoreError, match="not torch-fidelity's inception-v3-compat state dict"):
+        fid_store.put_fid_inception(uri, tmp_path / "dl", url=f"{url}/other.pth", expected_sha256=other)
+    assert not store.is_complete(uri)
+    content = (www / "weights.pth").read_bytes()
+    entry = fid_store.put_fid_inception(uri, tmp_path / "dl", url=f"{url}/weights.pth",
+                                        expected_sha256=hashlib.sha256(content).hexdigest())
     assert not entry["reused"] and weights(uri) == ["model.safetensors"]
-    assert json.loads((Path(uri) / "config.json").read_text()) == store.STANDARD_INCEPTION
+    assert json.loads((Path(uri) / "config.json").read_text()) == {**fid_store.STANDARD_INCEPTION,
+                                                                    "weights": f"{url}/weights.pth"}
     with safe_open(f"{uri}/model.safetensors", "pt") as f:
-        assert torch.equal(f.get_tensor("fc.weight"), torch.ones(3, 2))
+        assert torch.equal(f.get_tensor("fc.bias"), torch.load(www / "weights.pth", weights_only=True)["fc.bias"])
 
 
 def test_workers_load_hub_checkpoints_from_the_store_only(tmp_path):

@@ -1,7 +1,8 @@
 """The path a cluster user runs, rehearsed offline: `models.preset=paper` from the pinned repos'
 real file layouts (tiny weights, `paper_hub`), half precision as bf16 on CPU, the inputs and
 `run_dir` in buckets of an S3 endpoint on 127.0.0.1 (the model store, Ray Train's
-checkpoints and every job's output with them), every job.
+checkpoints and every job's output with them), every job; and the paper configs' inputs,
+COCO and VisualGenome annotations with their images in a bucket.
 
 The models step reads the hub cache; then the cache is taken away and the main job runs:
 any job or worker that reached for the hub (or for a file the store did not convert)
@@ -9,8 +10,10 @@ would fail. Only the FID network is the offline one: the standard Inception's we
 cannot exist here.
 """
 
+import contextlib
 import json
 import os
+import shutil
 
 import pyarrow.parquet as pq
 import pytest
@@ -22,13 +25,26 @@ from safetensors.torch import load_file
 from blipinpaint.config import load_config, sample_images_dir
 from blipinpaint.models import offline
 from blipinpaint.models.presets import PAPER
+from blipinpaint.source_reads import read_files
+from blipinpaint.sources import items_to_batch, list_inputs
 from blipinpaint.storage import filesystem, upload_dir
-from rayjobs import models, pipeline
+from rayjobs import generate, models, pipeline
 
 # The fine-tune runs as the hardest case: ZeRO-3 in bf16 with the KL term.
 RUN = ["models.preset=paper", "models.dtype=bf16", "data.image_size=64", "inpaint.num_inference_steps=2",
        "caption.max_new_tokens=8", "scorer.epochs=2", "scorer.hidden=[16]", "finetune.epochs=1",
        "finetune.batch_size=4", "finetune.kl_weight=0.1", "train.zero_stage=3"]
+
+
+@contextlib.contextmanager
+def hub_away(paper_hub):
+    """The hub unreachable for the driver and every worker while the block runs."""
+    away = paper_hub.with_name(paper_hub.name + "-away")
+    os.rename(paper_hub, away)
+    try:
+        yield
+    finally:
+        os.rename(away, paper_hub)
 
 
 @pytest.fixture(scope="module")
@@ -38,12 +54,8 @@ def rehearsal(local_ray, paper_hub, s3, tmp_path_factory):
     args = [f"run_dir={runs}/paper", f"data.source={inputs}/photos", *RUN,
             f"models.fid.name_or_path={offline.ensure_built('tiny') / 'fid'}"]
     assert models.main(args) == 0
-    away = paper_hub.with_name(paper_hub.name + "-away")
-    os.rename(paper_hub, away)  # the hub is unreachable from here on, for the driver and every worker
-    try:
+    with hub_away(paper_hub):
         code = pipeline.main(args)
-    finally:
-        os.rename(away, paper_hub)
     # What a user downloads from the bucket, to look at here.
     run_dir = tmp_path_factory.mktemp("paper-run")
     fs, path = filesystem(f"{runs}/paper")
@@ -141,3 +153,69 @@ def test_the_bf16_fine_tune_is_evaluated_at_the_precision_it_learned_in(rehearsa
     # bf16 keeps about a tenth here: weights near 0 (biases start at 0), whose ulp is small.
     assert changed > 0 and at_bf16 < 0.25 * changed
     assert "Both captions' text decoders ran in fp32" in (run_dir / "eval" / "report.md").read_text()
+
+
+# The paper configs' inputs as they lie in a bucket: annotations that name files below `image_root`
+# (configs/paper-coco.yaml, paper-vg.yaml); one of COCO's names a file that is not there.
+ANNOTATED = {
+    "coco": ({"images": [{"id": 1, "file_name": "astronaut.jpg"}, {"id": 2, "file_name": "chelsea.jpg"},
+                         {"id": 3, "file_name": "000000000139.jpg"}], "annotations": []},
+             "annotations/instances_train2017.json", "train2017",
+             {"astronaut.jpg": "astronaut.jpg", "chelsea.jpg": "chelsea.jpg"}),
+    "visualgenome": ([{"image_id": 1, "url": "https://cs.stanford.edu/people/rak248/VG_100K/1.jpg"},
+                      {"image_id": 2, "url": "https://cs.stanford.edu/people/rak248/VG_100K_2/2.jpg"}],
+                     "image_data.json", "", {"VG_100K/1.jpg": "coffee.jpg", "VG_100K_2/2.jpg": "rocket.jpg"}),
+}
+
+
+def annotated_in_a_bucket(s3, tmp_path, kind: str) -> tuple[str, str]:
+    """The dataset of `kind` uploaded to a bucket: (its annotations' URI, its image_root)."""
+    annotations, name, root, files = ANNOTATED[kind]
+    local = tmp_path / kind
+    for target, sample in files.items():
+        (local / root / target).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(sample_images_dir() / sample, local / root / target)
+    (local / name).parent.mkdir(parents=True, exist_ok=True)
+    (local / name).write_text(json.dumps(annotations))
+    bucket = s3(f"rehearsal-{kind}")
+    upload_dir(local, f"{bucket}/datasets/{kind}")
+    return f"{bucket}/datasets/{kind}/{name}", f"{bucket}/datasets/{kind}/{root}".rstrip("/")
+
+
+def test_coco_annotations_with_their_images_in_a_bucket(rehearsal, paper_hub, s3, tmp_path):
+    """paper-coco.yaml's input, through a short generate: the annotations read from the bucket by
+    the driver, the files they name from `image_root` in the bucket by the read tasks, the models
+    from the rehearsal's store; the missing file an error row."""
+    source, image_root = annotated_in_a_bucket(s3, tmp_path, "coco")
+    _, _, args = rehearsal
+    store = next(a for a in args if a.startswith("run_dir=")).split("=", 1)[1] + "/models"
+    same = [a for a in args if not a.startswith(("run_dir=", "data.source="))]  # models, precision, sizes
+    run = source.split("/datasets/")[0] + "/runs/coco"
+    with hub_away(paper_hub):
+        assert generate.main([f"run_dir={run}", f"data.source={source}", f"data.image_root={image_root}",
+                              f"models.store={store}", *same]) == 0
+    fs, path = filesystem(f"{run}/generate")
+    pafs.copy_files(path, str(tmp_path / "run"), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    stats = json.loads((tmp_path / "run" / "stats.json").read_text())
+    assert (stats["inputs"], stats["ok"], stats["errors"]) == (3, 2, 1)
+    samples = pq.read_table(tmp_path / "run" / "samples").to_pylist()
+    assert sorted((r["id"], r["source"]) for r in samples) == [
+        (name, f"{image_root}/{name}") for name in ("astronaut.jpg", "chelsea.jpg")]
+    assert all(r["caption"] for r in samples)
+    errors = pq.read_table(tmp_path / "run" / "errors").to_pylist()
+    assert [(e["id"], e["source"]) for e in errors] == [("000000000139.jpg", f"{image_root}/000000000139.jpg")]
+    assert errors[0]["error"].startswith("read failed")
+
+
+def test_visualgenome_image_data_with_its_images_in_a_bucket(s3, tmp_path):
+    """paper-vg.yaml's input: listed (the only step that differs by source kind; the COCO test
+    above runs the rest) and read from the bucket, each file at its VG_100K* path."""
+    source, image_root = annotated_in_a_bucket(s3, tmp_path, "visualgenome")
+    cfg = load_config(overrides=[f"data.source={source}", f"data.image_root={image_root}"])
+    items = list_inputs(cfg.data.source, cfg.data.kind, cfg.data.image_root)
+    assert [(i["id"], i["source"]) for i in items] == [("1", f"{image_root}/VG_100K/1.jpg"),
+                                                        ("2", f"{image_root}/VG_100K_2/2.jpg")]
+    batch = read_files(items_to_batch(items))
+    assert not any(batch["error"])
+    assert [bytes(b) for b in batch["bytes"]] == [(sample_images_dir() / f).read_bytes()
+                                                  for f in ("coffee.jpg", "rocket.jpg")]
