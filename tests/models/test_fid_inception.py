@@ -126,14 +126,13 @@ def test_the_jobs_loader_gives_deterministic_2048_d_features(entry, tmp_path):
     first, second = builders.build_fid(cfg, sets), builders.build_fid(cfg, sets)
     assert isinstance(first.net, FidInceptionV3) and not first.net.training
     batch = fid_batch()
-    first.update(batch, ["all", "all"])
-    features = first.features["real"]
+    features = first(batch)["real"]
     assert features.shape == (2, 2048) and features.dtype == np.float32 and np.isfinite(features).all()
     assert np.abs(features[0] - features[1]).max() > 1e-3  # two images, two feature vectors
-    second.update({k: v[:1] for k, v in batch.items()}, ["all"])
-    np.testing.assert_allclose(second.features["real"][0], features[0], rtol=1e-5, atol=1e-5)
+    alone = second({k: v[:1] for k, v in batch.items()})["real"]
+    np.testing.assert_allclose(alone[0], features[0], rtol=1e-5, atol=1e-5)
     assert np.array_equal(load_fid_features(ModelRef(entry), CPU)(torch.from_numpy(
-        np.stack([np.asarray(photo(64, 64, seed=0))])).permute(0, 3, 1, 2)).numpy(), second.features["real"])
+        np.stack([np.asarray(photo(64, 64, seed=0))])).permute(0, 3, 1, 2)).numpy(), alone)
 
 
 def test_other_weights_load_only_named_and_labelled_not_standard(fid_weights, tmp_path):
