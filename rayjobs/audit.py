@@ -6,17 +6,18 @@ With the config the run was made with (its generate settings are checked against
 run's). On a cluster (the tunnel, the token, logs and stop: docs/cluster.md):
 
     RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . \\
+        --runtime-env-json '{"env_vars": {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}}' \\
         -- python -m rayjobs.audit --config configs/paper-coco.yaml audit.size=32
 
 Checks that generate finished under the fingerprint it holds, then that the model store
 holds the bytes the run used (each model's content digest against the recorded one:
 otherwise it refuses, naming the model, before recomputing anything). Then it takes
 `audit.size` committed rows (a hash order of `audit.seed` and the id), finds their inputs
-in `data.source`, and recomputes them in one Ray task (a GPU when `models.device=cuda`)
-through generate's own stages, from the same seeds. Per row and in total it says whether
-the caption, the images (exactly for the input and mask; within `audit.image_tolerance`
-levels for the inpaintings), the scores and caption features (within
-`audit.score_tolerance`) are the ones committed, and by how much they differ. Writes
+in `data.source`, and recomputes them in Ray tasks of 32 rows (a GPU each when
+`models.device=cuda`) through generate's own stages, from the same seeds. Per row and in
+total it says whether the caption, the images (exactly for the input and mask; within
+`audit.image_tolerance` levels for the inpaintings), the scores and caption features
+(within `audit.score_tolerance`) are the ones committed, and by how much they differ. Writes
 `report.json` below `audit.out` (default `run_dir/audit`). Exit status: 0 when every row
 held, 1 when one did not, 2 when the audit refused (an unfinished run, other settings,
 other models).
@@ -32,6 +33,7 @@ import sys
 import time
 from importlib import metadata
 
+import numpy as np
 import ray
 
 from blipinpaint import audit, builders, fingerprint, recorded
@@ -45,6 +47,9 @@ from rayjobs.cli import job_main
 from rayjobs.cluster import connect
 
 log = logging.getLogger("blipinpaint.audit")
+# Rows one recomputing task takes: a large audit spreads over the cluster's GPUs, each task
+# loading the models once.
+ROWS_PER_TASK = 32
 VERSIONS = ("torch", "transformers", "diffusers", "numpy", "pillow")  # what a recompute's numbers depend on
 
 
@@ -80,6 +85,16 @@ def recompute_task(cfg: Config, items: list[dict]):
     return audit.recompute(cfg, items)
 
 
+def recompute(cfg: Config, items: list[dict]) -> tuple[dict, dict[str, str]]:
+    """`items` recomputed in Ray tasks of `ROWS_PER_TASK` rows: (the rows joined, their errors)."""
+    task = ray.remote(recompute_task).options(num_cpus=cfg.audit.num_cpus,
+                                              num_gpus=1 if cfg.models.device.startswith("cuda") else 0)
+    done = ray.get([task.remote(cfg, items[at:at + ROWS_PER_TASK]) for at in range(0, len(items), ROWS_PER_TASK)])
+    parts = [rows for rows, _ in done if len(rows["id"])]
+    rows = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]} if parts else {"id": np.array([])}
+    return rows, {i: e for _, errors in done for i, e in errors.items()}
+
+
 def _finite(value):
     """JSON has no infinity: a difference between a finite and an infinite value is "inf"."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -102,12 +117,10 @@ def run(cfg: Config) -> dict:
     chosen = audit.choose(committed_sample_ids(generated_dir), cfg.audit.size, cfg.audit.seed)
     rows = read_sorted(generated_dir, chosen, audit.RECORDED_COLUMNS)
     items, missing = find_inputs(cfg, chosen)
-    # 3. Recomputed on a worker, where generate's stages ran.
+    # 3. Recomputed on workers, as generate's stages ran.
     connect(cfg.ray_address, cfg.ray_progress)
     log.info("recomputing %d of %d committed rows", len(items), len(chosen))
-    task = ray.remote(recompute_task).options(num_cpus=cfg.audit.num_cpus,
-                                              num_gpus=1 if cfg.models.device.startswith("cuda") else 0)
-    again, errors = ray.get(task.remote(cfg, items))
+    again, errors = recompute(cfg, items)
     errors |= {i: f"its input is not in data.source any more ({cfg.data.source or 'the shipped samples'})"
                for i in missing}
     # 4. Row by row.

@@ -6,6 +6,7 @@ With the config the run was made with (its generate settings are checked against
 run's). On a cluster (the tunnel, the token, logs and stop: docs/cluster.md):
 
     RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . \\
+        --runtime-env-json '{"env_vars": {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}}' \\
         -- python -m rayjobs.export --config configs/paper-coco.yaml export.out=s3://BUCKET/coco-inpaint
 
 Reads generate's committed rows (by its commit markers, never a listing) of a run whose
