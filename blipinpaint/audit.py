@@ -87,6 +87,11 @@ def recompute(cfg: Config, items: list[dict]) -> tuple[Batch, dict[str, str]]:
     return rows, errors
 
 
+def _plain(value):
+    """A numpy scalar as the Python value it holds (compared and shown as such)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def _score_diff(a: float, b: float) -> float:
     """|a - b|, where two equal non-finite values (an infinite PSNR) differ by 0 and a finite
     and a non-finite one by infinity."""
@@ -125,12 +130,10 @@ def compare_row(recorded: dict, recomputed: Batch, i: int, models: dict[str, str
     notes: list[str] = []
     checks = {}
     for column in EXACT:
-        before, after = recorded[column], recomputed[column][i]
-        equal = (before == after) if column != "mask_kind" else str(before) == str(after)
-        checks[column] = {"equal": bool(equal)}
-        if not equal:
-            notes.append(f"{column}: {before!r} recorded, {after.item() if hasattr(after, 'item') else after!r} "
-                         "recomputed")
+        before, after = _plain(recorded[column]), _plain(recomputed[column][i])
+        checks[column] = {"equal": before == after}
+        if before != after:
+            notes.append(f"{column}: {before!r} recorded, {after!r} recomputed")
     for role, checkpoint in models.items():  # the checkpoint the row names is the one configured
         equal = recorded[f"{role}_model"] == checkpoint
         checks[f"{role}_model"] = {"equal": equal}

@@ -9,13 +9,14 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import datasets
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
-from helpers import account, copy_run, download, end_actors_of_dead_drivers
+from helpers import account, copy_run, download, end_actors_of_dead_drivers, print_figures
 from PIL import Image
 from pyarrow import fs as pafs
 
@@ -105,6 +106,7 @@ def test_an_export_killed_mid_way_and_run_again_writes_the_same_files(main_run, 
     the files are those of the export that was never interrupted (the bucket's)."""
     copy_run(main_run[1] / "run", tmp_path, ("generate",))
     args = [f"run_dir={tmp_path}", "export.rows_per_shard=2"]
+    started = time.perf_counter()
     # The held-out shard is the plan's last: the train shards' tasks take the CPUs first, and
     # it starts when one of them has committed, so the kill lands with work on both sides.
     killed = subprocess.Popen([sys.executable, "-m", "rayjobs.export", *args, f"export.inject_kill={SHARDS[0]}",
@@ -131,6 +133,9 @@ def test_an_export_killed_mid_way_and_run_again_writes_the_same_files(main_run, 
     assert different == []
     # Every sample in the export's commit log once, nothing staged left behind, the folder finished.
     figures = account(out, _generated(tmp_path))
+    print_figures("export: the driver killed with the held-out shard's tar half written, then the same command",
+                  figures, time.perf_counter() - started, shards_committed_before=committed_before,
+                  shards_written_by_rerun=stats["this_run"]["shards_written"])
     assert (figures["committed"], figures["lost"], figures["duplicated"], figures["orphans"]) == (6, 0, 0, 0)
     assert json.loads((out / "_SUCCESS").read_text()) == stats["fingerprint"]
 

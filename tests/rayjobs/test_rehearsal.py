@@ -22,8 +22,8 @@ from safetensors.torch import load_file
 from blipinpaint.config import load_config, sample_images_dir
 from blipinpaint.models import offline
 from blipinpaint.models.presets import PAPER
-from blipinpaint.storage import filesystem, upload_dir
-from rayjobs import models, pipeline
+from blipinpaint.storage import filesystem, read_text, upload_dir
+from rayjobs import audit, models, pipeline
 
 # The fine-tune runs as the hardest case: ZeRO-3 in bf16 with the KL term.
 RUN = ["models.preset=paper", "models.dtype=bf16", "data.image_size=64", "inpaint.num_inference_steps=2",
@@ -122,3 +122,19 @@ def test_bf16_zero3_fine_tuning_with_the_kl_term(rehearsal):
     assert report["engine"]["zero_stage"] == 3 and report["engine"]["dtype"] == "bfloat16"
     assert records and all(r["kl"] >= 0 and r["loss"] == pytest.approx(r["loss_blip"] + 0.1 * r["kl"], rel=1e-5,
                                                                        abs=1e-6) for r in records)
+
+
+def test_the_rehearsed_run_audits_from_its_bucket(rehearsal, capsys):
+    """The audit on the path a cluster user runs (issue 33): the store's models checked by their
+    manifests in the bucket, two rows recomputed in bf16 from the paper layout, their inputs
+    read from their bucket, the report written to the run's."""
+    _, _, args = rehearsal
+    code = audit.main([*args, "audit.size=2"])
+    said = capsys.readouterr().out
+    assert code == 0, said
+    run_dir = next(a.split("=", 1)[1] for a in args if a.startswith("run_dir="))
+    report = json.loads(read_text(f"{run_dir}/audit/report.json"))
+    assert (report["rows"], report["held"]) == (2, 2)
+    assert report["tolerances"] == {"image": 8, "score": 0.05}  # bf16's
+    fingerprint = json.loads(read_text(f"{run_dir}/generate/fingerprint.json"))
+    assert report["made_by"]["model_digests"] == fingerprint["model_digests"]
