@@ -37,7 +37,7 @@ import ray
 
 from blipinpaint import fingerprint, recorded
 from blipinpaint.config import Config, dataset_name, heldout_fraction, sample_images_dir, to_yaml
-from blipinpaint.export_card import card, licence_files
+from blipinpaint.export_card import card, front_matter, licence_files
 from blipinpaint.export_formats import hf_schema
 from blipinpaint.layout import Folder, RunLayout
 from blipinpaint.reader import read_errors, split_reads
@@ -104,8 +104,8 @@ def publish(cfg: Config, out: Folder, generated: dict, current: dict) -> dict:
                 licence_files(cfg.data.source or str(sample_images_dir())), cfg.export.formats)
     for fmt in cfg.export.formats:
         folder = FOLDERS[fmt][0].split("/")[0]
-        readme = text if fmt == "hf" else text.split("---\n", 2)[2]  # the YAML header is the Hub's
-        own = {"README.md": readme.encode()}
+        # The YAML header is the Hub's, and maps the splits to the Parquet files.
+        own = {"README.md": ((front_matter(dataset_name(cfg), splits) if fmt == "hf" else "") + text).encode()}
         if fmt == "webdataset":
             own["index.json"] = (json.dumps(index(shards, made_by), indent=1) + "\n").encode()
         for name, data in own.items():

@@ -75,6 +75,10 @@ def test_datasets_and_webdataset_read_every_sample_of_the_export(main_run, bucke
                        for n in ("image", "mask", "inpainted", "inpainted_baseline"))
             assert row["caption"] == made["caption"] and row["psnr"] == pytest.approx(made["psnr"])
             assert row["inpainter_model"] == made["inpainter_model"]
+    # The packaged Parquet loader finds the same splits by the files' names alone.
+    by_name = datasets.load_dataset("parquet", data_dir=str(out / "hf"), cache_dir=str(tmp_path / "parquet-cache"))
+    assert {split: sorted(by_name[split]["id"]) for split in by_name} == splits
+    assert isinstance(by_name["heldout"][0]["mask"], Image.Image)
     # What made it: the card holds generate's fingerprint, the models' digests, the samples' licences.
     fingerprint = json.loads((run_dir / "generate" / "fingerprint.json").read_text())
     card = (out / "hf" / "README.md").read_text()
