@@ -156,15 +156,19 @@ def compare_row(recorded: dict, recomputed: Batch, i: int, models: dict[str, str
     return {"held": not notes, "checks": checks, "differs": notes}
 
 
-def compare(recorded: dict[str, np.ndarray], recomputed: Batch, errors: dict[str, str], models: dict[str, str],
-            tol: dict[str, float]) -> list[dict]:
-    """Each committed row of `recorded` (columns sorted by id) against its recomputation: a
-    report per row, {id, held, checks, differs}."""
+def compare(ids: list[str], recorded: dict[str, np.ndarray], recomputed: Batch, errors: dict[str, str],
+            models: dict[str, str], tol: dict[str, float]) -> list[dict]:
+    """Each of the committed rows `ids`, as read (`recorded`: columns) against its recomputation:
+    a report per row, {id, held, checks, differs}. A row its part no longer holds fails."""
+    read = {str(i): n for n, i in enumerate(recorded["id"])}
     at = {str(i): n for n, i in enumerate(recomputed["id"])}
     rows = []
-    for n, sample_id in enumerate(recorded["id"]):
-        row = {c: v[n] for c, v in recorded.items()}
-        if sample_id in at:
+    for sample_id in ids:
+        if sample_id not in read:
+            rows.append({"id": sample_id, "held": False, "checks": {},
+                         "differs": ["the part its commit marker names does not hold it (altered after its commit)"]})
+        elif sample_id in at:
+            row = {c: v[read[sample_id]] for c, v in recorded.items()}
             rows.append({"id": sample_id, **compare_row(row, recomputed, at[sample_id], models, tol)})
         else:
             reason = errors.get(sample_id, "not recomputed")

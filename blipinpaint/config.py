@@ -249,7 +249,7 @@ class Config:
     ray_progress: bool = False  # Ray Data's per-operator progress bars too (a line per redraw in a log)
     # Steps whose output may be replaced when it was made under other settings or inputs: it is
     # moved aside under a dated name and redone, with what reads it (generate, candidates,
-    # scorer, finetune, eval). Without, such a step refuses to run.
+    # scorer, finetune, eval, export). Without, such a step refuses to run.
     restart: list[str] = field(default_factory=list)
     data: DataConfig = field(default_factory=DataConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)

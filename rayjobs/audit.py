@@ -127,7 +127,7 @@ def run(cfg: Config) -> dict:
     tol = audit.tolerances(cfg)
     models = {role: checkpoint for role, checkpoint in builders.model_ids(cfg).items()
               if role in recorded.MODEL_ROLES}
-    results = audit.compare(rows, again, errors, models, tol)
+    results = audit.compare(chosen, rows, again, errors, models, tol)
     report = {
         "run_dir": cfg.run_dir, **audit.summary(results), "tolerances": tol, "rows_audited": results,
         "made_by": {"generate_fingerprint": fingerprint.digest_of(generated), "model_digests": digests,

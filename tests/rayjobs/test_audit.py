@@ -34,31 +34,33 @@ def test_the_main_run_holds(main_run, local_ray, tmp_path, capsys):
 
 
 def test_an_altered_part_fails_the_audit_and_names_the_rows(main_run, local_ray, tmp_path, capsys):
-    """One committed part rewritten in place (same name, same ids, so its marker still names
-    it): one row's caption, another's caption-guided image, a third's PSNR."""
+    """One committed part rewritten in place (same name, so its marker still names it): one
+    row's caption, another's caption-guided image, a third's PSNR changed, a fourth row gone."""
     copy_run(main_run[1] / "run", tmp_path, ("generate",))
     part = sorted((tmp_path / "generate" / "samples").glob("*.parquet"))[0]
     rows = pq.read_table(part).to_pylist()
-    caption, image, score = rows[0], rows[1], rows[2]
+    caption, image, score, gone = rows[0], rows[1], rows[2], rows[3]
     caption["caption"] = caption["caption"] + " with a hat"
     image["inpainted_png"] = image["inpainted_baseline_png"]  # the other variant's pixels
     score["psnr"] = score["psnr"] + 0.5
-    pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(part)), part)
+    pq.write_table(pa.Table.from_pylist([r for r in rows if r is not gone], schema=pq.read_schema(part)), part)
 
     code = audit.main(_args(tmp_path, local_ray, "audit.size=100"))
     said = capsys.readouterr().out
     assert code == 1, said
     report = json.loads((tmp_path / "audit" / "report.json").read_text())
     assert report["verdict"] == "did not hold"
-    assert report["failed"] == sorted(r["id"] for r in (caption, image, score))
-    assert report["held"] == len(rows) - 3
+    assert report["failed"] == sorted(r["id"] for r in (caption, image, score, gone))
+    assert report["held"] == len(rows) - 4
     by_id = {r["id"]: r for r in report["rows_audited"]}
     assert [line.split(":")[0] for line in by_id[caption["id"]]["differs"]] == ["caption"]
     assert [line.split(":")[0] for line in by_id[image["id"]]["differs"]] == ["inpainted"]
     assert by_id[image["id"]]["checks"]["inpainted"]["max_diff"] > 1  # by how much: past fp32's tolerance
     assert by_id[score["id"]]["differs"] == [f"psnr: {score['psnr']:.6g} recorded, {score['psnr'] - 0.5:.6g} "
                                              "recomputed (differs by 0.5, tolerance 0.0001)"]
-    for row in (caption, image, score):
+    assert by_id[gone["id"]]["differs"] == ["the part its commit marker names does not hold it (altered after "
+                                            "its commit)"]
+    for row in (caption, image, score, gone):
         assert f"  {row['id']}: DIFFERS" in said
     assert "the run did not hold" in said
 
