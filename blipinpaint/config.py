@@ -218,6 +218,35 @@ class EvaluateConfig:
 
 
 @dataclass
+class ExportConfig:
+    """`rayjobs.export`: generate's committed rows as a Hugging Face dataset folder and WebDataset shards."""
+
+    out: str | None = None  # a folder or bucket prefix; None: <run_dir>/export
+    formats: list[str] = field(default_factory=lambda: ["hf", "webdataset"])  # hf | webdataset
+    # Samples per Parquet file and per tar shard: about 1.5 MB a sample at 512 px (four PNGs),
+    # so a shard of 256 is some 400 MB, held by one task as it streams (a source part at a time).
+    rows_per_shard: int = 256
+    num_cpus: float = 1.0  # per shard-writing task (reading, hashing and writing bytes)
+    # Tests only: the task writing this shard (e.g. train-00001-of-00003) kills the job's driver
+    # when half of the shard's tar is written, as a lost head node or `kill -9` would end the job.
+    inject_kill: str | None = None
+
+
+@dataclass
+class AuditConfig:
+    """`rayjobs.audit`: a seeded random sample of generate's committed rows, recomputed and compared."""
+
+    size: int = 8  # rows recomputed (all, when the run has fewer)
+    seed: int = 0  # which rows: a hash order of (seed, id), stable across runs of the audit
+    # Largest difference still taken as equal, in 8-bit levels (inpainted images) and in the
+    # scores' own units (metrics, caption features); None: the precision's (`audit.TOLERANCES`).
+    image_tolerance: int | None = None
+    score_tolerance: float | None = None
+    num_cpus: float = 1.0  # the recomputing task (one thread per CPU, as generate's workers had)
+    out: str | None = None  # where report.json goes; None: <run_dir>/audit
+
+
+@dataclass
 class Config:
     run_dir: str = "runs/default"
     ray_address: str | None = None  # None: $RAY_ADDRESS (set by `ray job submit`), else a local Ray
@@ -228,7 +257,7 @@ class Config:
     ray_progress: bool = False  # Ray Data's per-operator progress bars too (a line per redraw in a log)
     # Steps whose output may be replaced when it was made under other settings or inputs: it is
     # moved aside under a dated name and redone, with what reads it (generate, candidates,
-    # scorer, finetune, eval). Without, such a step refuses to run.
+    # scorer, finetune, eval, export). Without, such a step refuses to run.
     restart: list[str] = field(default_factory=list)
     data: DataConfig = field(default_factory=DataConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
@@ -240,6 +269,8 @@ class Config:
     scorer: ScorerConfig = field(default_factory=ScorerConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -293,6 +324,8 @@ def _absolute_paths(cfg: Config) -> None:
     cfg.data.image_root = absolute(cfg.data.image_root)
     cfg.evaluate.other_runs = [absolute(run) for run in cfg.evaluate.other_runs]
     cfg.models.store = absolute(cfg.models.store)
+    cfg.export.out = absolute(cfg.export.out)
+    cfg.audit.out = absolute(cfg.audit.out)
     for ref in (cfg.models.captioner, cfg.models.inpainter, cfg.models.clip, cfg.models.fid):
         if ref.name_or_path and Path(ref.name_or_path).expanduser().exists():
             ref.name_or_path = absolute(ref.name_or_path)

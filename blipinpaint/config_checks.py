@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
 SHA256 = re.compile(r"[0-9a-f]{64}")
+EXPORT_FORMATS = ("hf", "webdataset")
 FINETUNE_METHODS = ("scorer", "reward_ranked")
 AUTO = "auto"  # a pool size the job works out from the cluster
 
@@ -49,6 +50,7 @@ def validate(cfg: Config) -> None:
         *_stream_problems(cfg.stream),
         *_training_problems(cfg),
         *_evaluate_problems(cfg.evaluate),
+        *_export_audit_problems(cfg),
     ]
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
@@ -198,6 +200,26 @@ def _evaluate_problems(evaluate: EvaluateConfig) -> list[str]:
         problems.append(f"evaluate.grid_rows={evaluate.grid_rows} must be at least 1")
     if evaluate.gallery_limit < 0:
         problems.append(f"evaluate.gallery_limit={evaluate.gallery_limit} must be 0 (no gallery) or more")
+    return problems
+
+
+def _export_audit_problems(cfg: Config) -> list[str]:
+    """`export` and `audit`, the jobs that read a finished run."""
+    problems = []
+    export, audit = cfg.export, cfg.audit
+    unknown = [f for f in export.formats if f not in EXPORT_FORMATS]
+    if unknown or not export.formats or len(set(export.formats)) < len(export.formats):
+        problems.append(f"export.formats={list(export.formats)} must name each of {list(EXPORT_FORMATS)} at most "
+                        "once, at least one of them")
+    if export.rows_per_shard < 1 or export.num_cpus <= 0:
+        problems.append(f"export.rows_per_shard={export.rows_per_shard} must be at least 1 and export.num_cpus="
+                        f"{export.num_cpus} above 0")
+    if audit.size < 1 or audit.num_cpus <= 0:
+        problems.append(f"audit.size={audit.size} must be at least 1 and audit.num_cpus={audit.num_cpus} above 0")
+    for key, value in (("audit.image_tolerance", audit.image_tolerance),
+                       ("audit.score_tolerance", audit.score_tolerance)):
+        if value is not None and not value >= 0:
+            problems.append(f"{key}={value} must be 0 or more (or null: the precision's)")
     return problems
 
 

@@ -24,7 +24,8 @@ from blipinpaint.writer import CommitLog
 
 # The steps each step reads (`layout.STEPS` names them, as `restart` does).
 DEPENDS = {"generate": (), "candidates": ("generate",), "scorer": ("generate",),
-           "finetune": ("generate", "scorer", "candidates"), "eval": ("generate", "scorer", "finetune", "candidates")}
+           "finetune": ("generate", "scorer", "candidates"), "eval": ("generate", "scorer", "finetune", "candidates"),
+           "export": ("generate",)}
 assert tuple(DEPENDS) == STEPS
 # Generate's rows: the settings whose change makes earlier rows incomparable with new ones.
 GENERATE_KEYS = ("seed", "models.preset", "models.device", "models.dtype", "models.captioner", "models.inpainter",
@@ -85,13 +86,17 @@ def _model_digests(cfg: Config, roles: tuple[str, ...]) -> dict[str, str]:
     return model_digests(cfg, roles)
 
 
-def generate(cfg: Config) -> dict:
-    """What a generated row depends on: its settings and the bytes of the three models."""
+def generate_settings(cfg: Config) -> dict:
+    """The settings part of `generate`'s fingerprint (no model is hashed)."""
     out = settings(cfg, GENERATE_KEYS)
     # Candidates change evaluate's and the candidate stream's rows, not these (`candidates`).
     del out["caption.candidates"]
-    out["model_digests"] = _model_digests(cfg, ("captioner", "inpainter", "clip"))
     return out
+
+
+def generate(cfg: Config) -> dict:
+    """What a generated row depends on: its settings and the bytes of the three models."""
+    return {**generate_settings(cfg), "model_digests": _model_digests(cfg, ("captioner", "inpainter", "clip"))}
 
 
 def candidates(cfg: Config, generated: dict | None = None) -> dict:
@@ -138,6 +143,14 @@ def report(cfg: Config, rows: dict | None = None) -> dict:
                       if is_file(RunLayout(other).eval.report) else None) for other in cfg.evaluate.other_runs}
     return {**(rows or evaluate(cfg)), **settings(cfg, REPORT_KEYS), "generate": _rows(run.generate),
             "fid": _model_digests(cfg, ("fid",))["fid"], "other_runs": others}
+
+
+def export(cfg: Config, heldout_fraction: float) -> dict:
+    """What an export's files depend on: generate's rows and the fingerprint they were made
+    under, the held-out split (the seed and the fraction it came to), the export's settings
+    (not where it writes, nor its resources)."""
+    return {**settings(cfg, ("seed", "export.formats", "export.rows_per_shard")),
+            "heldout_fraction": heldout_fraction, "generate": _rows(RunLayout(cfg.run_dir).generate)}
 
 
 def differing(previous: dict, current: dict) -> list[str]:

@@ -7,8 +7,9 @@ instead of building the string, so a folder's name is written once.
 
 from __future__ import annotations
 
-# The steps of a run whose outputs `restart` may replace, in the order the pipeline runs them.
-STEPS = ("generate", "candidates", "scorer", "finetune", "eval")
+# The steps of a run whose outputs `restart` may replace, in the order the pipeline runs them
+# (`export`, which reads generate's rows, runs apart: python -m rayjobs.export).
+STEPS = ("generate", "candidates", "scorer", "finetune", "eval", "export")
 
 
 class Folder(str):
@@ -43,3 +44,5 @@ class RunLayout:
         self.finetune_check = self.finetune / "check.json"  # digests of what fine-tuning changed and kept
         self.blip = self.root / "blip"  # the fine-tuned BLIP, a Hugging Face folder
         self.eval = self.root / "eval"
+        self.export = self.root / "export"  # rayjobs.export's, unless `export.out` says elsewhere
+        self.audit = self.root / "audit"  # rayjobs.audit's reports, unless `audit.out` says elsewhere

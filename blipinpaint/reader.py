@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from blipinpaint import fingerprint
 from blipinpaint.config import Config, heldout_fraction
-from blipinpaint.errors import ConfigError
+from blipinpaint.errors import ConfigError, JobError
 from blipinpaint.layout import Folder, RunLayout
 from blipinpaint.seeds import heldout
 from blipinpaint.storage import filesystem
@@ -44,6 +44,22 @@ def read_rows(batch: dict, columns: list[str]) -> dict[str, np.ndarray]:
         tables.append(pq.read_table(local, filesystem=fs, columns=columns, filters=[("id", "in", list(ids))]))
     table = pa.concat_tables(tables)
     return {c: table.column(c).to_numpy(zero_copy_only=False) for c in columns}
+
+
+def read_part(read: dict, columns: list[str]) -> pa.Table:
+    """The rows of one read task (`row_reads`) in its `ids`' order; an id its marker names but
+    the part does not hold is an error naming both (the part was altered after its commit)."""
+    fs, local = filesystem(str(read["path"]))
+    ids = list(read["ids"])
+    table = pq.read_table(local, filesystem=fs, columns=["id", *(c for c in columns if c != "id")],
+                          filters=[("id", "in", ids)])
+    at = {i: n for n, i in enumerate(table.column("id").to_pylist())}
+    missing = [i for i in ids if i not in at]
+    if missing or len(at) < table.num_rows:
+        raise JobError(f"{read['path']} does not hold the rows its commit marker names ({len(missing)} of "
+                       f"{len(ids)} missing, e.g. {missing[:3]}; {table.num_rows - len(at)} repeated): the part "
+                       "was altered after it was committed")
+    return table.take(pa.array([at[i] for i in ids], pa.int64())).select(columns)
 
 
 def as_batch(reads: list[dict]) -> dict:

@@ -81,7 +81,7 @@ def test_no_token_is_committed():
 
 
 SHIPPED_CONFIGS = tracked(":(glob)configs/*.yaml")
-JOBS = ["pipeline", "models", "generate", "candidates", "train_scorer", "finetune_blip", "evaluate"]
+JOBS = ["pipeline", "models", "generate", "candidates", "train_scorer", "finetune_blip", "evaluate", "export", "audit"]
 
 
 @pytest.mark.parametrize("path", SHIPPED_CONFIGS)

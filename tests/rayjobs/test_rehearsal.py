@@ -27,8 +27,8 @@ from blipinpaint.models import offline
 from blipinpaint.models.presets import PAPER
 from blipinpaint.source_reads import read_files
 from blipinpaint.sources import items_to_batch, list_inputs
-from blipinpaint.storage import filesystem, upload_dir
-from rayjobs import generate, models, pipeline
+from blipinpaint.storage import filesystem, read_text, upload_dir
+from rayjobs import audit, generate, models, pipeline
 
 # The fine-tune runs as the hardest case: ZeRO-3 in bf16 with the KL term.
 RUN = ["models.preset=paper", "models.dtype=bf16", "data.image_size=64", "inpaint.num_inference_steps=2",
@@ -219,3 +219,19 @@ def test_visualgenome_image_data_with_its_images_in_a_bucket(s3, tmp_path):
     assert not any(batch["error"])
     assert [bytes(b) for b in batch["bytes"]] == [(sample_images_dir() / f).read_bytes()
                                                   for f in ("coffee.jpg", "rocket.jpg")]
+
+
+def test_the_rehearsed_run_audits_from_its_bucket(rehearsal, capsys):
+    """The audit on the path a cluster user runs (issue 33): the store's models checked by their
+    manifests in the bucket, two rows recomputed in bf16 from the paper layout, their inputs
+    read from their bucket, the report written to the run's."""
+    _, _, args = rehearsal
+    code = audit.main([*args, "audit.size=2"])
+    said = capsys.readouterr().out
+    assert code == 0, said
+    run_dir = next(a.split("=", 1)[1] for a in args if a.startswith("run_dir="))
+    report = json.loads(read_text(f"{run_dir}/audit/report.json"))
+    assert (report["rows"], report["held"]) == (2, 2)
+    assert report["tolerances"] == {"image": 8, "score": 0.05}  # bf16's
+    fingerprint = json.loads(read_text(f"{run_dir}/generate/fingerprint.json"))
+    assert report["made_by"]["model_digests"] == fingerprint["model_digests"]
