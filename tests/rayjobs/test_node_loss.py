@@ -173,7 +173,8 @@ def test_fine_tuning_survives_the_loss_of_its_node_and_resumes_from_its_checkpoi
     logged = read_log(log)
     steps = [r for r in logged if "loss" in r]  # a line per optimizer step; the probe's lines apart
     resumed = {r["resumed_at_epoch"] for r in steps} - {None}
-    print_figures("finetune_blip, node lost once its second of 6 epochs was logged", {"epochs": len({r["epoch"] for r in steps})},
+    print_figures("finetune_blip, node lost once its second of 6 epochs was logged",
+                  {"epochs": len({r["epoch"] for r in steps})},
                   time.perf_counter() - started, epochs_logged_before=before, resumed_at_epoch=sorted(resumed))
     assert code == 0, said[-3000:]
     assert before < epochs
