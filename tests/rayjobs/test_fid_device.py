@@ -6,7 +6,7 @@ import torch
 
 from blipinpaint import builders
 from blipinpaint.config import load_config
-from rayjobs.fid_pass import FidWorker, bootstrap_fid
+from rayjobs.fid_pass import FidStage, bootstrap_fid
 
 ASKS_FOR_CUDA = [["evaluate.fid.num_gpus=0.25"], ["models.device=cuda"]]
 
@@ -20,11 +20,11 @@ def no_cuda(monkeypatch):
 @pytest.mark.parametrize("asks", ASKS_FOR_CUDA)
 def test_fid_asked_for_cuda_where_there_is_none_is_an_error(cfg, no_cuda, asks):
     cfg = load_config(overrides=[f"run_dir={cfg.run_dir}", *asks])
-    features = [{"real": np.ones((3, 4), np.float32), "fake": np.zeros((3, 4), np.float32)}]
+    features = {"real": np.ones((3, 4), np.float32), "fake": np.zeros((3, 4), np.float32)}
     with pytest.raises(RuntimeError, match="ask for CUDA for FID, but this worker has no CUDA device"):
         bootstrap_fid._function(["a", "b", "c"], features, {"all": ["a", "b", "c"]}, cfg)
     with pytest.raises(RuntimeError, match="ask for CUDA for FID"):
-        FidWorker.__ray_actor_class__(cfg, {"real": "image_png"})  # the actor's class, run in this process
+        FidStage(cfg, {"real": "image_png"}, ledger=None)  # the pool's actor, built in this process
 
 
 def test_fid_runs_on_the_cpu_when_no_gpu_is_asked_for(cfg, no_cuda):
