@@ -65,7 +65,8 @@ def bootstrap_fid(ids: list[str], features: dict[str, np.ndarray], scopes: dict[
     the FID workers' device (`builders.fid_device`): each draw takes a covariance and an
     eigendecomposition per image set. Retried where its worker or node dies (its inputs are the driver's)."""
     device = builders.fid_device(cfg)
-    rows = {name: torch.as_tensor(x, dtype=torch.float64, device=device) for name, x in features.items()}
+    # A copy in float64: the features arrive read-only from the object store.
+    rows = {name: torch.from_numpy(np.array(x, dtype=np.float64)).to(device) for name, x in features.items()}
     bootstrap = cfg.evaluate.bootstrap
     return fid_scopes(ids, rows, scopes, bootstrap.fid_replicates, cfg.seed, bootstrap.confidence)
 
@@ -88,8 +89,9 @@ def row_features(cfg: Config, eval_dir: str, sets: dict[str, str],
         # (max_restarts=-1), and a part whose actor died is sent again until one takes it
         # (max_task_retries=-1: calls to an actor on a node not yet declared dead fail at
         # once, several times a second). The ledger bounds the deaths a part may cause.
+        actors = max(1, min(pool_size(cfg), len(reads)))  # no more actors than parts
         ds = ds.map_batches(FidStage, fn_constructor_kwargs={"cfg": cfg, "sets": sets, "ledger": ledger},
-                            batch_size=1, compute=ray.data.ActorPoolStrategy(size=pool_size(cfg)),
+                            batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors),
                             num_cpus=stage.num_cpus, num_gpus=stage.num_gpus or None, max_restarts=-1,
                             max_task_retries=-1)
         with job_errors((*JOB_ERRORS, PartFailed)):

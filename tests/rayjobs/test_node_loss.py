@@ -157,7 +157,7 @@ def test_scorer_training_survives_the_loss_of_its_node_and_resumes_from_its_chec
 
 def test_fine_tuning_survives_the_loss_of_its_node_and_resumes_from_its_checkpoint(main_run, spot_cluster,
                                                                                     tmp_path):
-    """The fine-tune's workers lost with their node once its second epoch was logged (the
+    """The fine-tune's workers lost with their node once its third epoch was logged (the
     first one's checkpoint registered): it resumes from a checkpoint on the replacement, logs
     every epoch and optimizer step once and publishes the decoder."""
     copy_run(main_run[1] / "run", tmp_path, ("generate", "scorer"))
@@ -166,14 +166,17 @@ def test_fine_tuning_survives_the_loss_of_its_node_and_resumes_from_its_checkpoi
     job = start("finetune_blip", args, spot_cluster, tmp_path)
     log = tmp_path / "finetune" / "metrics.jsonl"
     started = time.perf_counter()
-    wait_for(lambda: any(r["epoch"] >= 1 for r in read_log(log)), job, "the second epoch logged")
+    # Epoch k's probe line is logged before its report, which waits until report k-1 was
+    # collected: once epoch 2's line is there, epoch 0's checkpoint is registered.
+    wait_for(lambda: any(r["epoch"] >= 2 and "probe_changed" in r for r in read_log(log)), job,
+             "the third epoch logged")
     before = max(r["epoch"] for r in read_log(log)) + 1
     spot_cluster.lose_worker()
     code, said = finish(job)
     logged = read_log(log)
     steps = [r for r in logged if "loss" in r]  # a line per optimizer step; the probe's lines apart
     resumed = {r["resumed_at_epoch"] for r in steps} - {None}
-    print_figures("finetune_blip, node lost once its second of 6 epochs was logged",
+    print_figures("finetune_blip, node lost once its third of 6 epochs was logged",
                   {"epochs": len({r["epoch"] for r in steps})},
                   time.perf_counter() - started, epochs_logged_before=before, resumed_at_epoch=sorted(resumed))
     assert code == 0, said[-3000:]
