@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import sys
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,7 +38,7 @@ from blipinpaint.errors import ConfigError
 from blipinpaint.layout import RunLayout
 from blipinpaint.masks import masked_pixels
 from blipinpaint.models import CaptionerModel, ModelRef, load_captioner
-from blipinpaint.models.loading import DTYPES
+from blipinpaint.models.loading import DTYPES, write_blip
 from blipinpaint.objectives import Loss, lm_loss, scorer_loss, with_kl
 from blipinpaint.plots import plot_curves, write_tensorboard
 from blipinpaint.precision import survival_line, surviving_changes
@@ -47,7 +46,7 @@ from blipinpaint.probe import Probe, best_share_change, changed_counts, probe_se
 from blipinpaint.reader import read_rows, split_reads
 from blipinpaint.records import decode_images
 from blipinpaint.scorer import ScoreNet
-from blipinpaint.storage import is_file, local_dir, read_jsonl, read_text, upload_dir, write_jsonl, write_text
+from blipinpaint.storage import is_file, local_dir, read_jsonl, read_text, write_jsonl, write_text
 from blipinpaint.writer import CommitLog
 from rayjobs import training
 from rayjobs.cli import job_main
@@ -233,20 +232,6 @@ def save(parts: Parts, config: dict, probe_rows: list[dict]) -> None:
         "frozen_unchanged": training.checksum(parts.model, skip="text_decoder.") == parts.frozen_before,
         "steps": parts.engine.global_steps, **training.loss_scaling(parts.engine), "probe": probe_rows,
         "engine": training.engine_settings(parts.engine)}))
-
-
-def write_blip(original: CaptionerModel, decoder_state: dict[str, torch.Tensor], blip_dir: str) -> torch.nn.Module:
-    """The `original` captioner (fp32, on the CPU) with `decoder_state` as its text decoder,
-    saved to `blip_dir`: that decoder."""
-    parameters = dict(original.model.text_decoder.named_parameters())
-    with torch.no_grad():
-        for name, value in decoder_state.items():
-            parameters[name].copy_(value)
-    with tempfile.TemporaryDirectory() as folder:  # from_pretrained-able, then to run_dir (maybe a bucket)
-        for part in (original.model, original.tokenizer, original.image_processor):
-            part.save_pretrained(folder)
-        upload_dir(folder, blip_dir)
-    return original.model.text_decoder
 
 
 def finetune_loop(config: dict) -> None:

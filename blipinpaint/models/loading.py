@@ -1,4 +1,5 @@
-"""Load each role's model from a `ModelRef`: a local folder, or a folder URI (the model store).
+"""Load each role's model from a `ModelRef`: a local folder, or a folder URI (the model store);
+and write the fine-tuned captioner as a folder that loads the same way.
 
 Every load goes through `from_pretrained` with `use_safetensors=True` (a pickle checkpoint
 is refused) and never with `trust_remote_code`. Hub checkpoints are never loaded from the
@@ -10,6 +11,7 @@ caller asks otherwise; device and dtype are always explicit.
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,7 +21,7 @@ import torch
 from blipinpaint.models import fid_inception, store
 from blipinpaint.models.inception import InceptionFeatures
 from blipinpaint.models.presets import FID_INCEPTION_SHA256, ModelRef
-from blipinpaint.storage import filesystem, is_remote, local_dir
+from blipinpaint.storage import filesystem, is_remote, local_dir, upload_dir
 
 # transformers is imported by the loader that needs it: a process that only reads a config
 # or picks a device should not pay its import (seconds, in every Ray worker).
@@ -107,6 +109,20 @@ def load_captioner(ref: ModelRef, device: torch.device, dtype: torch.dtype = tor
         image_processor=BlipImageProcessorPil.from_pretrained(**src),
         tokenizer=AutoTokenizer.from_pretrained(**src),
     )
+
+
+def write_blip(original: CaptionerModel, decoder_state: dict[str, torch.Tensor], blip_dir: str) -> torch.nn.Module:
+    """The `original` captioner (fp32, on the CPU) with `decoder_state` as its text decoder,
+    saved to `blip_dir`: that decoder."""
+    parameters = dict(original.model.text_decoder.named_parameters())
+    with torch.no_grad():
+        for name, value in decoder_state.items():
+            parameters[name].copy_(value)
+    with tempfile.TemporaryDirectory() as folder:  # from_pretrained-able, then to run_dir (maybe a bucket)
+        for part in (original.model, original.tokenizer, original.image_processor):
+            part.save_pretrained(folder)
+        upload_dir(folder, blip_dir)
+    return original.model.text_decoder
 
 
 def load_clip(ref: ModelRef, device: torch.device, dtype: torch.dtype = torch.float32) -> ClipModel:
