@@ -51,7 +51,10 @@ def connect(address: str | None = None, ray_progress: bool = False) -> None:
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     # The dashboard (on loopback) serves the state API, which Ray Train's placement-group
     # cleaner polls: without it, the cleaner warns every few seconds of every training run.
-    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", runtime_env={"env_vars": env} if env else None)
+    # address="local": with no address Ray joins the cluster named in
+    # /tmp/ray/ray_current_cluster (whoever started it last on this machine), not a new one.
+    ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
+             runtime_env={"env_vars": env} if env else None)
     log.info("started a local Ray: %s", ray.cluster_resources())
 
 
