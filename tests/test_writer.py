@@ -9,7 +9,7 @@ import pytest
 from helpers import sample_rows as _rows
 from pyarrow import fs as pafs
 
-from blipinpaint import writer
+from blipinpaint import commit_log
 from blipinpaint.errors import JobError
 from blipinpaint.reader import read_sorted
 from blipinpaint.records import ERROR_SCHEMA, SAMPLE_SCHEMA
@@ -170,7 +170,7 @@ def test_a_run_that_was_taken_over_does_not_release_the_new_owners_folder(tmp_pa
     new = CommitLog(str(tmp_path))
     token = new.take_over(grace_s=0)
     old.release()  # the old driver outlived its take-over and finished
-    assert json.loads((tmp_path / "_owner.json").read_text()) == {"token": token}
+    assert json.loads((tmp_path / "_owner.json").read_text()) == {"token": token, "compact_every": 500}
     new.commit(_rows(["a"], [""]))  # the new run still owns the folder
     waits = []
     monkeypatch.setattr(CommitLog, "_wait", staticmethod(waits.append))
@@ -456,8 +456,9 @@ def test_account_counts_the_ids_of_parts_whose_data_is_gone_as_missing(out):
     log.fs = _CountsRequests(log.fs)
     account = log.account(["a", "b", "c"])
     assert account.missing == ["a", "b"] and account.ok == {"c"} and not account.complete
-    # The markers, and one listing per folder of data: no request per file.
-    assert log.fs.calls == {"listing": 3, "read _commits": 2}
+    # The markers (after a listing of them and one of the checkpoints), and one listing per
+    # folder of data: no request per file.
+    assert log.fs.calls == {"listing": 4, "read _commits": 2}
     assert CommitLog(out.uri).recover()["parts_dropped"] == 1  # the next run redoes them
     assert log.committed_ids() == {"c"} and out.ids("errors") == []
 
@@ -482,7 +483,7 @@ def test_a_folder_written_under_the_earlier_part_names_resumes(out, monkeypatch)
     def earlier(ids):
         return "part-" + hashlib.blake2b("\n".join(sorted(ids)).encode(), digest_size=10).hexdigest()
 
-    monkeypatch.setattr(writer, "part_name", earlier)
+    monkeypatch.setattr(commit_log, "part_name", earlier)
     log = CommitLog(out.uri)
     log.take_over(grace_s=0)
     log.commit(_rows(["a", "b"], ["", ""]))
