@@ -233,7 +233,8 @@ class CommitLog(CompactedLog):
         named = {(folder, name) for m in markers for folder, name in m["staged"].items()}
         unnamed = {self._path("_staging", f, name): age for f in DATA_DIRS for name, age in staged[f].items()
                    if (f, name) not in named}
-        unnamed |= {self._path(folder, name): age for folder in ("_commits", CHECKPOINTS, "") for name, age in
+        temporary = () if is_remote(self.out_dir) else ("_commits", CHECKPOINTS, "")  # `_put`'s, on a disk only
+        unnamed |= {self._path(folder, name): age for folder in temporary for name, age in
                     self._listing(folder).items() if name.startswith(".") and name.endswith(".tmp")}
         removed = [path for path, age in unnamed.items() if age >= grace_s]
         for path in removed:

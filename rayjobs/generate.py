@@ -125,7 +125,7 @@ def run(cfg: Config) -> dict:
     fingerprint.claim(cfg, "generate", (out_dir,), current)
     write_text(out_dir.config, to_yaml(cfg))
     # 3. Resume: what a killed run left is finished or undone; the committed ids are skipped.
-    commit_log = CommitLog(out_dir)
+    commit_log = CommitLog(out_dir, compact_every=cfg.stream.compact_every)
     resumed = commit_log.resume(cfg.stream.retry_failed)
     pending = [it for it in items if it["id"] not in resumed.done]
     log.info("%d inputs: %d already committed, %d to do", len(items), len(items) - len(pending), len(pending))
