@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from blipinpaint import builders, fingerprint
+from blipinpaint import builders, fingerprint, plan
 from blipinpaint.batches import Guarded, split_errors
 from blipinpaint.config import Config, sample_images_dir, to_yaml
 from blipinpaint.errors import ConfigError
@@ -118,6 +118,8 @@ def run(cfg: Config) -> dict:
                             cfg.data.limit, cfg.seed, cfg.data.image_column, cfg.data.id_column)
     except SourceError as err:
         raise ConfigError(str(err)) from None
+    if cfg.dry_run:  # only say what a run would do: no model fetched, no actor, nothing but the plan written
+        return plan.plan(cfg, items)
     # 2. Models into the store before any actor loads one; refuse rows of other settings or
     #    models (or, with `restart`, move them aside).
     builders.fill_store(cfg)
@@ -148,6 +150,9 @@ def run(cfg: Config) -> dict:
 
 
 def print_summary(stats: dict) -> None:
+    if "plan" in stats:
+        plan.print_plan(stats)
+        return
     run_ = stats["this_run"]
     reasons = f" {stats['errors_by_reason']}" if stats["errors_by_reason"] else ""
     print(f"\n{stats['inputs']} inputs: {stats['ok']} samples, {stats['errors']} errors{reasons}; "

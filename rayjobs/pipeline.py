@@ -33,6 +33,9 @@ log = logging.getLogger("blipinpaint.pipeline")
 
 def run(cfg: Config) -> None:
     run_layout = RunLayout(cfg.run_dir)
+    if cfg.dry_run:  # generate's plan only: the later steps read rows that are not made yet
+        generate.print_summary(generate.run(cfg))
+        return
     models.print_report(models.run(cfg))
     stats = generate.run(cfg)
     generate.print_summary(stats)
