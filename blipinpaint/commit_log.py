@@ -134,7 +134,8 @@ class CommitLog(CompactedLog):
                         for c in table.column_names if c.startswith("retries_")},
         }
         attempt = uuid.uuid4().hex[:12]
-        marker["staged"] = {}
+        # When it committed, by this worker's clock: the markers a compaction folded away keep it.
+        marker["staged"], marker["committed_at"] = {}, round(self._now(), 3)
         for folder, part in zip(DATA_DIRS, (samples, errors)):
             if part.num_rows:
                 staged = f"{name}.{attempt}.parquet"
