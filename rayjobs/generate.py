@@ -12,7 +12,9 @@ Ray Data streams the inputs through read + decode + validate + mask (CPU tasks),
 Captioner, Inpainter and metrics actors, and an exactly-once Parquet writer, in bounded
 memory. Killed and run again, the job finishes or undoes what was in flight and does the
 rest. Writes `run_dir/generate/`: `samples/`, `errors/`, `stats.json`, `config.yaml`,
-and `_SUCCESS` once every input is accounted for.
+and `_SUCCESS` once every input is accounted for. With `dry_run=true` it only plans
+(`blipinpaint.plan`): it lists and reads the commit log, prints what a run would do and
+cost, and writes `run_dir/plan.json`, nothing else.
 """
 
 from __future__ import annotations
