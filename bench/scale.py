@@ -15,6 +15,13 @@ peak memory (`ru_maxrss`) is that run's driver alone. Per size it reports:
 
 `--s3-size` runs that size once more with `run_dir` in a bucket of moto's S3 server (a
 process of its own on 127.0.0.1), the inputs on the local disk.
+
+`--log-markers N` (`--s3-log-markers N` on the S3 endpoint) times the commit log's read:
+N parts of `--log-rows` rows committed through the writer, read by a new reader before and
+after one compaction (`blipinpaint.checkpoints`), and a resume after it. With `--sizes`
+empty and `--s3-size 0` only that runs (no Ray):
+
+    .venv/bin/python bench/scale.py --sizes --s3-size 0 --log-markers 40000 --s3-log-markers 2000
 """
 
 from __future__ import annotations
@@ -42,9 +49,8 @@ LEAST_WORK = ["data.image_size=64", "inpaint.num_inference_steps=1", "caption.ma
 # One run, in a process of its own: prints one JSON line.
 RUN = """
 import json, resource, sys, time
-from pyarrow import fs as pafs
+from blipinpaint.commit_log import CommitLog
 from blipinpaint.config import load_config
-from blipinpaint.storage import filesystem
 from blipinpaint.sources import list_inputs
 from rayjobs import generate
 
@@ -58,15 +64,60 @@ t0, started = time.perf_counter(), time.time()
 stats = generate.run(cfg)
 wall = time.perf_counter() - t0
 assert stats["ok"] + stats["errors"] == stats["inputs"] and not stats["missing"], stats
-fs, root = filesystem(cfg.run_dir.rstrip("/") + "/generate/_commits")
-commits = sorted(i.mtime.timestamp() - started for i in fs.get_file_info(pafs.FileSelector(root))
-                 if i.base_name.endswith(".json"))
+commits = sorted(m["committed_at"] - started for m in CommitLog(cfg.run_dir.rstrip("/") + "/generate").markers())
 print("RESULT " + json.dumps({"wall_s": wall, "list_s": list_s, "pipeline_s": stats["this_run"]["pipeline_s"],
                   "commits_s": [commits[0], commits[len(commits) // 2], commits[-1]] if commits else None,
                   "processed": stats["this_run"]["processed"], "inputs": stats["inputs"],
                   "rss_after_listing_mb": rss_listed / 1024,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
+
+
+# The commit log's read, in a process of its own: `markers` parts of `rows` error rows each
+# committed through the writer (no compaction while committing), then read by a new reader
+# before and after one compaction, and a resume after it. Prints one JSON line.
+LOG = """
+import json, sys, time
+from blipinpaint.commit_log import CommitLog
+from blipinpaint.records import encode_rows
+
+uri, markers, rows = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+log, t0 = CommitLog(uri, compact_every=0), time.perf_counter()
+for k in range(markers):
+    ids = [f"{k:08d}.tar/{j:05d}.jpg" for j in range(rows)]
+    log.commit(encode_rows({"id": ids, "source": ids, "error": ["not an image: bench"] * rows,
+                            "seconds_prepare": [0.01] * rows}, models={}))
+build_s = time.perf_counter() - t0
+
+def timed(what):
+    t0 = time.perf_counter()
+    out = what()
+    return out, time.perf_counter() - t0
+
+ids, before_s = timed(lambda: CommitLog(uri).committed_ids())
+done, compact_s = timed(lambda: CommitLog(uri).compact())
+again, after_s = timed(lambda: CommitLog(uri).committed_ids())
+resumed, resume_s = timed(lambda: CommitLog(uri).resume(grace_s=0))
+assert ids == again == resumed.done and len(ids) == markers * rows
+print("RESULT " + json.dumps({"markers": markers, "rows_per_marker": rows, "build_s": build_s,
+      "read_uncompacted_s": before_s, "compact_s": compact_s, "read_compacted_s": after_s,
+      "resume_compacted_s": resume_s, "ms_per_marker_uncompacted": 1000 * before_s / markers}))
+"""
+
+
+def log_read(uri: str, markers: int, rows: int, env: dict) -> dict:
+    """The commit log's read before and after compaction (`LOG`), with the per-marker cost."""
+    done = subprocess.run([sys.executable, "-c", LOG, uri, str(markers), str(rows)], capture_output=True, text=True,
+                          env=env)
+    if done.returncode:
+        raise RuntimeError(done.stderr[-3000:])
+    row = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    row = {"store": "S3 endpoint" if "://" in uri else "local disk", **{k: round(v, 3) if isinstance(v, float) else v
+                                                                       for k, v in row.items()}}
+    # The uncompacted read is one request per marker: what 40,000 markers cost at this rate.
+    row["read_uncompacted_40000_s"] = round(row["ms_per_marker_uncompacted"] * 40, 1)
+    print(json.dumps(row), flush=True)
+    return row
 
 
 def make_inputs(folder: Path, n: int) -> None:
@@ -143,6 +194,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="*", default=[1000, 10000], help="sizes on the local disk")
     parser.add_argument("--s3-size", type=int, default=10000, help="0: no bucket run")
+    parser.add_argument("--log-markers", type=int, default=0, help="the commit log's read at this many markers "
+                        "on the local disk (0: none)")
+    parser.add_argument("--s3-log-markers", type=int, default=0, help="the same on the S3 endpoint (0: none)")
+    parser.add_argument("--log-rows", type=int, default=256, help="rows per marker (a part) in the log benches")
     parser.add_argument("--out", default="bench/results/scale.json")
     args = parser.parse_args()
 
@@ -154,14 +209,21 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     server = None
     env = dict(os.environ)
-    results = {"command": f"bench/scale.py --sizes {' '.join(map(str, args.sizes))} --s3-size {args.s3_size}",
+    results = {"command": f"bench/scale.py --sizes {' '.join(map(str, args.sizes))} --s3-size {args.s3_size} "
+                          f"--log-markers {args.log_markers} --s3-log-markers {args.s3_log_markers} "
+                          f"--log-rows {args.log_rows}",
                "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                           f"ray {ray.__version__}",
                "date": date.today().isoformat(), "config": LEAST_WORK, "runs": []}
     try:
-        if args.s3_size:  # before Ray: its workers inherit the endpoint
+        if args.s3_size or args.s3_log_markers:  # before Ray: its workers inherit the endpoint
             server, env = s3_server(env)
             os.environ.update(env)
+        results["commit_log"] = [log_read(uri, n, args.log_rows, env) for uri, n in (
+            (str(work / "log"), args.log_markers), ("s3://scale/log", args.s3_log_markers)) if n]
+        if not args.sizes and not args.s3_size:  # the log benches alone: no Ray
+            _write(results, args.out)
+            return
         connect()
         env = dict(os.environ)  # with what `connect` set for joining this Ray (its auth token)
         address = ray.get_runtime_context().gcs_address
@@ -182,9 +244,13 @@ def main() -> None:
     if len(local) >= 2:
         results["rate_ratio_largest_to_smallest"] = round(local[-1]["rows_per_s_pipeline"]
                                                           / local[0]["rows_per_s_pipeline"], 3)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
-    print(f"written to {args.out}")
+    _write(results, args.out)
+
+
+def _write(results: dict, out: str) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(results, indent=2))
+    print(f"written to {out}")
 
 
 if __name__ == "__main__":

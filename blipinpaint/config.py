@@ -144,6 +144,9 @@ class StreamConfig:
     rows_per_file: int = 64  # rows gathered into one Parquet file (and one commit)
     batch_retries: int = 2  # a batch that keeps failing becomes error rows after this many retries
     retry_failed: bool = False  # try `stage failed` error rows of earlier runs again (e.g. after preemptions)
+    # A commit that finds this many loose markers folds them into a checkpoint (0: only when
+    # the run ends): a resume then reads at most about this many markers one by one.
+    compact_every: int = 500
     inject_failure: FaultConfig = field(default_factory=FaultConfig)  # tests only
 
 
@@ -259,6 +262,9 @@ class Config:
     # moved aside under a dated name and redone, with what reads it (generate, candidates,
     # scorer, finetune, eval, export). Without, such a step refuses to run.
     restart: list[str] = field(default_factory=list)
+    # Generate (and the pipeline) only plan: list, read the log, print what a run would do
+    # and cost, write `run_dir/plan.json`; no model is fetched, no actor starts.
+    dry_run: bool = False
     data: DataConfig = field(default_factory=DataConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
     masks: MaskConfig = field(default_factory=MaskConfig)

@@ -139,8 +139,9 @@ def _stream_problems(stream: StreamConfig) -> list[str]:
         problems += _stage_problems(f"stream.{name}", getattr(stream, name))
     if stream.read.batch_size < 1 or stream.read.num_cpus <= 0:
         problems.append("stream.read.batch_size must be at least 1 and stream.read.num_cpus above 0")
-    if stream.rows_per_file < 1 or stream.batch_retries < 0:
-        problems.append("stream.rows_per_file must be at least 1 and stream.batch_retries at least 0")
+    if stream.rows_per_file < 1 or stream.batch_retries < 0 or stream.compact_every < 0:
+        problems.append("stream.rows_per_file must be at least 1, stream.batch_retries and stream.compact_every "
+                        "at least 0")
     fault = stream.inject_failure
     if fault.stage is not None and fault.stage not in ("prepare", "captioner", "inpainter", "metrics", "fid"):
         problems.append(f"stream.inject_failure.stage={fault.stage!r} is not a stage (prepare, captioner, "

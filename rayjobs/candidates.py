@@ -164,7 +164,7 @@ def run(cfg: Config) -> dict:
     fingerprint.claim(cfg, "candidates", (out_dir,), current)
     write_text(out_dir.config, to_yaml(cfg))
     # 2. Resume, pending per candidate (a killed run may have committed some of an image's).
-    commit_log = CommitLog(out_dir, CANDIDATE_SCHEMA)
+    commit_log = CommitLog(out_dir, CANDIDATE_SCHEMA, compact_every=cfg.stream.compact_every)
     resumed = commit_log.resume(cfg.stream.retry_failed)
     images = sorted(i for r in train_reads for i in r["ids"])
     pending = {i: [k for k in range(n) if candidate_id(i, k) not in resumed.done] for i in images}

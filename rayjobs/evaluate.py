@@ -235,7 +235,7 @@ def run(cfg: Config) -> dict:
     fingerprint.claim(cfg, "eval", (out_dir,), rows_fp)
     write_text(out_dir.config, to_yaml(cfg))
     # 2. Resume: the held-out samples not yet evaluated.
-    commit_log = CommitLog(out_dir, eval_schema(variants))
+    commit_log = CommitLog(out_dir, eval_schema(variants), compact_every=cfg.stream.compact_every)
     resumed = commit_log.resume(cfg.evaluate.retry_failed)
     pending = [i for i in ids if i not in resumed.done]
     log.info("%d held-out samples to evaluate: %d already done, %d to do", len(ids), len(ids) - len(pending),

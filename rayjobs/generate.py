@@ -12,7 +12,9 @@ Ray Data streams the inputs through read + decode + validate + mask (CPU tasks),
 Captioner, Inpainter and metrics actors, and an exactly-once Parquet writer, in bounded
 memory. Killed and run again, the job finishes or undoes what was in flight and does the
 rest. Writes `run_dir/generate/`: `samples/`, `errors/`, `stats.json`, `config.yaml`,
-and `_SUCCESS` once every input is accounted for.
+and `_SUCCESS` once every input is accounted for. With `dry_run=true` it only plans
+(`blipinpaint.plan`): it lists and reads the commit log, prints what a run would do and
+cost, and writes `run_dir/plan.json`, nothing else.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from blipinpaint import builders, fingerprint
+from blipinpaint import builders, fingerprint, plan
 from blipinpaint.batches import Guarded, split_errors
 from blipinpaint.config import Config, sample_images_dir, to_yaml
 from blipinpaint.errors import ConfigError
@@ -118,6 +120,8 @@ def run(cfg: Config) -> dict:
                             cfg.data.limit, cfg.seed, cfg.data.image_column, cfg.data.id_column)
     except SourceError as err:
         raise ConfigError(str(err)) from None
+    if cfg.dry_run:  # only say what a run would do: no model fetched, no actor, nothing but the plan written
+        return plan.plan(cfg, items)
     # 2. Models into the store before any actor loads one; refuse rows of other settings or
     #    models (or, with `restart`, move them aside).
     builders.fill_store(cfg)
@@ -125,7 +129,7 @@ def run(cfg: Config) -> dict:
     fingerprint.claim(cfg, "generate", (out_dir,), current)
     write_text(out_dir.config, to_yaml(cfg))
     # 3. Resume: what a killed run left is finished or undone; the committed ids are skipped.
-    commit_log = CommitLog(out_dir)
+    commit_log = CommitLog(out_dir, compact_every=cfg.stream.compact_every)
     resumed = commit_log.resume(cfg.stream.retry_failed)
     pending = [it for it in items if it["id"] not in resumed.done]
     log.info("%d inputs: %d already committed, %d to do", len(items), len(items) - len(pending), len(pending))
@@ -148,6 +152,9 @@ def run(cfg: Config) -> dict:
 
 
 def print_summary(stats: dict) -> None:
+    if "plan" in stats:
+        plan.print_plan(stats)
+        return
     run_ = stats["this_run"]
     reasons = f" {stats['errors_by_reason']}" if stats["errors_by_reason"] else ""
     print(f"\n{stats['inputs']} inputs: {stats['ok']} samples, {stats['errors']} errors{reasons}; "

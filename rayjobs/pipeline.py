@@ -14,7 +14,8 @@ ship with blipinpaint, on a local Ray bound to 127.0.0.1. The steps: `rayjobs.mo
 not committed), `rayjobs.train_scorer`, with `finetune.method=reward_ranked`
 `rayjobs.candidates`, `rayjobs.finetune_blip`, `rayjobs.evaluate`. A step is skipped only
 when it finished under the fingerprint it would have now; `restart=[step]` replaces an
-output made under other settings or inputs (docs/inputs-outputs.md, "Reruns").
+output made under other settings or inputs (docs/inputs-outputs.md, "Reruns"). With
+`dry_run=true` only generate's plan is made (`rayjobs.generate`), and nothing runs after it.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ log = logging.getLogger("blipinpaint.pipeline")
 
 def run(cfg: Config) -> None:
     run_layout = RunLayout(cfg.run_dir)
+    if cfg.dry_run:  # generate's plan only: the later steps read rows that are not made yet
+        generate.print_summary(generate.run(cfg))
+        return
     models.print_report(models.run(cfg))
     stats = generate.run(cfg)
     generate.print_summary(stats)

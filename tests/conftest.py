@@ -6,6 +6,7 @@ import atexit
 import os
 import shutil
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 # Before any Hugging Face import: a test that reaches for the hub fails instead of waiting,
@@ -99,6 +100,15 @@ def s3():
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
+    # The HTTP requests the endpoint answers, per bucket: clients reach an endpoint given by
+    # its IP with path-style URLs (/<bucket>/<key>), pyarrow's and boto3's alike.
+    requests, app = Counter(), server._server.app
+
+    def counting(environ, start_response):
+        requests[environ.get("PATH_INFO", "/").split("/")[1]] += 1
+        return app(environ, start_response)
+
+    server._server.app = counting
     host, port = server.get_host_and_port()
     os.environ.update({"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "blipinpaint-test",
                        "AWS_SECRET_ACCESS_KEY": "blipinpaint-test-secret", "AWS_DEFAULT_REGION": "us-east-1",
@@ -110,6 +120,7 @@ def s3():
         client.create_bucket(Bucket=name)
         return f"s3://{name}"
 
+    bucket.requests = lambda name: requests[name]  # the requests the endpoint answered for a bucket
     yield bucket
     server.stop()
 

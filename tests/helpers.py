@@ -110,7 +110,9 @@ def account(out_dir, inputs) -> dict:
     import pyarrow.parquet as pq
 
     out = Path(download(out_dir))
-    markers = {p.stem for p in (out / "_commits").glob("*.json")} if (out / "_commits").exists() else set()
+    from blipinpaint.commit_log import CommitLog
+
+    markers = {m["name"] for m in CommitLog(str(out)).markers()}  # loose and in checkpoints
     ids, orphans = [], []
     for folder in ("samples", "errors"):
         for path in sorted((out / folder).glob("*")) if (out / folder).exists() else []:
@@ -119,7 +121,7 @@ def account(out_dir, inputs) -> dict:
                 continue
             ids += pq.read_table(path, columns=["id"]).column("id").to_pylist()
     orphans += [p for p in (out / "_staging").rglob("*") if p.is_file()] if (out / "_staging").exists() else []
-    orphans += list((out / "_commits").glob(".*.tmp")) if (out / "_commits").exists() else []
+    orphans += [p for d in ("_commits", "_checkpoints") if (out / d).exists() for p in (out / d).glob(".*.tmp")]
     inputs = set(inputs)
     stats = json.loads((out / "stats.json").read_text()) if (out / "stats.json").exists() else {}
     return {"inputs": len(inputs), "committed": len(ids), "lost": len(inputs - set(ids)),

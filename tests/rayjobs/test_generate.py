@@ -1,5 +1,6 @@
 """The generate job on a local Ray (127.0.0.1) with the tiny models."""
 
+import json
 import shutil
 
 import numpy as np
@@ -149,3 +150,45 @@ def test_a_failing_prepare_commits_each_bad_row_once(tmp_path, monkeypatch):
     assert {r: e for rows in sunk for r, e in zip(rows["id"], rows["error"])} == {
         "empty.png": "stage failed: prepare raised RuntimeError: mask bug",
         "good.png": "stage failed: prepare raised RuntimeError: mask bug"}
+
+
+def test_a_dry_run_plans_from_the_log_and_starts_nothing(first_run, source, tmp_path, monkeypatch, capsys):
+    """After a partial run (the first run's folder with three of its parts undone), `dry_run`
+    through the pipeline counts what is committed and what is left, estimates each stage's
+    actor-seconds from the committed parts' timings, fetches no model, starts no actor and
+    writes nothing but `run_dir/plan.json`."""
+    from blipinpaint.writer import CommitLog
+    from rayjobs import models, pipeline
+
+    run_dir, cfg, _ = first_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir / "generate", copy / "generate")
+    undone = CommitLog(str(copy / "generate")).uncommit(
+        lambda m: bool({"coffee.jpg", "notes.jpg", "dot.png"} & {*m["samples"], *m["errors"]}))
+    assert 3 <= len(undone) < 9
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a dry run fetched a model or started an actor")
+
+    for where, name in ((generate, "run_stream"), (generate.builders, "fill_store"), (models, "run")):
+        monkeypatch.setattr(where, name, refuse)
+    written = {p: p.stat().st_mtime_ns for p in copy.rglob("*") if p.is_file()}
+    overrides = [f"run_dir={copy}", f"data.source={source}", "stream.rows_per_file=3", "stream.read.batch_size=3",
+                 "stream.captioner.min_size=1", "stream.captioner.max_size=2", "masks.kind=mixed", "dry_run=true",
+                 "stream.inpainter.num_gpus=0.5"]
+    assert pipeline.main(overrides) == 0
+    after = {p: p.stat().st_mtime_ns for p in copy.rglob("*") if p.is_file()}
+    assert set(after) - set(written) == {copy / "plan.json"} and {p: after[p] for p in written} == written
+
+    plan = json.loads((copy / "plan.json").read_text())
+    assert (plan["inputs"], plan["committed"], plan["to_do"]) == (9, 9 - len(undone), len(undone))
+    assert plan["parts_to_write"] == -(-len(undone) // 3) and plan["made_by"]["recorded"]["differs"] == []
+    assert plan["made_by"]["settings_digest"] and len(plan["made_by"]["inputs_digest"]) == 64
+    stages = plan["estimate"]["stages"]
+    assert set(stages) == {"prepare", "captioner", "inpainter", "metrics"}
+    assert all(s["actor_s"] > 0 for s in stages.values()) and plan["estimate"]["from_rows"] == 9 - len(undone)
+    # The inpainter holds half a GPU per actor here: its GPU-hours, the only ones.
+    assert plan["estimate"]["gpu_h"] == stages["inpainter"]["gpu_h"] > 0
+    assert stages["inpainter"]["gpu_h"] == pytest.approx(stages["inpainter"]["actor_s"] * 0.5 / 3600, rel=1e-3)
+    out = capsys.readouterr().out
+    assert f"9 inputs, {9 - len(undone)} already committed" in out and "GPU-hours" in out

@@ -79,7 +79,7 @@ def test_main_job_runs_every_step_and_reuses_them(main_run, capsys, monkeypatch)
 
     # Everything is reused: no row, model, training log or report is written twice.
     outputs = [p for p in run.rglob("*") if p.is_file() and "ray_train" not in p.parts and (
-        p.parent.name in ("samples", "errors", "_commits") or p.suffix == ".safetensors"
+        p.parent.name in ("samples", "errors", "_commits", "_checkpoints") or p.suffix == ".safetensors"
         or p.name in ("metrics.jsonl", "report.json", "report.md", "report.html", "check.json"))]
     assert len(outputs) >= 12  # rows and markers, both models, both training logs, every report
     written = {p: p.stat().st_mtime_ns for p in outputs}
@@ -89,7 +89,7 @@ def test_main_job_runs_every_step_and_reuses_them(main_run, capsys, monkeypatch)
 
     # Run alone, evaluate redoes only the report from the committed rows.
     assert evaluate.main(args) == 0
-    rows = [p for p in outputs if p.parent.name in ("samples", "errors", "_commits")]
+    rows = [p for p in outputs if p.parent.name in ("samples", "errors", "_commits", "_checkpoints")]
     assert all(p.stat().st_mtime_ns == written[p] for p in rows)
     assert (run / "eval" / "report.json").stat().st_mtime_ns > written[run / "eval" / "report.json"]
 

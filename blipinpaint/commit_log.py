@@ -1,0 +1,325 @@
+"""Exactly-once Parquet output: staged files, a commit marker, then the move into place.
+
+An output folder (local or s3://) holds `samples/` and `errors/` (committed parts only),
+`_commits/<part>.json` (a part is committed when its marker exists), `_checkpoints/`
+(compactions of many markers, `blipinpaint.checkpoints`), `_staging/` (files being
+written), `_owner.json` (the run that writes here now) and `_released.json`. The marker is
+written after the staged files and before they move, so `recover()` can finish or undo a
+part cut at any point; a part's name is a hash of its ids, so a retried write replaces,
+never duplicates. A new run takes the folder over, and a writer of an earlier run checks
+the owner before its commit point and gives up (`Superseded`). What this assumes of the
+store: docs/inputs-outputs.md, "Exactly once".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Collection
+from dataclasses import replace
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pyarrow import fs as pafs
+
+from blipinpaint.checkpoints import CHECKPOINTS, COMPACT_EVERY, CompactedLog
+from blipinpaint.checkpoints import NAME as CHECKPOINT_NAME
+from blipinpaint.commits import DATA_DIRS, Account, Resumed, Superseded, part_name, stage_failure
+from blipinpaint.errors import JobError
+from blipinpaint.layout import Folder
+from blipinpaint.records import SAMPLE_SCHEMA, split_rows
+from blipinpaint.storage import filesystem, is_remote, write_text
+
+OWNER = "_owner.json"
+RELEASED = "_released.json"
+log = logging.getLogger(__name__)
+
+
+class CommitLog(CompactedLog):
+    """The parts of one output folder. With `owner` (a run's token) a commit first checks
+    that this run still owns the folder. `compact_every`: a commit that finds that many loose
+    markers or more compacts the log (`blipinpaint.checkpoints`); the owner's setting, kept in
+    `_owner.json` by `take_over`, is what its writers follow; 0 compacts only at `finish`."""
+
+    def __init__(self, out_dir: str, schema: pa.Schema = SAMPLE_SCHEMA, owner: str | None = None,
+                 compact_every: int = COMPACT_EVERY):
+        self.out_dir, self.schema, self.owner, self.compact_every = out_dir, schema, owner, compact_every
+        self.fs, self.root = filesystem(out_dir)
+        self._checkpoints: dict[str, list[dict]] = {}  # checkpoint name (its digest) -> its markers
+        self._owner_found: dict | None = None  # `_owner.json` as the last owner check read it
+
+    def _path(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts)
+
+    def _write_bytes(self, path: str, data: bytes) -> None:
+        with self.fs.open_output_stream(path, compression=None) as f:  # bytes as given (not by the name)
+            f.write(data)
+
+    def _read_json(self, name: str) -> dict | None:
+        try:  # one request: every commit reads the owner
+            with self.fs.open_input_stream(self._path(name)) as f:
+                return json.loads(f.read())
+        except FileNotFoundError:
+            return None
+
+    def take_over(self, grace_s: float = 5.0) -> str:
+        """Make a new run the folder's only writer; return its token.
+
+        When the previous run did not finish (its driver died), its tasks in flight may be
+        between their owner check and their commit point: wait `grace_s` for those commits
+        to land before the caller recovers and lists what is committed.
+        """
+        previous, released = self._read_json(OWNER), self._read_json(RELEASED)
+        token = uuid.uuid4().hex
+        self.fs.create_dir(self.root, recursive=True)
+        self._replace(OWNER, {"token": token, "compact_every": self.compact_every})
+        if previous is not None and previous["token"] != (released or {}).get("token"):
+            log.info("%s: the previous run did not finish; waiting %.0f s for its last commits", self.out_dir, grace_s)
+            self._wait(grace_s)
+        self.owner = token
+        return token
+
+    _wait = staticmethod(time.sleep)  # (tests record the waits instead)
+    _now = staticmethod(time.time)  # what the stores' file times are compared with (tests set the clock)
+
+    def release(self) -> None:
+        """Say that the owner's run finished: the next run need not wait for stragglers.
+        A file of its own, so that a run taken over never touches the new owner's file."""
+        self._replace(RELEASED, {"token": self.owner})
+
+    def _replace(self, name: str, content: dict) -> None:
+        # Every commit of every task reads the owner file: it must never be seen half written.
+        self._put("", name, json.dumps(content).encode())
+
+    def _put(self, folder: str, name: str, data: bytes) -> None:
+        """Write a whole small file that readers see complete or not at all. An object store's
+        PUT is that already; a local write truncates first, so on a disk the file is written
+        beside (a dot-name `recover` cleans up) and renamed into place."""
+        if is_remote(self.out_dir):
+            self._write_bytes(self._path(folder, name), data)
+            return
+        tmp = self._path(folder, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
+        self._write_bytes(tmp, data)
+        self.fs.move(tmp, self._path(folder, name))
+
+    def owns(self) -> bool:
+        """Whether this run (`owner`) still owns the folder; without an owner, always."""
+        if self.owner is None:
+            return True
+        current = self._owner_found = self._read_json(OWNER)
+        return current is not None and current["token"] == self.owner
+
+    def check_owner(self) -> None:
+        if not self.owns():
+            raise Superseded(f"{self.out_dir} is now written by another run; this run's writes stop here")
+
+    def commit(self, table: pa.Table) -> dict:
+        """Write one part (the rows of `table`, samples and errors) exactly once."""
+        ids = table.column("id").to_pylist()
+        name = part_name(ids)
+        samples, errors = split_rows(table, self.schema)
+        marker = {
+            "name": name,
+            "samples": samples.column("id").to_pylist(),
+            "errors": errors.column("id").to_pylist(),
+            "error_kinds": [e.split(":", 1)[0] for e in errors.column("error").to_pylist()],
+            "seconds": {c[len("seconds_"):]: float(pc.sum(table.column(c)).as_py() or 0.0)
+                        for c in table.column_names if c.startswith("seconds_")},
+            "retries": {c[len("retries_"):]: int(pc.sum(table.column(c)).as_py() or 0)
+                        for c in table.column_names if c.startswith("retries_")},
+        }
+        attempt = uuid.uuid4().hex[:12]
+        # When it committed, by this worker's clock: the markers a compaction folded away keep it.
+        marker["staged"], marker["committed_at"] = {}, round(self._now(), 3)
+        for folder, part in zip(DATA_DIRS, (samples, errors)):
+            if part.num_rows:
+                staged = f"{name}.{attempt}.parquet"
+                self.fs.create_dir(self._path("_staging", folder), recursive=True)
+                pq.write_table(part, self._path("_staging", folder, staged), filesystem=self.fs)
+                marker["staged"][folder] = staged
+        try:
+            self.check_owner()
+        except Superseded:
+            # Its staged files would outlive the new owner's `recover()` (done when it took over):
+            # take them back (that recovery may have removed them already). A writer killed right
+            # here leaves them to the next recovery.
+            for folder, staged in marker["staged"].items():
+                self._delete(self._path("_staging", folder, staged))
+            raise
+        self.fs.create_dir(self._path("_commits"), recursive=True)
+        self._put("_commits", f"{name}.json", json.dumps(marker).encode())  # the commit point
+        self._publish(marker)
+        for folder in DATA_DIRS:  # this part committed before with rows in the other folder: not any more
+            if folder not in marker["staged"]:
+                self._delete(self._path(folder, f"{name}.parquet"))
+        self._maybe_compact((self._owner_found or {}).get("compact_every", self.compact_every))
+        return marker
+
+    def _delete(self, path: str) -> None:
+        """Delete a file that may not be there (one request on S3, as a check first would be)."""
+        try:
+            self.fs.delete_file(path)
+        except FileNotFoundError:
+            pass
+
+    def _publish(self, marker: dict) -> None:
+        """Move a committed part's files into place. A file a recovery moved already is in place;
+        one in neither place was removed by a recovery that did not see the marker (it landed
+        after that recovery listed the markers): the part is lost, and said so."""
+        for folder, staged in marker["staged"].items():
+            source, target = self._path("_staging", folder, staged), self._path(folder, f"{marker['name']}.parquet")
+            if self.fs.get_file_info(source).type == pafs.FileType.File:
+                self.fs.create_dir(self._path(folder), recursive=True)
+                self.fs.move(source, target)
+            elif self.fs.get_file_info(target).type != pafs.FileType.File:
+                lost = (f"{self.out_dir}: part {marker['name']} committed, but its staged {folder} file is gone (a "
+                        "recovery removed it before the marker landed); the next recovery drops the part and its "
+                        "rows are done again")
+                raise (JobError if self.owns() else Superseded)(lost)
+
+    def _listing(self, folder: str) -> dict[str, float]:
+        """The files in a folder of the output, by name, with their ages in seconds (by the
+        store's file times): one listing, not a request per file."""
+        selector, now = pafs.FileSelector(self._path(folder), allow_not_found=True), self._now()
+        return {i.base_name: now - i.mtime.timestamp() for i in self.fs.get_file_info(selector)
+                if i.type == pafs.FileType.File}
+
+    def _files(self, folder: str) -> set[str]:
+        return set(self._listing(folder))
+
+    def recover(self, grace_s: float = 0.0) -> dict[str, int]:
+        """Finish committed parts, undo uncommitted ones; return what was done.
+
+        A marker whose data is gone both staged and published (an `uncommit` cut short, a
+        recovery that removed a straggler's staged file before its marker landed, or files
+        deleted by hand) is dropped: its ids are pending again, never silently lost. So is a
+        part sharing an id with a part kept before it (parts with samples first): only a
+        writer that outlived the owner check can cause that, and the ids of the dropped part
+        that are nowhere else are redone. Files no marker names that are younger than
+        `grace_s` (by the store's file times) are left to the writer that may still commit
+        or take them back.
+        """
+        staged = {folder: self._listing(f"_staging/{folder}") for folder in DATA_DIRS}
+        published = {folder: self._files(folder) for folder in DATA_DIRS}
+        kept, dropped, seen = [], [], set()
+        for marker in sorted(self.markers(), key=lambda m: (not m["samples"], m["name"])):
+            files = marker["staged"].items()
+            ids = {*marker["samples"], *marker["errors"]}
+            if ids & seen or any(name not in staged[f] and f"{marker['name']}.parquet" not in published[f]
+                                 for f, name in files):
+                dropped.append(marker)
+                continue
+            seen |= ids
+            kept.append(marker)
+            for folder, name in files:
+                if name in staged[folder]:
+                    self.fs.create_dir(self._path(folder), recursive=True)
+                    self.fs.move(self._path("_staging", folder, name), self._path(folder, f"{marker['name']}.parquet"))
+                    staged[folder].pop(name)
+            for folder in DATA_DIRS:  # a re-commit cut short before the other folder's file went
+                if folder not in marker["staged"] and f"{marker['name']}.parquet" in published[folder]:
+                    self.fs.delete_file(self._path(folder, f"{marker['name']}.parquet"))
+        self._remove(dropped)
+        removed = self._remove_unnamed(kept, staged, grace_s)
+        return {"committed_parts": len(kept), "orphans_removed": removed, "parts_dropped": len(dropped)}
+
+    def _remove_unnamed(self, markers: list[dict], staged: dict[str, dict[str, float]], grace_s: float) -> int:
+        """Delete the staged files (`staged`: folder -> name -> age) and temporary files that no
+        marker of `markers` names, but those younger than `grace_s`; return how many went."""
+        named = {(folder, name) for m in markers for folder, name in m["staged"].items()}
+        unnamed = {self._path("_staging", f, name): age for f in DATA_DIRS for name, age in staged[f].items()
+                   if (f, name) not in named}
+        temporary = () if is_remote(self.out_dir) else ("_commits", CHECKPOINTS, "")  # `_put`'s, on a disk only
+        unnamed |= {self._path(folder, name): age for folder in temporary for name, age in
+                    self._listing(folder).items() if name.startswith(".") and name.endswith(".tmp")}
+        removed = [path for path, age in unnamed.items() if age >= grace_s]
+        for path in removed:
+            self._delete(path)
+        if len(removed) < len(unnamed):
+            log.info("%s: %d staged files younger than %.0f s left to their writers", self.out_dir,
+                     len(unnamed) - len(removed), grace_s)
+        return len(removed)
+
+    def _remove(self, markers: list[dict]) -> None:
+        """Delete parts: data first (in both folders: a re-commit may have been cut short before
+        its other folder's file went), the record last (a cut-short removal is finished by
+        `recover`): the marker, or, once the log has checkpoints, a checkpoint without them."""
+        for marker in markers:
+            paths = [self._path(folder, f"{marker['name']}.parquet") for folder in DATA_DIRS]
+            paths += [self._path("_staging", folder, name) for folder, name in marker["staged"].items()]
+            for path in paths:
+                self._delete(path)
+        if markers and self._names(CHECKPOINTS, CHECKPOINT_NAME):
+            self.compact(drop={m["name"] for m in markers})
+            return
+        for marker in markers:
+            self.fs.delete_file(self._path("_commits", f"{marker['name']}.json"))
+
+    def uncommit(self, matches: Callable[[dict], bool]) -> list[str]:
+        """Remove the committed parts whose marker `matches`; return their ids (pending again)."""
+        parts = [m for m in self.markers() if matches(m)]
+        self._remove(parts)
+        return [i for m in parts for i in (*m["samples"], *m["errors"])]
+
+    def committed_samples(self) -> dict[str, list[str]]:
+        """Part name -> the sample ids committed in it (from the markers: no data is read)."""
+        return {m["name"]: m["samples"] for m in self.markers() if m["samples"]}
+
+    def committed_ids(self) -> set[str]:
+        return {i for m in self.markers() for i in (*m["samples"], *m["errors"])}
+
+    def resume(self, retry_failed: bool = False, grace_s: float = 5.0) -> Resumed:
+        """Start a run here: take the folder over (a killed run's stragglers stop committing),
+        finish or undo what it left, and with `retry_failed` make the parts of batches a
+        model stage failed on pending again (a preempted machine, not their images)."""
+        owner = self.take_over(grace_s)  # before recovering
+        recovered = self.recover(grace_s)
+        retried = self.uncommit(stage_failure) if retry_failed else []
+        return Resumed(owner, recovered, retried, self.committed_ids())
+
+    def account(self, listed: Collection[str]) -> Account:
+        """Where each of the `listed` ids stands: a sample, an error (and why), missing or duplicated.
+        The ids of a part whose files are not all in place count as missing (its marker names
+        data a recovery removed, or that was deleted): the next `recover` drops it."""
+        markers, listed = self.markers(), set(listed)
+        seen = Counter(i for m in markers for i in (*m["samples"], *m["errors"]))
+        published = {folder: self._files(folder) for folder in DATA_DIRS}
+        placed = [m for m in markers if all(f"{m['name']}.parquet" in published[f] for f in m["staged"])]
+        account = Account(
+            listed=len(listed), ok={i for m in placed for i in m["samples"]} & listed,
+            errors_by_reason=Counter(k for m in placed for i, k in zip(m["errors"], m["error_kinds"]) if i in listed),
+            missing=sorted(listed - {i for m in placed for i in (*m["samples"], *m["errors"])}),
+            duplicates=sum(c - 1 for c in seen.values() if c > 1),
+            rows=sum(len(m["samples"]) + len(m["errors"]) for m in markers),
+            files={f"{f}/{m['name']}.parquet": [i for i in (*m["samples"], *m["errors"]) if i in listed]
+                   for m in placed for f in m["staged"]})
+        for m in markers:
+            account.seconds.update(m["seconds"])
+            account.retries.update(m["retries"])
+        return account
+
+    def finish(self, stats: dict, account: Account, what: str, success: str = "", grace_s: float = 5.0) -> None:
+        """End the run: its `stats.json`, `_SUCCESS` (holding `success`) when every listed id is
+        accounted for and the files `account` found are still in place (one listing per
+        folder), the folder released; a `JobError` naming the `what` (e.g. "inputs") missing
+        or duplicated. Staged files of an earlier run that its writer never committed nor
+        took back (it died after the recovery left them, younger than the grace) go first."""
+        staged = {f: self._listing(f"_staging/{f}") for f in DATA_DIRS}  # listed first, as `recover` does
+        if any(staged.values()):  # usually nothing: the markers are read only when there is
+            self._remove_unnamed(self.markers(), staged, grace_s)
+        self.compact()  # the next reader reads one checkpoint (nothing written when nothing is loose)
+        if account.complete:
+            published = {folder: self._files(folder) for folder in DATA_DIRS}
+            gone = {i for path, ids in account.files.items() if posixpath.basename(path)
+                    not in published[posixpath.dirname(path)] for i in ids}
+            account = replace(account, missing=sorted(set(account.missing) | gone))
+        write_text(Folder(self.out_dir).stats, json.dumps(stats, indent=2))
+        if account.complete:
+            write_text(Folder(self.out_dir).success, success)
+        self.release()
+        account.check(self.out_dir, what)

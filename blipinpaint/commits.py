@@ -1,0 +1,76 @@
+"""What the commit log's readers get: a part's name, where the listed ids stand (`Account`),
+what a run found when it took a folder over (`Resumed`). Storage-free: the log itself is
+`blipinpaint.commit_log`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+
+from blipinpaint.errors import JobError
+
+DATA_DIRS = ("samples", "errors")
+
+
+class Superseded(JobError):
+    """Another run has taken over the output folder: this writer must not commit."""
+
+
+def stage_failure(marker: dict) -> bool:
+    """A part holding only rows of a batch a model stage failed on (raised, or its worker died)."""
+    kinds = marker["error_kinds"]
+    return not marker["samples"] and bool(kinds) and all(kind == "stage failed" for kind in kinds)
+
+
+@dataclass
+class Resumed:
+    """What a run found in its output folder when it took it over (`CommitLog.resume`)."""
+
+    owner: str  # this run's token
+    recovered: dict[str, int]  # what `recover` finished and undid
+    retried: list[str]  # ids of `stage failed` parts made pending again
+    done: set[str]  # ids committed (as samples or errors)
+
+
+@dataclass
+class Account:
+    """Where the ids a run listed stand in its output folder (`CommitLog.account`)."""
+
+    listed: int
+    ok: set[str]  # listed ids committed as samples
+    errors_by_reason: Counter  # listed ids committed as errors, by the kind of error
+    missing: list[str]  # listed ids committed nowhere
+    duplicates: int  # commits of an id beyond its first
+    rows: int  # rows of every part, listed or not
+    seconds: Counter = field(default_factory=Counter)  # busy seconds per stage over every part
+    retries: Counter = field(default_factory=Counter)  # failed attempts per stage over every part
+    files: dict[str, list[str]] = field(default_factory=dict, repr=False)  # "folder/name" of data -> its part's ids
+
+    @property
+    def errors(self) -> int:
+        return sum(self.errors_by_reason.values())
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing and not self.duplicates
+
+    def stages(self) -> dict[str, dict]:
+        """Busy time per stage over all committed rows: rows per second of one worker."""
+        return {s: {"busy_s": round(t, 3), "rows_per_s_per_worker": round(self.rows / t, 3) if t else None,
+                    "retries": self.retries[s]} for s, t in self.seconds.items()}
+
+    def check(self, out_dir: str, what: str) -> None:
+        """A `JobError` naming what is missing or duplicated, unless every listed id is there once."""
+        if not self.complete:
+            raise JobError(f"{out_dir}: {len(self.missing)} {what} missing, {self.duplicates} duplicated; "
+                           "run the same command again to finish")
+
+
+def part_name(ids: list[str]) -> str:
+    """A part's name: a digest of its ids, in any order. The ids are encoded as a JSON list,
+    so that no two lists share an encoding (ids joined by newlines did: an id may hold one).
+    Parts committed under that earlier naming keep their names: each marker carries its own."""
+    digest = hashlib.blake2b(json.dumps(sorted(ids)).encode(), digest_size=10).hexdigest()
+    return f"part-{digest}"

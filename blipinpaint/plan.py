@@ -1,0 +1,106 @@
+"""`dry_run=true`: what a generate run would do and cost, before a model is fetched or started.
+
+It lists the inputs, reads the output folder's commit log (read only: no take-over, no
+recovery), and says how many inputs there are, how many are committed, how many are left
+and in how many parts. When parts are committed, their markers hold each stage's busy
+seconds (`seconds_<stage>` summed per part): at those rates it estimates the actor-seconds
+each stage needs for what is left, and the GPU-hours of the stages that hold GPUs
+(`stream.<stage>.num_gpus` per actor). The plan is the only file written:
+`run_dir/plan.json`, saying what made it (the settings' digest, the listed inputs' digest,
+what the folder recorded).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+
+from blipinpaint import fingerprint
+from blipinpaint.commit_log import CommitLog
+from blipinpaint.commits import stage_failure
+from blipinpaint.config import Config
+from blipinpaint.layout import Folder, RunLayout
+from blipinpaint.storage import is_file, read_text, write_text
+
+PLAN = "plan.json"
+
+
+def inputs_digest(items: list[dict]) -> str:
+    """A digest of the listed inputs: each id and where it is read from, in listing order."""
+    digest = hashlib.sha256()
+    for item in items:
+        digest.update(json.dumps([item["id"], item.get("source", "")]).encode() + b"\n")
+    return digest.hexdigest()
+
+
+def _recorded(out_dir: Folder, settings: dict) -> dict:
+    """What the folder recorded, and whether a real run would resume it or refuse (the models
+    are not compared: a dry run hashes none)."""
+    path = out_dir.fingerprint
+    if not is_file(path):
+        return {"fingerprint": None, "differs": []}
+    recorded = json.loads(read_text(path))
+    return {"fingerprint": fingerprint.digest_of(recorded),
+            "differs": fingerprint.differing({k: recorded.get(k) for k in settings}, settings)}
+
+
+def estimate(seconds: dict[str, float], rows: int, to_do: int, cfg: Config) -> dict | None:
+    """Actor-seconds per stage for `to_do` rows at the rates of `rows` committed ones (`seconds`:
+    busy seconds per stage over them), and the GPU-hours of the stages holding GPUs."""
+    if not rows or not seconds:
+        return None
+    stages = {}
+    for stage, busy in sorted(seconds.items()):
+        per_row = busy / rows
+        gpus = getattr(getattr(cfg.stream, stage, None), "num_gpus", 0.0) or 0.0
+        stages[stage] = {"s_per_row": round(per_row, 6), "actor_s": round(per_row * to_do, 3),
+                         "gpus_per_actor": gpus, "gpu_h": round(per_row * to_do * gpus / 3600, 6)}
+    return {"from_rows": rows, "stages": stages, "actor_h": round(sum(s["actor_s"] for s in stages.values()) / 3600, 6),
+            "gpu_h": round(sum(s["gpu_h"] for s in stages.values()), 6)}
+
+
+def plan(cfg: Config, items: list[dict]) -> dict:
+    """The plan of a generate run over the listed `items`; written to `run_dir/plan.json`."""
+    out_dir = RunLayout(cfg.run_dir).generate
+    log = CommitLog(out_dir)
+    ids = [it["id"] for it in items]
+    account = log.account(ids)
+    markers = log.markers()
+    retried = {i for m in markers if stage_failure(m) for i in m["errors"]} if cfg.stream.retry_failed else set()
+    to_do = len(account.missing) + len(retried & set(ids))
+    settings = fingerprint.generate_settings(cfg)
+    result = {
+        "plan": "generate", "run_dir": cfg.run_dir, "out_dir": out_dir,
+        "inputs": len(ids), "committed": len(ids) - to_do,
+        "committed_samples": len(account.ok), "committed_errors": account.errors,
+        "to_do": to_do, "parts_to_write": math.ceil(to_do / cfg.stream.rows_per_file),
+        "rows_per_file": cfg.stream.rows_per_file, "retry_failed": cfg.stream.retry_failed,
+        "estimate": estimate(dict(account.seconds), account.rows, to_do, cfg),
+        "made_by": {"settings_digest": fingerprint.digest_of(settings), "inputs_digest": inputs_digest(items),
+                    "source": cfg.data.source, "kind": cfg.data.kind, "limit": cfg.data.limit,
+                    "models": "not hashed: a dry run fetches none", "recorded": _recorded(out_dir, settings),
+                    "commit_log": {"parts": len(markers)}},
+    }
+    write_text(f"{RunLayout(cfg.run_dir).root}/{PLAN}", json.dumps(result, indent=2))
+    return result
+
+
+def print_plan(result: dict) -> None:
+    recorded = result["made_by"]["recorded"]
+    print(f"\nplan for {result['out_dir']}: {result['inputs']} inputs, {result['committed']} already committed "
+          f"({result['committed_samples']} samples, {result['committed_errors']} errors), {result['to_do']} to do "
+          f"in about {result['parts_to_write']} parts of {result['rows_per_file']} rows")
+    if recorded["differs"]:
+        print(f"a run would refuse this folder: {', '.join(recorded['differs'])} differ (restart=[generate] "
+              "moves it aside)")
+    est = result["estimate"]
+    if est is None:
+        print("no committed part yet: no rates to estimate from (a run with data.limit set measures them)")
+    else:
+        for stage, s in est["stages"].items():
+            gpu = f", {s['gpu_h']:.2f} GPU-h" if s["gpus_per_actor"] else ""
+            print(f"  {stage:<10} {s['s_per_row']:.4f} s/row -> {s['actor_s']:.0f} actor-s{gpu}")
+        print(f"estimated for the rest: {est['actor_h']:.2f} actor-hours, {est['gpu_h']:.2f} GPU-hours "
+              f"(at the rates of {est['from_rows']} committed rows)")
+    print(f"plan written to {result['run_dir'].rstrip('/')}/{PLAN}; nothing else was written, no actor started")

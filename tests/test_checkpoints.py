@@ -1,0 +1,171 @@
+"""The commit log's checkpoints (`blipinpaint.checkpoints`): a compacted log reads in a few
+requests and reads exactly as the markers did, whatever step a compaction was cut at."""
+
+from __future__ import annotations
+
+import posixpath
+import uuid
+
+import pytest
+from helpers import sample_rows as _rows
+from pyarrow import fs as pafs
+
+from blipinpaint.checkpoints import CHECKPOINTS, CompactedLog
+from blipinpaint.commit_log import CommitLog
+from blipinpaint.commits import stage_failure
+from blipinpaint.errors import JobError
+from blipinpaint.storage import filesystem
+
+
+def _files(uri: str, folder: str) -> list[str]:
+    fs, root = filesystem(uri)
+    selector = pafs.FileSelector(posixpath.join(root, folder), allow_not_found=True)
+    return sorted(i.base_name for i in fs.get_file_info(selector) if i.type == pafs.FileType.File)
+
+
+def _read(uri: str) -> tuple[list[dict], set[str], dict]:
+    """What a fresh reader learns: the markers, the committed ids, where ids stand."""
+    log = CommitLog(uri)
+    account = log.account([f"img{i:04d}" for i in range(400)])
+    return log.markers(), log.committed_ids(), {"ok": account.ok, "errors": dict(account.errors_by_reason),
+                                                "missing": len(account.missing), "duplicates": account.duplicates}
+
+
+@pytest.fixture(params=["disk", "bucket"])
+def uri(request, tmp_path) -> str:
+    if request.param == "disk":
+        return str(tmp_path / "out")
+    return request.getfixturevalue("s3")(f"ckpt-{uuid.uuid4().hex[:12]}") + "/out"
+
+
+def _commit_parts(log: CommitLog, start: int, n: int) -> None:
+    """`n` parts of one row each; every seventh an error row."""
+    for i in range(start, start + n):
+        log.commit(_rows([f"img{i:04d}"], ["not an image: x" if i % 7 == 0 else ""]))
+
+
+def test_a_compacted_log_reads_in_a_few_requests_and_the_same(s3):
+    """150 parts committed through the writer, read by a new run: one request per marker
+    before compaction, a handful after (counted at the S3 endpoint), and the same answer."""
+    name = f"ckpt-{uuid.uuid4().hex[:12]}"
+    uri = s3(name) + "/out"
+    log = CommitLog(uri, compact_every=0)  # no compaction while committing: the log of markers
+    log.take_over(grace_s=0)
+    _commit_parts(log, 0, 150)
+    log.commit(_rows(["img0003"], ["stage failed: x"]))  # a part committed again (a retried task): replaced
+
+    before = s3.requests(name)
+    markers, ids, where = _read(uri)
+    uncompacted = s3.requests(name) - before
+    assert len(markers) == 150 and uncompacted > 150 and len(ids) == 150 and where["errors"]["stage failed"] == 1
+
+    assert CommitLog(uri).compact()["markers_folded"] == 150
+    assert _files(uri, "_commits") == [] and len(_files(uri, CHECKPOINTS)) == 1
+    before = s3.requests(name)
+    assert CommitLog(uri).committed_ids() == ids
+    assert s3.requests(name) - before <= 4  # two listings and the checkpoint
+    assert _read(uri) == (markers, ids, where)
+
+    # A resumed run: the take-over, the recovery and what is committed, in about 20 requests.
+    before = s3.requests(name)
+    resumed = CommitLog(uri).resume(grace_s=0)
+    assert s3.requests(name) - before <= 20 and resumed.done == ids
+
+
+@pytest.mark.parametrize("cut", ["read", "checkpoint written", "markers deleted"])
+def test_a_compaction_cut_at_any_step_leaves_a_log_that_reads_the_same(uri, cut, monkeypatch):
+    log = CommitLog(uri, compact_every=0)
+    _commit_parts(log, 0, 12)
+    log.compact()  # an earlier checkpoint, for the next one to merge
+    _commit_parts(log, 12, 8)
+    log.commit(_rows(["img0001"], ["not an image: x"]))  # a part of the checkpoint committed again, loose
+    expected = _read(uri)
+    assert expected[2]["errors"] == {"not an image": 4}
+
+    def die(step):
+        if step == cut:
+            raise KeyboardInterrupt(f"killed at {step!r}")  # what a SIGKILL leaves: nothing after this step
+
+    monkeypatch.setattr(CompactedLog, "_step", staticmethod(die))
+    with pytest.raises(KeyboardInterrupt):
+        CommitLog(uri).compact()
+    assert _read(uri) == expected
+    monkeypatch.undo()
+    done = CommitLog(uri).compact()
+    assert done["parts"] == 20 and _read(uri) == expected
+    assert _files(uri, "_commits") == [] and _files(uri, CHECKPOINTS) == [done["checkpoint"]]
+
+
+def test_writers_compact_every_n_commits_and_the_run_at_its_end(uri):
+    log = CommitLog(uri, compact_every=5)
+    log.take_over(grace_s=0)  # the owner's setting, which every writer of the run follows
+    writer = CommitLog(uri, owner=log.owner)
+    _commit_parts(writer, 0, 13)
+    assert len(_files(uri, "_commits")) < 5 and len(_files(uri, CHECKPOINTS)) == 1
+    assert CommitLog(uri).committed_ids() == {f"img{i:04d}" for i in range(13)}
+    seen = {m["name"] for m in CommitLog(uri).markers()}
+    progress = CommitLog(uri)  # a reader that keeps looking, as the progress line does
+    assert progress.markers(skip=seen) == []
+    _commit_parts(writer, 13, 4)  # one compaction more
+    assert sorted(i for m in progress.markers(skip=seen) for i in m["samples"] + m["errors"]) == [
+        f"img{i:04d}" for i in range(13, 17)]
+    account = log.account([f"img{i:04d}" for i in range(17)])
+    log.finish({}, account, "inputs")
+    assert _files(uri, "_commits") == [] and len(_files(uri, CHECKPOINTS)) == 1 and "_SUCCESS" in _files(uri, "")
+    files = _files(uri, CHECKPOINTS)
+    log.finish({}, account, "inputs")  # nothing loose: nothing rewritten
+    assert _files(uri, CHECKPOINTS) == files
+
+
+def test_parts_in_a_checkpoint_are_redone_and_removed_like_loose_ones(uri, monkeypatch):
+    """`retry_failed` removes a `stage failed` part a checkpoint holds; the part done again is
+    read as its new commit; a removal cut short after its checkpoint is finished by `recover`."""
+    log = CommitLog(uri, compact_every=0)
+    log.commit(_rows(["a", "b"], ["", ""]))
+    log.commit(_rows(["c"], ["stage failed: x"]))
+    log.commit(_rows(["d"], ["stage failed: x"]))
+    log.compact()
+    resumed = CommitLog(uri).resume(retry_failed=True, grace_s=0)
+    assert sorted(resumed.retried) == ["c", "d"] and resumed.done == {"a", "b"}
+    assert _files(uri, "errors") == [] and _files(uri, "_commits") == []
+    log.commit(_rows(["c"], [""]))  # done again, now a sample
+    log.compact()
+    assert CommitLog(uri).account(["a", "b", "c", "d"]).missing == ["d"]
+
+    log.commit(_rows(["d"], ["stage failed: x"]))
+    log.compact()
+
+    def die(step):
+        if step == "checkpoint written":
+            raise KeyboardInterrupt(step)
+
+    monkeypatch.setattr(CompactedLog, "_step", staticmethod(die))
+    with pytest.raises(KeyboardInterrupt):
+        CommitLog(uri).uncommit(stage_failure)  # its data went, its checkpoint landed; the old one is left
+    monkeypatch.undo()
+    assert CommitLog(uri).recover()["parts_dropped"] == 1  # the old checkpoint's copy: its data is gone
+    assert CommitLog(uri).committed_ids() == {"a", "b", "c"} and len(_files(uri, CHECKPOINTS)) == 1
+
+
+def test_a_checkpoint_is_trusted_by_its_content_not_its_name(uri, tmp_path):
+    log = CommitLog(uri, compact_every=0)
+    log.commit(_rows(["a"], [""]))
+    (name,) = [log.compact()["checkpoint"]]
+    fs, root = filesystem(uri)
+    # Copied from another folder under a name of its own: not read, and named.
+    other = CommitLog(str(tmp_path / "other"), compact_every=0)
+    other.commit(_rows(["x"], [""]))
+    foreign = other.compact()["checkpoint"]
+    renamed = name[:-len("0.json.gz")] + ("1" if name[-len("0.json.gz")] == "0" else "0") + ".json.gz"
+    with open(tmp_path / "other" / CHECKPOINTS / foreign, "rb") as f, \
+            fs.open_output_stream(posixpath.join(root, CHECKPOINTS, renamed), compression=None) as g:
+        g.write(f.read())
+    with pytest.raises(JobError, match=f"{CHECKPOINTS}/{renamed} does not hold what its name says"):
+        CommitLog(uri).committed_ids()
+    # Copied under its own (right) name: read, but its part's data is not here: dropped, not done.
+    fs.delete_file(posixpath.join(root, CHECKPOINTS, renamed))
+    with open(tmp_path / "other" / CHECKPOINTS / foreign, "rb") as f, \
+            fs.open_output_stream(posixpath.join(root, CHECKPOINTS, foreign), compression=None) as g:
+        g.write(f.read())
+    assert CommitLog(uri).account(["a", "x"]).missing == ["x"]
+    assert CommitLog(uri).resume(grace_s=0).done == {"a"}
