@@ -36,6 +36,9 @@ DATA_DIRS = ("samples", "errors")
 OWNER = "_owner.json"
 RELEASED = "_released.json"
 log = logging.getLogger(__name__)
+# Why a batch ran again but for its stage raising, by the token in its rows' `reruns_<stage>_<token>`
+# (`rayjobs.stream.AttemptLedger`): its worker died on it, its node did, or its node lost its output.
+RERUN_CAUSES = {"worker": "worker_died", "node": "node_lost", "output": "output_lost"}
 
 
 class Superseded(JobError):
@@ -70,6 +73,7 @@ class Account:
     rows: int  # rows of every part, listed or not
     seconds: Counter = field(default_factory=Counter)  # busy seconds per stage over every part
     retries: Counter = field(default_factory=Counter)  # failed attempts per stage over every part
+    reruns: dict[str, Counter] = field(default_factory=dict)  # stage -> runs again by cause (`RERUN_CAUSES`)
     files: dict[str, list[str]] = field(default_factory=dict, repr=False)  # "folder/name" of data -> its part's ids
 
     @property
@@ -84,6 +88,14 @@ class Account:
         """Busy time per stage over all committed rows: rows per second of one worker."""
         return {s: {"busy_s": round(t, 3), "rows_per_s_per_worker": round(self.rows / t, 3) if t else None,
                     "retries": self.retries[s]} for s, t in self.seconds.items()}
+
+    def reruns_by_cause(self) -> dict[str, dict[str, int]]:
+        """Why batches ran again over every part, per stage: `raised` (the stage raised on an
+        attempt) and the causes the run's ledger tells apart (`RERUN_CAUSES`); none left out."""
+        counts = {s: {"raised": self.retries[s] - (c := self.reruns.get(s, Counter()))["worker_died"] - c["node_lost"],
+                      **{name: c[name] for name in RERUN_CAUSES.values()}}
+                  for s in sorted(set(self.retries) | set(self.reruns))}
+        return {s: c for s, c in counts.items() if any(c.values())}
 
     def check(self, out_dir: str, what: str) -> None:
         """A `JobError` naming what is missing or duplicated, unless every listed id is there once."""
@@ -187,7 +199,12 @@ class CommitLog:
                         for c in table.column_names if c.startswith("seconds_")},
             "retries": {c[len("retries_"):]: int(pc.sum(table.column(c)).as_py() or 0)
                         for c in table.column_names if c.startswith("retries_")},
+            "reruns": {},
         }
+        for c in table.column_names:
+            if c.startswith("reruns_"):
+                stage, cause = c[len("reruns_"):].rsplit("_", 1)
+                marker["reruns"].setdefault(stage, {})[RERUN_CAUSES[cause]] = int(pc.sum(table.column(c)).as_py() or 0)
         attempt = uuid.uuid4().hex[:12]
         marker["staged"] = {}
         for folder, part in zip(DATA_DIRS, (samples, errors)):
@@ -360,6 +377,8 @@ class CommitLog:
         for m in markers:
             account.seconds.update(m["seconds"])
             account.retries.update(m["retries"])
+            for stage, causes in m.get("reruns", {}).items():  # markers of earlier versions have none
+                account.reruns.setdefault(stage, Counter()).update(causes)
         return account
 
     def finish(self, stats: dict, account: Account, what: str, success: str = "", grace_s: float = 5.0) -> None:
