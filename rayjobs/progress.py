@@ -138,9 +138,18 @@ class PoolWatch(ExecutionCallback):
 
     def __init__(self, stream: TextIO | None = None):
         self.stream = stream
-        self.restarting: dict[str, int] = {}  # by pool: its restarting actors when last said
+        self.restarting: dict[str, int] | None = {}  # by pool: its restarting actors when last seen
 
     def on_execution_step(self, executor) -> None:
+        if self.restarting is None:
+            return
+        try:
+            self._look(executor)
+        except Exception as err:  # noqa: BLE001 - Ray Data's internals moved: the stream goes on, unwatched
+            log.warning("the model pools are not watched: %r", err)
+            self.restarting = None
+
+    def _look(self, executor) -> None:
         pools = [op for op in executor._topology if isinstance(op, ActorPoolMapOperator)]
         for name, op in zip(self.names if len(self.names) == len(pools) else [op.name for op in pools], pools):
             info, said = op.get_actor_info(), self.restarting.get(name, 0)
@@ -148,7 +157,7 @@ class PoolWatch(ExecutionCallback):
             if info.restarting > said:
                 self._say(f"{name} pool: {info.running} of {size} actors up, {info.restarting} restarting "
                           "(their worker or node died)")
-            elif said and not info.restarting:
+            elif said and not info.restarting and info.running:  # (a pool ended short says nothing)
                 self._say(f"{name} pool: {info.running} of {size} actors up again")
             self.restarting[name] = info.restarting
 
