@@ -37,7 +37,7 @@ OWNER = "_owner.json"
 RELEASED = "_released.json"
 log = logging.getLogger(__name__)
 # Why a batch ran again but for its stage raising, by the token in its rows' `reruns_<stage>_<token>`
-# (`rayjobs.stream.AttemptLedger`): its worker died on it, its node did, or its node lost its output.
+# (`rayjobs.stream.AttemptLedger`): its worker died on it, its node did, or it finished but its output was lost.
 RERUN_CAUSES = {"worker": "worker_died", "node": "node_lost", "output": "output_lost"}
 
 

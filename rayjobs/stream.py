@@ -78,7 +78,8 @@ class AttemptLedger:
 
     A start is recorded before the stage runs and marked finished when it returns, so the
     starts since a batch last finished are the number of times a worker died on it. Why it
-    runs again is read from the node of its previous start: gone, the node was lost. Pool
+    runs again is read from the node of its previous start (gone: the node was lost), or
+    from its having finished (its output was lost with the worker or node holding it). Pool
     actors say where they start (`joined`): an actor that starts again was restarted. One
     small actor per run, on the driver's node: an actor call per batch, where a file in a
     bucket would cost a few object-store requests per batch.
