@@ -29,7 +29,7 @@ from pyarrow import fs as pafs
 
 from blipinpaint.checkpoints import CHECKPOINTS, COMPACT_EVERY, CompactedLog
 from blipinpaint.checkpoints import NAME as CHECKPOINT_NAME
-from blipinpaint.commits import DATA_DIRS, Account, Resumed, Superseded, part_name, stage_failure
+from blipinpaint.commits import DATA_DIRS, RERUN_CAUSES, Account, Resumed, Superseded, part_name, stage_failure
 from blipinpaint.errors import JobError
 from blipinpaint.layout import Folder
 from blipinpaint.records import SAMPLE_SCHEMA, split_rows
@@ -132,7 +132,12 @@ class CommitLog(CompactedLog):
                         for c in table.column_names if c.startswith("seconds_")},
             "retries": {c[len("retries_"):]: int(pc.sum(table.column(c)).as_py() or 0)
                         for c in table.column_names if c.startswith("retries_")},
+            "reruns": {},
         }
+        for c in table.column_names:
+            if c.startswith("reruns_"):
+                stage, cause = c[len("reruns_"):].rsplit("_", 1)
+                marker["reruns"].setdefault(stage, {})[RERUN_CAUSES[cause]] = int(pc.sum(table.column(c)).as_py() or 0)
         attempt = uuid.uuid4().hex[:12]
         # When it committed, by this worker's clock: the markers a compaction folded away keep it.
         marker["staged"], marker["committed_at"] = {}, round(self._now(), 3)
@@ -301,6 +306,8 @@ class CommitLog(CompactedLog):
         for m in markers:
             account.seconds.update(m["seconds"])
             account.retries.update(m["retries"])
+            for stage, causes in m.get("reruns", {}).items():  # markers of earlier versions have none
+                account.reruns.setdefault(stage, Counter()).update(causes)
         return account
 
     def finish(self, stats: dict, account: Account, what: str, success: str = "", grace_s: float = 5.0) -> None:

@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from blipinpaint.errors import JobError
 
 DATA_DIRS = ("samples", "errors")
+# Why a batch ran again but for its stage raising, by the token in its rows' `reruns_<stage>_<token>`
+# (`rayjobs.stream.AttemptLedger`): its worker died on it, its node did, or it finished but its output was lost.
+RERUN_CAUSES = {"worker": "worker_died", "node": "node_lost", "output": "output_lost"}
 
 
 class Superseded(JobError):
@@ -46,6 +49,7 @@ class Account:
     rows: int  # rows of every part, listed or not
     seconds: Counter = field(default_factory=Counter)  # busy seconds per stage over every part
     retries: Counter = field(default_factory=Counter)  # failed attempts per stage over every part
+    reruns: dict[str, Counter] = field(default_factory=dict)  # stage -> runs again by cause (`RERUN_CAUSES`)
     files: dict[str, list[str]] = field(default_factory=dict, repr=False)  # "folder/name" of data -> its part's ids
 
     @property
@@ -60,6 +64,14 @@ class Account:
         """Busy time per stage over all committed rows: rows per second of one worker."""
         return {s: {"busy_s": round(t, 3), "rows_per_s_per_worker": round(self.rows / t, 3) if t else None,
                     "retries": self.retries[s]} for s, t in self.seconds.items()}
+
+    def reruns_by_cause(self) -> dict[str, dict[str, int]]:
+        """Why batches ran again over every part, per stage: `raised` (the stage raised on an
+        attempt) and the causes the run's ledger tells apart (`RERUN_CAUSES`); none left out."""
+        counts = {s: {"raised": self.retries[s] - (c := self.reruns.get(s, Counter()))["worker_died"] - c["node_lost"],
+                      **{name: c[name] for name in RERUN_CAUSES.values()}}
+                  for s in sorted(set(self.retries) | set(self.reruns))}
+        return {s: c for s, c in counts.items() if any(c.values())}
 
     def check(self, out_dir: str, what: str) -> None:
         """A `JobError` naming what is missing or duplicated, unless every listed id is there once."""

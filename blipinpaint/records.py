@@ -66,7 +66,7 @@ def _column(values: list, ok: np.ndarray, type_: pa.DataType) -> pa.Array:
 
 
 def encode_rows(batch: Batch, models: dict[str, str], schema: pa.Schema = SAMPLE_SCHEMA) -> pa.Table:
-    """Stage: a finished batch -> one Arrow table: `schema`'s columns, `error`, `seconds_*`, `retries_*`.
+    """Stage: a finished batch -> one Arrow table: `schema`'s columns, `error`, `seconds_*`, `retries_*`, `reruns_*`.
 
     `models` maps each role to the checkpoint it ran (recorded on every sample). A PNG
     column already in the batch (read from earlier output) is kept as it is.
@@ -100,7 +100,7 @@ def encode_rows(batch: Batch, models: dict[str, str], schema: pa.Schema = SAMPLE
     for key in batch:
         if key.startswith("seconds_"):
             columns[key] = pa.array(np.asarray(batch[key], dtype=np.float64))
-        elif key.startswith("retries_"):
+        elif key.startswith(("retries_", "reruns_")):
             columns[key] = pa.array(np.asarray(batch[key], dtype=np.int64))
     return pa.table(columns)
 

@@ -8,4 +8,4 @@ import pyarrow.parquet as pq  # noqa: F401 (tests cut a Parquet write short thro
 
 from blipinpaint.checkpoints import COMPACT_EVERY, CompactedLog  # noqa: F401
 from blipinpaint.commit_log import OWNER, RELEASED, CommitLog  # noqa: F401
-from blipinpaint.commits import DATA_DIRS, Account, Resumed, Superseded, part_name, stage_failure  # noqa: F401
+from blipinpaint.commits import DATA_DIRS, RERUN_CAUSES, Account, Resumed, Superseded, part_name, stage_failure  # noqa: F401

@@ -88,7 +88,7 @@ def build_dataset(cfg: Config, reads: list[dict], ledger, owner: str | None = No
                         batch_size=1, num_cpus=stream.read.num_cpus, max_retries=TASK_RETRIES)
     ds = model_stages(ds, pools, stream, errors, ledger)
     return commit_stage(ds, out_dir, CANDIDATE_SCHEMA, builders.model_ids(cfg), stream.rows_per_file,
-                        stream.read.num_cpus, owner)
+                        stream.read.num_cpus, owner, ledger)
 
 
 def read_tasks(train_reads: list[dict], pending: dict[str, list[int]], images: int) -> list[dict]:
@@ -135,6 +135,7 @@ def summarize(cfg: Config, images: list[str], account: Account, this_run: dict) 
         "means": means,
         "this_run": this_run,
         "retries": sum(account.retries.values()),
+        "reruns": account.reruns_by_cause(),
         "stages": {s: {"busy_s": figures["busy_s"], "retries": figures["retries"]}
                    for s, figures in account.stages().items()},
     }
@@ -174,16 +175,17 @@ def run(cfg: Config) -> dict:
              total - rows, rows)
     # 3. Stream what is left. Pools are sized by images, not rows: a read task's block
     #    (`read_tasks`) reaches one inpainter with all its images' candidates.
-    pipeline_s = 0.0
+    pipeline_s, restarts = 0.0, {}
     if pending:
         reads = read_tasks(train_reads, pending, cfg.stream.read.batch_size)
-        pipeline_s = run_stream(cfg, "candidates", out_dir, total, total - rows, len(pending),
+        pipeline_s, restarts = run_stream(cfg, "candidates", out_dir, total, total - rows, len(pending),
                                 lambda cfg, ledger: build_dataset(cfg, reads, ledger, resumed.owner))
     # 4. Account for every pair.
     this_run = {"processed": rows, "images": len(pending), "skipped_committed": total - rows,
                 "retried_failed": len(resumed.retried), **resumed.recovered, "pipeline_s": round(pipeline_s, 2),
                 "wall_s": round(time.perf_counter() - started, 2),
-                "rows_per_s": round(rows / pipeline_s, 3) if pipeline_s else None}
+                "rows_per_s": round(rows / pipeline_s, 3) if pipeline_s else None,
+                "restarts": restarts}  # of the pools' actors, by stage and cause
     account = commit_log.account([candidate_id(i, k) for i in images for k in range(n)])
     stats = {**summarize(cfg, images, account, this_run), "fingerprint": current}
     commit_log.finish(stats, account, "candidates", success=json.dumps(current, indent=2))

@@ -79,7 +79,7 @@ def build_dataset(cfg: Config, pending: list[dict], ledger, owner: str | None = 
     pools = {name: functools.partial(build, cfg) for name, build in MODEL_STAGES.items()}
     ds = model_stages(ds, pools, stream, errors, ledger)
     return commit_stage(ds, out_dir, SAMPLE_SCHEMA, builders.model_ids(cfg), stream.rows_per_file,
-                        stream.read.num_cpus, owner)
+                        stream.read.num_cpus, owner, ledger)
 
 
 def metric_means(out_dir: str, sample_ids: set[str]) -> dict[str, float | None]:
@@ -104,8 +104,10 @@ def summarize(out_dir: str, account: Account, this_run: dict) -> dict:
         "errors_by_reason": dict(sorted(account.errors_by_reason.items())),
         "missing": len(account.missing), "duplicates": account.duplicates,
         "this_run": this_run,
-        # Failed attempts (a stage raising, or its worker dying) on batches that were committed.
+        # Failed attempts (a stage raising, or its worker dying) on batches that were committed,
+        # and why a stage ran a batch again (`Account.reruns_by_cause`).
         "retries": sum(account.retries.values()),
+        "reruns": account.reruns_by_cause(),
         "stages": account.stages(),
         "means": metric_means(out_dir, account.ok),
     }
@@ -134,9 +136,9 @@ def run(cfg: Config) -> dict:
     pending = [it for it in items if it["id"] not in resumed.done]
     log.info("%d inputs: %d already committed, %d to do", len(items), len(items) - len(pending), len(pending))
     # 4. Stream what is left.
-    pipeline_s = 0.0
+    pipeline_s, restarts = 0.0, {}
     if pending:
-        pipeline_s = run_stream(cfg, "generate", out_dir, len(items), len(items) - len(pending), len(pending),
+        pipeline_s, restarts = run_stream(cfg, "generate", out_dir, len(items), len(items) - len(pending), len(pending),
                                 lambda cfg, ledger: build_dataset(cfg, pending, ledger, resumed.owner))
     # 5. Account for every input.
     this_run = {
@@ -144,6 +146,7 @@ def run(cfg: Config) -> dict:
         "retried_failed": len(resumed.retried), **resumed.recovered,
         "pipeline_s": round(pipeline_s, 2), "wall_s": round(time.perf_counter() - started, 2),
         "images_per_s": round(len(pending) / pipeline_s, 3) if pipeline_s else None,
+        "restarts": restarts,  # of the pools' actors, by stage and cause
     }
     account = commit_log.account([it["id"] for it in items])
     stats = {**summarize(out_dir, account, this_run), "fingerprint": current}

@@ -13,7 +13,11 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from typing import TextIO
+
+from ray.data._internal.execution.execution_callback import ExecutionCallback
+from ray.data._internal.execution.operators.actor_pool_map_operator import ActorPoolMapOperator
 
 from blipinpaint.writer import CommitLog
 
@@ -110,6 +114,55 @@ class CommitProgress:
         counts = f"{self.rows:,} of {self.total:,} rows committed ({self.errors:,} errors)"
         say(self.stream, f"{self.job}: {counts}, {speed}, {tail}")
         self.last_time, self.last_rows = now, self.rows
+
+
+class PoolWatch(ExecutionCallback):
+    """Says when a model pool loses actors and when it has them all again, a line each:
+
+        inpainter pool: 0 of 2 actors up, 2 restarting (their worker or node died)
+        inpainter pool: 2 of 2 actors up again
+
+    Ray restarts a pool's actors that died (Ray Data asks for restarts without limit) on
+    whatever node has room, a replacement node once it joins; until then the pool is short.
+    Read from Ray Data's own count of each pool's restarting actors, at each step of the
+    stream's scheduling loop (in the driver): an undisturbed run says nothing, and neither
+    does a pool that starts or ends. `names`: the pools' stage names, in the stream's order
+    (their operators are all `MapBatches(ModelStage)`); `over` makes the class Ray Data
+    instantiates, one per execution of the dataset it is added to."""
+
+    names: tuple[str, ...] = ()
+
+    @classmethod
+    def over(cls, names: Sequence[str]) -> type[PoolWatch]:
+        return type("ModelPoolWatch", (cls,), {"names": tuple(names)})
+
+    def __init__(self, stream: TextIO | None = None):
+        self.stream = stream
+        self.restarting: dict[str, int] | None = {}  # by pool: its restarting actors when last seen
+
+    def on_execution_step(self, executor) -> None:
+        if self.restarting is None:
+            return
+        try:
+            self._look(executor)
+        except Exception as err:  # noqa: BLE001 - Ray Data's internals moved: the stream goes on, unwatched
+            log.warning("the model pools are not watched: %r", err)
+            self.restarting = None
+
+    def _look(self, executor) -> None:
+        pools = [op for op in executor._topology if isinstance(op, ActorPoolMapOperator)]
+        for name, op in zip(self.names if len(self.names) == len(pools) else [op.name for op in pools], pools):
+            info, said = op.get_actor_info(), self.restarting.get(name, 0)
+            size = info.running + info.restarting
+            if info.restarting > said:
+                self._say(f"{name} pool: {info.running} of {size} actors up, {info.restarting} restarting "
+                          "(their worker or node died)")
+            elif said and not info.restarting and info.running:  # (a pool ended short says nothing)
+                self._say(f"{name} pool: {info.running} of {size} actors up again")
+            self.restarting[name] = info.restarting
+
+    def _say(self, line: str) -> None:
+        say(self.stream or sys.stdout, line)
 
 
 class TrainProgress:

@@ -14,6 +14,7 @@ import contextlib
 import os
 import re
 import time
+from collections import Counter
 from collections.abc import Callable
 
 import numpy as np
@@ -28,9 +29,9 @@ from blipinpaint.layout import Folder
 from blipinpaint.reader import read_rows
 from blipinpaint.records import encode_rows
 from blipinpaint.storage import write_text
-from blipinpaint.writer import CommitLog, Superseded, part_name
+from blipinpaint.writer import RERUN_CAUSES, CommitLog, Superseded, part_name
 from rayjobs.cluster import actor_resources, connect, size_pools
-from rayjobs.progress import CommitProgress
+from rayjobs.progress import CommitProgress, PoolWatch
 
 
 class StageStartError(JobError):
@@ -67,25 +68,63 @@ class ErrorWriter:
         CommitLog(self.out_dir, owner=self.owner).commit(encode_rows(rows, models={}))
 
 
+def here() -> str:
+    return ray.get_runtime_context().get_node_id()
+
+
 @ray.remote(num_cpus=0)
 class AttemptLedger:
-    """How many times each batch was started in each stage during this run.
+    """Each batch's starts in each stage during this run, and each pool actor's.
 
-    A start is recorded before the stage runs and cleared when it returns, so a count that
-    survives is the number of times a worker died on that batch. One small actor per run,
-    on the driver's node: an actor call per batch, where a file in a bucket would cost a
-    few object-store requests per batch.
+    A start is recorded before the stage runs and marked finished when it returns, so the
+    starts since a batch last finished are the number of times a worker died on it. Why it
+    runs again is read from the node of its previous start (gone: the node was lost), or
+    from its having finished (its output was lost with the worker or node holding it). Pool
+    actors say where they start (`joined`): an actor that starts again was restarted. One
+    small actor per run, on the driver's node: an actor call per batch, where a file in a
+    bucket would cost a few object-store requests per batch.
     """
 
     def __init__(self):
-        self.started: dict[str, int] = {}
+        self.batches: dict[str, dict] = {}  # key -> {starts since finished, node, finished, causes}
+        self.actors: dict[str, str] = {}  # actor id -> the node of its last start
+        self.restarts: dict[str, Counter] = {}  # stage -> actor restarts by cause
+
+    def _death(self, node: str) -> str:
+        """Why a worker on `node` is gone: its node was lost, or only its process died."""
+        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}  # only asked after a death
+        return "worker" if node in alive else "node"
 
     def start(self, key: str) -> int:
-        self.started[key] = self.started.get(key, 0) + 1
-        return self.started[key]
+        """Record a start of batch `key`; return the starts since it last finished."""
+        return self.attempt(key, "")[0]
+
+    def attempt(self, key: str, node: str) -> tuple[int, dict[str, int]]:
+        """Record a start of batch `key` on `node`: (starts since it last finished, why it
+        ran again over this run: cause -> times)."""
+        batch = self.batches.setdefault(key, {"starts": 0, "node": node, "finished": False, "causes": Counter()})
+        if batch["finished"]:
+            batch["causes"]["output"] += 1
+            batch["starts"], batch["finished"] = 0, False
+        elif batch["starts"]:
+            batch["causes"][self._death(batch["node"])] += 1
+        batch["starts"] += 1
+        batch["node"] = node
+        return batch["starts"], dict(batch["causes"])
 
     def done(self, key: str) -> None:
-        self.started.pop(key, None)
+        self.batches[key]["finished"] = True
+
+    def joined(self, stage: str, actor: str, node: str) -> None:
+        """A pool actor of `stage` (re)started on `node`."""
+        if actor in self.actors:
+            self.restarts.setdefault(stage, Counter())[self._death(self.actors[actor])] += 1
+        self.actors[actor] = node
+
+    def restarted(self) -> dict[str, dict[str, int]]:
+        """Actor restarts by stage and cause (`RERUN_CAUSES`' names)."""
+        return {stage: {RERUN_CAUSES[c]: n for c, n in sorted(causes.items())}
+                for stage, causes in sorted(self.restarts.items())}
 
 
 @contextlib.contextmanager
@@ -94,8 +133,7 @@ def attempt_ledger():
 
     Ended with the run: Ray Data keeps the plan that holds its handle, so in a driver that
     runs several jobs (a notebook, the pipeline) each run's ledger would otherwise live on."""
-    here = ray.get_runtime_context().get_node_id()
-    ledger = AttemptLedger.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote()
+    ledger = AttemptLedger.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here(), soft=False)).remote()
     try:
         yield ledger
     finally:
@@ -132,6 +170,8 @@ class ModelStage:
 
     def __init__(self, name: str, build: Callable[[], Callable[[Batch], Batch]], errors: ErrorWriter, retries: int,
                  ledger, fault: FaultConfig | None = None):
+        # Said first: an actor that starts again was restarted (`AttemptLedger.joined`).
+        ledger.joined.remote(name, ray.get_runtime_context().get_actor_id(), here())
         try:
             stage = build()
         except Exception as err:  # noqa: BLE001 - whatever the loader raised, say which stage and why
@@ -146,23 +186,33 @@ class ModelStage:
 def counted(name: str, run: Callable[[Batch], Batch], batch: Batch, ledger, retries: int, errors: ErrorWriter,
             fault: FaultConfig | None = None) -> Batch:
     """`run(batch)`, each start recorded in the run's ledger: once the workers running `name`
-    have died on this batch `retries` times, its rows become error rows instead."""
+    have died on this batch `retries` times, its rows become error rows instead. The rows
+    that leave carry its worker deaths (`retries_<name>`) and why it ran again
+    (`reruns_<name>_<cause>`)."""
     ids = batch["id"]
     if not len(ids):
         return batch
     key = f"{name}-{part_name([str(i) for i in ids])}"
-    started = ray.get(ledger.start.remote(key))
+    started, causes = ray.get(ledger.attempt.remote(key, here()))
     if started > retries + 1:
         reason = f"stage failed: {name} worker died on this batch {started - 1} times"
-        failed = {**batch, "error": np.full(len(ids), reason, dtype=object)}
-        out = split_errors(count_once(failed, f"retries_{name}", started - 1), errors)
+        out = split_errors(rerun(name, {**batch, "error": np.full(len(ids), reason, dtype=object)}, causes), errors)
     else:
         _maybe_die(fault, name, ids, started)
         hold(fault, name, ids)
-        out = run(batch)
-        if started > 1:  # the restarts of workers that died on this batch
-            count_once(out, f"retries_{name}", started - 1)
+        out = rerun(name, run(batch), causes)
     ledger.done.remote(key)
+    return out
+
+
+def rerun(name: str, out: Batch, causes: dict[str, int]) -> Batch:
+    """`out` with why its batch ran again in `name` counted once: the deaths of its workers
+    among the stage's failed attempts (`retries_<name>`), each cause in a column of its own.
+    Every column on every batch, zeros too: blocks with and without a column, joined in one
+    batch downstream, would leave its rows empty (read as garbage, not 0)."""
+    count_once(out, f"retries_{name}", causes.get("worker", 0) + causes.get("node", 0))
+    for cause in RERUN_CAUSES:
+        count_once(out, f"reruns_{name}_{cause}", causes.get(cause, 0))
     return out
 
 
@@ -183,17 +233,19 @@ def _maybe_die(fault: FaultConfig | None, name: str, ids, started: int) -> None:
 def model_stages(ds: ray.data.Dataset, builders: dict[str, Callable[[], Callable[[Batch], Batch]]],
                  stream: StreamConfig, errors: ErrorWriter, ledger) -> ray.data.Dataset:
     """`ds` through a pool of `ModelStage` actors per entry of `builders` (stage name -> what
-    builds it), each pool as `stream.<name>` says."""
+    builds it), each pool as `stream.<name>` says; a pool that loses actors says so, and
+    again when it has them all back (`PoolWatch`)."""
     for name, build in builders.items():
         ds = ds.map_batches(ModelStage, fn_constructor_kwargs={"name": name, "build": build, "errors": errors,
                                                                "retries": stream.batch_retries, "ledger": ledger,
                                                                "fault": stream.inject_failure},
                             **actor_resources(getattr(stream, name)))
+    ds.context.custom_execution_callback_classes.append(PoolWatch.over(list(builders)))  # this dataset's only
     return ds
 
 
 def commit_part(batch: Batch, out_dir: str, schema: pa.Schema, models: dict[str, str],
-                owner: str | None = None) -> dict:
+                owner: str | None = None, ledger=None) -> dict:
     """CPU task, the stream's last stage: encode a batch of finished rows (PNGs, Arrow) and
     commit it as one part of `out_dir`, where the rows are. Returns {part, rows}.
 
@@ -205,16 +257,22 @@ def commit_part(batch: Batch, out_dir: str, schema: pa.Schema, models: dict[str,
     """
     if not len(batch["id"]):
         return {"part": np.array([], dtype=object), "rows": np.array([], dtype=np.int64)}
+    if ledger is not None:  # a commit its node took with it runs again (Ray's retry): counted
+        key = f"commit-{part_name([str(i) for i in batch['id']])}"
+        batch = rerun("commit", batch, ray.get(ledger.attempt.remote(key, here()))[1])
     marker = CommitLog(out_dir, schema, owner).commit(encode_rows(batch, models, schema))
+    if ledger is not None:
+        ledger.done.remote(key)
     return {"part": np.array([marker["name"]], dtype=object),
             "rows": np.array([len(batch["id"])], dtype=np.int64)}
 
 
 def commit_stage(ds: ray.data.Dataset, out_dir: str, schema: pa.Schema, models: dict[str, str], rows_per_file: int,
-                 num_cpus: float, owner: str | None = None) -> ray.data.Dataset:
-    """`ds` committed in parts of at most `rows_per_file` rows (`commit_part`)."""
+                 num_cpus: float, owner: str | None = None, ledger=None) -> ray.data.Dataset:
+    """`ds` committed in parts of at most `rows_per_file` rows (`commit_part`), each start in
+    `ledger` when one is given."""
     return ds.map_batches(commit_part, fn_kwargs={"out_dir": out_dir, "schema": schema, "models": models,
-                                                  "owner": owner},
+                                                  "owner": owner, "ledger": ledger},
                           batch_size=rows_per_file, num_cpus=num_cpus, max_retries=TASK_RETRIES)
 
 
@@ -226,8 +284,9 @@ def read_committed(reads: list[dict], columns: list[str], num_cpus: float) -> ra
 
 
 def run_stream(cfg: Config, job: str, out_dir: str, total: int, done: int, pool_rows: int,
-               build: Callable[[Config, object], ray.data.Dataset]) -> float:
-    """Run a streaming job's dataset to its last commit; return its seconds.
+               build: Callable[[Config, object], ray.data.Dataset]) -> tuple[float, dict[str, dict[str, int]]]:
+    """Run a streaming job's dataset to its last commit; return its seconds and its pool
+    actors' restarts (`AttemptLedger.restarted`).
 
     `build(cfg, ledger)` makes the dataset, with `cfg`'s pools sized for the cluster and
     `pool_rows` rows to do; the job's progress line counts commits of `total` ids into
@@ -238,6 +297,7 @@ def run_stream(cfg: Config, job: str, out_dir: str, total: int, done: int, pool_
     started = time.perf_counter()
     with attempt_ledger() as ledger, job_errors(), CommitProgress(job, out_dir, total, done, cfg.progress_s):
         ds = build(cfg, ledger).materialize()  # {part, rows} per commit: nothing else reaches the driver
+        restarts = ray.get(ledger.restarted.remote())
     seconds = time.perf_counter() - started
     write_text(Folder(out_dir).ray_stats, ds.stats())
-    return seconds
+    return seconds, restarts

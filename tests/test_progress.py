@@ -81,3 +81,31 @@ def test_short_epochs_are_said_at_most_every_progress_s_and_the_last_always():
             progress.step(epoch, step, loss=0.5)
         progress.epoch(epoch, {"train loss": 0.5})
     assert re.fullmatch(r"train_scorer: epoch 50 of 50 done, train loss 0.5, in \d+:\d\d:\d\d\n", stream.getvalue())
+
+
+def test_a_pool_says_when_it_loses_actors_and_when_it_has_them_back():
+    """`PoolWatch` on Ray Data's counts of each pool's actors, step by step: nothing while the
+    pools start, run and end; a line when actors start restarting (again if more do), one
+    when all are up again."""
+    from types import SimpleNamespace
+
+    from ray.data._internal.actor_autoscaler.autoscaling_actor_pool import ActorPoolInfo
+    from ray.data._internal.execution.operators.actor_pool_map_operator import ActorPoolMapOperator
+
+    from rayjobs.progress import PoolWatch
+
+    pools = [ActorPoolMapOperator.__new__(ActorPoolMapOperator) for _ in range(2)]
+    task = object()  # a task operator of the stream: not a pool
+    said = io.StringIO()
+    watch = PoolWatch.over(["captioner", "inpainter"])(stream=said)
+    steps = [(0, 0, 0), (1, 0, 2), (1, 0, 2), (1, 1, 1), (1, 2, 0), (1, 0, 2), (1, 0, 2), (0, 0, 0)]
+    for captioner, inpainter_up, inpainter_restarting in steps:
+        counts = [(captioner, 0), (inpainter_up, inpainter_restarting)]
+        for op, (up, restarting) in zip(pools, counts):
+            op.get_actor_info = lambda up=up, restarting=restarting: ActorPoolInfo(running=up, pending=0,
+                                                                                   restarting=restarting)
+        watch.on_execution_step(SimpleNamespace(_topology={task: None, **dict.fromkeys(pools)}))
+    assert said.getvalue().splitlines() == [
+        "inpainter pool: 0 of 2 actors up, 2 restarting (their worker or node died)",
+        "inpainter pool: 2 of 2 actors up again",
+        "inpainter pool: 0 of 2 actors up, 2 restarting (their worker or node died)"]

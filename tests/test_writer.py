@@ -520,3 +520,27 @@ def test_a_part_committed_again_in_the_other_folder_leaves_nothing_behind(out):
     out.copy("earlier.parquet", f"errors/{first['name']}.parquet")
     assert sorted(log.uncommit(lambda m: True)) == ["a", "b"]
     assert out.ids("samples") == out.ids("errors") == [] and log.markers() == []
+
+
+def test_account_says_why_batches_ran_again_by_stage_and_cause(tmp_path):
+    """A part's rows carry its batch's runs again by cause (`reruns_<stage>_<token>`, summed
+    per part); the account sums them over the parts, and tells the attempts a stage raised
+    on from those its workers died on (both in `retries_<stage>`)."""
+    import pyarrow as pa
+
+    def rows(ids, **counts):  # each count on the part's first row, as `batches.count_once` puts it
+        table = _rows(ids, [""] * len(ids))  # its captioner raised once (`retries_captioner` 1)
+        for column, n in counts.items():
+            table = table.append_column(column, pa.array([n] + [0] * (len(ids) - 1), pa.int64()))
+        return table
+
+    log = CommitLog(str(tmp_path))
+    marker = log.commit(rows(["a", "b"], retries_inpainter=2, reruns_inpainter_node=1, reruns_inpainter_worker=1,
+                             reruns_commit_output=1, reruns_commit_node=0))
+    assert marker["reruns"] == {"inpainter": {"node_lost": 1, "worker_died": 1},
+                                "commit": {"output_lost": 1, "node_lost": 0}}
+    log.commit(rows(["c"], retries_inpainter=1, reruns_inpainter_node=1))
+    assert log.account(["a", "b", "c"]).reruns_by_cause() == {
+        "captioner": {"raised": 2, "worker_died": 0, "node_lost": 0, "output_lost": 0},
+        "commit": {"raised": 0, "worker_died": 0, "node_lost": 0, "output_lost": 1},
+        "inpainter": {"raised": 0, "worker_died": 1, "node_lost": 2, "output_lost": 0}}

@@ -2,6 +2,7 @@
 interrupted writes and a model that cannot load. Each case prints its figures (`FIGURES ...`),
 which RELIABILITY.md reports."""
 
+import json
 import os
 import random
 import shutil
@@ -108,6 +109,13 @@ def test_a_batch_that_kills_its_worker_every_time_becomes_error_rows(local_ray, 
     assert set(errors.values()) == {f"stage failed: {stage} worker died on this batch 3 times"}
     assert (figures["committed"], figures["lost"], figures["duplicated"], figures["orphans"]) == (8, 0, 0, 0)
     assert figures["retries"] == 3
+    # Its worker died, its node did not: said so, and its pool's actor restarted as often. (A
+    # batch that had finished on that actor may run again too, its output gone with the process.)
+    stats = json.loads((tmp_path / "generate" / "stats.json").read_text())
+    assert {cause: stats["reruns"][stage][cause] for cause in ("raised", "worker_died", "node_lost")} == {
+        "raised": 0, "worker_died": 3, "node_lost": 0}
+    assert set(stats["reruns"]) == {stage}
+    assert stats["this_run"]["restarts"] == ({"inpainter": {"worker_died": 3}} if stage == "inpainter" else {})
 
 
 def test_the_same_command_again_takes_the_folder_over_and_does_the_rest_once(local_ray, source, s3):

@@ -6,14 +6,18 @@ under `ray job submit`; what it did is read from its files. Each case prints its
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
-from helpers import PIPELINE_ARGS, account, copy_run, encode, photo, print_figures, write_samples
+from helpers import PIPELINE_ARGS, account, copy_run, download, encode, photo, print_figures, write_samples
 
+from blipinpaint.candidates import candidate_id
 from blipinpaint.config import load_config, sample_images_dir
+from blipinpaint.reader import split_reads
 from blipinpaint.writer import CommitLog
 from rayjobs import evaluate
 
@@ -89,10 +93,50 @@ def test_evaluate_survives_the_loss_of_the_node_running_its_fid_pass(main_run, s
         assert figures[key] == pytest.approx(value, rel=1e-9, abs=1e-15), key
 
 
+def pool_lines(said: str, pool: str) -> list[str]:
+    """What the job said of `pool` (`progress.PoolWatch`): a line when it lost actors, one when they are all back."""
+    return [line for line in said.splitlines() if line.startswith(f"{pool} pool: ")]
+
+
+def assert_the_pool_came_back(said: str, pool: str) -> None:
+    """`pool` said it lost its actors, then that it had them all again: a line each, no flood."""
+    lines = pool_lines(said, pool)
+    assert len(lines) >= 2 and re.fullmatch(rf"{pool} pool: \d+ of \d+ actors up, \d+ restarting \(their worker or "
+                                            r"node died\)", lines[0]), said[-3000:]
+    assert re.fullmatch(rf"{pool} pool: (\d+) of \1 actors up again", lines[-1]), said[-3000:]
+    assert len(lines) <= 4, said[-3000:]
+
+
+def lose_the_node_holding(job: subprocess.Popen, out: str, gate, cluster) -> int:
+    """Once a part is committed and a pool's actor holds the batch at `gate` (with work in
+    every pool still to do), the worker node lost, a replacement added and the held batch let
+    through; returns the ids committed before the loss."""
+    wait_for(lambda: CommitLog(out).markers(), job, "the first commit")
+    wait_for(lambda: os.path.exists(f"{gate}.reached"), job, "an inpainter took the held batch")
+    before = len(CommitLog(out).committed_ids())
+    cluster.lose_worker()
+    gate.write_text("")  # its next attempt, on the replacement, goes through
+    return before
+
+
+def assert_the_loss_was_counted(stats: dict, said: str) -> None:
+    """stats.json counts the batch held on the lost node as run again for that cause, and the
+    inpainter pool's restarts (none for a stage raising or a worker dying alone); the job
+    said the pool shrank and grew back."""
+    assert stats["reruns"]["inpainter"]["node_lost"] >= 1  # the held batch, at least
+    assert {cause for s in stats["reruns"].values() for cause, n in s.items() if n} <= {"node_lost", "output_lost"}
+    restarts = stats["this_run"]["restarts"]
+    assert restarts["inpainter"]["node_lost"] >= 1 and "worker_died" not in restarts["inpainter"]
+    assert stats["retries"] == sum(s["node_lost"] for s in stats["reruns"].values())  # no stage raised
+    assert_the_pool_came_back(said, "inpainter")
+
+
 def test_generate_survives_the_loss_of_its_node_with_its_run_in_a_bucket(spot_cluster, tmp_path, s3):
-    """Generate, `run_dir` in a bucket: the worker node removed after the first commit. Its
-    pools start again on the replacement and the job finishes: rc 0, every input exactly
-    once (samples and errors read back from the bucket, no orphan files)."""
+    """Generate, `run_dir` in a bucket: the worker node removed once a part is committed and
+    an inpainter holds the last input's batch. Its pools start again on the replacement and
+    the job finishes: rc 0, every input exactly once (samples and errors read back from the
+    bucket, no orphan files); it said the inpainter pool shrank and came back, and stats.json
+    counts the lost node's restarts and the batches it took along."""
     import shutil
 
     source = tmp_path / "photos"
@@ -104,23 +148,53 @@ def test_generate_survives_the_loss_of_its_node_with_its_run_in_a_bucket(spot_cl
         (source / f"made-{seed}.png").write_bytes(encode(photo(120, 90, seed=seed), "PNG"))
     inputs = sorted(p.name for p in source.iterdir())
     out = f"{s3('node-loss')}/run/generate"
+    gate = tmp_path / "inpainter-gate"
     # One row at a time through every stage: commits land while later rows are still in the pools.
     args = [f"run_dir={out.rsplit('/', 1)[0]}", f"data.source={source}", "stream.rows_per_file=1",
             "stream.read.batch_size=1", "stream.captioner.batch_size=1", "stream.inpainter.batch_size=1",
-            "stream.metrics.batch_size=1"]
+            "stream.metrics.batch_size=1", "stream.inject_failure.stage=inpainter",
+            f"stream.inject_failure.id={inputs[-1]}", f"stream.inject_failure.hold={gate}"]
     job = start("generate", args, spot_cluster, tmp_path)
     started = time.perf_counter()
-    wait_for(lambda: CommitLog(out).markers(), job, "the first commit")
-    before = len(CommitLog(out).committed_ids())
-    spot_cluster.lose_worker()
+    before = lose_the_node_holding(job, out, gate, spot_cluster)
     code, said = finish(job)
     figures = account(out, inputs)
+    stats = json.loads((Path(download(out)) / "stats.json").read_text())
     print_figures("generate, node lost after its first commit (S3)", figures, time.perf_counter() - started,
-                  committed_before=before)
+                  committed_before=before, reruns=stats["reruns"], restarts=stats["this_run"]["restarts"])
     assert code == 0, said[-3000:]
     assert before < len(inputs)  # the loss came mid-run
     assert (figures["committed"], figures["lost"], figures["duplicated"], figures["orphans"]) == (len(inputs), 0, 0, 0)
     assert "Traceback" not in said
+    assert_the_loss_was_counted(stats, said)
+
+
+def test_candidates_survive_the_loss_of_their_node(main_run, spot_cluster, tmp_path):
+    """The candidates of the main run's training images (2 each, a row at a time): the worker
+    node removed once a candidate is committed and an inpainter holds the last one. The job
+    finishes by itself: rc 0, every candidate exactly once, and the loss said and counted
+    as generate's is."""
+    copy_run(main_run[1] / "run", tmp_path, ("generate",))
+    train, _ = split_reads(load_config(overrides=[f"run_dir={tmp_path}"]))
+    ids = [candidate_id(i, k) for i in sorted(i for r in train for i in r["ids"]) for k in range(2)]
+    out, gate = tmp_path / "candidates", tmp_path / "inpainter-gate"
+    args = [f"run_dir={tmp_path}", "caption.candidates=2", "stream.rows_per_file=1", "stream.read.batch_size=1",
+            "stream.captioner.batch_size=1", "stream.inpainter.batch_size=1", "stream.metrics.batch_size=1",
+            "stream.inject_failure.stage=inpainter", f"stream.inject_failure.id={ids[-1]}",
+            f"stream.inject_failure.hold={gate}"]
+    job = start("candidates", args, spot_cluster, tmp_path)
+    started = time.perf_counter()
+    before = lose_the_node_holding(job, str(out), gate, spot_cluster)
+    code, said = finish(job)
+    figures = account(out, ids)
+    stats = json.loads((out / "stats.json").read_text())
+    print_figures("candidates, node lost after their first commit", figures, time.perf_counter() - started,
+                  committed_before=before, reruns=stats["reruns"], restarts=stats["this_run"]["restarts"])
+    assert code == 0, said[-3000:]
+    assert before < len(ids)
+    assert (figures["committed"], figures["lost"], figures["duplicated"], figures["orphans"]) == (len(ids), 0, 0, 0)
+    assert "Traceback" not in said
+    assert_the_loss_was_counted(stats, said)
 
 
 def read_log(path) -> list[dict]:
