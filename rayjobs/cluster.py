@@ -6,6 +6,10 @@ import copy
 import logging
 import math
 import os
+import socket
+import sys
+import threading
+import time
 
 import ray
 from ray._private import ray_constants
@@ -17,6 +21,16 @@ log = logging.getLogger(__name__)
 
 # Passed to workers of a local Ray, so they build and find models where the driver does.
 FORWARDED_ENV = ("BLIPINPAINT_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DS_ACCELERATOR")
+
+# A driver joined to a cluster whose GCS (on the head node) is gone cannot go on: Ray keeps
+# it waiting `gcs_rpc_server_reconnect_timeout_s` (60 s by default), printing a line a second
+# ("Failed to push error to driver"), then ends it from C++ with its own fatal line. The
+# watchdog ends the job first, after this long without a GCS, with one line saying what to
+# do. Below Ray's 60 s, and far above the seconds a GCS restarted under GCS fault tolerance
+# (Redis) takes to come back.
+HEAD_LOST_AFTER_S = 20.0
+# The name the watchdog's line starts with (`rayjobs.cli.job_main` sets it).
+job_name = "job"
 
 
 def connect(address: str | None = None, ray_progress: bool = False) -> None:
@@ -42,6 +56,7 @@ def connect(address: str | None = None, ray_progress: bool = False) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address)
+        watch_head(ray.get_runtime_context().gcs_address)
         return
     # Ray binds a new local cluster to the machine's external interface unless this flag is
     # off. Ray reads it once, at import, so the flag is also switched in this process; the
@@ -56,6 +71,37 @@ def connect(address: str | None = None, ray_progress: bool = False) -> None:
     ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
              runtime_env={"env_vars": env} if env else None)
     log.info("started a local Ray: %s", ray.cluster_resources())
+
+
+def watch_head(gcs_address: str, lost_after_s: float = HEAD_LOST_AFTER_S, every_s: float = 1.0) -> None:
+    """End this driver with one line, exit code 1, once the GCS at `gcs_address` has refused
+    connections for `lost_after_s` (the head node lost: Ray cannot recover it, the same
+    command on a new cluster completes the job from the run's folder). A daemon thread; it
+    stops with `ray.shutdown`."""
+    host, port = gcs_address.rsplit(":", 1)
+
+    def reachable() -> bool:
+        try:
+            with socket.create_connection((host, int(port)), timeout=min(2.0, every_s * 2)):
+                return True
+        except OSError:
+            return False
+
+    def watch() -> None:
+        lost_since = None
+        while ray.is_initialized():
+            if reachable():
+                lost_since = None
+            else:
+                lost_since = lost_since or time.monotonic()
+                if time.monotonic() - lost_since >= lost_after_s:
+                    print(f"{job_name}: lost the Ray cluster's head (its GCS at {gcs_address} unreachable for "
+                          f"{lost_after_s:g} s); what was committed is kept in the run's folder: run the same "
+                          "command again on a running cluster to finish the job", file=sys.stderr, flush=True)
+                    os._exit(1)  # not sys.exit: this is a thread, and Ray's shutdown would wait for the GCS
+            time.sleep(every_s)
+
+    threading.Thread(target=watch, name="blipinpaint-head-watch", daemon=True).start()
 
 
 MODEL_STAGES = ("captioner", "inpainter", "metrics")
