@@ -28,7 +28,7 @@ from blipinpaint.errors import JobError
 from blipinpaint.evaluation import ALL, REAL, bucket_of, fid_scopes
 from blipinpaint.fid import fid_table, fold
 from blipinpaint.reader import read_rows, row_reads
-from rayjobs.stream import JOB_ERRORS, TASK_RETRIES, _maybe_die, attempt_ledger, hold, job_errors
+from rayjobs.stream import JOB_ERRORS, TASK_RETRIES, maybe_die, attempt_ledger, hold, job_errors
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class FidStage:
                              "committed: read the workers' logs (`ray logs`), then the same command again redoes "
                              "only the FID pass and the report")
         ids = [i for ids in batch["ids"] for i in ids]
-        _maybe_die(self.fault, "fid", ids, started)  # tests: a crash on this part (`stream.inject_failure.exit`)
+        maybe_die(self.fault, "fid", ids, started)  # tests: a crash on this part (`stream.inject_failure.exit`)
         hold(self.fault, "fid", ids)
         # The actor reads its part itself (not a read task before it): Ray Data may split or
         # merge blocks on the way, and the chunks the network sees must not depend on that.

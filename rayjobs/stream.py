@@ -198,7 +198,7 @@ def counted(name: str, run: Callable[[Batch], Batch], batch: Batch, ledger, retr
         reason = f"stage failed: {name} worker died on this batch {started - 1} times"
         out = split_errors(rerun(name, {**batch, "error": np.full(len(ids), reason, dtype=object)}, causes), errors)
     else:
-        _maybe_die(fault, name, ids, started)
+        maybe_die(fault, name, ids, started)
         hold(fault, name, ids)
         out = rerun(name, run(batch), causes)
     ledger.done.remote(key)
@@ -223,7 +223,7 @@ def counted_task(batch: Batch, name: str, run: Callable[[Batch], Batch], ledger,
     return counted(name, run, batch, ledger, retries, errors, fault)
 
 
-def _maybe_die(fault: FaultConfig | None, name: str, ids, started: int) -> None:
+def maybe_die(fault: FaultConfig | None, name: str, ids, started: int) -> None:
     """Fault injection (tests): this process exits, as a segfault or the OOM killer would end it."""
     if (fault is not None and fault.exit and fault.stage == name and fault.id in set(ids)
             and (fault.times is None or started <= fault.times)):
