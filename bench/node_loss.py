@@ -33,8 +33,8 @@ import pyarrow.parquet as pq  # noqa: E402
 from PIL import Image  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
+from blipinpaint.commit_log import CommitLog  # noqa: E402
 from blipinpaint.config import sample_images_dir  # noqa: E402
-from blipinpaint.writer import CommitLog  # noqa: E402
 
 
 def photos(root: Path, n: int) -> Path:

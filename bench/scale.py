@@ -143,7 +143,7 @@ def one_run(overrides: list[str], env: dict) -> dict:
 
 
 def parts(run_dir: str, env: dict) -> int:
-    code = ("import sys; from blipinpaint.writer import CommitLog; "
+    code = ("import sys; from blipinpaint.commit_log import CommitLog; "
             "print(len(CommitLog(sys.argv[1] + '/generate').markers()))")
     return int(subprocess.run([sys.executable, "-c", code, run_dir], capture_output=True, text=True, env=env,
                               check=True).stdout)

@@ -15,6 +15,7 @@ import torch
 from blipinpaint import fingerprint
 from blipinpaint.batches import Batch
 from blipinpaint.captioning import candidate_captions, visible_embeddings
+from blipinpaint.commit_log import CommitLog
 from blipinpaint.config import Config
 from blipinpaint.errors import ConfigError
 from blipinpaint.layout import RunLayout
@@ -22,7 +23,6 @@ from blipinpaint.losses import LossWeights, blip_losses
 from blipinpaint.models import CaptionerModel
 from blipinpaint.reader import read_candidates
 from blipinpaint.storage import is_dir, is_file
-from blipinpaint.writer import CommitLog
 
 PENDING = "pending_candidates"  # the candidates still to do of each image, as "0,1,3"
 

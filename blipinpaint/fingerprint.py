@@ -16,11 +16,11 @@ import time
 
 from omegaconf import OmegaConf
 
+from blipinpaint.commit_log import CommitLog
 from blipinpaint.config import Config
 from blipinpaint.errors import ConfigError
 from blipinpaint.layout import STEPS, Folder, RunLayout
 from blipinpaint.storage import delete, folder_digest, is_dir, is_file, move_aside, read_text, write_text
-from blipinpaint.writer import CommitLog
 
 # The steps each step reads (`layout.STEPS` names them, as `restart` does).
 DEPENDS = {"generate": (), "candidates": ("generate",), "scorer": ("generate",),

@@ -1,6 +1,6 @@
 """Reading committed rows: by the commit markers, one read per part, never a listing or a scan.
 
-The markers (`writer.CommitLog`) say which part holds which id, so a reader asks for the
+The markers (`commit_log.CommitLog`) say which part holds which id, so a reader asks for the
 rows it needs part by part. A read task here is `{"path": part, "ids": [...]}`; a batch
 of them (`read_rows`) is what the Ray jobs hand to a CPU task each.
 """
@@ -14,12 +14,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from blipinpaint import fingerprint
+from blipinpaint.commit_log import CommitLog
 from blipinpaint.config import Config, heldout_fraction
 from blipinpaint.errors import ConfigError, JobError
 from blipinpaint.layout import Folder, RunLayout
 from blipinpaint.seeds import heldout
 from blipinpaint.storage import filesystem
-from blipinpaint.writer import CommitLog
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@ shard, and what each committed shard says about itself.
 
 The plan depends on the committed rows alone (each split's parts by name, ids sorted), so a
 rerun makes the same shards under the same names. A shard is written staged, moved into
-place whole, and then committed in the export's commit log (`writer.CommitLog`): one part
+place whole, and then committed in the export's commit log (`commit_log.CommitLog`): one part
 per shard, a row per sample saying where it went. A shard that is not committed is written
 again, byte for byte the same (`export_formats`); one that is, is never touched again.
 """
@@ -21,11 +21,11 @@ from collections import Counter
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from blipinpaint.commit_log import CommitLog
 from blipinpaint.errors import JobError
 from blipinpaint.export_formats import READ_COLUMNS, Hashed, add_member, hf_table, licence_of, sample_key, wds_members
 from blipinpaint.reader import read_part
 from blipinpaint.storage import filesystem
-from blipinpaint.writer import CommitLog
 
 # Where each format's files go below the export folder, and their suffix.
 FOLDERS = {"hf": ("hf/data", ".parquet"), "webdataset": ("webdataset", ".tar")}

@@ -29,13 +29,14 @@ import ray
 from blipinpaint import builders, fingerprint
 from blipinpaint.batches import Batch, Guarded
 from blipinpaint.candidates import PENDING, SharedNoise, best_candidates, candidate_id, expand, pending_text
+from blipinpaint.commit_log import CommitLog
+from blipinpaint.commits import Account
 from blipinpaint.config import Config, to_yaml
 from blipinpaint.errors import ConfigError
 from blipinpaint.layout import RunLayout
 from blipinpaint.reader import read_candidates, read_rows, split_reads
 from blipinpaint.records import CANDIDATE_SCHEMA, decode_images
 from blipinpaint.storage import is_file, write_text
-from blipinpaint.writer import Account, CommitLog
 from rayjobs.cli import job_main
 from rayjobs.stream import TASK_RETRIES, ErrorWriter, commit_stage, model_stages, run_stream
 

@@ -27,6 +27,8 @@ import torch
 
 from blipinpaint import builders, fingerprint
 from blipinpaint.batches import Guarded
+from blipinpaint.commit_log import CommitLog
+from blipinpaint.commits import Account
 from blipinpaint.config import Config, dataset_name, heldout_fraction, to_yaml
 from blipinpaint.errors import ConfigError, JobError
 from blipinpaint.evaluation import (
@@ -55,7 +57,6 @@ from blipinpaint.scorer import TARGETS, ScoreNet
 from blipinpaint.seeds import heldout, sample_seed
 from blipinpaint.storage import is_dir, is_file, local_dir, read_text, write_text
 from blipinpaint.variant_stages import ADDED, build_added_captioners, build_added_inpainters, build_added_metrics
-from blipinpaint.writer import Account, CommitLog
 from rayjobs.cli import job_main
 from rayjobs.cluster import connect
 from rayjobs.fid_pass import compute_fid

@@ -36,6 +36,7 @@ import numpy as np
 import ray
 
 from blipinpaint import fingerprint, recorded
+from blipinpaint.commit_log import CommitLog
 from blipinpaint.config import Config, dataset_name, heldout_fraction, sample_images_dir, to_yaml
 from blipinpaint.export_card import card, front_matter, licence_files
 from blipinpaint.export_formats import hf_schema
@@ -43,7 +44,6 @@ from blipinpaint.layout import Folder, RunLayout
 from blipinpaint.reader import read_errors, split_reads
 from blipinpaint.shards import FOLDERS, LEDGER_SCHEMA, ShardWriter, committed_shards, index, plan
 from blipinpaint.storage import filesystem, manifest_bytes, write_text
-from blipinpaint.writer import CommitLog
 from rayjobs.cli import job_main
 from rayjobs.cluster import connect
 from rayjobs.progress import CommitProgress

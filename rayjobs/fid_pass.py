@@ -28,7 +28,7 @@ from blipinpaint.errors import JobError
 from blipinpaint.evaluation import ALL, REAL, bucket_of, fid_scopes
 from blipinpaint.fid import fid_table, fold
 from blipinpaint.reader import read_rows, row_reads
-from rayjobs.stream import JOB_ERRORS, TASK_RETRIES, maybe_die, attempt_ledger, hold, job_errors
+from rayjobs.stream import JOB_ERRORS, TASK_RETRIES, attempt_ledger, hold, job_errors, maybe_die
 
 log = logging.getLogger(__name__)
 

@@ -33,6 +33,7 @@ import torch
 from blipinpaint import builders, fingerprint
 from blipinpaint.candidates import best_captions
 from blipinpaint.captioning import caption_ids, decode_caption, encode_images
+from blipinpaint.commit_log import CommitLog
 from blipinpaint.config import Config, to_yaml
 from blipinpaint.errors import ConfigError
 from blipinpaint.layout import RunLayout
@@ -47,7 +48,6 @@ from blipinpaint.reader import read_rows, split_reads
 from blipinpaint.records import decode_images
 from blipinpaint.scorer import ScoreNet
 from blipinpaint.storage import is_file, local_dir, read_jsonl, read_text, write_jsonl, write_text
-from blipinpaint.writer import CommitLog
 from rayjobs import training
 from rayjobs.cli import job_main
 from rayjobs.cluster import connect

@@ -34,6 +34,8 @@ import ray
 
 from blipinpaint import builders, fingerprint, plan
 from blipinpaint.batches import Guarded, split_errors
+from blipinpaint.commit_log import CommitLog
+from blipinpaint.commits import Account
 from blipinpaint.config import Config, sample_images_dir, to_yaml
 from blipinpaint.errors import ConfigError
 from blipinpaint.layout import RunLayout
@@ -41,7 +43,6 @@ from blipinpaint.records import METRIC_COLUMNS, SAMPLE_SCHEMA
 from blipinpaint.source_reads import read_files
 from blipinpaint.sources import SourceError, list_inputs
 from blipinpaint.storage import filesystem, write_text
-from blipinpaint.writer import Account, CommitLog
 from rayjobs.cli import job_main
 from rayjobs.stream import ErrorWriter, commit_stage, counted_task, model_stages, run_stream
 

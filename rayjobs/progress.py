@@ -19,7 +19,7 @@ from typing import TextIO
 from ray.data._internal.execution.execution_callback import ExecutionCallback
 from ray.data._internal.execution.operators.actor_pool_map_operator import ActorPoolMapOperator
 
-from blipinpaint.writer import CommitLog
+from blipinpaint.commit_log import CommitLog
 
 log = logging.getLogger(__name__)
 

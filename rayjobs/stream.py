@@ -23,13 +23,14 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from blipinpaint.batches import Batch, Guarded, count_once, split_errors
+from blipinpaint.commit_log import CommitLog
+from blipinpaint.commits import RERUN_CAUSES, Superseded, part_name
 from blipinpaint.config import Config, FaultConfig, StreamConfig
 from blipinpaint.errors import JobError
 from blipinpaint.layout import Folder
 from blipinpaint.reader import read_rows
 from blipinpaint.records import encode_rows
 from blipinpaint.storage import write_text
-from blipinpaint.writer import RERUN_CAUSES, CommitLog, Superseded, part_name
 from rayjobs.cluster import actor_resources, connect, size_pools
 from rayjobs.progress import CommitProgress, PoolWatch
 

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from blipinpaint import fingerprint
+from blipinpaint.commit_log import CommitLog
 from blipinpaint.config import Config, to_yaml
 from blipinpaint.errors import ConfigError
 from blipinpaint.layout import RunLayout
@@ -38,7 +39,6 @@ from blipinpaint.reader import read_rows, split_reads
 from blipinpaint.scorer import TARGETS, ScoreNet, ScoreNetConfig, regression_report
 from blipinpaint.seeds import sample_seed
 from blipinpaint.storage import is_file, local_dir, read_jsonl, upload_dir, write_jsonl, write_text
-from blipinpaint.writer import CommitLog
 from rayjobs import training
 from rayjobs.cli import job_main
 from rayjobs.cluster import connect

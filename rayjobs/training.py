@@ -34,10 +34,10 @@ from ray.train import (
 )
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from blipinpaint.commit_log import CommitLog
 from blipinpaint.config import Config
 from blipinpaint.errors import JobError
 from blipinpaint.models.loading import DTYPES
-from blipinpaint.writer import CommitLog
 
 log = logging.getLogger(__name__)
 # DeepSpeed's ZeRO calls a torch collective that torch deprecates: a warning from every rank

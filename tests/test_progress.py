@@ -4,7 +4,7 @@ import time
 
 from helpers import sample_rows
 
-from blipinpaint.writer import CommitLog
+from blipinpaint.commit_log import CommitLog
 from rayjobs.progress import CommitProgress, TrainProgress, clock
 
 LINE = re.compile(r"generate: (\d+) of 10 rows committed \((\d+) errors\), ([\d.]+) rows/s, ETA (\d+:\d\d:\d\d)$")

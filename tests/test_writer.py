@@ -10,11 +10,12 @@ from helpers import sample_rows as _rows
 from pyarrow import fs as pafs
 
 from blipinpaint import commit_log
+from blipinpaint.commit_log import CommitLog
+from blipinpaint.commits import Superseded, part_name
 from blipinpaint.errors import JobError
 from blipinpaint.reader import read_sorted
 from blipinpaint.records import ERROR_SCHEMA, SAMPLE_SCHEMA
 from blipinpaint.storage import filesystem
-from blipinpaint.writer import CommitLog, Superseded, part_name
 
 
 class Out:

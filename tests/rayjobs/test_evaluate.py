@@ -11,10 +11,10 @@ import torch
 from helpers import PIPELINE_ARGS, account, copy_run, end_actors_of_dead_drivers, open_page
 from PIL import Image
 
+from blipinpaint.commit_log import CommitLog
 from blipinpaint.layout import RunLayout
 from blipinpaint.records import METRICS
 from blipinpaint.seeds import sample_seed
-from blipinpaint.writer import CommitLog
 from rayjobs import evaluate
 
 

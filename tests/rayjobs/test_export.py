@@ -20,11 +20,11 @@ from helpers import account, copy_run, download, end_actors_of_dead_drivers, pri
 from PIL import Image
 from pyarrow import fs as pafs
 
+from blipinpaint.commit_log import CommitLog
 from blipinpaint.config import load_config
 from blipinpaint.fingerprint import digest_of
 from blipinpaint.reader import split_reads
 from blipinpaint.storage import filesystem, folder_digest, read_text
-from blipinpaint.writer import CommitLog
 from rayjobs import audit, export
 
 SHARDS = ["heldout-00000-of-00001", "train-00000-of-00002", "train-00001-of-00002"]  # 6 samples, 2 a shard

@@ -19,9 +19,9 @@ import pytest
 from helpers import account, encode, end_actors_of_dead_drivers, photo, print_figures
 from pyarrow import fs as pafs
 
+from blipinpaint.commit_log import CommitLog
 from blipinpaint.config import load_config, sample_images_dir
 from blipinpaint.storage import filesystem
-from blipinpaint.writer import CommitLog
 from rayjobs import generate
 
 
@@ -182,14 +182,14 @@ WRITER = textwrap.dedent("""
     import sys
     import numpy as np
     import pyarrow as pa
-    from blipinpaint import writer
-    from blipinpaint.writer import CommitLog
+    from blipinpaint import commit_log
+    from blipinpaint.commit_log import CommitLog
 
     schema = pa.schema([("id", pa.string()), ("source", pa.string()), ("mask_png", pa.binary())])
     out, round_ = sys.argv[1], int(sys.argv[2])
     rng = np.random.default_rng(round_)
     if round_ == 0:  # die in the third part's write, its staged file left behind: half written on a
-        real, calls = writer.pq.write_table, []  # disk, as a kill can leave it (a PUT is whole or absent)
+        real, calls = commit_log.pq.write_table, []  # disk, as a kill can leave it (a PUT is whole or absent)
 
         def half_then_die(table, where, filesystem):
             real(table, where, filesystem=filesystem)
@@ -199,7 +199,7 @@ WRITER = textwrap.dedent("""
                     os.truncate(where, os.path.getsize(where) // 2)
                 os._exit(1)
 
-        writer.pq.write_table = half_then_die
+        commit_log.pq.write_table = half_then_die
     print("ready", flush=True)
     for part in range(1000):
         ids = [f"r{round_}-p{part}-{i}" for i in range(50)]

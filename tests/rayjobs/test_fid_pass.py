@@ -8,9 +8,9 @@ import time
 import numpy as np
 from helpers import PIPELINE_ARGS, copy_run, encode, photo, print_figures
 
+from blipinpaint.commit_log import CommitLog
 from blipinpaint.config import load_config
 from blipinpaint.evaluation import FID_SETS
-from blipinpaint.writer import CommitLog
 from rayjobs import evaluate
 from rayjobs.fid_pass import FidStage
 from rayjobs.stream import TASK_RETRIES, attempt_ledger

@@ -157,7 +157,7 @@ def test_a_dry_run_plans_from_the_log_and_starts_nothing(first_run, source, tmp_
     through the pipeline counts what is committed and what is left, estimates each stage's
     actor-seconds from the committed parts' timings, fetches no model, starts no actor and
     writes nothing but `run_dir/plan.json`."""
-    from blipinpaint.writer import CommitLog
+    from blipinpaint.commit_log import CommitLog
     from rayjobs import models, pipeline
 
     run_dir, cfg, _ = first_run

@@ -16,9 +16,9 @@ import pytest
 from helpers import PIPELINE_ARGS, account, copy_run, download, encode, photo, print_figures, write_samples
 
 from blipinpaint.candidates import candidate_id
+from blipinpaint.commit_log import CommitLog
 from blipinpaint.config import load_config, sample_images_dir
 from blipinpaint.reader import split_reads
-from blipinpaint.writer import CommitLog
 from rayjobs import evaluate
 
 

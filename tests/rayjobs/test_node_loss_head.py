@@ -21,9 +21,9 @@ import time
 
 from helpers import PIPELINE_ARGS, account, print_figures
 
+from blipinpaint.commit_log import CommitLog
 from blipinpaint.config import load_config, sample_images_dir
 from blipinpaint.sources import list_inputs
-from blipinpaint.writer import CommitLog
 from rayjobs import evaluate
 from rayjobs.cluster import HEAD_LOST_AFTER_S
 

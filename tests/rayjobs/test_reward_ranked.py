@@ -19,12 +19,12 @@ from helpers import PIPELINE_ARGS, account, copy_run, end_actors_of_dead_drivers
 
 from blipinpaint import builders
 from blipinpaint.candidates import PENDING, best_candidates, best_captions, candidate_id, expand
+from blipinpaint.commit_log import CommitLog
 from blipinpaint.config import load_config
 from blipinpaint.errors import ConfigError
 from blipinpaint.io import decode_png
 from blipinpaint.losses import LossWeights, caption_lm_loss
 from blipinpaint.reader import split_reads
-from blipinpaint.writer import CommitLog
 from rayjobs import candidates, finetune_blip, pipeline
 
 N = 4  # candidates per image

@@ -61,7 +61,7 @@ def test_deepspeed_trains_in_the_configured_precision_on_any_device(dtype, bf16,
 def _generated(run_dir, ids):
     from helpers import sample_rows
 
-    from blipinpaint.writer import CommitLog
+    from blipinpaint.commit_log import CommitLog
 
     CommitLog(f"{run_dir}/generate").commit(sample_rows(ids, [""] * len(ids)))
 
