@@ -29,10 +29,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import gpu_inpaint  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import gpu_inpaint  # noqa: E402
 from blipinpaint import builders  # noqa: E402
 from blipinpaint.acceleration import compile_unet  # noqa: E402
 from blipinpaint.config import load_config, sample_images_dir  # noqa: E402
@@ -136,7 +136,7 @@ def inpaint(args, overrides: list[str]) -> dict:
                        "first_batch_s": round(times[0], 2), "fused_images_per_s": round(rate, 3),
                        "speedup_over_eager": round(rate / eager, 3) if eager else None}
     print(f"compiled, batch {b}: first batch (compile) {times[0]:.1f} s, then {rate:.3f} img/s", flush=True)
-    del stage, pipe
+    stage = pipe = None  # the GPU's memory free before the job's actors load their models
     torch._dynamo.reset()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -199,8 +199,9 @@ def finetune(args, overrides: list[str]) -> dict:
             gpu_inpaint.sync(device)
             times.append(time.perf_counter() - start)
         steady = times[1:] or times
-        out[name] = {"batch_size": args.finetune_batch, "steps": args.finetune_steps, "first_step_s": round(times[0], 3),
-                     "step_s": round(sum(steady) / len(steady), 4), "loss": round(loss.item(), 4)}
+        out[name] = {"batch_size": args.finetune_batch, "steps": args.finetune_steps,
+                     "first_step_s": round(times[0], 3), "step_s": round(sum(steady) / len(steady), 4),
+                     "loss": round(loss.item(), 4)}
         if device.type == "cuda":
             out[name]["memory_max_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
             torch.cuda.reset_peak_memory_stats(device)

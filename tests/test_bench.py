@@ -58,7 +58,8 @@ def test_the_gpu_bench_smoke_run_writes_every_section(local_ray, tmp_path):
     assert result["environment"]["torch"] and result["environment"]["diffusers"]
     eager = result["inpaint"]["eager"]["2"]
     assert eager["fused_images_per_s"] > 0 and eager["pipeline_per_variant_images_per_s"] > 0
-    assert result["inpaint"]["compiled"]["fused_images_per_s"] > 0 and result["inpaint"]["compiled"]["first_batch_s"] > 0
+    compiled = result["inpaint"]["compiled"]
+    assert compiled["fused_images_per_s"] > 0 and compiled["first_batch_s"] > 0
     generate = result["generate"]
     assert (generate["ok"], generate["errors"]) == (4, 0)
     assert {"captioner", "inpainter", "metrics"} <= set(generate["stages"])
