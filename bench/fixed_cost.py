@@ -96,9 +96,9 @@ def loop(config):
     imported = time.perf_counter() - start
     start = time.perf_counter()
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 3))
+    config = {{"train_micro_batch_size_per_gpu": 4, "zero_optimization": {{"stage": 2}}}}
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=1e-4),
-                                      config={{"train_micro_batch_size_per_gpu": 4, "zero_optimization": {{"stage": 2}}}},
-                                      dist_init_required=False)
+                                      config=config, dist_init_required=False)
     ray.train.report({{"import_deepspeed_s": imported, "deepspeed_initialize_s": time.perf_counter() - start}})
 
 
