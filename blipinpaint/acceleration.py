@@ -12,13 +12,14 @@
   (50 steps x 3 rows per image against one VAE decode). Compiled kernels change the
   rounding: see `compile_unet`.
 
-BLIP and CLIP are left as they load. CLIP's attention is already SDPA (transformers'
+BLIP and CLIP are left as they load. Channels-last would touch one convolution of each
+(a vision transformer's patch embedding). CLIP's attention is already SDPA (transformers'
 default where a model supports it); BLIP's has no SDPA path in transformers 5.23 (its
-attention is a matmul and a softmax) and patching it would change the captions the paper's
-BLIP makes. Neither is compiled: their forward passes are well under 1 % of an image's
-FLOPs (ViT-B/16 at 384² and ViT-L/14 at 224² once per image, against 150 UNet rows at
-512²), so compiling them could save no more than that, and BLIP's generate loop changes
-shape with every token.
+attention is a matmul and a softmax), and patching it would change the captions the
+paper's BLIP makes. Neither is compiled: their forward passes are well under 1 % of an
+image's FLOPs (BLIP's ViT-B/16 at 384² once and CLIP's ViT-L/14 at 224² twice per image,
+about 0.4 TFLOP, against 150 UNet rows at 512², about 100), so compiling them could save
+no more than that, and BLIP's generate loop changes shape with every token.
 """
 
 from __future__ import annotations
