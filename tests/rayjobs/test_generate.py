@@ -149,3 +149,13 @@ def test_a_failing_prepare_commits_each_bad_row_once(tmp_path, monkeypatch):
     assert {r: e for rows in sunk for r, e in zip(rows["id"], rows["error"])} == {
         "empty.png": "stage failed: prepare raised RuntimeError: mask bug",
         "good.png": "stage failed: prepare raised RuntimeError: mask bug"}
+
+
+def test_the_job_runs_a_compiled_unet_and_records_it(local_ray, source, tmp_path):
+    """`inpaint.compile` in the job: the inpainter actor compiles its UNet when it starts (on a
+    batch of 3: the 5 good inputs arrive as 3 and a padded 2), every input is accounted for,
+    and the run's fingerprint records the mode (compiled rows round differently)."""
+    stats = generate.run(_cfg(tmp_path, source, "inpaint.compile=default", "stream.inpainter.batch_size=3"))
+    assert (stats["ok"], stats["errors"], stats["missing"]) == (5, 4, 0)
+    assert stats["fingerprint"]["inpaint.compile"] == "default"
+    assert stats["stages"]["inpainter"]["busy_s"] > 0
