@@ -76,7 +76,7 @@ class GpuSampler:
         if shutil.which("nvidia-smi"):
             self.process = subprocess.Popen(
                 ["nvidia-smi", "--id=0", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits",
-                 f"-lms={self.period_ms}"], stdout=subprocess.PIPE, text=True)
+                 f"--loop-ms={self.period_ms}"], stdout=subprocess.PIPE, text=True)
         return self
 
     def __exit__(self, *exc):
