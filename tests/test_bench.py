@@ -65,3 +65,17 @@ def test_the_gpu_bench_smoke_run_writes_every_section(local_ray, tmp_path):
     assert {"captioner", "inpainter", "metrics"} <= set(generate["stages"])
     assert generate["stages"]["inpainter"]["busy_s"] > 0 and "samples" in generate["gpu"]
     assert result["finetune"]["bf16"]["step_s"] > 0 and "skipped" in result["finetune"]["fp16"]
+
+
+def test_the_gpu_samplers_summary_of_nvidia_smi_lines():
+    """What the GPU run parses (nvidia-smi's `utilization.gpu, memory.used` in CSV, no units),
+    checked here where there is no nvidia-smi."""
+    spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "bench" / "gpu_bench.py")
+    gpu_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_bench)
+    sampler = gpu_bench.GpuSampler(period_ms=500)
+    assert sampler.summary()["samples"] == 0  # no nvidia-smi started: said so, not a crash
+    sampler.process, sampler.lines = object(), ["95, 30000", "100, 31000", "40, 12000", ""]
+    summary = sampler.summary()
+    assert summary["samples"] == 3 and summary["util_median"] == 95.0 and summary["memory_max_mib"] == 31000.0
+    assert summary["share_above_90"] == round(2 / 3, 3) and summary["util_mean"] == 78.3
