@@ -39,6 +39,7 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from blipinpaint import builders  # noqa: E402
+from blipinpaint.acceleration import compile_unet  # noqa: E402
 from blipinpaint.config import load_config, sample_images_dir  # noqa: E402
 from blipinpaint.inpainting import denoise  # noqa: E402
 from blipinpaint.source_reads import read_files  # noqa: E402
@@ -191,12 +192,10 @@ def main() -> None:
     result["peak_tflops"] = float(f"{peak_tflops(device, dtype):.3g}")
     print(f"peak {cfg.models.dtype} matmul: {result['peak_tflops']} TFLOP/s")
 
-    inpainter = builders.build_inpainter(cfg)
+    inpainter = builders.build_inpainter(cfg)  # on CUDA: channels-last UNet and VAE, as the job runs them
     pipe = inpainter.pipe
-    if device.type == "cuda":
-        pipe.unet.to(memory_format=torch.channels_last)  # convolutions in NHWC: the tensor cores' layout
-    if args.compile:
-        pipe.unet = torch.compile(pipe.unet, mode="max-autotune-no-cudagraphs")
+    if args.compile:  # as `inpaint.compile` does, but compiled again for each batch size (its first batch, untimed)
+        compile_unet(pipe, "max-autotune-no-cudagraphs")
     tflop = unet_tflop_per_image(pipe, size, args.steps, guided=True)
     result["unet_tflop_per_image"] = float(f"{tflop:.3g}")
     result["bare"] = {}

@@ -12,6 +12,7 @@ from dataclasses import replace
 
 import torch
 
+from blipinpaint.acceleration import channels_last, compile_unet
 from blipinpaint.candidates import CandidateCaptioner
 from blipinpaint.captioning import Captioner, Reranker
 from blipinpaint.config import Config, model_store
@@ -165,10 +166,18 @@ def build_candidate_captioner(cfg: Config) -> CandidateCaptioner:
 
 
 def build_inpainter(cfg: Config, prompts: dict[str, str | None] | None = None) -> Inpainter:
+    """SD inpainting making `prompts`' variants (default: generate's two). On CUDA its UNet and
+    VAE are channels-last; with `inpaint.compile` its UNet is compiled here, on a batch of
+    `stream.inpainter.batch_size` rows, the one size it then runs (`Inpainter`'s `fixed_shape`)."""
     device, dtype = _device_dtype(cfg)
     pipe = load_inpaint_pipeline(resolve_preset(cfg).inpainter, device, dtype)
+    if device.type == "cuda":
+        channels_last(pipe)
+    compiled = cfg.inpaint.compile != "off"
+    compile_unet(pipe, cfg.inpaint.compile)
     return Inpainter(pipe, inference_steps(cfg), cfg.inpaint.guidance_scale, cfg.seed, prompts,
-                     cfg.inpaint.caption_max_mask_area)
+                     cfg.inpaint.caption_max_mask_area,
+                     fixed_shape=(cfg.stream.inpainter.batch_size, image_size(cfg)) if compiled else None)
 
 
 def build_metrics(cfg: Config, variants: dict[str, tuple[str, str]] | None = None) -> InpaintMetrics:

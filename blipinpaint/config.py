@@ -93,6 +93,9 @@ class InpaintConfig:
     # in every variant (the paper's failure case: a caption of what little is left misleads
     # the inpainter). None: always with the caption.
     caption_max_mask_area: float | None = None
+    # `off`, or the torch.compile mode of the UNet (`default`, `max-autotune-no-cudagraphs`):
+    # batches then pad to `stream.inpainter.batch_size` rows, so that it compiles once.
+    compile: str = "off"
 
 
 @dataclass
@@ -298,6 +301,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         first_line = str(getattr(err, "msg", err)).splitlines()[0]
         raise ConfigError(f"invalid config{where}: {key}{first_line}") from None
     _absolute_paths(cfg)
+    # YAML reads `off` (and `no`, `false`) as false, which a string key holds as "False".
+    if cfg.inpaint.compile == "False":
+        cfg.inpaint.compile = "off"
     validate(cfg)
     return cfg
 

@@ -38,6 +38,10 @@ SHA256 = re.compile(r"[0-9a-f]{64}")
 EXPORT_FORMATS = ("hf", "webdataset")
 FINETUNE_METHODS = ("scorer", "reward_ranked")
 AUTO = "auto"  # a pool size the job works out from the cluster
+# `inpaint.compile`: `off` (eager), or a `torch.compile` mode for the UNet. Not the modes that
+# capture CUDA graphs (`reduce-overhead`, `max-autotune`): a replayed graph owns its outputs,
+# which the fused loop keeps across steps, and no GPU has run them here.
+COMPILE_MODES = ("off", "default", "max-autotune-no-cudagraphs")
 
 
 def validate(cfg: Config) -> None:
@@ -117,6 +121,9 @@ def _mask_caption_inpaint_problems(masks: MaskConfig, caption: CaptionConfig, in
         problems.append(f"inpaint.num_inference_steps={inpaint.num_inference_steps} must be at least 1")
     if inpaint.guidance_scale < 1:
         problems.append(f"inpaint.guidance_scale={inpaint.guidance_scale} must be at least 1 (1 = no guidance)")
+    if inpaint.compile not in COMPILE_MODES:
+        problems.append(f"inpaint.compile={inpaint.compile!r} is not one of {list(COMPILE_MODES)} (off: eager; "
+                        "the others are torch.compile modes)")
     area = inpaint.caption_max_mask_area
     if area is not None and not 0 < area < 1:
         problems.append(f"inpaint.caption_max_mask_area={area} must be a share of the image between 0 and 1 "

@@ -91,6 +91,11 @@ def generate_settings(cfg: Config) -> dict:
     out = settings(cfg, GENERATE_KEYS)
     # Candidates change evaluate's and the candidate stream's rows, not these (`candidates`).
     del out["caption.candidates"]
+    # A compiled UNet rounds differently (`acceleration.compile_unet`: beyond the tolerance
+    # between eager runs in half precision), so its mode is recorded; eager is recorded as
+    # nothing, as before the setting existed, so that runs made then still resume.
+    if out["inpaint.compile"] == "off":
+        del out["inpaint.compile"]
     return out
 
 

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import copy
+import logging
+import time
 
 import numpy as np
 import torch
 
 from blipinpaint.seeds import sample_seed
+
+log = logging.getLogger(__name__)
 
 
 def composite(generated: np.ndarray, original: np.ndarray, masks: np.ndarray) -> np.ndarray:
@@ -34,22 +38,68 @@ class Inpainter:
     prompt is empty and it gets no classifier-free guidance: with an empty prompt the guided
     and unguided noise predictions are the same, so guidance would double its UNet rows for
     no change.
+
+    With `fixed_shape` = (rows, side), for a compiled UNet (`acceleration.compile_unet`),
+    every loop runs on exactly `rows` images of `side`²: a smaller batch (the last one, a
+    retry's remainder) is padded with copies of its last row, whose outputs are dropped, and
+    a larger one runs in chunks. The UNet then sees one shape and compiles once, where each
+    new batch size would compile it again (a minute or more on a GPU). The compile happens
+    in `warm_up`, when the stage is built (and again for `with_prompts`' other rows), so
+    that no batch's time, nor the rates computed from it, includes it.
     """
 
     def __init__(self, pipe, num_inference_steps: int, guidance_scale: float, seed: int,
-                 prompts: dict[str, str | None] | None = None, caption_max_mask_area: float | None = None):
+                 prompts: dict[str, str | None] | None = None, caption_max_mask_area: float | None = None,
+                 fixed_shape: tuple[int, int] | None = None):
         self.pipe = pipe
         self.steps = num_inference_steps
         self.guidance_scale = guidance_scale
         self.seed = seed
-        self.prompts = prompts or GENERATE_PROMPTS
+        self.prompts = GENERATE_PROMPTS if prompts is None else prompts
         self.caption_max_mask_area = caption_max_mask_area
+        self.fixed_shape = fixed_shape
+        self.warmup_s = self.warm_up()
 
     def with_prompts(self, prompts: dict[str, str | None]) -> Inpainter:
         """This stage with other `prompts`, on the same pipeline (its weights loaded once)."""
         twin = copy.copy(self)
         twin.prompts = prompts
+        twin.warmup_s = twin.warm_up()
         return twin
+
+    def warm_up(self) -> float | None:
+        """With a `fixed_shape`, run its blank padded batch through the loop (two steps: each
+        UNet call has the shape and inputs of every later one) and log how long it took: the
+        compile's cost, apart from the batches'. Its seconds, or None (nothing to warm up)."""
+        if self.fixed_shape is None or not self.prompts:
+            return None
+        rows, side = self.fixed_shape
+        images = np.zeros((1, side, side, 3), dtype=np.uint8)
+        masks = np.zeros((1, side, side), dtype=np.uint8)
+        masks[:, side // 4:3 * side // 4, side // 4:3 * side // 4] = 1
+        texts = {column: None if caption is None else [""] for column, caption in self.prompts.items()}
+        start = time.perf_counter()
+        self._denoise(images, masks, texts, [0], min(self.steps, 2))
+        seconds = time.perf_counter() - start
+        # A warning so that it reaches the job's log: Ray workers pass on warnings and above only.
+        log.warning("inpainter: compile warm-up on a batch of %d (%d variants, %dx%d) took %.1f s, left out of "
+                    "the stage's rates", rows, len(self.prompts), side, side, seconds)
+        return seconds
+
+    def _denoise(self, images: np.ndarray, masks: np.ndarray, texts: dict[str, list[str] | None], seeds: list[int],
+                 steps: int) -> dict[str, np.ndarray]:
+        """`denoise`, in chunks of exactly `fixed_shape`'s rows when it is set (the padding's outputs dropped)."""
+        if self.fixed_shape is None:
+            return denoise(self.pipe, images, masks, texts, seeds, steps, self.guidance_scale)
+        rows, chunks = self.fixed_shape[0], []
+        for start in range(0, len(seeds), rows):
+            real = min(rows, len(seeds) - start)
+            index = list(range(start, start + real)) + [start + real - 1] * (rows - real)
+            out = denoise(self.pipe, images[index], masks[index],
+                          {c: None if t is None else [t[i] for i in index] for c, t in texts.items()},
+                          [seeds[i] for i in index], steps, self.guidance_scale)
+            chunks.append({column: images_out[:real] for column, images_out in out.items()})
+        return {column: np.concatenate([c[column] for c in chunks]) for column in texts}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images, masks = batch["image"], batch["mask"]
@@ -62,7 +112,7 @@ class Inpainter:
         texts = {column: None if caption is None else ["" if skip else str(c)
                                                        for c, skip in zip(batch[caption], uncaptioned)]
                  for column, caption in self.prompts.items()}
-        generated = denoise(self.pipe, images, masks, texts, seeds, self.steps, self.guidance_scale)
+        generated = self._denoise(images, masks, texts, seeds, self.steps)
         for column, images_out in generated.items():
             # Half precision can overflow in the UNet or the VAE; rint/clip/astype would turn the
             # NaN into a black or noisy image that nothing downstream could tell from a real one.

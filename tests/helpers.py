@@ -17,6 +17,12 @@ from blipinpaint.records import SAMPLE_SCHEMA, encode_rows
 PIPELINE_ARGS = ["run_dir=run", "scorer.epochs=2", "finetune.epochs=2", "finetune.batch_size=4", "finetune.lr=1e-3",
                  "evaluate.fid.size=2"]
 
+# How far two computations of the fused denoising loop's float images (in [0, 1]) may be
+# apart and count as the same: measured (2026-12, torch 2.13 CPU) at most 1.7e-6 in fp32 and
+# 2/256 in bf16 (two bf16 steps of values in [0.5, 1)) between the loop and the pipeline; the
+# bounds leave room for another CPU's rounding order.
+FUSED_TOLERANCE = {"fp32": 5e-6, "bf16": 3 / 255}
+
 
 def copy_run(run_dir, to, parts=("generate", "scorer", "finetune", "blip")) -> None:
     """A copy of a run's folders, for a test that changes or adds to them."""

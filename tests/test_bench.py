@@ -38,3 +38,44 @@ def test_bare_loop_and_ray_pool_run_and_the_pool_returns_every_image(bench_cfg, 
     for fused in (False, True):
         assert gpu_inpaint.both_variants(pipe, batch, 2, 2, 7.5, gpu_inpaint.torch.device("cpu"), fused) > 0
     assert gpu_inpaint.ray_pool(bench_cfg, batch, 2, use_gpu=False) > 0
+
+
+def test_the_gpu_bench_smoke_run_writes_every_section(local_ray, tmp_path):
+    """`bash bench/gpu_bench.sh --smoke`, as BENCHMARKS.md gives it (on this session's Ray):
+    every section of the GPU measurement runs and lands in its JSON."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "gpu_bench.json"
+    env = {**os.environ, "PYTHON": sys.executable, "RAY_ADDRESS": local_ray.get_runtime_context().gcs_address}
+    done = subprocess.run(["bash", str(ROOT / "bench" / "gpu_bench.sh"), "--smoke", "--out", str(out)], cwd=ROOT,
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:]
+    result = json.loads(out.read_text())
+    assert set(result["seconds"]) == {"environment", "inpaint", "generate", "finetune", "total"}
+    assert result["environment"]["torch"] and result["environment"]["diffusers"]
+    eager = result["inpaint"]["eager"]["2"]
+    assert eager["fused_images_per_s"] > 0 and eager["pipeline_per_variant_images_per_s"] > 0
+    compiled = result["inpaint"]["compiled"]
+    assert compiled["fused_images_per_s"] > 0 and compiled["first_batch_s"] > 0
+    generate = result["generate"]
+    assert (generate["ok"], generate["errors"]) == (4, 0)
+    assert {"captioner", "inpainter", "metrics"} <= set(generate["stages"])
+    assert generate["stages"]["inpainter"]["busy_s"] > 0 and "samples" in generate["gpu"]
+    assert result["finetune"]["bf16"]["step_s"] > 0 and "skipped" in result["finetune"]["fp16"]
+
+
+def test_the_gpu_samplers_summary_of_nvidia_smi_lines():
+    """What the GPU run parses (nvidia-smi's `utilization.gpu, memory.used` in CSV, no units),
+    checked here where there is no nvidia-smi."""
+    spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "bench" / "gpu_bench.py")
+    gpu_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_bench)
+    sampler = gpu_bench.GpuSampler(period_ms=500)
+    assert sampler.summary()["samples"] == 0  # no nvidia-smi started: said so, not a crash
+    sampler.process, sampler.lines = object(), ["95, 30000", "100, 31000", "40, 12000", ""]
+    summary = sampler.summary()
+    assert summary["samples"] == 3 and summary["util_median"] == 95.0 and summary["memory_max_mib"] == 31000.0
+    assert summary["share_above_90"] == round(2 / 3, 3) and summary["util_mean"] == 78.3

@@ -49,6 +49,9 @@ def test_resolved_config_round_trips(tmp_path):
     (["evaluate.gallery_limit=-1"], "evaluate.gallery_limit=-1 must be 0"),
     (["inpaint.caption_max_mask_area=1.5"], "inpaint.caption_max_mask_area=1.5 must be a share of the image"),
     (["caption.candidates=0"], "caption.candidates=0 must be at least 1"),
+    (["inpaint.compile=fast"], "inpaint.compile='fast' is not one of \\['off', 'default', "
+                               "'max-autotune-no-cudagraphs'\\]"),
+    (["inpaint.compile=true"], "inpaint.compile='True' is not one of"),
     (["finetune.method=rlhf"], "finetune.method='rlhf' is not one of \\['scorer', 'reward_ranked'\\]"),
     (["finetune.method=reward_ranked"], "finetune.method=reward_ranked ranks caption.candidates captions per image: "
                                         "set it to 2 or more"),
@@ -170,3 +173,12 @@ def test_the_old_name_of_the_stream_section_still_works(tmp_path, caplog):
     assert load_config(overrides=["stream.rows_per_file=9"]).stream.rows_per_file == 9
     with pytest.raises(ConfigError, match=r"both `generate` and `stream` are set in the overrides"):
         load_config(overrides=["generate.rows_per_file=5", "stream.batch_retries=1"])
+
+
+def test_inpaint_compile_is_off_unless_set_and_yamls_off_means_off(tmp_path):
+    assert load_config().inpaint.compile == "off"
+    path = tmp_path / "c.yaml"
+    path.write_text("inpaint:\n  compile: off\n")  # YAML reads it as false
+    assert load_config(path).inpaint.compile == "off"
+    assert load_config(overrides=["inpaint.compile=max-autotune-no-cudagraphs"]).inpaint.compile == \
+        "max-autotune-no-cudagraphs"

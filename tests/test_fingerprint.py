@@ -24,6 +24,12 @@ def test_a_run_folder_refuses_rows_made_with_other_settings(tmp_path):
     policy = load_config(overrides=[f"run_dir={tmp_path}", "inpaint.caption_max_mask_area=0.3"])
     with pytest.raises(ConfigError, match=r"inpaint.caption_max_mask_area differ"):
         fingerprint.check(str(tmp_path), fingerprint.generate(policy))
+    # A compiled UNet rounds differently: its mode is recorded; eager is recorded as nothing (as
+    # before the setting existed).
+    assert "inpaint.compile" not in fingerprint.generate(cfg)
+    compiled = load_config(overrides=[f"run_dir={tmp_path}", "inpaint.compile=default"])
+    with pytest.raises(ConfigError, match=r"inpaint.compile differ"):
+        fingerprint.check(str(tmp_path), fingerprint.generate(compiled))
     # Caption candidates change evaluate's and the candidate stream's rows only.
     candidates = load_config(overrides=[f"run_dir={tmp_path}", "caption.candidates=4"])
     fingerprint.check(str(tmp_path), fingerprint.generate(candidates))

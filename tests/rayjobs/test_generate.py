@@ -192,3 +192,13 @@ def test_a_dry_run_plans_from_the_log_and_starts_nothing(first_run, source, tmp_
     assert stages["inpainter"]["gpu_h"] == pytest.approx(stages["inpainter"]["actor_s"] * 0.5 / 3600, rel=1e-3)
     out = capsys.readouterr().out
     assert f"9 inputs, {9 - len(undone)} already committed" in out and "GPU-hours" in out
+
+
+def test_the_job_runs_a_compiled_unet_and_records_it(local_ray, source, tmp_path):
+    """`inpaint.compile` in the job: the inpainter actor compiles its UNet when it starts (on a
+    batch of 3: the 5 good inputs arrive as 3 and a padded 2), every input is accounted for,
+    and the run's fingerprint records the mode (compiled rows round differently)."""
+    stats = generate.run(_cfg(tmp_path, source, "inpaint.compile=default", "stream.inpainter.batch_size=3"))
+    assert (stats["ok"], stats["errors"], stats["missing"]) == (5, 4, 0)
+    assert stats["fingerprint"]["inpaint.compile"] == "default"
+    assert stats["stages"]["inpainter"]["busy_s"] > 0
