@@ -260,3 +260,25 @@ def test_fine_tuning_survives_the_loss_of_its_node_and_resumes_from_its_checkpoi
     assert sorted({r["epoch"] for r in steps}) == list(range(epochs))
     assert resumed and min(resumed) >= 1  # it went on from a checkpoint, not from the start
     assert (tmp_path / "blip" / "model.safetensors").exists() and (tmp_path / "finetune" / "_SUCCESS").exists()
+
+
+# Where a job's Ray comes from when no address is given: next to the spot cluster (another
+# Ray on the machine), as a user's machine may have one.
+PROBE = ("import ray; from rayjobs.cluster import connect; connect(); "
+         "print('GCS', ray.get_runtime_context().gcs_address)")
+
+
+@pytest.mark.parametrize("address", [None, "cluster"])
+def test_a_job_without_an_address_starts_its_own_ray_and_never_joins_another(spot_cluster, address):
+    """With no `ray_address` and no $RAY_ADDRESS a job starts a Ray of its own on loopback,
+    as documented, even while another Ray runs on the machine (the spot cluster, which
+    Ray's own lookup in /tmp/ray/ray_current_cluster would join); given the address, it
+    joins that one."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    if address:
+        env["RAY_ADDRESS"] = spot_cluster.address
+    done = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    gcs = next(line.split()[1] for line in done.stdout.splitlines() if line.startswith("GCS"))
+    assert (gcs == spot_cluster.address) == bool(address), (gcs, spot_cluster.address)
+    assert gcs.startswith("127.0.0.1:")
