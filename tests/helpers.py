@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
+import subprocess
+import sys
+import time
 import zlib
 
 import numpy as np
@@ -255,3 +259,18 @@ def write_samples(run_dir, n=400, dim=16, seed=0, restored_exactly=()):
         {"name": "part-0", "samples": [f"img{i:04d}" for i in range(n)], "errors": [], "error_kinds": [],
          "staged": {"samples": "part-0.parquet"}}))
     (run_dir / "generate" / "_SUCCESS").write_text("")  # every input accounted for
+
+
+def start_job(module: str, args: list[str], address: str, cwd) -> subprocess.Popen:
+    """`python -m rayjobs.<module> <args>` joined to the Ray at `address`, as under `ray job submit`."""
+    return subprocess.Popen([sys.executable, "-m", f"rayjobs.{module}", *args, f"ray_address={address}"], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
+
+
+def wait_for(condition, job: subprocess.Popen, what: str, timeout_s: float = 300) -> None:
+    """Poll `condition` (a file the job writes) until it holds; the job must still be running."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert job.poll() is None, f"the job ended before {what}:\n{job.stdout.read()[-3000:]}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)

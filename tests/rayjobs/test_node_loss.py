@@ -13,28 +13,24 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import PIPELINE_ARGS, account, copy_run, download, encode, photo, print_figures, write_samples
+from helpers import (
+    PIPELINE_ARGS,
+    account,
+    copy_run,
+    download,
+    encode,
+    photo,
+    print_figures,
+    start_job,
+    wait_for,
+    write_samples,
+)
 
 from blipinpaint.candidates import candidate_id
 from blipinpaint.commit_log import CommitLog
 from blipinpaint.config import load_config, sample_images_dir
 from blipinpaint.reader import split_reads
 from rayjobs import evaluate
-
-
-def start(job: str, args: list[str], cluster, cwd) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", f"rayjobs.{job}", *args, f"ray_address={cluster.address}"],
-                            cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=os.environ.copy())
-
-
-def wait_for(condition, job: subprocess.Popen, what: str, timeout_s: float = 300) -> None:
-    """Poll `condition` (a file the job writes) until it holds; the job must still be running."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert job.poll() is None, f"the job ended before {what}:\n{job.stdout.read()[-3000:]}"
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 def finish(job: subprocess.Popen, timeout_s: float = 600) -> tuple[int, str]:
@@ -71,8 +67,8 @@ def test_evaluate_survives_the_loss_of_the_node_running_its_fid_pass(main_run, s
     args = [*PIPELINE_ARGS, f"run_dir={tmp_path}"]  # its rows in the parts of the undisturbed run
     ids = evaluate.evaluation_ids(load_config(overrides=args))
     gate = tmp_path / "fid-gate"
-    job = start("evaluate", [*args, "stream.inject_failure.stage=fid", f"stream.inject_failure.id={ids[-1]}",
-                             f"stream.inject_failure.hold={gate}"], spot_cluster, tmp_path)
+    job = start_job("evaluate", [*args, "stream.inject_failure.stage=fid", f"stream.inject_failure.id={ids[-1]}",
+                             f"stream.inject_failure.hold={gate}"], spot_cluster.address, tmp_path)
     started = time.perf_counter()
     wait_for(lambda: os.path.exists(f"{gate}.reached"), job, "a FID actor took the part")
     spot_cluster.lose_worker()
@@ -154,7 +150,7 @@ def test_generate_survives_the_loss_of_its_node_with_its_run_in_a_bucket(spot_cl
             "stream.read.batch_size=1", "stream.captioner.batch_size=1", "stream.inpainter.batch_size=1",
             "stream.metrics.batch_size=1", "stream.inject_failure.stage=inpainter",
             f"stream.inject_failure.id={inputs[-1]}", f"stream.inject_failure.hold={gate}"]
-    job = start("generate", args, spot_cluster, tmp_path)
+    job = start_job("generate", args, spot_cluster.address, tmp_path)
     started = time.perf_counter()
     before = lose_the_node_holding(job, out, gate, spot_cluster)
     code, said = finish(job)
@@ -182,7 +178,7 @@ def test_candidates_survive_the_loss_of_their_node(main_run, spot_cluster, tmp_p
             "stream.captioner.batch_size=1", "stream.inpainter.batch_size=1", "stream.metrics.batch_size=1",
             "stream.inject_failure.stage=inpainter", f"stream.inject_failure.id={ids[-1]}",
             f"stream.inject_failure.hold={gate}"]
-    job = start("candidates", args, spot_cluster, tmp_path)
+    job = start_job("candidates", args, spot_cluster.address, tmp_path)
     started = time.perf_counter()
     before = lose_the_node_holding(job, str(out), gate, spot_cluster)
     code, said = finish(job)
@@ -207,8 +203,8 @@ def test_scorer_training_survives_the_loss_of_its_node_and_resumes_from_its_chec
     where) and logs every epoch once, with the optimizer steps of an undisturbed run."""
     write_samples(tmp_path)
     epochs = 6
-    job = start("train_scorer", [f"run_dir={tmp_path}", f"scorer.epochs={epochs}", "scorer.batch_size=64",
-                                 "scorer.hidden=[16]", "scorer.checkpoint_every=1"], spot_cluster, tmp_path)
+    job = start_job("train_scorer", [f"run_dir={tmp_path}", f"scorer.epochs={epochs}", "scorer.batch_size=64",
+                                 "scorer.hidden=[16]", "scorer.checkpoint_every=1"], spot_cluster.address, tmp_path)
     log = tmp_path / "scorer" / "metrics.jsonl"
     started = time.perf_counter()
     # Epoch k's line is logged before its report, which waits until report k-1 was collected:
@@ -237,7 +233,7 @@ def test_fine_tuning_survives_the_loss_of_its_node_and_resumes_from_its_checkpoi
     copy_run(main_run[1] / "run", tmp_path, ("generate", "scorer"))
     epochs = 6  # an epoch is a step and a probe here: the loss must land with epochs still to do
     args = [*PIPELINE_ARGS, f"run_dir={tmp_path}", f"finetune.epochs={epochs}"]
-    job = start("finetune_blip", args, spot_cluster, tmp_path)
+    job = start_job("finetune_blip", args, spot_cluster.address, tmp_path)
     log = tmp_path / "finetune" / "metrics.jsonl"
     started = time.perf_counter()
     # Epoch k's probe line is logged before its report, which waits until report k-1 was

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 
-from helpers import PIPELINE_ARGS, account, print_figures
+from helpers import PIPELINE_ARGS, account, print_figures, start_job, wait_for
 
 from blipinpaint.commit_log import CommitLog
 from blipinpaint.config import load_config, sample_images_dir
@@ -28,19 +28,6 @@ from rayjobs import evaluate
 from rayjobs.cluster import HEAD_LOST_AFTER_S
 
 RAY_GCS_RECONNECT_S = 60  # Ray's gcs_rpc_server_reconnect_timeout_s: it ends a driver without a GCS after this
-
-
-def _job(module: str, args: list[str], address: str, cwd) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", f"rayjobs.{module}", *args, f"ray_address={address}"], cwd=cwd,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
-
-
-def _wait_for(condition, job: subprocess.Popen, what: str, timeout_s: float = 300) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert job.poll() is None, f"the job ended before {what}:\n{job.stdout.read()[-3000:]}"
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 def _kill_node(cluster, node) -> None:
@@ -132,9 +119,9 @@ def test_a_lost_head_stops_generate_with_one_line_and_the_same_command_completes
     started = time.perf_counter()
     old = _Cluster()
     try:
-        job = _job("generate", args, old.address, tmp_path)
+        job = start_job("generate", args, old.address, tmp_path)
         try:
-            _wait_for(lambda: CommitLog(str(out)).markers(), job, "the first commit")
+            wait_for(lambda: CommitLog(str(out)).markers(), job, "the first commit")
             before = len(CommitLog(str(out)).committed_ids())
             lost = time.monotonic()
             old.lose_head()
@@ -148,7 +135,7 @@ def test_a_lost_head_stops_generate_with_one_line_and_the_same_command_completes
         old.shutdown()
     new = _Cluster()
     try:
-        rerun = _job("generate", args, new.address, tmp_path)
+        rerun = start_job("generate", args, new.address, tmp_path)
         again, _ = rerun.communicate(timeout=600)
     finally:
         new.shutdown()
@@ -179,11 +166,11 @@ def test_the_pipeline_survives_the_loss_of_its_worker_node(spot_cluster, tmp_pat
     inputs = [it["id"] for it in list_inputs(str(sample_images_dir()), cfg.data.kind, cfg.data.image_root,
                                              cfg.data.limit, cfg.seed, cfg.data.image_column, cfg.data.id_column)]
     gate = tmp_path / "inpainter-gate"
-    job = _job("pipeline", [*PIPELINE_ARGS, "stream.inject_failure.stage=inpainter",
+    job = start_job("pipeline", [*PIPELINE_ARGS, "stream.inject_failure.stage=inpainter",
                             f"stream.inject_failure.id={inputs[-1]}", f"stream.inject_failure.hold={gate}"],
                spot_cluster.address, tmp_path)
     started = time.perf_counter()
-    _wait_for(lambda: os.path.exists(f"{gate}.reached"), job, "an inpainter took the held batch", 600)
+    wait_for(lambda: os.path.exists(f"{gate}.reached"), job, "an inpainter took the held batch", 600)
     spot_cluster.lose_worker()
     gate.write_text("")  # the batch's next attempt (on the replacement) goes through
     said, _ = job.communicate(timeout=1200)
