@@ -182,7 +182,8 @@ def train_loop(config: dict) -> None:
         if rank == 0:
             write_jsonl(log_uri, [*read_jsonl(log_uri), metrics])
             progress.epoch(epoch, {"train loss": metrics["train_loss"], "held-out loss": metrics["val_loss"]})
-        # Ray Train takes one report per controller poll (2 s): report with checkpoints only.
+        # Ray Train takes one report per controller poll (`training.CONTROLLER_POLL_S`): report
+        # with checkpoints only.
         if (epoch + 1) % cfg.scorer.checkpoint_every == 0 or epoch + 1 == cfg.scorer.epochs:
             training.save_and_report(engine, metrics, {"epoch": epoch, "mean": standardization[0],
                                                       "std": standardization[1]})

@@ -7,6 +7,7 @@ latest reported checkpoint, because the run's name and storage are fixed by `run
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -44,6 +45,32 @@ log = logging.getLogger(__name__)
 # of every run that says nothing about this project.
 warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
                         category=FutureWarning)
+
+
+# Ray Train's controller polls its workers every 2 s by default, and collects one report per
+# poll: a worker whose previous report is not collected yet waits in its next one. A job that
+# reports 5 checkpoints in 2 s of training then waits ~8 s for them, and every run waits up to
+# a poll more for the controller to see its workers finish (BENCHMARKS.md, "Where a training
+# job's seconds go"). A poll is a small remote call per worker; a worker that misses one is
+# polled again, and declared dead only after RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S (10 min).
+POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+CONTROLLER_POLL_S = 0.2
+
+
+@contextlib.contextmanager
+def controller_poll(seconds: float = CONTROLLER_POLL_S):
+    """Inside: a Ray Train controller started from this process polls its workers every
+    `seconds` (unless the user set `RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`). Ray Train reads the
+    variable in the driver when `fit` starts the controller and passes it to the controller
+    and its workers; it is put back as it was after."""
+    if POLL_ENV in os.environ:
+        yield
+        return
+    os.environ[POLL_ENV] = str(seconds)
+    try:
+        yield
+    finally:
+        os.environ.pop(POLL_ENV, None)
 
 
 def per_worker(cfg: Config, batch_size: int) -> int:
@@ -84,7 +111,9 @@ def engine_settings(engine) -> dict:
             "dtype": str(next(engine.module.parameters()).dtype).removeprefix("torch."),
             "workers": dist.get_world_size(), "global_batch": engine.train_batch_size(),
             "batch_per_worker": engine.train_micro_batch_size_per_gpu(),
-            "cpus_per_worker": ray.get_runtime_context().get_assigned_resources().get("CPU")}
+            "cpus_per_worker": ray.get_runtime_context().get_assigned_resources().get("CPU"),
+            # The interval the controller polled this worker at (passed down by it).
+            "controller_poll_s": float(os.environ[POLL_ENV]) if POLL_ENV in os.environ else None}
 
 
 def half_dtype(cfg: Config) -> torch.dtype | None:
@@ -279,7 +308,8 @@ def still_owner(fence: tuple[str, str]) -> bool:
 def fit(trainer, cfg: Config, fence: tuple[str, str]):
     """Run `trainer`; one line when it fails for good, Superseded when another run took over."""
     try:
-        result = trainer.fit()
+        with controller_poll():
+            result = trainer.fit()
     except TrainingFailedError as err:
         failures = getattr(err, "worker_failures", None) or {}
         rank = min(failures) if failures else None

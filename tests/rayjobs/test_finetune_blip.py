@@ -101,7 +101,8 @@ def test_zero3_in_bf16_with_a_kl_term_and_offload_resumes_after_a_worker_death(m
         "finetune.epochs=2", "finetune.kl_weight=0.1", "train.offload_optimizer=true", "train.inject_failure_at_step=2",
         "finetune.lambda_ssim=0.3", "finetune.lambda_psnr=0.05", "finetune.lambda_clip=2"]))
     assert report["engine"] == {"zero_stage": 3, "offload_optimizer": True, "dtype": "bfloat16", "workers": 2,
-                                "cpus_per_worker": 0.5, "global_batch": 4, "batch_per_worker": 2}
+                                "cpus_per_worker": 0.5, "global_batch": 4, "batch_per_worker": 2,
+                                "controller_poll_s": training.CONTROLLER_POLL_S}
     assert report["scorer_unchanged"] and report["frozen_unchanged"]
     assert report["probe"]  # decoded on both ranks in step: ZeRO-3 gathers each layer from both
     assert (run_dir / "blip" / "model.safetensors").exists()

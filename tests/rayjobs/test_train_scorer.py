@@ -19,7 +19,7 @@ from PIL import Image
 from blipinpaint.config import heldout_fraction, load_config
 from blipinpaint.scorer import TARGETS, ScoreNet, ScoreNetConfig
 from blipinpaint.seeds import heldout
-from rayjobs import train_scorer
+from rayjobs import train_scorer, training
 
 
 def test_scorer_learns_a_learnable_signal(local_ray, tmp_path):
@@ -43,7 +43,7 @@ def test_scorer_learns_a_learnable_signal(local_ray, tmp_path):
     assert [r["epoch"] for r in records] == list(range(6))
     assert records[-1]["engine"] == {"zero_stage": zero_stage, "offload_optimizer": offload, "dtype": "float32",
                                      "workers": workers, "cpus_per_worker": cpus, "global_batch": 96,
-                                     "batch_per_worker": 32}
+                                     "batch_per_worker": 32, "controller_poll_s": training.CONTROLLER_POLL_S}
     assert records[-1]["val_loss"] < 0.5 * records[-1]["val_loss_mean_baseline"]
     assert records[-1]["train_loss"] < records[0]["train_loss"]
     for name, r in report["heldout"].items():
