@@ -41,6 +41,7 @@ from blipinpaint.errors import ConfigError
 from blipinpaint.layout import RunLayout
 from blipinpaint.records import METRIC_COLUMNS, SAMPLE_SCHEMA
 from blipinpaint.source_reads import read_files
+from blipinpaint.source_pages import iter_inputs
 from blipinpaint.sources import SourceError, list_inputs
 from blipinpaint.storage import filesystem, write_text
 from rayjobs.cli import job_main
@@ -118,13 +119,15 @@ def run(cfg: Config) -> dict:
     started = time.perf_counter()
     out_dir = RunLayout(cfg.run_dir).generate
     # 1. List the inputs first: a bad source fails before anything is written.
+    listing = (cfg.data.source or str(sample_images_dir()), cfg.data.kind, cfg.data.image_root,
+               cfg.data.limit, cfg.seed, cfg.data.image_column, cfg.data.id_column)
     try:
-        items = list_inputs(cfg.data.source or str(sample_images_dir()), cfg.data.kind, cfg.data.image_root,
-                            cfg.data.limit, cfg.seed, cfg.data.image_column, cfg.data.id_column)
+        if cfg.dry_run:  # only say what a run would do: no model fetched, no actor, nothing but the plan written
+            # Pages of a few shards at a time: the plan never holds the whole listing.
+            return plan.plan(cfg, iter_inputs(*listing))
+        items = list_inputs(*listing)
     except SourceError as err:
         raise ConfigError(str(err)) from None
-    if cfg.dry_run:  # only say what a run would do: no model fetched, no actor, nothing but the plan written
-        return plan.plan(cfg, items)
     # 2. Models into the store before any actor loads one; refuse rows of other settings or
     #    models (or, with `restart`, move them aside).
     builders.fill_store(cfg)
