@@ -15,7 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass, field
 
 from blipinpaint import fingerprint
 from blipinpaint.commit_log import CommitLog
@@ -39,12 +40,40 @@ def _digest_page(digest, items: list[dict]) -> None:
         digest.update(json.dumps([item["id"], item.get("source", "")]).encode() + b"\n")
 
 
-def committed_filter(log: CommitLog) -> Callable[[list[str]], list[str]]:
-    """Which of a page's ids the log holds as committed. The one place a reader of listing
-    pages asks the log (its `committed_ids`, read once), so a faster read of the log (a
-    compacted id array) changes this function only."""
-    done = log.committed_ids()
+def committed_filter(done: Collection[str]) -> Callable[[list[str]], list[str]]:
+    """Which of a page's ids are committed, given what the log holds (`CommitLog.committed_ids`
+    or `resume().done`). The one place a reader of listing pages (this plan, a generate run's
+    listing tasks) checks ids against the log, so a faster form of it (a compacted id array,
+    `pyarrow.compute.is_in`) changes this function only."""
     return lambda ids: [i for i in ids if i in done]
+
+
+def read_pages(done: Collection[str], pages: Iterable[list[dict]], keep_absent: bool = False) -> Listed:
+    """Count, digest and check each page against `done`, then drop it: what is kept is the
+    listed ids the log holds (and, with `keep_absent`, the ones it does not)."""
+    committed = committed_filter(done)
+    listed, digest = Listed(), hashlib.sha256()
+    for page in pages:
+        ids = [it["id"] for it in page]
+        listed.inputs += len(ids)
+        _digest_page(digest, page)
+        hits = committed(ids)
+        listed.hits += hits
+        if keep_absent:
+            held = set(hits)
+            listed.absent += [i for i in ids if i not in held]
+    listed.digest = digest.hexdigest()
+    return listed
+
+
+@dataclass
+class Listed:
+    """What `read_pages` keeps of a listing: never one item per input."""
+
+    inputs: int = 0
+    digest: str = ""
+    hits: list[str] = field(default_factory=list)  # listed ids the log holds
+    absent: list[str] = field(default_factory=list)  # listed ids it does not (when asked for)
 
 
 def _recorded(out_dir: Folder, settings: dict) -> dict:
@@ -80,12 +109,8 @@ def plan(cfg: Config, pages: Iterable[list[dict]]) -> dict:
     Written to `run_dir/plan.json`."""
     out_dir = RunLayout(cfg.run_dir).generate
     log = CommitLog(out_dir)
-    committed = committed_filter(log)
-    inputs, hits, digest = 0, [], hashlib.sha256()
-    for page in pages:
-        inputs += len(page)
-        _digest_page(digest, page)
-        hits += committed([it["id"] for it in page])
+    listed = read_pages(log.committed_ids(), pages)
+    inputs, hits = listed.inputs, listed.hits
     # The listed ids the log names, accounted for: a part whose files are gone counts as missing.
     account = log.account(hits)
     markers = log.markers()
@@ -99,7 +124,7 @@ def plan(cfg: Config, pages: Iterable[list[dict]]) -> dict:
         "to_do": to_do, "parts_to_write": math.ceil(to_do / cfg.stream.rows_per_file),
         "rows_per_file": cfg.stream.rows_per_file, "retry_failed": cfg.stream.retry_failed,
         "estimate": estimate(dict(account.seconds), account.rows, to_do, cfg),
-        "made_by": {"settings_digest": fingerprint.digest_of(settings), "inputs_digest": digest.hexdigest(),
+        "made_by": {"settings_digest": fingerprint.digest_of(settings), "inputs_digest": listed.digest,
                     "source": cfg.data.source, "kind": cfg.data.kind, "limit": cfg.data.limit,
                     "models": "not hashed: a dry run fetches none", "recorded": _recorded(out_dir, settings),
                     "commit_log": {"parts": len(markers)}},

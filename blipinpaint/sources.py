@@ -114,6 +114,8 @@ def _item(sample_id: str, source: str = "", error: str = "", raw_path: bytes = b
 
 
 ITEM_FIELDS = tuple(_item(""))
+ITEM_SCHEMA = pa.schema([(k, pa.binary() if k == "raw_path" else pa.int64() if isinstance(v, int) else pa.string())
+                         for k, v in _item("").items()])  # an item as a column each, typed (no page is untyped)
 
 
 def _text(name: str) -> str:
