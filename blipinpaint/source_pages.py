@@ -28,10 +28,10 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 from blipinpaint.seeds import sample_seed
-from blipinpaint.sources import (LIST_THREADS, SourceError, _relative, _unique, detect_kind, expand, list_inputs,
+from blipinpaint.sources import (SourceError, _relative, _unique, detect_kind, expand, list_inputs,
                                  scan_shard)
 
-AHEAD = 2 * LIST_THREADS  # shard groups listed ahead of the reader: bounds the pages in memory
+AHEAD = 4  # shard groups listed ahead of the reader (and threads): bounds the pages in memory
 
 
 def shard_groups(source: str) -> list[list[tuple[str, str]]]:
@@ -74,7 +74,7 @@ def list_group(group: list[tuple[str, str]], source: str) -> list[dict]:
 def iter_webdataset(source: str) -> Iterator[list[dict]]:
     """One page per shard group, listed `AHEAD` groups ahead of the reader in threads."""
     groups = shard_groups(source)
-    with ThreadPoolExecutor(LIST_THREADS) as pool:
+    with ThreadPoolExecutor(AHEAD) as pool:
         pending = [pool.submit(list_group, g, source) for g in groups[:AHEAD]]
         for k in range(len(groups)):
             page = pending[k].result()
