@@ -10,7 +10,8 @@ On a cluster (the tunnel, the token, logs and stop: docs/cluster.md):
 
 Ray Data streams the inputs through read + decode + validate + mask (CPU tasks), the
 Captioner, Inpainter and metrics actors, and an exactly-once Parquet writer, in bounded
-memory. Killed and run again, the job finishes or undoes what was in flight and does the
+memory. A WebDataset source is listed inside the stream, a shard group per read task
+(`list_pending`), the committed ids dropped there: the driver holds shard names. Killed and run again, the job finishes or undoes what was in flight and does the
 rest. Writes `run_dir/generate/`: `samples/`, `errors/`, `stats.json`, `config.yaml`,
 and `_SUCCESS` once every input is accounted for. With `dry_run=true` it only plans
 (`blipinpaint.plan`): it lists and reads the commit log, prints what a run would do and

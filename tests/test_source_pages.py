@@ -96,3 +96,50 @@ def test_the_dry_run_plans_a_sharded_source_page_by_page(shards, tmp_path, monke
     assert result["made_by"]["inputs_digest"] == plan.inputs_digest(whole)
     assert result["estimate"]["stages"]["prepare"]["s_per_row"] == 0.5
     assert json.loads((run_dir / "plan.json").read_text())["to_do"] == len(whole) - 3
+
+
+def test_plain_shards_read_without_tarfile_list_the_same_members(tmp_path, monkeypatch):
+    """`tar_headers.plain_members` against tarfile on shards of each kind: the same items; it
+    reads the plain ones (ustar and GNU headers, long names in the ustar prefix, carried
+    members, names that are not UTF-8) and hands the rest to tarfile (a pax header, a shard
+    cut short, one without its end blocks)."""
+    import io
+    import tarfile
+
+    def shard(path, members, fmt=tarfile.USTAR_FORMAT, cut=None):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            tar.addfile(_folder())
+        data = buf.getvalue()
+        path.write_bytes(data if cut is None else data[:cut])
+        return str(path)
+
+    def _folder():
+        info = tarfile.TarInfo("sub")
+        info.type = tarfile.DIRTYPE
+        return info
+
+    members = [("000.jpg", JPEG), ("000.txt", b"a caption \xff"), ("000.json", b'{"w": 1}'), ("001.png", JPEG),
+               ("002.txt", b"no image"), ("caf\udce9.jpg", JPEG), ("d" * 90 + "/" + "e" * 90 + ".jpg", JPEG)]
+    cases = {"ustar": (shard(tmp_path / "u.tar", members), True),
+             "gnu": (shard(tmp_path / "g.tar", members[:5], tarfile.GNU_FORMAT), True),
+             "pax": (shard(tmp_path / "p.tar", members + [("x" * 300 + ".jpg", JPEG)], tarfile.PAX_FORMAT), False),
+             "cut": (shard(tmp_path / "c.tar", members, cut=512 * 5 + 100), False),
+             "no end": (shard(tmp_path / "n.tar", members[:2], cut=512 * 5), False)}
+    from blipinpaint import tar_headers
+
+    for what, (path, plain) in cases.items():
+        read = []
+        real = tar_headers.plain_members
+        monkeypatch.setattr(sources, "plain_members", lambda *a: read.append(real(*a)) or read[-1])
+        fast = sources.scan_shard(path, "s.tar")
+        monkeypatch.setattr(sources, "plain_members", lambda *a: None)
+        assert fast == sources.scan_shard(path, "s.tar"), what
+        assert (read[0] is not None) == plain, what
+    items = {it["id"]: it for it in sources.scan_shard(cases["ustar"][0], "s.tar")}
+    assert json.loads(items["s.tar/000"]["annotations"]) == {"txt": "a caption \ufffd", "json": '{"w": 1}'}
+    assert "s.tar/" + "d" * 90 + "/" + "e" * 90 in items and "s.tar/caf\\xe9" in items
