@@ -128,9 +128,11 @@ t0 = time.perf_counter()
 if mode == "list_inputs":
     inputs = len(list_inputs(source))
 else:
-    inputs = generate.run(load_config(overrides=[f"run_dir={run_dir}", f"data.source={source}", "dry_run=true"]))["inputs"]
+    cfg = load_config(overrides=[f"run_dir={run_dir}", f"data.source={source}", "dry_run=true"])
+    inputs = generate.run(cfg)["inputs"]
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print("RESULT " + json.dumps({"mode": mode, "inputs": inputs, "wall_s": time.perf_counter() - t0,
-      "rss_imported_mb": rss_imported / 1024, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+      "rss_imported_mb": rss_imported / 1024, "peak_rss_mb": peak / 1024}))
 """
 
 

@@ -1,14 +1,14 @@
 """`dry_run=true`: what a generate run would do and cost, before a model is fetched or started.
 
 It lists the inputs in pages (`source_pages.iter_inputs`: a WebDataset source a few shards
-at a time, each page counted, digested and checked against the log, then dropped), reads
-the output folder's commit log (read only: no take-over, no recovery), and says how many inputs there are, how many are committed, how many are left
-and in how many parts. When parts are committed, their markers hold each stage's busy
-seconds (`seconds_<stage>` summed per part): at those rates it estimates the actor-seconds
-each stage needs for what is left, and the GPU-hours of the stages that hold GPUs
-(`stream.<stage>.num_gpus` per actor). The plan is the only file written:
-`run_dir/plan.json`, saying what made it (the settings' digest, the listed inputs' digest,
-what the folder recorded).
+at a time, each page counted, digested and checked against the log, then dropped), reads the
+output folder's commit log (read only: no take-over, no recovery), and says how many inputs
+there are, how many are committed, how many are left and in how many parts. When parts are
+committed, their markers hold each stage's busy seconds (`seconds_<stage>` summed per part):
+at those rates it estimates the actor-seconds each stage needs for what is left, and the
+GPU-hours of the stages that hold GPUs (`stream.<stage>.num_gpus` per actor). The plan is
+the only file written: `run_dir/plan.json`, saying what made it (the settings' digest, the
+listed inputs' digest, what the folder recorded).
 """
 
 from __future__ import annotations

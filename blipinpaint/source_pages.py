@@ -28,8 +28,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 from blipinpaint.seeds import sample_seed
-from blipinpaint.sources import (SourceError, _relative, _unique, detect_kind, expand, list_inputs,
-                                 scan_shard)
+from blipinpaint.sources import SourceError, _relative, _unique, detect_kind, expand, list_inputs, scan_shard
 
 AHEAD = 4  # shard groups listed ahead of the reader (and threads): bounds the pages in memory
 

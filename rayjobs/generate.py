@@ -11,11 +11,12 @@ On a cluster (the tunnel, the token, logs and stop: docs/cluster.md):
 Ray Data streams the inputs through read + decode + validate + mask (CPU tasks), the
 Captioner, Inpainter and metrics actors, and an exactly-once Parquet writer, in bounded
 memory. A WebDataset source is listed inside the stream, a shard group per read task
-(`list_pending`), the committed ids dropped there: the driver holds shard names. Killed and run again, the job finishes or undoes what was in flight and does the
-rest. Writes `run_dir/generate/`: `samples/`, `errors/`, `stats.json`, `config.yaml`,
-and `_SUCCESS` once every input is accounted for. With `dry_run=true` it only plans
-(`blipinpaint.plan`): it lists and reads the commit log, prints what a run would do and
-cost, and writes `run_dir/plan.json`, nothing else.
+(`list_pending`), the committed ids dropped there: the driver holds shard names. Killed and
+run again, the job finishes or undoes what was in flight and does the rest. Writes
+`run_dir/generate/`: `samples/`, `errors/`, `stats.json`, `config.yaml`, and `_SUCCESS` once
+every input is accounted for. With `dry_run=true` it only plans (`blipinpaint.plan`): it
+lists and reads the commit log, prints what a run would do and cost, and writes
+`run_dir/plan.json`, nothing else.
 """
 
 from __future__ import annotations
@@ -170,8 +171,9 @@ def run(cfg: Config) -> dict:
         log.info("%d inputs: %d already committed, %d to do", len(items), len(items) - len(pending), len(pending))
         # 4. Stream what is left.
         if pending:
-            pipeline_s, restarts = run_stream(cfg, "generate", out_dir, len(items), len(items) - len(pending),
-                                    len(pending), lambda cfg, ledger: build_dataset(cfg, pending, ledger, resumed.owner))
+            pipeline_s, restarts = run_stream(
+                cfg, "generate", out_dir, len(items), len(items) - len(pending), len(pending),
+                lambda cfg, ledger: build_dataset(cfg, pending, ledger, resumed.owner))
         inputs, processed = len(items), len(pending)
         account = commit_log.account([it["id"] for it in items])
     else:

@@ -132,14 +132,15 @@ def test_plain_shards_read_without_tarfile_list_the_same_members(tmp_path, monke
              "no end": (shard(tmp_path / "n.tar", members[:2], cut=512 * 5), False)}
     from blipinpaint import tar_headers
 
+    real, read = tar_headers.plain_members, []
+    monkeypatch.setattr(sources, "plain_members", lambda *a: read.append(real(*a)) or read[-1])
     for what, (path, plain) in cases.items():
-        read = []
-        real = tar_headers.plain_members
-        monkeypatch.setattr(sources, "plain_members", lambda *a: read.append(real(*a)) or read[-1])
+        read.clear()
         fast = sources.scan_shard(path, "s.tar")
-        monkeypatch.setattr(sources, "plain_members", lambda *a: None)
-        assert fast == sources.scan_shard(path, "s.tar"), what
         assert (read[0] is not None) == plain, what
+        with monkeypatch.context() as m:
+            m.setattr(sources, "plain_members", lambda *a: None)
+            assert fast == sources.scan_shard(path, "s.tar"), what
     items = {it["id"]: it for it in sources.scan_shard(cases["ustar"][0], "s.tar")}
     assert json.loads(items["s.tar/000"]["annotations"]) == {"txt": "a caption \ufffd", "json": '{"w": 1}'}
     assert "s.tar/" + "d" * 90 + "/" + "e" * 90 in items and "s.tar/caf\\xe9" in items
