@@ -22,6 +22,15 @@ after one compaction (`blipinpaint.checkpoints`), and a resume after it. With `-
 empty and `--s3-size 0` only that runs (no Ray):
 
     .venv/bin/python bench/scale.py --sizes --s3-size 0 --log-markers 40000 --s3-log-markers 2000
+
+`--list-sizes N ...` times the listing of a WebDataset source of N inputs (shards of
+`--shard-images` small images, written by `make_shards`), each in a process of its own:
+`list_inputs` (the whole listing as one list, what a real run's driver does) and
+`dry_run=true` through `generate.run` (the listing read in pages, `source_pages`), with the
+process's peak RSS; both import the job first, so the figures differ by the listing alone.
+Alone (no Ray):
+
+    .venv/bin/python bench/scale.py --sizes --s3-size 0 --list-sizes 10000 1000000
 """
 
 from __future__ import annotations
@@ -103,6 +112,67 @@ print("RESULT " + json.dumps({"markers": markers, "rows_per_marker": rows, "buil
       "read_uncompacted_s": before_s, "compact_s": compact_s, "read_compacted_s": after_s,
       "resume_compacted_s": resume_s, "ms_per_marker_uncompacted": 1000 * before_s / markers}))
 """
+
+
+# The listing of a WebDataset source, in a process of its own: `list_inputs`, or a dry run
+# (`generate.run` with `dry_run=true`). Prints one JSON line.
+LIST = """
+import json, resource, sys, time
+from blipinpaint.config import load_config
+from blipinpaint.sources import list_inputs
+from rayjobs import generate
+
+mode, source, run_dir = sys.argv[1:4]
+rss_imported = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t0 = time.perf_counter()
+if mode == "list_inputs":
+    inputs = len(list_inputs(source))
+else:
+    cfg = load_config(overrides=[f"run_dir={run_dir}", f"data.source={source}", "dry_run=true"])
+    inputs = generate.run(cfg)["inputs"]
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print("RESULT " + json.dumps({"mode": mode, "inputs": inputs, "wall_s": time.perf_counter() - t0,
+      "rss_imported_mb": rss_imported / 1024, "peak_rss_mb": peak / 1024}))
+"""
+
+
+def make_shards(folder: Path, n: int, per_shard: int) -> None:
+    """`n` samples in tar shards of `per_shard`: one tiny JPEG (under 512 bytes: one block) per
+    key, as img2dataset writes a shard; the same bytes each time, since listing never decodes."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 80, 40)).save(buf, "JPEG", quality=50)
+    jpeg = buf.getvalue()
+    pad = b"\0" * (-len(jpeg) % tarfile.BLOCKSIZE)
+    folder.mkdir(parents=True, exist_ok=True)
+    for s in range(-(-n // per_shard)):
+        with open(folder / f"{s:05d}.tar", "wb") as f:
+            for k in range(min(per_shard, n - s * per_shard)):
+                info = tarfile.TarInfo(f"{k:06d}.jpg")
+                info.size = len(jpeg)
+                f.write(info.tobuf(format=tarfile.USTAR_FORMAT) + jpeg + pad)
+            f.write(b"\0" * 2 * tarfile.BLOCKSIZE)
+
+
+def listing(size: int, folder: Path, run_dir: str, env: dict) -> list[dict]:
+    """`list_inputs` and the dry run over `folder` (`LIST`), alternated, one process each."""
+    rows = []
+    for mode in ("list_inputs", "dry_run"):
+        done = subprocess.run([sys.executable, "-c", LIST, mode, str(folder), run_dir], capture_output=True,
+                              text=True, env=env)
+        if done.returncode:
+            raise RuntimeError(done.stderr[-3000:])
+        row = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
+        assert row["inputs"] == size, row
+        row = {k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}
+        row["load_average"] = os.getloadavg()[0]
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
 
 
 def log_read(uri: str, markers: int, rows: int, env: dict) -> dict:
@@ -198,6 +268,9 @@ def main() -> None:
                         "on the local disk (0: none)")
     parser.add_argument("--s3-log-markers", type=int, default=0, help="the same on the S3 endpoint (0: none)")
     parser.add_argument("--log-rows", type=int, default=256, help="rows per marker (a part) in the log benches")
+    parser.add_argument("--list-sizes", type=int, nargs="*", default=[], help="WebDataset sources of these sizes "
+                        "listed whole and by a dry run (no Ray)")
+    parser.add_argument("--shard-images", type=int, default=10000, help="images per shard in --list-sizes")
     parser.add_argument("--out", default="bench/results/scale.json")
     args = parser.parse_args()
 
@@ -211,7 +284,8 @@ def main() -> None:
     env = dict(os.environ)
     results = {"command": f"bench/scale.py --sizes {' '.join(map(str, args.sizes))} --s3-size {args.s3_size} "
                           f"--log-markers {args.log_markers} --s3-log-markers {args.s3_log_markers} "
-                          f"--log-rows {args.log_rows}",
+                          f"--log-rows {args.log_rows} --list-sizes {' '.join(map(str, args.list_sizes))} "
+                          f"--shard-images {args.shard_images}",
                "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                           f"ray {ray.__version__}",
                "date": date.today().isoformat(), "config": LEAST_WORK, "runs": []}
@@ -221,7 +295,15 @@ def main() -> None:
             os.environ.update(env)
         results["commit_log"] = [log_read(uri, n, args.log_rows, env) for uri, n in (
             (str(work / "log"), args.log_markers), ("s3://scale/log", args.s3_log_markers)) if n]
-        if not args.sizes and not args.s3_size:  # the log benches alone: no Ray
+        results["listing"] = []
+        for size in args.list_sizes:
+            folder = work / f"shards{size}"
+            t0 = time.perf_counter()
+            make_shards(folder, size, args.shard_images)
+            print(f"{size} inputs in shards written in {time.perf_counter() - t0:.0f} s", flush=True)
+            results["listing"] += listing(size, folder, str(work / f"plan{size}"), env)
+            shutil.rmtree(folder)
+        if not args.sizes and not args.s3_size:  # the log and listing benches alone: no Ray
             _write(results, args.out)
             return
         connect()

@@ -1,13 +1,14 @@
 """`dry_run=true`: what a generate run would do and cost, before a model is fetched or started.
 
-It lists the inputs, reads the output folder's commit log (read only: no take-over, no
-recovery), and says how many inputs there are, how many are committed, how many are left
-and in how many parts. When parts are committed, their markers hold each stage's busy
-seconds (`seconds_<stage>` summed per part): at those rates it estimates the actor-seconds
-each stage needs for what is left, and the GPU-hours of the stages that hold GPUs
-(`stream.<stage>.num_gpus` per actor). The plan is the only file written:
-`run_dir/plan.json`, saying what made it (the settings' digest, the listed inputs' digest,
-what the folder recorded).
+It lists the inputs in pages (`source_pages.iter_inputs`: a WebDataset source a few shards
+at a time, each page counted, digested and checked against the log, then dropped), reads the
+output folder's commit log (read only: no take-over, no recovery), and says how many inputs
+there are, how many are committed, how many are left and in how many parts. When parts are
+committed, their markers hold each stage's busy seconds (`seconds_<stage>` summed per part):
+at those rates it estimates the actor-seconds each stage needs for what is left, and the
+GPU-hours of the stages that hold GPUs (`stream.<stage>.num_gpus` per actor). The plan is
+the only file written: `run_dir/plan.json`, saying what made it (the settings' digest, the
+listed inputs' digest, what the folder recorded).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass, field
 
 from blipinpaint import fingerprint
 from blipinpaint.commit_log import CommitLog
@@ -29,9 +32,49 @@ PLAN = "plan.json"
 def inputs_digest(items: list[dict]) -> str:
     """A digest of the listed inputs: each id and where it is read from, in listing order."""
     digest = hashlib.sha256()
+    _digest_page(digest, items)
+    return digest.hexdigest()
+
+
+def _digest_page(digest, items: list[dict]) -> None:
     for item in items:
         digest.update(json.dumps([item["id"], item.get("source", "")]).encode() + b"\n")
-    return digest.hexdigest()
+
+
+def committed_filter(done: Collection[str]) -> Callable[[list[str]], list[str]]:
+    """Which of a page's ids are committed, given what the log holds (`CommitLog.committed_ids`
+    or `resume().done`). The one place a reader of listing pages (this plan, a generate run's
+    listing tasks) checks ids against the log, so a faster form of it (a compacted id array,
+    `pyarrow.compute.is_in`) changes this function only."""
+    return lambda ids: [i for i in ids if i in done]
+
+
+def read_pages(done: Collection[str], pages: Iterable[list[dict]], keep_absent: bool = False) -> Listed:
+    """Count, digest and check each page against `done`, then drop it: what is kept is the
+    listed ids the log holds (and, with `keep_absent`, the ones it does not)."""
+    committed = committed_filter(done)
+    listed, digest = Listed(), hashlib.sha256()
+    for page in pages:
+        ids = [it["id"] for it in page]
+        listed.inputs += len(ids)
+        _digest_page(digest, page)
+        hits = committed(ids)
+        listed.hits += hits
+        if keep_absent:
+            held = set(hits)
+            listed.absent += [i for i in ids if i not in held]
+    listed.digest = digest.hexdigest()
+    return listed
+
+
+@dataclass
+class Listed:
+    """What `read_pages` keeps of a listing: never one item per input."""
+
+    inputs: int = 0
+    digest: str = ""
+    hits: list[str] = field(default_factory=list)  # listed ids the log holds
+    absent: list[str] = field(default_factory=list)  # listed ids it does not (when asked for)
 
 
 def _recorded(out_dir: Folder, settings: dict) -> dict:
@@ -60,24 +103,29 @@ def estimate(seconds: dict[str, float], rows: int, to_do: int, cfg: Config) -> d
             "gpu_h": round(sum(s["gpu_h"] for s in stages.values()), 6)}
 
 
-def plan(cfg: Config, items: list[dict]) -> dict:
-    """The plan of a generate run over the listed `items`; written to `run_dir/plan.json`."""
+def plan(cfg: Config, pages: Iterable[list[dict]]) -> dict:
+    """The plan of a generate run over the listed inputs, given as `pages` (lists of items, as
+    `source_pages.iter_inputs` yields them): a page is counted, digested and checked against
+    the log, then dropped, so what the plan holds is the committed ids, not the listing.
+    Written to `run_dir/plan.json`."""
     out_dir = RunLayout(cfg.run_dir).generate
     log = CommitLog(out_dir)
-    ids = [it["id"] for it in items]
-    account = log.account(ids)
+    listed = read_pages(log.committed_ids(), pages)
+    inputs, hits = listed.inputs, listed.hits
+    # The listed ids the log names, accounted for: a part whose files are gone counts as missing.
+    account = log.account(hits)
     markers = log.markers()
     retried = {i for m in markers if stage_failure(m) for i in m["errors"]} if cfg.stream.retry_failed else set()
-    to_do = len(account.missing) + len(retried & set(ids))
+    to_do = inputs - len(hits) + len(account.missing) + len(retried & set(hits))
     settings = fingerprint.generate_settings(cfg)
     result = {
         "plan": "generate", "run_dir": cfg.run_dir, "out_dir": out_dir,
-        "inputs": len(ids), "committed": len(ids) - to_do,
+        "inputs": inputs, "committed": inputs - to_do,
         "committed_samples": len(account.ok), "committed_errors": account.errors,
         "to_do": to_do, "parts_to_write": math.ceil(to_do / cfg.stream.rows_per_file),
         "rows_per_file": cfg.stream.rows_per_file, "retry_failed": cfg.stream.retry_failed,
         "estimate": estimate(dict(account.seconds), account.rows, to_do, cfg),
-        "made_by": {"settings_digest": fingerprint.digest_of(settings), "inputs_digest": inputs_digest(items),
+        "made_by": {"settings_digest": fingerprint.digest_of(settings), "inputs_digest": listed.digest,
                     "source": cfg.data.source, "kind": cfg.data.kind, "limit": cfg.data.limit,
                     "models": "not hashed: a dry run fetches none", "recorded": _recorded(out_dir, settings),
                     "commit_log": {"parts": len(markers)}},

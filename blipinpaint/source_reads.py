@@ -5,8 +5,9 @@ where its listing points: a whole file (through its raw bytes, `raw_path`, when 
 name is not UTF-8), `size` bytes at `offset` of a tar shard (one ranged read), or the image
 cell of a Parquet row (each row group a batch needs read once). Local paths and URIs go
 through pyarrow's filesystems. A read that fails, or an input over
-`data.max_file_mb`, becomes an error row. Kept apart from the listing: a job lists once, on the
-driver, and reads in every batch's CPU task.
+`data.max_file_mb`, becomes an error row. Kept apart from the listing: a job lists once (on the
+driver, or a shard group in each of its read tasks: `source_pages`) and reads in every
+batch's CPU task.
 
 A Parquet reader decodes a page whole: a cell cannot be read without its page, nor a page
 without the pages before it in its column chunk (and the chunk's dictionary page). A row

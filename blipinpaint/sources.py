@@ -27,6 +27,7 @@ from pyarrow import fs as pafs
 
 from blipinpaint.seeds import sample_seed
 from blipinpaint.storage import filesystem, is_remote
+from blipinpaint.tar_headers import plain_members
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp"})
 SOURCE_KINDS = ("auto", "folder", "coco", "visualgenome", "manifest", "webdataset", "parquet_images")
@@ -114,6 +115,8 @@ def _item(sample_id: str, source: str = "", error: str = "", raw_path: bytes = b
 
 
 ITEM_FIELDS = tuple(_item(""))
+ITEM_SCHEMA = pa.schema([(k, pa.binary() if k == "raw_path" else pa.int64() if isinstance(v, int) else pa.string())
+                         for k, v in _item("").items()])  # an item as a column each, typed (no page is untyped)
 
 
 def _text(name: str) -> str:
@@ -260,31 +263,49 @@ def _member_key(name: str) -> tuple[str, str]:
     return posixpath.join(folder, stem), ext.lower() if dot else ""
 
 
+def _members(shard: str):
+    """(name, data offset, size, text or None) of each regular member of a tar shard, the text
+    of the carried ones (`CARRIED`, up to `CARRIED_MAX_BYTES`): read without tarfile when the
+    archive is plain (`tar_headers`, most of a listing's time saved), else with it (which says
+    what is wrong: a shard that cannot be read to its end raises)."""
+    fs, path = filesystem(shard)
+    size = fs.get_file_info(path).size
+    wanted = lambda name, n: _member_key(name)[1] in CARRIED and n <= CARRIED_MAX_BYTES  # noqa: E731
+    with fs.open_input_stream(path) as f:
+        members = plain_members(f, size, wanted)
+    if members is not None:
+        yield from ((name, at, n, None if data is None else data.decode("utf-8", "replace"))
+                    for name, at, n, data in members)
+        return
+    with fs.open_input_stream(path) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            name = _text(member.name)  # a name that is not UTF-8 spelled out, as for files
+            text = (tar.extractfile(member).read().decode("utf-8", "replace")
+                    if wanted(name, member.size) else None)
+            yield name, member.offset_data, member.size, text
+        # tarfile takes a header cut short for the end of the archive: a whole tar ends
+        # with two zero blocks after its last member.
+        if size is not None and size < tar.offset + 2 * tarfile.BLOCKSIZE:
+            raise tarfile.ReadError(f"it ends at byte {size} without the end-of-archive blocks (truncated?)")
+
+
 def scan_shard(shard: str, shard_id: str) -> list[dict]:
     """The samples of one tar shard, read once from start to end (the headers; carried
     members' contents): one item per key. A key without an image member, or a shard that
     cannot be read to its end, is an error row naming the shard and key."""
-    fs, path = filesystem(shard)
     samples: dict[str, dict] = {}
     error = ""
     try:
-        size = fs.get_file_info(path).size
-        with fs.open_input_stream(path) as f, tarfile.open(fileobj=f, mode="r|") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                name = _text(member.name)  # a name that is not UTF-8 spelled out, as for files
-                key, ext = _member_key(name)
-                sample = samples.setdefault(key, {"members": [], "image": None, "carried": {}})
-                sample["members"].append(ext)
-                if sample["image"] is None and f".{ext}" in IMAGE_EXTENSIONS:
-                    sample["image"] = (name, member.offset_data, member.size)
-                elif ext in CARRIED and member.size <= CARRIED_MAX_BYTES:
-                    sample["carried"][ext] = tar.extractfile(member).read().decode("utf-8", "replace")
-            # tarfile takes a header cut short for the end of the archive: a whole tar ends
-            # with two zero blocks after its last member.
-            if size is not None and size < tar.offset + 2 * tarfile.BLOCKSIZE:
-                raise tarfile.ReadError(f"it ends at byte {size} without the end-of-archive blocks (truncated?)")
+        for name, offset, size, text in _members(shard):
+            key, ext = _member_key(name)
+            sample = samples.setdefault(key, {"members": [], "image": None, "carried": {}})
+            sample["members"].append(ext)
+            if sample["image"] is None and f".{ext}" in IMAGE_EXTENSIONS:
+                sample["image"] = (name, offset, size)
+            elif text is not None:
+                sample["carried"][ext] = text
     except (tarfile.TarError, OSError, EOFError) as err:
         last = next(reversed(samples), None)
         error = f"corrupt tar: {shard} cannot be read past {f'key {last!r}' if last else 'its start'}: {err}"

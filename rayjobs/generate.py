@@ -10,11 +10,13 @@ On a cluster (the tunnel, the token, logs and stop: docs/cluster.md):
 
 Ray Data streams the inputs through read + decode + validate + mask (CPU tasks), the
 Captioner, Inpainter and metrics actors, and an exactly-once Parquet writer, in bounded
-memory. Killed and run again, the job finishes or undoes what was in flight and does the
-rest. Writes `run_dir/generate/`: `samples/`, `errors/`, `stats.json`, `config.yaml`,
-and `_SUCCESS` once every input is accounted for. With `dry_run=true` it only plans
-(`blipinpaint.plan`): it lists and reads the commit log, prints what a run would do and
-cost, and writes `run_dir/plan.json`, nothing else.
+memory. A WebDataset source is listed inside the stream, a shard group per read task
+(`list_pending`), the committed ids dropped there: the driver holds shard names. Killed and
+run again, the job finishes or undoes what was in flight and does the rest. Writes
+`run_dir/generate/`: `samples/`, `errors/`, `stats.json`, `config.yaml`, and `_SUCCESS` once
+every input is accounted for. With `dry_run=true` it only plans (`blipinpaint.plan`): it
+lists and reads the commit log, prints what a run would do and cost, and writes
+`run_dir/plan.json`, nothing else.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import logging
 import math
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -40,8 +43,9 @@ from blipinpaint.config import Config, sample_images_dir, to_yaml
 from blipinpaint.errors import ConfigError
 from blipinpaint.layout import RunLayout
 from blipinpaint.records import METRIC_COLUMNS, SAMPLE_SCHEMA
+from blipinpaint.source_pages import iter_inputs, list_group, shard_groups
 from blipinpaint.source_reads import read_files
-from blipinpaint.sources import SourceError, list_inputs
+from blipinpaint.sources import ITEM_SCHEMA, SourceError, detect_kind, items_to_batch
 from blipinpaint.storage import filesystem, write_text
 from rayjobs.cli import job_main
 from rayjobs.stream import ErrorWriter, commit_stage, counted_task, model_stages, run_stream
@@ -64,12 +68,31 @@ def prepare(batch, cfg: Config, errors: ErrorWriter):
     return split_errors(out, errors)
 
 
-def build_dataset(cfg: Config, pending: list[dict], ledger, owner: str | None = None) -> ray.data.Dataset:
-    """The stream from `pending` inputs to committed rows; every write carries the run's `owner` token."""
+def list_pending(batch: dict[str, np.ndarray], source: str, committed) -> pa.Table:
+    """Read task: the inputs of a shard group (`source_pages.list_group`), less the ids the
+    log holds as committed (`committed`: `plan.committed_filter`), as the stages' columns."""
+    items = [it for group in batch["group"] for it in list_group(json.loads(group), source)]
+    done = set(committed([it["id"] for it in items]))
+    return pa.Table.from_pydict(items_to_batch([it for it in items if it["id"] not in done]), schema=ITEM_SCHEMA)
+
+
+def build_dataset(cfg: Config, pending: list[dict] | None, ledger, owner: str | None = None,
+                  shards: tuple[str, list, set] | None = None) -> ray.data.Dataset:
+    """The stream from `pending` inputs to committed rows; every write carries the run's `owner` token.
+
+    With `shards` (source, shard groups, committed ids) instead of `pending`, the stream starts
+    from the shard groups: read tasks list each group's members and drop its committed ids,
+    so the driver holds shards, and the first rows reach the pools while the rest are listed."""
     stream, out_dir = cfg.stream, RunLayout(cfg.run_dir).generate
     errors = ErrorWriter(out_dir, owner)
-    blocks = max(1, math.ceil(len(pending) / stream.read.batch_size))
-    ds = ray.data.from_items(pending, override_num_blocks=blocks)
+    if shards is None:
+        blocks = max(1, math.ceil(len(pending) / stream.read.batch_size))
+        ds = ray.data.from_items(pending, override_num_blocks=blocks)
+    else:
+        source, groups, done = shards
+        ds = ray.data.from_items([{"group": json.dumps(g)} for g in groups], override_num_blocks=len(groups))
+        ds = ds.map_batches(list_pending, fn_kwargs={"source": source, "committed": plan.committed_filter(done)},
+                            batch_size=1, num_cpus=stream.read.num_cpus)
     # The reads counted in the run's ledger: an input that kills its reader (a decoder crash,
     # the OOM killer) becomes error rows after `batch_retries` deaths, instead of a retry loop.
     ds = ds.map_batches(counted_task, fn_kwargs={"name": "prepare", "run": functools.partial(prepare, cfg=cfg,
@@ -118,13 +141,21 @@ def run(cfg: Config) -> dict:
     started = time.perf_counter()
     out_dir = RunLayout(cfg.run_dir).generate
     # 1. List the inputs first: a bad source fails before anything is written.
+    source = cfg.data.source or str(sample_images_dir())
+    listing = (source, cfg.data.kind, cfg.data.image_root, cfg.data.limit, cfg.seed, cfg.data.image_column,
+               cfg.data.id_column)
     try:
-        items = list_inputs(cfg.data.source or str(sample_images_dir()), cfg.data.kind, cfg.data.image_root,
-                            cfg.data.limit, cfg.seed, cfg.data.image_column, cfg.data.id_column)
+        if cfg.dry_run:  # only say what a run would do: no model fetched, no actor, nothing but the plan written
+            # Pages of a few shards at a time: the plan never holds the whole listing.
+            return plan.plan(cfg, iter_inputs(*listing))
+        # A WebDataset source is listed by the stream's read tasks, shard group by shard group
+        # (`list_pending`); the driver holds the groups. The rest (and a `data.limit` subset,
+        # chosen from the whole source) is listed here.
+        kind = detect_kind(source) if cfg.data.kind == "auto" else cfg.data.kind
+        groups = shard_groups(source) if kind == "webdataset" and cfg.data.limit is None else None
+        items = None if groups else [it for page in iter_inputs(*listing) for it in page]
     except SourceError as err:
         raise ConfigError(str(err)) from None
-    if cfg.dry_run:  # only say what a run would do: no model fetched, no actor, nothing but the plan written
-        return plan.plan(cfg, items)
     # 2. Models into the store before any actor loads one; refuse rows of other settings or
     #    models (or, with `restart`, move them aside).
     builders.fill_store(cfg)
@@ -134,25 +165,48 @@ def run(cfg: Config) -> dict:
     # 3. Resume: what a killed run left is finished or undone; the committed ids are skipped.
     commit_log = CommitLog(out_dir, compact_every=cfg.stream.compact_every)
     resumed = commit_log.resume(cfg.stream.retry_failed)
-    pending = [it for it in items if it["id"] not in resumed.done]
-    log.info("%d inputs: %d already committed, %d to do", len(items), len(items) - len(pending), len(pending))
-    # 4. Stream what is left.
     pipeline_s, restarts = 0.0, {}
-    if pending:
-        pipeline_s, restarts = run_stream(cfg, "generate", out_dir, len(items), len(items) - len(pending), len(pending),
-                                lambda cfg, ledger: build_dataset(cfg, pending, ledger, resumed.owner))
+    if groups is None:
+        pending = [it for it in items if it["id"] not in resumed.done]
+        log.info("%d inputs: %d already committed, %d to do", len(items), len(items) - len(pending), len(pending))
+        # 4. Stream what is left.
+        if pending:
+            pipeline_s, restarts = run_stream(
+                cfg, "generate", out_dir, len(items), len(items) - len(pending), len(pending),
+                lambda cfg, ledger: build_dataset(cfg, pending, ledger, resumed.owner))
+        inputs, processed = len(items), len(pending)
+        account = commit_log.account([it["id"] for it in items])
+    else:
+        log.info("%d shards (%d groups) listed by the stream; %d ids already committed", sum(map(len, groups)),
+                 len(groups), len(resumed.done))
+        # 4. Stream it all: the read tasks skip the committed ids. How many rows are left is
+        #    known once they are listed: no total for the progress line, no cap on the pools.
+        shards = (source, groups, resumed.done)
+        pipeline_s, restarts = run_stream(cfg, "generate", out_dir, None, len(resumed.done), None,
+                                          lambda cfg, ledger: build_dataset(cfg, None, ledger, resumed.owner, shards))
+        inputs, processed, account = account_pages(commit_log, source, resumed.done)
     # 5. Account for every input.
     this_run = {
-        "processed": len(pending), "skipped_committed": len(items) - len(pending),
+        "processed": processed, "skipped_committed": inputs - processed,
         "retried_failed": len(resumed.retried), **resumed.recovered,
         "pipeline_s": round(pipeline_s, 2), "wall_s": round(time.perf_counter() - started, 2),
-        "images_per_s": round(len(pending) / pipeline_s, 3) if pipeline_s else None,
+        "images_per_s": round(processed / pipeline_s, 3) if pipeline_s else None,
         "restarts": restarts,  # of the pools' actors, by stage and cause
     }
-    account = commit_log.account([it["id"] for it in items])
     stats = {**summarize(out_dir, account, this_run), "fingerprint": current}
     commit_log.finish(stats, account, "inputs", success=json.dumps(current, indent=2))
     return stats
+
+
+def account_pages(commit_log: CommitLog, source: str, done_before: set[str]) -> tuple[int, int, Account]:
+    """(inputs, processed by this run, where each stands) of a streamed run: the source listed
+    again in pages (`plan.read_pages`), each checked against the log; what is kept is the ids
+    committed now and the ones that are not (none, after a whole run)."""
+    listed = plan.read_pages(commit_log.committed_ids(), iter_inputs(source, "webdataset"), keep_absent=True)
+    account = commit_log.account(listed.hits)
+    account = replace(account, listed=listed.inputs, missing=sorted(set(account.missing) | set(listed.absent)))
+    skipped = len(plan.committed_filter(done_before)(listed.hits))
+    return listed.inputs, listed.inputs - skipped, account
 
 
 def print_summary(stats: dict) -> None:

@@ -110,8 +110,10 @@ class CommitProgress:
         new = self.rows - (self.initial if last else self.last_rows)
         rate = new / (now - since) if now > since and new else None
         speed = f"{rate:.3g} rows/s" if rate else "no new rows"
-        tail = f"in {clock(now - self.started)}" if last else f"ETA {eta(self.total - self.rows, rate)}"
-        counts = f"{self.rows:,} of {self.total:,} rows committed ({self.errors:,} errors)"
+        known = self.total is not None  # None: a stream that lists its inputs as it goes
+        left = eta(self.total - self.rows, rate) if known else "unknown"
+        tail = f"in {clock(now - self.started)}" if last else f"ETA {left}"
+        counts = f"{self.rows:,} of {f'{self.total:,}' if known else 'the'} rows committed ({self.errors:,} errors)"
         say(self.stream, f"{self.job}: {counts}, {speed}, {tail}")
         self.last_time, self.last_rows = now, self.rows
 

@@ -1,0 +1,88 @@
+"""The generate job on WebDataset shards: the listing streams (read tasks list each shard group
+and skip the committed ids), the driver holds shard groups, never one item per image."""
+
+import pytest
+from helpers import encode, photo, write_shard
+
+from blipinpaint import source_pages, sources
+from blipinpaint.commit_log import CommitLog
+from blipinpaint.config import load_config
+from rayjobs import generate
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """Three shards of two photographs; the pattern names the middle one twice, so its two
+    ids repeat across shards."""
+    root = tmp_path_factory.mktemp("shards")
+    for s in range(3):
+        write_shard(root / f"{s:05d}.tar", [(f"{k}.jpg", encode(photo(48, 48, seed=10 * s + k), "JPEG"))
+                                            for k in range(2)])
+    return f"{root}/{{00000,00001,00002,00001}}.tar"
+
+
+def _cfg(run_dir, source, *extra):
+    return load_config(overrides=[f"run_dir={run_dir}", f"data.source={source}", "stream.rows_per_file=3",
+                                  "stream.read.batch_size=3", *extra])
+
+
+@pytest.fixture(scope="module")
+def streamed(local_ray, shards, tmp_path_factory):
+    """A run whose driver is watched: when it lists a shard group, whether the stream has ended."""
+    run_dir = tmp_path_factory.mktemp("gen-shards")
+    calls, ended = [], []
+    mp = pytest.MonkeyPatch()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the driver listed the source whole")
+
+    real_group, real_stream = source_pages.list_group, generate.run_stream
+    mp.setattr(sources, "list_webdataset", refuse)
+    mp.setattr(source_pages, "list_inputs", refuse)
+    mp.setattr(source_pages, "list_group", lambda *a: calls.append(bool(ended)) or real_group(*a))
+    mp.setattr(generate, "run_stream", lambda *a: (real_stream(*a), ended.append(1))[0])  # set once it ends
+    try:
+        stats = generate.run(_cfg(run_dir, shards))
+    finally:
+        mp.undo()
+    return run_dir, stats, calls, ended
+
+
+def test_the_stream_lists_the_shards_and_the_driver_only_accounts(streamed):
+    run_dir, stats, calls, ended = streamed
+    assert ended == [1]
+    # The driver listed groups only for the accounting, after the stream: the read tasks listed them for the stream.
+    assert calls and all(calls) and len(calls) == 3
+    assert (stats["inputs"], stats["ok"], stats["missing"], stats["duplicates"]) == (8, 6, 0, 0)
+    # The repeated shard's ids: error rows of their own, never dropped (as a whole listing makes them).
+    assert stats["errors_by_reason"] == {"duplicate id": 2}
+    assert stats["this_run"]["processed"] == 8 and (run_dir / "generate" / "_SUCCESS").exists()
+    log = CommitLog(str(run_dir / "generate"))
+    assert log.committed_ids() == {f"{s:05d}.tar/{k}" for s in range(3) for k in range(2)} | {
+        "00001.tar/0#2", "00001.tar/1#2"}
+
+
+def test_a_resumed_stream_skips_the_committed_ids_in_its_read_tasks(streamed, shards, tmp_path):
+    import shutil
+
+    run_dir, _, _, _ = streamed
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir / "generate", copy / "generate")
+    (copy / "generate" / "_SUCCESS").unlink()
+    log = CommitLog(str(copy / "generate"))
+    undone = log.uncommit(lambda m: m["name"] == log.markers()[0]["name"])
+    stats = generate.run(_cfg(copy, shards))
+    assert (stats["this_run"]["processed"], stats["this_run"]["skipped_committed"]) == (len(undone), 8 - len(undone))
+    assert (stats["inputs"], stats["ok"] + stats["errors"], stats["missing"], stats["duplicates"]) == (8, 8, 0, 0)
+    again = generate.run(_cfg(copy, shards))
+    assert again["this_run"]["processed"] == 0 and again["this_run"]["pipeline_s"] > 0  # listed, nothing left
+
+
+def test_a_limit_plans_the_seeded_subset_of_the_whole_source(shards, tmp_path):
+    """`data.limit`: the same subset as a whole listing's, chosen before the stream (a real run
+    streams these `limit` items from the driver)."""
+    from blipinpaint.plan import inputs_digest
+
+    plan = generate.run(_cfg(tmp_path / "run", shards, "data.limit=3", "seed=5", "dry_run=true"))
+    assert (plan["inputs"], plan["to_do"]) == (3, 3)
+    assert plan["made_by"]["inputs_digest"] == inputs_digest(sources.list_inputs(shards, limit=3, seed=5))
