@@ -134,7 +134,7 @@ def run(cfg: Config) -> dict:
     # 3. Resume: what a killed run left is finished or undone; the committed ids are skipped.
     commit_log = CommitLog(out_dir, compact_every=cfg.stream.compact_every)
     resumed = commit_log.resume(cfg.stream.retry_failed)
-    pending = [it for it in items if it["id"] not in resumed.done]
+    pending = [it for it, undone in zip(items, resumed.undone([it["id"] for it in items])) if undone]
     log.info("%d inputs: %d already committed, %d to do", len(items), len(items) - len(pending), len(pending))
     # 4. Stream what is left.
     pipeline_s, restarts = 0.0, {}
