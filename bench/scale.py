@@ -18,8 +18,10 @@ process of its own on 127.0.0.1), the inputs on the local disk.
 
 `--log-markers N` (`--s3-log-markers N` on the S3 endpoint) times the commit log's read:
 N parts of `--log-rows` rows committed through the writer, read by a new reader before and
-after one compaction (`blipinpaint.checkpoints`), and a resume after it. With `--sizes`
-empty and `--s3-size 0` only that runs (no Ray):
+after one compaction (`blipinpaint.checkpoints`): the ids as an Arrow array, a resume, the
+ids as a Python set; and the process's peak memory. Above `--s3-log-build` markers the S3
+log is built and compacted on the disk and copied to the endpoint (no read before
+compaction there). With `--sizes` empty and `--s3-size 0` only that runs (no Ray):
 
     .venv/bin/python bench/scale.py --sizes --s3-size 0 --log-markers 40000 --s3-log-markers 2000
 """
@@ -77,12 +79,14 @@ print("RESULT " + json.dumps({"wall_s": wall, "list_s": list_s, "pipeline_s": st
 # committed through the writer (no compaction while committing), then read by a new reader
 # before and after one compaction, and a resume after it. Prints one JSON line.
 LOG = """
-import json, sys, time
+import json, resource, sys, time
+from pyarrow import fs as pafs
 from blipinpaint.commit_log import CommitLog
 from blipinpaint.records import encode_rows
+from blipinpaint.storage import filesystem
 
-uri, markers, rows = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-log, t0 = CommitLog(uri, compact_every=0), time.perf_counter()
+uri, markers, rows, build = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+log, t0 = CommitLog(build, compact_every=0), time.perf_counter()
 for k in range(markers):
     ids = [f"{k:08d}.tar/{j:05d}.jpg" for j in range(rows)]
     log.commit(encode_rows({"id": ids, "source": ids, "error": ["not an image: bench"] * rows,
@@ -94,28 +98,40 @@ def timed(what):
     out = what()
     return out, time.perf_counter() - t0
 
-ids, before_s = timed(lambda: CommitLog(uri).committed_ids())
-done, compact_s = timed(lambda: CommitLog(uri).compact())
-again, after_s = timed(lambda: CommitLog(uri).committed_ids())
-resumed, resume_s = timed(lambda: CommitLog(uri).resume(grace_s=0))
-assert ids == again == resumed.done and len(ids) == markers * rows
-print("RESULT " + json.dumps({"markers": markers, "rows_per_marker": rows, "build_s": build_s,
-      "read_uncompacted_s": before_s, "compact_s": compact_s, "read_compacted_s": after_s,
-      "resume_compacted_s": resume_s, "ms_per_marker_uncompacted": 1000 * before_s / markers}))
+out = {}
+if build == uri:  # the log of markers read here, then compacted here
+    ids, out["read_uncompacted_s"] = timed(lambda: CommitLog(uri).committed_ids())
+    out["ms_per_marker_uncompacted"] = 1000 * out["read_uncompacted_s"] / markers
+    done, out["compact_s"] = timed(lambda: CommitLog(uri).compact())
+else:  # built and compacted on the disk (40,000 commits on the endpoint take hours), then copied there
+    done, out["compact_s"] = timed(lambda: CommitLog(build).compact())
+    (src, src_root), (dst, dst_root) = filesystem(build), filesystem(uri)
+    _, out["copy_s"] = timed(lambda: pafs.copy_files(src_root, dst_root, source_filesystem=src,
+                                                     destination_filesystem=dst, use_threads=True))
+    ids = None
+rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+array, out["read_ids_array_s"] = timed(lambda: CommitLog(uri).committed_id_array())
+resumed, out["resume_compacted_s"] = timed(lambda: CommitLog(uri).resume(grace_s=0))
+assert len(array) == len(resumed.done_ids) == markers * rows
+again, out["read_compacted_set_s"] = timed(lambda: CommitLog(uri).committed_ids())
+assert ids is None or ids == again
+print("RESULT " + json.dumps({"markers": markers, "rows_per_marker": rows, "build_s": build_s, **out,
+      "checkpoint_mb": done["bytes"] / 1e6, "peak_rss_mb_before_reads": rss0 / 1024,
+      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
 
-def log_read(uri: str, markers: int, rows: int, env: dict) -> dict:
+def log_read(uri: str, markers: int, rows: int, env: dict, build: str) -> dict:
     """The commit log's read before and after compaction (`LOG`), with the per-marker cost."""
-    done = subprocess.run([sys.executable, "-c", LOG, uri, str(markers), str(rows)], capture_output=True, text=True,
-                          env=env)
+    done = subprocess.run([sys.executable, "-c", LOG, uri, str(markers), str(rows), build], capture_output=True,
+                          text=True, env=env)
     if done.returncode:
         raise RuntimeError(done.stderr[-3000:])
     row = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
     row = {"store": "S3 endpoint" if "://" in uri else "local disk", **{k: round(v, 3) if isinstance(v, float) else v
                                                                        for k, v in row.items()}}
-    # The uncompacted read is one request per marker: what 40,000 markers cost at this rate.
-    row["read_uncompacted_40000_s"] = round(row["ms_per_marker_uncompacted"] * 40, 1)
+    if "ms_per_marker_uncompacted" in row:  # one request per marker: what 40,000 markers cost at this rate
+        row["read_uncompacted_40000_s"] = round(row["ms_per_marker_uncompacted"] * 40, 1)
     print(json.dumps(row), flush=True)
     return row
 
@@ -197,6 +213,8 @@ def main() -> None:
     parser.add_argument("--log-markers", type=int, default=0, help="the commit log's read at this many markers "
                         "on the local disk (0: none)")
     parser.add_argument("--s3-log-markers", type=int, default=0, help="the same on the S3 endpoint (0: none)")
+    parser.add_argument("--s3-log-build", type=int, default=2000, help="above this many markers the S3 log is "
+                        "built and compacted on the disk, then copied to the endpoint (no read before compaction)")
     parser.add_argument("--log-rows", type=int, default=256, help="rows per marker (a part) in the log benches")
     parser.add_argument("--out", default="bench/results/scale.json")
     args = parser.parse_args()
@@ -211,6 +229,7 @@ def main() -> None:
     env = dict(os.environ)
     results = {"command": f"bench/scale.py --sizes {' '.join(map(str, args.sizes))} --s3-size {args.s3_size} "
                           f"--log-markers {args.log_markers} --s3-log-markers {args.s3_log_markers} "
+                          f"--s3-log-build {args.s3_log_build} "
                           f"--log-rows {args.log_rows}",
                "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                           f"ray {ray.__version__}",
@@ -219,8 +238,10 @@ def main() -> None:
         if args.s3_size or args.s3_log_markers:  # before Ray: its workers inherit the endpoint
             server, env = s3_server(env)
             os.environ.update(env)
-        results["commit_log"] = [log_read(uri, n, args.log_rows, env) for uri, n in (
-            (str(work / "log"), args.log_markers), ("s3://scale/log", args.s3_log_markers)) if n]
+        results["commit_log"] = [log_read(uri, n, args.log_rows, env, build) for uri, n, build in (
+            (str(work / "log"), args.log_markers, str(work / "log")),
+            ("s3://scale/log", args.s3_log_markers, str(work / "s3log")
+             if args.s3_log_markers > args.s3_log_build else "s3://scale/log")) if n]
         if not args.sizes and not args.s3_size:  # the log benches alone: no Ray
             _write(results, args.out)
             return

@@ -102,9 +102,11 @@ class CompactedLog:
         self._checkpoints[name] = content
         return content
 
-    def _read_log(self, skip: Collection[str] = ()) -> LogView:
+    def _read_log(self, skip: Collection[str] = (), ids_only: bool = False) -> LogView:
         """The log but the parts named in `skip`: the loose markers listed first (see the
-        module's docstring)."""
+        module's docstring). With `ids_only`, a loose marker this reader read before is not
+        read again: its ids are those its name is the digest of (its other fields, and
+        which of its ids are errors, may have changed since)."""
         for _ in range(READ_TRIES):
             loose = self._names("_commits")
             checkpoints = self._names(CHECKPOINTS, NAME)
@@ -112,11 +114,16 @@ class CompactedLog:
                 sources = [self._checkpoint(name) for name in sorted(checkpoints)]  # by seq
                 markers = []
                 for name in sorted(loose - set(skip)):
+                    if ids_only and name in self._loose:
+                        markers.append(self._loose[name])
+                        continue
                     with self.fs.open_input_stream(self._path("_commits", f"{name}.json")) as f:
                         markers.append(json.loads(f.read()))
+                    self._loose[name] = markers[-1]
             except FileNotFoundError:  # folded and deleted by a compaction since the listings
                 continue
             self._checkpoints = {name: self._checkpoints[name] for name in checkpoints}  # the merged ones go
+            self._loose = {name: m for name, m in self._loose.items() if name in loose}
             return _view(sources, markers, set(skip), loose, checkpoints)
         raise JobError(f"{self.out_dir}: the commit log changed under {READ_TRIES} reads in a row "
                        "(compactions running back to back?); run the same command again")

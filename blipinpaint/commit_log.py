@@ -51,8 +51,8 @@ class CommitLog(CompactedLog):
         self.out_dir, self.schema, self.owner, self.compact_every = out_dir, schema, owner, compact_every
         self.fs, self.root = filesystem(out_dir)
         self._checkpoints: dict[str, tuple] = {}  # checkpoint name (its digest) -> what it holds
+        self._loose: dict[str, dict] = {}  # loose marker's name -> the marker as last read
         self._owner_found: dict | None = None  # `_owner.json` as the last owner check read it
-        self._recovered = None  # the log as the last `recover` read it, when it removed nothing
 
     def _path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
@@ -77,7 +77,8 @@ class CommitLog(CompactedLog):
         """
         previous, released = self._read_json(OWNER), self._read_json(RELEASED)
         token = uuid.uuid4().hex
-        self.fs.create_dir(self.root, recursive=True)
+        if not is_remote(self.out_dir):  # a bucket has no folders to make (two requests saved)
+            self.fs.create_dir(self.root, recursive=True)
         self._replace(OWNER, {"token": token, "compact_every": self.compact_every})
         if previous is not None and previous["token"] != (released or {}).get("token"):
             log.info("%s: the previous run did not finish; waiting %.0f s for its last commits", self.out_dir, grace_s)
@@ -195,6 +196,17 @@ class CommitLog(CompactedLog):
         return {i.base_name: now - i.mtime.timestamp() for i in self.fs.get_file_info(selector)
                 if i.type == pafs.FileType.File}
 
+    def _staged(self) -> dict[str, dict[str, float]]:
+        """`_staging/<folder>`'s files with their ages, per data folder: one listing for both."""
+        selector, now = pafs.FileSelector(self._path("_staging"), allow_not_found=True, recursive=True), self._now()
+        staged = {folder: {} for folder in DATA_DIRS}
+        for i in self.fs.get_file_info(selector):
+            folder = posixpath.basename(posixpath.dirname(i.path))
+            if i.type == pafs.FileType.File and folder in staged and posixpath.dirname(posixpath.dirname(i.path)) \
+                    == self._path("_staging").rstrip("/"):
+                staged[folder][i.base_name] = now - i.mtime.timestamp()
+        return staged
+
     def _files(self, folder: str) -> set[str]:
         return set(self._listing(folder))
 
@@ -210,7 +222,7 @@ class CommitLog(CompactedLog):
         `grace_s` (by the store's file times) are left to the writer that may still commit
         or take them back.
         """
-        staged = {folder: self._listing(f"_staging/{folder}") for folder in DATA_DIRS}
+        staged = self._staged()
         published = {folder: self._files(folder) for folder in DATA_DIRS}
         view = self._read_log()
         # Ids in two parts are rare (a writer that outlived the owner check): only then is a
@@ -236,7 +248,6 @@ class CommitLog(CompactedLog):
             for folder in DATA_DIRS:  # a re-commit cut short before the other folder's file went
                 if folder not in marker["staged"] and f"{marker['name']}.parquet" in published[folder]:
                     self.fs.delete_file(self._path(folder, f"{marker['name']}.parquet"))
-        self._recovered = None if dropped else view  # what `resume` learns the committed ids from
         self._remove(dropped)
         removed = self._remove_unnamed(kept, staged, grace_s)
         return {"committed_parts": len(kept), "orphans_removed": removed, "parts_dropped": len(dropped)}
@@ -299,13 +310,15 @@ class CommitLog(CompactedLog):
     def resume(self, retry_failed: bool = False, grace_s: float = 5.0) -> Resumed:
         """Start a run here: take the folder over (a killed run's stragglers stop committing),
         finish or undo what it left, and with `retry_failed` make the parts of batches a
-        model stage failed on pending again (a preempted machine, not their images). The ids
-        committed are those the recovery read, unless it or the retry removed parts."""
+        model stage failed on pending again (a preempted machine, not their images). The log
+        is read again after the recovery (a straggler's marker may have landed since: its ids
+        count as done, and `account` finds its data missing); the checkpoints read then are
+        kept, and so are the loose markers read (a part's ids are those its name digests), so
+        that costs two listings and the markers new since."""
         owner = self.take_over(grace_s)  # before recovering
         recovered = self.recover(grace_s)
         retried = self.uncommit(stage_failure) if retry_failed else []
-        view = self._recovered if self._recovered is not None and not retried else self._read_log()
-        return Resumed(owner, recovered, retried, view.id_array())
+        return Resumed(owner, recovered, retried, self._read_log(ids_only=True).id_array())
 
     def account(self, listed: Collection[str]) -> Account:
         """Where each of the `listed` ids stands: a sample, an error (and why), missing or duplicated.
@@ -340,7 +353,7 @@ class CommitLog(CompactedLog):
         folder), the folder released; a `JobError` naming the `what` (e.g. "inputs") missing
         or duplicated. Staged files of an earlier run that its writer never committed nor
         took back (it died after the recovery left them, younger than the grace) go first."""
-        staged = {f: self._listing(f"_staging/{f}") for f in DATA_DIRS}  # listed first, as `recover` does
+        staged = self._staged()  # listed first, as `recover` does
         if any(staged.values()):  # usually nothing: the markers are read only when there is
             self._remove_unnamed(self.markers(), staged, grace_s)
         self.compact()  # the next reader reads one checkpoint (nothing written when nothing is loose)
