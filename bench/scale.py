@@ -121,6 +121,43 @@ print("RESULT " + json.dumps({"markers": markers, "rows_per_marker": rows, "buil
 """
 
 
+# One read of an existing log, in a fresh process (so its peak memory is that read's): the
+# ids as an Arrow array, a whole resume, or the ids as a Python set. Prints one JSON line.
+READ = """
+import json, resource, sys, time
+from blipinpaint.commit_log import CommitLog
+
+uri, what = sys.argv[1], sys.argv[2]
+t0 = time.perf_counter()
+if what == "array":
+    n = len(CommitLog(uri).committed_id_array())
+elif what == "resume":
+    resumed = CommitLog(uri).resume(grace_s=0)
+    n = len(resumed.done_ids) if hasattr(resumed, "done_ids") else len(resumed.done)
+else:
+    n = len(CommitLog(uri).committed_ids())
+print("RESULT " + json.dumps({"read": what, "ids": n, "seconds": round(time.perf_counter() - t0, 3),
+      "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}))
+"""
+
+
+def existing_reads(uri: str, env: dict) -> list[dict]:
+    """`READ` of each kind on a log already there, each in a process of its own (a version
+    without `committed_id_array` skips that one)."""
+    rows = []
+    for what in ("array", "resume", "set"):
+        done = subprocess.run([sys.executable, "-c", READ, uri, what], capture_output=True, text=True, env=env)
+        if done.returncode and "committed_id_array" in done.stderr:
+            continue
+        if done.returncode:
+            raise RuntimeError(done.stderr[-3000:])
+        row = {"store": "S3 endpoint" if "://" in uri else "local disk",
+               **json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 def log_read(uri: str, markers: int, rows: int, env: dict, build: str) -> dict:
     """The commit log's read before and after compaction (`LOG`), with the per-marker cost."""
     done = subprocess.run([sys.executable, "-c", LOG, uri, str(markers), str(rows), build], capture_output=True,
@@ -215,12 +252,18 @@ def main() -> None:
     parser.add_argument("--s3-log-markers", type=int, default=0, help="the same on the S3 endpoint (0: none)")
     parser.add_argument("--s3-log-build", type=int, default=2000, help="above this many markers the S3 log is "
                         "built and compacted on the disk, then copied to the endpoint (no read before compaction)")
+    parser.add_argument("--log-existing", default="", help="a log folder already there (e.g. kept from a "
+                        "--log-markers run): each read in a fresh process")
+    parser.add_argument("--log-existing-s3", action="store_true", help="--log-existing also on the S3 endpoint")
     parser.add_argument("--log-rows", type=int, default=256, help="rows per marker (a part) in the log benches")
     parser.add_argument("--out", default="bench/results/scale.json")
     args = parser.parse_args()
 
     import ray
     import torch
+    from pyarrow import fs as pafs
+
+    from blipinpaint.storage import filesystem
 
     from rayjobs.cluster import connect
 
@@ -229,12 +272,24 @@ def main() -> None:
     env = dict(os.environ)
     results = {"command": f"bench/scale.py --sizes {' '.join(map(str, args.sizes))} --s3-size {args.s3_size} "
                           f"--log-markers {args.log_markers} --s3-log-markers {args.s3_log_markers} "
-                          f"--s3-log-build {args.s3_log_build} "
+                          f"--s3-log-build {args.s3_log_build} --log-existing {args.log_existing} "
+                          f"{'--log-existing-s3 ' if args.log_existing_s3 else ''}"
                           f"--log-rows {args.log_rows}",
                "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                           f"ray {ray.__version__}",
                "date": date.today().isoformat(), "config": LEAST_WORK, "runs": []}
     try:
+        if args.log_existing:
+            results["existing_log"] = existing_reads(args.log_existing, env)
+            if args.log_existing_s3:
+                server, env = s3_server(env)
+                os.environ.update(env)  # before the bucket's client is made
+                src, root = filesystem(args.log_existing)
+                dst, dst_root = filesystem("s3://scale/existing")
+                pafs.copy_files(root, dst_root, source_filesystem=src, destination_filesystem=dst, use_threads=True)
+                results["existing_log"] += existing_reads("s3://scale/existing", env)
+            _write(results, args.out)
+            return
         if args.s3_size or args.s3_log_markers:  # before Ray: its workers inherit the endpoint
             server, env = s3_server(env)
             os.environ.update(env)
