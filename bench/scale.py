@@ -264,7 +264,6 @@ def main() -> None:
     from pyarrow import fs as pafs
 
     from blipinpaint.storage import filesystem
-
     from rayjobs.cluster import connect
 
     work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
