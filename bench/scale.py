@@ -18,8 +18,10 @@ process of its own on 127.0.0.1), the inputs on the local disk.
 
 `--log-markers N` (`--s3-log-markers N` on the S3 endpoint) times the commit log's read:
 N parts of `--log-rows` rows committed through the writer, read by a new reader before and
-after one compaction (`blipinpaint.checkpoints`), and a resume after it. With `--sizes`
-empty and `--s3-size 0` only that runs (no Ray):
+after one compaction (`blipinpaint.checkpoints`): the ids as an Arrow array, a resume, the
+ids as a Python set; and the process's peak memory. Above `--s3-log-build` markers the S3
+log is built and compacted on the disk and copied to the endpoint (no read before
+compaction there). With `--sizes` empty and `--s3-size 0` only that runs (no Ray):
 
     .venv/bin/python bench/scale.py --sizes --s3-size 0 --log-markers 40000 --s3-log-markers 2000
 
@@ -86,12 +88,14 @@ print("RESULT " + json.dumps({"wall_s": wall, "list_s": list_s, "pipeline_s": st
 # committed through the writer (no compaction while committing), then read by a new reader
 # before and after one compaction, and a resume after it. Prints one JSON line.
 LOG = """
-import json, sys, time
+import json, resource, sys, time
+from pyarrow import fs as pafs
 from blipinpaint.commit_log import CommitLog
 from blipinpaint.records import encode_rows
+from blipinpaint.storage import filesystem
 
-uri, markers, rows = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-log, t0 = CommitLog(uri, compact_every=0), time.perf_counter()
+uri, markers, rows, build = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+log, t0 = CommitLog(build, compact_every=0), time.perf_counter()
 for k in range(markers):
     ids = [f"{k:08d}.tar/{j:05d}.jpg" for j in range(rows)]
     log.commit(encode_rows({"id": ids, "source": ids, "error": ["not an image: bench"] * rows,
@@ -103,14 +107,26 @@ def timed(what):
     out = what()
     return out, time.perf_counter() - t0
 
-ids, before_s = timed(lambda: CommitLog(uri).committed_ids())
-done, compact_s = timed(lambda: CommitLog(uri).compact())
-again, after_s = timed(lambda: CommitLog(uri).committed_ids())
-resumed, resume_s = timed(lambda: CommitLog(uri).resume(grace_s=0))
-assert ids == again == resumed.done and len(ids) == markers * rows
-print("RESULT " + json.dumps({"markers": markers, "rows_per_marker": rows, "build_s": build_s,
-      "read_uncompacted_s": before_s, "compact_s": compact_s, "read_compacted_s": after_s,
-      "resume_compacted_s": resume_s, "ms_per_marker_uncompacted": 1000 * before_s / markers}))
+out = {}
+if build == uri:  # the log of markers read here, then compacted here
+    ids, out["read_uncompacted_s"] = timed(lambda: CommitLog(uri).committed_ids())
+    out["ms_per_marker_uncompacted"] = 1000 * out["read_uncompacted_s"] / markers
+    done, out["compact_s"] = timed(lambda: CommitLog(uri).compact())
+else:  # built and compacted on the disk (40,000 commits on the endpoint take hours), then copied there
+    done, out["compact_s"] = timed(lambda: CommitLog(build).compact())
+    (src, src_root), (dst, dst_root) = filesystem(build), filesystem(uri)
+    _, out["copy_s"] = timed(lambda: pafs.copy_files(src_root, dst_root, source_filesystem=src,
+                                                     destination_filesystem=dst, use_threads=True))
+    ids = None
+rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+array, out["read_ids_array_s"] = timed(lambda: CommitLog(uri).committed_id_array())
+resumed, out["resume_compacted_s"] = timed(lambda: CommitLog(uri).resume(grace_s=0))
+assert len(array) == len(resumed.done_ids) == markers * rows
+again, out["read_compacted_set_s"] = timed(lambda: CommitLog(uri).committed_ids())
+assert ids is None or ids == again
+print("RESULT " + json.dumps({"markers": markers, "rows_per_marker": rows, "build_s": build_s, **out,
+      "checkpoint_mb": done["bytes"] / 1e6, "peak_rss_mb_before_reads": rss0 / 1024,
+      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
 
@@ -175,17 +191,54 @@ def listing(size: int, folder: Path, run_dir: str, env: dict) -> list[dict]:
     return rows
 
 
-def log_read(uri: str, markers: int, rows: int, env: dict) -> dict:
+# One read of an existing log, in a fresh process (so its peak memory is that read's): the
+# ids as an Arrow array, a whole resume, or the ids as a Python set. Prints one JSON line.
+READ = """
+import json, resource, sys, time
+from blipinpaint.commit_log import CommitLog
+
+uri, what = sys.argv[1], sys.argv[2]
+t0 = time.perf_counter()
+if what == "array":
+    n = len(CommitLog(uri).committed_id_array())
+elif what == "resume":
+    resumed = CommitLog(uri).resume(grace_s=0)
+    n = len(resumed.done_ids) if hasattr(resumed, "done_ids") else len(resumed.done)
+else:
+    n = len(CommitLog(uri).committed_ids())
+print("RESULT " + json.dumps({"read": what, "ids": n, "seconds": round(time.perf_counter() - t0, 3),
+      "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}))
+"""
+
+
+def existing_reads(uri: str, env: dict) -> list[dict]:
+    """`READ` of each kind on a log already there, each in a process of its own (a version
+    without `committed_id_array` skips that one)."""
+    rows = []
+    for what in ("array", "resume", "set"):
+        done = subprocess.run([sys.executable, "-c", READ, uri, what], capture_output=True, text=True, env=env)
+        if done.returncode and "committed_id_array" in done.stderr:
+            continue
+        if done.returncode:
+            raise RuntimeError(done.stderr[-3000:])
+        row = {"store": "S3 endpoint" if "://" in uri else "local disk",
+               **json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def log_read(uri: str, markers: int, rows: int, env: dict, build: str) -> dict:
     """The commit log's read before and after compaction (`LOG`), with the per-marker cost."""
-    done = subprocess.run([sys.executable, "-c", LOG, uri, str(markers), str(rows)], capture_output=True, text=True,
-                          env=env)
+    done = subprocess.run([sys.executable, "-c", LOG, uri, str(markers), str(rows), build], capture_output=True,
+                          text=True, env=env)
     if done.returncode:
         raise RuntimeError(done.stderr[-3000:])
     row = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
     row = {"store": "S3 endpoint" if "://" in uri else "local disk", **{k: round(v, 3) if isinstance(v, float) else v
                                                                        for k, v in row.items()}}
-    # The uncompacted read is one request per marker: what 40,000 markers cost at this rate.
-    row["read_uncompacted_40000_s"] = round(row["ms_per_marker_uncompacted"] * 40, 1)
+    if "ms_per_marker_uncompacted" in row:  # one request per marker: what 40,000 markers cost at this rate
+        row["read_uncompacted_40000_s"] = round(row["ms_per_marker_uncompacted"] * 40, 1)
     print(json.dumps(row), flush=True)
     return row
 
@@ -267,16 +320,23 @@ def main() -> None:
     parser.add_argument("--log-markers", type=int, default=0, help="the commit log's read at this many markers "
                         "on the local disk (0: none)")
     parser.add_argument("--s3-log-markers", type=int, default=0, help="the same on the S3 endpoint (0: none)")
-    parser.add_argument("--log-rows", type=int, default=256, help="rows per marker (a part) in the log benches")
+    parser.add_argument("--s3-log-build", type=int, default=2000, help="above this many markers the S3 log is "
+                        "built and compacted on the disk, then copied to the endpoint (no read before compaction)")
+    parser.add_argument("--log-existing", default="", help="a log folder already there (e.g. kept from a "
+                        "--log-markers run): each read in a fresh process")
+    parser.add_argument("--log-existing-s3", action="store_true", help="--log-existing also on the S3 endpoint")
     parser.add_argument("--list-sizes", type=int, nargs="*", default=[], help="WebDataset sources of these sizes "
                         "listed whole and by a dry run (no Ray)")
     parser.add_argument("--shard-images", type=int, default=10000, help="images per shard in --list-sizes")
+    parser.add_argument("--log-rows", type=int, default=256, help="rows per marker (a part) in the log benches")
     parser.add_argument("--out", default="bench/results/scale.json")
     args = parser.parse_args()
 
     import ray
     import torch
+    from pyarrow import fs as pafs
 
+    from blipinpaint.storage import filesystem
     from rayjobs.cluster import connect
 
     work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
@@ -284,17 +344,32 @@ def main() -> None:
     env = dict(os.environ)
     results = {"command": f"bench/scale.py --sizes {' '.join(map(str, args.sizes))} --s3-size {args.s3_size} "
                           f"--log-markers {args.log_markers} --s3-log-markers {args.s3_log_markers} "
+                          f"--s3-log-build {args.s3_log_build} --log-existing {args.log_existing} "
+                          f"{'--log-existing-s3 ' if args.log_existing_s3 else ''}"
                           f"--log-rows {args.log_rows} --list-sizes {' '.join(map(str, args.list_sizes))} "
                           f"--shard-images {args.shard_images}",
                "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                           f"ray {ray.__version__}",
                "date": date.today().isoformat(), "config": LEAST_WORK, "runs": []}
     try:
+        if args.log_existing:
+            results["existing_log"] = existing_reads(args.log_existing, env)
+            if args.log_existing_s3:
+                server, env = s3_server(env)
+                os.environ.update(env)  # before the bucket's client is made
+                src, root = filesystem(args.log_existing)
+                dst, dst_root = filesystem("s3://scale/existing")
+                pafs.copy_files(root, dst_root, source_filesystem=src, destination_filesystem=dst, use_threads=True)
+                results["existing_log"] += existing_reads("s3://scale/existing", env)
+            _write(results, args.out)
+            return
         if args.s3_size or args.s3_log_markers:  # before Ray: its workers inherit the endpoint
             server, env = s3_server(env)
             os.environ.update(env)
-        results["commit_log"] = [log_read(uri, n, args.log_rows, env) for uri, n in (
-            (str(work / "log"), args.log_markers), ("s3://scale/log", args.s3_log_markers)) if n]
+        results["commit_log"] = [log_read(uri, n, args.log_rows, env, build) for uri, n, build in (
+            (str(work / "log"), args.log_markers, str(work / "log")),
+            ("s3://scale/log", args.s3_log_markers, str(work / "s3log")
+             if args.s3_log_markers > args.s3_log_build else "s3://scale/log")) if n]
         results["listing"] = []
         for size in args.list_sizes:
             folder = work / f"shards{size}"

@@ -3,20 +3,24 @@
 A commit writes one marker, `_commits/<part>.json`; a reader that opens each pays a request
 per part (4.4 ms on the S3 endpoint on 127.0.0.1, 175 s for the 40,000 parts of 10^7
 inputs). A compaction folds the loose markers and the checkpoints present into one new
-checkpoint, `_checkpoints/ckpt-<seq>-<digest>.json.gz`, then deletes the markers it folded
-in, then the checkpoints it merged. The log is what a reader finds: every checkpoint present
-(a higher `seq` wins a part both hold), then the loose markers (a marker wins over any
-checkpoint's copy of its part: it is the newer). So a compaction cut at any step reads the
-same: before its checkpoint lands nothing changed; after, its checkpoint and whatever it has
-not deleted yet hold the same markers. A reader lists `_commits/` before `_checkpoints/`
-(a marker it misses was folded into a checkpoint written before it went), and reads again
-when a file it listed is gone meanwhile (a compaction finished in between).
+checkpoint, `_checkpoints/ckpt-<seq>-<digest>.parquet` (columns: `blipinpaint.log_table`),
+then deletes the markers it folded in, then the checkpoints it merged. The log is what a
+reader finds: every checkpoint present (a higher `seq` wins a part both hold), then the
+loose markers (a marker wins over any checkpoint's copy of its part: it is the newer). So a
+compaction cut at any step reads the same: before its checkpoint lands nothing changed;
+after, its checkpoint and whatever it has not deleted yet hold the same markers. A reader
+lists `_commits/` before `_checkpoints/` (a marker it misses was folded into a checkpoint
+written before it went), and reads again when a file it listed is gone meanwhile (a
+compaction finished in between).
 
 Trusted by content, never by name: `<digest>` is the BLAKE2b of the file's bytes, checked on
-every first read, and a checkpoint that does not match is refused, named; its markers are
-checked against the data files like loose ones (`recover`, `account`), so a stale or copied
-checkpoint whose parts are not here counts nothing as done. The file says what made it:
-its format, `seq`, the checkpoints it merged (by name, so by digest) and each marker whole.
+every first read (one GET of the whole file, then parsed from memory), and a checkpoint that
+does not match is refused, named; its parts are checked against the data files like loose
+ones (`recover`, `account`), so a stale or copied checkpoint whose parts are not here counts
+nothing as done. The file says what made it: its format, `seq`, the checkpoints it merged
+(by name, so by digest), whether its ids are all distinct, and each marker whole.
+Checkpoints of the first format (`ckpt-<seq>-<digest>.json.gz`, gzipped JSON) are read the
+same way, and the next compaction rewrites them as Parquet.
 How compaction interleaves with commits: RELIABILITY.md, "The commit log's checkpoints".
 """
 
@@ -29,20 +33,35 @@ import logging
 import re
 from collections.abc import Collection
 
+import pyarrow as pa
+import pyarrow.compute as pc
 from pyarrow import fs as pafs
 
 from blipinpaint.errors import JobError
+from blipinpaint.log_table import FORMAT, LogView, decode, encode, fields, marker_rows, part_mask
 
 CHECKPOINTS = "_checkpoints"
-FORMAT = "blipinpaint.commit-checkpoint/1"
+JSON_FORMAT = "blipinpaint.commit-checkpoint/1"  # gzipped JSON: read, and compacted anew as Parquet
 COMPACT_EVERY = 500  # `stream.compact_every`'s default: docs/configuration.md says why
 READ_TRIES = 8  # reads racing that many compactions in a row give up, named
-NAME = re.compile(r"ckpt-(\d{8})-([0-9a-f]{32})\.json\.gz")
+NAME = re.compile(r"ckpt-(\d{8})-([0-9a-f]{32})\.(parquet|json\.gz)")
 log = logging.getLogger(__name__)
 
 
-def checkpoint_name(seq: int, data: bytes) -> str:
-    return f"ckpt-{seq:08d}-{hashlib.blake2b(data, digest_size=16).hexdigest()}.json.gz"
+def checkpoint_name(seq: int, data: bytes, suffix: str = "parquet") -> str:
+    return f"ckpt-{seq:08d}-{hashlib.blake2b(data, digest_size=16).hexdigest()}.{suffix}"
+
+
+def _json_checkpoint(data: bytes) -> tuple[dict, list[dict], pa.Table]:
+    """A checkpoint of the first format as the Parquet one reads."""
+    content = json.loads(gzip.decompress(data))
+    if content.get("format") != JSON_FORMAT:
+        raise ValueError(f"format {content.get('format')!r}")
+    markers = content["markers"]
+    ids = [i for m in markers for i in (*m["samples"], *m["errors"])]
+    info = {"format": JSON_FORMAT, "seq": content["seq"], "merged": content["merged"],
+            "unique": len(set(ids)) == len(ids)}
+    return info, [fields(m) for m in markers], marker_rows(markers)
 
 
 class CompactedLog:
@@ -59,75 +78,89 @@ class CompactedLog:
             return {name for name in files if pattern.fullmatch(name)}
         return {name[:-len(".json")] for name in files if name.endswith(".json") and not name.startswith(".")}
 
-    def _checkpoint(self, name: str) -> list[dict]:
-        """A checkpoint's markers: read and checked once, then kept (its name is its digest)."""
+    def _checkpoint(self, name: str) -> tuple[dict, list[dict], pa.Table]:
+        """A checkpoint's metadata, part fields and id rows: read and checked once, then kept
+        (its name is its digest)."""
         cached = self._checkpoints.get(name)
         if cached is not None:
             return cached
         with self.fs.open_input_stream(self._path(CHECKPOINTS, name), compression=None) as f:  # not by the name
             data = f.read()
-        seq = int(NAME.fullmatch(name).group(1))
-        if checkpoint_name(seq, data) != name:
+        seq, _, suffix = NAME.fullmatch(name).groups()
+        if checkpoint_name(int(seq), data, suffix) != name:
             raise JobError(f"{self.out_dir}: {CHECKPOINTS}/{name} does not hold what its name says (its bytes "
-                           f"digest to {checkpoint_name(seq, data)}): it is not read. Move it out of {CHECKPOINTS}/ "
-                           "and run again: the parts only it names are done again")
-        content = json.loads(gzip.decompress(data))
-        if content.get("format") != FORMAT:
-            raise JobError(f"{self.out_dir}: {CHECKPOINTS}/{name} is of format {content.get('format')!r}, "
+                           f"digest to {checkpoint_name(int(seq), data, suffix)}): it is not read. Move it out of "
+                           f"{CHECKPOINTS}/ and run again: the parts only it names are done again")
+        try:
+            content = _json_checkpoint(data) if suffix == "json.gz" else decode(data)
+        except (ValueError, KeyError, OSError, pa.ArrowException) as err:
+            raise JobError(f"{self.out_dir}: {CHECKPOINTS}/{name} is not a checkpoint this version reads "
+                           f"({err}): written by another version") from None
+        if content[0]["format"] not in (FORMAT, JSON_FORMAT):
+            raise JobError(f"{self.out_dir}: {CHECKPOINTS}/{name} is of format {content[0]['format']!r}, "
                            f"not {FORMAT!r}: written by another version")
-        self._checkpoints[name] = content["markers"]
-        return content["markers"]
+        self._checkpoints[name] = content
+        return content
 
-    def _read_log(self, skip: Collection[str] = ()) -> tuple[dict[str, dict], set[str], set[str]]:
-        """Part name -> its marker (but the parts named in `skip`), the loose markers' names and
-        the checkpoints' names: the loose markers listed first (see the module's docstring)."""
+    def _read_log(self, skip: Collection[str] = (), ids_only: bool = False) -> LogView:
+        """The log but the parts named in `skip`: the loose markers listed first (see the
+        module's docstring). With `ids_only`, a loose marker this reader read before is not
+        read again: its ids are those its name is the digest of (its other fields, and
+        which of its ids are errors, may have changed since)."""
         for _ in range(READ_TRIES):
             loose = self._names("_commits")
             checkpoints = self._names(CHECKPOINTS, NAME)
             try:
-                entries = {m["name"]: m for name in sorted(checkpoints) for m in self._checkpoint(name)
-                           if m["name"] not in skip}
+                sources = [self._checkpoint(name) for name in sorted(checkpoints)]  # by seq
+                markers = []
                 for name in sorted(loose - set(skip)):
+                    if ids_only and name in self._loose:
+                        markers.append(self._loose[name])
+                        continue
                     with self.fs.open_input_stream(self._path("_commits", f"{name}.json")) as f:
-                        entries[name] = json.loads(f.read())
+                        markers.append(json.loads(f.read()))
+                    self._loose[name] = markers[-1]
             except FileNotFoundError:  # folded and deleted by a compaction since the listings
                 continue
             self._checkpoints = {name: self._checkpoints[name] for name in checkpoints}  # the merged ones go
-            return entries, loose, checkpoints
+            self._loose = {name: m for name, m in self._loose.items() if name in loose}
+            return _view(sources, markers, set(skip), loose, checkpoints)
         raise JobError(f"{self.out_dir}: the commit log changed under {READ_TRIES} reads in a row "
                        "(compactions running back to back?); run the same command again")
 
     def markers(self, skip: Collection[str] = ()) -> list[dict]:
         """The commit markers in name order, but those of the parts named in `skip`: the latest
         checkpoints' plus the loose ones, a request per checkpoint not read before and per
-        loose marker, and two listings."""
-        entries, _, _ = self._read_log(skip)
-        return [entries[name] for name in sorted(entries)]
+        loose marker, and two listings. A Python object per id: `committed_id_array` and
+        `LogView` are the readers for large logs."""
+        return self._read_log(skip).markers()
 
     def compact(self, drop: Collection[str] = ()) -> dict | None:
         """Fold every loose marker and checkpoint into one checkpoint, less the parts named in
         `drop` (parts being removed: their data is gone already). Nothing is written when
         there is nothing to fold. Returns what it did."""
-        entries, loose, checkpoints = self._read_log()
-        if not drop and not loose and len(checkpoints) <= 1:
+        view = self._read_log()
+        checkpoints = view.checkpoints
+        if not drop and not view.loose and len(checkpoints) <= 1 and all(c.endswith(".parquet") for c in checkpoints):
             return None
         self._step("read")
-        kept = [entries[name] for name in sorted(entries) if name not in drop]
+        kept = view.only(set(view.parts) - set(drop))
         seq = 1 + max((int(NAME.fullmatch(c).group(1)) for c in checkpoints), default=0)
-        content = {"format": FORMAT, "seq": seq, "merged": sorted(checkpoints), "markers": kept}
-        data = gzip.compress(json.dumps(content, sort_keys=True).encode(), mtime=0)
+        info = {"format": FORMAT, "seq": seq, "merged": sorted(checkpoints), "unique": kept.duplicates() == 0}
+        parts = [kept.parts[name] for name in sorted(kept.parts)]
+        data = encode(info, parts, kept.ids)
         name = checkpoint_name(seq, data)
         self.fs.create_dir(self._path(CHECKPOINTS), recursive=True)
         self._put(CHECKPOINTS, name, data)  # whole or absent, as a marker
-        self._checkpoints[name] = kept
+        self._checkpoints[name] = ({**info, "parts": len(parts)}, parts, kept.ids)
         self._step("checkpoint written")
-        for part in sorted(loose):
+        for part in sorted(view.loose):
             self._delete(self._path("_commits", f"{part}.json"))
         self._step("markers deleted")
         for old in sorted(checkpoints):
             self._delete(self._path(CHECKPOINTS, old))
-        done = {"checkpoint": name, "parts": len(kept), "markers_folded": len(loose),
-                "checkpoints_merged": len(checkpoints)}
+        done = {"checkpoint": name, "parts": len(parts), "markers_folded": len(view.loose),
+                "checkpoints_merged": len(checkpoints), "bytes": len(data)}
         log.debug("%s: commit log compacted: %s", self.out_dir, done)  # one per run at least: not in the job output
         return done
 
@@ -140,3 +173,31 @@ class CompactedLog:
             self.compact()
         except (OSError, JobError) as err:  # the part is committed: a compaction left is the next one's
             log.warning("%s: commit log not compacted this time: %s", self.out_dir, err)
+
+
+def _view(sources: list[tuple[dict, list[dict], pa.Table]], markers: list[dict], skip: set[str],
+          loose: set[str], checkpoints: set[str]) -> LogView:
+    """The log from its checkpoints (in `seq` order) and loose markers: the last copy of a part
+    wins, the parts in `skip` are left out. Whether an id is in two parts is known without
+    hashing every id when there is one checkpoint, whose compaction said, and the loose ids
+    are looked up in it."""
+    owner = {p["name"]: k for k, (_, parts, _) in enumerate(sources) for p in parts}
+    owner |= {m["name"]: len(sources) for m in markers}
+    parts, tables = {}, []
+    for k, (_, fields_, ids) in enumerate(sources):
+        won = {p["name"] for p in fields_ if owner[p["name"]] == k and p["name"] not in skip}
+        parts |= {p["name"]: p for p in fields_ if p["name"] in won}
+        tables.append(ids if len(won) == len(fields_) else ids.filter(part_mask(ids.column("part"), won)))
+    parts |= {m["name"]: fields(m) for m in markers}
+    loose_rows = marker_rows(markers)
+    loose_ids = loose_rows.column("id").to_pylist()
+    unique = None
+    if len(set(loose_ids)) < len(loose_ids):
+        unique = False
+    elif not sources:
+        unique = True
+    elif len(sources) == 1 and sources[0][0].get("unique"):
+        unique = not loose_ids or not pc.any(pc.is_in(tables[0].column("id"),
+                                                      value_set=pa.array(loose_ids, pa.string()))).as_py()
+    ids = pa.concat_tables([*tables, loose_rows]) if tables else loose_rows
+    return LogView(dict(sorted(parts.items())), ids, loose, checkpoints, unique)

@@ -50,7 +50,8 @@ class CommitLog(CompactedLog):
                  compact_every: int = COMPACT_EVERY):
         self.out_dir, self.schema, self.owner, self.compact_every = out_dir, schema, owner, compact_every
         self.fs, self.root = filesystem(out_dir)
-        self._checkpoints: dict[str, list[dict]] = {}  # checkpoint name (its digest) -> its markers
+        self._checkpoints: dict[str, tuple] = {}  # checkpoint name (its digest) -> what it holds
+        self._loose: dict[str, dict] = {}  # loose marker's name -> the marker as last read
         self._owner_found: dict | None = None  # `_owner.json` as the last owner check read it
 
     def _path(self, *parts: str) -> str:
@@ -76,7 +77,8 @@ class CommitLog(CompactedLog):
         """
         previous, released = self._read_json(OWNER), self._read_json(RELEASED)
         token = uuid.uuid4().hex
-        self.fs.create_dir(self.root, recursive=True)
+        if not is_remote(self.out_dir):  # a bucket has no folders to make (two requests saved)
+            self.fs.create_dir(self.root, recursive=True)
         self._replace(OWNER, {"token": token, "compact_every": self.compact_every})
         if previous is not None and previous["token"] != (released or {}).get("token"):
             log.info("%s: the previous run did not finish; waiting %.0f s for its last commits", self.out_dir, grace_s)
@@ -194,6 +196,17 @@ class CommitLog(CompactedLog):
         return {i.base_name: now - i.mtime.timestamp() for i in self.fs.get_file_info(selector)
                 if i.type == pafs.FileType.File}
 
+    def _staged(self) -> dict[str, dict[str, float]]:
+        """`_staging/<folder>`'s files with their ages, per data folder: one listing for both."""
+        selector, now = pafs.FileSelector(self._path("_staging"), allow_not_found=True, recursive=True), self._now()
+        staged = {folder: {} for folder in DATA_DIRS}
+        for i in self.fs.get_file_info(selector):
+            folder = posixpath.basename(posixpath.dirname(i.path))
+            if i.type == pafs.FileType.File and folder in staged and posixpath.dirname(posixpath.dirname(i.path)) \
+                    == self._path("_staging").rstrip("/"):
+                staged[folder][i.base_name] = now - i.mtime.timestamp()
+        return staged
+
     def _files(self, folder: str) -> set[str]:
         return set(self._listing(folder))
 
@@ -209,12 +222,18 @@ class CommitLog(CompactedLog):
         `grace_s` (by the store's file times) are left to the writer that may still commit
         or take them back.
         """
-        staged = {folder: self._listing(f"_staging/{folder}") for folder in DATA_DIRS}
+        staged = self._staged()
         published = {folder: self._files(folder) for folder in DATA_DIRS}
+        view = self._read_log()
+        # Ids in two parts are rare (a writer that outlived the owner check): only then is a
+        # Python object made per id; otherwise each part is checked by its fields alone.
+        whole = view.duplicates() > 0
+        markers = view.markers() if whole else list(view.parts.values())
+        with_samples = {m["name"] for m in markers if m["samples"]} if whole else set()
         kept, dropped, seen = [], [], set()
-        for marker in sorted(self.markers(), key=lambda m: (not m["samples"], m["name"])):
+        for marker in sorted(markers, key=lambda m: (m["name"] not in with_samples, m["name"])):
             files = marker["staged"].items()
-            ids = {*marker["samples"], *marker["errors"]}
+            ids = {*marker["samples"], *marker["errors"]} if whole else set()
             if ids & seen or any(name not in staged[f] and f"{marker['name']}.parquet" not in published[f]
                                  for f, name in files):
                 dropped.append(marker)
@@ -265,6 +284,11 @@ class CommitLog(CompactedLog):
         for marker in markers:
             self.fs.delete_file(self._path("_commits", f"{marker['name']}.json"))
 
+    def _listed_ids_of(self, parts: set[str], account: Account) -> set[str]:
+        """The ids of the parts named that `account` counted (those listed)."""
+        ids = self._read_log().only(parts).ids.column("id")
+        return set(ids.filter(pc.is_in(ids, value_set=account.listed_ids)).to_pylist())
+
     def uncommit(self, matches: Callable[[dict], bool]) -> list[str]:
         """Remove the committed parts whose marker `matches`; return their ids (pending again)."""
         parts = [m for m in self.markers() if matches(m)]
@@ -275,35 +299,48 @@ class CommitLog(CompactedLog):
         """Part name -> the sample ids committed in it (from the markers: no data is read)."""
         return {m["name"]: m["samples"] for m in self.markers() if m["samples"]}
 
+    def committed_id_array(self) -> pa.Array:
+        """The committed ids (samples and errors) as one Arrow array: no Python object per id."""
+        return self._read_log().id_array()
+
     def committed_ids(self) -> set[str]:
-        return {i for m in self.markers() for i in (*m["samples"], *m["errors"])}
+        """The committed ids as a Python set (for small logs: `committed_id_array` for large)."""
+        return set(self.committed_id_array().to_pylist())
 
     def resume(self, retry_failed: bool = False, grace_s: float = 5.0) -> Resumed:
         """Start a run here: take the folder over (a killed run's stragglers stop committing),
         finish or undo what it left, and with `retry_failed` make the parts of batches a
-        model stage failed on pending again (a preempted machine, not their images)."""
+        model stage failed on pending again (a preempted machine, not their images). The log
+        is read again after the recovery (a straggler's marker may have landed since: its ids
+        count as done, and `account` finds its data missing); the checkpoints read then are
+        kept, and so are the loose markers read (a part's ids are those its name digests), so
+        that costs two listings and the markers new since."""
         owner = self.take_over(grace_s)  # before recovering
         recovered = self.recover(grace_s)
         retried = self.uncommit(stage_failure) if retry_failed else []
-        return Resumed(owner, recovered, retried, self.committed_ids())
+        return Resumed(owner, recovered, retried, self._read_log(ids_only=True).id_array())
 
     def account(self, listed: Collection[str]) -> Account:
         """Where each of the `listed` ids stands: a sample, an error (and why), missing or duplicated.
         The ids of a part whose files are not all in place count as missing (its marker names
-        data a recovery removed, or that was deleted): the next `recover` drops it."""
-        markers, listed = self.markers(), set(listed)
-        seen = Counter(i for m in markers for i in (*m["samples"], *m["errors"]))
+        data a recovery removed, or that was deleted): the next `recover` drops it. Counted
+        with Arrow compute: a Python object only for the ids `ok` and `missing` name."""
+        view = self._read_log()
+        listed_ids = pc.unique(pa.array(listed if isinstance(listed, list) else list(listed), pa.string()))
         published = {folder: self._files(folder) for folder in DATA_DIRS}
-        placed = [m for m in markers if all(f"{m['name']}.parquet" in published[f] for f in m["staged"])]
+        placed = {n for n, p in view.parts.items() if all(f"{n}.parquet" in published[f] for f in p["staged"])}
+        rows = view.only(placed).ids
+        ids, kinds = rows.column("id"), rows.column("error_kind").cast(pa.string())
+        is_listed = pc.is_in(ids, value_set=listed_ids)
+        found = pc.is_in(listed_ids, value_set=ids.combine_chunks() if ids.num_chunks else pa.array([], pa.string()))
+        errors = pc.value_counts(pc.filter(kinds, pc.and_(is_listed, pc.is_valid(kinds))))
         account = Account(
-            listed=len(listed), ok={i for m in placed for i in m["samples"]} & listed,
-            errors_by_reason=Counter(k for m in placed for i, k in zip(m["errors"], m["error_kinds"]) if i in listed),
-            missing=sorted(listed - {i for m in placed for i in (*m["samples"], *m["errors"])}),
-            duplicates=sum(c - 1 for c in seen.values() if c > 1),
-            rows=sum(len(m["samples"]) + len(m["errors"]) for m in markers),
-            files={f"{f}/{m['name']}.parquet": [i for i in (*m["samples"], *m["errors"]) if i in listed]
-                   for m in placed for f in m["staged"]})
-        for m in markers:
+            listed=len(listed_ids), ok=set(pc.filter(ids, pc.and_(is_listed, pc.is_null(kinds))).to_pylist()),
+            errors_by_reason=Counter({e["values"]: e["counts"] for e in errors.to_pylist()}),
+            missing=sorted(pc.filter(listed_ids, pc.invert(found)).to_pylist()),
+            duplicates=view.duplicates(), rows=view.ids.num_rows,
+            files={f"{f}/{n}.parquet": n for n in placed for f in view.parts[n]["staged"]}, listed_ids=listed_ids)
+        for m in view.parts.values():
             account.seconds.update(m["seconds"])
             account.retries.update(m["retries"])
             for stage, causes in m.get("reruns", {}).items():  # markers of earlier versions have none
@@ -316,14 +353,15 @@ class CommitLog(CompactedLog):
         folder), the folder released; a `JobError` naming the `what` (e.g. "inputs") missing
         or duplicated. Staged files of an earlier run that its writer never committed nor
         took back (it died after the recovery left them, younger than the grace) go first."""
-        staged = {f: self._listing(f"_staging/{f}") for f in DATA_DIRS}  # listed first, as `recover` does
+        staged = self._staged()  # listed first, as `recover` does
         if any(staged.values()):  # usually nothing: the markers are read only when there is
             self._remove_unnamed(self.markers(), staged, grace_s)
         self.compact()  # the next reader reads one checkpoint (nothing written when nothing is loose)
         if account.complete:
             published = {folder: self._files(folder) for folder in DATA_DIRS}
-            gone = {i for path, ids in account.files.items() if posixpath.basename(path)
-                    not in published[posixpath.dirname(path)] for i in ids}
+            gone_parts = {part for path, part in account.files.items()
+                          if posixpath.basename(path) not in published[posixpath.dirname(path)]}
+            gone = self._listed_ids_of(gone_parts, account) if gone_parts else set()
             account = replace(account, missing=sorted(set(account.missing) | gone))
         write_text(Folder(self.out_dir).stats, json.dumps(stats, indent=2))
         if account.complete:

@@ -8,6 +8,10 @@ import hashlib
 import json
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import cached_property
+
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from blipinpaint.errors import JobError
 
@@ -34,7 +38,16 @@ class Resumed:
     owner: str  # this run's token
     recovered: dict[str, int]  # what `recover` finished and undid
     retried: list[str]  # ids of `stage failed` parts made pending again
-    done: set[str]  # ids committed (as samples or errors)
+    done_ids: pa.Array  # ids committed (as samples or errors), no Python object per id
+
+    @cached_property
+    def done(self) -> set[str]:
+        """The committed ids as a Python set, made on first use (for small logs)."""
+        return set(self.done_ids.to_pylist())
+
+    def undone(self, ids: list[str]) -> list[bool]:
+        """Which of `ids` are not committed (one Arrow lookup, not a Python set of the log)."""
+        return pc.invert(pc.is_in(pa.array(ids, pa.string()), value_set=self.done_ids)).to_pylist()
 
 
 @dataclass
@@ -50,7 +63,8 @@ class Account:
     seconds: Counter = field(default_factory=Counter)  # busy seconds per stage over every part
     retries: Counter = field(default_factory=Counter)  # failed attempts per stage over every part
     reruns: dict[str, Counter] = field(default_factory=dict)  # stage -> runs again by cause (`RERUN_CAUSES`)
-    files: dict[str, list[str]] = field(default_factory=dict, repr=False)  # "folder/name" of data -> its part's ids
+    files: dict[str, str] = field(default_factory=dict, repr=False)  # "folder/name" of data -> its part
+    listed_ids: pa.Array | None = field(default=None, repr=False)  # the ids listed, distinct
 
     @property
     def errors(self) -> int:

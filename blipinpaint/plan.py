@@ -16,8 +16,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from blipinpaint import fingerprint
 from blipinpaint.commit_log import CommitLog
@@ -41,15 +44,20 @@ def _digest_page(digest, items: list[dict]) -> None:
         digest.update(json.dumps([item["id"], item.get("source", "")]).encode() + b"\n")
 
 
-def committed_filter(done: Collection[str]) -> Callable[[list[str]], list[str]]:
-    """Which of a page's ids are committed, given what the log holds (`CommitLog.committed_ids`
-    or `resume().done`). The one place a reader of listing pages (this plan, a generate run's
-    listing tasks) checks ids against the log, so a faster form of it (a compacted id array,
-    `pyarrow.compute.is_in`) changes this function only."""
+def committed_filter(done) -> Callable[[list[str]], list[str]]:
+    """Which of a page's ids are committed, given what the log holds: an Arrow array of ids
+    (`CommitLog.committed_id_array`, `resume().done_ids`: one `is_in` per page, no Python
+    object per committed id) or a small collection of them. The one place a reader of listing
+    pages (this plan, a generate run's listing tasks) checks ids against the log."""
+    if isinstance(done, pa.Array | pa.ChunkedArray):
+        def committed(ids: list[str]) -> list[str]:
+            page = pa.array(ids, pa.string())
+            return page.filter(pc.is_in(page, value_set=done)).to_pylist()
+        return committed
     return lambda ids: [i for i in ids if i in done]
 
 
-def read_pages(done: Collection[str], pages: Iterable[list[dict]], keep_absent: bool = False) -> Listed:
+def read_pages(done, pages: Iterable[list[dict]], keep_absent: bool = False) -> Listed:
     """Count, digest and check each page against `done`, then drop it: what is kept is the
     listed ids the log holds (and, with `keep_absent`, the ones it does not)."""
     committed = committed_filter(done)
@@ -110,7 +118,7 @@ def plan(cfg: Config, pages: Iterable[list[dict]]) -> dict:
     Written to `run_dir/plan.json`."""
     out_dir = RunLayout(cfg.run_dir).generate
     log = CommitLog(out_dir)
-    listed = read_pages(log.committed_ids(), pages)
+    listed = read_pages(log.committed_id_array(), pages)
     inputs, hits = listed.inputs, listed.hits
     # The listed ids the log names, accounted for: a part whose files are gone counts as missing.
     account = log.account(hits)

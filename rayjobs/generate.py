@@ -167,7 +167,7 @@ def run(cfg: Config) -> dict:
     resumed = commit_log.resume(cfg.stream.retry_failed)
     pipeline_s, restarts = 0.0, {}
     if groups is None:
-        pending = [it for it in items if it["id"] not in resumed.done]
+        pending = [it for it, undone in zip(items, resumed.undone([it["id"] for it in items])) if undone]
         log.info("%d inputs: %d already committed, %d to do", len(items), len(items) - len(pending), len(pending))
         # 4. Stream what is left.
         if pending:
@@ -177,14 +177,21 @@ def run(cfg: Config) -> dict:
         inputs, processed = len(items), len(pending)
         account = commit_log.account([it["id"] for it in items])
     else:
+        done = resumed.done_ids
         log.info("%d shards (%d groups) listed by the stream; %d ids already committed", sum(map(len, groups)),
-                 len(groups), len(resumed.done))
+                 len(groups), len(done))
         # 4. Stream it all: the read tasks skip the committed ids. How many rows are left is
         #    known once they are listed: no total for the progress line, no cap on the pools.
-        shards = (source, groups, resumed.done)
-        pipeline_s, restarts = run_stream(cfg, "generate", out_dir, None, len(resumed.done), None,
-                                          lambda cfg, ledger: build_dataset(cfg, None, ledger, resumed.owner, shards))
-        inputs, processed, account = account_pages(commit_log, source, resumed.done)
+        #    A source with nothing left starts no pool (on a cluster: no GPU node brought up for
+        #    nothing): the driver reads pages until one holds an id the log does not.
+        if any_pending(source, groups, done):
+            shards = (source, groups, done)
+            pipeline_s, restarts = run_stream(cfg, "generate", out_dir, None, len(done), None,
+                                              lambda cfg, ledger: build_dataset(cfg, None, ledger, resumed.owner,
+                                                                                shards))
+        else:
+            log.info("every listed input is committed: nothing to stream")
+        inputs, processed, account = account_pages(commit_log, source, done)
     # 5. Account for every input.
     this_run = {
         "processed": processed, "skipped_committed": inputs - processed,
@@ -198,11 +205,20 @@ def run(cfg: Config) -> dict:
     return stats
 
 
-def account_pages(commit_log: CommitLog, source: str, done_before: set[str]) -> tuple[int, int, Account]:
+def any_pending(source: str, groups: list, done) -> bool:
+    """Whether a WebDataset source holds an id the log does not: its shard groups listed one
+    at a time until one does (the first, on a new run; all of them, on a run with nothing left)."""
+    committed = plan.committed_filter(done)
+    return any(len(committed([it["id"] for it in items])) < len(items)
+               for items in (list_group(group, source) for group in groups))
+
+
+def account_pages(commit_log: CommitLog, source: str, done_before) -> tuple[int, int, Account]:
     """(inputs, processed by this run, where each stands) of a streamed run: the source listed
     again in pages (`plan.read_pages`), each checked against the log; what is kept is the ids
     committed now and the ones that are not (none, after a whole run)."""
-    listed = plan.read_pages(commit_log.committed_ids(), iter_inputs(source, "webdataset"), keep_absent=True)
+    listed = plan.read_pages(commit_log.committed_id_array(), iter_inputs(source, "webdataset"),
+                             keep_absent=True)
     account = commit_log.account(listed.hits)
     account = replace(account, listed=listed.inputs, missing=sorted(set(account.missing) | set(listed.absent)))
     skipped = len(plan.committed_filter(done_before)(listed.hits))

@@ -3,17 +3,21 @@ requests and reads exactly as the markers did, whatever step a compaction was cu
 
 from __future__ import annotations
 
+import gzip
+import json
 import posixpath
 import uuid
 
+import pyarrow.parquet as pq
 import pytest
 from helpers import sample_rows as _rows
 from pyarrow import fs as pafs
 
-from blipinpaint.checkpoints import CHECKPOINTS, CompactedLog
+from blipinpaint.checkpoints import CHECKPOINTS, JSON_FORMAT, CompactedLog, checkpoint_name
 from blipinpaint.commit_log import CommitLog
 from blipinpaint.commits import stage_failure
 from blipinpaint.errors import JobError
+from blipinpaint.log_table import LogView
 from blipinpaint.storage import filesystem
 
 
@@ -66,10 +70,14 @@ def test_a_compacted_log_reads_in_a_few_requests_and_the_same(s3):
     assert s3.requests(name) - before <= 4  # two listings and the checkpoint
     assert _read(uri) == (markers, ids, where)
 
-    # A resumed run: the take-over, the recovery and what is committed, in about 20 requests.
+    # A resumed run: the take-over (6: the owner file read, the released one looked for, the
+    # owner written in 3), the recovery (9: 5 listings, the checkpoint's HEAD and GET, and a
+    # HEAD and a GET per loose marker) and what is committed (2 listings: the checkpoint and
+    # the markers read are kept): 15 requests and 2 per part committed after the checkpoint.
+    _commit_parts(log, 150, 2)
     before = s3.requests(name)
     resumed = CommitLog(uri).resume(grace_s=0)
-    assert s3.requests(name) - before <= 20 and resumed.done == ids
+    assert s3.requests(name) - before <= 15 + 2 * 2 and resumed.done == ids | {"img0150", "img0151"}
 
 
 @pytest.mark.parametrize("cut", ["read", "checkpoint written", "markers deleted"])
@@ -169,3 +177,114 @@ def test_a_checkpoint_is_trusted_by_its_content_not_its_name(uri, tmp_path):
         g.write(f.read())
     assert CommitLog(uri).account(["a", "x"]).missing == ["x"]
     assert CommitLog(uri).resume(grace_s=0).done == {"a"}
+
+
+def test_large_log_readers_make_no_python_object_per_id(uri, monkeypatch):
+    """A checkpoint is Parquet, one row per id (and one per part); resume, recover and account
+    answer from its Arrow columns, never through whole markers (a Python list per part)."""
+    log = CommitLog(uri, compact_every=0)
+    _commit_parts(log, 0, 20)
+    checkpoint = log.compact()["checkpoint"]
+    fs, root = filesystem(uri)
+    with fs.open_input_file(posixpath.join(root, CHECKPOINTS, checkpoint)) as f:
+        table = pq.read_table(f)
+    assert checkpoint.endswith(".parquet") and table.num_rows == 20 + 20  # the part rows, then the id rows
+    assert sorted(i for i in table.column("id").to_pylist() if i) == [f"img{i:04d}" for i in range(20)]
+    _commit_parts(log, 20, 2)  # loose after it
+
+    def whole(self):
+        raise AssertionError("whole markers made")
+
+    monkeypatch.setattr(LogView, "markers", whole)
+    resumed = CommitLog(uri).resume(grace_s=0)
+    assert sorted(resumed.done_ids.to_pylist()) == [f"img{i:04d}" for i in range(22)]
+    assert resumed.undone(["img0003", "new"]) == [False, True]
+    account = CommitLog(uri).account([f"img{i:04d}" for i in range(23)])
+    assert (len(account.ok), account.errors, account.missing, account.duplicates) == (18, 4, ["img0022"], 0)
+
+
+def test_an_id_in_two_parts_is_found_across_a_checkpoint_and_a_marker(uri):
+    """A straggler's part sharing an id with a checkpointed part (it outlived the owner check):
+    the recovery drops one of them, as with loose markers."""
+    log = CommitLog(uri, compact_every=0)
+    log.commit(_rows(["a", "b"], ["", ""]))
+    log.compact()
+    log.commit(_rows(["b", "c"], ["", ""]))
+    assert CommitLog(uri).account(["a", "b", "c"]).duplicates == 1
+    assert CommitLog(uri).recover()["parts_dropped"] == 1
+    assert CommitLog(uri).account(["a", "b", "c"]).duplicates == 0
+
+
+def _json_checkpoint(uri: str) -> str:
+    """Compact the log as yesterday's version did: one gzipped JSON file of the markers."""
+    log = CommitLog(uri)
+    markers, earlier = log.markers(), _files(uri, CHECKPOINTS)
+    data = gzip.compress(json.dumps({"format": JSON_FORMAT, "seq": 1, "merged": [], "markers": markers},
+                                    sort_keys=True).encode(), mtime=0)
+    name = checkpoint_name(1, data, "json.gz")
+    log.fs.create_dir(log._path(CHECKPOINTS), recursive=True)
+    log._put(CHECKPOINTS, name, data)
+    for m in markers:
+        log._delete(log._path("_commits", f"{m['name']}.json"))
+    for checkpoint in earlier:
+        log.fs.delete_file(log._path(CHECKPOINTS, checkpoint))
+    return name
+
+
+def test_a_log_compacted_in_the_earlier_json_format_reads_the_same_and_is_compacted_anew(uri):
+    log = CommitLog(uri, compact_every=0)
+    _commit_parts(log, 0, 12)
+    expected = _read(uri)
+    old = _json_checkpoint(uri)
+    assert _files(uri, "_commits") == [] and _read(uri) == expected
+    _commit_parts(log, 12, 2)
+    assert CommitLog(uri).resume(grace_s=0).done == expected[1] | {"img0012", "img0013"}
+    done = CommitLog(uri).compact()
+    assert done["checkpoints_merged"] == 1 and done["checkpoint"].endswith(".parquet")
+    assert _files(uri, CHECKPOINTS) == [done["checkpoint"]] and old not in _files(uri, CHECKPOINTS)
+    assert CommitLog(uri).committed_ids() == expected[1] | {"img0012", "img0013"}
+    # Alone, with nothing loose: still rewritten (once) by the next run's end.
+    log = CommitLog(uri, compact_every=0)
+    log.uncommit(lambda m: m["name"] in {m["name"] for m in log.markers() if "img0012" in m["errors"] + m["samples"]})
+    _json_checkpoint(uri)
+    assert CommitLog(uri).compact()["checkpoint"].endswith(".parquet") and CommitLog(uri).compact() is None
+
+
+def test_a_tampered_checkpoint_is_refused(uri):
+    log = CommitLog(uri, compact_every=0)
+    _commit_parts(log, 0, 5)
+    name = log.compact()["checkpoint"]
+    fs, root = filesystem(uri)
+    path = posixpath.join(root, CHECKPOINTS, name)
+    with fs.open_input_stream(path) as f:
+        data = bytearray(f.read())
+    data[len(data) // 2] ^= 1  # one bit of the ids' pages
+    with fs.open_output_stream(path) as f:
+        f.write(bytes(data))
+    with pytest.raises(JobError, match=f"{CHECKPOINTS}/{name} does not hold what its name says"):
+        CommitLog(uri).resume(grace_s=0)
+
+
+@pytest.mark.parametrize("between", ["the two listings", "the listings and the reads"])
+def test_a_reader_racing_a_compaction_reads_the_log_whole(uri, between):
+    """A compaction that folds and deletes the markers (and the checkpoint) a reader listed,
+    between its listing of `_commits/` and of `_checkpoints/`, or after both: it reads again."""
+    log = CommitLog(uri, compact_every=0)
+    _commit_parts(log, 0, 6)
+    log.compact()
+    _commit_parts(log, 6, 6)
+    expected = _read(uri)
+    reader, listings = CommitLog(uri), []
+    reader._checkpoint(_files(uri, CHECKPOINTS)[0])  # read before: kept, as a reader of the last round has it
+    names = reader._names
+
+    def racing(folder, pattern=None):
+        found = names(folder, pattern)
+        listings.append(folder)
+        if len(listings) == (1 if between == "the two listings" else 2):
+            assert CommitLog(uri).compact()["markers_folded"] == 6
+        return found
+
+    reader._names = racing
+    assert reader.committed_ids() == expected[1] and len(listings) == 4  # read twice
+    assert reader.markers() == expected[0]

@@ -51,8 +51,9 @@ def streamed(local_ray, shards, tmp_path_factory):
 def test_the_stream_lists_the_shards_and_the_driver_only_accounts(streamed):
     run_dir, stats, calls, ended = streamed
     assert ended == [1]
-    # The driver listed groups only for the accounting, after the stream: the read tasks listed them for the stream.
-    assert calls and all(calls) and len(calls) == 3
+    # The driver listed one group before the stream (to learn that something is left), the
+    # rest only for the accounting, after it: the read tasks listed them for the stream.
+    assert calls == [False] + [True] * 3
     assert (stats["inputs"], stats["ok"], stats["missing"], stats["duplicates"]) == (8, 6, 0, 0)
     # The repeated shard's ids: error rows of their own, never dropped (as a whole listing makes them).
     assert stats["errors_by_reason"] == {"duplicate id": 2}
@@ -75,7 +76,9 @@ def test_a_resumed_stream_skips_the_committed_ids_in_its_read_tasks(streamed, sh
     assert (stats["this_run"]["processed"], stats["this_run"]["skipped_committed"]) == (len(undone), 8 - len(undone))
     assert (stats["inputs"], stats["ok"] + stats["errors"], stats["missing"], stats["duplicates"]) == (8, 8, 0, 0)
     again = generate.run(_cfg(copy, shards))
-    assert again["this_run"]["processed"] == 0 and again["this_run"]["pipeline_s"] > 0  # listed, nothing left
+    # Listed in the driver, nothing left: no stream, so no model pool (no GPU node brought up for nothing).
+    assert again["this_run"]["processed"] == 0 and again["this_run"]["pipeline_s"] == 0
+    assert (again["inputs"], again["ok"] + again["errors"], again["missing"]) == (8, 8, 0)
 
 
 def test_a_limit_plans_the_seeded_subset_of_the_whole_source(shards, tmp_path):
