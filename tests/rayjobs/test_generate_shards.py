@@ -39,7 +39,12 @@ def streamed(local_ray, shards, tmp_path_factory):
     real_group, real_stream = source_pages.list_group, generate.run_stream
     mp.setattr(sources, "list_webdataset", refuse)
     mp.setattr(source_pages, "list_inputs", refuse)
-    mp.setattr(source_pages, "list_group", lambda *a: calls.append(bool(ended)) or real_group(*a))
+    def counted(*args):
+        calls.append(bool(ended))
+        return real_group(*args)
+
+    mp.setattr(source_pages, "list_group", counted)
+    mp.setattr(generate, "list_group", counted)  # the driver's look for something left (`any_pending`)
     mp.setattr(generate, "run_stream", lambda *a: (real_stream(*a), ended.append(1))[0])  # set once it ends
     try:
         stats = generate.run(_cfg(run_dir, shards))
