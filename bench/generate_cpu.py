@@ -1,6 +1,6 @@
 """CPU throughput of the generate job against the authors' flow, and of the fused inpainter.
 
-    .venv/bin/python bench/generate_cpu.py [--images 64 256] [--out bench/results/generate_cpu.json]
+    .venv/bin/python bench/generate_cpu.py [--images 64 256] [--no-stage] [--out bench/results/generate_cpu.json]
 
 Both sides do the same work per image on the same inputs and config (the tiny preset):
 read + decode + mask, a BLIP caption, two inpaintings (guided and baseline), SSIM/PSNR/CLIP,
@@ -144,6 +144,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--out", default="bench/results/generate_cpu.json")
+    parser.add_argument("--no-stage", action="store_true",
+                        help="only the job against the loop, not the inpainting stage alone (to compare an old "
+                             "and a new tree in turns: PYTHONPATH=<tree>)")
     parser.add_argument("overrides", nargs="*", help="config overrides for both sides (dotted.key=value)")
     args = parser.parse_args()
 
@@ -177,10 +180,11 @@ def main() -> None:
                                        "ratio": round(job_rate / loop_rate, 2)}
             print(f"steady state ({a['images']}->{b['images']}): loop {loop_rate:.2f} img/s, job {job_rate:.2f} "
                   f"img/s, job/loop {job_rate / loop_rate:.2f}x")
-        n = max(args.images)
-        cfg = load_config(overrides=[f"run_dir={work}/stage", f"data.source={work / f'in{n}'}", *args.overrides])
-        results["inpainting_stage"] = inpainting_stage(cfg, work / f"in{n}")
-        print(f"inpainting stage alone: {results['inpainting_stage']}")
+        if not args.no_stage:
+            n = max(args.images)
+            cfg = load_config(overrides=[f"run_dir={work}/stage", f"data.source={work / f'in{n}'}", *args.overrides])
+            results["inpainting_stage"] = inpainting_stage(cfg, work / f"in{n}")
+            print(f"inpainting stage alone: {results['inpainting_stage']}")
     finally:
         ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)

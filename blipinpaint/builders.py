@@ -9,6 +9,7 @@ them in-process.
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -43,7 +44,7 @@ from blipinpaint.models.offline import BUILD_VERSION, SPECS
 from blipinpaint.models.presets import PAPER
 from blipinpaint.precision import surviving_changes
 from blipinpaint.scorer import ScoreNet
-from blipinpaint.storage import folder_digest, local_dir
+from blipinpaint.storage import folder_digest, is_remote, local_dir
 
 ROLES = ("captioner", "inpainter", "clip", "fid")
 
@@ -181,6 +182,16 @@ def build_inpainter(cfg: Config, prompts: dict[str, str | None] | None = None) -
 
 
 def build_metrics(cfg: Config, variants: dict[str, tuple[str, str]] | None = None) -> InpaintMetrics:
+    """CLIP and the SSIM/PSNR functions, ready for the first batch.
+
+    torchmetrics (and scipy under it) is imported here, in the metrics actor's start, not by
+    its first batch (`metrics.ssim_psnr`): the actor starts beside the pool's others and waits
+    for the inpainter's first rows, so the import (1-2 s on 2 quiet cores, 11 s at load 20)
+    overlaps the inpainter's start instead of following its first batch on the stream's
+    critical path. Only the metrics actor pays it; modules importing the stages do not.
+    """
+    import torchmetrics.functional.image  # noqa: F401 - the import is the point
+
     device, dtype = _device_dtype(cfg)
     return InpaintMetrics(load_clip(resolve_preset(cfg).clip, device, dtype), variants)
 
@@ -229,4 +240,29 @@ def model_digests(cfg: Config, roles: tuple[str, ...] = ROLES) -> dict[str, str]
     fingerprint records, so that other bytes under the same name never pass for the same model.
     Run after `fill_store`: a stored checkpoint is digested where the workers load it."""
     preset = resolve_preset(cfg)
-    return {role: folder_digest(getattr(preset, role).name_or_path) for role in roles}
+    return {role: digest_once(getattr(preset, role).name_or_path) for role in roles}
+
+
+# Local folders already hashed by this process: (folder, its files' stat) -> digest.
+_DIGESTS: dict[tuple, str] = {}
+
+
+def digest_once(uri: str) -> str:
+    """`folder_digest(uri)`, hashed once per process while the local folder's files are the
+    same files: the same names, sizes, modification times and inodes.
+
+    A pipeline's driver asks for the models' digests about seven times (each job's fingerprint
+    and its checks); a local folder is hashed in full each time, seconds per GB on real
+    checkpoints. A file rewritten, replaced or touched is hashed again; a bucket folder's
+    digest is its manifest's (one small read), never kept."""
+    if is_remote(uri) or not Path(uri.removeprefix("file://")).is_dir():
+        return folder_digest(uri)  # a bucket, or a missing folder: `folder_digest` says what is wrong
+    folder = Path(uri.removeprefix("file://")).resolve()
+    files = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        stat = path.stat()
+        files.append((path.relative_to(folder).as_posix(), stat.st_size, stat.st_mtime_ns, stat.st_ino))
+    key = (str(folder), tuple(files))
+    if key not in _DIGESTS:
+        _DIGESTS[key] = folder_digest(uri)
+    return _DIGESTS[key]

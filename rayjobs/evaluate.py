@@ -20,6 +20,8 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import ray
@@ -203,6 +205,15 @@ def other_reports(cfg: Config) -> dict[str, dict]:
     return reports
 
 
+def alongside(first: Callable[[], object], second: Callable[[], object]) -> tuple[object, object]:
+    """(first(), second()), `second` run in a thread of its own while `first` runs: for driver
+    work that would otherwise wait for Ray (the FID pass's actors starting) before it starts.
+    An error of either is raised once both have ended."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="evaluate-alongside") as pool:
+        other = pool.submit(second)
+        return first(), other.result()
+
+
 def summarize_run(cfg: Config, run_layout: RunLayout, variants: dict[str, Variant], columns: dict[str, np.ndarray],
                   fids: tuple[dict, dict], changed: list[str]) -> dict:
     """`evaluation.summarize` of the evaluated rows' `columns` and their `fids` (`compute_fid`),
@@ -252,9 +263,13 @@ def run(cfg: Config) -> dict:
     sample_ids = evaluated_ids(out_dir, account)
     columns = read_metrics(out_dir, sample_ids, variants)
     changed = changed_ids(columns)
-    # 5. FID of every variant, overall and per mask bucket, with bootstrap intervals.
+    # 5. FID of every variant, overall and per mask bucket, with bootstrap intervals; meanwhile
+    #    this driver compares the two BLIP decoders (`decoder_survival`), whose first BLIP load
+    #    imports transformers here (seconds) while the FID pass waits for its actors.
     connect(cfg.ray_address, cfg.ray_progress)
-    fids = compute_fid(cfg, out_dir, fid_sets(variants), sample_ids, changed)
+    fids, decoder_precision = alongside(
+        lambda: compute_fid(cfg, out_dir, fid_sets(variants), sample_ids, changed),
+        lambda: builders.decoder_survival(cfg, ModelRef(local_dir(run_layout.blip))))
     # 6. Summarize: means, paired differences and their intervals, where the caption helps.
     summary = summarize_run(cfg, run_layout, variants, columns, fids, changed)
     report = {
@@ -266,7 +281,7 @@ def run(cfg: Config) -> dict:
                                         **resumed.recovered}},
         "models": {**builders.model_ids(cfg), "captioner_finetuned": run_layout.blip},
         # Both BLIP captions' decoders ran in `caption.decoder_dtype`: how much of the fine-tune it kept.
-        "decoder_precision": builders.decoder_survival(cfg, ModelRef(local_dir(run_layout.blip))),
+        "decoder_precision": decoder_precision,
         "fid_protocol": fid_protocol(cfg),
         "mask_bucket_edges": list(cfg.evaluate.mask_buckets),
         **summary,

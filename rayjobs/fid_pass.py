@@ -28,7 +28,7 @@ from blipinpaint.errors import JobError
 from blipinpaint.evaluation import ALL, REAL, bucket_of, fid_scopes
 from blipinpaint.fid import fid_table, fold
 from blipinpaint.reader import read_rows, row_reads
-from rayjobs.stream import JOB_ERRORS, TASK_RETRIES, attempt_ledger, hold, job_errors, maybe_die
+from rayjobs.stream import JOB_ERRORS, TASK_RETRIES, attempt_ledger, hold, job_errors, maybe_die, trace
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,9 @@ class FidStage:
     (read tasks, `reader.row_reads`) and returns their rows' features (`fid.FidFeatures`)."""
 
     def __init__(self, cfg: Config, sets: dict[str, str], ledger):
+        trace("fid init")
         self.features = builders.build_fid(cfg, sets)
+        trace("fid built")
         self.columns = ["id", "mask_area", *sets.values()]
         self.fault, self.ledger = cfg.stream.inject_failure, ledger
 

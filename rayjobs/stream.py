@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -33,6 +34,25 @@ from blipinpaint.records import encode_rows
 from blipinpaint.storage import write_text
 from rayjobs.cluster import actor_resources, connect, size_pools
 from rayjobs.progress import CommitProgress, PoolWatch
+
+
+# bench/stream_split.py sets it: the stream's actors and commit tasks then say when they start,
+# are built and run batches (`trace`), one line each to stderr (wall clock, epoch seconds).
+TRACE_ENV = "BLIPINPAINT_STREAM_TRACE"
+
+
+def trace(what: str) -> None:
+    """With $BLIPINPAINT_STREAM_TRACE set: `[stream-trace] <what> pid=… process=<its start> at=<now>`."""
+    if not os.environ.get(TRACE_ENV):
+        return
+    try:  # this process's start (Linux): its start in clock ticks after boot, plus the boot time
+        ticks = int(open(f"/proc/{os.getpid()}/stat").read().rsplit(")", 1)[1].split()[19])
+        boot = next(float(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime"))
+        began = f"{boot + ticks / os.sysconf('SC_CLK_TCK'):.2f}"
+    except (OSError, ValueError, IndexError, StopIteration):
+        began = "?"
+    sys.stderr.write(f"[stream-trace] {what} pid={os.getpid()} process={began} at={time.time():.3f}\n")
+    sys.stderr.flush()
 
 
 class StageStartError(JobError):
@@ -171,17 +191,22 @@ class ModelStage:
 
     def __init__(self, name: str, build: Callable[[], Callable[[Batch], Batch]], errors: ErrorWriter, retries: int,
                  ledger, fault: FaultConfig | None = None):
+        trace(f"{name} init")
         # Said first: an actor that starts again was restarted (`AttemptLedger.joined`).
         ledger.joined.remote(name, ray.get_runtime_context().get_actor_id(), here())
         try:
             stage = build()
         except Exception as err:  # noqa: BLE001 - whatever the loader raised, say which stage and why
             raise StageStartError(f"the {name} stage cannot start: {type(err).__name__}: {err}") from err
+        trace(f"{name} built")
         self.name, self.retries, self.errors, self.ledger, self.fault = name, retries, errors, ledger, fault
         self.run = Guarded(name, raising(name, stage, fault), errors, retries)
 
     def __call__(self, batch: Batch) -> Batch:
-        return counted(self.name, self.run, batch, self.ledger, self.retries, self.errors, self.fault)
+        trace(f"{self.name} batch")
+        out = counted(self.name, self.run, batch, self.ledger, self.retries, self.errors, self.fault)
+        trace(f"{self.name} done")
+        return out
 
 
 def counted(name: str, run: Callable[[Batch], Batch], batch: Batch, ledger, retries: int, errors: ErrorWriter,
@@ -256,6 +281,7 @@ def commit_part(batch: Batch, out_dir: str, schema: pa.Schema, models: dict[str,
     run; everything finished but uncommitted lost to a kill). This stage runs like the
     others, on the worker that encoded the rows; a retried task rewrites the same part.
     """
+    trace("commit batch")
     if not len(batch["id"]):
         return {"part": np.array([], dtype=object), "rows": np.array([], dtype=np.int64)}
     if ledger is not None:  # a commit its node took with it runs again (Ray's retry): counted

@@ -79,3 +79,32 @@ def test_the_gpu_samplers_summary_of_nvidia_smi_lines():
     summary = sampler.summary()
     assert summary["samples"] == 3 and summary["util_median"] == 95.0 and summary["memory_max_mib"] == 31000.0
     assert summary["share_above_90"] == round(2 / 3, 3) and summary["util_mean"] == 78.3
+
+
+def test_the_stream_split_reads_the_marks_that_the_stream_prints(monkeypatch, capsys):
+    """`bench/stream_split.py` times each pool's start from the lines `rayjobs.stream.trace`
+    prints with $BLIPINPAINT_STREAM_TRACE set (none without it), as Ray forwards them."""
+    from rayjobs import stream
+
+    spec = importlib.util.spec_from_file_location("stream_split", ROOT / "bench" / "stream_split.py")
+    split = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(split)
+    monkeypatch.delenv(stream.TRACE_ENV, raising=False)
+    stream.trace("inpainter init")
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv(stream.TRACE_ENV, "1")
+    for what in ("inpainter init", "inpainter built", "inpainter batch", "inpainter done"):
+        stream.trace(what)
+    printed = capsys.readouterr().err
+    at = [float(line.rsplit("at=", 1)[1]) for line in printed.splitlines()]
+    forwarded = "".join(f"\x1b[36m(MapWorker(MapBatches(ModelStage)) pid=1)\x1b[0m {line}\n"
+                        for line in printed.splitlines())
+    begin = at[0] - 1.0
+    output = (f"[driver-trace] imported at={begin - 2:.3f}\n[driver-trace] > ray.data.Dataset.materialize "
+              f"at={begin:.3f}\n{forwarded}[driver-trace] < ray.data.Dataset.materialize at={at[-1] + 1:.3f}\n")
+    summary = split.summarize(split.parse(output, begin - 5))
+    (only,) = summary["streams"]
+    pool = only["pools"]["inpainter"]
+    assert pool["init_s"] == pytest.approx(1.0, abs=0.02) and pool["process_s"] < pool["init_s"]
+    assert pool["init_s"] <= pool["built_s"] <= pool["first_batch_s"] <= pool["first_done_s"]
+    assert summary["driver_imports_s"] == pytest.approx(3.0, abs=0.02)

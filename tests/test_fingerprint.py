@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from blipinpaint import fingerprint
+from blipinpaint import fingerprint, storage
 from blipinpaint.config import load_config
 from blipinpaint.errors import ConfigError
 from blipinpaint.layout import Folder
@@ -66,6 +66,25 @@ def test_generate_records_the_bytes_of_its_models_not_their_names(tmp_path):
     (folder / "config.json").write_text((folder / "config.json").read_text().replace("\n", "\n "))  # other bytes
     with pytest.raises(ConfigError, match=r"model_digests differ"):
         fingerprint.check(str(tmp_path), fingerprint.generate(cfg))
+
+
+def test_a_models_folder_is_hashed_once_per_process_until_its_files_change(tmp_path, monkeypatch):
+    """A pipeline's driver asks for the models' digests once per job and check: a local folder
+    is hashed the first time only, and again once one of its files is rewritten."""
+    import shutil
+
+    from blipinpaint import builders
+
+    folder = tmp_path / "captioner"
+    shutil.copytree(builders.resolve_preset(load_config()).captioner.name_or_path, folder)
+    cfg = load_config(overrides=[f"run_dir={tmp_path}", f"models.captioner.name_or_path={folder}"])
+    hashed = []
+    monkeypatch.setattr(builders, "folder_digest", lambda uri: hashed.append(uri) or storage.folder_digest(uri))
+    first = builders.model_digests(cfg, ("captioner",))
+    assert builders.model_digests(cfg, ("captioner",)) == first and len(hashed) == 1
+    config = folder / "config.json"
+    config.write_text(config.read_text() + " ")  # other bytes, the same JSON
+    assert builders.model_digests(cfg, ("captioner",)) != first and len(hashed) == 2
 
 
 def _claim(cfg, step, folder, current):

@@ -154,3 +154,19 @@ def test_models_clip_points_the_metrics_at_another_folder(cfg, metrics, sample_b
                                                          f"models.clip.name_or_path={other}"]))(dict(batch))["clip_score"]
     assert (ours > 0).any() and (theirs > 0).any()
     assert not np.allclose(ours, theirs)  # cosines change sign: what scored above the clamp now does not
+
+
+def test_the_metrics_stage_imports_torchmetrics_when_built_not_on_its_first_batch(metrics, model_cache):
+    """The metrics actor pays torchmetrics' import (with scipy: seconds) while the pool's other
+    actors start, not after the inpainter's first batch: built in a fresh process (as an actor
+    is), the stage has imported it before any batch."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys; from blipinpaint import builders; from blipinpaint.config import load_config; "
+            "builders.build_metrics(load_config()); print('torchmetrics.functional.image' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "BLIPINPAINT_CACHE": str(model_cache)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "True"

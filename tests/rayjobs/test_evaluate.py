@@ -2,6 +2,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -57,6 +58,23 @@ def test_the_scorer_is_held_to_what_the_changed_captions_scored(main_run, tmp_pa
     assert (tmp_path / "eval" / "scorer_changed.png").stat().st_size > 1000
     none = evaluate.scorer_on_changed(RunLayout(str(tmp_path)), [])
     assert none["samples"] == 0
+
+
+def test_the_driver_compares_the_decoders_while_the_fid_pass_runs():
+    """`alongside` (what `evaluate.run` runs the FID pass and `decoder_survival` with) runs its
+    second call while the first is still waiting: the first returns only once the second has
+    started (run one after the other, it would wait out its timeout and return False); an
+    error of the second reaches the caller."""
+    started = threading.Event()
+    waited, ran_in = evaluate.alongside(lambda: started.wait(timeout=120),
+                                        lambda: (started.set(), threading.current_thread().name)[1])
+    assert waited is True and ran_in.startswith("evaluate-alongside")
+
+    def fails():
+        raise ValueError("the decoders differ in shape")
+
+    with pytest.raises(ValueError, match="differ in shape"):
+        evaluate.alongside(lambda: 1, fails)
 
 
 def test_limit_picks_a_stable_subset_of_the_held_out_split(main_run):
