@@ -8,6 +8,7 @@ them in-process.
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -245,24 +246,37 @@ def model_digests(cfg: Config, roles: tuple[str, ...] = ROLES) -> dict[str, str]
 
 # Local folders already hashed by this process: (folder, its files' stat) -> digest.
 _DIGESTS: dict[tuple, str] = {}
+# A file changed this recently may change again within the same timestamp tick (the kernel
+# stamps from a coarse clock) and keep its stat: its folder is hashed, never kept (git's
+# "racy" rule).
+RACY_S = 1.0
+
+
+def _files_stat(folder: Path) -> tuple:
+    """Each file's name, size, inode and modification and change times (ns). The change time
+    cannot be set back by a writer: a file rewritten after this has another one."""
+    return tuple((path.relative_to(folder).as_posix(), st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+                 for path in sorted(p for p in folder.rglob("*") if p.is_file()) for st in (path.stat(),))
 
 
 def digest_once(uri: str) -> str:
     """`folder_digest(uri)`, hashed once per process while the local folder's files are the
-    same files: the same names, sizes, modification times and inodes.
+    same files: the same names, sizes, inodes, modification and change times.
 
     A pipeline's driver asks for the models' digests about seven times (each job's fingerprint
     and its checks); a local folder is hashed in full each time, seconds per GB on real
-    checkpoints. A file rewritten, replaced or touched is hashed again; a bucket folder's
-    digest is its manifest's (one small read), never kept."""
+    checkpoints. A digest is kept only when no file changed while it was hashed or within
+    `RACY_S` before: a file written since then has another change time, so it is hashed
+    again. A bucket folder's digest is its manifest's (one small read), never kept."""
     if is_remote(uri) or not Path(uri.removeprefix("file://")).is_dir():
         return folder_digest(uri)  # a bucket, or a missing folder: `folder_digest` says what is wrong
     folder = Path(uri.removeprefix("file://")).resolve()
-    files = []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        stat = path.stat()
-        files.append((path.relative_to(folder).as_posix(), stat.st_size, stat.st_mtime_ns, stat.st_ino))
-    key = (str(folder), tuple(files))
-    if key not in _DIGESTS:
-        _DIGESTS[key] = folder_digest(uri)
-    return _DIGESTS[key]
+    before, now_ns = _files_stat(folder), time.time_ns()
+    key = (str(folder), before)
+    if key in _DIGESTS:
+        return _DIGESTS[key]
+    digest = folder_digest(uri)
+    settled = all(max(mtime, ctime) < now_ns - RACY_S * 1e9 for *_, mtime, ctime in before)
+    if settled and _files_stat(folder) == before:
+        _DIGESTS[key] = digest
+    return digest

@@ -69,8 +69,10 @@ def test_generate_records_the_bytes_of_its_models_not_their_names(tmp_path):
 
 
 def test_a_models_folder_is_hashed_once_per_process_until_its_files_change(tmp_path, monkeypatch):
-    """A pipeline's driver asks for the models' digests once per job and check: a local folder
-    is hashed the first time only, and again once one of its files is rewritten."""
+    """A pipeline's driver asks for the models' digests once per job and check: a settled local
+    folder is hashed the first time only, and again once one of its files is rewritten; a
+    folder written within `RACY_S` (its files could change again unseen in the same clock
+    tick) is hashed every time."""
     import shutil
 
     from blipinpaint import builders
@@ -80,11 +82,15 @@ def test_a_models_folder_is_hashed_once_per_process_until_its_files_change(tmp_p
     cfg = load_config(overrides=[f"run_dir={tmp_path}", f"models.captioner.name_or_path={folder}"])
     hashed = []
     monkeypatch.setattr(builders, "folder_digest", lambda uri: hashed.append(uri) or storage.folder_digest(uri))
+    monkeypatch.setattr(builders, "RACY_S", 3600.0)  # every file just written: never kept
     first = builders.model_digests(cfg, ("captioner",))
-    assert builders.model_digests(cfg, ("captioner",)) == first and len(hashed) == 1
+    assert builders.model_digests(cfg, ("captioner",)) == first and len(hashed) == 2
+    monkeypatch.setattr(builders, "RACY_S", -3600.0)  # every file settled: kept
+    assert builders.model_digests(cfg, ("captioner",)) == first and len(hashed) == 3
+    assert builders.model_digests(cfg, ("captioner",)) == first and len(hashed) == 3
     config = folder / "config.json"
     config.write_text(config.read_text() + " ")  # other bytes, the same JSON
-    assert builders.model_digests(cfg, ("captioner",)) != first and len(hashed) == 2
+    assert builders.model_digests(cfg, ("captioner",)) != first and len(hashed) == 4
 
 
 def _claim(cfg, step, folder, current):
