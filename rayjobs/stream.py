@@ -35,7 +35,6 @@ from blipinpaint.storage import write_text
 from rayjobs.cluster import actor_resources, connect, size_pools
 from rayjobs.progress import CommitProgress, PoolWatch
 
-
 # bench/stream_split.py sets it: the stream's actors and commit tasks then say when they start,
 # are built and run batches (`trace`), one line each to stderr (wall clock, epoch seconds).
 TRACE_ENV = "BLIPINPAINT_STREAM_TRACE"
