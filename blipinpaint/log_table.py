@@ -1,12 +1,13 @@
 """The commit log as columns: what a checkpoint file holds and what a reader gets.
 
 A marker (`_commits/<part>.json`) holds its part's ids as JSON lists; 10^7 ids parsed into
-Python strings take about 20 s. A checkpoint holds them as Parquet columns instead, read
-into Arrow arrays in a few hundred milliseconds, and a reader asks Arrow compute what it
-needs (`pc.is_in`, counts) without a Python object per id. One Parquet file, two kinds of
-rows: first one row per part (`part`, and `marker`: the marker's other fields as JSON, in
-row groups of their own), then one row per id (`part`, `id`, `error_kind`: null for a
-sample). `LogView` is the log as a reader found it: the parts' fields and one table of ids.
+Python strings take seconds and gigabytes (7.9 s, 2.5 GB here: BENCHMARKS.md). A checkpoint
+holds them as Parquet columns instead, read into Arrow arrays in a few hundred milliseconds,
+and a reader asks Arrow compute what it needs (`pc.is_in`, counts) without a Python object
+per id. One Parquet file, two kinds of rows: first one row per part (`part`, and `marker`:
+the marker's other fields as JSON, in row groups of their own), then one row per id (`part`,
+`id`, `error_kind`: null for a sample). `LogView` is the log as a reader found it: the
+parts' fields and one table of ids.
 """
 
 from __future__ import annotations

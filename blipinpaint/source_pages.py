@@ -24,6 +24,7 @@ With `data.limit` the subset is the `limit` inputs first in the seeded hash orde
 from __future__ import annotations
 
 import heapq
+import itertools
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -94,13 +95,8 @@ def iter_inputs(source: str, kind: str = "auto", image_root: str | None = None, 
     first = next(pages, None)  # a bad source fails here, not in the reader's loop
     if first is None:
         raise SourceError(f"data.source {source!r} holds no .tar files")
-    pages = _chain(first, pages)
+    pages = itertools.chain([first], pages)
     return pages if limit is None else iter([subset(pages, limit, seed)])
-
-
-def _chain(first: list[dict], rest: Iterator[list[dict]]) -> Iterator[list[dict]]:
-    yield first
-    yield from rest
 
 
 def subset(pages, limit: int, seed: int) -> list[dict]:
