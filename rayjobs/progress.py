@@ -113,7 +113,8 @@ class CommitProgress:
         known = self.total is not None  # None: a stream that lists its inputs as it goes
         left = eta(self.total - self.rows, rate) if known else "unknown"
         tail = f"in {clock(now - self.started)}" if last else f"ETA {left}"
-        counts = f"{self.rows:,} of {f'{self.total:,}' if known else 'the'} rows committed ({self.errors:,} errors)"
+        of = f" of {self.total:,}" if known else ""  # a streamed listing: the total is known at its end
+        counts = f"{self.rows:,}{of} rows committed ({self.errors:,} errors)"
         say(self.stream, f"{self.job}: {counts}, {speed}, {tail}")
         self.last_time, self.last_rows = now, self.rows
 

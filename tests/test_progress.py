@@ -109,3 +109,16 @@ def test_a_pool_says_when_it_loses_actors_and_when_it_has_them_back():
         "inpainter pool: 0 of 2 actors up, 2 restarting (their worker or node died)",
         "inpainter pool: 2 of 2 actors up again",
         "inpainter pool: 0 of 2 actors up, 2 restarting (their worker or node died)"]
+
+
+def test_a_stream_without_a_known_total_counts_rows_and_gives_no_eta(tmp_path):
+    """A streamed listing (a WebDataset source) knows its total only at its end: the lines
+    count the rows committed, with no "of N" and no ETA."""
+    out = str(tmp_path / "generate")
+    stream = io.StringIO()
+    with CommitProgress("generate", out, total=None, done=0, every_s=0.05, stream=stream, terminal=False):
+        CommitLog(out).commit(sample_rows(["a", "b"], ["", "unreadable: x"]))
+        _wait_for(lambda: stream.getvalue().count("\n") == 1, "the line of the first part")
+    lines = stream.getvalue().splitlines()
+    assert re.fullmatch(r"generate: 2 rows committed \(1 errors\), [\d.]+ rows/s, ETA unknown", lines[0]), lines
+    assert re.fullmatch(r"generate: 2 rows committed \(1 errors\), .+, in \d+:\d\d:\d\d", lines[-1]), lines
