@@ -19,8 +19,10 @@ does not match is refused, named; its parts are checked against the data files l
 ones (`recover`, `account`), so a stale or copied checkpoint whose parts are not here counts
 nothing as done. The file says what made it: its format, `seq`, the checkpoints it merged
 (by name, so by digest), whether its ids are all distinct, and each marker whole.
-Checkpoints of the first format (`ckpt-<seq>-<digest>.json.gz`, gzipped JSON) are read the
-same way, and the next compaction rewrites them as Parquet.
+A compaction lists the data folders and flags `placed` the parts whose files it found there
+(in the folder it names): `recover` looks for the files of the other parts only. Checkpoints
+of the first format (`ckpt-<seq>-<digest>.json.gz`, gzipped JSON) and of the second (Parquet,
+no flags) are read the same way, and the next compaction rewrites them.
 How compaction interleaves with commits: RELIABILITY.md, "The commit log's checkpoints".
 """
 
@@ -37,12 +39,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pyarrow import fs as pafs
 
+from blipinpaint.commits import DATA_DIRS
 from blipinpaint.errors import JobError
-from blipinpaint.log_table import FORMAT, LogView, decode, encode, fields, marker_rows, part_mask
+from blipinpaint.log_table import FORMAT, READS, LogView, decode, encode, fields, marker_rows, part_mask
 
 CHECKPOINTS = "_checkpoints"
 JSON_FORMAT = "blipinpaint.commit-checkpoint/1"  # gzipped JSON: read, and compacted anew as Parquet
 COMPACT_EVERY = 500  # `stream.compact_every`'s default: docs/configuration.md says why
+LIST_PAGE = 1000  # names per listing request (S3's page)
 READ_TRIES = 8  # reads racing that many compactions in a row give up, named
 NAME = re.compile(r"ckpt-(\d{8})-([0-9a-f]{32})\.(parquet|json\.gz)")
 log = logging.getLogger(__name__)
@@ -60,13 +64,14 @@ def _json_checkpoint(data: bytes) -> tuple[dict, list[dict], pa.Table]:
     markers = content["markers"]
     ids = [i for m in markers for i in (*m["samples"], *m["errors"])]
     info = {"format": JSON_FORMAT, "seq": content["seq"], "merged": content["merged"],
-            "unique": len(set(ids)) == len(ids)}
+            "unique": len(set(ids)) == len(ids), "placed": set()}
     return info, [fields(m) for m in markers], marker_rows(markers)
 
 
 class CompactedLog:
     """The read and the compaction of a commit log (`commit_log.CommitLog`, which has the
-    filesystem `fs`, `_path`, `_put`, `_delete` and `out_dir`)."""
+    filesystem `fs`, `_path`, `_put`, `_delete`, `_files`, `out_dir` and `here`: the folder as
+    its filesystem names it, which a checkpoint's `placed` flags hold for)."""
 
     _step = staticmethod(lambda step: None)  # between a compaction's steps (tests cut it short there)
 
@@ -96,7 +101,7 @@ class CompactedLog:
         except (ValueError, KeyError, OSError, pa.ArrowException) as err:
             raise JobError(f"{self.out_dir}: {CHECKPOINTS}/{name} is not a checkpoint this version reads "
                            f"({err}): written by another version") from None
-        if content[0]["format"] not in (FORMAT, JSON_FORMAT):
+        if content[0]["format"] not in (*READS, JSON_FORMAT):
             raise JobError(f"{self.out_dir}: {CHECKPOINTS}/{name} is of format {content[0]['format']!r}, "
                            f"not {FORMAT!r}: written by another version")
         self._checkpoints[name] = content
@@ -124,7 +129,7 @@ class CompactedLog:
                 continue
             self._checkpoints = {name: self._checkpoints[name] for name in checkpoints}  # the merged ones go
             self._loose = {name: m for name, m in self._loose.items() if name in loose}
-            return _view(sources, markers, set(skip), loose, checkpoints)
+            return _view(dict(zip(sorted(checkpoints), sources)), markers, set(skip), loose, self.here)
         raise JobError(f"{self.out_dir}: the commit log changed under {READ_TRIES} reads in a row "
                        "(compactions running back to back?); run the same command again")
 
@@ -135,31 +140,54 @@ class CompactedLog:
         `LogView` are the readers for large logs."""
         return self._read_log(skip).markers()
 
-    def compact(self, drop: Collection[str] = ()) -> dict | None:
+    def published(self) -> dict[str, set[str]]:
+        """The data folders' files, by folder: one listing each (a page per 1,000 names on S3)."""
+        return {folder: self._files(folder) for folder in DATA_DIRS}
+
+    def _published_of(self, parts: list[dict], total: int) -> dict[str, set[str]]:
+        """Which of the data files of `parts` are published, by folder: a HEAD per file when
+        that is fewer requests than listing the folders of `total` parts, else the listings."""
+        if 2 * len(parts) >= 2 * max(1, -(-total // LIST_PAGE)):
+            return self.published()
+        paths = [(folder, f"{p['name']}.parquet") for p in parts for folder in DATA_DIRS]
+        found = self.fs.get_file_info([self._path(folder, name) for folder, name in paths])
+        published = {folder: set() for folder in DATA_DIRS}
+        for (folder, name), info in zip(paths, found):
+            if info.type == pafs.FileType.File:
+                published[folder].add(name)
+        return published
+
+    def compact(self, drop: Collection[str] = (), published: dict[str, set[str]] | None = None) -> dict | None:
         """Fold every loose marker and checkpoint into one checkpoint, less the parts named in
-        `drop` (parts being removed: their data is gone already). Nothing is written when
-        there is nothing to fold. Returns what it did."""
+        `drop` (parts being removed: their data is gone already), flagging `placed` the parts
+        whose data files the listing of the data folders (`published`, listed here when not
+        given) finds in place. Nothing is written when there is nothing to fold and no flag
+        changes. Returns what it did."""
         view = self._read_log()
         checkpoints = view.checkpoints
-        if not drop and not view.loose and len(checkpoints) <= 1 and all(c.endswith(".parquet") for c in checkpoints):
+        kept = view.only(set(view.parts) - set(drop))
+        published = self.published() if published is None else published
+        placed = {name for name, part in kept.parts.items() if in_place(name, part, published)}
+        if not drop and not view.loose and len(checkpoints) <= 1 and placed == view.placed \
+                and all(c.endswith(".parquet") for c in checkpoints):
             return None
         self._step("read")
-        kept = view.only(set(view.parts) - set(drop))
         seq = 1 + max((int(NAME.fullmatch(c).group(1)) for c in checkpoints), default=0)
-        info = {"format": FORMAT, "seq": seq, "merged": sorted(checkpoints), "unique": kept.duplicates() == 0}
+        info = {"format": FORMAT, "seq": seq, "merged": sorted(checkpoints), "unique": kept.duplicates() == 0,
+                "folder": self.here}
         parts = [kept.parts[name] for name in sorted(kept.parts)]
-        data = encode(info, parts, kept.ids)
+        data = encode(info, parts, kept.ids, placed)
         name = checkpoint_name(seq, data)
         self.fs.create_dir(self._path(CHECKPOINTS), recursive=True)
         self._put(CHECKPOINTS, name, data)  # whole or absent, as a marker
-        self._checkpoints[name] = ({**info, "parts": len(parts)}, parts, kept.ids)
+        self._checkpoints[name] = ({**info, "parts": len(parts), "placed": placed}, parts, kept.ids)
         self._step("checkpoint written")
         for part in sorted(view.loose):
             self._delete(self._path("_commits", f"{part}.json"))
         self._step("markers deleted")
         for old in sorted(checkpoints):
             self._delete(self._path(CHECKPOINTS, old))
-        done = {"checkpoint": name, "parts": len(parts), "markers_folded": len(view.loose),
+        done = {"checkpoint": name, "parts": len(parts), "placed": len(placed), "markers_folded": len(view.loose),
                 "checkpoints_merged": len(checkpoints), "bytes": len(data)}
         log.debug("%s: commit log compacted: %s", self.out_dir, done)  # one per run at least: not in the job output
         return done
@@ -175,19 +203,33 @@ class CompactedLog:
             log.warning("%s: commit log not compacted this time: %s", self.out_dir, err)
 
 
-def _view(sources: list[tuple[dict, list[dict], pa.Table]], markers: list[dict], skip: set[str],
-          loose: set[str], checkpoints: set[str]) -> LogView:
-    """The log from its checkpoints (in `seq` order) and loose markers: the last copy of a part
-    wins, the parts in `skip` are left out. Whether an id is in two parts is known without
-    hashing every id when there is one checkpoint, whose compaction said, and the loose ids
-    are looked up in it."""
+def in_place(name: str, part: dict, published: dict[str, set[str]]) -> bool:
+    """Whether a part's data files are published in the folders it has rows in, and in no other
+    (a re-commit that moved its rows between folders and was cut short leaves one there)."""
+    return all((f"{name}.parquet" in published[folder]) == (folder in part["staged"]) for folder in DATA_DIRS)
+
+
+def _view(sources: dict[str, tuple[dict, list[dict], pa.Table]], markers: list[dict], skip: set[str],
+          loose: set[str], here: str) -> LogView:
+    """The log from its checkpoints (by name, so in `seq` order) and loose markers: the last copy
+    of a part wins, the parts in `skip` are left out. A checkpoint that another one present
+    merged is not read: that one holds all its parts but those a removal dropped (a removal cut
+    short before it deleted the older file). A part is `placed` when the checkpoint it is read
+    from found it in place in this folder (`here`) and no loose marker is newer. Whether an id
+    is in two parts is known without hashing every id when there is one checkpoint, whose
+    compaction said, and the loose ids are looked up in it."""
+    checkpoints = set(sources)
+    superseded = {name for info, _, _ in sources.values() for name in info["merged"]}
+    sources = [content for name, content in sources.items() if name not in superseded]
     owner = {p["name"]: k for k, (_, parts, _) in enumerate(sources) for p in parts}
     owner |= {m["name"]: len(sources) for m in markers}
-    parts, tables = {}, []
-    for k, (_, fields_, ids) in enumerate(sources):
+    parts, tables, placed = {}, [], set()
+    for k, (info, fields_, ids) in enumerate(sources):
         won = {p["name"] for p in fields_ if owner[p["name"]] == k and p["name"] not in skip}
         parts |= {p["name"]: p for p in fields_ if p["name"] in won}
         tables.append(ids if len(won) == len(fields_) else ids.filter(part_mask(ids.column("part"), won)))
+        if info.get("folder") == here:  # flags found in another folder (a checkpoint copied here) say nothing
+            placed |= info["placed"] & won
     parts |= {m["name"]: fields(m) for m in markers}
     loose_rows = marker_rows(markers)
     loose_ids = loose_rows.column("id").to_pylist()
@@ -200,4 +242,4 @@ def _view(sources: list[tuple[dict, list[dict], pa.Table]], markers: list[dict],
         unique = not loose_ids or not pc.any(pc.is_in(tables[0].column("id"),
                                                       value_set=pa.array(loose_ids, pa.string()))).as_py()
     ids = pa.concat_tables([*tables, loose_rows]) if tables else loose_rows
-    return LogView(dict(sorted(parts.items())), ids, loose, checkpoints, unique)
+    return LogView(dict(sorted(parts.items())), ids, loose, checkpoints, unique, placed)

@@ -5,9 +5,10 @@ Python strings take seconds and gigabytes (7.9 s, 2.5 GB here: BENCHMARKS.md). A
 holds them as Parquet columns instead, read into Arrow arrays in a few hundred milliseconds,
 and a reader asks Arrow compute what it needs (`pc.is_in`, counts) without a Python object
 per id. One Parquet file, two kinds of rows: first one row per part (`part`, and `marker`:
-the marker's other fields as JSON, in row groups of their own), then one row per id (`part`,
-`id`, `error_kind`: null for a sample). `LogView` is the log as a reader found it: the
-parts' fields and one table of ids.
+the marker's other fields as JSON, and `placed`: whether the compaction that wrote the file
+found the part's data files in place, in row groups of their own), then one row per id
+(`part`, `id`, `error_kind`: null for a sample). `LogView` is the log as a reader found it:
+the parts' fields, one table of ids, and the parts a compaction here found in place.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-FORMAT = "blipinpaint.commit-checkpoint/2"  # Parquet; /1 was gzipped JSON (`json_checkpoint`)
+FORMAT = "blipinpaint.commit-checkpoint/3"  # Parquet with `placed`; /2 had none, /1 was gzipped JSON
+READS = (FORMAT, "blipinpaint.commit-checkpoint/2")  # the Parquet formats read (a /2 file: nothing placed)
 ID_SCHEMA = pa.schema([("part", pa.dictionary(pa.int32(), pa.string())), ("id", pa.string()),
                        ("error_kind", pa.dictionary(pa.int32(), pa.string()))])
-FILE_SCHEMA = ID_SCHEMA.append(pa.field("marker", pa.string()))
+FILE_SCHEMA = ID_SCHEMA.append(pa.field("marker", pa.string())).append(pa.field("placed", pa.bool_()))
 ID_FIELDS = ("samples", "errors", "error_kinds")  # a marker's fields that go to the id rows
 
 
@@ -52,15 +54,17 @@ def part_mask(column: pa.ChunkedArray, names: set[str]) -> pa.ChunkedArray:
                              for chunk in column.chunks], pa.bool_())
 
 
-def encode(info: dict, parts: list[dict], ids: pa.Table) -> bytes:
-    """A checkpoint's bytes: `info` (format, seq, merged, ...) in the file's metadata, the part
-    rows, then the id rows."""
+def encode(info: dict, parts: list[dict], ids: pa.Table, placed: set[str]) -> bytes:
+    """A checkpoint's bytes: `info` (format, seq, merged, folder, ...) in the file's metadata,
+    the part rows (with whether each is in `placed`), then the id rows."""
     schema = FILE_SCHEMA.with_metadata({"blipinpaint": json.dumps({**info, "parts": len(parts)}, sort_keys=True)})
     names = pa.array([p["name"] for p in parts], pa.string())
     part_rows = pa.table([names.dictionary_encode(), pa.nulls(len(parts), pa.string()),
                           pa.nulls(len(parts), ID_SCHEMA.field("error_kind").type),
-                          pa.array([json.dumps(p, sort_keys=True) for p in parts], pa.string())], schema=schema)
-    id_rows = ids.append_column("marker", pa.nulls(ids.num_rows, pa.string())).cast(schema)
+                          pa.array([json.dumps(p, sort_keys=True) for p in parts], pa.string()),
+                          pa.array([p["name"] in placed for p in parts], pa.bool_())], schema=schema)
+    id_rows = ids.append_column("marker", pa.nulls(ids.num_rows, pa.string()))
+    id_rows = id_rows.append_column("placed", pa.nulls(ids.num_rows, pa.bool_())).cast(schema)
     sink = io.BytesIO()
     with pq.ParquetWriter(sink, schema, compression="zstd") as writer:
         writer.write_table(part_rows, row_group_size=max(1, len(parts)))  # row groups of their own
@@ -69,7 +73,8 @@ def encode(info: dict, parts: list[dict], ids: pa.Table) -> bytes:
 
 
 def decode(data: bytes) -> tuple[dict, list[dict], pa.Table]:
-    """A checkpoint's metadata, part rows and id rows (what `encode` wrote)."""
+    """A checkpoint's metadata (with `placed`, the set of the part names flagged so), part rows
+    and id rows (what `encode` wrote)."""
     f = pq.ParquetFile(pa.BufferReader(data))
     info = json.loads(f.schema_arrow.metadata[b"blipinpaint"])
     groups, rows = 0, 0
@@ -78,9 +83,13 @@ def decode(data: bytes) -> tuple[dict, list[dict], pa.Table]:
         groups += 1
     if rows != info["parts"]:
         raise ValueError(f"{rows} part rows, the metadata says {info['parts']}")
-    parts = f.read_row_groups(range(groups), columns=["marker"]).column("marker").to_pylist() if groups else []
+    columns = ["marker", "placed"] if "placed" in f.schema_arrow.names else ["marker"]  # /2 has no `placed`
+    rows = f.read_row_groups(range(groups), columns=columns) if groups else None
+    parts = [json.loads(p) for p in rows.column("marker").to_pylist()] if groups else []
+    flags = rows.column("placed").to_pylist() if groups and "placed" in columns else [False] * len(parts)
+    info["placed"] = {p["name"] for p, flag in zip(parts, flags) if flag}
     ids = f.read_row_groups(range(groups, f.num_row_groups), columns=list(ID_SCHEMA.names))
-    return info, [json.loads(p) for p in parts], ids.cast(ID_SCHEMA)
+    return info, parts, ids.cast(ID_SCHEMA)
 
 
 @dataclass
@@ -93,6 +102,7 @@ class LogView:
     loose: set[str] = field(default_factory=set)
     checkpoints: set[str] = field(default_factory=set)
     unique: bool | None = None  # no id in two parts, when known without hashing every id
+    placed: set[str] = field(default_factory=set)  # parts a compaction in this folder found in place
 
     def id_array(self) -> pa.Array:
         column = self.ids.column("id")
@@ -114,7 +124,7 @@ class LogView:
             return self
         return LogView({n: p for n, p in self.parts.items() if n in names},
                        self.ids.filter(part_mask(self.ids.column("part"), names)), self.loose, self.checkpoints,
-                       self.unique)
+                       self.unique, self.placed & names)
 
     def markers(self) -> list[dict]:
         """Whole markers in name order: a Python object per id (for small logs and callers)."""
