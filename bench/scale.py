@@ -33,6 +33,20 @@ process's peak RSS; both import the job first, so the figures differ by the list
 Alone (no Ray):
 
     .venv/bin/python bench/scale.py --sizes --s3-size 0 --list-sizes 10000 1000000
+
+`--dry-run-only` leaves `list_inputs` out (at 10^7 it would hold about 10 GB): the shards
+are written once (a template shard's bytes, about 15 GB at 10^7, in a temporary folder on
+/, deleted after each size), then only the dry run lists them:
+
+    .venv/bin/python bench/scale.py --sizes --s3-size 0 --list-sizes 10000 10000000 --dry-run-only
+
+`--first-part-sizes N ...` starts a real run (`generate.run`, the least work, `FIRST` in a
+process of its own joined to one local Ray) on WebDataset shards of N inputs, and watches it
+from outside: the seconds to its first committed part (a marker appearing in `_commits/`),
+from the process's start and from its call of `generate.run`, and the driver's peak RSS
+(`VmHWM`) then and again after `--more-parts` parts more; then the run is killed:
+
+    .venv/bin/python bench/scale.py --sizes --s3-size 0 --first-part-sizes 10000 1000000 --more-parts 5
 """
 
 from __future__ import annotations
@@ -54,7 +68,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from scale_scripts import LIST, LOG, READ, RUN  # noqa: E402
+from scale_scripts import FIRST, LIST, LOG, READ, RUN  # noqa: E402
 
 LEAST_WORK = ["data.image_size=64", "inpaint.num_inference_steps=1", "caption.max_new_tokens=3",
               "stream.read.batch_size=32", "stream.captioner.batch_size=32", "stream.inpainter.batch_size=16",
@@ -193,6 +207,60 @@ def measure(size: int, folder: Path, run_dir: str, address: str, env: dict) -> d
     return row
 
 
+def _driver_mb(pid: int) -> dict:
+    """The process's peak and current RSS (`VmHWM`, `VmRSS`), in MB."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return {"peak_rss_mb": round(int(fields["VmHWM"].split()[0]) / 1024),
+            "rss_mb": round(int(fields["VmRSS"].split()[0]) / 1024)}
+
+
+def first_parts(size: int, folder: Path, run_dir: str, address: str, env: dict, more: int) -> dict:
+    """A real run (`FIRST`) over `folder` (WebDataset shards), watched from outside: when its
+    first part is committed (a marker appears in `_commits/`) and when `more` parts after it
+    are, in seconds from the process's start and from its call of `generate.run`, with the
+    driver's peak RSS at each; then the run is killed (and its Ray workers freed)."""
+    import ray
+
+    overrides = [f"run_dir={run_dir}", f"data.source={folder}", f"ray_address={address}", *LEAST_WORK]
+    commits, out = Path(run_dir) / "generate" / "_commits", Path(run_dir + ".log")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    row, called = {"inputs": size, "shards": len(list(folder.glob("*.tar")))}, None
+    with open(out, "w") as log:
+        started = time.time()
+        proc = subprocess.Popen([sys.executable, "-c", FIRST, *overrides], stdout=log, stderr=subprocess.STDOUT,
+                                env=env)
+    try:
+        while True:  # polls for the events: the CALL line, then the markers
+            if proc.poll() is not None:
+                raise RuntimeError(f"the run ended first (rc {proc.returncode}): {out.read_text()[-3000:]}")
+            if called is None:
+                line = next((x for x in out.read_text().splitlines() if x.startswith("CALL ")), None)
+                if line:
+                    called = json.loads(line[5:])
+                    row["call_at_s"] = round(called["t"] - started, 2)
+                    row["rss_imported_mb"] = round(called["rss_imported_mb"])
+            names = [n for n in os.listdir(commits) if n.endswith(".json") and not n.startswith(".")] \
+                if commits.is_dir() else []
+            now = time.time()
+            if names and "first" not in row and called is not None:
+                row["first"] = {"parts": len(names), "from_start_s": round(now - started, 1),
+                                "from_call_s": round(now - called["t"], 1), **_driver_mb(proc.pid)}
+                print(json.dumps(row), flush=True)
+            if "first" in row and len(names) >= row["first"]["parts"] + more:
+                row["more"] = {"parts": len(names), "from_start_s": round(now - started, 1),
+                               "from_call_s": round(now - called["t"], 1), **_driver_mb(proc.pid)}
+                break
+            time.sleep(0.1)
+    finally:
+        proc.kill()
+        proc.wait()
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources().get("CPU", 0):
+        time.sleep(0.2)  # until the killed driver's workers are gone: the next run starts on a free Ray
+    row["load_average"] = os.getloadavg()[0]
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def s3_server(env: dict) -> tuple[subprocess.Popen, dict]:
     """moto's S3 server as a process of its own on a free port; the env that reaches it."""
     with socket.socket() as s:
@@ -232,6 +300,10 @@ def main() -> None:
                         "listed whole and by a dry run (no Ray)")
     parser.add_argument("--dry-run-only", action="store_true", help="--list-sizes by the dry run alone: no "
                         "list_inputs, which holds every input (about 10 GB at 10^7)")
+    parser.add_argument("--first-part-sizes", type=int, nargs="*", default=[], help="a real run on WebDataset "
+                        "sources of these sizes: time to its first committed part and the driver's peak RSS")
+    parser.add_argument("--more-parts", type=int, default=20, help="--first-part-sizes: measured again after "
+                        "this many parts more, then the run is killed")
     parser.add_argument("--shard-images", type=int, default=10000, help="images per shard in --list-sizes")
     parser.add_argument("--log-rows", type=int, default=256, help="rows per marker (a part) in the log benches")
     parser.add_argument("--out", default="bench/results/scale.json")
@@ -252,6 +324,8 @@ def main() -> None:
                           f"--s3-log-build {args.s3_log_build} --log-existing {args.log_existing} "
                           f"{'--log-existing-s3 ' if args.log_existing_s3 else ''}"
                           f"--log-rows {args.log_rows} --list-sizes {' '.join(map(str, args.list_sizes))} "
+                          f"--first-part-sizes {' '.join(map(str, args.first_part_sizes))} "
+                          f"--more-parts {args.more_parts} "
                           f"--shard-images {args.shard_images}{' --dry-run-only' if args.dry_run_only else ''}",
                "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                           f"ray {ray.__version__}",
@@ -284,12 +358,19 @@ def main() -> None:
             modes = ("dry_run",) if args.dry_run_only else ("list_inputs", "dry_run")
             results["listing"] += listing(size, folder, str(work / f"plan{size}"), env, modes)
             shutil.rmtree(folder)
-        if not args.sizes and not args.s3_size:  # the log and listing benches alone: no Ray
+        if not args.sizes and not args.s3_size and not args.first_part_sizes:  # the log and listing alone: no Ray
             _write(results, args.out)
             return
         connect()
         env = dict(os.environ)  # with what `connect` set for joining this Ray (its auth token)
         address = ray.get_runtime_context().gcs_address
+        results["first_parts"] = []
+        for size in args.first_part_sizes:
+            folder = work / f"shards{size}"
+            make_shards(folder, size, args.shard_images)
+            results["first_parts"].append(first_parts(size, folder, str(work / f"first{size}"), address, env,
+                                                      args.more_parts))
+            shutil.rmtree(folder)
         for size in sorted({*args.sizes, *([args.s3_size] if args.s3_size else [])}):
             folder = work / f"in{size}"
             make_inputs(folder, size)
