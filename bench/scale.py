@@ -6,7 +6,7 @@ Each size gets fresh inputs (64x64 JPEG crops of the shipped photographs) and a 
 `run_dir`, with the least model work per image (one denoising step, 3 caption tokens, 64²),
 so what is measured is the system: listing, scheduling, batching, committing. Each run is
 a subprocess of its own, joined to one local Ray started first (not timed), so that its
-peak memory (`ru_maxrss`) is that run's driver alone. Per size it reports:
+peak memory (`VmHWM`, see `scale_scripts`) is that run's driver alone. Per size it reports:
 
 - rows/s of the pipeline (actor start and model load included) and of the whole command;
 - the driver's peak RSS, and the RSS after listing the inputs (what the listing holds);
@@ -39,6 +39,9 @@ are written once (a template shard's bytes, about 15 GB at 10^7, in a temporary 
 /, deleted after each size), then only the dry run lists them:
 
     .venv/bin/python bench/scale.py --sizes --s3-size 0 --list-sizes 10000 10000000 --dry-run-only
+
+`--s3-list-size N` runs that dry run once more with the shards (copied there first, not
+timed) and `run_dir` in a bucket of the S3 endpoint (moto holds it in memory: 1.5 GB at 10^6).
 
 `--first-part-sizes N ...` starts a real run (`generate.run`, the least work, `FIRST` in a
 process of its own joined to one local Ray) on WebDataset shards of N inputs, and watches it
@@ -109,7 +112,7 @@ def make_shards(folder: Path, n: int, per_shard: int) -> None:
         (folder / f"{s:05d}.tar").write_bytes(full if count == len(members) else b"".join(members[:count]) + end)
 
 
-def listing(size: int, folder: Path, run_dir: str, env: dict, modes=("list_inputs", "dry_run")) -> list[dict]:
+def listing(size: int, folder: Path | str, run_dir: str, env: dict, modes=("list_inputs", "dry_run")) -> list[dict]:
     """`list_inputs` and the dry run over `folder` (`LIST`), alternated, one process each."""
     rows = []
     for mode in modes:
@@ -298,6 +301,8 @@ def main() -> None:
     parser.add_argument("--log-existing-s3", action="store_true", help="--log-existing also on the S3 endpoint")
     parser.add_argument("--list-sizes", type=int, nargs="*", default=[], help="WebDataset sources of these sizes "
                         "listed whole and by a dry run (no Ray)")
+    parser.add_argument("--s3-list-size", type=int, default=0, help="the dry run once more at this size, the "
+                        "shards and run_dir in a bucket of the S3 endpoint (0: none)")
     parser.add_argument("--dry-run-only", action="store_true", help="--list-sizes by the dry run alone: no "
                         "list_inputs, which holds every input (about 10 GB at 10^7)")
     parser.add_argument("--first-part-sizes", type=int, nargs="*", default=[], help="a real run on WebDataset "
@@ -319,14 +324,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     server = None
     env = dict(os.environ)
-    results = {"command": f"bench/scale.py --sizes {' '.join(map(str, args.sizes))} --s3-size {args.s3_size} "
-                          f"--log-markers {args.log_markers} --s3-log-markers {args.s3_log_markers} "
-                          f"--s3-log-build {args.s3_log_build} --log-existing {args.log_existing} "
-                          f"{'--log-existing-s3 ' if args.log_existing_s3 else ''}"
-                          f"--log-rows {args.log_rows} --list-sizes {' '.join(map(str, args.list_sizes))} "
-                          f"--first-part-sizes {' '.join(map(str, args.first_part_sizes))} "
-                          f"--more-parts {args.more_parts} "
-                          f"--shard-images {args.shard_images}{' --dry-run-only' if args.dry_run_only else ''}",
+    results = {"command": " ".join(["bench/scale.py", *sys.argv[1:]]),  # as given, the defaults in `args`
+               "args": vars(args),
                "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                           f"ray {ray.__version__}",
                "date": date.today().isoformat(), "config": LEAST_WORK, "runs": []}
@@ -342,7 +341,7 @@ def main() -> None:
                 results["existing_log"] += existing_reads("s3://scale/existing", env)
             _write(results, args.out)
             return
-        if args.s3_size or args.s3_log_markers:  # before Ray: its workers inherit the endpoint
+        if args.s3_size or args.s3_log_markers or args.s3_list_size:  # before Ray: its workers inherit the endpoint
             server, env = s3_server(env)
             os.environ.update(env)
         results["commit_log"] = [log_read(uri, n, args.log_rows, env, build) for uri, n, build in (
@@ -358,6 +357,15 @@ def main() -> None:
             modes = ("dry_run",) if args.dry_run_only else ("list_inputs", "dry_run")
             results["listing"] += listing(size, folder, str(work / f"plan{size}"), env, modes)
             shutil.rmtree(folder)
+        if args.s3_list_size:  # the shards in a bucket of the endpoint, copied there first (not timed)
+            size, folder = args.s3_list_size, work / "s3shards"
+            make_shards(folder, size, args.shard_images)
+            dst, dst_root = filesystem(f"s3://scale/shards{size}")
+            pafs.copy_files(str(folder), dst_root, source_filesystem=pafs.LocalFileSystem(),
+                            destination_filesystem=dst, use_threads=True)
+            shutil.rmtree(folder)
+            rows = listing(size, f"s3://scale/shards{size}", f"s3://scale/plan{size}", env, ("dry_run",))
+            results["listing"] += [{**row, "store": "S3 endpoint"} for row in rows]
         if not args.sizes and not args.s3_size and not args.first_part_sizes:  # the log and listing alone: no Ray
             _write(results, args.out)
             return

@@ -1,9 +1,18 @@
 """The scripts `bench/scale.py` runs, each with `python -c` in a process of its own (so its
-peak memory is that process's alone); each prints one `RESULT <json>` line."""
+peak memory is that process's alone); each prints one `RESULT <json>` line.
+
+Peak memory is `VmHWM` (`peak_kb`), not `ru_maxrss`: Linux carries the spawning process's
+peak into a child's `ru_maxrss` at exec, so a script started by the bench (which imports
+torch and Ray) never read below the bench's own peak, whatever it held itself."""
+
+PEAK = """
+def peak_kb():  # this process's own peak RSS (VmHWM), in kB
+    return int(next(line for line in open("/proc/self/status") if line.startswith("VmHWM:")).split()[1])
+"""
 
 # One run, in a process of its own: prints one JSON line.
-RUN = """
-import json, resource, sys, time
+RUN = PEAK + """
+import json, sys, time
 from blipinpaint.commit_log import CommitLog
 from blipinpaint.config import load_config
 from blipinpaint.sources import list_inputs
@@ -13,7 +22,7 @@ cfg = load_config(overrides=sys.argv[1:])
 t0 = time.perf_counter()
 items = list_inputs(cfg.data.source, cfg.data.kind)
 list_s = time.perf_counter() - t0
-rss_listed = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+rss_listed = peak_kb()
 del items
 t0, started = time.perf_counter(), time.time()
 stats = generate.run(cfg)
@@ -24,15 +33,15 @@ print("RESULT " + json.dumps({"wall_s": wall, "list_s": list_s, "pipeline_s": st
                   "commits_s": [commits[0], commits[len(commits) // 2], commits[-1]] if commits else None,
                   "processed": stats["this_run"]["processed"], "inputs": stats["inputs"],
                   "rss_after_listing_mb": rss_listed / 1024,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_rss_mb": peak_kb() / 1024}))
 """
 
 
 # The commit log's read, in a process of its own: `markers` parts of `rows` error rows each
 # committed through the writer (no compaction while committing), then read by a new reader
 # before and after one compaction, and a resume after it. Prints one JSON line.
-LOG = """
-import json, resource, sys, time
+LOG = PEAK + """
+import json, sys, time
 from pyarrow import fs as pafs
 from blipinpaint.commit_log import CommitLog
 from blipinpaint.records import encode_rows
@@ -62,7 +71,7 @@ else:  # built and compacted on the disk (40,000 commits on the endpoint take ho
     _, out["copy_s"] = timed(lambda: pafs.copy_files(src_root, dst_root, source_filesystem=src,
                                                      destination_filesystem=dst, use_threads=True))
     ids = None
-rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+rss0 = peak_kb()
 array, out["read_ids_array_s"] = timed(lambda: CommitLog(uri).committed_id_array())
 resumed, out["resume_compacted_s"] = timed(lambda: CommitLog(uri).resume(grace_s=0))
 assert len(array) == len(resumed.done_ids) == markers * rows
@@ -70,27 +79,27 @@ again, out["read_compacted_set_s"] = timed(lambda: CommitLog(uri).committed_ids(
 assert ids is None or ids == again
 print("RESULT " + json.dumps({"markers": markers, "rows_per_marker": rows, "build_s": build_s, **out,
       "checkpoint_mb": done["bytes"] / 1e6, "peak_rss_mb_before_reads": rss0 / 1024,
-      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+      "peak_rss_mb": peak_kb() / 1024}))
 """
 
 
 # The listing of a WebDataset source, in a process of its own: `list_inputs`, or a dry run
 # (`generate.run` with `dry_run=true`). Prints one JSON line.
-LIST = """
-import json, resource, sys, time
+LIST = PEAK + """
+import json, sys, time
 from blipinpaint.config import load_config
 from blipinpaint.sources import list_inputs
 from rayjobs import generate
 
 mode, source, run_dir = sys.argv[1:4]
-rss_imported = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+rss_imported = peak_kb()
 t0 = time.perf_counter()
 if mode == "list_inputs":
     inputs = len(list_inputs(source))
 else:
     cfg = load_config(overrides=[f"run_dir={run_dir}", f"data.source={source}", "dry_run=true"])
     inputs = generate.run(cfg)["inputs"]
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = peak_kb()
 print("RESULT " + json.dumps({"mode": mode, "inputs": inputs, "wall_s": time.perf_counter() - t0,
       "rss_imported_mb": rss_imported / 1024, "peak_rss_mb": peak / 1024}))
 """
@@ -98,8 +107,8 @@ print("RESULT " + json.dumps({"mode": mode, "inputs": inputs, "wall_s": time.per
 
 # One read of an existing log, in a fresh process (so its peak memory is that read's): the
 # ids as an Arrow array, a whole resume, or the ids as a Python set. Prints one JSON line.
-READ = """
-import json, resource, sys, time
+READ = PEAK + """
+import json, sys, time
 from blipinpaint.commit_log import CommitLog
 
 uri, what = sys.argv[1], sys.argv[2]
@@ -112,21 +121,21 @@ elif what == "resume":
 else:
     n = len(CommitLog(uri).committed_ids())
 print("RESULT " + json.dumps({"read": what, "ids": n, "seconds": round(time.perf_counter() - t0, 3),
-      "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}))
+      "peak_rss_mb": round(peak_kb() / 1024)}))
 """
 
 
 # A real run (`generate.run`, not a dry run) started for its first committed parts: says when
 # it calls `generate.run` (`CALL <json>`, with the RSS after the imports), then runs until the
 # bench (`scale.first_parts`) kills it; the bench watches the log's markers from outside.
-FIRST = """
-import json, resource, sys, time
+FIRST = PEAK + """
+import json, sys, time
 from blipinpaint.config import load_config
 from rayjobs import generate
 
 cfg = load_config(overrides=sys.argv[1:])
 print("CALL " + json.dumps({"t": time.time(),
-      "rss_imported_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}), flush=True)
+      "rss_imported_mb": peak_kb() / 1024}), flush=True)
 generate.run(cfg)
 print("FINISHED", flush=True)
 """
