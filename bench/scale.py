@@ -47,7 +47,8 @@ timed) and `run_dir` in a bucket of the S3 endpoint (moto holds it in memory: 1.
 process of its own joined to one local Ray) on WebDataset shards of N inputs, and watches it
 from outside: the seconds to its first committed part (a marker appearing in `_commits/`),
 from the process's start and from its call of `generate.run`, and the driver's peak RSS
-(`VmHWM`) then and again after `--more-parts` parts more; then the run is killed:
+(`VmHWM`) then and again after `--more-parts` parts more; then the run is killed (also
+when no part comes within `--first-part-timeout` seconds: its row says so):
 
     .venv/bin/python bench/scale.py --sizes --s3-size 0 --first-part-sizes 10000 1000000 --more-parts 5
 """
@@ -217,11 +218,13 @@ def _driver_mb(pid: int) -> dict:
             "rss_mb": round(int(fields["VmRSS"].split()[0]) / 1024)}
 
 
-def first_parts(size: int, folder: Path, run_dir: str, address: str, env: dict, more: int) -> dict:
+def first_parts(size: int, folder: Path, run_dir: str, address: str, env: dict, more: int,
+                timeout_s: float) -> dict:
     """A real run (`FIRST`) over `folder` (WebDataset shards), watched from outside: when its
     first part is committed (a marker appears in `_commits/`) and when `more` parts after it
     are, in seconds from the process's start and from its call of `generate.run`, with the
-    driver's peak RSS at each; then the run is killed (and its Ray workers freed)."""
+    driver's peak RSS at each; then the run is killed (and its Ray workers freed). A run with no
+    part after `timeout_s` is killed too, its row saying so (`"first": null`) with the driver's peak."""
     import ray
 
     overrides = [f"run_dir={run_dir}", f"data.source={folder}", f"ray_address={address}", *LEAST_WORK]
@@ -245,6 +248,10 @@ def first_parts(size: int, folder: Path, run_dir: str, address: str, env: dict, 
             names = [n for n in os.listdir(commits) if n.endswith(".json") and not n.startswith(".")] \
                 if commits.is_dir() else []
             now = time.time()
+            if "first" not in row and now - started > timeout_s:
+                row["first"], row["no_part_after_s"] = None, round(now - started, 1)
+                row.update(_driver_mb(proc.pid))
+                break
             if names and "first" not in row and called is not None:
                 row["first"] = {"parts": len(names), "from_start_s": round(now - started, 1),
                                 "from_call_s": round(now - called["t"], 1), **_driver_mb(proc.pid)}
@@ -309,7 +316,9 @@ def main() -> None:
                         "sources of these sizes: time to its first committed part and the driver's peak RSS")
     parser.add_argument("--more-parts", type=int, default=20, help="--first-part-sizes: measured again after "
                         "this many parts more, then the run is killed")
-    parser.add_argument("--shard-images", type=int, default=10000, help="images per shard in --list-sizes")
+    parser.add_argument("--first-part-timeout", type=float, default=3600, help="--first-part-sizes: a run with "
+                        "no committed part after this many seconds is killed, its row saying so")
+    parser.add_argument("--shard-images", type=int, default=10000, help="images per shard (listing, first part)")
     parser.add_argument("--log-rows", type=int, default=256, help="rows per marker (a part) in the log benches")
     parser.add_argument("--out", default="bench/results/scale.json")
     args = parser.parse_args()
@@ -377,7 +386,7 @@ def main() -> None:
             folder = work / f"shards{size}"
             make_shards(folder, size, args.shard_images)
             results["first_parts"].append(first_parts(size, folder, str(work / f"first{size}"), address, env,
-                                                      args.more_parts))
+                                                      args.more_parts, args.first_part_timeout))
             shutil.rmtree(folder)
         for size in sorted({*args.sizes, *([args.s3_size] if args.s3_size else [])}):
             folder = work / f"in{size}"
