@@ -6,7 +6,7 @@ Each size gets fresh inputs (64x64 JPEG crops of the shipped photographs) and a 
 `run_dir`, with the least model work per image (one denoising step, 3 caption tokens, 64²),
 so what is measured is the system: listing, scheduling, batching, committing. Each run is
 a subprocess of its own, joined to one local Ray started first (not timed), so that its
-peak memory (`ru_maxrss`) is that run's driver alone. Per size it reports:
+peak memory (`VmHWM`, see `scale_scripts`) is that run's driver alone. Per size it reports:
 
 - rows/s of the pipeline (actor start and model load included) and of the whole command;
 - the driver's peak RSS, and the RSS after listing the inputs (what the listing holds);
@@ -33,6 +33,24 @@ process's peak RSS; both import the job first, so the figures differ by the list
 Alone (no Ray):
 
     .venv/bin/python bench/scale.py --sizes --s3-size 0 --list-sizes 10000 1000000
+
+`--dry-run-only` leaves `list_inputs` out (at 10^7 it would hold about 10 GB): the shards
+are written once (a template shard's bytes, about 15 GB at 10^7, in a temporary folder on
+/, deleted after each size), then only the dry run lists them:
+
+    .venv/bin/python bench/scale.py --sizes --s3-size 0 --list-sizes 10000 10000000 --dry-run-only
+
+`--s3-list-size N` runs that dry run once more with the shards (copied there first, not
+timed) and `run_dir` in a bucket of the S3 endpoint (moto holds it in memory: 1.5 GB at 10^6).
+
+`--first-part-sizes N ...` starts a real run (`generate.run`, the least work, `FIRST` in a
+process of its own joined to one local Ray) on WebDataset shards of N inputs, and watches it
+from outside: the seconds to its first committed part (a marker appearing in `_commits/`),
+from the process's start and from its call of `generate.run`, and the driver's peak RSS
+(`VmHWM`) then and again after `--more-parts` parts more; then the run is killed (also
+when no part comes within `--first-part-timeout` seconds: its row says so):
+
+    .venv/bin/python bench/scale.py --sizes --s3-size 0 --first-part-sizes 10000 1000000 --more-parts 5
 """
 
 from __future__ import annotations
@@ -52,132 +70,53 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from scale_scripts import FIRST, LIST, LOG, READ, RUN  # noqa: E402
 
 LEAST_WORK = ["data.image_size=64", "inpaint.num_inference_steps=1", "caption.max_new_tokens=3",
               "stream.read.batch_size=32", "stream.captioner.batch_size=32", "stream.inpainter.batch_size=16",
               "stream.metrics.batch_size=32", "stream.rows_per_file=256"]
 
-# One run, in a process of its own: prints one JSON line.
-RUN = """
-import json, resource, sys, time
-from blipinpaint.commit_log import CommitLog
-from blipinpaint.config import load_config
-from blipinpaint.sources import list_inputs
-from rayjobs import generate
-
-cfg = load_config(overrides=sys.argv[1:])
-t0 = time.perf_counter()
-items = list_inputs(cfg.data.source, cfg.data.kind)
-list_s = time.perf_counter() - t0
-rss_listed = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-del items
-t0, started = time.perf_counter(), time.time()
-stats = generate.run(cfg)
-wall = time.perf_counter() - t0
-assert stats["ok"] + stats["errors"] == stats["inputs"] and not stats["missing"], stats
-commits = sorted(m["committed_at"] - started for m in CommitLog(cfg.run_dir.rstrip("/") + "/generate").markers())
-print("RESULT " + json.dumps({"wall_s": wall, "list_s": list_s, "pipeline_s": stats["this_run"]["pipeline_s"],
-                  "commits_s": [commits[0], commits[len(commits) // 2], commits[-1]] if commits else None,
-                  "processed": stats["this_run"]["processed"], "inputs": stats["inputs"],
-                  "rss_after_listing_mb": rss_listed / 1024,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
-"""
 
 
-# The commit log's read, in a process of its own: `markers` parts of `rows` error rows each
-# committed through the writer (no compaction while committing), then read by a new reader
-# before and after one compaction, and a resume after it. Prints one JSON line.
-LOG = """
-import json, resource, sys, time
-from pyarrow import fs as pafs
-from blipinpaint.commit_log import CommitLog
-from blipinpaint.records import encode_rows
-from blipinpaint.storage import filesystem
-
-uri, markers, rows, build = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-log, t0 = CommitLog(build, compact_every=0), time.perf_counter()
-for k in range(markers):
-    ids = [f"{k:08d}.tar/{j:05d}.jpg" for j in range(rows)]
-    log.commit(encode_rows({"id": ids, "source": ids, "error": ["not an image: bench"] * rows,
-                            "seconds_prepare": [0.01] * rows}, models={}))
-build_s = time.perf_counter() - t0
-
-def timed(what):
-    t0 = time.perf_counter()
-    out = what()
-    return out, time.perf_counter() - t0
-
-out = {}
-if build == uri:  # the log of markers read here, then compacted here
-    ids, out["read_uncompacted_s"] = timed(lambda: CommitLog(uri).committed_ids())
-    out["ms_per_marker_uncompacted"] = 1000 * out["read_uncompacted_s"] / markers
-    done, out["compact_s"] = timed(lambda: CommitLog(uri).compact())
-else:  # built and compacted on the disk (40,000 commits on the endpoint take hours), then copied there
-    done, out["compact_s"] = timed(lambda: CommitLog(build).compact())
-    (src, src_root), (dst, dst_root) = filesystem(build), filesystem(uri)
-    _, out["copy_s"] = timed(lambda: pafs.copy_files(src_root, dst_root, source_filesystem=src,
-                                                     destination_filesystem=dst, use_threads=True))
-    ids = None
-rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-array, out["read_ids_array_s"] = timed(lambda: CommitLog(uri).committed_id_array())
-resumed, out["resume_compacted_s"] = timed(lambda: CommitLog(uri).resume(grace_s=0))
-assert len(array) == len(resumed.done_ids) == markers * rows
-again, out["read_compacted_set_s"] = timed(lambda: CommitLog(uri).committed_ids())
-assert ids is None or ids == again
-print("RESULT " + json.dumps({"markers": markers, "rows_per_marker": rows, "build_s": build_s, **out,
-      "checkpoint_mb": done["bytes"] / 1e6, "peak_rss_mb_before_reads": rss0 / 1024,
-      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
-"""
 
 
-# The listing of a WebDataset source, in a process of its own: `list_inputs`, or a dry run
-# (`generate.run` with `dry_run=true`). Prints one JSON line.
-LIST = """
-import json, resource, sys, time
-from blipinpaint.config import load_config
-from blipinpaint.sources import list_inputs
-from rayjobs import generate
-
-mode, source, run_dir = sys.argv[1:4]
-rss_imported = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-t0 = time.perf_counter()
-if mode == "list_inputs":
-    inputs = len(list_inputs(source))
-else:
-    cfg = load_config(overrides=[f"run_dir={run_dir}", f"data.source={source}", "dry_run=true"])
-    inputs = generate.run(cfg)["inputs"]
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print("RESULT " + json.dumps({"mode": mode, "inputs": inputs, "wall_s": time.perf_counter() - t0,
-      "rss_imported_mb": rss_imported / 1024, "peak_rss_mb": peak / 1024}))
-"""
 
 
 def make_shards(folder: Path, n: int, per_shard: int) -> None:
-    """`n` samples in tar shards of `per_shard`: one tiny JPEG (under 512 bytes: one block) per
-    key, as img2dataset writes a shard; the same bytes each time, since listing never decodes."""
+    """`n` samples in tar shards of `per_shard`: one small JPEG (64x64, 692 bytes: at least
+    `data.min_side`, so a real run takes it; 1,536 bytes a member with its header and padding)
+    per key, as img2dataset writes a shard. Listing never decodes and the keys repeat in every
+    shard, so every full shard is the same bytes: made once, written `n / per_shard` times."""
     import io
     import tarfile
 
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.new("RGB", (8, 8), (200, 80, 40)).save(buf, "JPEG", quality=50)
+    Image.new("RGB", (64, 64), (200, 80, 40)).save(buf, "JPEG", quality=50)
     jpeg = buf.getvalue()
     pad = b"\0" * (-len(jpeg) % tarfile.BLOCKSIZE)
+
+    def member(k: int) -> bytes:
+        info = tarfile.TarInfo(f"{k:06d}.jpg")
+        info.size = len(jpeg)
+        return info.tobuf(format=tarfile.USTAR_FORMAT) + jpeg + pad
+
+    members = [member(k) for k in range(min(per_shard, n))]
+    end = b"\0" * 2 * tarfile.BLOCKSIZE
+    full = b"".join(members) + end
     folder.mkdir(parents=True, exist_ok=True)
     for s in range(-(-n // per_shard)):
-        with open(folder / f"{s:05d}.tar", "wb") as f:
-            for k in range(min(per_shard, n - s * per_shard)):
-                info = tarfile.TarInfo(f"{k:06d}.jpg")
-                info.size = len(jpeg)
-                f.write(info.tobuf(format=tarfile.USTAR_FORMAT) + jpeg + pad)
-            f.write(b"\0" * 2 * tarfile.BLOCKSIZE)
+        count = min(per_shard, n - s * per_shard)
+        (folder / f"{s:05d}.tar").write_bytes(full if count == len(members) else b"".join(members[:count]) + end)
 
 
-def listing(size: int, folder: Path, run_dir: str, env: dict) -> list[dict]:
+def listing(size: int, folder: Path | str, run_dir: str, env: dict, modes=("list_inputs", "dry_run")) -> list[dict]:
     """`list_inputs` and the dry run over `folder` (`LIST`), alternated, one process each."""
     rows = []
-    for mode in ("list_inputs", "dry_run"):
+    for mode in modes:
         done = subprocess.run([sys.executable, "-c", LIST, mode, str(folder), run_dir], capture_output=True,
                               text=True, env=env)
         if done.returncode:
@@ -191,24 +130,6 @@ def listing(size: int, folder: Path, run_dir: str, env: dict) -> list[dict]:
     return rows
 
 
-# One read of an existing log, in a fresh process (so its peak memory is that read's): the
-# ids as an Arrow array, a whole resume, or the ids as a Python set. Prints one JSON line.
-READ = """
-import json, resource, sys, time
-from blipinpaint.commit_log import CommitLog
-
-uri, what = sys.argv[1], sys.argv[2]
-t0 = time.perf_counter()
-if what == "array":
-    n = len(CommitLog(uri).committed_id_array())
-elif what == "resume":
-    resumed = CommitLog(uri).resume(grace_s=0)
-    n = len(resumed.done_ids) if hasattr(resumed, "done_ids") else len(resumed.done)
-else:
-    n = len(CommitLog(uri).committed_ids())
-print("RESULT " + json.dumps({"read": what, "ids": n, "seconds": round(time.perf_counter() - t0, 3),
-      "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}))
-"""
 
 
 def existing_reads(uri: str, env: dict) -> list[dict]:
@@ -290,6 +211,66 @@ def measure(size: int, folder: Path, run_dir: str, address: str, env: dict) -> d
     return row
 
 
+def _driver_mb(pid: int) -> dict:
+    """The process's peak and current RSS (`VmHWM`, `VmRSS`), in MB."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return {"peak_rss_mb": round(int(fields["VmHWM"].split()[0]) / 1024),
+            "rss_mb": round(int(fields["VmRSS"].split()[0]) / 1024)}
+
+
+def first_parts(size: int, folder: Path, run_dir: str, address: str, env: dict, more: int,
+                timeout_s: float) -> dict:
+    """A real run (`FIRST`) over `folder` (WebDataset shards), watched from outside: when its
+    first part is committed (a marker appears in `_commits/`) and when `more` parts after it
+    are, in seconds from the process's start and from its call of `generate.run`, with the
+    driver's peak RSS at each; then the run is killed (and its Ray workers freed). A run with no
+    part after `timeout_s` is killed too, its row saying so (`"first": null`) with the driver's peak."""
+    import ray
+
+    overrides = [f"run_dir={run_dir}", f"data.source={folder}", f"ray_address={address}", *LEAST_WORK]
+    commits, out = Path(run_dir) / "generate" / "_commits", Path(run_dir + ".log")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    row, called = {"inputs": size, "shards": len(list(folder.glob("*.tar")))}, None
+    with open(out, "w") as log:
+        started = time.time()
+        proc = subprocess.Popen([sys.executable, "-c", FIRST, *overrides], stdout=log, stderr=subprocess.STDOUT,
+                                env=env)
+    try:
+        while True:  # polls for the events: the CALL line, then the markers
+            if proc.poll() is not None:
+                raise RuntimeError(f"the run ended first (rc {proc.returncode}): {out.read_text()[-3000:]}")
+            if called is None:
+                line = next((x for x in out.read_text().splitlines() if x.startswith("CALL ")), None)
+                if line:
+                    called = json.loads(line[5:])
+                    row["call_at_s"] = round(called["t"] - started, 2)
+                    row["rss_imported_mb"] = round(called["rss_imported_mb"])
+            names = [n for n in os.listdir(commits) if n.endswith(".json") and not n.startswith(".")] \
+                if commits.is_dir() else []
+            now = time.time()
+            if "first" not in row and now - started > timeout_s:
+                row["first"], row["no_part_after_s"] = None, round(now - started, 1)
+                row.update(_driver_mb(proc.pid))
+                break
+            if names and "first" not in row and called is not None:
+                row["first"] = {"parts": len(names), "from_start_s": round(now - started, 1),
+                                "from_call_s": round(now - called["t"], 1), **_driver_mb(proc.pid)}
+                print(json.dumps(row), flush=True)
+            if "first" in row and len(names) >= row["first"]["parts"] + more:
+                row["more"] = {"parts": len(names), "from_start_s": round(now - started, 1),
+                               "from_call_s": round(now - called["t"], 1), **_driver_mb(proc.pid)}
+                break
+            time.sleep(0.1)
+    finally:
+        proc.kill()
+        proc.wait()
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources().get("CPU", 0):
+        time.sleep(0.2)  # until the killed driver's workers are gone: the next run starts on a free Ray
+    row["load_average"] = os.getloadavg()[0]
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def s3_server(env: dict) -> tuple[subprocess.Popen, dict]:
     """moto's S3 server as a process of its own on a free port; the env that reaches it."""
     with socket.socket() as s:
@@ -327,7 +308,17 @@ def main() -> None:
     parser.add_argument("--log-existing-s3", action="store_true", help="--log-existing also on the S3 endpoint")
     parser.add_argument("--list-sizes", type=int, nargs="*", default=[], help="WebDataset sources of these sizes "
                         "listed whole and by a dry run (no Ray)")
-    parser.add_argument("--shard-images", type=int, default=10000, help="images per shard in --list-sizes")
+    parser.add_argument("--s3-list-size", type=int, default=0, help="the dry run once more at this size, the "
+                        "shards and run_dir in a bucket of the S3 endpoint (0: none)")
+    parser.add_argument("--dry-run-only", action="store_true", help="--list-sizes by the dry run alone: no "
+                        "list_inputs, which holds every input (about 10 GB at 10^7)")
+    parser.add_argument("--first-part-sizes", type=int, nargs="*", default=[], help="a real run on WebDataset "
+                        "sources of these sizes: time to its first committed part and the driver's peak RSS")
+    parser.add_argument("--more-parts", type=int, default=20, help="--first-part-sizes: measured again after "
+                        "this many parts more, then the run is killed")
+    parser.add_argument("--first-part-timeout", type=float, default=3600, help="--first-part-sizes: a run with "
+                        "no committed part after this many seconds is killed, its row saying so")
+    parser.add_argument("--shard-images", type=int, default=10000, help="images per shard (listing, first part)")
     parser.add_argument("--log-rows", type=int, default=256, help="rows per marker (a part) in the log benches")
     parser.add_argument("--out", default="bench/results/scale.json")
     args = parser.parse_args()
@@ -342,12 +333,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     server = None
     env = dict(os.environ)
-    results = {"command": f"bench/scale.py --sizes {' '.join(map(str, args.sizes))} --s3-size {args.s3_size} "
-                          f"--log-markers {args.log_markers} --s3-log-markers {args.s3_log_markers} "
-                          f"--s3-log-build {args.s3_log_build} --log-existing {args.log_existing} "
-                          f"{'--log-existing-s3 ' if args.log_existing_s3 else ''}"
-                          f"--log-rows {args.log_rows} --list-sizes {' '.join(map(str, args.list_sizes))} "
-                          f"--shard-images {args.shard_images}",
+    results = {"command": " ".join(["bench/scale.py", *sys.argv[1:]]),  # as given, the defaults in `args`
+               "args": vars(args),
                "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                           f"ray {ray.__version__}",
                "date": date.today().isoformat(), "config": LEAST_WORK, "runs": []}
@@ -363,7 +350,7 @@ def main() -> None:
                 results["existing_log"] += existing_reads("s3://scale/existing", env)
             _write(results, args.out)
             return
-        if args.s3_size or args.s3_log_markers:  # before Ray: its workers inherit the endpoint
+        if args.s3_size or args.s3_log_markers or args.s3_list_size:  # before Ray: its workers inherit the endpoint
             server, env = s3_server(env)
             os.environ.update(env)
         results["commit_log"] = [log_read(uri, n, args.log_rows, env, build) for uri, n, build in (
@@ -376,14 +363,31 @@ def main() -> None:
             t0 = time.perf_counter()
             make_shards(folder, size, args.shard_images)
             print(f"{size} inputs in shards written in {time.perf_counter() - t0:.0f} s", flush=True)
-            results["listing"] += listing(size, folder, str(work / f"plan{size}"), env)
+            modes = ("dry_run",) if args.dry_run_only else ("list_inputs", "dry_run")
+            results["listing"] += listing(size, folder, str(work / f"plan{size}"), env, modes)
             shutil.rmtree(folder)
-        if not args.sizes and not args.s3_size:  # the log and listing benches alone: no Ray
+        if args.s3_list_size:  # the shards in a bucket of the endpoint, copied there first (not timed)
+            size, folder = args.s3_list_size, work / "s3shards"
+            make_shards(folder, size, args.shard_images)
+            dst, dst_root = filesystem(f"s3://scale/shards{size}")
+            pafs.copy_files(str(folder), dst_root, source_filesystem=pafs.LocalFileSystem(),
+                            destination_filesystem=dst, use_threads=True)
+            shutil.rmtree(folder)
+            rows = listing(size, f"s3://scale/shards{size}", f"s3://scale/plan{size}", env, ("dry_run",))
+            results["listing"] += [{**row, "store": "S3 endpoint"} for row in rows]
+        if not args.sizes and not args.s3_size and not args.first_part_sizes:  # the log and listing alone: no Ray
             _write(results, args.out)
             return
         connect()
         env = dict(os.environ)  # with what `connect` set for joining this Ray (its auth token)
         address = ray.get_runtime_context().gcs_address
+        results["first_parts"] = []
+        for size in args.first_part_sizes:
+            folder = work / f"shards{size}"
+            make_shards(folder, size, args.shard_images)
+            results["first_parts"].append(first_parts(size, folder, str(work / f"first{size}"), address, env,
+                                                      args.more_parts, args.first_part_timeout))
+            shutil.rmtree(folder)
         for size in sorted({*args.sizes, *([args.s3_size] if args.s3_size else [])}):
             folder = work / f"in{size}"
             make_inputs(folder, size)
