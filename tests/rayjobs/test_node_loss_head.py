@@ -2,12 +2,13 @@
 attach), which Ray cannot recover, and the pipeline as a whole losing its worker node.
 
 The head lost: the driver stops with one line saying what happened and what to do, within
-`cluster.HEAD_LOST_AFTER_S` (not Ray's own minute of "Failed to push error to driver" lines
-ending in a C++ fatal line), and the same command on a new cluster completes the job from
-the run's folder. A driver killed outright (SIGKILL) and the same command again is tested per
-job elsewhere: tests/rayjobs/test_evaluate.py (`test_a_killed_driver_...`),
-tests/rayjobs/test_reward_ranked.py (`candidates_run`), and, with the killed driver's actors
-still running, tests/rayjobs/test_faults.py and tests/rayjobs/test_train_scorer.py (take-over).
+the watchdog's bound (`cluster.HEAD_LOST_AFTER_S`, 20 s; `HEAD_LOST_TEST_S` in the test), not
+Ray's own minute of "Failed to push error to driver" lines ending in a C++ fatal line, and the
+same command on another running cluster completes the job from the run's folder. A driver
+killed outright (SIGKILL) and the same command again is tested per job elsewhere:
+tests/rayjobs/test_evaluate.py (`test_a_killed_driver_...`), tests/rayjobs/test_reward_ranked.py
+(`candidates_run`), and, with the killed driver's actors still running,
+tests/rayjobs/test_faults.py and tests/rayjobs/test_train_scorer.py (take-over).
 Each case prints its figures (`FIGURES ...`), which RELIABILITY.md reports."""
 
 import contextlib
@@ -25,9 +26,19 @@ from blipinpaint.commit_log import CommitLog
 from blipinpaint.config import load_config, sample_images_dir
 from blipinpaint.sources import list_inputs
 from rayjobs import evaluate
-from rayjobs.cluster import HEAD_LOST_AFTER_S
 
 RAY_GCS_RECONNECT_S = 60  # Ray's gcs_rpc_server_reconnect_timeout_s: it ends a driver without a GCS after this
+# The watchdog's bound in the lost head's test: well under HEAD_LOST_AFTER_S (the test waits
+# for it after the loss; the 20 s themselves only matter on a real cluster, where a GCS
+# restarted under fault tolerance must come back first), well over the watchdog's 1 s poll
+# and far under Ray's minute, so the test still tells the watchdog's end from Ray's.
+HEAD_LOST_TEST_S = 4.0
+# `python -m rayjobs.<job>` with the watchdog's bound at argv[1]: `cluster.connect` starts the
+# watchdog through the module's `watch_head`, which this replaces with its bound given. The
+# job itself runs as `-m` runs it.
+WITH_BOUND = ("import functools, runpy, sys; from rayjobs import cluster; "
+              "cluster.watch_head = functools.partial(cluster.watch_head, lost_after_s=float(sys.argv.pop(1))); "
+              "runpy.run_module(sys.argv.pop(1), run_name='__main__', alter_sys=True)")
 
 
 def _kill_node(cluster, node) -> None:
@@ -100,11 +111,12 @@ def test_the_watchdog_ends_a_driver_whose_gcs_is_gone_with_one_line():
     assert time.monotonic() - started < 20
 
 
-def test_a_lost_head_stops_generate_with_one_line_and_the_same_command_completes_it(tmp_path):
+def test_a_lost_head_stops_generate_with_one_line_and_the_same_command_completes_it(spot_cluster, tmp_path):
     """The head node (GCS, raylet, and the driver's ledger actor on it) killed after the
-    first commit: the driver ends within `HEAD_LOST_AFTER_S` and a few seconds, exit 1, with
-    one line; the rest of the cluster is gone too (a cluster without its head). The same
-    command on a new cluster finishes: every input exactly once, no orphan files."""
+    first commit: the driver ends within the watchdog's bound (`HEAD_LOST_TEST_S` here) and a
+    few seconds, exit 1, with one line; the rest of its cluster is gone too (a cluster without
+    its head). The same command on another running cluster (the module's spot cluster, not a
+    third one started for it) finishes: every input exactly once, no orphan files."""
     source = tmp_path / "photos"
     source.mkdir()
     for path in sample_images_dir().iterdir():
@@ -119,7 +131,9 @@ def test_a_lost_head_stops_generate_with_one_line_and_the_same_command_completes
     started = time.perf_counter()
     old = _Cluster()
     try:
-        job = start_job("generate", args, old.address, tmp_path)
+        job = subprocess.Popen([sys.executable, "-c", WITH_BOUND, str(HEAD_LOST_TEST_S), "rayjobs.generate", *args,
+                                f"ray_address={old.address}"], cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
         try:
             wait_for(lambda: CommitLog(str(out)).markers(), job, "the first commit")
             before = len(CommitLog(str(out)).committed_ids())
@@ -133,24 +147,20 @@ def test_a_lost_head_stops_generate_with_one_line_and_the_same_command_completes
                 job.wait()
     finally:
         old.shutdown()
-    new = _Cluster()
-    try:
-        rerun = start_job("generate", args, new.address, tmp_path)
-        again, _ = rerun.communicate(timeout=600)
-    finally:
-        new.shutdown()
+    rerun = start_job("generate", args, spot_cluster.address, tmp_path)
+    again, _ = rerun.communicate(timeout=600)
     figures = account(out, inputs)
-    print_figures("generate, head node lost after its first commit, then the same command on a new cluster",
+    print_figures("generate, head node lost after its first commit, then the same command on another cluster",
                   figures, time.perf_counter() - started, committed_before=before, driver_stopped_s=round(stopped_s, 1))
     assert before < len(inputs)  # the loss came mid-run
     assert job.returncode == 1, said[-3000:]
     # One line (after the progress lines and Ray's own), the last thing the job says.
     lines = [line for line in said.splitlines() if "head" in line and line.startswith("generate: ")]
     assert len(lines) == 1 and lines[0].startswith("generate: lost the Ray cluster's head"), said[-3000:]
-    assert "run the same command again" in lines[0]
+    assert f"unreachable for {HEAD_LOST_TEST_S:g} s" in lines[0] and "run the same command again" in lines[0]
     assert said.rstrip().splitlines()[-1] == lines[0]
     assert "Traceback" not in said
-    assert HEAD_LOST_AFTER_S <= stopped_s < RAY_GCS_RECONNECT_S  # the watchdog's bound, not Ray's minute
+    assert HEAD_LOST_TEST_S <= stopped_s < RAY_GCS_RECONNECT_S  # the watchdog's bound, not Ray's minute
     assert rerun.returncode == 0, again[-3000:]
     assert (figures["committed"], figures["lost"], figures["duplicated"], figures["orphans"]) == (len(inputs), 0, 0, 0)
     assert (out / "_SUCCESS").exists()
