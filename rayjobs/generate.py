@@ -48,7 +48,7 @@ from blipinpaint.source_reads import read_files
 from blipinpaint.sources import ITEM_SCHEMA, SourceError, detect_kind, items_to_batch
 from blipinpaint.storage import filesystem, write_text
 from rayjobs.cli import job_main
-from rayjobs.stream import ErrorWriter, commit_stage, counted_task, model_stages, run_stream
+from rayjobs.stream import ErrorWriter, commit_stage, counted_task, in_blocks_of, model_stages, run_stream
 
 log = logging.getLogger("blipinpaint.generate")
 
@@ -93,6 +93,7 @@ def build_dataset(cfg: Config, pending: list[dict] | None, ledger, owner: str | 
         ds = ray.data.from_items([{"group": json.dumps(g)} for g in groups], override_num_blocks=len(groups))
         ds = ds.map_batches(list_pending, fn_kwargs={"source": source, "committed": plan.committed_filter(done)},
                             batch_size=1, num_cpus=stream.read.num_cpus)
+        ds = in_blocks_of(ds, stream.read.batch_size, stream.read.num_cpus)
     # The reads counted in the run's ledger: an input that kills its reader (a decoder crash,
     # the OOM killer) becomes error rows after `batch_retries` deaths, instead of a retry loop.
     ds = ds.map_batches(counted_task, fn_kwargs={"name": "prepare", "run": functools.partial(prepare, cfg=cfg,

@@ -1,6 +1,8 @@
 """The generate job on WebDataset shards: the listing streams (read tasks list each shard group
 and skip the committed ids), the driver holds shard groups, never one item per image."""
 
+import re
+
 import pytest
 from helpers import encode, photo, write_shard
 
@@ -66,6 +68,19 @@ def test_the_stream_lists_the_shards_and_the_driver_only_accounts(streamed):
     log = CommitLog(str(run_dir / "generate"))
     assert log.committed_ids() == {f"{s:05d}.tar/{k}" for s in range(3) for k in range(2)} | {
         "00001.tar/0#2", "00001.tar/1#2"}
+
+
+def test_each_read_task_lists_one_shard_group_and_hands_on_blocks_of_a_read_batch(streamed):
+    """A task per shard group, its rows cut into blocks of `stream.read.batch_size` (3 here; the
+    repeated shard's group holds 4 rows) in that task. Without it Ray Data fused the listing
+    with `prepare` into tasks of `read.batch_size` groups, each a block of all their rows, and
+    at 10^6 inputs no part was committed in 13 minutes (BENCHMARKS.md)."""
+    run_dir, _, _, _ = streamed
+    text = (run_dir / "generate" / "ray_stats.txt").read_text()
+    stage = re.search(r"Operator \d+ MapBatches\(list_pending\)->StreamingRepartition\[num_rows_per_block=3\S*\]: "
+                      r"(\d+) tasks executed.*?Output num rows per block: \d+ min, (\d+) max", text, re.S)
+    assert stage is not None, text[:3000]
+    assert (int(stage.group(1)), int(stage.group(2))) == (3, 3)
 
 
 def test_a_resumed_stream_skips_the_committed_ids_in_its_read_tasks(streamed, shards, tmp_path):
