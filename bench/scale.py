@@ -132,11 +132,12 @@ def listing(size: int, folder: Path | str, run_dir: str, env: dict, modes=("list
 
 
 
-def existing_reads(uri: str, env: dict) -> list[dict]:
+def existing_reads(uri: str, env: dict, repeats: int = 1) -> list[dict]:
     """`READ` of each kind on a log already there, each in a process of its own (a version
-    without `committed_id_array` skips that one)."""
+    without `committed_id_array` skips that one); the resume with the checkpoint's `placed`
+    flags and without them (every part's files looked for) in turns, `repeats` times."""
     rows = []
-    for what in ("array", "resume", "set"):
+    for what in ("array", *["resume", "resume_unflagged"] * repeats, "set"):
         done = subprocess.run([sys.executable, "-c", READ, uri, what], capture_output=True, text=True, env=env)
         if done.returncode and "committed_id_array" in done.stderr:
             continue
@@ -347,7 +348,11 @@ def main() -> None:
                 src, root = filesystem(args.log_existing)
                 dst, dst_root = filesystem("s3://scale/existing")
                 pafs.copy_files(root, dst_root, source_filesystem=src, destination_filesystem=dst, use_threads=True)
-                results["existing_log"] += existing_reads("s3://scale/existing", env)
+                # Compacted there once, as the run writing it there would have: a checkpoint's
+                # `placed` flags hold for the folder its compaction listed, not for a copy.
+                subprocess.run([sys.executable, "-c", "import sys; from blipinpaint.commit_log import CommitLog; "
+                                "CommitLog(sys.argv[1]).compact()", "s3://scale/existing"], env=env, check=True)
+                results["existing_log"] += existing_reads("s3://scale/existing", env, repeats=3)
             _write(results, args.out)
             return
         if args.s3_size or args.s3_log_markers or args.s3_list_size:  # before Ray: its workers inherit the endpoint
