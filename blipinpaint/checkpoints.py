@@ -147,7 +147,7 @@ class CompactedLog:
     def _published_of(self, parts: list[dict], total: int) -> dict[str, set[str]]:
         """Which of the data files of `parts` are published, by folder: a HEAD per file when
         that is fewer requests than listing the folders of `total` parts, else the listings."""
-        if 2 * len(parts) >= 2 * max(1, -(-total // LIST_PAGE)):
+        if len(parts) >= max(1, -(-total // LIST_PAGE)):  # 2 HEADs a part against 2 folders' pages
             return self.published()
         paths = [(folder, f"{p['name']}.parquet") for p in parts for folder in DATA_DIRS]
         found = self.fs.get_file_info([self._path(folder, name) for folder, name in paths])

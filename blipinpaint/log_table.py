@@ -84,9 +84,9 @@ def decode(data: bytes) -> tuple[dict, list[dict], pa.Table]:
     if rows != info["parts"]:
         raise ValueError(f"{rows} part rows, the metadata says {info['parts']}")
     columns = ["marker", "placed"] if "placed" in f.schema_arrow.names else ["marker"]  # /2 has no `placed`
-    rows = f.read_row_groups(range(groups), columns=columns) if groups else None
-    parts = [json.loads(p) for p in rows.column("marker").to_pylist()] if groups else []
-    flags = rows.column("placed").to_pylist() if groups and "placed" in columns else [False] * len(parts)
+    part_rows = f.read_row_groups(range(groups), columns=columns) if groups else None
+    parts = [json.loads(p) for p in part_rows.column("marker").to_pylist()] if groups else []
+    flags = part_rows.column("placed").to_pylist() if groups and "placed" in columns else [False] * len(parts)
     info["placed"] = {p["name"] for p, flag in zip(parts, flags) if flag}
     ids = f.read_row_groups(range(groups, f.num_row_groups), columns=list(ID_SCHEMA.names))
     return info, parts, ids.cast(ID_SCHEMA)
