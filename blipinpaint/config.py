@@ -117,7 +117,18 @@ class ReadConfig:
     """The CPU work before the models: read, decode, validate, resize, mask (Ray tasks)."""
 
     batch_size: int = 8
-    num_cpus: float = 0.5
+    num_cpus: float = 0.25
+
+
+@dataclass
+class CommitConfig:
+    """The commit tasks at the stream's end: encode a part's rows (PNGs, Parquet) and commit it.
+
+    A CPU share of their own, apart from the read tasks': Ray Data reserves each stage's
+    share in stream order, so on a cluster the pools fill, a commit that shares the read
+    tasks' share waits while reads keep coming (BENCHMARKS.md, a real run at 10^6)."""
+
+    num_cpus: float = 0.25
 
 
 @dataclass
@@ -145,6 +156,7 @@ class StreamConfig:
     inpainter: StageConfig = field(default_factory=lambda: StageConfig(size=AUTO))
     metrics: StageConfig = field(default_factory=lambda: StageConfig(num_cpus=0.25, size=AUTO))
     rows_per_file: int = 64  # rows gathered into one Parquet file (and one commit)
+    commit: CommitConfig = field(default_factory=CommitConfig)
     batch_retries: int = 2  # a batch that keeps failing becomes error rows after this many retries
     retry_failed: bool = False  # try `stage failed` error rows of earlier runs again (e.g. after preemptions)
     # A commit that finds this many loose markers folds them into a checkpoint (0: only when

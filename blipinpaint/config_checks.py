@@ -146,6 +146,8 @@ def _stream_problems(stream: StreamConfig) -> list[str]:
         problems += _stage_problems(f"stream.{name}", getattr(stream, name))
     if stream.read.batch_size < 1 or stream.read.num_cpus <= 0:
         problems.append("stream.read.batch_size must be at least 1 and stream.read.num_cpus above 0")
+    if stream.commit.num_cpus <= 0:
+        problems.append("stream.commit.num_cpus must be above 0 (a commit task encodes and writes a part)")
     if stream.rows_per_file < 1 or stream.batch_retries < 0 or stream.compact_every < 0:
         problems.append("stream.rows_per_file must be at least 1, stream.batch_retries and stream.compact_every "
                         "at least 0")

@@ -89,7 +89,7 @@ def build_dataset(cfg: Config, reads: list[dict], ledger, owner: str | None = No
                         batch_size=1, num_cpus=stream.read.num_cpus, max_retries=TASK_RETRIES)
     ds = model_stages(ds, pools, stream, errors, ledger)
     return commit_stage(ds, out_dir, CANDIDATE_SCHEMA, builders.model_ids(cfg), stream.rows_per_file,
-                        stream.read.num_cpus, owner, ledger)
+                        stream.commit.num_cpus, owner, ledger)
 
 
 def read_tasks(train_reads: list[dict], pending: dict[str, list[int]], images: int) -> list[dict]:

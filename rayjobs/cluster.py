@@ -115,7 +115,8 @@ def auto_sizes(stream: StreamConfig, now: dict[str, float], most: dict[str, floa
     or the inpainter's, whichever is larger): an actor with nothing to do only costs a start.
 
     BLIP and CLIP get one actor each; the inpainter, nearly all the work, gets what they and
-    the read and commit tasks (`read.num_cpus`, one at a time at least) leave: of the GPUs
+    the read and commit tasks (one of each at a time at least: `read.num_cpus` and
+    `commit.num_cpus`, Ray Data reserving each stage's share in stream order) leave: of the GPUs
     when it asks for a GPU, else of the CPUs. On an autoscaling cluster the inpainter pool
     autoscales, from what fits now up to what fits at the cluster's largest. A size given
     in the config (a number, or min_size and max_size) is kept.
@@ -133,7 +134,8 @@ def auto_sizes(stream: StreamConfig, now: dict[str, float], most: dict[str, floa
     def fits(resources: dict[str, float]) -> int:
         taken = sum((s.max_size or s.size) * (s.num_gpus if resource == "GPU" else s.num_cpus)
                     for s in (stream.captioner, stream.metrics))
-        left = resources.get(resource, 0.0) - taken - (stream.read.num_cpus if resource == "CPU" else 0.0)
+        tasks = stream.read.num_cpus + stream.commit.num_cpus if resource == "CPU" else 0.0
+        left = resources.get(resource, 0.0) - taken - tasks
         return max(1, math.floor(left / each + 1e-9)) if each > 0 else 1
 
     smallest = fits(now)

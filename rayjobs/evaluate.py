@@ -122,7 +122,7 @@ def build_dataset(cfg: Config, ledger, run_layout: RunLayout, variants: dict[str
     ds = ds.map_batches(prepare, fn_kwargs={"errors": errors, "retries": stream.batch_retries},
                         batch_size=1, num_cpus=stream.read.num_cpus, max_retries=TASK_RETRIES)
     ds = model_stages(ds, pools, stream, errors, ledger)
-    return commit_stage(ds, run_layout.eval, eval_schema(variants), {}, stream.rows_per_file, stream.read.num_cpus,
+    return commit_stage(ds, run_layout.eval, eval_schema(variants), {}, stream.rows_per_file, stream.commit.num_cpus,
                         owner)
 
 

@@ -91,9 +91,15 @@ def build_dataset(cfg: Config, pending: list[dict] | None, ledger, owner: str | 
     else:
         source, groups, done = shards
         ds = ray.data.from_items([{"group": json.dumps(g)} for g in groups], override_num_blocks=len(groups))
+        # One listing task at a time, taking no CPU share: Ray Data reserves each stage's share in
+        # stream order, and at 10^6 inputs the listing never ends, so two listing tasks at
+        # `read.num_cpus` held what the pools leave; `prepare` and the commits waited 21-28 s
+        # for a slot while the inpainters idled (BENCHMARKS.md). A group's headers take well
+        # under a second; its task lives on until the stream has taken its blocks.
+        listing = ray.data.TaskPoolStrategy(size=1)
         ds = ds.map_batches(list_pending, fn_kwargs={"source": source, "committed": plan.committed_filter(done)},
-                            batch_size=1, num_cpus=stream.read.num_cpus)
-        ds = in_blocks_of(ds, stream.read.batch_size, stream.read.num_cpus)
+                            batch_size=1, num_cpus=0, compute=listing)
+        ds = in_blocks_of(ds, stream.read.batch_size, 0, listing)
     # The reads counted in the run's ledger: an input that kills its reader (a decoder crash,
     # the OOM killer) becomes error rows after `batch_retries` deaths, instead of a retry loop.
     ds = ds.map_batches(counted_task, fn_kwargs={"name": "prepare", "run": functools.partial(prepare, cfg=cfg,
@@ -104,7 +110,7 @@ def build_dataset(cfg: Config, pending: list[dict] | None, ledger, owner: str | 
     pools = {name: functools.partial(build, cfg) for name, build in MODEL_STAGES.items()}
     ds = model_stages(ds, pools, stream, errors, ledger)
     return commit_stage(ds, out_dir, SAMPLE_SCHEMA, builders.model_ids(cfg), stream.rows_per_file,
-                        stream.read.num_cpus, owner, ledger)
+                        stream.commit.num_cpus, owner, ledger)
 
 
 def metric_means(out_dir: str, sample_ids: set[str]) -> dict[str, float | None]:

@@ -294,21 +294,22 @@ def commit_part(batch: Batch, out_dir: str, schema: pa.Schema, models: dict[str,
             "rows": np.array([len(batch["id"])], dtype=np.int64)}
 
 
-def in_blocks_of(ds: ray.data.Dataset, rows: int, num_cpus: float) -> ray.data.Dataset:
+def in_blocks_of(ds: ray.data.Dataset, rows: int, num_cpus: float,
+                 compute: ray.data.TaskPoolStrategy | None = None) -> ray.data.Dataset:
     """`ds`'s last stage (a listing task, e.g. generate's per shard group) with its rows cut
     into blocks of `rows`, in the same task. A shard group's 10,000 rows in one block went
     whole to one `prepare` task, whose output blocks grew to Ray Data's 128 MiB before
     anything moved on, and Ray Data fused the listing with `prepare` into tasks of
     `read.batch_size` groups (320,000 rows): at 10^6 inputs no part was committed in 13
-    minutes (BENCHMARKS.md). Ray Data's
-    streaming repartition fuses with the listing only when both ask for the same resources,
-    and `repartition` takes none: its logical operator's are set here (Ray 2.60), else it
-    would wait for a whole CPU that the model pools hold."""
+    minutes (BENCHMARKS.md). Ray Data's streaming repartition fuses with the listing only
+    when both ask for the same resources (`num_cpus`) and task pool (`compute`), and
+    `repartition` takes neither: its logical operator's are set here (Ray 2.60)."""
     ds = ds.repartition(target_num_rows_per_block=rows)
     op = ds._logical_plan.dag
     if not isinstance(op, StreamingRepartition):  # a Ray whose repartition plans otherwise: say so, never hang
         raise RuntimeError(f"ray.data repartition planned {type(op).__name__}, not StreamingRepartition")
     op.ray_remote_args["num_cpus"] = num_cpus
+    object.__setattr__(op, "compute", compute)  # a frozen dataclass
     return ds
 
 

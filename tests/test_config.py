@@ -40,6 +40,7 @@ def test_resolved_config_round_trips(tmp_path):
     (["models.device=tpu"], "models.device='tpu'"),
     (["seed"], "dotted.key=value"),
     (["data.kind=zip"], "data.kind='zip'"),
+    (["stream.commit.num_cpus=0"], "stream.commit.num_cpus"),
     (["stream.inpainter.min_size=3", "stream.inpainter.max_size=2"], "stream.inpainter: an autoscaling pool"),
     (["stream.captioner.min_size=1"], "stream.captioner: an autoscaling pool"),
     (["stream.metrics.size=0"], "stream.metrics.size=0"),

@@ -2,6 +2,8 @@
 and skip the committed ids), the driver holds shard groups, never one item per image."""
 
 import re
+import threading
+import time
 
 import pytest
 from helpers import encode, photo, write_shard
@@ -28,11 +30,34 @@ def _cfg(run_dir, source, *extra):
                                   "stream.read.batch_size=3", *extra])
 
 
+# How long the watched run's last read may be held waiting for a part to be committed (a
+# bound on a failure only: the hold ends as soon as a part is there).
+COMMIT_WAIT_S = 180
+
+
+def release_after_a_part(run_dir, hold, seen: list) -> threading.Thread:
+    """Creates `hold` (letting the held read task go on) once the stream has committed a part of
+    samples, or after `COMMIT_WAIT_S`; `seen` gets whether a part was there by then."""
+    def watch():
+        samples, deadline = run_dir / "generate" / "samples", time.monotonic() + COMMIT_WAIT_S
+        while not any(samples.glob("*.parquet")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        seen.append(any(samples.glob("*.parquet")))
+        hold.touch()
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
 @pytest.fixture(scope="module")
 def streamed(local_ray, shards, tmp_path_factory):
-    """A run whose driver is watched: when it lists a shard group, whether the stream has ended."""
+    """A run whose driver is watched: when it lists a shard group, whether the stream has ended.
+    The read task of the last shard's second image is held until a part has been committed
+    (`release_after_a_part`), as a long listing keeps read tasks coming at 10^6 inputs."""
     run_dir = tmp_path_factory.mktemp("gen-shards")
-    calls, ended = [], []
+    calls, ended, committed = [], [], []
+    hold = run_dir / "hold"
     mp = pytest.MonkeyPatch()
 
     def refuse(*args, **kwargs):
@@ -48,15 +73,19 @@ def streamed(local_ray, shards, tmp_path_factory):
     mp.setattr(source_pages, "list_group", counted)
     mp.setattr(generate, "list_group", counted)  # the driver's look for something left (`any_pending`)
     mp.setattr(generate, "run_stream", lambda *a: (real_stream(*a), ended.append(1))[0])  # set once it ends
+    watcher = release_after_a_part(run_dir, hold, committed)
     try:
-        stats = generate.run(_cfg(run_dir, shards))
+        stats = generate.run(_cfg(run_dir, shards, "stream.inject_failure.stage=prepare",
+                                  "stream.inject_failure.id=00002.tar/1", f"stream.inject_failure.hold={hold}"))
     finally:
         mp.undo()
-    return run_dir, stats, calls, ended
+        hold.touch()
+        watcher.join()
+    return run_dir, stats, calls, ended, committed
 
 
 def test_the_stream_lists_the_shards_and_the_driver_only_accounts(streamed):
-    run_dir, stats, calls, ended = streamed
+    run_dir, stats, calls, ended, _ = streamed
     assert ended == [1]
     # The driver listed one group before the stream (to learn that something is left), the
     # rest only for the accounting, after it: the read tasks listed them for the stream.
@@ -75,7 +104,7 @@ def test_each_read_task_lists_one_shard_group_and_hands_on_blocks_of_a_read_batc
     repeated shard's group holds 4 rows) in that task. Without it Ray Data fused the listing
     with `prepare` into tasks of `read.batch_size` groups, each a block of all their rows, and
     at 10^6 inputs no part was committed in 13 minutes (BENCHMARKS.md)."""
-    run_dir, _, _, _ = streamed
+    run_dir, _, _, _, _ = streamed
     text = (run_dir / "generate" / "ray_stats.txt").read_text()
     stage = re.search(r"Operator \d+ MapBatches\(list_pending\)->StreamingRepartition\[num_rows_per_block=3\S*\]: "
                       r"(\d+) tasks executed.*?Output num rows per block: \d+ min, (\d+) max", text, re.S)
@@ -83,10 +112,21 @@ def test_each_read_task_lists_one_shard_group_and_hands_on_blocks_of_a_read_batc
     assert (int(stage.group(1)), int(stage.group(2))) == (3, 3)
 
 
+def test_parts_are_committed_while_a_read_task_holds_its_cpu(streamed):
+    """The commit tasks have a CPU share of their own (`stream.commit.num_cpus`, left free by the
+    pools' sizing): with the pools holding the rest, a read task that does not end (held here;
+    at 10^6 inputs, the reads keep coming) no longer keeps every part from being committed.
+    Sharing the read tasks' share, the commits of a real run at 10^6 waited 21-28 s each."""
+    run_dir, stats, _, _, committed = streamed
+    assert committed == [True]
+    assert (run_dir / "hold.reached").exists()  # the read was held
+    assert stats["ok"] == 6
+
+
 def test_a_resumed_stream_skips_the_committed_ids_in_its_read_tasks(streamed, shards, tmp_path):
     import shutil
 
-    run_dir, _, _, _ = streamed
+    run_dir, _, _, _, _ = streamed
     copy = tmp_path / "run"
     shutil.copytree(run_dir / "generate", copy / "generate")
     (copy / "generate" / "_SUCCESS").unlink()

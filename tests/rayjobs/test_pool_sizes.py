@@ -22,12 +22,15 @@ def sizes(g: StreamConfig) -> dict:
 
 @pytest.mark.parametrize("cpus, inpainters", [(1, 1), (2, 2), (4, 6), (16, 30)])
 def test_default_pools_fill_a_cpu_machine_with_inpainters(cpus, inpainters):
-    """BLIP and CLIP a quarter core each, the read tasks half a core: the inpainters, half a
-    core each, take the rest (at least one)."""
+    """BLIP and CLIP a quarter core each, one read and one commit task a quarter core each (a
+    share of their own each, so Ray Data keeps one free for the commits): the inpainters, half
+    a core each, take the rest (at least one)."""
     g = auto_sizes(load_config().stream, {"CPU": cpus}, None)
     assert sizes(g) == {"captioner": (1, None, None), "inpainter": (inpainters, None, None),
                         "metrics": (1, None, None)}
     assert load_config().stream.inpainter.size == "auto"  # the config it came from is left as it was
+    larger = auto_sizes(load_config(overrides=["stream.commit.num_cpus=0.75"]).stream, {"CPU": cpus}, None)
+    assert larger.inpainter.size == max(1, inpainters - 1)  # the commits' share is left free
     # A few rows arrive in one read batch (8 rows): one inpainter, not an idle second one.
     assert sizes(auto_sizes(load_config().stream, {"CPU": cpus}, None, rows=6))["inpainter"] == (1, None, None)
     assert sizes(auto_sizes(load_config().stream, {"CPU": cpus}, None, rows=10_000))["inpainter"] == (
