@@ -51,6 +51,15 @@ from the process's start and from its call of `generate.run`, and the driver's p
 when no part comes within `--first-part-timeout` seconds: its row says so):
 
     .venv/bin/python bench/scale.py --sizes --s3-size 0 --first-part-sizes 10000 1000000 --more-parts 5
+
+`--noop-rerun-sizes N ...` makes the log a whole run on N inputs leaves (every id committed
+through the writer as an error row, `--log-rows` a part, compacted every
+`stream.compact_every` parts and at the end, under the fingerprint the job claims), then
+times the same command again twice, each in a process of its own: a rerun with nothing to
+do, and the driver's peak RSS. `--noop-rerun-s3` does it again with `run_dir` on the S3
+endpoint. No Ray (nothing is streamed):
+
+    .venv/bin/python bench/scale.py --sizes --s3-size 0 --noop-rerun-sizes 10000 1000000 --noop-rerun-s3
 """
 
 from __future__ import annotations
@@ -72,7 +81,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from scale_scripts import FIRST, LIST, LOG, READ, RUN  # noqa: E402
+from scale_scripts import BUILD_DONE, FIRST, LIST, LOG, NOOP, READ, RUN  # noqa: E402
 
 LEAST_WORK = ["data.image_size=64", "inpaint.num_inference_steps=1", "caption.max_new_tokens=3",
               "stream.read.batch_size=32", "stream.captioner.batch_size=32", "stream.inpainter.batch_size=16",
@@ -272,6 +281,31 @@ def first_parts(size: int, folder: Path, run_dir: str, address: str, env: dict, 
     return row
 
 
+def noop_rerun(size: int, folder: Path | str, run_dir: str, env: dict, rows: int, repeats: int) -> list[dict]:
+    """A run's whole log made for `folder`'s shards through the writer (`BUILD_DONE`, every id an
+    error row, `rows` a part), then the same command again `repeats` times, each in a process of
+    its own (`NOOP`): what a rerun with nothing to do costs, with the driver's peak RSS."""
+    overrides = [f"run_dir={run_dir}", f"data.source={folder}", "data.kind=webdataset"]
+    done = subprocess.run([sys.executable, "-c", BUILD_DONE, str(rows), *overrides], capture_output=True, text=True,
+                          env=env)
+    if done.returncode:
+        raise RuntimeError(done.stderr[-3000:])
+    built = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    out = []
+    for _ in range(repeats):
+        done = subprocess.run([sys.executable, "-c", NOOP, *overrides], capture_output=True, text=True, env=env)
+        if done.returncode:
+            raise RuntimeError(done.stderr[-3000:])
+        row = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
+        assert row["inputs"] == size, row
+        row = {"run_dir": "S3 endpoint" if "://" in run_dir else "local disk", "parts": built["parts"],
+               "build_s": round(built["build_s"], 1), **{k: round(v, 2) for k, v in row.items() if k != "inputs"},
+               "inputs": size, "load_average": os.getloadavg()[0]}
+        print(json.dumps(row), flush=True)
+        out.append(row)
+    return out
+
+
 def s3_server(env: dict) -> tuple[subprocess.Popen, dict]:
     """moto's S3 server as a process of its own on a free port; the env that reaches it."""
     with socket.socket() as s:
@@ -319,6 +353,11 @@ def main() -> None:
                         "this many parts more, then the run is killed")
     parser.add_argument("--first-part-timeout", type=float, default=3600, help="--first-part-sizes: a run with "
                         "no committed part after this many seconds is killed, its row saying so")
+    parser.add_argument("--noop-rerun-sizes", type=int, nargs="*", default=[], help="WebDataset sources of these "
+                        "sizes, every input committed through the writer (as error rows), then the run again: "
+                        "nothing to do (no Ray)")
+    parser.add_argument("--noop-rerun-s3", action="store_true", help="--noop-rerun-sizes also with run_dir in a "
+                        "bucket of the S3 endpoint (the shards on the disk)")
     parser.add_argument("--shard-images", type=int, default=10000, help="images per shard (listing, first part)")
     parser.add_argument("--log-rows", type=int, default=256, help="rows per marker (a part) in the log benches")
     parser.add_argument("--out", default="bench/results/scale.json")
@@ -355,7 +394,8 @@ def main() -> None:
                 results["existing_log"] += existing_reads("s3://scale/existing", env, repeats=3)
             _write(results, args.out)
             return
-        if args.s3_size or args.s3_log_markers or args.s3_list_size:  # before Ray: its workers inherit the endpoint
+        # Before Ray: its workers inherit the endpoint.
+        if args.s3_size or args.s3_log_markers or args.s3_list_size or args.noop_rerun_s3:
             server, env = s3_server(env)
             os.environ.update(env)
         results["commit_log"] = [log_read(uri, n, args.log_rows, env, build) for uri, n, build in (
@@ -380,6 +420,14 @@ def main() -> None:
             shutil.rmtree(folder)
             rows = listing(size, f"s3://scale/shards{size}", f"s3://scale/plan{size}", env, ("dry_run",))
             results["listing"] += [{**row, "store": "S3 endpoint"} for row in rows]
+        results["noop_rerun"] = []
+        for size in args.noop_rerun_sizes:
+            folder = work / f"shards{size}"
+            make_shards(folder, size, args.shard_images)
+            results["noop_rerun"] += noop_rerun(size, folder, str(work / f"noop{size}"), env, args.log_rows, 2)
+            if args.noop_rerun_s3:
+                results["noop_rerun"] += noop_rerun(size, folder, f"s3://scale/noop{size}", env, args.log_rows, 2)
+            shutil.rmtree(folder)
         if not args.sizes and not args.s3_size and not args.first_part_sizes:  # the log and listing alone: no Ray
             _write(results, args.out)
             return

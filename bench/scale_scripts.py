@@ -143,3 +143,64 @@ print("CALL " + json.dumps({"t": time.time(),
 generate.run(cfg)
 print("FINISHED", flush=True)
 """
+
+
+# A whole run's commit log made for a WebDataset source without the models: every listed id
+# committed as an error row, in parts of `rows`, through the writer a run uses (its owner
+# token, its compactions every `stream.compact_every` parts, the fingerprint `generate.run`
+# claims), then compacted as a run's end does. A rerun over it has nothing to do. Prints one
+# JSON line.
+BUILD_DONE = PEAK + """
+import json, sys, time
+from blipinpaint import builders, fingerprint
+from blipinpaint.commit_log import CommitLog
+from blipinpaint.config import load_config
+from blipinpaint.layout import RunLayout
+from blipinpaint.records import encode_rows
+from blipinpaint.source_pages import iter_inputs
+
+rows, cfg = int(sys.argv[1]), load_config(overrides=sys.argv[2:])
+t0 = time.perf_counter()
+builders.fill_store(cfg)
+out_dir = RunLayout(cfg.run_dir).generate
+fingerprint.claim(cfg, "generate", (out_dir,), fingerprint.generate(cfg))
+log = CommitLog(out_dir, compact_every=cfg.stream.compact_every)
+log.take_over(grace_s=0)
+ids, parts = [], 0
+
+def commit(ids):
+    log.commit(encode_rows({"id": ids, "source": ids, "error": ["not an image: bench"] * len(ids),
+                            "seconds_prepare": [0.01] * len(ids)}, models={}))
+
+for page in iter_inputs(cfg.data.source, "webdataset"):
+    ids += [it["id"] for it in page]
+    while len(ids) >= rows:
+        commit(ids[:rows])
+        ids, parts = ids[rows:], parts + 1
+if ids:
+    commit(ids)
+    parts += 1
+log.compact()
+log.release()
+print("RESULT " + json.dumps({"parts": parts, "build_s": time.perf_counter() - t0,
+      "peak_rss_mb": peak_kb() / 1024}))
+"""
+
+
+# `generate.run` again over a run whose every input is committed (`BUILD_DONE`): nothing to
+# do, so no Ray and no model pool; the driver lists the source to learn that and to account
+# for every input. Prints one JSON line.
+NOOP = PEAK + """
+import json, sys, time
+from blipinpaint.config import load_config
+from rayjobs import generate
+
+cfg = load_config(overrides=sys.argv[1:])
+rss_imported = peak_kb()
+t0 = time.perf_counter()
+stats = generate.run(cfg)
+wall = time.perf_counter() - t0
+assert stats["this_run"]["processed"] == 0 and stats["inputs"] == stats["errors"] and not stats["missing"], stats
+print("RESULT " + json.dumps({"inputs": stats["inputs"], "wall_s": wall, "rss_imported_mb": rss_imported / 1024,
+      "peak_rss_mb": peak_kb() / 1024}))
+"""
