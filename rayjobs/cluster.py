@@ -19,8 +19,20 @@ from blipinpaint.config import AUTO, Config, StageConfig, StreamConfig
 
 log = logging.getLogger(__name__)
 
-# Passed to workers of a local Ray, so they build and find models where the driver does.
-FORWARDED_ENV = ("BLIPINPAINT_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DS_ACCELERATOR")
+# Ray Data's cluster autoscaler, set here unless the user set it. Ray 2.60's default
+# (RATE_BASED) limits an execution to the resources its operators asked for plus the whole
+# CPUs left over: its coordinator splits the rest with integer division, so with the pools
+# at fractional CPUs a quarter to three quarters of a core went unused (Ray Data's log:
+# `Active & requested resources: 1.5/1.5 CPU` on 2 cores), and the commit stage, last in
+# Ray Data's reservation order, got no share until an earlier stage ended: parts came in
+# bursts, after minutes (BENCHMARKS.md, a real run at 10^6). `V2` limits an execution to what
+# the cluster holds, and still asks an autoscaling cluster for nodes when it is busy.
+DATA_AUTOSCALER_ENV, DATA_AUTOSCALER = "RAY_DATA_CLUSTER_AUTOSCALER", "V2"
+
+# Passed to workers of a local Ray, so they build and find models where the driver does (and
+# Ray Data's executions in them, e.g. a training split's, scale as the driver's).
+FORWARDED_ENV = ("BLIPINPAINT_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DS_ACCELERATOR",
+                 DATA_AUTOSCALER_ENV)
 
 # A driver joined to a cluster whose GCS (on the head node) is gone cannot go on: Ray keeps
 # it waiting `gcs_rpc_server_reconnect_timeout_s` (60 s by default), printing a line a second
@@ -42,6 +54,7 @@ def connect(address: str | None = None, ray_progress: bool = False) -> None:
     jobs print their own (`rayjobs.progress`), where Ray Data's would be a line per redraw
     in a job's log.
     """
+    os.environ.setdefault(DATA_AUTOSCALER_ENV, DATA_AUTOSCALER)  # read by each execution, in its process
     context = DataContext.get_current()  # carried to the processes that run this job's executions
     context.enable_progress_bars = context.print_on_execution_start = ray_progress
     if not ray_progress:

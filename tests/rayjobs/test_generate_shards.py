@@ -7,6 +7,7 @@ import time
 
 import pytest
 from helpers import encode, photo, write_shard
+from ray.data._internal.execution.resource_manager import ResourceManager
 
 from blipinpaint import source_pages, sources
 from blipinpaint.commit_log import CommitLog
@@ -56,7 +57,7 @@ def streamed(local_ray, shards, tmp_path_factory):
     The read task of the last shard's second image is held until a part has been committed
     (`release_after_a_part`), as a long listing keeps read tasks coming at 10^6 inputs."""
     run_dir = tmp_path_factory.mktemp("gen-shards")
-    calls, ended, committed = [], [], []
+    calls, ended, committed, limits = [], [], [], []
     hold = run_dir / "hold"
     mp = pytest.MonkeyPatch()
 
@@ -73,6 +74,14 @@ def streamed(local_ray, shards, tmp_path_factory):
     mp.setattr(source_pages, "list_group", counted)
     mp.setattr(generate, "list_group", counted)  # the driver's look for something left (`any_pending`)
     mp.setattr(generate, "run_stream", lambda *a: (real_stream(*a), ended.append(1))[0])  # set once it ends
+    real_limits = ResourceManager.get_global_limits
+
+    def recorded(self):  # Ray Data's CPU limit for the stream, each time its executor asks (in the driver)
+        found = real_limits(self)
+        limits.append(found.cpu)
+        return found
+
+    mp.setattr(ResourceManager, "get_global_limits", recorded)
     watcher = release_after_a_part(run_dir, hold, committed)
     try:
         stats = generate.run(_cfg(run_dir, shards, "stream.inject_failure.stage=prepare",
@@ -81,11 +90,11 @@ def streamed(local_ray, shards, tmp_path_factory):
         mp.undo()
         hold.touch()
         watcher.join()
-    return run_dir, stats, calls, ended, committed
+    return run_dir, stats, calls, ended, committed, limits
 
 
 def test_the_stream_lists_the_shards_and_the_driver_only_accounts(streamed):
-    run_dir, stats, calls, ended, _ = streamed
+    run_dir, stats, calls, ended, _, _ = streamed
     assert ended == [1]
     # The driver listed one group before the stream (to learn that something is left), the
     # rest only for the accounting, after it: the read tasks listed them for the stream.
@@ -104,7 +113,7 @@ def test_each_read_task_lists_one_shard_group_and_hands_on_blocks_of_a_read_batc
     repeated shard's group holds 4 rows) in that task. Without it Ray Data fused the listing
     with `prepare` into tasks of `read.batch_size` groups, each a block of all their rows, and
     at 10^6 inputs no part was committed in 13 minutes (BENCHMARKS.md)."""
-    run_dir, _, _, _, _ = streamed
+    run_dir, _, _, _, _, _ = streamed
     text = (run_dir / "generate" / "ray_stats.txt").read_text()
     stage = re.search(r"Operator \d+ MapBatches\(list_pending\)->StreamingRepartition\[num_rows_per_block=3\S*\]: "
                       r"(\d+) tasks executed.*?Output num rows per block: \d+ min, (\d+) max", text, re.S)
@@ -117,16 +126,25 @@ def test_parts_are_committed_while_a_read_task_holds_its_cpu(streamed):
     pools' sizing): with the pools holding the rest, a read task that does not end (held here;
     at 10^6 inputs, the reads keep coming) no longer keeps every part from being committed.
     Sharing the read tasks' share, the commits of a real run at 10^6 waited 21-28 s each."""
-    run_dir, stats, _, _, committed = streamed
+    run_dir, stats, _, _, committed, _ = streamed
     assert committed == [True]
     assert (run_dir / "hold.reached").exists()  # the read was held
     assert stats["ok"] == 6
 
 
+def test_the_stream_may_use_every_cpu_of_the_cluster(streamed, local_ray):
+    """Ray Data's limit for the stream is the cluster's CPUs (`cluster.DATA_AUTOSCALER`), once it
+    has one: with Ray 2.60's default autoscaler it was what the stages asked for plus the whole
+    CPUs left, a fraction of a core short with the pools at fractional CPUs (1.25-1.75 of 2),
+    and the commits, last in line, waited until an earlier stage ended."""
+    limits = streamed[-1]
+    assert {cpu for cpu in limits if cpu > 0} == {local_ray.cluster_resources()["CPU"]}, limits  # 0: none asked yet
+
+
 def test_a_resumed_stream_skips_the_committed_ids_in_its_read_tasks(streamed, shards, tmp_path):
     import shutil
 
-    run_dir, _, _, _, _ = streamed
+    run_dir, _, _, _, _, _ = streamed
     copy = tmp_path / "run"
     shutil.copytree(run_dir / "generate", copy / "generate")
     (copy / "generate" / "_SUCCESS").unlink()
