@@ -55,7 +55,7 @@ when no part comes within `--first-part-timeout` seconds: its row says so):
 `--noop-rerun-sizes N ...` makes the log a whole run on N inputs leaves (every id committed
 through the writer as an error row, `--log-rows` a part, compacted every
 `stream.compact_every` parts and at the end, under the fingerprint the job claims), then
-times the same command again twice, each in a process of its own: a rerun with nothing to
+times the same command again (`--noop-repeats`, twice by default), each in a process of its own: a rerun with nothing to
 do, and the driver's peak RSS. `--noop-rerun-s3` does it again with `run_dir` on the S3
 endpoint. No Ray (nothing is streamed):
 
@@ -356,6 +356,7 @@ def main() -> None:
     parser.add_argument("--noop-rerun-sizes", type=int, nargs="*", default=[], help="WebDataset sources of these "
                         "sizes, every input committed through the writer (as error rows), then the run again: "
                         "nothing to do (no Ray)")
+    parser.add_argument("--noop-repeats", type=int, default=2, help="--noop-rerun-sizes: reruns per size and store")
     parser.add_argument("--noop-rerun-s3", action="store_true", help="--noop-rerun-sizes also with run_dir in a "
                         "bucket of the S3 endpoint (the shards on the disk)")
     parser.add_argument("--shard-images", type=int, default=10000, help="images per shard (listing, first part)")
@@ -424,9 +425,11 @@ def main() -> None:
         for size in args.noop_rerun_sizes:
             folder = work / f"shards{size}"
             make_shards(folder, size, args.shard_images)
-            results["noop_rerun"] += noop_rerun(size, folder, str(work / f"noop{size}"), env, args.log_rows, 2)
+            results["noop_rerun"] += noop_rerun(size, folder, str(work / f"noop{size}"), env, args.log_rows,
+                                                args.noop_repeats)
             if args.noop_rerun_s3:
-                results["noop_rerun"] += noop_rerun(size, folder, f"s3://scale/noop{size}", env, args.log_rows, 2)
+                results["noop_rerun"] += noop_rerun(size, folder, f"s3://scale/noop{size}", env, args.log_rows,
+                                                    args.noop_repeats)
             shutil.rmtree(folder)
         if not args.sizes and not args.s3_size and not args.first_part_sizes:  # the log and listing alone: no Ray
             _write(results, args.out)
