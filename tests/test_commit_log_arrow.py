@@ -122,3 +122,10 @@ def test_the_split_bound_is_exact_where_a_float_is_not():
     assert scores_below(scores, fraction).tolist() == expected == [True, False, False, True]
     # float64 would have said otherwise for one of them: the exactness is the point
     assert (scores.astype(np.float64) < fraction * 2**63).tolist() != expected
+
+
+def test_an_id_listed_twice_counts_once_and_found_ids_are_not_missing(tmp_path):
+    log = _log(tmp_path)
+    account = log.account(pa.array(["s00", "s00", "s01", "e0"], pa.string()))
+    assert (account.listed, len(account.ok_ids), account.errors, account.missing) == (3, 2, 1, [])
+    assert account.complete and log.account(pa.array([], pa.string())).listed == 0
