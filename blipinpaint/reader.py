@@ -112,19 +112,25 @@ def split_reads(cfg: Config) -> tuple[list[dict], list[dict]]:
     return row_reads(generated, ids.filter(pc.invert(held)), parts), row_reads(generated, ids.filter(held), parts)
 
 
-def read_errors(out_dir: str, ids: set[str] | None = None, limit: int = 1000) -> tuple[list[dict], int]:
+def read_errors(out_dir: str, ids=None, limit: int = 1000) -> tuple[list[dict], int]:
     """The committed error rows under `out_dir` (of `ids` only, if given): the first `limit`
-    in commit order, and how many there are (counted from the markers: only the parts
-    listed are read)."""
-    rows, total = [], 0
-    for marker in CommitLog(out_dir).markers():
-        failed = [i for i in marker["errors"] if ids is None or i in ids]
-        total += len(failed)
-        if failed and len(rows) < limit:
-            fs, path = filesystem(f"{Folder(out_dir).errors}/{marker['name']}.parquet")
-            table = pq.read_table(path, filesystem=fs, filters=[("id", "in", failed)])
-            rows += [{"id": r["id"], "source": r["source"], "reason": r["error"]} for r in table.to_pylist()]
-    return rows[:limit], total
+    in commit order (parts in name order), and how many there are (counted from the log's
+    id table: only the parts whose rows are returned are read)."""
+    view = CommitLog(out_dir).view()
+    failed = view.ids.filter(pc.is_valid(view.ids.column("error_kind")))
+    if ids is not None:
+        failed = failed.filter(pc.is_in(failed.column("id"), value_set=as_id_array(ids)))
+    failed = pa.table({"part": failed.column("part").cast(pa.string()), "id": failed.column("id")})
+    failed = failed.take(pc.sort_indices(failed, [("part", "ascending")]))  # stable: a part's ids in its order
+    parts, rows, at = pc.value_counts(failed.column("part")), [], 0
+    for name, n in zip(parts.field("values").to_pylist(), parts.field("counts").to_pylist()):
+        if len(rows) >= limit:
+            break
+        fs, path = filesystem(f"{Folder(out_dir).errors}/{name}.parquet")
+        table = pq.read_table(path, filesystem=fs, filters=[("id", "in", failed.column("id").slice(at, n).to_pylist())])
+        rows += [{"id": r["id"], "source": r["source"], "reason": r["error"]} for r in table.to_pylist()]
+        at += n
+    return rows[:limit], failed.num_rows
 
 
 # What ranking caption candidates reads back (`rayjobs.candidates`' rows).

@@ -17,7 +17,7 @@ from blipinpaint.commits import NAMED, stage_failure
 from blipinpaint.config import heldout_fraction, load_config
 from blipinpaint.errors import JobError
 from blipinpaint.log_table import LogView
-from blipinpaint.reader import row_reads, split_reads
+from blipinpaint.reader import read_errors, row_reads, split_reads
 from blipinpaint.seeds import heldout, scores_below
 from rayjobs import generate
 
@@ -129,3 +129,13 @@ def test_an_id_listed_twice_counts_once_and_found_ids_are_not_missing(tmp_path):
     account = log.account(pa.array(["s00", "s00", "s01", "e0"], pa.string()))
     assert (account.listed, len(account.ok_ids), account.errors, account.missing) == (3, 2, 1, [])
     assert account.complete and log.account(pa.array([], pa.string())).listed == 0
+
+
+def test_the_error_rows_read_the_id_table_and_only_the_parts_they_return(tmp_path, monkeypatch):
+    _log(tmp_path)
+    _no_whole_markers(monkeypatch)
+    rows, total = read_errors(str(tmp_path), limit=3)
+    assert total == 4 and len(rows) == 3  # e0, e1, f0, f1 committed; the first 3 in part-name order
+    assert {r["id"] for r in rows} < {"e0", "e1", "f0", "f1"} and all(r["reason"] for r in rows)
+    rows, total = read_errors(str(tmp_path), {"e1", "s00"})
+    assert total == 1 and [(r["id"], r["reason"]) for r in rows] == [("e1", "too small: y")]
