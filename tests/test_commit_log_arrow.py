@@ -139,3 +139,24 @@ def test_the_error_rows_read_the_id_table_and_only_the_parts_they_return(tmp_pat
     assert {r["id"] for r in rows} < {"e0", "e1", "f0", "f1"} and all(r["reason"] for r in rows)
     rows, total = read_errors(str(tmp_path), {"e1", "s00"})
     assert total == 1 and [(r["id"], r["reason"]) for r in rows] == [("e1", "too small: y")]
+
+
+def test_the_run_end_bench_builds_a_log_and_measures_its_steps(tmp_path, monkeypatch, capsys):
+    """`bench/run_end.py` at 3 parts: what BENCHMARKS.md's run's-end figures ran."""
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("run_end", Path(__file__).parents[1] / "bench" / "run_end.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    results = []
+    for step in ("build", "summarize", "split", "account"):
+        monkeypatch.setattr(sys, "argv", ["run_end.py", str(tmp_path), step, "--parts", "3"])
+        bench.main()
+        results.append(json.loads(capsys.readouterr().out))
+    assert results[0]["compacted"]["parts"] == 3
+    assert (results[1]["listed"], results[1]["ok"], results[1]["errors"]) == (768, 384, 384)
+    assert results[1]["means"]["psnr"] == pytest.approx(sum(j % 7 for j in range(128)) / 128)
+    assert results[2]["train_reads"] == 3 and results[3]["peak_rss_mb"] >= results[3]["imports_rss_mb"]
