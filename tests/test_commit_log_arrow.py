@@ -160,3 +160,17 @@ def test_the_run_end_bench_builds_a_log_and_measures_its_steps(tmp_path, monkeyp
     assert (results[1]["listed"], results[1]["ok"], results[1]["errors"]) == (768, 384, 384)
     assert results[1]["means"]["psnr"] == pytest.approx(sum(j % 7 for j in range(128)) / 128)
     assert results[2]["train_reads"] == 3 and results[3]["peak_rss_mb"] >= results[3]["imports_rss_mb"]
+
+
+@pytest.mark.parametrize("retry", [False, True])
+def test_the_plan_counts_the_failed_stages_a_retry_redoes_from_the_id_table(tmp_path, monkeypatch, retry):
+    from blipinpaint import plan
+
+    _log(tmp_path / "run" / "generate")  # s00-s11, e0-e1 committed; f0, f1 a `stage failed` part
+    _no_whole_markers(monkeypatch)
+    cfg = load_config(overrides=[f"run_dir={tmp_path / 'run'}", f"data.source={tmp_path}", "dry_run=true",
+                                 f"stream.retry_failed={str(retry).lower()}"])
+    pages = [[{"id": i} for i in ("s00", "s01", "f0")], [{"id": i} for i in ("f1", "e0", "new")]]
+    result = plan.plan(cfg, pages)
+    assert (result["inputs"], result["committed_samples"], result["committed_errors"]) == (6, 2, 3)
+    assert result["to_do"] == (3 if retry else 1) and result["made_by"]["commit_log"]["parts"] == 5
