@@ -48,9 +48,9 @@ from blipinpaint.records import SAMPLE_SCHEMA, split_rows
 from blipinpaint.storage import filesystem, is_remote, write_text
 
 OWNER = "_owner.json"
+RELEASED = "_released.json"
 # Predicates on markers (`uncommit`'s) that have a form over the log's id table.
 ARROW_FORMS: dict[Callable, Callable[[pa.Table], set[str]]] = {stage_failure: stage_failed_parts}
-RELEASED = "_released.json"
 log = logging.getLogger(__name__)
 
 
@@ -425,4 +425,3 @@ class CommitLog(CompactedLog):
             write_text(Folder(self.out_dir).success, success)
         self.release()
         account.check(self.out_dir, what)
-

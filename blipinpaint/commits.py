@@ -64,7 +64,7 @@ class Account:
     Python set and list, are made on first use, for small logs and tests."""
 
     listed: int
-    ok_ids: pa.Array  # listed ids committed as samples
+    ok_ids: pa.Array  # listed ids committed as samples, a row per commit (`ok_count`: distinct)
     errors_by_reason: Counter  # listed ids committed as errors, by the kind of error
     missing_ids: pa.Array  # listed ids committed nowhere, sorted
     duplicates: int  # commits of an id beyond its first
@@ -81,6 +81,11 @@ class Account:
     def ok(self) -> set[str]:
         """`ok_ids` as a Python set (for small logs)."""
         return set(self.ok_ids.to_pylist())
+
+    @cached_property
+    def ok_count(self) -> int:
+        """How many distinct listed ids are committed as samples (`ok_ids` has a row per commit)."""
+        return len(self.ok_ids) if not self.duplicates else pc.count_distinct(self.ok_ids).as_py()
 
     @cached_property
     def missing(self) -> list[str]:

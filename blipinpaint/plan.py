@@ -134,7 +134,7 @@ def plan(cfg: Config, pages: Iterable[list[dict]]) -> dict:
     result = {
         "plan": "generate", "run_dir": cfg.run_dir, "out_dir": out_dir,
         "inputs": inputs, "committed": inputs - to_do,
-        "committed_samples": len(account.ok_ids), "committed_errors": account.errors,
+        "committed_samples": account.ok_count, "committed_errors": account.errors,
         "to_do": to_do, "parts_to_write": math.ceil(to_do / cfg.stream.rows_per_file),
         "rows_per_file": cfg.stream.rows_per_file, "retry_failed": cfg.stream.retry_failed,
         "estimate": estimate(dict(account.seconds), account.rows, to_do, cfg),

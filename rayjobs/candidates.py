@@ -125,7 +125,7 @@ def summarize(cfg: Config, images: list[str], account: Account, this_run: dict) 
                              "sampled": _finite_mean(values[candidate > 0])}
     return {
         "out_dir": out_dir, "images": len(images), "candidates_per_image": cfg.caption.candidates,
-        "rows": account.listed, "ok": len(account.ok_ids), "errors": account.errors,
+        "rows": account.listed, "ok": account.ok_count, "errors": account.errors,
         "errors_by_reason": dict(sorted(account.errors_by_reason.items())),
         "missing": len(account.missing_ids), "duplicates": account.duplicates,
         "images_ranked": len(best), "images_without_candidates": len(images) - len(best),

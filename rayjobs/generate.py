@@ -136,7 +136,7 @@ def metric_means(out_dir: str, account: Account, block: int = 1024) -> dict[str,
 def summarize(out_dir: str, account: Account, this_run: dict) -> dict:
     """The run's `stats.json`: every listed input accounted for, per-stage figures, metric means."""
     return {
-        "out_dir": out_dir, "inputs": account.listed, "ok": len(account.ok_ids), "errors": account.errors,
+        "out_dir": out_dir, "inputs": account.listed, "ok": account.ok_count, "errors": account.errors,
         "errors_by_reason": dict(sorted(account.errors_by_reason.items())),
         "missing": len(account.missing_ids), "duplicates": account.duplicates,
         "this_run": this_run,

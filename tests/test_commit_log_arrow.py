@@ -174,3 +174,11 @@ def test_the_plan_counts_the_failed_stages_a_retry_redoes_from_the_id_table(tmp_
     result = plan.plan(cfg, pages)
     assert (result["inputs"], result["committed_samples"], result["committed_errors"]) == (6, 2, 3)
     assert result["to_do"] == (3 if retry else 1) and result["made_by"]["commit_log"]["parts"] == 5
+
+
+def test_a_sample_committed_twice_counts_once_in_ok(tmp_path):
+    log = _log(tmp_path)
+    log.commit(_rows(["s03", "z"], ["", ""]))  # s03 in a second part, as a sample again
+    account = log.account(["s03", "z"])
+    assert (account.ok_count, len(account.ok_ids), account.ok, account.duplicates) == (2, 3, {"s03", "z"}, 1)
+    assert generate.summarize(str(tmp_path), account, {})["ok"] == 2
