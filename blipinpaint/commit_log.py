@@ -20,7 +20,6 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Collection
-from dataclasses import replace
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -29,7 +28,19 @@ from pyarrow import fs as pafs
 
 from blipinpaint.checkpoints import CHECKPOINTS, COMPACT_EVERY, CompactedLog
 from blipinpaint.checkpoints import NAME as CHECKPOINT_NAME
-from blipinpaint.commits import DATA_DIRS, RERUN_CAUSES, Account, Resumed, Superseded, part_name, stage_failure
+from blipinpaint.commits import (
+    DATA_DIRS,
+    RERUN_CAUSES,
+    Account,
+    Resumed,
+    Superseded,
+    as_id_array,
+    duplicated_ids,
+    part_name,
+    sorted_ids,
+    stage_failed_parts,
+    stage_failure,
+)
 from blipinpaint.errors import JobError
 from blipinpaint.layout import Folder
 from blipinpaint.log_table import LogView
@@ -38,6 +49,8 @@ from blipinpaint.storage import filesystem, is_remote, write_text
 
 OWNER = "_owner.json"
 RELEASED = "_released.json"
+# Predicates on markers (`uncommit`'s) that have a form over the log's id table.
+ARROW_FORMS: dict[Callable, Callable[[pa.Table], set[str]]] = {stage_failure: stage_failed_parts}
 log = logging.getLogger(__name__)
 
 
@@ -298,21 +311,36 @@ class CommitLog(CompactedLog):
         for marker in markers:
             self.fs.delete_file(self._path("_commits", f"{marker['name']}.json"))
 
-    def _listed_ids_of(self, parts: set[str], account: Account) -> set[str]:
+    def _listed_ids_of(self, parts: set[str], account: Account) -> pa.Array:
         """The ids of the parts named that `account` counted (those listed)."""
-        ids = self._read_log().only(parts).ids.column("id")
-        return set(ids.filter(pc.is_in(ids, value_set=account.listed_ids)).to_pylist())
+        ids = self._read_log().only(parts).id_array()
+        return ids.filter(pc.is_in(ids, value_set=account.listed_ids))
 
-    def uncommit(self, matches: Callable[[dict], bool]) -> list[str]:
-        """Remove the committed parts whose marker `matches`; return their ids (pending again)."""
+    def uncommit(self, matches: Callable[[dict], bool]) -> pa.Array:
+        """Remove the committed parts whose marker `matches`; return their ids (pending again).
+        A predicate with an Arrow form (`ARROW_FORMS`: `stage_failure`, which a resume with
+        `retry_failed` asks for) is asked of the log's id table, not of a Python object per id."""
         view = self._read_log()
-        parts = [m for m in view.markers() if matches(m)]
+        if matches in ARROW_FORMS:
+            names = ARROW_FORMS[matches](view.ids)
+            parts = [view.parts[n] for n in sorted(names)]  # `_remove` reads a part's fields, not its ids
+        else:
+            parts = [m for m in view.markers() if matches(m)]
+            names = {m["name"] for m in parts}
         self._remove(parts, view)
-        return [i for m in parts for i in (*m["samples"], *m["errors"])]
+        return view.only(names).id_array() if names else pa.array([], pa.string())
 
-    def committed_samples(self) -> dict[str, list[str]]:
-        """Part name -> the sample ids committed in it (from the markers: no data is read)."""
-        return {m["name"]: m["samples"] for m in self.markers() if m["samples"]}
+    def committed_samples(self) -> pa.Table:
+        """The committed samples (from the markers: no data is read), a row each: `part` (its
+        part's name) and `id`, in the log's order (parts in name order), as Arrow columns."""
+        view = self._read_log()
+        rows = view.ids.filter(pc.is_null(view.ids.column("error_kind")))
+        table = pa.table({"part": rows.column("part").cast(pa.string()), "id": rows.column("id")})
+        return table.take(pc.sort_indices(table, [("part", "ascending")])) if table.num_rows else table
+
+    def view(self) -> LogView:
+        """The log as one read finds it (`LogView`: the parts' fields, their ids as Arrow)."""
+        return self._read_log()
 
     def committed_id_array(self) -> pa.Array:
         """The committed ids (samples and errors) as one Arrow array: no Python object per id."""
@@ -332,29 +360,40 @@ class CommitLog(CompactedLog):
         that costs two listings and the markers new since."""
         owner = self.take_over(grace_s)  # before recovering
         recovered = self.recover(grace_s)
-        retried = self.uncommit(stage_failure) if retry_failed else []
+        retried = self.uncommit(stage_failure) if retry_failed else pa.array([], pa.string())
         return Resumed(owner, recovered, retried, self._read_log(ids_only=True).id_array())
 
-    def account(self, listed: Collection[str]) -> Account:
-        """Where each of the `listed` ids stands: a sample, an error (and why), missing or duplicated.
-        The ids of a part whose files are not all in place count as missing (its marker names
-        data a recovery removed, or that was deleted): the next `recover` drops it. Counted
-        with Arrow compute: a Python object only for the ids `ok` and `missing` name."""
+    def account(self, listed: pa.Array | pa.ChunkedArray | Collection[str]) -> Account:
+        """Where each of the `listed` ids (an Arrow array, or a small collection) stands: a
+        sample, an error (and why), missing or duplicated. The ids of a part whose files are not
+        all in place count as missing (its marker names data a recovery removed, or that was
+        deleted): the next `recover` drops it. Counted with Arrow compute, the ids kept as
+        Arrow arrays: no Python object per id."""
         view = self._read_log()
-        listed_ids = pc.unique(pa.array(listed if isinstance(listed, list) else list(listed), pa.string()))
+        listed_ids = as_id_array(listed)  # made distinct below, unless every listed id is found once
         published = self.published()
         placed = {n for n, p in view.parts.items() if all(f"{n}.parquet" in published[f] for f in p["staged"])}
         rows = view.only(placed).ids
         ids, kinds = rows.column("id"), rows.column("error_kind").cast(pa.string())
         is_listed = pc.is_in(ids, value_set=listed_ids)
-        found = pc.is_in(listed_ids, value_set=ids.combine_chunks() if ids.num_chunks else pa.array([], pa.string()))
         errors = pc.value_counts(pc.filter(kinds, pc.and_(is_listed, pc.is_valid(kinds))))
+        duplicates, ok = view.duplicates(), pc.and_(is_listed, pc.is_null(kinds))
+        # As many distinct log rows listed as ids listed: each listed id is there once, the listing
+        # held none twice, none is missing; known without hashing the listing again (a distinct
+        # pass and a lookup of it took 30 s and 1 GB at 10^7 ids here).
+        if not duplicates and (pc.sum(is_listed).as_py() or 0) == len(listed_ids):
+            missing = pa.array([], pa.string())
+        else:
+            listed_ids = pc.unique(listed_ids)
+            found = pc.is_in(listed_ids, value_set=as_id_array(ids))
+            missing = sorted_ids(pc.filter(listed_ids, pc.invert(found)))
         account = Account(
-            listed=len(listed_ids), ok=set(pc.filter(ids, pc.and_(is_listed, pc.is_null(kinds))).to_pylist()),
+            listed=len(listed_ids), ok_ids=as_id_array(ids.filter(ok)), ok_parts=rows.column("part").filter(ok),
             errors_by_reason=Counter({e["values"]: e["counts"] for e in errors.to_pylist()}),
-            missing=sorted(pc.filter(listed_ids, pc.invert(found)).to_pylist()),
-            duplicates=view.duplicates(), rows=view.ids.num_rows,
-            files={f"{f}/{n}.parquet": n for n in placed for f in view.parts[n]["staged"]}, listed_ids=listed_ids)
+            missing_ids=missing,
+            duplicates=duplicates, rows=view.ids.num_rows,
+            files={f"{f}/{n}.parquet": n for n in placed for f in view.parts[n]["staged"]}, listed_ids=listed_ids,
+            duplicated_ids=duplicated_ids(view.id_array()) if duplicates else None)
         for m in view.parts.values():
             account.seconds.update(m["seconds"])
             account.retries.update(m["retries"])
@@ -379,8 +418,8 @@ class CommitLog(CompactedLog):
         if account.complete:
             gone_parts = {part for path, part in account.files.items()
                           if posixpath.basename(path) not in published[posixpath.dirname(path)]}
-            gone = self._listed_ids_of(gone_parts, account) if gone_parts else set()
-            account = replace(account, missing=sorted(set(account.missing) | gone))
+            if gone_parts:
+                account = account.with_missing(self._listed_ids_of(gone_parts, account))
         write_text(Folder(self.out_dir).stats, json.dumps(stats, indent=2))
         if account.complete:
             write_text(Folder(self.out_dir).success, success)

@@ -7,7 +7,8 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Collection
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 import pyarrow as pa
@@ -19,6 +20,7 @@ DATA_DIRS = ("samples", "errors")
 # Why a batch ran again but for its stage raising, by the token in its rows' `reruns_<stage>_<token>`
 # (`rayjobs.stream.AttemptLedger`): its worker died on it, its node did, or it finished but its output was lost.
 RERUN_CAUSES = {"worker": "worker_died", "node": "node_lost", "output": "output_lost"}
+NAMED = 5  # ids an error about missing or duplicated ids names, of each kind
 
 
 class Superseded(JobError):
@@ -37,13 +39,18 @@ class Resumed:
 
     owner: str  # this run's token
     recovered: dict[str, int]  # what `recover` finished and undid
-    retried: list[str]  # ids of `stage failed` parts made pending again
+    retried_ids: pa.Array  # ids of `stage failed` parts made pending again
     done_ids: pa.Array  # ids committed (as samples or errors), no Python object per id
 
     @cached_property
     def done(self) -> set[str]:
         """The committed ids as a Python set, made on first use (for small logs)."""
         return set(self.done_ids.to_pylist())
+
+    @cached_property
+    def retried(self) -> list[str]:
+        """`retried_ids` as a Python list, made on first use (for small logs)."""
+        return self.retried_ids.to_pylist()
 
     def undone(self, ids: list[str]) -> list[bool]:
         """Which of `ids` are not committed (one Arrow lookup, not a Python set of the log)."""
@@ -52,12 +59,14 @@ class Resumed:
 
 @dataclass
 class Account:
-    """Where the ids a run listed stand in its output folder (`CommitLog.account`)."""
+    """Where the ids a run listed stand in its output folder (`CommitLog.account`). The ids are
+    Arrow arrays (10^8 of them are gigabytes as Python strings): `ok` and `missing`, the
+    Python set and list, are made on first use, for small logs and tests."""
 
     listed: int
-    ok: set[str]  # listed ids committed as samples
+    ok_ids: pa.Array  # listed ids committed as samples, a row per commit (`ok_count`: distinct)
     errors_by_reason: Counter  # listed ids committed as errors, by the kind of error
-    missing: list[str]  # listed ids committed nowhere
+    missing_ids: pa.Array  # listed ids committed nowhere, sorted
     duplicates: int  # commits of an id beyond its first
     rows: int  # rows of every part, listed or not
     seconds: Counter = field(default_factory=Counter)  # busy seconds per stage over every part
@@ -65,6 +74,23 @@ class Account:
     reruns: dict[str, Counter] = field(default_factory=dict)  # stage -> runs again by cause (`RERUN_CAUSES`)
     files: dict[str, str] = field(default_factory=dict, repr=False)  # "folder/name" of data -> its part
     listed_ids: pa.Array | None = field(default=None, repr=False)  # the ids listed, distinct
+    ok_parts: pa.ChunkedArray | None = field(default=None, repr=False)  # the part of each of `ok_ids`
+    duplicated_ids: pa.Array | None = field(default=None, repr=False)  # ids committed more than once
+
+    @cached_property
+    def ok(self) -> set[str]:
+        """`ok_ids` as a Python set (for small logs)."""
+        return set(self.ok_ids.to_pylist())
+
+    @cached_property
+    def ok_count(self) -> int:
+        """How many distinct listed ids are committed as samples (`ok_ids` has a row per commit)."""
+        return len(self.ok_ids) if not self.duplicates else pc.count_distinct(self.ok_ids).as_py()
+
+    @cached_property
+    def missing(self) -> list[str]:
+        """`missing_ids` as a Python list (for small logs)."""
+        return self.missing_ids.to_pylist()
 
     @property
     def errors(self) -> int:
@@ -72,7 +98,11 @@ class Account:
 
     @property
     def complete(self) -> bool:
-        return not self.missing and not self.duplicates
+        return not len(self.missing_ids) and not self.duplicates
+
+    def with_missing(self, *more: pa.Array) -> Account:
+        """This account with the ids of `more` missing too (sorted, each once)."""
+        return replace(self, missing_ids=sorted_ids(self.missing_ids, *more))
 
     def stages(self) -> dict[str, dict]:
         """Busy time per stage over all committed rows: rows per second of one worker."""
@@ -88,10 +118,47 @@ class Account:
         return {s: c for s, c in counts.items() if any(c.values())}
 
     def check(self, out_dir: str, what: str) -> None:
-        """A `JobError` naming what is missing or duplicated, unless every listed id is there once."""
+        """A `JobError` saying how many are missing or duplicated, naming the first `NAMED` of
+        each (not all: at 10^8 inputs the message would be gigabytes), unless every listed id
+        is there once."""
         if not self.complete:
-            raise JobError(f"{out_dir}: {len(self.missing)} {what} missing, {self.duplicates} duplicated; "
-                           "run the same command again to finish")
+            named = "".join(f"; {kind}: {', '.join(first)}{', ...' if len(ids) > NAMED else ''}"
+                            for kind, ids in (("missing", self.missing_ids), ("duplicated", self.duplicated_ids))
+                            if ids is not None and (first := ids.slice(0, NAMED).to_pylist()))
+            raise JobError(f"{out_dir}: {len(self.missing_ids)} {what} missing, {self.duplicates} duplicated; "
+                           f"run the same command again to finish{named}")
+
+
+def sorted_ids(*arrays: pa.Array) -> pa.Array:
+    """The distinct ids of `arrays`, sorted, as one string array."""
+    chunks = [c for a in arrays for c in (a.chunks if isinstance(a, pa.ChunkedArray) else [a])]
+    ids = pc.unique(pa.chunked_array([c.cast(pa.string()) for c in chunks], pa.string()).combine_chunks())
+    return ids.take(pc.sort_indices(ids)) if len(ids) else ids
+
+
+def as_id_array(ids: pa.Array | pa.ChunkedArray | Collection[str]) -> pa.Array:
+    """Ids as one Arrow string array: an Arrow array as it is, a collection converted."""
+    if isinstance(ids, pa.ChunkedArray):
+        return ids.combine_chunks() if ids.num_chunks else pa.array([], pa.string())
+    if isinstance(ids, pa.Array):
+        return ids
+    return pa.array(ids if isinstance(ids, list) else list(ids), pa.string())
+
+
+def duplicated_ids(ids: pa.Array) -> pa.Array:
+    """The ids that occur more than once, sorted."""
+    counts = pc.value_counts(ids)
+    return sorted_ids(pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1)))
+
+
+def stage_failed_parts(ids: pa.Table) -> set[str]:
+    """`stage_failure` over a log's id rows (`LogView.ids`: part, id, error_kind), in Arrow:
+    the parts whose every row is a `stage failed` error (one Python object per part)."""
+    part, kind = ids.column("part"), ids.column("error_kind").cast(pa.string())
+    other = pc.fill_null(pc.not_equal(kind, "stage failed"), True)  # a sample's kind is null
+    names = pc.unique(part.cast(pa.string()))
+    spoiled = pc.unique(pc.filter(part, other).cast(pa.string()))
+    return set(pc.filter(names, pc.invert(pc.is_in(names, value_set=spoiled))).to_pylist())
 
 
 def part_name(ids: list[str]) -> str:

@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 
 from blipinpaint import fingerprint
 from blipinpaint.commit_log import CommitLog
-from blipinpaint.commits import stage_failure
+from blipinpaint.commits import stage_failed_parts
 from blipinpaint.config import Config
 from blipinpaint.layout import Folder, RunLayout
 from blipinpaint.storage import is_file, read_text, write_text
@@ -58,19 +58,21 @@ def committed_filter(done) -> Callable[[list[str]], list[str]]:
 
 
 def read_pages(done, pages: Iterable[list[dict]], keep_absent: bool = False) -> Listed:
-    """Count, digest and check each page against `done`, then drop it: what is kept is the
-    listed ids the log holds (and, with `keep_absent`, the ones it does not)."""
-    committed = committed_filter(done)
-    listed, digest = Listed(), hashlib.sha256()
+    """Count, digest and check each page against `done` (as `committed_filter` takes it), then
+    drop it: what is kept is the listed ids the log holds (and, with `keep_absent`, the ones
+    it does not), as Arrow arrays: a chunk per page, no Python object per id."""
+    if not isinstance(done, pa.Array | pa.ChunkedArray):
+        done = pa.array(sorted(done), pa.string())
+    hits, absent, listed, digest = [], [], Listed(), hashlib.sha256()
     for page in pages:
-        ids = [it["id"] for it in page]
+        ids = pa.array([it["id"] for it in page], pa.string())
         listed.inputs += len(ids)
         _digest_page(digest, page)
-        hits = committed(ids)
-        listed.hits += hits
+        held = pc.is_in(ids, value_set=done)
+        hits.append(ids.filter(held))
         if keep_absent:
-            held = set(hits)
-            listed.absent += [i for i in ids if i not in held]
+            absent.append(ids.filter(pc.invert(held)))
+    listed.hits, listed.absent = pa.chunked_array(hits, pa.string()), pa.chunked_array(absent, pa.string())
     listed.digest = digest.hexdigest()
     return listed
 
@@ -81,8 +83,8 @@ class Listed:
 
     inputs: int = 0
     digest: str = ""
-    hits: list[str] = field(default_factory=list)  # listed ids the log holds
-    absent: list[str] = field(default_factory=list)  # listed ids it does not (when asked for)
+    hits: pa.ChunkedArray = field(default_factory=lambda: pa.chunked_array([], pa.string()))  # ids the log holds
+    absent: pa.ChunkedArray = field(default_factory=lambda: pa.chunked_array([], pa.string()))  # ones it does not
 
 
 def _recorded(out_dir: Folder, settings: dict) -> dict:
@@ -122,21 +124,24 @@ def plan(cfg: Config, pages: Iterable[list[dict]]) -> dict:
     inputs, hits = listed.inputs, listed.hits
     # The listed ids the log names, accounted for: a part whose files are gone counts as missing.
     account = log.account(hits)
-    markers = log.markers()
-    retried = {i for m in markers if stage_failure(m) for i in m["errors"]} if cfg.stream.retry_failed else set()
-    to_do = inputs - len(hits) + len(account.missing) + len(retried & set(hits))
+    view = log.view()
+    # The ids a run with `retry_failed` makes pending again (`CommitLog.uncommit(stage_failure)`).
+    retried = pa.array([], pa.string())
+    if cfg.stream.retry_failed:
+        retried = view.only(stage_failed_parts(view.ids)).id_array()
+    to_do = inputs - len(hits) + len(account.missing_ids) + int(pc.sum(pc.is_in(hits, value_set=retried)).as_py() or 0)
     settings = fingerprint.generate_settings(cfg)
     result = {
         "plan": "generate", "run_dir": cfg.run_dir, "out_dir": out_dir,
         "inputs": inputs, "committed": inputs - to_do,
-        "committed_samples": len(account.ok), "committed_errors": account.errors,
+        "committed_samples": account.ok_count, "committed_errors": account.errors,
         "to_do": to_do, "parts_to_write": math.ceil(to_do / cfg.stream.rows_per_file),
         "rows_per_file": cfg.stream.rows_per_file, "retry_failed": cfg.stream.retry_failed,
         "estimate": estimate(dict(account.seconds), account.rows, to_do, cfg),
         "made_by": {"settings_digest": fingerprint.digest_of(settings), "inputs_digest": listed.digest,
                     "source": cfg.data.source, "kind": cfg.data.kind, "limit": cfg.data.limit,
                     "models": "not hashed: a dry run fetches none", "recorded": _recorded(out_dir, settings),
-                    "commit_log": {"parts": len(markers)}},
+                    "commit_log": {"parts": len(view.parts)}},
     }
     write_text(f"{RunLayout(cfg.run_dir).root}/{PLAN}", json.dumps(result, indent=2))
     return result

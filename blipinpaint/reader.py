@@ -11,28 +11,36 @@ import logging
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from blipinpaint import fingerprint
 from blipinpaint.commit_log import CommitLog
+from blipinpaint.commits import as_id_array
 from blipinpaint.config import Config, heldout_fraction
 from blipinpaint.errors import ConfigError, JobError
 from blipinpaint.layout import Folder, RunLayout
-from blipinpaint.seeds import heldout
+from blipinpaint.seeds import raised_fraction_of, scores_below, split_scores
 from blipinpaint.storage import filesystem
 
 log = logging.getLogger(__name__)
 
 
-def row_reads(out_dir: str, ids: list[str], parts: dict[str, list[str]] | None = None) -> list[dict]:
-    """Read tasks for the committed rows of `ids` under `out_dir`: one per Parquet part that
-    holds some. `parts` (from `CommitLog.committed_samples`) saves reading the markers again."""
-    wanted = set(ids)
-    reads = []
-    for name, ids_here in (CommitLog(out_dir).committed_samples() if parts is None else parts).items():
-        chosen = sorted(wanted.intersection(ids_here))
-        if chosen:
-            reads.append({"path": f"{Folder(out_dir).samples}/{name}.parquet", "ids": chosen})
+def row_reads(out_dir: str, ids, parts: pa.Table | None = None) -> list[dict]:
+    """Read tasks for the committed rows of `ids` (an Arrow array, or a collection) under
+    `out_dir`: one per Parquet part that holds some, parts in name order, ids sorted. `parts`
+    (`CommitLog.committed_samples`' table) saves reading the log again. Chosen in Arrow: the
+    only Python objects per id are the tasks' own lists."""
+    table = CommitLog(out_dir).committed_samples() if parts is None else parts
+    chosen = table.filter(pc.is_in(table.column("id"), value_set=as_id_array(ids)))
+    chosen = chosen.group_by(["part", "id"]).aggregate([])  # each (part, id) once
+    chosen = chosen.sort_by([("part", "ascending"), ("id", "ascending")])
+    names = pc.value_counts(chosen.column("part"))  # in the order first seen: the parts' sorted order
+    reads, at, ids_chosen = [], 0, chosen.column("id")
+    for name, n in zip(names.field("values").to_pylist(), names.field("counts").to_pylist()):
+        reads.append({"path": f"{Folder(out_dir).samples}/{name}.parquet",
+                      "ids": ids_chosen.slice(at, n).to_pylist()})
+        at += n
     return reads
 
 
@@ -79,41 +87,50 @@ def read_sorted(out_dir: str, ids: list[str], columns: list[str]) -> dict[str, n
 
 def committed_sample_ids(out_dir: str) -> list[str]:
     """The ids of the samples committed under `out_dir` (from its commit markers)."""
-    return [i for ids in CommitLog(out_dir).committed_samples().values() for i in ids]
+    return CommitLog(out_dir).committed_samples().column("id").to_pylist()
 
 
 def split_reads(cfg: Config) -> tuple[list[dict], list[dict]]:
     """(train, held-out) read tasks for generate's committed rows, split by a hash of each id:
-    the same split in every job and rerun."""
+    the same split in every job and rerun (`seeds.heldout`). The ids stay Arrow arrays; the
+    hashes are taken a block of ids at a time, into one integer array."""
     generated, seed = RunLayout(cfg.run_dir).generate, cfg.seed
     # The rows' caption features came from one decoder layer: a scorer trained, or a decoder
     # fine-tuned, on another layer's features would learn from numbers it never sees.
     fingerprint.check(generated, {"scorer.feature_layer": cfg.scorer.feature_layer}, record=False)
     parts = CommitLog(generated).committed_samples()
-    ids = [i for ids_here in parts.values() for i in ids_here]
-    fraction = heldout_fraction(cfg, ids)
-    held = {i for i in ids if heldout(seed, i, fraction)}
-    if len(held) == len(ids):
-        raise ConfigError(f"{len(ids)} generated samples, {len(held)} of them held out (train.val_fraction, raised "
+    ids = pc.unique(parts.column("id")) if parts.num_rows else pa.array([], pa.string())
+    scores = split_scores(seed, ids)
+    fraction = raised_fraction_of(scores, heldout_fraction(cfg))
+    held = scores_below(scores, fraction)
+    n_held = int(held.sum())
+    if n_held == len(ids):
+        raise ConfigError(f"{len(ids)} generated samples, {n_held} of them held out (train.val_fraction, raised "
                           f"to {fraction:.3g} so that 2 are held out where 4 or more exist): none left to train on")
-    log.info("split: %d samples to train on, %d held out (fraction %.3g)", len(ids) - len(held), len(held), fraction)
-    return (row_reads(generated, [i for i in ids if i not in held], parts),
-            row_reads(generated, sorted(held), parts))
+    log.info("split: %d samples to train on, %d held out (fraction %.3g)", len(ids) - n_held, n_held, fraction)
+    held = pa.array(held, pa.bool_())
+    return row_reads(generated, ids.filter(pc.invert(held)), parts), row_reads(generated, ids.filter(held), parts)
 
 
-def read_errors(out_dir: str, ids: set[str] | None = None, limit: int = 1000) -> tuple[list[dict], int]:
+def read_errors(out_dir: str, ids=None, limit: int = 1000) -> tuple[list[dict], int]:
     """The committed error rows under `out_dir` (of `ids` only, if given): the first `limit`
-    in commit order, and how many there are (counted from the markers: only the parts
-    listed are read)."""
-    rows, total = [], 0
-    for marker in CommitLog(out_dir).markers():
-        failed = [i for i in marker["errors"] if ids is None or i in ids]
-        total += len(failed)
-        if failed and len(rows) < limit:
-            fs, path = filesystem(f"{Folder(out_dir).errors}/{marker['name']}.parquet")
-            table = pq.read_table(path, filesystem=fs, filters=[("id", "in", failed)])
-            rows += [{"id": r["id"], "source": r["source"], "reason": r["error"]} for r in table.to_pylist()]
-    return rows[:limit], total
+    in commit order (parts in name order), and how many there are (counted from the log's
+    id table: only the parts whose rows are returned are read)."""
+    view = CommitLog(out_dir).view()
+    failed = view.ids.filter(pc.is_valid(view.ids.column("error_kind")))
+    if ids is not None:
+        failed = failed.filter(pc.is_in(failed.column("id"), value_set=as_id_array(ids)))
+    failed = pa.table({"part": failed.column("part").cast(pa.string()), "id": failed.column("id")})
+    failed = failed.take(pc.sort_indices(failed, [("part", "ascending")]))  # stable: a part's ids in its order
+    parts, rows, at = pc.value_counts(failed.column("part")), [], 0
+    for name, n in zip(parts.field("values").to_pylist(), parts.field("counts").to_pylist()):
+        if len(rows) >= limit:
+            break
+        fs, path = filesystem(f"{Folder(out_dir).errors}/{name}.parquet")
+        table = pq.read_table(path, filesystem=fs, filters=[("id", "in", failed.column("id").slice(at, n).to_pylist())])
+        rows += [{"id": r["id"], "source": r["source"], "reason": r["error"]} for r in table.to_pylist()]
+        at += n
+    return rows[:limit], failed.num_rows
 
 
 # What ranking caption candidates reads back (`rayjobs.candidates`' rows).
@@ -123,8 +140,10 @@ CANDIDATE_COLUMNS = ["id", "image_id", "candidate", "caption", "mask_area", "ssi
 def read_candidates(out_dir: str, image_ids: set[str] | None = None) -> dict[str, np.ndarray]:
     """The committed candidate rows (`CANDIDATE_COLUMNS`), of the images `image_ids` only if given."""
     parts = CommitLog(out_dir).committed_samples()
-    ids = [i for ids_here in parts.values() for i in ids_here
-           if image_ids is None or i.rsplit("#", 1)[0] in image_ids]
+    ids = parts.column("id")
+    if image_ids is not None:  # a candidate's id is `<image id>#<k>`
+        image = pc.replace_substring_regex(ids, pattern="#[^#]*$", replacement="", max_replacements=1)
+        ids = ids.filter(pc.is_in(image, value_set=pa.array(sorted(image_ids), pa.string())))
     reads = row_reads(out_dir, ids, parts)
     if not reads:
         return {c: np.array([], dtype=object) for c in CANDIDATE_COLUMNS}

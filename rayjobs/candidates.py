@@ -117,7 +117,7 @@ def summarize(cfg: Config, images: list[str], account: Account, this_run: dict) 
     rows = read_candidates(out_dir, set(images))
     best = best_candidates(rows, builders.loss_weights(cfg))
     means = {}
-    if account.ok:
+    if len(account.ok_ids):
         candidate = np.asarray(rows["candidate"])
         for metric in ("ssim", "psnr", "clip_score"):
             values = np.asarray(rows[metric], dtype=np.float64)
@@ -125,9 +125,9 @@ def summarize(cfg: Config, images: list[str], account: Account, this_run: dict) 
                              "sampled": _finite_mean(values[candidate > 0])}
     return {
         "out_dir": out_dir, "images": len(images), "candidates_per_image": cfg.caption.candidates,
-        "rows": account.listed, "ok": len(account.ok), "errors": account.errors,
+        "rows": account.listed, "ok": account.ok_count, "errors": account.errors,
         "errors_by_reason": dict(sorted(account.errors_by_reason.items())),
-        "missing": len(account.missing), "duplicates": account.duplicates,
+        "missing": len(account.missing_ids), "duplicates": account.duplicates,
         "images_ranked": len(best), "images_without_candidates": len(images) - len(best),
         # The headroom of reward-ranked fine-tuning: where greedy decoding already gives the best.
         "best_is_greedy": sum(b["candidate"] == 0 for b in best.values()),

@@ -30,7 +30,7 @@ import torch
 from blipinpaint import builders, fingerprint
 from blipinpaint.batches import Guarded
 from blipinpaint.commit_log import CommitLog
-from blipinpaint.commits import Account
+from blipinpaint.commits import Account, sorted_ids
 from blipinpaint.config import Config, dataset_name, heldout_fraction, to_yaml
 from blipinpaint.errors import ConfigError, JobError
 from blipinpaint.evaluation import (
@@ -149,7 +149,7 @@ def held_out_ids(cfg: Config, run_layout: RunLayout, generated: list[str]) -> li
 def evaluated_ids(out_dir: Folder, account: Account) -> list[str]:
     """The held-out samples evaluated, once every one is accounted for; at least 2 (FID)."""
     account.check(out_dir, "samples")
-    sample_ids = sorted(account.ok)
+    sample_ids = sorted_ids(account.ok_ids).to_pylist()
     if len(sample_ids) < 2:
         raise JobError(f"{out_dir}: only {len(sample_ids)} samples evaluated, FID needs 2 (errors: "
                        f"{dict(account.errors_by_reason)}, listed in {out_dir.errors}; evaluate.retry_failed=true "

@@ -113,34 +113,45 @@ def build_dataset(cfg: Config, pending: list[dict] | None, ledger, owner: str | 
                         stream.commit.num_cpus, owner, ledger)
 
 
-def metric_means(out_dir: str, sample_ids: set[str]) -> dict[str, float | None]:
-    """The mean of each metric over the committed samples `sample_ids` (finite values only)."""
-    if not sample_ids:
+def metric_means(out_dir: str, account: Account, block: int = 1024) -> dict[str, float | None]:
+    """The mean of each metric (finite values only: a perfect hole has infinite PSNR) over the
+    samples `account` found (`ok_ids`), each read from the file of the part it found it in,
+    `block` parts at a time and summed as they come: the driver never holds every row, and
+    a block's rows are checked against that block's ids alone."""
+    if not len(account.ok_ids):
         return {}
     fs, root = filesystem(out_dir)
-    table = pq.read_table(f"{root}/samples", filesystem=fs, columns=["id", *METRIC_COLUMNS])
-    table = table.filter(pc.is_in(table.column("id"), value_set=pa.array(sorted(sample_ids))))
-    means = {}
-    for m in METRIC_COLUMNS:
-        values = table.column(m).to_numpy(zero_copy_only=False)
-        finite = values[np.isfinite(values)]  # a perfect hole has infinite PSNR
-        means[m] = float(finite.mean()) if finite.size else None
-    return means
+    ok = pa.table({"part": account.ok_parts.cast(pa.string()), "id": account.ok_ids}).sort_by("part")
+    parts = pc.value_counts(ok.column("part"))  # in the order first seen: sorted
+    names, counts = parts.field("values").to_pylist(), parts.field("counts").to_pylist()
+    sums, finite_rows, at = dict.fromkeys(METRIC_COLUMNS, 0.0), dict.fromkeys(METRIC_COLUMNS, 0), 0
+    for start in range(0, len(names), block):
+        n = sum(counts[start:start + block])
+        table = pq.read_table([f"{root}/samples/{name}.parquet" for name in names[start:start + block]],
+                              filesystem=fs, columns=["id", *METRIC_COLUMNS])
+        table = table.filter(pc.is_in(table.column("id"), value_set=ok.column("id").slice(at, n)))
+        at += n
+        for m in METRIC_COLUMNS:
+            values = table.column(m).to_numpy(zero_copy_only=False)
+            finite = values[np.isfinite(values)]
+            sums[m] += float(finite.sum(dtype=np.float64))
+            finite_rows[m] += finite.size
+    return {m: sums[m] / finite_rows[m] if finite_rows[m] else None for m in METRIC_COLUMNS}
 
 
 def summarize(out_dir: str, account: Account, this_run: dict) -> dict:
     """The run's `stats.json`: every listed input accounted for, per-stage figures, metric means."""
     return {
-        "out_dir": out_dir, "inputs": account.listed, "ok": len(account.ok), "errors": account.errors,
+        "out_dir": out_dir, "inputs": account.listed, "ok": account.ok_count, "errors": account.errors,
         "errors_by_reason": dict(sorted(account.errors_by_reason.items())),
-        "missing": len(account.missing), "duplicates": account.duplicates,
+        "missing": len(account.missing_ids), "duplicates": account.duplicates,
         "this_run": this_run,
         # Failed attempts (a stage raising, or its worker dying) on batches that were committed,
         # and why a stage ran a batch again (`Account.reruns_by_cause`).
         "retries": sum(account.retries.values()),
         "reruns": account.reruns_by_cause(),
         "stages": account.stages(),
-        "means": metric_means(out_dir, account.ok),
+        "means": metric_means(out_dir, account),
     }
 
 
@@ -223,12 +234,11 @@ def any_pending(source: str, groups: list, done) -> bool:
 def account_pages(commit_log: CommitLog, source: str, done_before) -> tuple[int, int, Account]:
     """(inputs, processed by this run, where each stands) of a streamed run: the source listed
     again in pages (`plan.read_pages`), each checked against the log; what is kept is the ids
-    committed now and the ones that are not (none, after a whole run)."""
+    committed now and the ones that are not (none, after a whole run), as Arrow arrays."""
     listed = plan.read_pages(commit_log.committed_id_array(), iter_inputs(source, "webdataset"),
                              keep_absent=True)
-    account = commit_log.account(listed.hits)
-    account = replace(account, listed=listed.inputs, missing=sorted(set(account.missing) | set(listed.absent)))
-    skipped = len(plan.committed_filter(done_before)(listed.hits))
+    account = replace(commit_log.account(listed.hits), listed=listed.inputs).with_missing(listed.absent)
+    skipped = int(pc.sum(pc.is_in(listed.hits, value_set=done_before)).as_py() or 0)
     return listed.inputs, listed.inputs - skipped, account
 
 
