@@ -202,14 +202,15 @@ def run(cfg: Config) -> dict:
         #    known once they are listed: no total for the progress line, no cap on the pools.
         #    A source with nothing left starts no pool (on a cluster: no GPU node brought up for
         #    nothing): the driver reads pages until one holds an id the log does not.
-        if any_pending(source, groups, done):
+        listed = listed_if_done(source, groups, done)
+        if listed is None:
             shards = (source, groups, done)
             pipeline_s, restarts = run_stream(cfg, "generate", out_dir, None, len(done), None,
                                               lambda cfg, ledger: build_dataset(cfg, None, ledger, resumed.owner,
                                                                                 shards))
         else:
             log.info("every listed input is committed: nothing to stream")
-        inputs, processed, account = account_pages(commit_log, source, done)
+        inputs, processed, account = account_pages(commit_log, source, done, listed)
     # 5. Account for every input.
     this_run = {
         "processed": processed, "skipped_committed": inputs - processed,
@@ -223,20 +224,34 @@ def run(cfg: Config) -> dict:
     return stats
 
 
-def any_pending(source: str, groups: list, done) -> bool:
-    """Whether a WebDataset source holds an id the log does not: its shard groups listed one
-    at a time until one does (the first, on a new run; all of them, on a run with nothing left)."""
-    committed = plan.committed_filter(done)
-    return any(len(committed([it["id"] for it in items])) < len(items)
-               for items in (list_group(group, source) for group in groups))
+def listed_if_done(source: str, groups: list, done) -> plan.Listed | None:
+    """None as soon as a shard group of a WebDataset source holds an id the log does not (the
+    first group, on a new run), its groups listed one at a time; else, when `done` (the log's
+    ids) holds every id, the source's listing checked against it (`plan.read_pages`): a run
+    with nothing left lists its source once, not once to learn that and again to account."""
+    committed, pending = plan.committed_filter(done), []
+
+    def pages_while_done():
+        for group in groups:
+            items = list_group(group, source)
+            if len(committed([it["id"] for it in items])) < len(items):
+                pending.append(group)
+                return
+            yield items
+
+    listed = plan.read_pages(done, pages_while_done(), keep_absent=True)
+    return None if pending else listed
 
 
-def account_pages(commit_log: CommitLog, source: str, done_before) -> tuple[int, int, Account]:
+def account_pages(commit_log: CommitLog, source: str, done_before,
+                  listed: plan.Listed | None = None) -> tuple[int, int, Account]:
     """(inputs, processed by this run, where each stands) of a streamed run: the source listed
-    again in pages (`plan.read_pages`), each checked against the log; what is kept is the ids
-    committed now and the ones that are not (none, after a whole run), as Arrow arrays."""
-    listed = plan.read_pages(commit_log.committed_id_array(), iter_inputs(source, "webdataset"),
-                             keep_absent=True)
+    again in pages (`plan.read_pages`), each checked against the log, unless nothing was
+    streamed (`listed`, `listed_if_done`'s); what is kept is the ids committed now and the ones
+    that are not (none, after a whole run), as Arrow arrays."""
+    if listed is None:
+        listed = plan.read_pages(commit_log.committed_id_array(), iter_inputs(source, "webdataset"),
+                                 keep_absent=True)
     account = replace(commit_log.account(listed.hits), listed=listed.inputs).with_missing(listed.absent)
     skipped = int(pc.sum(pc.is_in(listed.hits, value_set=done_before)).as_py() or 0)
     return listed.inputs, listed.inputs - skipped, account

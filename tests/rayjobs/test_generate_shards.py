@@ -72,7 +72,7 @@ def streamed(local_ray, shards, tmp_path_factory):
         return real_group(*args)
 
     mp.setattr(source_pages, "list_group", counted)
-    mp.setattr(generate, "list_group", counted)  # the driver's look for something left (`any_pending`)
+    mp.setattr(generate, "list_group", counted)  # the driver's look for something left (`listed_if_done`)
     mp.setattr(generate, "run_stream", lambda *a: (real_stream(*a), ended.append(1))[0])  # set once it ends
     real_limits = ResourceManager.get_global_limits
 
@@ -153,9 +153,16 @@ def test_a_resumed_stream_skips_the_committed_ids_in_its_read_tasks(streamed, sh
     stats = generate.run(_cfg(copy, shards))
     assert (stats["this_run"]["processed"], stats["this_run"]["skipped_committed"]) == (len(undone), 8 - len(undone))
     assert (stats["inputs"], stats["ok"] + stats["errors"], stats["missing"], stats["duplicates"]) == (8, 8, 0, 0)
-    again = generate.run(_cfg(copy, shards))
-    # Listed in the driver, nothing left: no stream, so no model pool (no GPU node brought up for nothing).
+    listings = []
+    with pytest.MonkeyPatch.context() as mp:
+        real = source_pages.list_group
+        for module in (source_pages, generate):
+            mp.setattr(module, "list_group", lambda *a: (listings.append(a[0]), real(*a))[1])
+        again = generate.run(_cfg(copy, shards))
+    # Listed in the driver, nothing left: no stream, so no model pool (no GPU node brought up for
+    # nothing); and listed once, each of the 3 shard groups, its pages also what is accounted.
     assert again["this_run"]["processed"] == 0 and again["this_run"]["pipeline_s"] == 0
+    assert len(listings) == 3
     assert (again["inputs"], again["ok"] + again["errors"], again["missing"]) == (8, 8, 0)
 
 
