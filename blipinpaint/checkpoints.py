@@ -32,6 +32,7 @@ import gzip
 import hashlib
 import json
 import logging
+import math
 import re
 from collections.abc import Collection
 
@@ -48,6 +49,7 @@ JSON_FORMAT = "blipinpaint.commit-checkpoint/1"  # gzipped JSON: read, and compa
 COMPACT_EVERY = 500  # `stream.compact_every`'s default: docs/configuration.md says why
 LIST_PAGE = 1000  # names per listing request (S3's page)
 READ_TRIES = 8  # reads racing that many compactions in a row give up, named
+MERGE_AT = 4  # checkpoints of one size tier that a writer's compaction merges into one (the docstring says why)
 NAME = re.compile(r"ckpt-(\d{8})-([0-9a-f]{32})\.(parquet|json\.gz)")
 log = logging.getLogger(__name__)
 
@@ -82,6 +84,12 @@ class CompactedLog:
         if pattern is not None:
             return {name for name in files if pattern.fullmatch(name)}
         return {name[:-len(".json")] for name in files if name.endswith(".json") and not name.startswith(".")}
+
+    def _checkpoint_sizes(self) -> dict[str, int]:
+        """The checkpoints present and their sizes in bytes: one listing (the size tiers need no read)."""
+        selector = pafs.FileSelector(self._path(CHECKPOINTS), allow_not_found=True)
+        return {i.base_name: i.size for i in self.fs.get_file_info(selector)
+                if i.type == pafs.FileType.File and NAME.fullmatch(i.base_name)}
 
     def _checkpoint(self, name: str) -> tuple[dict, list[dict], pa.Table]:
         """A checkpoint's metadata, part fields and id rows: read and checked once, then kept
@@ -149,6 +157,10 @@ class CompactedLog:
         that is fewer requests than listing the folders of `total` parts, else the listings."""
         if len(parts) >= max(1, -(-total // LIST_PAGE)):  # 2 HEADs a part against 2 folders' pages
             return self.published()
+        return self._heads(parts)
+
+    def _heads(self, parts: list[dict]) -> dict[str, set[str]]:
+        """Which of the data files of `parts` are published, by folder: a HEAD per file."""
         paths = [(folder, f"{p['name']}.parquet") for p in parts for folder in DATA_DIRS]
         found = self.fs.get_file_info([self._path(folder, name) for folder, name in paths])
         published = {folder: set() for folder in DATA_DIRS}
@@ -176,10 +188,7 @@ class CompactedLog:
         info = {"format": FORMAT, "seq": seq, "merged": sorted(checkpoints), "unique": kept.duplicates() == 0,
                 "folder": self.here}
         parts = [kept.parts[name] for name in sorted(kept.parts)]
-        data = encode(info, parts, kept.ids, placed)
-        name = checkpoint_name(seq, data)
-        self.fs.create_dir(self._path(CHECKPOINTS), recursive=True)
-        self._put(CHECKPOINTS, name, data)  # whole or absent, as a marker
+        name, size = self._write(info, parts, kept.ids, placed)
         self._checkpoints[name] = ({**info, "parts": len(parts), "placed": placed}, parts, kept.ids)
         self._step("checkpoint written")
         for part in sorted(view.loose):
@@ -188,19 +197,119 @@ class CompactedLog:
         for old in sorted(checkpoints):
             self._delete(self._path(CHECKPOINTS, old))
         done = {"checkpoint": name, "parts": len(parts), "placed": len(placed), "markers_folded": len(view.loose),
-                "checkpoints_merged": len(checkpoints), "bytes": len(data)}
+                "checkpoints_merged": len(checkpoints), "bytes": size}
         log.debug("%s: commit log compacted: %s", self.out_dir, done)  # one per run at least: not in the job output
         return done
 
+    def _write(self, info: dict, parts: list[dict], ids: pa.Table, placed: set[str]) -> tuple[str, int]:
+        """Write a checkpoint whole (or not at all, as a marker); its name and size."""
+        data = encode(info, parts, ids, placed)
+        name = checkpoint_name(info["seq"], data)
+        self.fs.create_dir(self._path(CHECKPOINTS), recursive=True)
+        self._put(CHECKPOINTS, name, data)
+        return name, len(data)
+
+    def fold(self, loose: Collection[str] | None = None) -> dict | None:
+        """A writer's compaction: the loose markers (`loose`: their names as listed, listed here
+        when not given) into a new checkpoint of their parts only, flagging `placed` those whose
+        data files a HEAD each finds in place; then the newest checkpoints merged while
+        `MERGE_AT` of one size tier are there (`_merge_tiers`). No older checkpoint is read
+        unless it is merged. Returns what it did (None: nothing loose)."""
+        sizes = self._checkpoint_sizes()
+        markers = []
+        for name in sorted(self._names("_commits") if loose is None else loose):
+            try:
+                with self.fs.open_input_stream(self._path("_commits", f"{name}.json")) as f:
+                    markers.append(json.loads(f.read()))
+            except FileNotFoundError:  # folded by another compaction since the listing (or removed)
+                continue
+        if not markers:
+            return None
+        self._step("read")
+        parts, ids = [fields(m) for m in markers], marker_rows(markers)
+        published = self._heads(parts)
+        placed = {p["name"] for p in parts if in_place(p["name"], p, published)}
+        column = ids.column("id")
+        info = {"format": FORMAT, "seq": 1 + max(map(_seq, sizes), default=0), "merged": [], "folder": self.here,
+                "unique": not len(column) or pc.count_distinct(column, mode="all").as_py() == len(column)}
+        name, size = self._write(info, parts, ids, placed)
+        self._step("checkpoint written")
+        for m in markers:
+            self._delete(self._path("_commits", f"{m['name']}.json"))
+        self._step("markers deleted")
+        merges = self._merge_tiers({**sizes, name: size}, size)
+        done = {"checkpoint": name, "parts": len(parts), "placed": len(placed), "markers_folded": len(markers),
+                "bytes": size, "merges": merges}
+        log.debug("%s: commit log folded: %s", self.out_dir, done)
+        return done
+
+    def _merge_tiers(self, sizes: dict[str, int], unit: int) -> list[dict]:
+        """Merge the newest checkpoints while `MERGE_AT` or more of one size tier are among the
+        newest of that tier or below (a tier: a power of `MERGE_AT` times `unit`, the bytes of
+        a fold, rounded). Always the newest ones (a suffix in `seq` order, never splitting a
+        `seq`), so that which copy of a part is the newest never changes (see `_merge`)."""
+        merges = []
+        while len(sizes) >= MERGE_AT:
+            names = sorted(sizes)  # by seq
+            tiers = [max(0, round(math.log(max(sizes[n], 1) / max(unit, 1), MERGE_AT))) for n in names]
+            suffix = None
+            for tier in range(max(tiers) + 1):
+                start = len(names)
+                while start and tiers[start - 1] <= tier:
+                    start -= 1
+                while 0 < start < len(names) and _seq(names[start - 1]) == _seq(names[start]):
+                    start -= 1
+                if sum(t == tier for t in tiers[start:]) >= MERGE_AT:
+                    suffix = names[start:]
+                    break
+            done = suffix and self._merge(suffix, set(sizes))
+            if not done:
+                return merges
+            for old in done.pop("gone"):
+                sizes.pop(old, None)
+            sizes[done["checkpoint"]] = done["bytes"]
+            merges.append(done)
+        return merges
+
+    def _merge(self, suffix: list[str], present: set[str]) -> dict | None:
+        """The checkpoints `suffix` (the newest) into one of the newest `seq` among them: it reads
+        as they did (`_view`), as the newest again. It merges, so readers skip, also the present
+        checkpoints that those merged (a compaction's deletions cut short): a removal's
+        checkpoint hides the parts it dropped from the older files until they go."""
+        try:
+            sources = {name: self._checkpoint(name) for name in suffix}
+        except FileNotFoundError:  # merged by another writer meanwhile: the next fold looks again
+            return None
+        view = _view(sources, [], set(), set(), self.here)
+        merged = sorted(set(suffix) | ({n for info, _, _ in sources.values() for n in info["merged"]} & present))
+        info = {"format": FORMAT, "seq": max(map(_seq, suffix)), "merged": merged, "folder": self.here,
+                "unique": view.duplicates() == 0}
+        name, size = self._write(info, [view.parts[n] for n in sorted(view.parts)], view.ids, view.placed)
+        for old in suffix:
+            self._checkpoints.pop(old, None)  # a writer does not read them again
+        self._step("merged")
+        for old in merged:
+            self._delete(self._path(CHECKPOINTS, old))
+        self._step("merged deleted")
+        return {"checkpoint": name, "parts": len(view.parts), "checkpoints_merged": len(merged), "bytes": size,
+                "gone": merged}
+
     def _maybe_compact(self, every: int) -> None:
-        """After a commit: compact when `every` loose markers or more are there. Concurrent
-        writers may both compact; both checkpoints are read (see the module's docstring)."""
-        if not every or len(self._names("_commits")) < every or not self.owns():
+        """After a commit: fold when `every` loose markers or more are there. Concurrent
+        writers may both fold; both checkpoints are read (see the module's docstring)."""
+        if not every:
+            return
+        loose = self._names("_commits")
+        if len(loose) < every or not self.owns():
             return
         try:
-            self.compact()
+            self.fold(loose)
         except (OSError, JobError) as err:  # the part is committed: a compaction left is the next one's
             log.warning("%s: commit log not compacted this time: %s", self.out_dir, err)
+
+
+def _seq(name: str) -> int:
+    return int(NAME.fullmatch(name).group(1))
 
 
 def in_place(name: str, part: dict, published: dict[str, set[str]]) -> bool:
@@ -238,8 +347,20 @@ def _view(sources: dict[str, tuple[dict, list[dict], pa.Table]], markers: list[d
         unique = False
     elif not sources:
         unique = True
-    elif len(sources) == 1 and sources[0][0].get("unique"):
-        unique = not loose_ids or not pc.any(pc.is_in(tables[0].column("id"),
-                                                      value_set=pa.array(loose_ids, pa.string()))).as_py()
+    elif all(info.get("unique") for info, _, _ in sources):  # each file's ids distinct: across files?
+        unique = _disjoint([t.column("id") for t in tables] + [loose_rows.column("id")])
     ids = pa.concat_tables([*tables, loose_rows]) if tables else loose_rows
     return LogView(dict(sorted(parts.items())), ids, loose, checkpoints, unique, placed)
+
+
+def _disjoint(columns: list[pa.ChunkedArray]) -> bool:
+    """Whether columns each without a repeated id share none: all but the largest are hashed
+    (`count_distinct`), and the largest is looked up in them (`pc.is_in`)."""
+    largest = max(range(len(columns)), key=lambda k: len(columns[k]))
+    rest = [c.combine_chunks() for k, c in enumerate(columns) if k != largest and len(c)]
+    if not rest:
+        return True
+    rest = pa.concat_arrays(rest)
+    if pc.count_distinct(rest, mode="all").as_py() < len(rest):
+        return False
+    return not pc.any(pc.is_in(columns[largest], value_set=rest)).as_py()

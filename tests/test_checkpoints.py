@@ -115,7 +115,8 @@ def test_writers_compact_every_n_commits_and_the_run_at_its_end(uri):
     log.take_over(grace_s=0)  # the owner's setting, which every writer of the run follows
     writer = CommitLog(uri, owner=log.owner)
     _commit_parts(writer, 0, 13)
-    assert len(_files(uri, "_commits")) < 5 and len(_files(uri, CHECKPOINTS)) == 1
+    # Two folds (at the 5th and the 10th commit), each a checkpoint of its own 5 parts.
+    assert len(_files(uri, "_commits")) == 3 and len(_files(uri, CHECKPOINTS)) == 2
     assert CommitLog(uri).committed_ids() == {f"img{i:04d}" for i in range(13)}
     seen = {m["name"] for m in CommitLog(uri).markers()}
     progress = CommitLog(uri)  # a reader that keeps looking, as the progress line does
@@ -126,7 +127,7 @@ def test_writers_compact_every_n_commits_and_the_run_at_its_end(uri):
     account = log.account([f"img{i:04d}" for i in range(17)])
     log.finish({}, account, "inputs")
     assert _files(uri, "_commits") == [] and len(_files(uri, CHECKPOINTS)) == 1 and "_SUCCESS" in _files(uri, "")
-    files = _files(uri, CHECKPOINTS)
+    files = _files(uri, CHECKPOINTS)  # the run's end merged the three folds
     log.finish({}, account, "inputs")  # nothing loose: nothing rewritten
     assert _files(uri, CHECKPOINTS) == files
 
