@@ -38,6 +38,7 @@ from collections.abc import Collection
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
 from blipinpaint.commits import DATA_DIRS
@@ -49,6 +50,7 @@ JSON_FORMAT = "blipinpaint.commit-checkpoint/1"  # gzipped JSON: read, and compa
 COMPACT_EVERY = 500  # `stream.compact_every`'s default: docs/configuration.md says why
 LIST_PAGE = 1000  # names per listing request (S3's page)
 READ_TRIES = 8  # reads racing that many compactions in a row give up, named
+UNMERGED = 1 << 62  # the part count given a checkpoint a writer's compaction leaves to the run's end
 MERGE_AT = 4  # checkpoints of one size tier that a writer's compaction merges into one (the docstring says why)
 NAME = re.compile(r"ckpt-(\d{8})-([0-9a-f]{32})\.(parquet|json\.gz)")
 log = logging.getLogger(__name__)
@@ -85,11 +87,33 @@ class CompactedLog:
             return {name for name in files if pattern.fullmatch(name)}
         return {name[:-len(".json")] for name in files if name.endswith(".json") and not name.startswith(".")}
 
-    def _checkpoint_sizes(self) -> dict[str, int]:
-        """The checkpoints present and their sizes in bytes: one listing (the size tiers need no read)."""
+    @property
+    def _counts(self) -> dict[str, int]:
+        """How many parts each checkpoint seen holds, by name (so by digest)."""
+        return self.__dict__.setdefault("_counts_seen", {})
+
+    def _part_counts(self) -> dict[str, int]:
+        """The checkpoints present and how many parts each holds: one listing, then the footer
+        of each Parquet one not seen before (a HEAD and a ranged GET: the count in its metadata, not
+        checked against the digest; it only picks what to merge, and a merge reads whole).
+        A checkpoint of the first format counts as too large to merge (the run's end does)."""
         selector = pafs.FileSelector(self._path(CHECKPOINTS), allow_not_found=True)
-        return {i.base_name: i.size for i in self.fs.get_file_info(selector)
-                if i.type == pafs.FileType.File and NAME.fullmatch(i.base_name)}
+        counts = {}
+        for i in self.fs.get_file_info(selector):
+            if i.type != pafs.FileType.File or not NAME.fullmatch(i.base_name):
+                continue
+            if i.base_name not in self._counts:
+                try:
+                    with self.fs.open_input_file(i.path) as f:  # a HEAD and the footer
+                        meta = pq.read_schema(f).metadata or {}
+                except FileNotFoundError:  # merged by another writer since the listing
+                    continue
+                except (OSError, pa.ArrowException):  # not Parquet: the first format
+                    meta = {}
+                found = json.loads(meta.get(b"blipinpaint", b"{}")).get("parts")
+                self._counts[i.base_name] = found if isinstance(found, int) else UNMERGED
+            counts[i.base_name] = self._counts[i.base_name]
+        return counts
 
     def _checkpoint(self, name: str) -> tuple[dict, list[dict], pa.Table]:
         """A checkpoint's metadata, part fields and id rows: read and checked once, then kept
@@ -215,7 +239,7 @@ class CompactedLog:
         data files a HEAD each finds in place; then the newest checkpoints merged while
         `MERGE_AT` of one size tier are there (`_merge_tiers`). No older checkpoint is read
         unless it is merged. Returns what it did (None: nothing loose)."""
-        sizes = self._checkpoint_sizes()
+        counts = self._part_counts()
         markers = []
         for name in sorted(self._names("_commits") if loose is None else loose):
             try:
@@ -230,30 +254,31 @@ class CompactedLog:
         published = self._heads(parts)
         placed = {p["name"] for p in parts if in_place(p["name"], p, published)}
         column = ids.column("id")
-        info = {"format": FORMAT, "seq": 1 + max(map(_seq, sizes), default=0), "merged": [], "folder": self.here,
+        info = {"format": FORMAT, "seq": 1 + max(map(_seq, counts), default=0), "merged": [], "folder": self.here,
                 "unique": not len(column) or pc.count_distinct(column, mode="all").as_py() == len(column)}
         name, size = self._write(info, parts, ids, placed)
         self._step("checkpoint written")
         for m in markers:
             self._delete(self._path("_commits", f"{m['name']}.json"))
         self._step("markers deleted")
-        merges = self._merge_tiers({**sizes, name: size}, size)
+        self._counts[name] = len(parts)
+        merges = self._merge_tiers({**counts, name: len(parts)}, len(parts))
         done = {"checkpoint": name, "parts": len(parts), "placed": len(placed), "markers_folded": len(markers),
                 "bytes": size, "merges": merges}
         log.debug("%s: commit log folded: %s", self.out_dir, done)
         return done
 
-    def _merge_tiers(self, sizes: dict[str, int], unit: int) -> list[dict]:
-        """Merge the newest checkpoints while `MERGE_AT` or more of one size tier are among the
-        newest of that tier or below (a tier: a power of `MERGE_AT` times `unit`, the bytes of
-        a fold, rounded). Always the newest ones (a suffix in `seq` order, never splitting a
-        `seq`), so that which copy of a part is the newest never changes (see `_merge`)."""
+    def _merge_tiers(self, counts: dict[str, int], unit: int) -> list[dict]:
+        """Merge the newest checkpoints (`counts`: name -> parts) while `MERGE_AT` or more of one
+        size tier are among the newest of that tier or below (tier t: about `MERGE_AT`^t times
+        `unit`, the parts of a fold). Always the newest ones (a suffix in `seq` order, never
+        splitting a `seq`), so that which copy of a part is the newest never changes (`_merge`)."""
         merges = []
-        while len(sizes) >= MERGE_AT:
-            names = sorted(sizes)  # by seq
-            tiers = [max(0, round(math.log(max(sizes[n], 1) / max(unit, 1), MERGE_AT))) for n in names]
+        while len(counts) >= MERGE_AT:
+            names = sorted(counts)  # by seq
+            tiers = [max(0, round(math.log(max(counts[n], 1) / max(unit, 1), MERGE_AT))) for n in names]
             suffix = None
-            for tier in range(max(tiers) + 1):
+            for tier in sorted(set(tiers)):
                 start = len(names)
                 while start and tiers[start - 1] <= tier:
                     start -= 1
@@ -262,12 +287,12 @@ class CompactedLog:
                 if sum(t == tier for t in tiers[start:]) >= MERGE_AT:
                     suffix = names[start:]
                     break
-            done = suffix and self._merge(suffix, set(sizes))
+            done = suffix and self._merge(suffix, set(counts))
             if not done:
                 return merges
             for old in done.pop("gone"):
-                sizes.pop(old, None)
-            sizes[done["checkpoint"]] = done["bytes"]
+                counts.pop(old, None)
+            counts[done["checkpoint"]] = done["parts"]
             merges.append(done)
         return merges
 
@@ -285,6 +310,7 @@ class CompactedLog:
         info = {"format": FORMAT, "seq": max(map(_seq, suffix)), "merged": merged, "folder": self.here,
                 "unique": view.duplicates() == 0}
         name, size = self._write(info, [view.parts[n] for n in sorted(view.parts)], view.ids, view.placed)
+        self._counts[name] = len(view.parts)
         for old in suffix:
             self._checkpoints.pop(old, None)  # a writer does not read them again
         self._step("merged")
