@@ -92,8 +92,9 @@ def main() -> None:
         folder = tempfile.mkdtemp(prefix=f"compaction-{parts}-", dir=args.dir)
         try:
             env = {**os.environ, "PYTHONPATH": str(code)}
+            # In the run's folder: `-c` puts the working directory first on the path (not this tree).
             proc = subprocess.run([sys.executable, "-c", RUN, f"{folder}/out", str(parts), str(args.rows),
-                                   str(args.every), str(code)], env=env, cwd=folder,  # not this tree's: `-c` puts the cwd first
+                                   str(args.every), str(code)], env=env, cwd=folder,
                                   capture_output=True, text=True, check=False)
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             if line is None:

@@ -2,27 +2,49 @@
 
 A commit writes one marker, `_commits/<part>.json`; a reader that opens each pays a request
 per part (4.4 ms on the S3 endpoint on 127.0.0.1, 175 s for the 40,000 parts of 10^7
-inputs). A compaction folds the loose markers and the checkpoints present into one new
-checkpoint, `_checkpoints/ckpt-<seq>-<digest>.parquet` (columns: `blipinpaint.log_table`),
-then deletes the markers it folded in, then the checkpoints it merged. The log is what a
-reader finds: every checkpoint present (a higher `seq` wins a part both hold), then the
-loose markers (a marker wins over any checkpoint's copy of its part: it is the newer). So a
-compaction cut at any step reads the same: before its checkpoint lands nothing changed;
-after, its checkpoint and whatever it has not deleted yet hold the same markers. A reader
-lists `_commits/` before `_checkpoints/` (a marker it misses was folded into a checkpoint
-written before it went), and reads again when a file it listed is gone meanwhile (a
-compaction finished in between).
+inputs). Checkpoints, `_checkpoints/ckpt-<seq>-<digest>.parquet` (columns:
+`blipinpaint.log_table`), hold them instead. The log is what a reader finds: every
+checkpoint present but those another present one merged (a higher `seq` wins a part two
+hold), then the loose markers (a marker wins over any checkpoint's copy of its part: it is
+the newer). A reader lists `_commits/` before `_checkpoints/` (a marker it misses was folded
+into a checkpoint written before it went), and reads again when a file it listed is gone
+meanwhile (a compaction finished in between).
+
+Two compactions, each a new file first, then deletions, so one cut at any step reads the
+same (before its file lands nothing changed; after, its file holds what the files it has
+not deleted yet hold):
+- a writer's (`fold`, every `stream.compact_every` commits) costs the parts committed since,
+  not the log: the loose markers become a checkpoint of their parts only (newest `seq`),
+  flagged `placed` by a HEAD per data file, then the markers go. Then, while `MERGE_AT` (4)
+  checkpoints of one size tier (about 4^t folds' parts) are among the newest, they are
+  merged into one (the newest ones only, never splitting a `seq`, taking the newest `seq`
+  among them: which copy of a part is the newest never changes), then deleted. A part is
+  rewritten once per tier it climbs: a run of F folds writes each part about
+  1 + log4(F) times (5.8 at the 781 folds of 10^8 inputs), and at most 3 checkpoints a tier
+  are present (a reader reads O(log F) files: 3 x 5 = 15 at most at 10^8).
+- a run's end (`finish`) and a removal (`compact(drop)`) fold everything, checkpoints and
+  markers, into one, listing the data folders for the flags: O(N) once a run, and what a
+  removal needs (a checkpoint without the parts removed, merging every older one).
+A merge also merges the present checkpoints that its sources had merged (a removal's
+deletions cut short): were those left, its sources gone, they would read again, with the
+parts the removal dropped.
 
 Trusted by content, never by name: `<digest>` is the BLAKE2b of the file's bytes, checked on
 every first read (one GET of the whole file, then parsed from memory), and a checkpoint that
 does not match is refused, named; its parts are checked against the data files like loose
 ones (`recover`, `account`), so a stale or copied checkpoint whose parts are not here counts
 nothing as done. The file says what made it: its format, `seq`, the checkpoints it merged
-(by name, so by digest), whether its ids are all distinct, and each marker whole.
-A compaction lists the data folders and flags `placed` the parts whose files it found there
-(in the folder it names): `recover` looks for the files of the other parts only. Checkpoints
-of the first format (`ckpt-<seq>-<digest>.json.gz`, gzipped JSON) and of the second (Parquet,
-no flags) are read the same way, and the next compaction rewrites them.
+(by name, so by digest), its part count, whether its ids are all distinct (within the file),
+and each marker whole. What to merge is picked from the part counts in the checkpoints'
+footers (a ranged read, not checked: a merge reads and checks its sources whole).
+Every compaction flags `placed` the parts whose files it found in place (in the folder it
+names): `recover` looks for the files of the other parts only. An id in two parts is found
+by the readers that need it (`recover`, `account`) with Arrow: the ids of all checkpoints
+but the largest and of the loose markers hashed, the largest looked up in them
+(`log_table.disjoint`), when each file says its own ids are distinct; else every id counted.
+Checkpoints of the first format (`ckpt-<seq>-<digest>.json.gz`, gzipped JSON) and of the
+second (Parquet, no flags) are read the same way; the next compaction of the whole log
+rewrites them (a writer's leaves a JSON one to it).
 How compaction interleaves with commits: RELIABILITY.md, "The commit log's checkpoints".
 """
 
@@ -43,7 +65,7 @@ from pyarrow import fs as pafs
 
 from blipinpaint.commits import DATA_DIRS
 from blipinpaint.errors import JobError
-from blipinpaint.log_table import FORMAT, READS, LogView, decode, encode, fields, marker_rows, part_mask
+from blipinpaint.log_table import FORMAT, READS, LogView, decode, encode, fields, log_view, marker_rows
 
 CHECKPOINTS = "_checkpoints"
 JSON_FORMAT = "blipinpaint.commit-checkpoint/1"  # gzipped JSON: read, and compacted anew as Parquet
@@ -161,7 +183,7 @@ class CompactedLog:
                 continue
             self._checkpoints = {name: self._checkpoints[name] for name in checkpoints}  # the merged ones go
             self._loose = {name: m for name, m in self._loose.items() if name in loose}
-            return _view(dict(zip(sorted(checkpoints), sources)), markers, set(skip), loose, self.here)
+            return log_view(dict(zip(sorted(checkpoints), sources)), markers, set(skip), loose, self.here)
         raise JobError(f"{self.out_dir}: the commit log changed under {READ_TRIES} reads in a row "
                        "(compactions running back to back?); run the same command again")
 
@@ -298,14 +320,14 @@ class CompactedLog:
 
     def _merge(self, suffix: list[str], present: set[str]) -> dict | None:
         """The checkpoints `suffix` (the newest) into one of the newest `seq` among them: it reads
-        as they did (`_view`), as the newest again. It merges, so readers skip, also the present
+        as they did (`log_table.log_view`), as the newest again. It merges, so readers skip, also the present
         checkpoints that those merged (a compaction's deletions cut short): a removal's
         checkpoint hides the parts it dropped from the older files until they go."""
         try:
             sources = {name: self._checkpoint(name) for name in suffix}
         except FileNotFoundError:  # merged by another writer meanwhile: the next fold looks again
             return None
-        view = _view(sources, [], set(), set(), self.here)
+        view = log_view(sources, [], set(), set(), self.here)
         merged = sorted(set(suffix) | ({n for info, _, _ in sources.values() for n in info["merged"]} & present))
         info = {"format": FORMAT, "seq": max(map(_seq, suffix)), "merged": merged, "folder": self.here,
                 "unique": view.duplicates() == 0}
@@ -342,51 +364,3 @@ def in_place(name: str, part: dict, published: dict[str, set[str]]) -> bool:
     """Whether a part's data files are published in the folders it has rows in, and in no other
     (a re-commit that moved its rows between folders and was cut short leaves one there)."""
     return all((f"{name}.parquet" in published[folder]) == (folder in part["staged"]) for folder in DATA_DIRS)
-
-
-def _view(sources: dict[str, tuple[dict, list[dict], pa.Table]], markers: list[dict], skip: set[str],
-          loose: set[str], here: str) -> LogView:
-    """The log from its checkpoints (by name, so in `seq` order) and loose markers: the last copy
-    of a part wins, the parts in `skip` are left out. A checkpoint that another one present
-    merged is not read: that one holds all its parts but those a removal dropped (a removal cut
-    short before it deleted the older file). A part is `placed` when the checkpoint it is read
-    from found it in place in this folder (`here`) and no loose marker is newer. Whether an id
-    is in two parts is known without hashing every id when there is one checkpoint, whose
-    compaction said, and the loose ids are looked up in it."""
-    checkpoints = set(sources)
-    superseded = {name for info, _, _ in sources.values() for name in info["merged"]}
-    sources = [content for name, content in sources.items() if name not in superseded]
-    owner = {p["name"]: k for k, (_, parts, _) in enumerate(sources) for p in parts}
-    owner |= {m["name"]: len(sources) for m in markers}
-    parts, tables, placed = {}, [], set()
-    for k, (info, fields_, ids) in enumerate(sources):
-        won = {p["name"] for p in fields_ if owner[p["name"]] == k and p["name"] not in skip}
-        parts |= {p["name"]: p for p in fields_ if p["name"] in won}
-        tables.append(ids if len(won) == len(fields_) else ids.filter(part_mask(ids.column("part"), won)))
-        if info.get("folder") == here:  # flags found in another folder (a checkpoint copied here) say nothing
-            placed |= info["placed"] & won
-    parts |= {m["name"]: fields(m) for m in markers}
-    loose_rows = marker_rows(markers)
-    loose_ids = loose_rows.column("id").to_pylist()
-    unique = None
-    if len(set(loose_ids)) < len(loose_ids):
-        unique = False
-    elif not sources:
-        unique = True
-    elif all(info.get("unique") for info, _, _ in sources):  # each file's ids distinct: across files?
-        unique = _disjoint([t.column("id") for t in tables] + [loose_rows.column("id")])
-    ids = pa.concat_tables([*tables, loose_rows]) if tables else loose_rows
-    return LogView(dict(sorted(parts.items())), ids, loose, checkpoints, unique, placed)
-
-
-def _disjoint(columns: list[pa.ChunkedArray]) -> bool:
-    """Whether columns each without a repeated id share none: all but the largest are hashed
-    (`count_distinct`), and the largest is looked up in them (`pc.is_in`)."""
-    largest = max(range(len(columns)), key=lambda k: len(columns[k]))
-    rest = [c.combine_chunks() for k, c in enumerate(columns) if k != largest and len(c)]
-    if not rest:
-        return True
-    rest = pa.concat_arrays(rest)
-    if pc.count_distinct(rest, mode="all").as_py() < len(rest):
-        return False
-    return not pc.any(pc.is_in(columns[largest], value_set=rest)).as_py()
