@@ -2,7 +2,8 @@
 writer (`CommitLog.commit`, 256 error rows a part, as `bench/scale.py --log-markers`
 builds its log) with `stream.compact_every` = 500, on the local disk, each size in a
 process of its own and a fresh folder. Reports the seconds the commits spent compacting
-(`_maybe_compact`, the writer's compaction), the checkpoint bytes they wrote, the most a
+(`_maybe_compact`, the writer's compaction), wall and CPU (the process's, all threads:
+what a loaded machine changes least), the checkpoint bytes they wrote, the most a
 single one took, the checkpoints present at the end, a new reader's read of the ids then,
 and the run's end (`compact()`, one checkpoint). `--code` runs another tree's
 `blipinpaint` (e.g. main's, exported with `git archive`) through the same script.
@@ -31,20 +32,24 @@ from blipinpaint.commit_log import CommitLog
 from blipinpaint.records import encode_rows
 
 folder, parts, rows, every = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-spent = {"compact_s": 0.0, "check_s": 0.0, "compactions": 0, "max_s": 0.0, "bytes": 0}
+spent = {"compact_s": 0.0, "compact_cpu_s": 0.0, "check_s": 0.0, "check_cpu_s": 0.0, "compactions": 0,
+         "max_s": 0.0, "max_cpu_s": 0.0, "bytes": 0}
 compact, put = CommitLog._maybe_compact, CommitLog._put
 
 def timed_compact(self, every):
     loose = len(self._names("_commits"))
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     compact(self, every)
-    took = time.perf_counter() - t0
+    took, cpu = time.perf_counter() - t0, time.process_time() - c0
     if every and loose >= every:  # a compaction (its listing of `_commits/` included)
         spent["compactions"] += 1
         spent["compact_s"] += took
+        spent["compact_cpu_s"] += cpu
         spent["max_s"] = max(spent["max_s"], took)
+        spent["max_cpu_s"] = max(spent["max_cpu_s"], cpu)
     else:  # the listing of `_commits/` every commit makes to know whether to compact
         spent["check_s"] += took
+        spent["check_cpu_s"] += cpu
 
 def counted_put(self, where, name, data):
     if where == CHECKPOINTS:
@@ -61,14 +66,14 @@ spent["run_s"] = time.perf_counter() - t0
 spent["checkpoints_at_end"] = len(CommitLog(folder)._names(CHECKPOINTS, commit_log.CHECKPOINT_NAME))
 import blipinpaint
 assert blipinpaint.__file__.startswith(sys.argv[5]), blipinpaint.__file__  # the tree asked for
-t0 = time.perf_counter()
+t0, c0 = time.perf_counter(), time.process_time()
 ids = CommitLog(folder).committed_id_array()
-spent["read_ids_s"] = time.perf_counter() - t0
+spent["read_ids_s"], spent["read_ids_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
 assert len(ids) == parts * rows, len(ids)
 written = spent["bytes"]
-t0 = time.perf_counter()
+t0, c0 = time.perf_counter(), time.process_time()
 done = CommitLog(folder).compact()
-spent["end_compact_s"] = time.perf_counter() - t0
+spent["end_compact_s"], spent["end_compact_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
 spent["end_bytes"] = spent["bytes"] - written
 spent["final_checkpoint_bytes"] = done["bytes"] if done else None
 print("RESULT " + json.dumps(spent))

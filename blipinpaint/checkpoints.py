@@ -128,12 +128,15 @@ class CompactedLog:
                 try:
                     with self.fs.open_input_file(i.path) as f:  # a HEAD and the footer
                         meta = pq.read_schema(f).metadata or {}
+                    found = json.loads(meta.get(b"blipinpaint", b"{}")).get("parts")
                 except FileNotFoundError:  # merged by another writer since the listing
                     continue
-                except (OSError, pa.ArrowException):  # not Parquet: the first format
-                    meta = {}
-                found = json.loads(meta.get(b"blipinpaint", b"{}")).get("parts")
-                self._counts[i.base_name] = found if isinstance(found, int) else UNMERGED
+                except (OSError, ValueError, pa.ArrowException):  # not Parquet (the first format), or unread
+                    found = None
+                if not isinstance(found, int):
+                    counts[i.base_name] = UNMERGED  # not kept: read again next time
+                    continue
+                self._counts[i.base_name] = found
             counts[i.base_name] = self._counts[i.base_name]
         return counts
 

@@ -104,13 +104,17 @@ class LogView:
     checkpoints: set[str] = field(default_factory=set)
     unique: bool | None = None  # no id in two parts, when known without hashing every id
     placed: set[str] = field(default_factory=set)  # parts a compaction in this folder found in place
+    disjoint: list[pa.ChunkedArray] | None = None  # else columns each without a repeated id: none shared?
 
     def id_array(self) -> pa.Array:
         column = self.ids.column("id")
         return column.combine_chunks() if column.num_chunks else pa.array([], pa.string())
 
     def duplicates(self) -> int:
-        """Rows beyond an id's first (0 without hashing the ids when `unique` says so)."""
+        """Rows beyond an id's first (0 without hashing every id when `unique` says so, or
+        when the columns of `disjoint` share none: checked here, when asked)."""
+        if self.unique is None and self.disjoint:
+            self.unique, self.disjoint = disjoint(self.disjoint), None
         if self.unique:
             return 0
         return self.ids.num_rows - pc.count_distinct(self.ids.column("id"), mode="all").as_py()
@@ -125,7 +129,7 @@ class LogView:
             return self
         return LogView({n: p for n, p in self.parts.items() if n in names},
                        self.ids.filter(part_mask(self.ids.column("part"), names)), self.loose, self.checkpoints,
-                       self.unique, self.placed & names)
+                       self.unique, self.placed & names, self.disjoint)
 
     def markers(self) -> list[dict]:
         """Whole markers in name order: a Python object per id (for small logs and callers)."""
@@ -164,25 +168,25 @@ def log_view(sources: dict[str, tuple[dict, list[dict], pa.Table]], markers: lis
     parts |= {m["name"]: fields(m) for m in markers}
     loose_rows = marker_rows(markers)
     loose_ids = loose_rows.column("id").to_pylist()
-    unique = None
+    unique, columns = None, None
     if len(set(loose_ids)) < len(loose_ids):
         unique = False
     elif not sources:
         unique = True
     elif all(info.get("unique") for info, _, _ in sources):  # each file's ids distinct: across files?
-        unique = disjoint([t.column("id") for t in tables] + [loose_rows.column("id")])
+        columns = [t.column("id") for t in tables] + [loose_rows.column("id")]  # (checked when asked)
     ids = pa.concat_tables([*tables, loose_rows]) if tables else loose_rows
-    return LogView(dict(sorted(parts.items())), ids, loose, checkpoints, unique, placed)
+    return LogView(dict(sorted(parts.items())), ids, loose, checkpoints, unique, placed, columns)
 
 
 def disjoint(columns: list[pa.ChunkedArray]) -> bool:
-    """Whether columns each without a repeated id share none: all but the largest are hashed
-    (`count_distinct`), and the largest is looked up in them (`pc.is_in`)."""
-    largest = max(range(len(columns)), key=lambda k: len(columns[k]))
-    rest = [c.combine_chunks() for k, c in enumerate(columns) if k != largest and len(c)]
-    if not rest:
-        return True
-    rest = pa.concat_arrays(rest)
-    if pc.count_distinct(rest, mode="all").as_py() < len(rest):
-        return False
-    return not pc.any(pc.is_in(columns[largest], value_set=rest)).as_py()
+    """Whether columns each without a repeated id share none: from the smallest up, each is
+    hashed once (`pc.is_in`'s value set) and the larger ones are looked up in it; the
+    largest is never hashed (`count_distinct` took several times as long here)."""
+    columns = sorted((c for c in columns if len(c)), key=len, reverse=True)
+    while len(columns) > 1:
+        smallest = columns.pop().combine_chunks()
+        larger = pa.chunked_array([chunk for c in columns for chunk in c.chunks], pa.string())
+        if pc.any(pc.is_in(larger, value_set=smallest)).as_py():
+            return False
+    return True
