@@ -558,3 +558,21 @@ def test_a_merge_keeps_hidden_what_a_removal_dropped_from_an_older_checkpoint(ur
     assert old in merge["gone"] and _files(uri, CHECKPOINTS) == [merge["checkpoint"]]
     assert CommitLog(uri).committed_ids() == {"a", "b", "e"}
     assert CommitLog(uri).account(["a", "b", "d", "e"]).missing == ["d"]
+
+
+def test_writers_folds_leave_a_checkpoint_of_the_earlier_json_format_to_the_runs_end(tmp_path):
+    """A checkpoint of the first format has no part count in a footer: the folds merge among
+    themselves and leave it, the log reads the same, and the run's end rewrites it."""
+    uri = str(tmp_path / "out")
+    log = CommitLog(uri, compact_every=0)
+    _commit_parts(log, 0, 12)
+    old = _json_checkpoint(uri)
+    for i in range(12, 16):
+        _commit_parts(log, i, 1)
+        log.fold()
+    (merged,) = [name for name in _files(uri, CHECKPOINTS) if name != old]
+    assert old in _files(uri, CHECKPOINTS) and len(_files(uri, CHECKPOINTS)) == 2
+    assert CommitLog(uri).committed_ids() == {f"img{i:04d}" for i in range(16)}
+    done = CommitLog(uri).compact()
+    assert done["checkpoints_merged"] == 2 and _files(uri, CHECKPOINTS) == [done["checkpoint"]]
+    assert CommitLog(uri).committed_ids() == {f"img{i:04d}" for i in range(16)}
