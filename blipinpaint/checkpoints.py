@@ -20,7 +20,7 @@ not deleted yet hold):
   merged into one (the newest ones only, never splitting a `seq`, taking the newest `seq`
   among them: which copy of a part is the newest never changes), then deleted. A part is
   rewritten once per tier it climbs: a run of F folds writes each part about
-  1 + log4(F) times (5.8 at the 781 folds of 10^8 inputs), and at most 3 checkpoints a tier
+  1 + log4(F) times at most (4.9 at the 781 folds of 10^8 inputs), and at most 3 checkpoints a tier
   are present (a reader reads O(log F) files: 3 x 5 = 15 at most at 10^8).
 - a run's end (`finish`) and a removal (`compact(drop)`) fold everything, checkpoints and
   markers, into one, listing the data folders for the flags: O(N) once a run, and what a
