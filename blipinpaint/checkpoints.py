@@ -39,9 +39,10 @@ and each marker whole. What to merge is picked from the part counts in the check
 footers (a ranged read, not checked: a merge reads and checks its sources whole).
 Every compaction flags `placed` the parts whose files it found in place (in the folder it
 names): `recover` looks for the files of the other parts only. An id in two parts is found
-by the readers that need it (`recover`, `account`) with Arrow: the ids of all checkpoints
-but the largest and of the loose markers hashed, the largest looked up in them
-(`log_table.disjoint`), when each file says its own ids are distinct; else every id counted.
+by the readers that need it (`recover`, `account`) with Arrow, when each file says its own
+ids are distinct: the id columns (each checkpoint's, the loose markers') hashed from the
+smallest up and the larger ones looked up in each (`log_table.disjoint`: the largest is
+never hashed); else every id counted.
 Checkpoints of the first format (`ckpt-<seq>-<digest>.json.gz`, gzipped JSON) and of the
 second (Parquet, no flags) are read the same way; the next compaction of the whole log
 rewrites them (a writer's leaves a JSON one to it).
@@ -280,7 +281,7 @@ class CompactedLog:
         placed = {p["name"] for p in parts if in_place(p["name"], p, published)}
         column = ids.column("id")
         info = {"format": FORMAT, "seq": 1 + max(map(_seq, counts), default=0), "merged": [], "folder": self.here,
-                "unique": not len(column) or pc.count_distinct(column, mode="all").as_py() == len(column)}
+                "unique": len(pc.unique(column)) == len(column)}
         name, size = self._write(info, parts, ids, placed)
         self._step("checkpoint written")
         for m in markers:

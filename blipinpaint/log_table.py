@@ -144,6 +144,7 @@ class LogView:
                 m["error_kinds"].append(kind)
         return [out[name] for name in sorted(out)]
 
+
 def log_view(sources: dict[str, tuple[dict, list[dict], pa.Table]], markers: list[dict], skip: set[str],
              loose: set[str], here: str) -> LogView:
     """The log from its checkpoints (by name, so in `seq` order) and loose markers: the last copy
