@@ -8,7 +8,8 @@ per id. One Parquet file, two kinds of rows: first one row per part (`part`, and
 the marker's other fields as JSON, and `placed`: whether the compaction that wrote the file
 found the part's data files in place, in row groups of their own), then one row per id
 (`part`, `id`, `error_kind`: null for a sample). `LogView` is the log as a reader found it:
-the parts' fields, one table of ids, and the parts a compaction here found in place.
+the parts' fields, one table of ids, and the parts a compaction here found in place;
+`log_view` makes it from the checkpoints and markers read (`blipinpaint.checkpoints`).
 """
 
 from __future__ import annotations
@@ -103,13 +104,17 @@ class LogView:
     checkpoints: set[str] = field(default_factory=set)
     unique: bool | None = None  # no id in two parts, when known without hashing every id
     placed: set[str] = field(default_factory=set)  # parts a compaction in this folder found in place
+    disjoint: list[pa.ChunkedArray] | None = None  # else columns each without a repeated id: none shared?
 
     def id_array(self) -> pa.Array:
         column = self.ids.column("id")
         return column.combine_chunks() if column.num_chunks else pa.array([], pa.string())
 
     def duplicates(self) -> int:
-        """Rows beyond an id's first (0 without hashing the ids when `unique` says so)."""
+        """Rows beyond an id's first (0 without hashing every id when `unique` says so, or
+        when the columns of `disjoint` share none: checked here, when asked)."""
+        if self.unique is None and self.disjoint:
+            self.unique, self.disjoint = disjoint(self.disjoint), None
         if self.unique:
             return 0
         return self.ids.num_rows - pc.count_distinct(self.ids.column("id"), mode="all").as_py()
@@ -124,7 +129,7 @@ class LogView:
             return self
         return LogView({n: p for n, p in self.parts.items() if n in names},
                        self.ids.filter(part_mask(self.ids.column("part"), names)), self.loose, self.checkpoints,
-                       self.unique, self.placed & names)
+                       self.unique, self.placed & names, self.disjoint)
 
     def markers(self) -> list[dict]:
         """Whole markers in name order: a Python object per id (for small logs and callers)."""
@@ -138,3 +143,51 @@ class LogView:
                 m["errors"].append(i)
                 m["error_kinds"].append(kind)
         return [out[name] for name in sorted(out)]
+
+
+def log_view(sources: dict[str, tuple[dict, list[dict], pa.Table]], markers: list[dict], skip: set[str],
+             loose: set[str], here: str) -> LogView:
+    """The log from its checkpoints (by name, so in `seq` order) and loose markers: the last copy
+    of a part wins, the parts in `skip` are left out. A checkpoint that another one present
+    merged is not read: that one holds all its parts but those a removal dropped (a removal cut
+    short before it deleted the older file). A part is `placed` when the checkpoint it is read
+    from found it in place in this folder (`here`) and no loose marker is newer. Whether an id
+    is in two parts is known without hashing every id when every checkpoint says its own ids
+    are distinct: then the files are checked against one another (`disjoint`)."""
+    checkpoints = set(sources)
+    superseded = {name for info, _, _ in sources.values() for name in info["merged"]}
+    sources = [content for name, content in sources.items() if name not in superseded]
+    owner = {p["name"]: k for k, (_, parts, _) in enumerate(sources) for p in parts}
+    owner |= {m["name"]: len(sources) for m in markers}
+    parts, tables, placed = {}, [], set()
+    for k, (info, fields_, ids) in enumerate(sources):
+        won = {p["name"] for p in fields_ if owner[p["name"]] == k and p["name"] not in skip}
+        parts |= {p["name"]: p for p in fields_ if p["name"] in won}
+        tables.append(ids if len(won) == len(fields_) else ids.filter(part_mask(ids.column("part"), won)))
+        if info.get("folder") == here:  # flags found in another folder (a checkpoint copied here) say nothing
+            placed |= info["placed"] & won
+    parts |= {m["name"]: fields(m) for m in markers}
+    loose_rows = marker_rows(markers)
+    loose_ids = loose_rows.column("id").to_pylist()
+    unique, columns = None, None
+    if len(set(loose_ids)) < len(loose_ids):
+        unique = False
+    elif not sources:
+        unique = True
+    elif all(info.get("unique") for info, _, _ in sources):  # each file's ids distinct: across files?
+        columns = [t.column("id") for t in tables] + [loose_rows.column("id")]  # (checked when asked)
+    ids = pa.concat_tables([*tables, loose_rows]) if tables else loose_rows
+    return LogView(dict(sorted(parts.items())), ids, loose, checkpoints, unique, placed, columns)
+
+
+def disjoint(columns: list[pa.ChunkedArray]) -> bool:
+    """Whether columns each without a repeated id share none: from the smallest up, each is
+    hashed once (`pc.is_in`'s value set) and the larger ones are looked up in it; the
+    largest is never hashed (`count_distinct` took several times as long here)."""
+    columns = sorted((c for c in columns if len(c)), key=len, reverse=True)
+    while len(columns) > 1:
+        smallest = columns.pop().combine_chunks()
+        larger = pa.chunked_array([chunk for c in columns for chunk in c.chunks], pa.string())
+        if pc.any(pc.is_in(larger, value_set=smallest)).as_py():
+            return False
+    return True

@@ -115,7 +115,8 @@ def test_writers_compact_every_n_commits_and_the_run_at_its_end(uri):
     log.take_over(grace_s=0)  # the owner's setting, which every writer of the run follows
     writer = CommitLog(uri, owner=log.owner)
     _commit_parts(writer, 0, 13)
-    assert len(_files(uri, "_commits")) < 5 and len(_files(uri, CHECKPOINTS)) == 1
+    # Two folds (at the 5th and the 10th commit), each a checkpoint of its own 5 parts.
+    assert len(_files(uri, "_commits")) == 3 and len(_files(uri, CHECKPOINTS)) == 2
     assert CommitLog(uri).committed_ids() == {f"img{i:04d}" for i in range(13)}
     seen = {m["name"] for m in CommitLog(uri).markers()}
     progress = CommitLog(uri)  # a reader that keeps looking, as the progress line does
@@ -126,7 +127,7 @@ def test_writers_compact_every_n_commits_and_the_run_at_its_end(uri):
     account = log.account([f"img{i:04d}" for i in range(17)])
     log.finish({}, account, "inputs")
     assert _files(uri, "_commits") == [] and len(_files(uri, CHECKPOINTS)) == 1 and "_SUCCESS" in _files(uri, "")
-    files = _files(uri, CHECKPOINTS)
+    files = _files(uri, CHECKPOINTS)  # the run's end merged the three folds
     log.finish({}, account, "inputs")  # nothing loose: nothing rewritten
     assert _files(uri, CHECKPOINTS) == files
 
@@ -382,3 +383,196 @@ def test_a_removal_of_placed_parts_cut_short_is_finished_by_the_next_recovery(ur
     CommitLog(uri).recover()
     assert CommitLog(uri).resume(grace_s=0).done == {"a", "b"}
     assert CommitLog(uri).account(["a", "b", "d"]).missing == ["d"]
+
+
+class _Counted:
+    """A log's filesystem that records what it is asked: the files read whole, the files whose
+    Parquet footer is read, the files written (by folder), the folders listed and the files
+    looked for one by one (HEADs)."""
+
+    def __init__(self, fs: pafs.FileSystem, root: str):
+        self.fs, self.root = fs, root.rstrip("/")
+        self.read, self.footers, self.written, self.listed, self.heads = [], [], [], [], 0
+
+    def __getattr__(self, name):
+        return getattr(self.fs, name)
+
+    def _rel(self, path: str) -> str:
+        return posixpath.relpath(path, self.root)
+
+    def get_file_info(self, what):
+        if isinstance(what, pafs.FileSelector):
+            self.listed.append(self._rel(what.base_dir))
+        else:
+            self.heads += len(what) if isinstance(what, list) else 1
+        return self.fs.get_file_info(what)
+
+    def open_input_stream(self, path, *args, **kwargs):
+        self.read.append(posixpath.dirname(self._rel(path)))
+        return self.fs.open_input_stream(path, *args, **kwargs)
+
+    def open_input_file(self, path, *args, **kwargs):  # what a Parquet footer is read through
+        self.footers.append(posixpath.dirname(self._rel(path)))
+        return self.fs.open_input_file(path, *args, **kwargs)
+
+    def open_output_stream(self, path, *args, **kwargs):
+        self.written.append(posixpath.dirname(self._rel(path)))
+        return self.fs.open_output_stream(path, *args, **kwargs)
+
+
+def _counted(log: CommitLog) -> _Counted:
+    log.fs = _Counted(log.fs, log.root)
+    return log.fs
+
+
+def test_a_writers_compaction_reads_and_writes_the_parts_committed_since_only(uri):
+    """A writer's compaction (every `compact_every` commits) folds the loose markers into a
+    checkpoint of their parts alone: the older checkpoint is neither read nor rewritten, the
+    data folders are not listed (a HEAD per file of the new parts flags them `placed`)."""
+    log = CommitLog(uri, compact_every=0)
+    _commit_parts(log, 0, 60)
+    big = log.compact()["checkpoint"]  # 60 parts (a run's end, say)
+    _commit_parts(log, 60, 5)
+    expected = _read(uri)
+    writer = CommitLog(uri)
+    counted = _counted(writer)
+    done = writer.fold()
+    assert (done["parts"], done["markers_folded"], done["placed"], done["merges"]) == (5, 5, 5, [])
+    assert counted.read == ["_commits"] * 5  # the five markers, and not the checkpoint
+    assert counted.footers == [CHECKPOINTS]  # its part count only, for the size tiers
+    assert set(counted.written) == {CHECKPOINTS} and len(counted.written) == 1
+    assert sorted(counted.listed) == ["_checkpoints", "_commits"] and counted.heads == 2 * 5
+    assert _files(uri, "_commits") == [] and _files(uri, CHECKPOINTS) == sorted([big, done["checkpoint"]])
+    assert _read(uri) == expected
+    # A resume trusts both checkpoints' flags: no data folder listed, no HEAD.
+    resumed = CommitLog(uri)
+    counted = _counted(resumed)
+    assert resumed.resume(grace_s=0).done == expected[1]
+    assert not set(counted.listed) & {"samples", "errors"} and counted.heads <= 1  # (the owner's folder on a disk)
+
+
+def test_checkpoints_merge_in_size_tiers_so_a_run_keeps_few_and_rewrites_each_part_a_few_times(tmp_path, monkeypatch):
+    """A fold after every commit (`compact_every=1`), 64 of them: four checkpoints of one size
+    tier become one, so at most 3 a tier are ever present (a logarithmic count) and each part
+    is written 1 + log4(64) = 4 times (256 part rows; folds rewriting the whole log would
+    write 64 x 65 / 2 = 2,080)."""
+    uri = str(tmp_path / "out")
+    writes, encode = [], checkpoints.encode
+
+    def counting(info, parts, ids, placed):
+        writes.append(len(parts))
+        return encode(info, parts, ids, placed)
+
+    monkeypatch.setattr(checkpoints, "encode", counting)
+    log = CommitLog(uri, compact_every=1)
+    present = []
+    for i in range(64):
+        _commit_parts(log, i, 1)
+        present.append(len(_files(uri, CHECKPOINTS)))
+    assert max(present) <= 3 * 3 and present[-1] == 1, present  # at most 3 in each of tiers 0-2
+    assert sum(writes) <= 64 * 4, writes  # a fold, then 3 merges (4, 16, 64 parts) a part
+    assert CommitLog(uri).committed_ids() == {f"img{i:04d}" for i in range(64)}
+    account = CommitLog(uri).account([f"img{i:04d}" for i in range(64)])
+    assert (len(account.ok), account.errors, account.missing, account.duplicates) == (54, 10, [], 0)
+    assert _files(uri, "_commits") == []
+
+
+@pytest.mark.parametrize("cut", ["read", "checkpoint written", "markers deleted", "merged", "merged deleted"])
+def test_a_fold_or_a_merge_cut_at_any_step_leaves_a_log_that_reads_the_same(uri, cut, monkeypatch):
+    """Three folds, then a fourth whose checkpoint makes four of one tier: merged into one.
+    Cut at each step (a SIGKILL), the log reads the same; a part committed again since its
+    fold (an error, then a sample) is read as its newest copy before and after the merge."""
+    log = CommitLog(uri, compact_every=0)
+    for start in (0, 3, 6):
+        _commit_parts(log, start, 3)
+        log.fold()
+    _commit_parts(log, 9, 2)
+    log.commit(_rows(["img0000"], [""]))  # in the first fold as an error: now a sample, loose
+    expected = _read(uri)
+    assert expected[2]["errors"] == {"not an image": 1} and len(_files(uri, CHECKPOINTS)) == 3
+
+    def die(step):
+        if step == cut:
+            raise KeyboardInterrupt(f"killed at {step!r}")
+
+    monkeypatch.setattr(CompactedLog, "_step", staticmethod(die))
+    with pytest.raises(KeyboardInterrupt):
+        CommitLog(uri).fold()
+    assert _read(uri) == expected
+    monkeypatch.undo()
+    if cut.startswith("merged"):  # the fold landed: its merge is what was cut
+        assert _files(uri, "_commits") == []
+    CommitLog(uri).compact()  # what a run's end does (nothing when the merge was cut after its deletions)
+    assert _read(uri) == expected and len(_files(uri, CHECKPOINTS)) == 1
+
+
+def test_an_uncut_fold_merges_four_of_a_tier_into_one_that_reads_the_same(uri):
+    log = CommitLog(uri, compact_every=0)
+    for start in (0, 3, 6):
+        _commit_parts(log, start, 3)
+        log.fold()
+    _commit_parts(log, 9, 2)
+    log.commit(_rows(["img0000"], [""]))
+    expected = _read(uri)
+    done = CommitLog(uri).fold()
+    (merge,) = done["merges"]
+    assert merge["checkpoints_merged"] == 4 and merge["parts"] == 11
+    assert _files(uri, CHECKPOINTS) == [merge["checkpoint"]] and _read(uri) == expected
+
+
+def test_an_id_in_two_parts_is_found_across_two_checkpoints(uri):
+    """Each fold knows only whether its own ids are distinct; a reader of several checkpoints
+    looks the ids of all but the largest up in it (and hashes those), so a part of one
+    checkpoint sharing an id with a part of another is found, and the recovery drops one."""
+    log = CommitLog(uri, compact_every=0)
+    _commit_parts(log, 0, 6)
+    log.commit(_rows(["a", "b"], ["", ""]))
+    log.fold()
+    log.commit(_rows(["b", "c"], ["", ""]))
+    log.fold()
+    assert len(_files(uri, CHECKPOINTS)) == 2 and _files(uri, "_commits") == []
+    assert CommitLog(uri).account(["a", "b", "c"]).duplicates == 1
+    assert CommitLog(uri).recover()["parts_dropped"] == 1
+    assert CommitLog(uri).account(["a", "b", "c"]).duplicates == 0
+
+
+def test_a_merge_keeps_hidden_what_a_removal_dropped_from_an_older_checkpoint(uri, monkeypatch):
+    """A removal's checkpoint (it merged the older one, without the parts removed) cut short
+    before the older file went: a later merge of the newer checkpoints only (the older one in
+    a higher tier) merges the older one too, so the removed part never reads as committed."""
+    log = CommitLog(uri, compact_every=0)
+    log.commit(_rows(["a", "b"], ["", ""]))
+    log.commit(_rows(["d"], ["stage failed: x"]))
+    (old,) = [log.compact()["checkpoint"]]
+    monkeypatch.setattr(CompactedLog, "_step", staticmethod(
+        lambda step: step == "markers deleted" and (_ for _ in ()).throw(KeyboardInterrupt(step))))
+    with pytest.raises(KeyboardInterrupt):
+        CommitLog(uri).uncommit(stage_failure)  # the removal's checkpoint landed, the old one is left
+    monkeypatch.undo()
+    removal = [name for name in _files(uri, CHECKPOINTS) if name != old]
+    log.commit(_rows(["e"], [""]))
+    fold = log.fold()["checkpoint"]
+    assert CommitLog(uri).committed_ids() == {"a", "b", "e"}
+    writer = CommitLog(uri)
+    merge = writer._merge(sorted([*removal, fold]), set(_files(uri, CHECKPOINTS)))
+    assert old in merge["gone"] and _files(uri, CHECKPOINTS) == [merge["checkpoint"]]
+    assert CommitLog(uri).committed_ids() == {"a", "b", "e"}
+    assert CommitLog(uri).account(["a", "b", "d", "e"]).missing == ["d"]
+
+
+def test_writers_folds_leave_a_checkpoint_of_the_earlier_json_format_to_the_runs_end(tmp_path):
+    """A checkpoint of the first format has no part count in a footer: the folds merge among
+    themselves and leave it, the log reads the same, and the run's end rewrites it."""
+    uri = str(tmp_path / "out")
+    log = CommitLog(uri, compact_every=0)
+    _commit_parts(log, 0, 12)
+    old = _json_checkpoint(uri)
+    for i in range(12, 16):
+        _commit_parts(log, i, 1)
+        log.fold()
+    (merged,) = [name for name in _files(uri, CHECKPOINTS) if name != old]
+    assert old in _files(uri, CHECKPOINTS) and len(_files(uri, CHECKPOINTS)) == 2
+    assert CommitLog(uri).committed_ids() == {f"img{i:04d}" for i in range(16)}
+    done = CommitLog(uri).compact()
+    assert done["checkpoints_merged"] == 2 and _files(uri, CHECKPOINTS) == [done["checkpoint"]]
+    assert CommitLog(uri).committed_ids() == {f"img{i:04d}" for i in range(16)}
