@@ -18,7 +18,6 @@ import logging
 import posixpath
 import time
 import uuid
-from collections import Counter
 from collections.abc import Callable, Collection
 
 import pyarrow as pa
@@ -34,10 +33,8 @@ from blipinpaint.commits import (
     Account,
     Resumed,
     Superseded,
-    as_id_array,
-    duplicated_ids,
+    account_of,
     part_name,
-    sorted_ids,
     stage_failed_parts,
     stage_failure,
 )
@@ -369,37 +366,7 @@ class CommitLog(CompactedLog):
         all in place count as missing (its marker names data a recovery removed, or that was
         deleted): the next `recover` drops it. Counted with Arrow compute, the ids kept as
         Arrow arrays: no Python object per id."""
-        view = self._read_log()
-        listed_ids = as_id_array(listed)  # made distinct below, unless every listed id is found once
-        published = self.published()
-        placed = {n for n, p in view.parts.items() if all(f"{n}.parquet" in published[f] for f in p["staged"])}
-        rows = view.only(placed).ids
-        ids, kinds = rows.column("id"), rows.column("error_kind").cast(pa.string())
-        is_listed = pc.is_in(ids, value_set=listed_ids)
-        errors = pc.value_counts(pc.filter(kinds, pc.and_(is_listed, pc.is_valid(kinds))))
-        duplicates, ok = view.duplicates(), pc.and_(is_listed, pc.is_null(kinds))
-        # As many distinct log rows listed as ids listed: each listed id is there once, the listing
-        # held none twice, none is missing; known without hashing the listing again (a distinct
-        # pass and a lookup of it took 30 s and 1 GB at 10^7 ids here).
-        if not duplicates and (pc.sum(is_listed).as_py() or 0) == len(listed_ids):
-            missing = pa.array([], pa.string())
-        else:
-            listed_ids = pc.unique(listed_ids)
-            found = pc.is_in(listed_ids, value_set=as_id_array(ids))
-            missing = sorted_ids(pc.filter(listed_ids, pc.invert(found)))
-        account = Account(
-            listed=len(listed_ids), ok_ids=as_id_array(ids.filter(ok)), ok_parts=rows.column("part").filter(ok),
-            errors_by_reason=Counter({e["values"]: e["counts"] for e in errors.to_pylist()}),
-            missing_ids=missing,
-            duplicates=duplicates, rows=view.ids.num_rows,
-            files={f"{f}/{n}.parquet": n for n in placed for f in view.parts[n]["staged"]}, listed_ids=listed_ids,
-            duplicated_ids=duplicated_ids(view.id_array()) if duplicates else None)
-        for m in view.parts.values():
-            account.seconds.update(m["seconds"])
-            account.retries.update(m["retries"])
-            for stage, causes in m.get("reruns", {}).items():  # markers of earlier versions have none
-                account.reruns.setdefault(stage, Counter()).update(causes)
-        return account
+        return account_of(self._read_log(), self.published(), listed)
 
     def finish(self, stats: dict, account: Account, what: str, success: str = "", grace_s: float = 5.0) -> None:
         """End the run: its `stats.json`, `_SUCCESS` (holding `success`) when every listed id is
