@@ -119,6 +119,9 @@ def test_each_read_task_lists_one_shard_group_and_hands_on_blocks_of_a_read_batc
                       r"(\d+) tasks executed.*?Output num rows per block: \d+ min, (\d+) max", text, re.S)
     assert stage is not None, text[:3000]
     assert (int(stage.group(1)), int(stage.group(2))) == (3, 3)
+    # The reads are tasks of their own, never fused into the captioner's actors (a crash in a
+    # decoder would take a model actor down), whatever CPU share the two are given.
+    assert re.search(r"Operator \d+ MapBatches\(counted_task\): ", text) and "counted_task)->" not in text, text[:3000]
 
 
 def test_parts_are_committed_while_a_read_task_holds_its_cpu(streamed):
