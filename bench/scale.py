@@ -52,6 +52,9 @@ when no part comes within `--first-part-timeout` seconds: its row says so):
 
     .venv/bin/python bench/scale.py --sizes --s3-size 0 --first-part-sizes 10000 1000000 --more-parts 5
 
+`--first-part-s3` runs each of those sizes again with `run_dir` in a bucket of the S3
+endpoint (the shards on the disk), its markers watched by listing the bucket.
+
 `--noop-rerun-sizes N ...` makes the log a whole run on N inputs leaves (every id committed
 through the writer as an error row, `--log-rows` a part, compacted every
 `stream.compact_every` parts and at the end, under the fingerprint the job claims), then
@@ -228,19 +231,31 @@ def _driver_mb(pid: int) -> dict:
             "rss_mb": round(int(fields["VmRSS"].split()[0]) / 1024)}
 
 
+def _markers(run_dir: str) -> list[str]:
+    """The loose commit markers of the run's generate folder, on the disk or in a bucket (a listing)."""
+    from pyarrow import fs as pafs
+
+    from blipinpaint.storage import filesystem
+
+    fs, root = filesystem(run_dir.rstrip("/") + "/generate/_commits")
+    found = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    return [i.base_name for i in found if i.base_name.endswith(".json") and not i.base_name.startswith(".")]
+
+
 def first_parts(size: int, folder: Path, run_dir: str, address: str, env: dict, more: int,
-                timeout_s: float) -> dict:
+                timeout_s: float, out: Path) -> dict:
     """A real run (`FIRST`) over `folder` (WebDataset shards), watched from outside: when its
     first part is committed (a marker appears in `_commits/`) and when `more` parts after it
     are, in seconds from the process's start and from its call of `generate.run`, with the
     driver's peak RSS at each; then the run is killed (and its Ray workers freed). A run with no
-    part after `timeout_s` is killed too, its row saying so (`"first": null`) with the driver's peak."""
+    part after `timeout_s` is killed too, its row saying so (`"first": null`) with the driver's peak.
+    `run_dir` on the disk or in a bucket; the run's output goes to `out`."""
     import ray
 
     overrides = [f"run_dir={run_dir}", f"data.source={folder}", f"ray_address={address}", *LEAST_WORK]
-    commits, out = Path(run_dir) / "generate" / "_commits", Path(run_dir + ".log")
     out.parent.mkdir(parents=True, exist_ok=True)
-    row, called = {"inputs": size, "shards": len(list(folder.glob("*.tar")))}, None
+    row, called = {"inputs": size, "shards": len(list(folder.glob("*.tar"))),
+                   "run_dir": "S3 endpoint" if "://" in run_dir else "local disk"}, None
     with open(out, "w") as log:
         started = time.time()
         proc = subprocess.Popen([sys.executable, "-c", FIRST, *overrides], stdout=log, stderr=subprocess.STDOUT,
@@ -255,8 +270,7 @@ def first_parts(size: int, folder: Path, run_dir: str, address: str, env: dict, 
                     called = json.loads(line[5:])
                     row["call_at_s"] = round(called["t"] - started, 2)
                     row["rss_imported_mb"] = round(called["rss_imported_mb"])
-            names = [n for n in os.listdir(commits) if n.endswith(".json") and not n.startswith(".")] \
-                if commits.is_dir() else []
+            names = _markers(run_dir)
             now = time.time()
             if "first" not in row and now - started > timeout_s:
                 row["first"], row["no_part_after_s"] = None, round(now - started, 1)
@@ -349,6 +363,8 @@ def main() -> None:
                         "list_inputs, which holds every input (about 10 GB at 10^7)")
     parser.add_argument("--first-part-sizes", type=int, nargs="*", default=[], help="a real run on WebDataset "
                         "sources of these sizes: time to its first committed part and the driver's peak RSS")
+    parser.add_argument("--first-part-s3", action="store_true", help="--first-part-sizes also with run_dir in a "
+                        "bucket of the S3 endpoint (the shards on the disk)")
     parser.add_argument("--more-parts", type=int, default=20, help="--first-part-sizes: measured again after "
                         "this many parts more, then the run is killed")
     parser.add_argument("--first-part-timeout", type=float, default=3600, help="--first-part-sizes: a run with "
@@ -396,7 +412,7 @@ def main() -> None:
             _write(results, args.out)
             return
         # Before Ray: its workers inherit the endpoint.
-        if args.s3_size or args.s3_log_markers or args.s3_list_size or args.noop_rerun_s3:
+        if args.s3_size or args.s3_log_markers or args.s3_list_size or args.noop_rerun_s3 or args.first_part_s3:
             server, env = s3_server(env)
             os.environ.update(env)
         results["commit_log"] = [log_read(uri, n, args.log_rows, env, build) for uri, n, build in (
@@ -442,7 +458,12 @@ def main() -> None:
             folder = work / f"shards{size}"
             make_shards(folder, size, args.shard_images)
             results["first_parts"].append(first_parts(size, folder, str(work / f"first{size}"), address, env,
-                                                      args.more_parts, args.first_part_timeout))
+                                                      args.more_parts, args.first_part_timeout,
+                                                      work / f"first{size}.log"))
+            if args.first_part_s3:
+                results["first_parts"].append(first_parts(size, folder, f"s3://scale/first{size}", address, env,
+                                                          args.more_parts, args.first_part_timeout,
+                                                          work / f"first{size}-s3.log"))
             shutil.rmtree(folder)
         for size in sorted({*args.sizes, *([args.s3_size] if args.s3_size else [])}):
             folder = work / f"in{size}"
