@@ -44,15 +44,53 @@ def _digest_page(digest, items: list[dict]) -> None:
         digest.update(json.dumps([item["id"], item.get("source", "")]).encode() + b"\n")
 
 
+class SortedIds:
+    """Committed ids, sorted once, looked up a page at a time. `pc.is_in` hashes its whole
+    value set on every call: against the 10^7 ids of a log that is 1.5-2.8 s a page here, so
+    a listing of 1,000 shard groups checked page by page cost about an hour (a rerun with
+    nothing to do at 10^7, BENCHMARKS.md). A page's ids can only be among the committed ids
+    between its smallest and its largest, a few of one shard group's: those are hashed."""
+
+    def __init__(self, ids: pa.Array | pa.ChunkedArray):
+        ids = ids.drop_null()
+        self.ids = ids.take(pc.sort_indices(ids))
+        if isinstance(self.ids, pa.ChunkedArray):
+            self.ids = self.ids.combine_chunks()
+
+    def _first_at_least(self, value: str, strictly: bool = False) -> int:
+        """The index of the first id at or above `value` (above it, with `strictly`): Arrow sorts
+        strings by their UTF-8 bytes, which is Python's order of code points."""
+        lo, hi = 0, len(self.ids)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            here = self.ids[mid].as_py()
+            if here < value or (strictly and here == value):
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
+    def held(self, page: pa.Array) -> pa.BooleanArray:
+        """Which of `page`'s ids are among these."""
+        if not len(page) or not len(self.ids):
+            return pa.array([False] * len(page), pa.bool_())
+        smallest, largest = pc.min_max(page).values()
+        lo = self._first_at_least(smallest.as_py())
+        span = self.ids.slice(lo, self._first_at_least(largest.as_py(), strictly=True) - lo)
+        return pc.is_in(page, value_set=span)
+
+
 def committed_filter(done) -> Callable[[list[str]], list[str]]:
     """Which of a page's ids are committed, given what the log holds: an Arrow array of ids
-    (`CommitLog.committed_id_array`, `resume().done_ids`: one `is_in` per page, no Python
+    (`CommitLog.committed_id_array`, `resume().done_ids`: sorted once, `SortedIds`, no Python
     object per committed id) or a small collection of them. The one place a reader of listing
     pages (this plan, a generate run's listing tasks) checks ids against the log."""
     if isinstance(done, pa.Array | pa.ChunkedArray):
+        index = SortedIds(done)
+
         def committed(ids: list[str]) -> list[str]:
             page = pa.array(ids, pa.string())
-            return page.filter(pc.is_in(page, value_set=done)).to_pylist()
+            return page.filter(index.held(page)).to_pylist()
         return committed
     return lambda ids: [i for i in ids if i in done]
 
@@ -63,12 +101,13 @@ def read_pages(done, pages: Iterable[list[dict]], keep_absent: bool = False) -> 
     it does not), as Arrow arrays: a chunk per page, no Python object per id."""
     if not isinstance(done, pa.Array | pa.ChunkedArray):
         done = pa.array(sorted(done), pa.string())
+    index = SortedIds(done)
     hits, absent, listed, digest = [], [], Listed(), hashlib.sha256()
     for page in pages:
         ids = pa.array([it["id"] for it in page], pa.string())
         listed.inputs += len(ids)
         _digest_page(digest, page)
-        held = pc.is_in(ids, value_set=done)
+        held = index.held(ids)
         hits.append(ids.filter(held))
         if keep_absent:
             absent.append(ids.filter(pc.invert(held)))

@@ -144,3 +144,39 @@ def test_plain_shards_read_without_tarfile_list_the_same_members(tmp_path, monke
     items = {it["id"]: it for it in sources.scan_shard(cases["ustar"][0], "s.tar")}
     assert json.loads(items["s.tar/000"]["annotations"]) == {"txt": "a caption \ufffd", "json": '{"w": 1}'}
     assert "s.tar/" + "d" * 90 + "/" + "e" * 90 in items and "s.tar/caf\\xe9" in items
+
+
+def test_a_page_is_checked_against_the_committed_ids_in_its_own_span_only(monkeypatch):
+    """`plan.SortedIds`: the log's ids sorted once, a page looked up among those between its
+    smallest and largest id. `pc.is_in` hashes its whole value set each call (1.5-2.8 s for
+    10^7 ids here), so one call per page against the whole log cost about an hour at 10^7.
+    The answers are those of a lookup in the whole set, for pages inside, across and outside
+    the committed ids, unicode, repeated and absent ids."""
+    import random
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    committed = [f"{s:03d}.tar/{k:04d}.jpg" for s in range(100) for k in range(0, 100, 2)] + ["ü.tar/é", "z.tar/0"]
+    random.Random(0).shuffle(committed)
+    done = pa.chunked_array([committed[:3000], committed[3000:]], pa.string())
+    pages = [[f"017.tar/{k:04d}.jpg" for k in range(100)],  # one shard: half committed
+             [f"{s:03d}.tar/0004.jpg" for s in range(95, 100)] + ["ü.tar/é", "ü.tar/x"],
+             ["000.tar/0000.jpg", "000.tar/0000.jpg", "0.tar/x", "zz.tar/y"], []]
+    sizes, real_is_in = [], pc.is_in
+
+    def is_in(values, value_set):
+        sizes.append(len(value_set))
+        return real_is_in(values, value_set=value_set)
+
+    monkeypatch.setattr(pc, "is_in", is_in)
+    index = plan.SortedIds(done)
+    for page in pages:
+        ids = pa.array(page, pa.string())
+        assert index.held(ids).to_pylist() == [i in set(committed) for i in page]
+        assert plan.committed_filter(done)(page) == [i for i in page if i in set(committed)]
+    # A page of one shard is looked up among that shard's 50 committed ids, one of a few shards
+    # among their 250 (the whole log: 5,002); a page spanning the log (the third) among all.
+    assert sizes[:4] == [50, 50, 250, 250]
+    listed = plan.read_pages(done, [[{"id": i} for i in page] for page in pages], keep_absent=True)
+    assert sorted(listed.hits.to_pylist()) == sorted(i for page in pages for i in page if i in set(committed))
