@@ -68,6 +68,13 @@ def prepare(batch, cfg: Config, errors: ErrorWriter):
     return split_errors(out, errors)
 
 
+def no_more_remote_args() -> dict:
+    """The read tasks' `ray_remote_args_fn`: nothing beyond their `num_cpus` (it only keeps Ray
+    Data from fusing them into a model stage; `max_retries` there would print Ray 2.60's
+    deprecation of `ray_remote_args` in every run's output)."""
+    return {}
+
+
 def list_pending(batch: dict[str, np.ndarray], source: str, committed) -> pa.Table:
     """Read task: the inputs of a shard group (`source_pages.list_group`), less the ids the
     log holds as committed (`committed`: `plan.committed_filter`), as the stages' columns."""
@@ -102,14 +109,15 @@ def build_dataset(cfg: Config, pending: list[dict] | None, ledger, owner: str | 
         ds = in_blocks_of(ds, stream.read.batch_size, 0, listing)
     # The reads counted in the run's ledger: an input that kills its reader (a decoder crash,
     # the OOM killer) becomes error rows after `batch_retries` deaths, instead of a retry loop.
-    # `max_retries=-1` is Ray Data's default for a task, said here so that the reads never fuse
-    # into the captioner's actors (Ray Data fuses a task stage into an actor stage of the same
-    # remote arguments: with both at 0.25 CPU, a decoder crash took BLIP's actor down with it).
+    # The reads never fuse into the captioner's actors: Ray Data fuses a task stage into an actor
+    # stage of the same remote arguments (with both at 0.25 CPU a decoder crash took BLIP's actor
+    # down with it), and never one that sets `ray_remote_args_fn` (`no_more_remote_args`).
     ds = ds.map_batches(counted_task, fn_kwargs={"name": "prepare", "run": functools.partial(prepare, cfg=cfg,
                                                                                              errors=errors),
                                                  "ledger": ledger, "retries": stream.batch_retries, "errors": errors,
                                                  "fault": stream.inject_failure},
-                        batch_size=stream.read.batch_size, num_cpus=stream.read.num_cpus, max_retries=-1)
+                        batch_size=stream.read.batch_size, num_cpus=stream.read.num_cpus,
+                        ray_remote_args_fn=no_more_remote_args)
     pools = {name: functools.partial(build, cfg) for name, build in MODEL_STAGES.items()}
     ds = model_stages(ds, pools, stream, errors, ledger)
     return commit_stage(ds, out_dir, SAMPLE_SCHEMA, builders.model_ids(cfg), stream.rows_per_file,
