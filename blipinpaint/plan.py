@@ -57,6 +57,15 @@ class SortedIds:
         if isinstance(self.ids, pa.ChunkedArray):
             self.ids = self.ids.combine_chunks()
 
+    @classmethod
+    def of(cls, done) -> SortedIds:
+        """`done` as `committed_filter` takes it (or already sorted: not sorted again)."""
+        if isinstance(done, SortedIds):
+            return done
+        if not isinstance(done, pa.Array | pa.ChunkedArray):
+            done = pa.array(sorted(done), pa.string())
+        return cls(done)
+
     def _first_at_least(self, value: str, strictly: bool = False) -> int:
         """The index of the first id at or above `value` (above it, with `strictly`): Arrow sorts
         strings by their UTF-8 bytes, which is Python's order of code points."""
@@ -83,10 +92,10 @@ class SortedIds:
 def committed_filter(done) -> Callable[[list[str]], list[str]]:
     """Which of a page's ids are committed, given what the log holds: an Arrow array of ids
     (`CommitLog.committed_id_array`, `resume().done_ids`: sorted once, `SortedIds`, no Python
-    object per committed id) or a small collection of them. The one place a reader of listing
+    object per committed id; or a `SortedIds` already made) or a small collection of them. The one place a reader of listing
     pages (this plan, a generate run's listing tasks) checks ids against the log."""
-    if isinstance(done, pa.Array | pa.ChunkedArray):
-        index = SortedIds(done)
+    if isinstance(done, SortedIds | pa.Array | pa.ChunkedArray):
+        index = SortedIds.of(done)
 
         def committed(ids: list[str]) -> list[str]:
             page = pa.array(ids, pa.string())
@@ -99,9 +108,7 @@ def read_pages(done, pages: Iterable[list[dict]], keep_absent: bool = False) -> 
     """Count, digest and check each page against `done` (as `committed_filter` takes it), then
     drop it: what is kept is the listed ids the log holds (and, with `keep_absent`, the ones
     it does not), as Arrow arrays: a chunk per page, no Python object per id."""
-    if not isinstance(done, pa.Array | pa.ChunkedArray):
-        done = pa.array(sorted(done), pa.string())
-    index = SortedIds(done)
+    index = SortedIds.of(done)
     hits, absent, listed, digest = [], [], Listed(), hashlib.sha256()
     for page in pages:
         ids = pa.array([it["id"] for it in page], pa.string())

@@ -213,9 +213,10 @@ def run(cfg: Config) -> dict:
         #    known once they are listed: no total for the progress line, no cap on the pools.
         #    A source with nothing left starts no pool (on a cluster: no GPU node brought up for
         #    nothing): the driver reads pages until one holds an id the log does not.
-        listed = listed_if_done(source, groups, done)
+        index = plan.SortedIds(done)  # sorted once for every look-up below (1.7 s at 10^7 ids)
+        listed = listed_if_done(source, groups, index)
         if listed is None:
-            shards = (source, groups, done)
+            shards = (source, groups, index)
             pipeline_s, restarts = run_stream(cfg, "generate", out_dir, None, len(done), None,
                                               lambda cfg, ledger: build_dataset(cfg, None, ledger, resumed.owner,
                                                                                 shards))

@@ -180,3 +180,20 @@ def test_a_page_is_checked_against_the_committed_ids_in_its_own_span_only(monkey
     assert sizes[:4] == [50, 50, 250, 250]
     listed = plan.read_pages(done, [[{"id": i} for i in page] for page in pages], keep_absent=True)
     assert sorted(listed.hits.to_pylist()) == sorted(i for page in pages for i in page if i in set(committed))
+
+
+def test_the_log_s_ids_are_sorted_once_for_every_lookup_of_a_run(monkeypatch):
+    """A streamed run checks its source's pages against the log in the driver (`listed_if_done`,
+    the account) and in its listing tasks (`committed_filter`): one `SortedIds` serves all of
+    them. Sorting 10^7 ids takes about 1.7 s here; each reader sorted them again."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    sorts, real_sort = [], pc.sort_indices
+    monkeypatch.setattr(pc, "sort_indices", lambda *a, **k: sorts.append(1) or real_sort(*a, **k))
+    index = plan.SortedIds(pa.array(["b", "a", "c"], pa.string()))
+    assert plan.SortedIds.of(index) is index and len(sorts) == 1
+    assert plan.committed_filter(index)(["a", "x", "c"]) == ["a", "c"]
+    listed = plan.read_pages(index, [[{"id": "c"}, {"id": "y"}]], keep_absent=True)
+    assert listed.hits.to_pylist() == ["c"] and listed.absent.to_pylist() == ["y"]
+    assert len(sorts) == 1
