@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from scale_scripts import BUILD_DONE, FIRST, NOOP
+from scale_scripts import BUILD_DONE, COPY_RUN, FIRST, NOOP
 
 LEAST_WORK = ["data.image_size=64", "inpaint.num_inference_steps=1", "caption.max_new_tokens=3",
               "stream.read.batch_size=32", "stream.captioner.batch_size=32", "stream.inpainter.batch_size=16",
@@ -96,20 +96,30 @@ def first_parts(size: int, folder: Path, run_dir: str, address: str, env: dict, 
     return row
 
 
-def noop_rerun(size: int, folder: Path | str, run_dir: str, env: dict, rows: int, repeats: int) -> list[dict]:
+def noop_rerun(size: int, folder: Path | str, run_dir: str, env: dict, rows: int, repeats: int,
+               copied_from: dict | None = None) -> list[dict]:
     """A run's whole log made for `folder`'s shards through the writer (`BUILD_DONE`, every id an
     error row, `rows` a part), then the same command again `repeats` times, each in a process of
-    its own (`NOOP`): what a rerun with nothing to do costs, with the driver's peak RSS."""
+    its own (`NOOP`): what a rerun with nothing to do costs, with the driver's peak RSS.
+    `copied_from`: instead of building it, copy the run folder another `noop_rerun` built
+    (`{"run_dir": ..., "parts": ..., "build_s": ...}`) to `run_dir` (`COPY_RUN`: its log
+    compacted there once, as the run writing it there would have left it)."""
     overrides = [f"run_dir={run_dir}", f"data.source={folder}", "data.kind=webdataset"]
-    built = result(subprocess.run([sys.executable, "-c", BUILD_DONE, str(rows), *overrides], capture_output=True,
-                                  text=True, env=env))
+    if copied_from is None:
+        built = result(subprocess.run([sys.executable, "-c", BUILD_DONE, str(rows), *overrides],
+                                      capture_output=True, text=True, env=env))
+    else:
+        copied = result(subprocess.run([sys.executable, "-c", COPY_RUN, copied_from["run_dir"], run_dir],
+                                       capture_output=True, text=True, env=env))
+        built = {"parts": copied_from["parts"], "build_s": copied_from["build_s"], "copied_s": copied["copy_s"]}
     out = []
     for _ in range(repeats):
         row = result(subprocess.run([sys.executable, "-c", NOOP, *overrides], capture_output=True, text=True,
                                     env=env))
         assert row["inputs"] == size, row
         row = {"run_dir": "S3 endpoint" if "://" in run_dir else "local disk", "parts": built["parts"],
-               "build_s": round(built["build_s"], 1), **{k: round(v, 2) for k, v in row.items() if k != "inputs"},
+               **{k: round(v, 1) for k, v in built.items() if k.endswith("_s")},
+               **{k: round(v, 2) for k, v in row.items() if k != "inputs"},
                "inputs": size, "load_average": os.getloadavg()[0]}
         print(json.dumps(row), flush=True)
         out.append(row)

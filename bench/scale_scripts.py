@@ -204,3 +204,23 @@ assert stats["this_run"]["processed"] == 0 and stats["inputs"] == stats["errors"
 print("RESULT " + json.dumps({"inputs": stats["inputs"], "wall_s": wall, "rss_imported_mb": rss_imported / 1024,
       "peak_rss_mb": peak_kb() / 1024}))
 """
+
+
+# A run folder (`BUILD_DONE`'s, on the disk) copied into a bucket of the S3 endpoint, then its
+# generate log compacted there once: a checkpoint's `placed` flags hold for the folder its
+# compaction listed, not for a copy. Building at 10^7 through the writer on moto would take
+# about 100 minutes (150 ms a commit). Prints one JSON line.
+COPY_RUN = """
+import json, sys, time
+from pyarrow import fs as pafs
+from blipinpaint.commit_log import CommitLog
+from blipinpaint.layout import RunLayout
+from blipinpaint.storage import filesystem
+
+t0 = time.perf_counter()
+src, src_root = filesystem(sys.argv[1])
+dst, dst_root = filesystem(sys.argv[2])
+pafs.copy_files(src_root, dst_root, source_filesystem=src, destination_filesystem=dst, use_threads=True)
+CommitLog(RunLayout(sys.argv[2]).generate).compact()
+print("RESULT " + json.dumps({"copy_s": time.perf_counter() - t0}))
+"""
