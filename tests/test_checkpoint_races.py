@@ -97,3 +97,37 @@ def test_two_writers_folds_of_one_seq_read_the_newest_copy_of_a_part(tmp_path, r
                                                                                           len(errors), [], 0)
         assert CommitLog(uri).recover() == {"committed_parts": 12, "orphans_removed": 0, "parts_dropped": 0}
         CommitLog(uri).compact()
+
+
+@pytest.mark.parametrize("writes", ["fold", "merge"])
+def test_a_compaction_by_a_run_taken_over_never_brings_back_a_part_the_new_run_removed(tmp_path, writes, caplog):
+    """A writer of a run checks that its run owns the folder, then folds (or merges); a new
+    run takes the folder over meanwhile and removes a part (`retry_failed`: its data, then a
+    checkpoint without it), after the writer found the part's files in place and before its
+    checkpoint lands. That checkpoint, flagging the part `placed`, is not read: the writer
+    finds the folder is no longer its run's once it is written and takes it back."""
+    uri = str(tmp_path / "out")
+    old = CommitLog(uri, compact_every=1)  # the run's setting: every commit folds
+    old.take_over(grace_s=0)
+    writer = CommitLog(uri, owner=old.owner)
+    # Checkpoints of one part each (seq 1, 2, ...); with three, the fourth fold merges four.
+    before = _commit_parts(writer, 1, 2 if writes == "fold" else 3)
+    write, resumed = writer._write, []
+
+    def new_run_between(info, parts, ids, placed):  # the writer found the files; its checkpoint not written
+        if not resumed and (writes == "fold" or info["merged"]):
+            resumed.append(CommitLog(uri).resume(retry_failed=True, grace_s=0))
+        return write(info, parts, ids, placed)
+
+    writer._write = new_run_between
+    writer.commit(_rows(["d"], ["stage failed: x"]))  # a batch a preempted machine failed: `retry_failed` redoes it
+    (new,) = resumed
+    assert list(new.retried) == ["d"] and "d" not in new.done
+    # The writer's commit stands; its compaction is taken back, logged: the removal's checkpoint is left.
+    assert "taken back" in caplog.text and len(_files(uri, CHECKPOINTS)) == 1
+
+    done = {i for m in before for i in m["samples"]}
+    assert CommitLog(uri).committed_ids() == done
+    assert CommitLog(uri).resume(grace_s=0).done == done  # `d` is not trusted as in place: it is not done
+    account = CommitLog(uri).account(sorted(done | {"d"}))
+    assert account.missing == ["d"] and account.duplicates == 0
