@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import posixpath
+import shutil
 import time
 
 import pytest
@@ -88,7 +89,14 @@ def test_two_writers_folds_of_one_seq_read_the_newest_copy_of_a_part(tmp_path, r
 
     ids = [f"img{i:04d}" for i in range(12)]
     errors = {"img0000", "img0007"} - {redone}
-    for _ in range(2):  # as the folds left it, then compacted whole (a run's end)
+    shutil.copytree(uri, tmp_path / "copy")
+    for then in ("as the folds left it", "the two merged by a writer", "compacted whole (a run's end)"):
+        if then == "the two merged by a writer":  # one that lists both merges both (never one of a seq)
+            present = _files(uri, CHECKPOINTS)
+            assert CommitLog(uri)._merge(present, set(present))["checkpoints_merged"] == 2
+        elif then.startswith("compacted"):  # the two, as the folds left them
+            uri = str(tmp_path / "copy")
+            assert CommitLog(uri).compact()["checkpoints_merged"] == 2
         reader = CommitLog(uri)
         (copy,) = [m for m in reader.markers() if m["name"] == again["name"]]
         assert (copy["samples"], copy["errors"]) == ([redone], [])
@@ -96,7 +104,6 @@ def test_two_writers_folds_of_one_seq_read_the_newest_copy_of_a_part(tmp_path, r
         assert (len(account.ok), account.errors, account.missing, account.duplicates) == (12 - len(errors),
                                                                                           len(errors), [], 0)
         assert CommitLog(uri).recover() == {"committed_parts": 12, "orphans_removed": 0, "parts_dropped": 0}
-        CommitLog(uri).compact()
 
 
 @pytest.mark.parametrize("writes", ["fold", "merge"])
