@@ -5,10 +5,11 @@ per part (4.4 ms on the S3 endpoint on 127.0.0.1, 175 s for the 40,000 parts of 
 inputs). Checkpoints, `_checkpoints/ckpt-<seq>-<digest>.parquet` (columns:
 `blipinpaint.log_table`), hold them instead. The log is what a reader finds: every
 checkpoint present but those another present one merged (a higher `seq` wins a part two
-hold), then the loose markers (a marker wins over any checkpoint's copy of its part: it is
-the newer). A reader lists `_commits/` before `_checkpoints/` (a marker it misses was folded
-into a checkpoint written before it went), and reads again when a file it listed is gone
-meanwhile (a compaction finished in between).
+hold; of one `seq`, two writers' folds at once, the copy committed last), then the loose
+markers (a marker wins over any checkpoint's copy of its part: it is the newer). A reader
+lists `_commits/` before `_checkpoints/` (a marker it misses was folded into a checkpoint
+written before it went), and reads again when a file it listed is gone meanwhile (a
+compaction finished in between).
 
 Two compactions, each a new file first, then deletions, so one cut at any step reads the
 same (before its file lands nothing changed; after, its file holds what the files it has
@@ -17,9 +18,10 @@ not deleted yet hold):
   not the log: the loose markers become a checkpoint of their parts only (newest `seq`),
   flagged `placed` by a HEAD per data file, then the markers go. Then, while `MERGE_AT` (4)
   checkpoints of one size tier (about 4^t folds' parts) are among the newest, they are
-  merged into one (the newest ones only, never splitting a `seq`, taking the newest `seq`
-  among them: which copy of a part is the newest never changes), then deleted. A part is
-  rewritten once per tier it climbs: a run of F folds writes each part about
+  merged into one (the newest ones only, never splitting a `seq` it knows of, taking the
+  newest `seq` among them: which copy of a part is the newest never changes, as a tie of
+  `seq`s goes to the copy committed last), then deleted. A part is rewritten once per tier
+  it climbs: a run of F folds writes each part about
   1 + log4(F) times at most (4.9 at the 781 folds of 10^8 inputs), and at most 3 checkpoints a tier
   are present (a reader reads O(log F) files: 3 x 5 = 15 at most at 10^8).
 - a run's end (`finish`) and a removal (`compact(drop)`) fold everything, checkpoints and
@@ -46,6 +48,8 @@ never hashed); else every id counted.
 Checkpoints of the first format (`ckpt-<seq>-<digest>.json.gz`, gzipped JSON) and of the
 second (Parquet, no flags) are read the same way; the next compaction of the whole log
 rewrites them (a writer's leaves a JSON one to it).
+A compaction reads the owner once its checkpoint has landed and takes the checkpoint back when
+another run owns the folder now (that run may have removed parts it holds, unseen).
 How compaction interleaves with commits: RELIABILITY.md, "The commit log's checkpoints".
 """
 
@@ -64,7 +68,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
-from blipinpaint.commits import DATA_DIRS
+from blipinpaint.commits import DATA_DIRS, Superseded
 from blipinpaint.errors import JobError
 from blipinpaint.log_table import FORMAT, READS, LogView, decode, encode, fields, log_view, marker_rows
 
@@ -97,7 +101,7 @@ def _json_checkpoint(data: bytes) -> tuple[dict, list[dict], pa.Table]:
 
 class CompactedLog:
     """The read and the compaction of a commit log (`commit_log.CommitLog`, which has the
-    filesystem `fs`, `_path`, `_put`, `_delete`, `_files`, `out_dir` and `here`: the folder as
+    filesystem `fs`, `_path`, `_put`, `_delete`, `_files`, `owns`, `out_dir` and `here`: the folder as
     its filesystem names it, which a checkpoint's `placed` flags hold for)."""
 
     _step = staticmethod(lambda step: None)  # between a compaction's steps (tests cut it short there)
@@ -252,11 +256,18 @@ class CompactedLog:
         return done
 
     def _write(self, info: dict, parts: list[dict], ids: pa.Table, placed: set[str]) -> tuple[str, int]:
-        """Write a checkpoint whole (or not at all, as a marker); its name and size."""
+        """Write a checkpoint whole (or not at all, as a marker); its name and size. Then the
+        owner is read: a checkpoint written once another run took the folder over is taken
+        back (`Superseded`), as that run may have removed parts it holds (their data, then a
+        checkpoint without them) after this one looked, and not seen it to merge."""
         data = encode(info, parts, ids, placed)
         name = checkpoint_name(info["seq"], data)
         self.fs.create_dir(self._path(CHECKPOINTS), recursive=True)
         self._put(CHECKPOINTS, name, data)
+        if not self.owns():
+            self._delete(self._path(CHECKPOINTS, name))
+            raise Superseded(f"{self.out_dir} is now written by another run: its commit log is not compacted "
+                             f"by this one ({CHECKPOINTS}/{name} taken back)")
         return name, len(data)
 
     def fold(self, loose: Collection[str] | None = None) -> dict | None:

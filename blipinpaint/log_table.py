@@ -147,17 +147,30 @@ class LogView:
 
 def log_view(sources: dict[str, tuple[dict, list[dict], pa.Table]], markers: list[dict], skip: set[str],
              loose: set[str], here: str) -> LogView:
-    """The log from its checkpoints (by name, so in `seq` order) and loose markers: the last copy
-    of a part wins, the parts in `skip` are left out. A checkpoint that another one present
-    merged is not read: that one holds all its parts but those a removal dropped (a removal cut
-    short before it deleted the older file). A part is `placed` when the checkpoint it is read
-    from found it in place in this folder (`here`) and no loose marker is newer. Whether an id
-    is in two parts is known without hashing every id when every checkpoint says its own ids
-    are distinct: then the files are checked against one another (`disjoint`)."""
+    """The log from its checkpoints (by name, so in `seq` order) and loose markers: a loose
+    marker wins, then the copy in the checkpoint of the highest `seq`, then (two of one
+    `seq`: two writers' folds at once) the copy committed last; the parts in `skip` are left
+    out. A checkpoint that another one present merged is not read: that one holds all its
+    parts but those a removal dropped (a removal cut short before it deleted the older
+    file). A part is `placed` when the checkpoint it is read from found it in place in this
+    folder (`here`) and no loose marker is newer. Whether an id is in two parts is known
+    without hashing every id when every checkpoint says its own ids are distinct: then the
+    files are checked against one another (`disjoint`)."""
     checkpoints = set(sources)
     superseded = {name for info, _, _ in sources.values() for name in info["merged"]}
     sources = [content for name, content in sources.items() if name not in superseded]
-    owner = {p["name"]: k for k, (_, parts, _) in enumerate(sources) for p in parts}
+    owner = {p["name"]: k for k, (_, parts, _) in enumerate(sources) for p in parts}  # the highest `seq`
+    # Of checkpoints of one `seq` (two writers' folds at once, each listing the same checkpoints),
+    # the copy committed last (then the last name): a merge by one of the writers lifts older
+    # copies to its fold's `seq`. Only the parts of such checkpoints are looked at.
+    seqs = [info["seq"] for info, _, _ in sources]
+    for seq in {s for s in seqs if seqs.count(s) > 1}:
+        tied = [k for k, s in enumerate(seqs) if s == seq]
+        newest = {}
+        for k in tied:
+            for p in sources[k][1]:
+                newest[p["name"]] = max(newest.get(p["name"], ()), (p.get("committed_at") or 0.0, k))
+        owner |= {name: k for name, (_, k) in newest.items() if owner[name] in tied}
     owner |= {m["name"]: len(sources) for m in markers}
     parts, tables, placed = {}, [], set()
     for k, (info, fields_, ids) in enumerate(sources):
