@@ -92,8 +92,9 @@ class SortedIds:
 def committed_filter(done) -> Callable[[list[str]], list[str]]:
     """Which of a page's ids are committed, given what the log holds: an Arrow array of ids
     (`CommitLog.committed_id_array`, `resume().done_ids`: sorted once, `SortedIds`, no Python
-    object per committed id; or a `SortedIds` already made) or a small collection of them. The one place a reader of listing
-    pages (this plan, a generate run's listing tasks) checks ids against the log."""
+    object per committed id; or a `SortedIds` already made) or a small collection of them.
+    The one place a reader of listing pages (this plan, a generate run's listing tasks)
+    checks ids against the log."""
     if isinstance(done, SortedIds | pa.Array | pa.ChunkedArray):
         index = SortedIds.of(done)
 
