@@ -69,6 +69,10 @@ class Head:
         ports = [f"--{name}-port={free_port()}" for name in
                  ("dashboard-agent-listen", "dashboard-agent-grpc", "metrics-export", "runtime-env-agent",
                   "ray-client-server", "node-manager", "object-manager")]
+        # The README's first line: the token made (once per home) before the head starts with
+        # RAY_AUTH_MODE=token, which refuses to start without one.
+        made = self.ray("get-auth-token", "--generate", timeout=60)
+        assert made.returncode == 0, made.stderr
         started = self.ray("start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
                            f"--port={self.port}", f"--dashboard-port={self.dashboard_port}", *ports,
                            f"--temp-dir={self.temp_dir}", *self.args, env=self.start_env, timeout=180)

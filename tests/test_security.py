@@ -144,6 +144,10 @@ def test_no_config_in_the_repo_exposes_ray_or_disables_token_auth():
     cluster = (REPO / "cluster.yaml").read_text()
     assert "--dashboard-host=127.0.0.1" in cluster and "RAY_AUTH_MODE=token" in cluster
     assert "--dashboard-host=127.0.0.1" in _settings_text(REPO / "README.md")
+    # Ray 2.60's `ray start` makes no token: with none, and RAY_AUTH_MODE unset, it starts open.
+    readme = (REPO / "README.md").read_text()
+    start = next(line for line in readme.splitlines() if "ray start --head" in line)
+    assert "RAY_AUTH_MODE=token" in start and "ray get-auth-token --generate > /dev/null" in readme
 
 
 def test_the_scan_catches_an_exposed_dashboard_and_disabled_auth(tmp_path):
