@@ -19,8 +19,8 @@ not deleted yet hold):
   flagged `placed` by a HEAD per data file, then the markers go. Then, while `MERGE_AT` (4)
   checkpoints of one size tier (about 4^t folds' parts) are among the newest, they are
   merged into one (the newest ones only, never splitting a `seq` it knows of, taking the
-  newest `seq` among them: which copy of a part is the newest never changes, as a tie of
-  `seq`s goes to the copy committed last), then deleted. A part is rewritten once per tier
+  newest `seq` among them: a merge never makes an older copy of a part the one read, as a
+  tie of `seq`s goes to the copy committed last), then deleted. A part is rewritten once per tier
   it climbs: a run of F folds writes each part about
   1 + log4(F) times at most (4.9 at the 781 folds of 10^8 inputs), and at most 3 checkpoints a tier
   are present (a reader reads O(log F) files: 3 x 5 = 15 at most at 10^8).
@@ -61,6 +61,7 @@ import json
 import logging
 import math
 import re
+import secrets
 from collections.abc import Collection
 
 import pyarrow as pa
@@ -163,6 +164,10 @@ class CompactedLog:
         except (ValueError, KeyError, OSError, pa.ArrowException) as err:
             raise JobError(f"{self.out_dir}: {CHECKPOINTS}/{name} is not a checkpoint this version reads "
                            f"({err}): written by another version") from None
+        if content[0]["seq"] != int(seq):  # readers order and tie checkpoints by both
+            raise JobError(f"{self.out_dir}: {CHECKPOINTS}/{name} says it is seq {content[0]['seq']}, its name "
+                           f"{int(seq)}: it is not read. Move it out of {CHECKPOINTS}/ and run again: the parts "
+                           "only it names are done again")
         if content[0]["format"] not in (*READS, JSON_FORMAT):
             raise JobError(f"{self.out_dir}: {CHECKPOINTS}/{name} is of format {content[0]['format']!r}, "
                            f"not {FORMAT!r}: written by another version")
@@ -260,11 +265,19 @@ class CompactedLog:
         owner is read: a checkpoint written once another run took the folder over is taken
         back (`Superseded`), as that run may have removed parts it holds (their data, then a
         checkpoint without them) after this one looked, and not seen it to merge."""
-        data = encode(info, parts, ids, placed)
+        # A nonce of this write: two writers folding the same markers at once would write the
+        # same bytes under one name, and the one taking its checkpoint back below would delete
+        # the other's, its parts then in no file of the log.
+        data = encode({**info, "nonce": secrets.token_hex(8)}, parts, ids, placed)
         name = checkpoint_name(info["seq"], data)
         self.fs.create_dir(self._path(CHECKPOINTS), recursive=True)
         self._put(CHECKPOINTS, name, data)
-        if not self.owns():
+        try:
+            owned = self.owns()
+        except Exception:  # the owner unread: the checkpoint is not left as if it were still owned
+            self._delete(self._path(CHECKPOINTS, name))
+            raise
+        if not owned:
             self._delete(self._path(CHECKPOINTS, name))
             raise Superseded(f"{self.out_dir} is now written by another run: its commit log is not compacted "
                              f"by this one ({CHECKPOINTS}/{name} taken back)")
@@ -309,7 +322,7 @@ class CompactedLog:
         """Merge the newest checkpoints (`counts`: name -> parts) while `MERGE_AT` or more of one
         size tier are among the newest of that tier or below (tier t: about `MERGE_AT`^t times
         `unit`, the parts of a fold). Always the newest ones (a suffix in `seq` order, never
-        splitting a `seq`), so that which copy of a part is the newest never changes (`_merge`)."""
+        splitting a `seq`), so that a merge never makes an older copy of a part the one read (`_merge`)."""
         merges = []
         while len(counts) >= MERGE_AT:
             names = sorted(counts)  # by seq

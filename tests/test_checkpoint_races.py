@@ -138,3 +138,54 @@ def test_a_compaction_by_a_run_taken_over_never_brings_back_a_part_the_new_run_r
     assert CommitLog(uri).resume(grace_s=0).done == done  # `d` is not trusted as in place: it is not done
     account = CommitLog(uri).account(sorted(done | {"d"}))
     assert account.missing == ["d"] and account.duplicates == 0
+
+
+def test_a_fold_taken_back_never_deletes_the_same_fold_of_another_writer(tmp_path):
+    """Two writers of one run fold the same loose markers at once. Their checkpoints would be
+    the same bytes, so one name: the first lands and deletes the markers, a new run takes the
+    folder over, the second lands on the same name, finds the folder taken and takes its
+    checkpoint back. Each write is its own file (a nonce): the first's stays, and every part
+    it folded reads as committed."""
+    uri = str(tmp_path / "out")
+    old = CommitLog(uri, compact_every=0)
+    old.take_over(grace_s=0)
+    a, b = CommitLog(uri, owner=old.owner), CommitLog(uri, owner=old.owner)
+    parts = _commit_parts(a, 0, 5)
+    loose = a._names("_commits")
+    folded = []
+
+    def between(step):
+        if step == "read":  # `b` read the markers; `a` folds the same ones, then a new run takes over
+            folded.append(a.fold(loose)["checkpoint"])
+            CommitLog(uri).take_over(grace_s=0)
+
+    b._step = between
+    with pytest.raises(checkpoints.Superseded, match="taken back"):
+        b.fold(loose)
+    assert _files(uri, CHECKPOINTS) == folded and _files(uri, "_commits") == []
+    done = {i for m in parts for i in (*m["samples"], *m["errors"])}
+    assert CommitLog(uri).committed_ids() == done and len(done) == 5
+    assert CommitLog(uri).resume(grace_s=0).done == done
+
+
+def test_a_part_in_a_higher_seq_wins_over_copies_tied_in_a_lower_one():
+    """The tie between checkpoints of one `seq` (the copy committed last) decides among their
+    copies only: a copy in a checkpoint of a higher `seq` still wins, however late the tied
+    ones were committed."""
+    from blipinpaint.log_table import fields, log_view, marker_rows
+
+    def marker(ids, at):
+        return {"name": "p", "samples": ids, "errors": [], "error_kinds": [], "staged": {"samples": "x"},
+                "committed_at": at}
+
+    def checkpoint(seq, m):
+        return ({"format": checkpoints.FORMAT, "seq": seq, "merged": [], "unique": True, "placed": set()},
+                [fields(m)], marker_rows([m]))
+
+    sources = {"ckpt-00000004-a": checkpoint(4, marker(["late"], 300.0)),
+               "ckpt-00000004-b": checkpoint(4, marker(["later"], 400.0)),
+               "ckpt-00000005-c": checkpoint(5, marker(["newest seq"], 100.0))}
+    view = log_view(sources, [], set(), set(), "here")
+    assert view.ids.column("id").to_pylist() == ["newest seq"]
+    del sources["ckpt-00000005-c"]
+    assert log_view(sources, [], set(), set(), "here").ids.column("id").to_pylist() == ["later"]
