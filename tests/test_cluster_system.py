@@ -54,8 +54,12 @@ class Head:
         self.temp_dir = tempfile.mkdtemp(prefix="bi-ray-", dir="/tmp")
         self.port, self.dashboard_port = free_port(), free_port()
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
-        # As a user with the venv active; the job driver and workers inherit it.
-        self.env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+        # As a user with the venv active; the job driver and workers inherit it. A home of its
+        # own, with no token in it: the README's first line must make the one Ray reads.
+        self.home = os.path.join(self.temp_dir, "home")
+        os.mkdir(self.home)
+        self.env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+                    "HOME": self.home}
         self.start_env, self.args = start_env or {}, args
 
     def ray(self, *args: str, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
@@ -73,6 +77,7 @@ class Head:
         # RAY_AUTH_MODE=token, which refuses to start without one.
         made = self.ray("get-auth-token", "--generate", timeout=60)
         assert made.returncode == 0, made.stderr
+        os.chmod(os.path.join(self.home, ".ray", "auth_token"), 0o600)
         started = self.ray("start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
                            f"--port={self.port}", f"--dashboard-port={self.dashboard_port}", *ports,
                            f"--temp-dir={self.temp_dir}", *self.args, env=self.start_env, timeout=180)
@@ -190,7 +195,7 @@ def test_a_submitted_job_scales_a_closed_cluster_up_from_zero(model_cache, tmp_p
             timeout=540), head)
         assert "4 inputs: 4 samples, 0 errors" in out and "succeeded" in out
         # Closed by default: the job API refuses a client without the token.
-        token = (Path.home() / ".ray" / "auth_token").read_text().strip()
+        token = (Path(head.home) / ".ray" / "auth_token").read_text().strip()
         assert head.job_api_status(None) == 401 and head.job_api_status(token) == 200
         workers = {n["node_id"]: n for n in state(head, "nodes") if n["state"] == "ALIVE" and not n["is_head_node"]}
         assert len(workers) == 2, workers  # 2 GPUs asked for: two 1-GPU workers

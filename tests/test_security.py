@@ -147,7 +147,8 @@ def test_no_config_in_the_repo_exposes_ray_or_disables_token_auth():
     # Ray 2.60's `ray start` makes no token: with none, and RAY_AUTH_MODE unset, it starts open.
     readme = (REPO / "README.md").read_text()
     start = next(line for line in readme.splitlines() if "ray start --head" in line)
-    assert "RAY_AUTH_MODE=token" in start and "ray get-auth-token --generate > /dev/null" in readme
+    made = readme.index("ray get-auth-token --generate > /dev/null && chmod 600 ~/.ray/auth_token")
+    assert "RAY_AUTH_MODE=token" in start and made < readme.index(start)  # written 0644 by Ray: the owner's alone
 
 
 def test_the_scan_catches_an_exposed_dashboard_and_disabled_auth(tmp_path):

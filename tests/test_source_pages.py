@@ -182,10 +182,11 @@ def test_a_page_is_checked_against_the_committed_ids_in_its_own_span_only(monkey
     assert sorted(listed.hits.to_pylist()) == sorted(i for page in pages for i in page if i in set(committed))
 
 
-def test_the_log_s_ids_are_sorted_once_for_every_lookup_of_a_run(monkeypatch):
-    """A streamed run checks its source's pages against the log in the driver (`listed_if_done`,
-    the account) and in its listing tasks (`committed_filter`): one `SortedIds` serves all of
-    them. Sorting 10^7 ids takes about 1.7 s here; each reader sorted them again."""
+def test_a_sorted_index_of_the_log_s_ids_serves_both_readers_unsorted_again(monkeypatch):
+    """`SortedIds.of`: the driver's look for something left (`generate.listed_if_done`) checks
+    each page with `committed_filter` and keeps it with `read_pages`, both from one sorted
+    copy of the log's ids (sorting 10^7 ids takes about 1.7 s here; each sorted its own).
+    The run's test: `test_a_resumed_stream_skips_the_committed_ids_in_its_read_tasks`."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
