@@ -31,11 +31,6 @@ log = logging.getLogger(__name__)
 # the cluster holds, and still asks an autoscaling cluster for nodes when it is busy.
 DATA_AUTOSCALER_ENV, DATA_AUTOSCALER = "RAY_DATA_CLUSTER_AUTOSCALER", "V2"
 
-# Passed to workers of a local Ray, so they build and find models where the driver does (and
-# Ray Data's executions in them, e.g. a training split's, scale as the driver's).
-FORWARDED_ENV = ("BLIPINPAINT_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DS_ACCELERATOR",
-                 DATA_AUTOSCALER_ENV)
-
 # A driver joined to a cluster whose GCS (on the head node) is gone cannot go on: Ray keeps
 # it waiting `gcs_rpc_server_reconnect_timeout_s` (60 s by default), printing a line a second
 # ("Failed to push error to driver"), then ends it from C++ with its own fatal line. The
@@ -83,13 +78,16 @@ def connect(address: str | None = None, ray_progress: bool = False) -> None:
     # GCS, raylet and workers that ray.init starts read the variable.
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
-    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    # The GCS and raylet, and through the raylet every worker, inherit this process's
+    # environment: the workers build and find models where the driver does (BLIPINPAINT_CACHE,
+    # HF_HOME, the offline flags), and Ray Data's executions in them scale as the driver's.
+    # No runtime env: Ray starts each worker of a job that has one through its setup script,
+    # a second Python start (0.28 s a worker on 2 cores, about 35 workers a pipeline run).
     # The dashboard (on loopback) serves the state API, which Ray Train's placement-group
     # cleaner polls: without it, the cleaner warns every few seconds of every training run.
     # address="local": with no address Ray joins the cluster named in
     # /tmp/ray/ray_current_cluster (whoever started it last on this machine), not a new one.
-    ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
-             runtime_env={"env_vars": env} if env else None)
+    ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1")
     log.info("started a local Ray: %s", ray.cluster_resources())
 
 
