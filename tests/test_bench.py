@@ -108,3 +108,27 @@ def test_the_stream_split_reads_the_marks_that_the_stream_prints(monkeypatch, ca
     assert pool["init_s"] == pytest.approx(1.0, abs=0.02) and pool["process_s"] < pool["init_s"]
     assert pool["init_s"] <= pool["built_s"] <= pool["first_batch_s"] <= pool["first_done_s"]
     assert summary["driver_imports_s"] == pytest.approx(3.0, abs=0.02)
+
+
+def test_the_cpu_split_counts_each_process_of_a_run_once_under_its_role():
+    """`bench/cpu_split.py` keeps the run's descendants only, each at its last CPU reading,
+    and files a worker under the role of any title it showed (an actor's, before `IDLE`)."""
+    spec = importlib.util.spec_from_file_location("cpu_split", ROOT / "bench" / "cpu_split.py")
+    split = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(split)
+    procs = {1: (0, 9.0, "init"), 10: (1, 2.0, "python -m rayjobs.pipeline run_dir=run"),
+             11: (10, 1.0, "/venv/ray/core/src/ray/raylet/raylet --raylet_socket_name=x"),
+             12: (11, 3.0, "ray::IDLE"), 13: (11, 0.5, "ray::IDLE"), 20: (1, 7.0, "unrelated")}
+    assert split.descendants(procs, 10) == {10, 11, 12, 13}
+    seen = {10: (2.0, [procs[10][2]]), 11: (1.0, [procs[11][2]]),
+            12: (3.0, ["ray::IDLE", "ray::MapWorker(MapBatches(ModelStage))", "ray::IDLE"]),
+            13: (0.5, ["ray::IDLE", "ray::MapBatches(commit_part)"])}
+    roles = split.summarize(seen)
+    assert list(roles) == ["model actors of the streams (captioner, inpainter, metrics)",
+                           "the driver (python -m rayjobs.pipeline)",
+                           "Ray's daemons (GCS, raylet, dashboard, agents, monitors)",
+                           "task workers (reads, commits, bootstrap; IDLE once done)"]
+    assert [r["cpu_s"] for r in roles.values()] == [3.0, 2.0, 1.0, 0.5]
+    assert split.role(["ray::RayTrainWorker", "ray::IDLE"]) == "Ray Train workers"
+    assert split.role(["python -u agent.py", "ray::DashboardAgent"]).startswith("Ray's daemons")
+    assert split.role(["something else"]) == "other"

@@ -1,0 +1,132 @@
+"""Where the embedded default's CPU seconds go: each process of the run, by its role.
+
+    .venv/bin/python bench/cpu_split.py [--out bench/results/cpu_split.json]
+
+Runs `python -m rayjobs.pipeline run_dir=…` (the embedded default, its own local Ray) in a
+process of its own and reads /proc every 0.1 s: each process descended from it (Ray's
+daemons, every worker and actor) with its CPU seconds (user + system) and its title
+(`ray::RayTrainWorker`, ...). A process is counted at its last reading, so one that ends
+between two readings loses at most 0.1 s of CPU. The whole machine's busy seconds over the
+run (/proc/stat) are reported beside it: on a quiet machine the two agree, and their ratio
+to the wall time says whether the run waited or computed.
+
+A worker's title changes over its life (`ray::IDLE`, the task it runs, the actor it becomes);
+every title a process showed is kept, and its role is the first of `ROLES` that any of them
+matches (the rest falls under "other").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+# (role, what a title holds), first match wins: the processes a pipeline run starts.
+ROLES = [
+    ("model actors of the streams (captioner, inpainter, metrics)", ("ModelStage",)),
+    ("the FID actor", ("FidStage",)),
+    ("Ray Train workers", ("RayTrainWorker",)),
+    ("Ray Train controllers", ("TrainController",)),
+    ("Ray Train's helper actors", ("PreemptionWatcher", "PlacementGroupCleaner", "SynchronizationActor",
+                                   "DatasetManager", "SplitCoordinator")),
+    ("Ray Data's helper actors", ("_StatsActor", "ActorLocationTracker", "_Autoscaling", "AutoscalingRequester")),
+    ("the jobs' attempt ledgers", ("AttemptLedger",)),
+    ("Ray's daemons (GCS, raylet, dashboard, agents, monitors)",
+     ("gcs_server", "raylet/raylet", "dashboard.py", "ray-dashboard-", "DashboardAgent", "RuntimeEnvAgent",
+      "log_monitor.py", "_private/monitor.py", "multiprocessing.forkserver", "multiprocessing.resource_tracker")),
+    ("task workers (reads, commits, bootstrap; IDLE once done)", ("ray::",)),
+    ("the driver (python -m rayjobs.pipeline)", ("rayjobs.pipeline",)),
+]
+
+
+def role(titles: list[str]) -> str:
+    return next((name for name, marks in ROLES if any(m in t for m in marks for t in titles)), "other")
+
+
+def read_proc() -> dict[int, tuple[int, float, str]]:
+    """{pid: (parent pid, CPU seconds, title)} of every process readable now."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            title = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # gone meanwhile
+            continue
+        name, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+        # After the name: state, ppid, ..., utime (14th field of the line), stime (15th).
+        out[int(entry)] = (int(rest[1]), (int(rest[11]) + int(rest[12])) / TICK, title.strip() or name)
+    return out
+
+
+def descendants(procs: dict[int, tuple[int, float, str]], root: int) -> set[int]:
+    children = defaultdict(list)
+    for pid, (parent, _, _) in procs.items():
+        children[parent].append(pid)
+    found, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        found.add(pid)
+        todo.extend(children[pid])
+    return found
+
+
+def machine_busy() -> float:
+    """CPU seconds the whole machine has spent not idle since boot (/proc/stat)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return (sum(fields) - fields[3] - fields[4]) / TICK  # less idle and iowait
+
+
+def summarize(seen: dict[int, tuple[float, list[str]]]) -> dict[str, dict]:
+    """Per role: its processes and their CPU seconds, the largest role first."""
+    roles: dict[str, dict] = defaultdict(lambda: {"processes": 0, "cpu_s": 0.0})
+    for cpu, titles in seen.values():
+        row = roles[role(titles)]
+        row["processes"] += 1
+        row["cpu_s"] += cpu
+    return {k: {**v, "cpu_s": round(v["cpu_s"], 1)} for k, v in sorted(roles.items(), key=lambda kv: -kv[1]["cpu_s"])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="bench/results/cpu_split.json")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-cpu-"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("RAY_ADDRESS", None)
+    load, busy, started = os.getloadavg(), machine_busy(), time.time()
+    run = subprocess.Popen([sys.executable, "-m", "rayjobs.pipeline", "run_dir=run"], cwd=work, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen: dict[int, tuple[float, list[str]]] = {}  # pid: (CPU seconds at its last reading, its titles)
+    while run.poll() is None:
+        procs = read_proc()
+        for pid in descendants(procs, run.pid) & procs.keys():
+            titles = seen.get(pid, (0.0, []))[1]
+            seen[pid] = (procs[pid][1], titles if procs[pid][2] in titles else [*titles, procs[pid][2]])
+        time.sleep(0.1)
+    wall, busy = time.time() - started, machine_busy() - busy
+    output = run.stdout.read()
+    if run.returncode != 0:
+        sys.exit(f"the pipeline failed ({run.returncode}):\n{output[-3000:]}")
+    roles = summarize(seen)
+    counted = sum(r["cpu_s"] for r in roles.values())
+    result = {"wall_s": round(wall, 1), "machine_busy_cpu_s": round(busy, 1), "counted_cpu_s": round(counted, 1),
+              "cores": os.cpu_count(), "busy_fraction": round(busy / (wall * os.cpu_count()), 2),
+              "load_before": [round(x, 1) for x in load], "load_after": [round(x, 1) for x in os.getloadavg()],
+              "roles": roles, "processes": sorted(([round(c, 2), t] for c, t in seen.values()), reverse=True)}
+    print(json.dumps({k: v for k, v in result.items() if k != "processes"}, indent=1))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
