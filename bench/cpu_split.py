@@ -1,6 +1,6 @@
 """Where the embedded default's CPU seconds go: each process of the run, by its role.
 
-    .venv/bin/python bench/cpu_split.py [--out bench/results/cpu_split.json]
+    .venv/bin/python bench/cpu_split.py [--tree PATH] [--out bench/results/cpu_split.json]
 
 Runs `python -m rayjobs.pipeline run_dir=…` (the embedded default, its own local Ray) in a
 process of its own and reads /proc every 0.1 s: each process descended from it (Ray's
@@ -9,6 +9,9 @@ daemons, every worker and actor) with its CPU seconds (user + system) and its ti
 between two readings loses at most 0.1 s of CPU. The whole machine's busy seconds over the
 run (/proc/stat) are reported beside it: on a quiet machine the two agree, and their ratio
 to the wall time says whether the run waited or computed.
+
+`--tree` runs another checkout's code (a `git worktree` of an older commit, say) through
+this environment, as `bench/defaults.py` does.
 
 A worker's title changes over its life (`ray::IDLE`, the task it runs, the actor it becomes);
 every title a process showed is kept, and its role is the first of `ROLES` that any of them
@@ -98,10 +101,11 @@ def summarize(seen: dict[int, tuple[float, list[str]]]) -> dict[str, dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tree", help="the checkout whose code runs (default: this one)")
     parser.add_argument("--out", default="bench/results/cpu_split.json")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-cpu-"))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **({"PYTHONPATH": str(Path(args.tree).resolve())} if args.tree else {})}
     env.pop("RAY_ADDRESS", None)
     load, busy, started = os.getloadavg(), machine_busy(), time.time()
     run = subprocess.Popen([sys.executable, "-m", "rayjobs.pipeline", "run_dir=run"], cwd=work, env=env,
@@ -119,7 +123,8 @@ def main() -> None:
         sys.exit(f"the pipeline failed ({run.returncode}):\n{output[-3000:]}")
     roles = summarize(seen)
     counted = sum(r["cpu_s"] for r in roles.values())
-    result = {"wall_s": round(wall, 1), "machine_busy_cpu_s": round(busy, 1), "counted_cpu_s": round(counted, 1),
+    result = {"tree": args.tree or ".", "wall_s": round(wall, 1), "machine_busy_cpu_s": round(busy, 1),
+              "counted_cpu_s": round(counted, 1),
               "cores": os.cpu_count(), "busy_fraction": round(busy / (wall * os.cpu_count()), 2),
               "load_before": [round(x, 1) for x in load], "load_after": [round(x, 1) for x in os.getloadavg()],
               "roles": roles, "processes": sorted(([round(c, 2), t] for c, t in seen.values()), reverse=True)}
