@@ -108,8 +108,10 @@ def main() -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **({"PYTHONPATH": str(Path(args.tree).resolve())} if args.tree else {})}
     env.pop("RAY_ADDRESS", None)
     load, busy, started = os.getloadavg(), machine_busy(), time.time()
-    run = subprocess.Popen([sys.executable, "-m", "rayjobs.pipeline", "run_dir=run"], cwd=work, env=env,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = work / "pipeline.log"  # a file, not a pipe: nothing reads a pipe while the run goes on
+    with log.open("w") as out:
+        run = subprocess.Popen([sys.executable, "-m", "rayjobs.pipeline", "run_dir=run"], cwd=work, env=env,
+                               stdout=out, stderr=subprocess.STDOUT)
     seen: dict[int, tuple[float, list[str]]] = {}  # pid: (CPU seconds at its last reading, its titles)
     while run.poll() is None:
         procs = read_proc()
@@ -118,9 +120,8 @@ def main() -> None:
             seen[pid] = (procs[pid][1], titles if procs[pid][2] in titles else [*titles, procs[pid][2]])
         time.sleep(0.1)
     wall, busy = time.time() - started, machine_busy() - busy
-    output = run.stdout.read()
     if run.returncode != 0:
-        sys.exit(f"the pipeline failed ({run.returncode}):\n{output[-3000:]}")
+        sys.exit(f"the pipeline failed ({run.returncode}):\n{log.read_text()[-3000:]}")
     roles = summarize(seen)
     counted = sum(r["cpu_s"] for r in roles.values())
     result = {"tree": args.tree or ".", "wall_s": round(wall, 1), "machine_busy_cpu_s": round(busy, 1),

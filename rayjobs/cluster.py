@@ -82,7 +82,8 @@ def connect(address: str | None = None, ray_progress: bool = False) -> None:
     # environment: the workers build and find models where the driver does (BLIPINPAINT_CACHE,
     # HF_HOME, the offline flags), and Ray Data's executions in them scale as the driver's.
     # No runtime env: Ray starts each worker of a job that has one through its setup script,
-    # a second Python start (0.28 s a worker on 2 cores, about 35 workers a pipeline run).
+    # a second Python start (0.28 s of CPU a worker on 2 cores). Ray Train still gives its
+    # controller and workers a runtime env of its own.
     # The dashboard (on loopback) serves the state API, which Ray Train's placement-group
     # cleaner polls: without it, the cleaner warns every few seconds of every training run.
     # address="local": with no address Ray joins the cluster named in
