@@ -3,7 +3,7 @@
     .venv/bin/python bench/cpu_split.py [--tree PATH] [--out bench/results/cpu_split.json]
 
 Runs `python -m rayjobs.pipeline run_dir=…` (the embedded default, its own local Ray) in a
-process of its own and reads /proc every 0.1 s: each process descended from it (Ray's
+process of its own and reads its process tree every 0.1 s (psutil): each process descended from it (Ray's
 daemons, every worker and actor) with its CPU seconds (user + system) and its title
 (`ray::RayTrainWorker`, ...). A process is counted at its last reading, so one that ends
 between two readings loses at most 0.1 s of CPU. The whole machine's busy seconds over the
@@ -30,7 +30,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-TICK = os.sysconf("SC_CLK_TCK")
+import psutil
 
 # (role, what a title holds), first match wins: the processes a pipeline run starts.
 ROLES = [
@@ -54,39 +54,23 @@ def role(titles: list[str]) -> str:
     return next((name for name, marks in ROLES if any(m in t for m in marks for t in titles)), "other")
 
 
-def read_proc() -> dict[int, tuple[int, float, str]]:
-    """{pid: (parent pid, CPU seconds, title)} of every process readable now."""
-    out = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+def sample(root: psutil.Process, seen: dict[int, tuple[float, list[str]]]) -> None:
+    """One reading of `root` and its descendants into `seen`, {pid: (CPU seconds at the last
+    reading, every title the process showed)}."""
+    for proc in [root, *root.children(recursive=True)]:
         try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            title = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:  # gone meanwhile
+            with proc.oneshot():
+                times, title = proc.cpu_times(), " ".join(proc.cmdline()) or proc.name()
+        except psutil.Error:  # gone meanwhile: its last reading stands
             continue
-        name, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
-        # After the name: state, ppid, ..., utime (14th field of the line), stime (15th).
-        out[int(entry)] = (int(rest[1]), (int(rest[11]) + int(rest[12])) / TICK, title.strip() or name)
-    return out
-
-
-def descendants(procs: dict[int, tuple[int, float, str]], root: int) -> set[int]:
-    children = defaultdict(list)
-    for pid, (parent, _, _) in procs.items():
-        children[parent].append(pid)
-    found, todo = set(), [root]
-    while todo:
-        pid = todo.pop()
-        found.add(pid)
-        todo.extend(children[pid])
-    return found
+        titles = seen.get(proc.pid, (0.0, []))[1]
+        seen[proc.pid] = (times.user + times.system, titles if title in titles else [*titles, title])
 
 
 def machine_busy() -> float:
-    """CPU seconds the whole machine has spent not idle since boot (/proc/stat)."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    return (sum(fields) - fields[3] - fields[4]) / TICK  # less idle and iowait
+    """CPU seconds the whole machine has spent neither idle nor waiting on I/O since boot."""
+    times = psutil.cpu_times()
+    return sum(times) - times.idle - times.iowait - getattr(times, "guest", 0) - getattr(times, "guest_nice", 0)
 
 
 def summarize(seen: dict[int, tuple[float, list[str]]]) -> dict[str, dict]:
@@ -112,12 +96,10 @@ def main() -> None:
     with log.open("w") as out:
         run = subprocess.Popen([sys.executable, "-m", "rayjobs.pipeline", "run_dir=run"], cwd=work, env=env,
                                stdout=out, stderr=subprocess.STDOUT)
-    seen: dict[int, tuple[float, list[str]]] = {}  # pid: (CPU seconds at its last reading, its titles)
+    seen: dict[int, tuple[float, list[str]]] = {}
+    root = psutil.Process(run.pid)
     while run.poll() is None:
-        procs = read_proc()
-        for pid in descendants(procs, run.pid) & procs.keys():
-            titles = seen.get(pid, (0.0, []))[1]
-            seen[pid] = (procs[pid][1], titles if procs[pid][2] in titles else [*titles, procs[pid][2]])
+        sample(root, seen)
         time.sleep(0.1)
     wall, busy = time.time() - started, machine_busy() - busy
     if run.returncode != 0:

@@ -2,8 +2,11 @@
 in one command on the day a GPU is lent (its figures are not asserted, only its logic)."""
 
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from blipinpaint import builders
@@ -111,16 +114,26 @@ def test_the_stream_split_reads_the_marks_that_the_stream_prints(monkeypatch, ca
 
 
 def test_the_cpu_split_counts_each_process_of_a_run_once_under_its_role():
-    """`bench/cpu_split.py` keeps the run's descendants only, each at its last CPU reading,
-    and files a worker under the role of any title it showed (an actor's, before `IDLE`)."""
+    """`bench/cpu_split.py` reads a process and its descendants only, each with its CPU and
+    titles, and files a worker under the role of any title it showed (an actor's, before `IDLE`)."""
     spec = importlib.util.spec_from_file_location("cpu_split", ROOT / "bench" / "cpu_split.py")
     split = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(split)
-    procs = {1: (0, 9.0, "init"), 10: (1, 2.0, "python -m rayjobs.pipeline run_dir=run"),
-             11: (10, 1.0, "/venv/ray/core/src/ray/raylet/raylet --raylet_socket_name=x"),
-             12: (11, 3.0, "ray::IDLE"), 13: (11, 0.5, "ray::IDLE"), 20: (1, 7.0, "unrelated")}
-    assert split.descendants(procs, 10) == {10, 11, 12, 13}
-    seen = {10: (2.0, [procs[10][2]]), 11: (1.0, [procs[11][2]]),
+    # A child that starts a grandchild, which says it is up, then waits on its stdin (the pipe both share).
+    grandchild = "import sys; print('up', flush=True); sys.stdin.read()"
+    child = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys; subprocess.run([sys.executable, '-c', "
+                              f"{grandchild!r}])"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "up\n"
+        found: dict = {}
+        split.sample(psutil.Process(child.pid), found)
+    finally:
+        child.communicate()
+    assert len(found) == 2 and child.pid in found  # the child and its grandchild, each read once
+    assert [titles for _, titles in found.values()] == [[f"{sys.executable} -c {child.args[2]}"],
+                                                        [f"{sys.executable} -c {grandchild}"]]
+    seen = {10: (2.0, ["python -m rayjobs.pipeline run_dir=run"]),
+            11: (1.0, ["/venv/ray/core/src/ray/raylet/raylet --raylet_socket_name=x"]),
             12: (3.0, ["ray::IDLE", "ray::MapWorker(MapBatches(ModelStage))", "ray::IDLE"]),
             13: (0.5, ["ray::IDLE", "ray::MapBatches(commit_part)"])}
     roles = split.summarize(seen)
